@@ -1,1 +1,3 @@
+//! Strata storage engine: one node's pool, volumes, NBD frontend and SDK server.
 
+pub mod device;
