@@ -1,3 +1,5 @@
 //! Strata storage engine: one node's pool, volumes, NBD frontend and SDK server.
 
 pub mod device;
+pub mod meta;
+pub mod pool;

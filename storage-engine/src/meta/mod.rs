@@ -1,0 +1,52 @@
+//! The metadata store behind one trait: `embedded` (redb, one node). Callers share it by `&self`.
+
+pub mod embedded;
+
+use crate::pool::PoolRecord;
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata store: {0}")]
+    Store(String),
+    #[error("volume {0} already exists")]
+    AlreadyExists(String),
+    #[error("volume {0} not found")]
+    NotFound(String),
+    #[error("volume {0} was changed concurrently; retry")]
+    Conflict(String),
+}
+
+/// Operation in flight on a volume, persisted before the engine acts (so a restart can finish it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingOp {
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeRecord {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+    pub repl: u32,
+    pub labels: BTreeMap<String, String>,
+    pub created_unix: u64,
+    /// Bumped by every change: the compare-and-swap token.
+    pub revision: u64,
+    pub pending: Option<PendingOp>,
+}
+
+pub trait MetaStore: Send + Sync {
+    fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError>;
+    fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError>;
+    /// Creates a volume, assigning its id. Fails with AlreadyExists on a taken name.
+    fn create_volume(&self, rec: VolumeRecord) -> Result<VolumeRecord, MetaError>;
+    fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError>;
+    fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError>;
+    /// Replaces a volume record if its stored revision equals `rec.revision`; bumps the revision.
+    fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError>;
+    fn remove_volume(&self, name: &str) -> Result<(), MetaError>;
+    fn cluster_id(&self) -> Result<String, MetaError>;
+    fn kind(&self) -> &'static str;
+}
