@@ -2,4 +2,6 @@
 
 pub mod device;
 pub mod meta;
+pub mod metrics;
 pub mod pool;
+pub mod volume;

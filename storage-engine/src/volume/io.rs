@@ -1,0 +1,301 @@
+//! The single-replica data path: volume offsets to extents, extents to device I/O.
+//! Aligned requests (4 KiB) take the volume's I/O lock shared and go straight to the device;
+//! unaligned writes and zeroing/freeing take it exclusively (read-modify-write, unmap).
+
+use super::{Engine, Volume};
+use crate::device::{AlignedBuf, ALIGN};
+use crate::pool::{PExt, PoolError};
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("request at {offset} of {len} bytes reaches past the volume's end ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the volume was deleted")]
+    Deleted,
+    #[error("device I/O failed: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
+impl IoError {
+    /// The NBD error (an errno value) for this failure.
+    pub fn errno(&self, write: bool) -> u32 {
+        match self {
+            IoError::OutOfRange { .. } if write => libc::ENOSPC as u32,
+            IoError::OutOfRange { .. } => libc::EINVAL as u32,
+            IoError::Pool(PoolError::NoSpace) => libc::ENOSPC as u32,
+            IoError::Deleted => libc::ESHUTDOWN as u32,
+            _ => libc::EIO as u32,
+        }
+    }
+}
+
+/// Read result: `buf[start..start + len]` holds the data.
+pub struct ReadData {
+    pub buf: AlignedBuf,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl ReadData {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+fn aligned(off: u64, len: u64) -> bool {
+    off % ALIGN as u64 == 0 && len % ALIGN as u64 == 0
+}
+
+/// Devices touched by a request, as a bit set (device index < 64) or "all".
+#[derive(Default)]
+struct Touched(u64, bool);
+impl Touched {
+    fn add(&mut self, p: PExt) {
+        if p.dev < 64 {
+            self.0 |= 1 << p.dev;
+        } else {
+            self.1 = true;
+        }
+    }
+}
+
+impl Engine {
+    /// A pooled buffer for an incoming write payload.
+    pub fn buffer(&self, len: usize) -> AlignedBuf {
+        self.bufs.get(len)
+    }
+
+    fn check(&self, v: &Volume, offset: u64, len: u64) -> Result<(), IoError> {
+        if v.is_deleted() {
+            return Err(IoError::Deleted);
+        }
+        let size = v.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(IoError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    pub async fn read(&self, v: &Volume, offset: u64, len: usize) -> Result<ReadData, IoError> {
+        let t0 = Instant::now();
+        let r = self.read_inner(v, offset, len).await;
+        v.stats.read_latency.observe(t0.elapsed());
+        match &r {
+            Ok(_) => {
+                v.stats.read_ops.fetch_add(1, Relaxed);
+                v.stats.read_bytes.fetch_add(len as u64, Relaxed);
+            }
+            Err(_) => {
+                v.stats.errors.fetch_add(1, Relaxed);
+            }
+        }
+        r
+    }
+
+    async fn read_inner(&self, v: &Volume, offset: u64, len: usize) -> Result<ReadData, IoError> {
+        self.check(v, offset, len as u64)?;
+        let a0 = offset - offset % ALIGN as u64;
+        let a1 = (offset + len as u64).next_multiple_of(ALIGN as u64);
+        let span = (a1 - a0) as usize;
+        let _g = v.io_lock.read().await;
+        let buf = self.bufs.get(span);
+        let (res, buf) = self.read_aligned(v, a0, buf, 0..span).await;
+        res?;
+        Ok(ReadData { buf, start: (offset - a0) as usize, len })
+    }
+
+    async fn read_aligned(&self, v: &Volume, offset: u64, mut buf: AlignedBuf, range: Range<usize>) -> (Result<(), IoError>, AlignedBuf) {
+        let es = self.pool.extent_size;
+        let (mut pos, mut r) = (offset, range.start);
+        while r < range.end {
+            let within = pos % es;
+            let n = ((es - within) as usize).min(range.end - r);
+            match self.pool.lookup(v.id, pos / es) {
+                Some(p) => {
+                    let (res, b) = self.pool.device(p).read_at(self.pool.offset_of(p) + within, buf, r..r + n).await;
+                    buf = b;
+                    if let Err(e) = res {
+                        return (Err(e.into()), buf);
+                    }
+                }
+                None => buf[r..r + n].fill(0),
+            }
+            pos += n as u64;
+            r += n;
+        }
+        (Ok(()), buf)
+    }
+
+    async fn place(&self, v: &Volume, lext: u64) -> Result<PExt, IoError> {
+        if let Some(p) = self.pool.lookup(v.id, lext) {
+            return Ok(p);
+        }
+        let pool = self.pool.clone();
+        let id = v.id;
+        let p = tokio::task::spawn_blocking(move || pool.allocate(id, lext)).await.map_err(io::Error::other)??;
+        Ok(p)
+    }
+
+    async fn write_aligned(&self, v: &Volume, offset: u64, mut buf: AlignedBuf, touched: &mut Touched) -> (Result<(), IoError>, AlignedBuf) {
+        let es = self.pool.extent_size;
+        let (mut pos, mut r, end) = (offset, 0usize, buf.len());
+        while r < end {
+            let within = pos % es;
+            let n = ((es - within) as usize).min(end - r);
+            let p = match self.place(v, pos / es).await {
+                Ok(p) => p,
+                Err(e) => return (Err(e), buf),
+            };
+            touched.add(p);
+            let (res, b) = self.pool.device(p).write_at(self.pool.offset_of(p) + within, buf, r..r + n).await;
+            buf = b;
+            if let Err(e) = res {
+                return (Err(e.into()), buf);
+            }
+            pos += n as u64;
+            r += n;
+        }
+        (Ok(()), buf)
+    }
+
+    async fn sync_touched(&self, t: &Touched) -> Result<(), IoError> {
+        if t.1 {
+            return Ok(self.pool.sync_all().await?);
+        }
+        let futs: Vec<_> = self
+            .pool
+            .devices()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i < 64 && t.0 & (1 << i) != 0)
+            .map(|(_, d)| d.dev.sync())
+            .collect();
+        for r in futures::future::join_all(futs).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable before this returns.
+    pub async fn write(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
+        let t0 = Instant::now();
+        let len = data.len() as u64;
+        let r = self.write_inner(v, offset, data, fua).await;
+        v.stats.write_latency.observe(t0.elapsed());
+        match &r {
+            Ok(_) => {
+                v.stats.write_ops.fetch_add(1, Relaxed);
+                v.stats.write_bytes.fetch_add(len, Relaxed);
+            }
+            Err(_) => {
+                v.stats.errors.fetch_add(1, Relaxed);
+            }
+        }
+        r
+    }
+
+    async fn write_inner(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
+        let len = data.len() as u64;
+        self.check(v, offset, len)?;
+        let mut touched = Touched::default();
+        if aligned(offset, len) {
+            let _g = v.io_lock.read().await;
+            self.write_aligned(v, offset, data, &mut touched).await.0?;
+        } else {
+            let _g = v.io_lock.write().await;
+            self.rmw(v, offset, len, |dst| dst.copy_from_slice(&data), &mut touched).await?;
+        }
+        if fua {
+            self.sync_touched(&touched).await?;
+        }
+        Ok(())
+    }
+
+    /// Read-modify-write of the 4 KiB-aligned span around `[offset, offset+len)`. The caller
+    /// holds the volume's I/O lock exclusively.
+    async fn rmw(&self, v: &Volume, offset: u64, len: u64, f: impl FnOnce(&mut [u8]), touched: &mut Touched) -> Result<(), IoError> {
+        let a0 = offset - offset % ALIGN as u64;
+        let a1 = (offset + len).next_multiple_of(ALIGN as u64);
+        let span = (a1 - a0) as usize;
+        let (res, mut buf) = self.read_aligned(v, a0, self.bufs.get(span), 0..span).await;
+        res?;
+        let s = (offset - a0) as usize;
+        f(&mut buf[s..s + len as usize]);
+        self.write_aligned(v, a0, buf, touched).await.0
+    }
+
+    /// FLUSH: every write completed before is durable on every device.
+    pub async fn flush(&self, v: &Volume) -> Result<(), IoError> {
+        v.stats.flush_ops.fetch_add(1, Relaxed);
+        if v.is_deleted() {
+            return Err(IoError::Deleted);
+        }
+        Ok(self.pool.sync_all().await?)
+    }
+
+    /// TRIM: the range reads as zeroes afterwards; whole extents go back to the pool.
+    pub async fn trim(&self, v: &Volume, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        v.stats.trim_ops.fetch_add(1, Relaxed);
+        self.zero(v, offset, len, true, fua).await
+    }
+
+    /// WRITE_ZEROES; `no_hole` keeps the range allocated instead of freeing whole extents.
+    pub async fn write_zeroes(&self, v: &Volume, offset: u64, len: u64, no_hole: bool, fua: bool) -> Result<(), IoError> {
+        v.stats.write_ops.fetch_add(1, Relaxed);
+        self.zero(v, offset, len, !no_hole, fua).await
+    }
+
+    async fn zero(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
+        let r = self.zero_inner(v, offset, len, punch, fua).await;
+        if r.is_err() {
+            v.stats.errors.fetch_add(1, Relaxed);
+        }
+        r
+    }
+
+    async fn zero_inner(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
+        self.check(v, offset, len)?;
+        let _g = v.io_lock.write().await;
+        let es = self.pool.extent_size;
+        let mut touched = Touched::default();
+        let mut to_free = Vec::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let lext = pos / es;
+            let within = pos % es;
+            let n = (es - within).min(end - pos);
+            let mapped = self.pool.lookup(v.id, lext);
+            let whole = within == 0 && n == es;
+            match (mapped, whole, punch) {
+                (Some(_), true, true) => to_free.push(lext),
+                (None, _, true) => {}
+                (None, true, false) => {
+                    touched.add(self.place(v, lext).await?); // new extents are zeroed
+                }
+                (Some(p), _, _) if aligned(within, n) => {
+                    touched.add(p);
+                    let dev = self.pool.device(p).clone();
+                    let at = self.pool.offset_of(p) + within;
+                    tokio::task::spawn_blocking(move || dev.zero_range_blocking(at, n)).await.map_err(io::Error::other)??;
+                }
+                _ => self.rmw(v, pos, n, |d| d.fill(0), &mut touched).await?,
+            }
+            pos += n;
+        }
+        if !to_free.is_empty() {
+            let pool = self.pool.clone();
+            let id = v.id;
+            tokio::task::spawn_blocking(move || pool.free(id, &to_free)).await.map_err(io::Error::other)??;
+        }
+        if fua {
+            self.sync_touched(&touched).await?;
+        }
+        Ok(())
+    }
+}
