@@ -1,0 +1,343 @@
+//! stratactl: pxctl-style command line over the Strata SDK.
+
+mod table;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use std::collections::HashMap;
+use strata_api::units::{format_size, parse_size};
+use strata_api::v1 as pb;
+use table::Table;
+use tonic::transport::Channel;
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    let v = parse_size(s).map_err(|e| e.to_string())?;
+    if v == 0 {
+        return Err("size must be greater than 0".into());
+    }
+    Ok(v)
+}
+
+fn label_arg(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} must look like key=value")),
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "stratactl", version, about = "Manage Strata volumes, pools and the cluster")]
+pub struct Cli {
+    /// SDK endpoint of a strata-engine. Default: http://127.0.0.1:9020.
+    #[arg(long, global = true, env = "STRATA_ENDPOINT", default_value = "http://127.0.0.1:9020")]
+    pub endpoint: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Cluster summary: nodes, capacity, volumes.
+    Status,
+    /// Create, list, inspect, update and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Cluster membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Node services (pools).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a thin volume.
+    Create(CreateArgs),
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Inspect { name: String },
+    /// Grow a volume (online) or change its labels.
+    Update(UpdateArgs),
+    /// Delete a volume and free its space.
+    Delete {
+        name: String,
+        /// Delete even while NBD clients are connected.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    pub name: String,
+    /// Size: 10, 10G, 10GiB, 512MiB.
+    #[arg(long, short, value_parser = size_arg)]
+    pub size: u64,
+    /// Replicas (1..3). Default: 1.
+    #[arg(long, default_value_t = 1)]
+    pub repl: u32,
+    /// key=value; repeat for several.
+    #[arg(long = "label", short, value_parser = label_arg)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    pub name: String,
+    /// New size (volumes only grow).
+    #[arg(long, short, value_parser = size_arg)]
+    pub size: Option<u64>,
+    /// key=value to set, key= to remove; repeat for several.
+    #[arg(long = "label", short, value_parser = label_arg)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// List nodes.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Storage pools.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// Show the pools and their devices.
+    Show,
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+    let ep = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    Channel::from_shared(ep.clone())
+        .map_err(|e| anyhow!("invalid endpoint {endpoint:?}: {e}"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the Strata engine at {ep}: is strata-engine running? (set --endpoint or STRATA_ENDPOINT)"))
+}
+
+/// Turns an SDK status into a message that says what happened.
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    let code = match s.code() {
+        tonic::Code::NotFound => "not found",
+        tonic::Code::AlreadyExists => "already exists",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::ResourceExhausted => "out of space",
+        tonic::Code::FailedPrecondition => "not possible now",
+        tonic::Code::Unavailable => "engine unavailable",
+        _ => "engine error",
+    };
+    anyhow!("{code}: {}", s.message())
+}
+
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    let spec = v.spec.clone().unwrap_or_default();
+    json!({
+        "id": v.id.to_string(),
+        "name": v.name,
+        "size_bytes": spec.size_bytes,
+        "repl": spec.repl,
+        "labels": spec.labels,
+        "used_bytes": v.used_bytes,
+        "state": v.state,
+        "connections": v.connections,
+        "attached_node": v.attached_node,
+        "pool_uuid": v.pool_uuid,
+        "created_unix": v.created_unix,
+    })
+}
+
+fn labels_text(l: &HashMap<String, String>) -> String {
+    let mut v: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.sort();
+    v.join(",")
+}
+
+fn print_volume(v: &pb::Volume) {
+    let spec = v.spec.clone().unwrap_or_default();
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, val) in [
+        ("Name", v.name.clone()),
+        ("ID", v.id.to_string()),
+        ("Size", format_size(spec.size_bytes)),
+        ("Used", format_size(v.used_bytes)),
+        ("Replicas", spec.repl.to_string()),
+        ("State", v.state.clone()),
+        ("Attached on", v.attached_node.clone()),
+        ("NBD clients", v.connections.to_string()),
+        ("Labels", labels_text(&spec.labels)),
+        ("Pool", v.pool_uuid.clone()),
+    ] {
+        t.row(vec![k.into(), val]);
+    }
+    print!("{}", t.render());
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ch = connect(&cli.endpoint).await?;
+    let json = cli.json;
+    match cli.command {
+        Cmd::Status => {
+            let s = pb::cluster_service_client::ClusterServiceClient::new(ch).status(pb::ClusterStatusRequest {}).await.map_err(status_err)?.into_inner();
+            if json {
+                println!("{}", json!({
+                    "cluster_id": s.cluster_id, "status": s.status, "version": s.version, "metadata_store": s.metadata_store,
+                    "total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "volume_count": s.volume_count,
+                    "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
+                }));
+            } else {
+                println!("Status: {}", s.status);
+                println!("Cluster ID: {}", s.cluster_id);
+                println!("Metadata store: {}", s.metadata_store);
+                println!("Version: {}", s.version);
+                println!("Capacity: {} used of {}", format_size(s.used_bytes), format_size(s.total_bytes));
+                println!("Volumes: {}", s.volume_count);
+                println!();
+                print!("{}", nodes_table(&s.nodes));
+            }
+        }
+        Cmd::Volume(cmd) => {
+            let mut c = pb::volume_service_client::VolumeServiceClient::new(ch);
+            match cmd {
+                VolumeCmd::Create(a) => {
+                    let spec = pb::VolumeSpec { size_bytes: a.size, repl: a.repl, labels: a.labels.into_iter().collect() };
+                    let v = c.create(pb::CreateVolumeRequest { name: a.name, spec: Some(spec) }).await.map_err(status_err)?.into_inner();
+                    let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    if json {
+                        println!("{}", volume_json(&v));
+                    } else {
+                        println!("Volume successfully created: {} ({})", v.name, v.id);
+                    }
+                }
+                VolumeCmd::List => {
+                    let vols = c.list(pb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
+                    if json {
+                        println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect()));
+                    } else {
+                        let mut t = Table::new(&["ID", "NAME", "SIZE", "USED", "HA", "STATE", "CLIENTS", "LABELS"]);
+                        for v in &vols {
+                            let spec = v.spec.clone().unwrap_or_default();
+                            t.row(vec![
+                                v.id.to_string(),
+                                v.name.clone(),
+                                format_size(spec.size_bytes),
+                                format_size(v.used_bytes),
+                                spec.repl.to_string(),
+                                v.state.clone(),
+                                v.connections.to_string(),
+                                labels_text(&spec.labels),
+                            ]);
+                        }
+                        print!("{}", t.render());
+                    }
+                }
+                VolumeCmd::Inspect { name } => {
+                    let v = c.inspect(pb::InspectVolumeRequest { name }).await.map_err(status_err)?.into_inner();
+                    let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    if json {
+                        println!("{}", volume_json(&v));
+                    } else {
+                        print_volume(&v);
+                    }
+                }
+                VolumeCmd::Update(a) => {
+                    if a.size.is_none() && a.labels.is_empty() {
+                        bail!("nothing to update: pass --size and/or --label key=value");
+                    }
+                    let req = pb::UpdateVolumeRequest { name: a.name, size_bytes: a.size.unwrap_or(0), labels: a.labels.into_iter().collect() };
+                    let v = c.update(req).await.map_err(status_err)?.into_inner();
+                    let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    if json {
+                        println!("{}", volume_json(&v));
+                    } else {
+                        println!("Volume {} updated: size {}", v.name, format_size(v.spec.unwrap_or_default().size_bytes));
+                    }
+                }
+                VolumeCmd::Delete { name, force } => {
+                    c.delete(pb::DeleteVolumeRequest { name: name.clone(), force }).await.map_err(status_err)?;
+                    if json {
+                        println!("{}", json!({"deleted": name}));
+                    } else {
+                        println!("Volume {name} successfully deleted.");
+                    }
+                }
+            }
+        }
+        Cmd::Cluster(ClusterCmd::List) => {
+            let nodes = pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
+            if json {
+                println!("{}", serde_json::Value::Array(nodes.iter().map(node_json).collect()));
+            } else {
+                print!("{}", nodes_table(&nodes));
+            }
+        }
+        Cmd::Service(ServiceCmd::Pool(PoolCmd::Show)) => {
+            let pools = pb::pool_service_client::PoolServiceClient::new(ch).list(pb::ListPoolsRequest {}).await.map_err(status_err)?.into_inner().pools;
+            if json {
+                let v: Vec<_> = pools
+                    .iter()
+                    .map(|p| json!({
+                        "uuid": p.uuid, "extent_size": p.extent_size, "total_bytes": p.total_bytes, "used_bytes": p.used_bytes,
+                        "devices": p.devices.iter().map(|d| json!({
+                            "uuid": d.uuid, "path": d.path, "size_bytes": d.size_bytes, "total_extents": d.total_extents,
+                            "free_extents": d.free_extents, "kind": d.kind, "io_engine": d.io_engine, "direct_io": d.direct_io,
+                        })).collect::<Vec<_>>(),
+                    }))
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                for p in &pools {
+                    println!("Pool {}: {} used of {}, extent size {}", p.uuid, format_size(p.used_bytes), format_size(p.total_bytes), format_size(p.extent_size));
+                    let mut t = Table::new(&["DEVICE", "KIND", "SIZE", "EXTENTS", "FREE", "IO", "O_DIRECT", "UUID"]);
+                    for d in &p.devices {
+                        t.row(vec![
+                            d.path.clone(),
+                            d.kind.clone(),
+                            format_size(d.size_bytes),
+                            d.total_extents.to_string(),
+                            d.free_extents.to_string(),
+                            d.io_engine.clone(),
+                            if d.direct_io { "yes".into() } else { "no".into() },
+                            d.uuid.clone(),
+                        ]);
+                    }
+                    print!("{}", t.render());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn node_json(n: &pb::Node) -> serde_json::Value {
+    json!({"id": n.id, "hostname": n.hostname, "status": n.status, "sdk_address": n.sdk_address, "nbd_address": n.nbd_address,
+           "total_bytes": n.total_bytes, "used_bytes": n.used_bytes, "version": n.version})
+}
+
+fn nodes_table(nodes: &[pb::Node]) -> String {
+    let mut t = Table::new(&["ID", "HOSTNAME", "STATUS", "CAPACITY", "USED", "SDK", "NBD", "VERSION"]);
+    for n in nodes {
+        t.row(vec![
+            n.id.clone(),
+            n.hostname.clone(),
+            n.status.clone(),
+            format_size(n.total_bytes),
+            format_size(n.used_bytes),
+            n.sdk_address.clone(),
+            n.nbd_address.clone(),
+            n.version.clone(),
+        ]);
+    }
+    t.render()
+}

@@ -1,0 +1,78 @@
+//! Command line and environment of `strata-engine`.
+
+use crate::device::IoEngine;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+fn size(s: &str) -> Result<u64, String> {
+    strata_api::units::parse_size(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "strata-engine", version, about = "Strata storage engine: pools this node's devices and serves thin volumes over NBD")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Verify superblocks, journals and allocation offline; exit 1 on any inconsistency.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Directory for the embedded metadata store (redb). Default: /var/lib/strata.
+    #[arg(long, env = "STRATA_DATA_DIR", default_value = "/var/lib/strata")]
+    pub data_dir: PathBuf,
+    /// A block device or regular file for the pool; repeat for several. Missing files are created.
+    #[arg(long = "device", env = "STRATA_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<PathBuf>,
+    /// Size of a device file that does not exist yet. Default: 8GiB.
+    #[arg(long, env = "STRATA_DEVICE_SIZE", default_value = "8GiB", value_parser = size)]
+    pub device_size: u64,
+    /// Format devices that hold a filesystem, another pool or a corrupted superblock. Destroys them.
+    #[arg(long, env = "STRATA_FORCE_FORMAT")]
+    pub force_format: bool,
+    /// Extent size of a new pool (allocation unit). Default: 1MiB.
+    #[arg(long, env = "STRATA_EXTENT_SIZE", default_value = "1MiB", value_parser = size)]
+    pub extent_size: u64,
+    /// NBD over TCP. Default: 127.0.0.1:10809. Port 0 picks a free port.
+    #[arg(long, env = "STRATA_NBD_LISTEN", default_value = "127.0.0.1:10809")]
+    pub nbd_listen: SocketAddr,
+    /// NBD over a unix socket at this path (created; a stale one is replaced). Default: none.
+    #[arg(long, env = "STRATA_NBD_SOCKET")]
+    pub nbd_socket: Option<PathBuf>,
+    /// gRPC SDK address. Default: 127.0.0.1:9020.
+    #[arg(long, env = "STRATA_SDK_LISTEN", default_value = "127.0.0.1:9020")]
+    pub sdk_listen: SocketAddr,
+    /// Prometheus /metrics and /healthz. Default: 127.0.0.1:9021.
+    #[arg(long, env = "STRATA_METRICS_LISTEN", default_value = "127.0.0.1:9021")]
+    pub metrics_listen: SocketAddr,
+    /// This node's id. Default: the hostname.
+    #[arg(long, env = "STRATA_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Data path: auto (io_uring, else pread/pwrite), uring or sync. Default: auto.
+    #[arg(long, env = "STRATA_IO_ENGINE", value_enum, default_value = "auto")]
+    pub io_engine: IoEngine,
+    /// Once listening, write the bound addresses here as JSON (for scripts and tests).
+    #[arg(long, env = "STRATA_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Every device of the pool.
+    #[arg(long = "device", value_delimiter = ',', required = true)]
+    pub devices: Vec<PathBuf>,
+    /// The engine's data directory, to also check extents against the volumes it knows.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

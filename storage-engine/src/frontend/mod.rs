@@ -1,0 +1,3 @@
+//! Frontends that expose volumes to clients on this node.
+
+pub mod nbd;

@@ -1,0 +1,98 @@
+//! The socket side of negotiation.
+
+use super::frame::*;
+use crate::frontend::nbd::transmit::frame::EXPORT_FLAGS;
+use crate::frontend::nbd::MAX_PAYLOAD;
+use crate::volume::{Connection, Engine};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NegotiationError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Runs the option haggling. Returns the stream and the claimed volume once the client moves to
+/// transmission, `None` if it aborted or asked for an unknown export with NBD_OPT_EXPORT_NAME.
+pub async fn negotiate<S>(mut s: S, engine: &Engine) -> Result<Option<(S, Connection)>, NegotiationError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    s.write_all(&greeting()).await?;
+    let mut f = [0u8; 4];
+    s.read_exact(&mut f).await?;
+    let client = parse_client_flags(f)?;
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).await?;
+        let hdr = parse_option_header(h)?;
+        let mut payload = vec![0u8; hdr.len as usize];
+        s.read_exact(&mut payload).await?;
+        let mut out = Vec::new();
+        let opt = hdr.option;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = parse_export_name(&payload)?;
+                return match engine.connect(&name) {
+                    Some(conn) => {
+                        s.write_all(&export_name_reply(conn.volume.size(), EXPORT_FLAGS, client.no_zeroes)).await?;
+                        Ok(Some((s, conn)))
+                    }
+                    None => Ok(None),
+                };
+            }
+            OPT_ABORT => {
+                encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                let _ = s.write_all(&out).await;
+                return Ok(None);
+            }
+            OPT_LIST if !payload.is_empty() => {
+                encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+            }
+            OPT_LIST => {
+                for (name, _) in engine.exports() {
+                    encode_option_reply(&mut out, opt, REP_SERVER, &list_entry(&name));
+                }
+                encode_option_reply(&mut out, opt, REP_ACK, &[]);
+            }
+            OPT_INFO | OPT_GO => match parse_info_request(&payload) {
+                Err(e) => encode_option_reply(&mut out, opt, REP_ERR_INVALID, e.to_string().as_bytes()),
+                Ok(req) => match engine.connect(&req.name) {
+                    None => {
+                        let msg = format!("no volume named {:?} on this node", req.name);
+                        encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, msg.as_bytes());
+                    }
+                    Some(conn) => {
+                        let v = &conn.volume;
+                        encode_option_reply(&mut out, opt, REP_INFO, &info_export(v.size(), EXPORT_FLAGS));
+                        for r in &req.requests {
+                            match *r {
+                                INFO_NAME => encode_option_reply(&mut out, opt, REP_INFO, &info_name(&v.name)),
+                                INFO_DESCRIPTION => {
+                                    encode_option_reply(&mut out, opt, REP_INFO, &info_description("Strata volume"))
+                                }
+                                INFO_BLOCK_SIZE => {
+                                    encode_option_reply(&mut out, opt, REP_INFO, &info_block_size(1, 4096, MAX_PAYLOAD))
+                                }
+                                _ => {}
+                            }
+                        }
+                        encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                        s.write_all(&out).await?;
+                        if opt == OPT_GO {
+                            return Ok(Some((s, conn)));
+                        }
+                        continue; // OPT_INFO: `conn` drops, releasing the claim.
+                    }
+                },
+            },
+            _ => {
+                let msg = format!("option {opt} is not supported by this server");
+                encode_option_reply(&mut out, opt, REP_ERR_UNSUP, msg.as_bytes());
+            }
+        }
+        s.write_all(&out).await?;
+    }
+}

@@ -1,0 +1,4 @@
+//! Transmission phase: pure frames in `frame`, the pipelined connection in `conn`.
+
+pub mod conn;
+pub mod frame;

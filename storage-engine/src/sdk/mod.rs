@@ -1,0 +1,164 @@
+//! The gRPC SDK server: volumes, pools, nodes and cluster status over tonic.
+
+use crate::volume::{Engine, VolumeError, VolumeInfo};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use strata_api::v1 as pb;
+use tonic::{Request, Response, Status};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl From<VolumeError> for Status {
+    fn from(e: VolumeError) -> Status {
+        let msg = e.to_string();
+        match e {
+            VolumeError::InvalidArgument(_) => Status::invalid_argument(msg),
+            VolumeError::NotFound(_) => Status::not_found(msg),
+            VolumeError::AlreadyExists(_) => Status::already_exists(msg),
+            VolumeError::ResourceExhausted(_) => Status::resource_exhausted(msg),
+            VolumeError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            VolumeError::Aborted(_) => Status::aborted(msg),
+            VolumeError::Pool(crate::pool::PoolError::NoSpace) => Status::resource_exhausted(msg),
+            VolumeError::Pool(_) => Status::internal(msg),
+            VolumeError::Meta(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Sdk {
+    pub engine: Arc<Engine>,
+}
+
+fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
+    let r = v.record;
+    pb::Volume {
+        id: r.id,
+        name: r.name,
+        spec: Some(pb::VolumeSpec { size_bytes: r.size, repl: r.repl, labels: r.labels.into_iter().collect() }),
+        used_bytes: v.used_bytes,
+        created_unix: r.created_unix,
+        state: if r.pending.is_some() { "deleting".into() } else { "available".into() },
+        connections: v.connections,
+        attached_node: engine.node.id.clone(),
+        pool_uuid: engine.pool.uuid.to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::volume_service_server::VolumeService for Sdk {
+    async fn create(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let spec = r.spec.ok_or_else(|| Status::invalid_argument("spec is required (size_bytes, repl, labels)"))?;
+        let labels: BTreeMap<String, String> = spec.labels.into_iter().collect();
+        let v = self.engine.create(&r.name, spec.size_bytes, spec.repl, labels).await?;
+        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+    }
+
+    async fn list(&self, _: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let vols = self.engine.list()?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes: vols }))
+    }
+
+    async fn inspect(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Response<pb::InspectVolumeResponse>, Status> {
+        let v = self.engine.inspect(&req.into_inner().name)?;
+        Ok(Response::new(pb::InspectVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+    }
+
+    async fn update(&self, req: Request<pb::UpdateVolumeRequest>) -> Result<Response<pb::UpdateVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let size = (r.size_bytes != 0).then_some(r.size_bytes);
+        let v = self.engine.update(&r.name, size, r.labels.into_iter().collect()).await?;
+        Ok(Response::new(pb::UpdateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        self.engine.delete(&r.name, r.force).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+}
+
+fn pool_pb(engine: &Engine) -> pb::Pool {
+    let pool = &engine.pool;
+    pb::Pool {
+        uuid: pool.uuid.to_string(),
+        extent_size: pool.extent_size,
+        total_bytes: pool.total_bytes(),
+        used_bytes: pool.used_bytes(),
+        devices: pool
+            .devices()
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let desc = d.dev.describe();
+                pb::PoolDevice {
+                    uuid: d.sb.device_uuid.to_string(),
+                    path: d.path.clone(),
+                    size_bytes: d.sb.device_size,
+                    total_extents: d.sb.extent_count,
+                    free_extents: pool.free_extents(i),
+                    kind: desc.kind.into(),
+                    io_engine: desc.io_engine.into(),
+                    direct_io: desc.direct_io,
+                }
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::pool_service_server::PoolService for Sdk {
+    async fn list(&self, _: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        Ok(Response::new(pb::ListPoolsResponse { pools: vec![pool_pb(&self.engine)] }))
+    }
+}
+
+fn node_pb(engine: &Engine) -> pb::Node {
+    pb::Node {
+        id: engine.node.id.clone(),
+        hostname: engine.node.hostname.clone(),
+        status: "online".into(),
+        sdk_address: engine.node.sdk_address.clone(),
+        nbd_address: engine.node.nbd_address.clone(),
+        total_bytes: engine.pool.total_bytes(),
+        used_bytes: engine.pool.used_bytes(),
+        version: VERSION.into(),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_service_server::NodeService for Sdk {
+    async fn list(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        Ok(Response::new(pb::ListNodesResponse { nodes: vec![node_pb(&self.engine)] }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_service_server::ClusterService for Sdk {
+    async fn status(&self, _: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let e = &self.engine;
+        let cluster_id = e.meta.cluster_id().map_err(|err| Status::unavailable(err.to_string()))?;
+        let volume_count = e.list()?.len() as u32;
+        Ok(Response::new(pb::ClusterStatusResponse {
+            cluster_id,
+            status: "ok".into(),
+            nodes: vec![node_pb(e)],
+            total_bytes: e.pool.total_bytes(),
+            used_bytes: e.pool.used_bytes(),
+            volume_count,
+            metadata_store: e.meta.kind().into(),
+            version: VERSION.into(),
+        }))
+    }
+}
+
+/// The tonic router with every SDK service.
+pub fn router(engine: Arc<Engine>) -> tonic::transport::server::Router {
+    let sdk = Sdk { engine };
+    tonic::transport::Server::builder()
+        .add_service(pb::volume_service_server::VolumeServiceServer::new(sdk.clone()))
+        .add_service(pb::pool_service_server::PoolServiceServer::new(sdk.clone()))
+        .add_service(pb::node_service_server::NodeServiceServer::new(sdk.clone()))
+        .add_service(pb::cluster_service_server::ClusterServiceServer::new(sdk))
+}

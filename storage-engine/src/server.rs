@@ -1,0 +1,139 @@
+//! Wires a node together: devices -> pool -> engine -> NBD, SDK and metrics listeners.
+
+use crate::config::{CheckArgs, RunArgs};
+use crate::device::{BlockIo, FileDevice, IoEngine, OpenOptions};
+use crate::meta::{embedded::Embedded, MetaStore};
+use crate::pool::check::{check, KnownVolume};
+use crate::pool::{OpenSpec, Pool};
+use crate::volume::{Engine, NodeInfo};
+use anyhow::{bail, Context};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn open_devices(paths: &[PathBuf], opts: &OpenOptions) -> anyhow::Result<Vec<(String, Arc<dyn BlockIo>)>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let dev = FileDevice::open(p, opts).with_context(|| format!("device {}", p.display()))?;
+        out.push((p.display().to_string(), Arc::new(dev) as Arc<dyn BlockIo>));
+    }
+    Ok(out)
+}
+
+/// Opens the pool and the metadata store; returns the engine ready to serve.
+pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>> {
+    if args.devices.is_empty() {
+        bail!("no devices: pass at least one --device PATH (a block device, or a file that is created with --device-size)");
+    }
+    let meta = Embedded::open(&args.data_dir).with_context(|| format!("metadata store in {}", args.data_dir.display()))?;
+    let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false };
+    let devs = open_devices(&args.devices, &opts)?;
+    let spec = OpenSpec { expected: meta.get_pool()?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
+    let pool = Pool::open(devs, &spec)?;
+    let engine = Engine::new(Arc::new(pool), Arc::new(meta), node)?;
+    Ok(Arc::new(engine))
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    let nbd = tokio::net::TcpListener::bind(args.nbd_listen).await.with_context(|| format!("NBD listen {}", args.nbd_listen))?;
+    let sdk = tokio::net::TcpListener::bind(args.sdk_listen).await.with_context(|| format!("SDK listen {}", args.sdk_listen))?;
+    let metrics = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("metrics listen {}", args.metrics_listen))?;
+    let (nbd_addr, sdk_addr, metrics_addr) = (nbd.local_addr()?, sdk.local_addr()?, metrics.local_addr()?);
+    let node = NodeInfo {
+        id: args.node_id.clone().unwrap_or_else(|| hostname.clone()),
+        hostname,
+        sdk_address: sdk_addr.to_string(),
+        nbd_address: nbd_addr.to_string(),
+    };
+    let a = args.clone();
+    let engine = tokio::task::spawn_blocking(move || open_engine(&a, node)).await??;
+
+    tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone()));
+    if let Some(path) = &args.nbd_socket {
+        if path.exists() {
+            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        }
+        let l = tokio::net::UnixListener::bind(path).with_context(|| format!("NBD socket {}", path.display()))?;
+        tokio::spawn(crate::frontend::nbd::serve_unix(l, engine.clone()));
+    }
+    let router = crate::sdk::router(engine.clone());
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(sdk);
+        if let Err(e) = router.serve_with_incoming(incoming).await {
+            tracing::error!("SDK server stopped: {e}");
+        }
+    });
+    tokio::spawn(serve_metrics(metrics, engine.clone()));
+
+    let ready = serde_json::json!({
+        "nbd": nbd_addr.to_string(),
+        "nbd_socket": args.nbd_socket.as_ref().map(|p| p.display().to_string()),
+        "sdk": sdk_addr.to_string(),
+        "metrics": metrics_addr.to_string(),
+        "pool": engine.pool.uuid.to_string(),
+    });
+    if let Some(f) = &args.ready_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, ready.to_string())?;
+        std::fs::rename(&tmp, f)?;
+    }
+    tracing::info!(nbd = %nbd_addr, sdk = %sdk_addr, metrics = %metrics_addr, pool = %engine.pool.uuid, "strata-engine ready");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: syncing devices");
+    engine.pool.sync_all().await?;
+    Ok(())
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
+    use axum::{routing::get, Router};
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get({
+                let e = engine.clone();
+                move || {
+                    let e = e.clone();
+                    async move { ([("content-type", "text/plain; version=0.0.4")], e.metrics_text()) }
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("metrics server stopped: {e}");
+    }
+}
+
+/// `strata-engine check`: returns whether the pool is clean.
+pub fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
+    let opts = OpenOptions { create_size: None, io_engine: IoEngine::Sync, read_only: true };
+    let devs = open_devices(&args.devices, &opts)?;
+    let (expected, volumes) = match &args.data_dir {
+        Some(dir) => {
+            let meta = Embedded::open(dir).with_context(|| format!("metadata store in {} (is the engine still running?)", dir.display()))?;
+            let vols: HashMap<u64, KnownVolume> =
+                meta.list_volumes()?.into_iter().map(|v| (v.id, KnownVolume { name: v.name, size: v.size })).collect();
+            (meta.get_pool()?, Some(vols))
+        }
+        None => (None, None),
+    };
+    let report = check(devs, expected, volumes.as_ref());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"clean": report.is_clean(), "devices": report.devices, "mapped_extents": report.mapped_extents, "problems": report.problems})
+        );
+    } else {
+        println!("checked {} device(s), {} mapped extent(s)", report.devices, report.mapped_extents);
+        for p in &report.problems {
+            println!("PROBLEM: {p}");
+        }
+        println!("{}", if report.is_clean() { "clean" } else { "INCONSISTENT" });
+    }
+    Ok(report.is_clean())
+}
