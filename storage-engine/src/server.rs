@@ -11,6 +11,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// How long a device held by a dying process may stay locked before we give up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn open_devices(paths: &[PathBuf], opts: &OpenOptions) -> anyhow::Result<Vec<(String, Arc<dyn BlockIo>)>> {
     let mut out = Vec::new();
     for p in paths {
@@ -26,7 +29,7 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
         bail!("no devices: pass at least one --device PATH (a block device, or a file that is created with --device-size)");
     }
     let meta = Embedded::open(&args.data_dir).with_context(|| format!("metadata store in {}", args.data_dir.display()))?;
-    let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false };
+    let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false, lock_wait: LOCK_WAIT };
     let devs = open_devices(&args.devices, &opts)?;
     let spec = OpenSpec { expected: meta.get_pool()?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
     let pool = Pool::open(devs, &spec)?;
@@ -111,7 +114,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
 
 /// `strata-engine check`: returns whether the pool is clean.
 pub fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
-    let opts = OpenOptions { create_size: None, io_engine: IoEngine::Sync, read_only: true };
+    let opts = OpenOptions { create_size: None, io_engine: IoEngine::Sync, read_only: true, lock_wait: LOCK_WAIT };
     let devs = open_devices(&args.devices, &opts)?;
     let (expected, volumes) = match &args.data_dir {
         Some(dir) => {

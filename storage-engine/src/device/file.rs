@@ -30,6 +30,8 @@ pub struct OpenOptions {
     pub io_engine: IoEngine,
     /// Open read-only (offline check).
     pub read_only: bool,
+    /// How long to wait for another holder of the device's lock to go away.
+    pub lock_wait: std::time::Duration,
 }
 
 pub struct FileDevice {
@@ -76,12 +78,18 @@ impl FileDevice {
             Err(e) => return Err(io::Error::new(e.kind(), format!("opening {}: {e}", path.display()))),
         };
         let lock = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+        // A process killed with io_uring requests in flight releases its file references (and so
+        // its lock) only when the kernel has torn the ring down: wait a little before giving up.
+        let t0 = std::time::Instant::now();
         // SAFETY: flock on a valid fd.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!("device {} is in use by another process (locked)", path.display()),
-            ));
+        while unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            if t0.elapsed() >= opts.lock_wait {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("device {} is in use by another process (locked)", path.display()),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let block = file.metadata()?.file_type().is_block_device();
         let size = if block {
@@ -225,7 +233,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for engine in [IoEngine::Sync, IoEngine::Auto] {
             let path = dir.path().join(format!("{engine:?}.img"));
-            let opts = OpenOptions { create_size: Some(1 << 20), io_engine: engine, read_only: false };
+            let opts = OpenOptions { create_size: Some(1 << 20), io_engine: engine, read_only: false, lock_wait: Default::default() };
             let dev = FileDevice::open(&path, &opts).unwrap();
             assert_eq!(dev.size(), 1 << 20);
             let mut buf = AlignedBuf::new(8192);
@@ -249,7 +257,7 @@ mod tests {
     fn a_locked_device_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.img");
-        let opts = OpenOptions { create_size: Some(1 << 20), io_engine: IoEngine::Sync, read_only: false };
+        let opts = OpenOptions { create_size: Some(1 << 20), io_engine: IoEngine::Sync, read_only: false, lock_wait: Default::default() };
         let _a = FileDevice::open(&path, &opts).unwrap();
         let err = FileDevice::open(&path, &opts).err().unwrap();
         assert!(err.to_string().contains("in use"), "{err}");

@@ -371,7 +371,7 @@ mod tests {
     use crate::device::{FileDevice, IoEngine, OpenOptions};
 
     fn dev(dir: &std::path::Path, name: &str) -> (Arc<dyn BlockIo>, Superblock) {
-        let opts = OpenOptions { create_size: Some(64 << 20), io_engine: IoEngine::Sync, read_only: false };
+        let opts = OpenOptions { create_size: Some(64 << 20), io_engine: IoEngine::Sync, read_only: false, lock_wait: Default::default() };
         let d = FileDevice::open(&dir.join(name), &opts).unwrap();
         let sb = Superblock::layout(Uuid::new_v4(), 64 << 20, 1 << 20).unwrap();
         (Arc::new(d), sb)
