@@ -29,8 +29,15 @@ impl EngineProc {
     }
 
     pub fn start_with(dir: &Path, n: usize, size: &str, extra: &[&str]) -> EngineProc {
+        let mut e = Self::new(dir, n, size, extra);
+        e.spawn().expect("engine starts");
+        e
+    }
+
+    /// The engine's configuration, not started yet.
+    pub fn new(dir: &Path, n: usize, size: &str, extra: &[&str]) -> EngineProc {
         let devices = (0..n).map(|i| dir.join(format!("dev{i}.img"))).collect();
-        let mut e = EngineProc {
+        EngineProc {
             dir: dir.to_path_buf(),
             devices,
             extra: std::iter::once(format!("--device-size={size}")).chain(extra.iter().map(|s| s.to_string())).collect(),
@@ -39,9 +46,7 @@ impl EngineProc {
             nbd: String::new(),
             metrics: String::new(),
             socket: dir.join("nbd.sock"),
-        };
-        e.spawn().expect("engine starts");
-        e
+        }
     }
 
     pub fn command(&self) -> Command {
