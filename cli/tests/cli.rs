@@ -1,0 +1,127 @@
+//! stratactl against a real engine: tables, --json on every command, sizes and error messages.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CTL: &str = env!("CARGO_BIN_EXE_stratactl");
+
+fn engine_bin() -> PathBuf {
+    let p = PathBuf::from(CTL).with_file_name("strata-engine");
+    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    p
+}
+
+struct Engine {
+    child: Child,
+    sdk: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn engine() -> Engine {
+    let dir = tempfile::Builder::new().prefix("stratactl-test-").tempdir_in("/var/tmp").unwrap();
+    let ready = dir.path().join("ready.json");
+    let child = Command::new(engine_bin())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--device")
+        .arg(dir.path().join("d0.img"))
+        .args(["--device-size", "256MiB", "--nbd-listen", "127.0.0.1:0", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--ready-file")
+        .arg(&ready)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !ready.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "engine did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
+    Engine { child, sdk: v["sdk"].as_str().unwrap().to_string(), _dir: dir }
+}
+
+fn ctl(e: &Engine, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(CTL).env("STRATA_ENDPOINT", &e.sdk).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn ok(e: &Engine, args: &[&str]) -> String {
+    let (good, out, err) = ctl(e, args);
+    assert!(good, "stratactl {args:?} failed: {err}");
+    out
+}
+
+fn json(e: &Engine, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let out = ok(e, &a);
+    serde_json::from_str(&out).unwrap_or_else(|err| panic!("stratactl {args:?} --json printed no JSON ({err}): {out}"))
+}
+
+#[test]
+fn volume_commands_with_tables_and_json() {
+    let e = engine();
+    assert!(ok(&e, &["volume", "create", "a", "--size", "10M", "--label", "app=db", "--label", "tier=gold"]).contains("successfully created"));
+    let b = json(&e, &["volume", "create", "b", "--size", "10MiB"]);
+    assert_eq!(b["size_bytes"], 10 << 20);
+    let c = json(&e, &["volume", "create", "c", "--size", "1048576", "--repl", "1"]);
+    assert_eq!(c["size_bytes"], 1 << 20);
+    let table = ok(&e, &["volume", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("ID") && lines[0].contains("NAME") && lines[0].contains("SIZE"), "{table}");
+    let col = lines[0].find("SIZE").unwrap();
+    assert!(lines[1..].iter().all(|l| l[col..].starts_with(|c: char| c.is_ascii_digit())), "SIZE column lines up: {table}");
+    assert!(table.contains("app=db,tier=gold"), "{table}");
+    let list = json(&e, &["volume", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    let a = json(&e, &["volume", "inspect", "a"]);
+    assert_eq!(a["labels"]["tier"], "gold");
+    assert!(ok(&e, &["volume", "inspect", "a"]).contains("10 MiB"));
+    let grown = json(&e, &["volume", "update", "a", "--size", "20MiB"]);
+    assert_eq!(grown["size_bytes"], 20 << 20);
+    assert_eq!(json(&e, &["volume", "delete", "c"])["deleted"], "c");
+    let status = json(&e, &["status"]);
+    assert_eq!(status["volume_count"], 2);
+    assert_eq!(status["nodes"][0]["status"], "online");
+    assert!(ok(&e, &["status"]).contains("Status: ok"));
+    let pools = json(&e, &["service", "pool", "show"]);
+    assert_eq!(pools[0]["devices"].as_array().unwrap().len(), 1);
+    assert!(ok(&e, &["service", "pool", "show"]).contains("DEVICE"));
+    assert_eq!(json(&e, &["cluster", "list"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_input_gets_messages_that_say_what_to_do() {
+    let e = engine();
+    for (args, expect) in [
+        (vec!["volume", "create", "x", "--size", "0"], "greater than 0"),
+        (vec!["volume", "create", "x", "--size=-1G"], "negative"),
+        (vec!["volume", "create", "x", "--size", "abc"], "not a number"),
+        (vec!["volume", "create", "x", "--size", "10XB"], "unknown unit"),
+        (vec!["volume", "create", "x", "--size", "1TiB"], "larger than the pool"),
+        (vec!["volume", "create", "x", "--size", "1M", "--repl", "2"], "repl 2"),
+        (vec!["volume", "create", "x", "--size", "1M", "--label", "novalue"], "key=value"),
+        (vec!["volume", "inspect", "ghost"], "not found"),
+        (vec!["volume", "update", "ghost", "--size", "1G"], "not found"),
+        (vec!["volume", "update", "ghost"], "nothing to update"),
+        (vec!["volume", "delete", "ghost"], "not found"),
+    ] {
+        let (good, _, err) = ctl(&e, &args);
+        assert!(!good, "{args:?} should fail");
+        assert!(err.to_lowercase().contains(expect), "{args:?}: expected {expect:?} in: {err}");
+    }
+    ok(&e, &["volume", "create", "dup", "--size", "1M"]);
+    let (good, _, err) = ctl(&e, &["volume", "create", "dup", "--size", "1M"]);
+    assert!(!good && err.contains("already exists"), "{err}");
+    let out = Command::new(CTL).args(["--endpoint", "127.0.0.1:1", "status"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is strata-engine running"));
+}
