@@ -54,14 +54,14 @@ fn load(addr: String, seed: u64, mut model: HashMap<u64, Block>, next_seq: &mut 
         for _ in 0..24 {
             let seq = *next_seq;
             *next_seq += 1;
-            if rng.next() % 40 == 0 {
+            if rng.next().is_multiple_of(40) {
                 let e = rng.next() % (BLOCKS / EXTENT_BLOCKS);
                 let blocks: Vec<u64> = (e * EXTENT_BLOCKS..(e + 1) * EXTENT_BLOCKS).collect();
                 if blocks.iter().any(|b| busy.contains(b)) {
                     continue;
                 }
                 busy.extend(blocks.iter().copied());
-                let fua = rng.next() % 2 == 0;
+                let fua = rng.next().is_multiple_of(2);
                 let idx = blocks.iter().map(|b| (*b, issue(&mut model, *b, 0))).collect();
                 c.send(TRIM, if fua { FLAG_FUA } else { 0 }, seq, e * EXTENT_BLOCKS * BS as u64, (EXTENT_BLOCKS as usize * BS) as u32, &[]);
                 pending.insert(seq, (idx, fua));
@@ -70,7 +70,7 @@ fn load(addr: String, seed: u64, mut model: HashMap<u64, Block>, next_seq: &mut 
                 if !busy.insert(b) {
                     continue;
                 }
-                let fua = rng.next() % 4 == 0;
+                let fua = rng.next().is_multiple_of(4);
                 let idx = vec![(b, issue(&mut model, b, seq))];
                 c.send(WRITE, if fua { FLAG_FUA } else { 0 }, seq, b * BS as u64, BS as u32, &content(seq, b));
                 pending.insert(seq, (idx, fua));
@@ -88,7 +88,7 @@ fn load(addr: String, seed: u64, mut model: HashMap<u64, Block>, next_seq: &mut 
                 }
             }
         }
-        if rng.next() % 3 == 0 {
+        if rng.next().is_multiple_of(3) {
             c.send(FLUSH, 0, u64::MAX, 0, 0, &[]);
             let Ok((err, _)) = c.reply() else { return model };
             assert_eq!(err, 0);

@@ -67,6 +67,9 @@ pub struct PoolSample {
     pub used: u64,
 }
 
+type Gauge = (&'static str, &'static str, fn(&VolumeSample) -> u64);
+type Counter = (&'static str, &'static str, fn(&VolumeStats) -> &AtomicU64);
+
 pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
     let mut o = String::new();
     let p = format!("pool=\"{}\"", pool.uuid);
@@ -74,7 +77,7 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
     let _ = writeln!(o, "strata_pool_capacity_bytes{{{p}}} {}", pool.total);
     let _ = writeln!(o, "# HELP strata_pool_used_bytes Bytes of extents allocated to volumes.\n# TYPE strata_pool_used_bytes gauge");
     let _ = writeln!(o, "strata_pool_used_bytes{{{p}}} {}", pool.used);
-    let gauges: [(&str, &str, fn(&VolumeSample) -> u64); 3] = [
+    let gauges: [Gauge; 3] = [
         ("strata_volume_size_bytes", "Provisioned size of the volume.", |v| v.size),
         ("strata_volume_used_bytes", "Pool bytes allocated to the volume.", |v| v.used),
         ("strata_volume_connections", "NBD clients connected to the volume.", |v| v.connections as u64),
@@ -85,7 +88,7 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
             let _ = writeln!(o, "{name}{{volume=\"{}\"}} {}", v.name, f(v));
         }
     }
-    let counters: [(&str, &str, fn(&VolumeStats) -> &AtomicU64); 7] = [
+    let counters: [Counter; 7] = [
         ("strata_volume_read_ops_total", "Read requests served.", |s| &s.read_ops),
         ("strata_volume_write_ops_total", "Write requests served (writes and write-zeroes).", |s| &s.write_ops),
         ("strata_volume_read_bytes_total", "Bytes read.", |s| &s.read_bytes),

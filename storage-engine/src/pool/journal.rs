@@ -215,11 +215,10 @@ impl Journal {
         let mut corrupt_heads = Vec::new();
         for h in 0..2 {
             match decode(&uuid, block(h, 0)) {
-                Decoded::Valid(hd, _) if hd.kind == KIND_CKPT && hd.seq == 0 && hd.gen % 2 == h as u64 => {
-                    if best.is_none_or(|(g, _)| hd.gen > g) {
+                Decoded::Valid(hd, _) if hd.kind == KIND_CKPT && hd.seq == 0 && hd.gen % 2 == h as u64
+                    && best.is_none_or(|(g, _)| hd.gen > g) => {
                         best = Some((hd.gen, hd.total));
                     }
-                }
                 Decoded::Corrupt(g) => corrupt_heads.push(g),
                 _ => {}
             }
@@ -387,12 +386,12 @@ mod tests {
         let mut expect = DeviceMap::new();
         for i in 0..(half * 3) {
             let pext = (i % sb.extent_count) as u32;
-            if expect.contains_key(&pext) {
+            if let std::collections::btree_map::Entry::Vacant(e) = expect.entry(pext) {
+                j.commit(&[Entry::Map { vol: 7, lext: i, pext }]).unwrap();
+                e.insert((7, i));
+            } else {
                 j.commit(&[Entry::Unmap { pext }]).unwrap();
                 expect.remove(&pext);
-            } else {
-                j.commit(&[Entry::Map { vol: 7, lext: i, pext }]).unwrap();
-                expect.insert(pext, (7, i));
             }
         }
         assert!(j.generation() >= 3, "halves were switched");

@@ -138,7 +138,7 @@ impl Superblock {
         };
         let sane = sb.extent_size.is_power_of_two()
             && sb.journal_offset >= SB_SIZE as u64
-            && sb.journal_len % (2 * JOURNAL_BLOCK) == 0
+            && sb.journal_len.is_multiple_of(2 * JOURNAL_BLOCK)
             && sb.journal_offset + sb.journal_len <= sb.data_offset
             && sb.data_offset + sb.extent_count * sb.extent_size <= sb.device_size;
         if !sane {
@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn superblock_round_trips_and_detects_flips() {
         let sb = Superblock::layout(Uuid::new_v4(), 1 << 30, 1 << 20).unwrap();
-        assert!(sb.data_offset % (1 << 20) == 0);
+        assert!(sb.data_offset.is_multiple_of(1 << 20));
         assert!(sb.extent_count > 1000);
         let mut bytes = sb.encode().to_vec();
         match Superblock::probe(&bytes) {

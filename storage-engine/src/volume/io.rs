@@ -49,7 +49,7 @@ impl ReadData {
 }
 
 fn aligned(off: u64, len: u64) -> bool {
-    off % ALIGN as u64 == 0 && len % ALIGN as u64 == 0
+    off.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64)
 }
 
 /// Devices touched by a request, as a bit set (device index < 64) or "all".

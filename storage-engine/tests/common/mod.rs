@@ -1,6 +1,6 @@
 //! Test harness: a real `strata-engine` process on file-backed devices, an SDK client, and a
 //! minimal NBD client for the cases real clients cannot produce (garbage, truncation, pipelining).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::result_large_err)]
 
 pub mod nbd;
 
