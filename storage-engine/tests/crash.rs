@@ -63,7 +63,9 @@ fn load(addr: String, seed: u64, mut model: HashMap<u64, Block>, next_seq: &mut 
                 busy.extend(blocks.iter().copied());
                 let fua = rng.next().is_multiple_of(2);
                 let idx = blocks.iter().map(|b| (*b, issue(&mut model, *b, 0))).collect();
-                c.send(TRIM, if fua { FLAG_FUA } else { 0 }, seq, e * EXTENT_BLOCKS * BS as u64, (EXTENT_BLOCKS as usize * BS) as u32, &[]);
+                if c.try_send(TRIM, if fua { FLAG_FUA } else { 0 }, seq, e * EXTENT_BLOCKS * BS as u64, (EXTENT_BLOCKS as usize * BS) as u32, &[]).is_err() {
+                    return model;
+                }
                 pending.insert(seq, (idx, fua));
             } else {
                 let b = rng.next() % BLOCKS;
@@ -72,7 +74,9 @@ fn load(addr: String, seed: u64, mut model: HashMap<u64, Block>, next_seq: &mut 
                 }
                 let fua = rng.next().is_multiple_of(4);
                 let idx = vec![(b, issue(&mut model, b, seq))];
-                c.send(WRITE, if fua { FLAG_FUA } else { 0 }, seq, b * BS as u64, BS as u32, &content(seq, b));
+                if c.try_send(WRITE, if fua { FLAG_FUA } else { 0 }, seq, b * BS as u64, BS as u32, &content(seq, b)).is_err() {
+                    return model;
+                }
                 pending.insert(seq, (idx, fua));
             }
         }
@@ -89,7 +93,9 @@ fn load(addr: String, seed: u64, mut model: HashMap<u64, Block>, next_seq: &mut 
             }
         }
         if rng.next().is_multiple_of(3) {
-            c.send(FLUSH, 0, u64::MAX, 0, 0, &[]);
+            if c.try_send(FLUSH, 0, u64::MAX, 0, 0, &[]).is_err() {
+                return model;
+            }
             let Ok((err, _)) = c.reply() else { return model };
             assert_eq!(err, 0);
             for m in model.values_mut() {

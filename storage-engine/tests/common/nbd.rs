@@ -76,6 +76,11 @@ impl Client {
     }
 
     pub fn send(&mut self, cmd: u16, flags: u16, handle: u64, offset: u64, len: u32, data: &[u8]) {
+        self.try_send(cmd, flags, handle, offset, len, data).unwrap()
+    }
+
+    /// Like `send`, for callers that expect the server to go away.
+    pub fn try_send(&mut self, cmd: u16, flags: u16, handle: u64, offset: u64, len: u32, data: &[u8]) -> std::io::Result<()> {
         let mut b = Vec::with_capacity(28 + data.len());
         b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
         b.extend_from_slice(&flags.to_be_bytes());
@@ -84,7 +89,7 @@ impl Client {
         b.extend_from_slice(&offset.to_be_bytes());
         b.extend_from_slice(&len.to_be_bytes());
         b.extend_from_slice(data);
-        self.s.write_all(&b).unwrap();
+        self.s.write_all(&b)
     }
 
     /// Reads one simple reply header: (error, handle).
