@@ -1,0 +1,51 @@
+#!/usr/bin/env python3
+"""Reads bench/out/*.json from nbd-vs-peers.sh and prints the comparison table; writes summary.json."""
+import json
+import os
+import sys
+
+out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "out")
+targets = ["raw", "nbdkit", "qemu-nbd", "strata-unix", "strata-tcp"]
+workloads = ["randwrite-4k-qd32", "randread-4k-qd32", "write-1m-qd8", "read-1m-qd8", "randwrite-4k-qd1"]
+
+
+def load(target, workload):
+    path = os.path.join(out, f"{target}.{workload}.json")
+    if not os.path.exists(path):
+        return None
+    text = open(path).read()
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    side = job["write"] if "write" in workload else job["read"]
+    pct = side["clat_ns"].get("percentile", {})
+    return {
+        "iops": side["iops"],
+        "mib_s": side["bw_bytes"] / (1 << 20),
+        "p50_us": pct.get("50.000000", 0) / 1000,
+        "p99_us": pct.get("99.000000", 0) / 1000,
+    }
+
+
+summary = {}
+print(f"{'workload':<18} {'target':<12} {'IOPS':>10} {'MiB/s':>9} {'p50 us':>9} {'p99 us':>9} {'x nbdkit':>9} {'x raw':>7}")
+for w in workloads:
+    base = load("nbdkit", w)
+    raw = load("raw", w)
+    for t in targets:
+        r = load(t, w)
+        if r is None:
+            continue
+        r["vs_nbdkit"] = r["iops"] / base["iops"] if base else None
+        r["vs_raw"] = r["iops"] / raw["iops"] if raw else None
+        summary.setdefault(w, {})[t] = r
+        vn = f"{r['vs_nbdkit']:.2f}" if r["vs_nbdkit"] else "-"
+        vr = f"{r['vs_raw']:.2f}" if r["vs_raw"] else "-"
+        print(f"{w:<18} {t:<12} {r['iops']:>10.0f} {r['mib_s']:>9.1f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {vn:>9} {vr:>7}")
+    print()
+idle_path = os.path.join(out, "idle.json")
+if os.path.exists(idle_path):
+    idle = json.load(open(idle_path))
+    summary["idle"] = idle
+    print(f"idle engine, {idle['connections']} connected clients over {idle['seconds']} s: "
+          f"{idle['cpu_percent_of_one_core']:.3f}% of one core, RSS {idle['rss_mib']} MiB (budget {idle['rss_budget_mib']} MiB)")
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
+print(f"\nJSON: {os.path.join(out, 'summary.json')}")
