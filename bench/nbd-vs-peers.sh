@@ -38,11 +38,16 @@ prefill() { # target args...: write the whole region once so every target starts
   fio --name=prefill "$@" --rw=write --bs=1M --iodepth=8 --size=$SIZE --output=/dev/null
 }
 
+# Every workload starts with a cold page cache: peers that read through it (nbdkit's file
+# plugin does, even with cache=none) would otherwise serve a 2 GiB file from memory.
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "  (cannot drop caches: not root)"; }
+
 run_target() { # target-name, fio target args...
   local target=$1; shift
   prefill "$@"
   for w in "${WORKLOADS[@]}"; do
     local name=${w%%|*} args=${w#*|}
+    drop_caches
     # shellcheck disable=SC2086
     fio --name="$name" "$@" $args --size=$SIZE --time_based --runtime="$RUNTIME" --ramp_time=2 \
         --numjobs=1 --group_reporting --output-format=json --output="$OUT/$target.$name.json"

@@ -1,21 +1,23 @@
 use clap::Parser;
 use strata_engine::config::{Cli, Command};
 
-#[tokio::main]
-async fn main() {
-    if let Err(e) = real_main().await {
+fn main() {
+    let cli = Cli::parse();
+    let workers = strata_engine::config::worker_threads(cli.run.worker_threads);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build();
+    let res = rt.map_err(anyhow::Error::from).and_then(|rt| rt.block_on(real_main(cli)));
+    if let Err(e) = res {
         eprintln!("error: {e:#}");
         std::process::exit(2);
     }
 }
 
-async fn real_main() -> anyhow::Result<()> {
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Some(Command::Check(args)) => {
             if !strata_engine::server::run_check(&args)? {

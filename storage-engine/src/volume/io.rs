@@ -4,7 +4,10 @@
 
 use super::{Engine, Volume};
 use crate::device::{AlignedBuf, ALIGN};
-use crate::pool::{PExt, PoolError};
+use crate::pool::{PExt, Pool, PoolError};
+use futures::FutureExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
@@ -35,17 +38,51 @@ impl IoError {
     }
 }
 
+/// A read's buffer: its own, or a readahead chunk shared with nobody else by then.
+pub enum ReadBuf {
+    Owned(AlignedBuf),
+    Shared(Arc<AlignedBuf>),
+}
+
 /// Read result: `buf[start..start + len]` holds the data.
 pub struct ReadData {
-    pub buf: AlignedBuf,
+    pub buf: ReadBuf,
     pub start: usize,
     pub len: usize,
 }
 
 impl ReadData {
     pub fn bytes(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
+        let all: &[u8] = match &self.buf {
+            ReadBuf::Owned(b) => b,
+            ReadBuf::Shared(b) => b,
+        };
+        &all[self.start..self.start + self.len]
     }
+}
+
+/// Reads `buf[range]` from the volume's extents at `offset` (aligned); unmapped extents read as
+/// zeroes.
+async fn read_extents(pool: &Pool, vol: u64, offset: u64, mut buf: AlignedBuf, range: Range<usize>) -> (Result<(), IoError>, AlignedBuf) {
+    let es = pool.extent_size;
+    let (mut pos, mut r) = (offset, range.start);
+    while r < range.end {
+        let within = pos % es;
+        let n = ((es - within) as usize).min(range.end - r);
+        match pool.lookup(vol, pos / es) {
+            Some(p) => {
+                let (res, b) = pool.device(p).read_at(pool.offset_of(p) + within, buf, r..r + n).await;
+                buf = b;
+                if let Err(e) = res {
+                    return (Err(e.into()), buf);
+                }
+            }
+            None => buf[r..r + n].fill(0),
+        }
+        pos += n as u64;
+        r += n;
+    }
+    (Ok(()), buf)
 }
 
 fn aligned(off: u64, len: u64) -> bool {
@@ -82,7 +119,7 @@ impl Engine {
         }
     }
 
-    pub async fn read(&self, v: &Volume, offset: u64, len: usize) -> Result<ReadData, IoError> {
+    pub async fn read(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
         let t0 = Instant::now();
         let r = self.read_inner(v, offset, len).await;
         v.stats.read_latency.observe(t0.elapsed());
@@ -98,38 +135,48 @@ impl Engine {
         r
     }
 
-    async fn read_inner(&self, v: &Volume, offset: u64, len: usize) -> Result<ReadData, IoError> {
+    async fn read_inner(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
         self.check(v, offset, len as u64)?;
+        if aligned(offset, len as u64) {
+            let gen = v.write_gen.load(Ordering::Acquire);
+            let (hit, ahead) = v.readahead.on_read(offset, len, gen, v.size());
+            for (o, l) in ahead {
+                self.prefetch(v, o, l, gen);
+            }
+            if let Some(chunk) = hit {
+                if let Some(buf) = chunk.await {
+                    if v.write_gen.load(Ordering::Acquire) == gen {
+                        return Ok(ReadData { buf: ReadBuf::Shared(buf), start: 0, len });
+                    }
+                }
+            }
+        }
         let a0 = offset - offset % ALIGN as u64;
         let a1 = (offset + len as u64).next_multiple_of(ALIGN as u64);
         let span = (a1 - a0) as usize;
         let _g = v.io_lock.read().await;
         let buf = self.bufs.get(span);
-        let (res, buf) = self.read_aligned(v, a0, buf, 0..span).await;
+        let (res, buf) = read_extents(&self.pool, v.id, a0, buf, 0..span).await;
         res?;
-        Ok(ReadData { buf, start: (offset - a0) as usize, len })
+        Ok(ReadData { buf: ReadBuf::Owned(buf), start: (offset - a0) as usize, len })
     }
 
-    async fn read_aligned(&self, v: &Volume, offset: u64, mut buf: AlignedBuf, range: Range<usize>) -> (Result<(), IoError>, AlignedBuf) {
-        let es = self.pool.extent_size;
-        let (mut pos, mut r) = (offset, range.start);
-        while r < range.end {
-            let within = pos % es;
-            let n = ((es - within) as usize).min(range.end - r);
-            match self.pool.lookup(v.id, pos / es) {
-                Some(p) => {
-                    let (res, b) = self.pool.device(p).read_at(self.pool.offset_of(p) + within, buf, r..r + n).await;
-                    buf = b;
-                    if let Err(e) = res {
-                        return (Err(e.into()), buf);
-                    }
-                }
-                None => buf[r..r + n].fill(0),
-            }
-            pos += n as u64;
-            r += n;
-        }
-        (Ok(()), buf)
+    /// Starts reading `[offset, offset+len)` ahead of a sequential stream.
+    fn prefetch(&self, v: &Arc<Volume>, offset: u64, len: usize, gen: u64) {
+        let (pool, vol, buf) = (self.pool.clone(), v.clone(), self.bufs.get(len));
+        let task = tokio::spawn(async move {
+            let _g = vol.io_lock.read().await;
+            let (res, buf) = read_extents(&pool, vol.id, offset, buf, 0..len).await;
+            res.ok().map(|_| Arc::new(buf))
+        });
+        let data = async move { task.await.ok().flatten() }.boxed().shared();
+        v.readahead.insert(offset, len, gen, data);
+    }
+
+    /// After any change to a volume's data: readahead taken before it must not be served.
+    fn data_changed(&self, v: &Volume) {
+        v.write_gen.fetch_add(1, Ordering::AcqRel);
+        v.readahead.clear();
     }
 
     async fn place(&self, v: &Volume, lext: u64) -> Result<PExt, IoError> {
@@ -187,6 +234,7 @@ impl Engine {
         let t0 = Instant::now();
         let len = data.len() as u64;
         let r = self.write_inner(v, offset, data, fua).await;
+        self.data_changed(v);
         v.stats.write_latency.observe(t0.elapsed());
         match &r {
             Ok(_) => {
@@ -223,7 +271,7 @@ impl Engine {
         let a0 = offset - offset % ALIGN as u64;
         let a1 = (offset + len).next_multiple_of(ALIGN as u64);
         let span = (a1 - a0) as usize;
-        let (res, mut buf) = self.read_aligned(v, a0, self.bufs.get(span), 0..span).await;
+        let (res, mut buf) = read_extents(&self.pool, v.id, a0, self.bufs.get(span), 0..span).await;
         res?;
         let s = (offset - a0) as usize;
         f(&mut buf[s..s + len as usize]);
@@ -253,6 +301,7 @@ impl Engine {
 
     async fn zero(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         let r = self.zero_inner(v, offset, len, punch, fua).await;
+        self.data_changed(v);
         if r.is_err() {
             v.stats.errors.fetch_add(1, Relaxed);
         }

@@ -2,8 +2,9 @@
 //! metadata store, and the in-memory handles the NBD frontend serves.
 
 mod io;
+pub mod readahead;
 
-pub use io::{IoError, ReadData};
+pub use io::{IoError, ReadBuf, ReadData};
 
 use crate::device::BufPool;
 use crate::meta::{MetaError, MetaStore, PendingOp, VolumeRecord};
@@ -58,6 +59,9 @@ pub struct Volume {
     io_lock: tokio::sync::RwLock<()>,
     connections: AtomicU32,
     deleted: AtomicBool,
+    /// Bumped after every completed write, trim or zeroing (readahead coherence).
+    write_gen: AtomicU64,
+    readahead: readahead::Readahead,
     pub stats: VolumeStats,
 }
 
@@ -178,6 +182,8 @@ impl Engine {
             io_lock: tokio::sync::RwLock::new(()),
             connections: AtomicU32::new(0),
             deleted: AtomicBool::new(false),
+            write_gen: AtomicU64::new(0),
+            readahead: Default::default(),
             stats: VolumeStats::default(),
         }
     }
