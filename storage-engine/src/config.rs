@@ -59,6 +59,9 @@ pub struct RunArgs {
     /// Data path: auto (io_uring, else pread/pwrite), uring or sync. Default: auto.
     #[arg(long, env = "STRATA_IO_ENGINE", value_enum, default_value = "auto")]
     pub io_engine: IoEngine,
+    /// Read ahead of sequential readers, per volume (0 disables). Default: 16MiB.
+    #[arg(long, env = "STRATA_READAHEAD", default_value = "16MiB", value_parser = size)]
+    pub readahead: u64,
     /// Threads serving NBD, SDK and metrics. Default 0 = half the cores, at least 1: on small
     /// nodes one thread beats two, because cross-thread wake-ups cost more than they give.
     #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 0)]

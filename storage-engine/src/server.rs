@@ -33,7 +33,8 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
     let devs = open_devices(&args.devices, &opts)?;
     let spec = OpenSpec { expected: meta.get_pool()?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
     let pool = Pool::open(devs, &spec)?;
-    let engine = Engine::new(Arc::new(pool), Arc::new(meta), node)?;
+    let mut engine = Engine::new(Arc::new(pool), Arc::new(meta), node)?;
+    engine.readahead_window = args.readahead;
     Ok(Arc::new(engine))
 }
 

@@ -139,7 +139,7 @@ impl Engine {
         self.check(v, offset, len as u64)?;
         if aligned(offset, len as u64) {
             let gen = v.write_gen.load(Ordering::Acquire);
-            let (hit, ahead) = v.readahead.on_read(offset, len, gen, v.size());
+            let (hit, ahead) = v.readahead.on_read(offset, len, gen, v.size(), self.readahead_window);
             for (o, l) in ahead {
                 self.prefetch(v, o, l, gen);
             }

@@ -111,6 +111,8 @@ pub struct Engine {
     bufs: BufPool,
     /// Serialises lifecycle changes (create/update/delete) so checks and updates do not race.
     lifecycle: tokio::sync::Mutex<()>,
+    /// Bytes read ahead of a sequential reader (0 = off).
+    pub readahead_window: u64,
 }
 
 fn validate_name(name: &str) -> Result<(), VolumeError> {
@@ -154,6 +156,7 @@ impl Engine {
             volumes: RwLock::new(HashMap::new()),
             bufs: BufPool::new(),
             lifecycle: tokio::sync::Mutex::new(()),
+            readahead_window: readahead::WINDOW,
         };
         let records = engine.meta.list_volumes()?;
         for rec in &records {

@@ -1,6 +1,6 @@
 //! Sequential readahead. O_DIRECT reads get no help from the page cache, so a client streaming a
 //! volume with a few large reads in flight leaves the device idle between them. When reads
-//! arrive back to back, the next [`WINDOW`] bytes are read ahead in chunks of the client's read
+//! arrive back to back, the next `window` bytes (default [`WINDOW`]) are read ahead in chunks of the client's read
 //! size; a later read that matches a chunk takes it.
 //!
 //! Coherence: every write, trim or zeroing bumps the volume's write generation after it
@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-/// Bytes read ahead of a sequential stream, per volume.
+/// Default bytes read ahead of a sequential stream, per volume.
 pub const WINDOW: u64 = 16 << 20;
 /// Reads of this size range take part in readahead.
 pub const MIN_LEN: usize = 64 << 10;
@@ -45,7 +45,7 @@ impl Readahead {
     /// Notes an aligned read of `[offset, offset+len)` at write generation `gen` on a volume of
     /// `size` bytes. Returns a chunk that holds exactly this read, if any, and the ranges to read
     /// ahead now.
-    pub fn on_read(&self, offset: u64, len: usize, gen: u64, size: u64) -> (Option<Prefetch>, Vec<(u64, usize)>) {
+    pub fn on_read(&self, offset: u64, len: usize, gen: u64, size: u64, window: u64) -> (Option<Prefetch>, Vec<(u64, usize)>) {
         let mut s = self.state.lock();
         let end = offset + len as u64;
         let hit = s.chunks.iter().position(|c| c.offset == offset && c.len == len && c.gen == gen).and_then(|i| s.chunks.remove(i)).map(|c| c.data);
@@ -59,9 +59,9 @@ impl Readahead {
         }
         s.next = end;
         let mut todo = Vec::new();
-        if s.run >= 2 && (MIN_LEN..=MAX_LEN).contains(&len) {
+        if window > 0 && s.run >= 2 && (MIN_LEN..=MAX_LEN).contains(&len) {
             let mut start = s.ahead.max(end);
-            let limit = (end + WINDOW).min(size);
+            let limit = (end + window).min(size);
             while start + len as u64 <= limit {
                 todo.push((start, len));
                 start += len as u64;
@@ -98,15 +98,15 @@ mod tests {
     fn a_sequential_stream_reads_ahead_and_hits() {
         let ra = Readahead::default();
         let m = 1 << 20;
-        let (hit, todo) = ra.on_read(0, m, 0, 64 * m as u64);
+        let (hit, todo) = ra.on_read(0, m, 0, 64 * m as u64, WINDOW);
         assert!(hit.is_none() && todo.is_empty(), "one read is not a stream");
-        let (_, todo) = ra.on_read(m as u64, m, 0, 64 * m as u64);
+        let (_, todo) = ra.on_read(m as u64, m, 0, 64 * m as u64, WINDOW);
         assert_eq!(todo.len(), (WINDOW / m as u64) as usize);
         assert_eq!(todo[0], (2 * m as u64, m));
         for (o, l) in &todo {
             ra.insert(*o, *l, 0, ready());
         }
-        let (hit, more) = ra.on_read(2 * m as u64, m, 0, 64 * m as u64);
+        let (hit, more) = ra.on_read(2 * m as u64, m, 0, 64 * m as u64, WINDOW);
         assert!(hit.is_some());
         assert_eq!(more, vec![(2 * m as u64 + WINDOW, m)], "the window slides by one chunk");
     }
@@ -115,16 +115,16 @@ mod tests {
     fn writes_and_random_reads_drop_chunks() {
         let ra = Readahead::default();
         let m = 1 << 20;
-        ra.on_read(0, m, 0, 64 * m as u64);
-        let (_, todo) = ra.on_read(m as u64, m, 0, 64 * m as u64);
+        ra.on_read(0, m, 0, 64 * m as u64, WINDOW);
+        let (_, todo) = ra.on_read(m as u64, m, 0, 64 * m as u64, WINDOW);
         for (o, l) in &todo {
             ra.insert(*o, *l, 0, ready());
         }
         // A write completed: generation 1. The chunk read at generation 0 is not used.
-        let (hit, _) = ra.on_read(2 * m as u64, m, 1, 64 * m as u64);
+        let (hit, _) = ra.on_read(2 * m as u64, m, 1, 64 * m as u64, WINDOW);
         assert!(hit.is_none());
         ra.clear();
-        let (hit, todo) = ra.on_read(40 * m as u64, m, 1, 64 * m as u64);
+        let (hit, todo) = ra.on_read(40 * m as u64, m, 1, 64 * m as u64, WINDOW);
         assert!(hit.is_none() && todo.is_empty(), "a jump ends the stream");
     }
 }

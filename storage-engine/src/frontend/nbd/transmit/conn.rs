@@ -1,17 +1,50 @@
-//! The transmission phase: a reader that parses requests and spawns one task per request, and a
-//! writer that sends replies in completion order, matched by handle.
+//! The transmission phase of one connection, as one task: a reader that parses requests from a
+//! buffer (pure frames, see `frame`), up to [`MAX_INFLIGHT`] request futures running
+//! concurrently, and a writer that sends replies in completion order, matched by handle.
+//!
+//! All three are branches of one `select!` over cancel-safe operations (`read`, vectored
+//! `write`, the next completion), so a request needs no task spawn and no channel hop, and
+//! reading never stops while replies are being written (a client that pipelines large writes
+//! cannot deadlock us).
 
 use super::frame::*;
 use crate::frontend::nbd::{MAX_INFLIGHT, MAX_PAYLOAD};
+use crate::device::AlignedBuf;
 use crate::volume::{Connection, Engine, IoError, ReadData};
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-struct Reply {
-    handle: u64,
-    error: u32,
+const READ_BUF: usize = 256 * 1024;
+const MAX_SLICES: usize = 32;
+
+/// A reply on its way out: header, optional read payload, and how much of both is written.
+struct Out {
+    header: [u8; 16],
     data: Option<ReadData>,
+    written: usize,
+}
+
+impl Out {
+    fn new(handle: u64, error: u32, data: Option<ReadData>) -> Out {
+        Out { header: simple_reply(error, handle), data, written: 0 }
+    }
+    fn len(&self) -> usize {
+        16 + self.data.as_ref().map_or(0, |d| d.len)
+    }
+}
+
+type Work = Pin<Box<dyn Future<Output = Out> + Send>>;
+
+/// A WRITE whose payload is still arriving.
+struct Partial {
+    req: Request,
+    buf: AlignedBuf,
+    filled: usize,
 }
 
 /// Serves requests until the client disconnects (NBD_CMD_DISC or EOF) or breaks the protocol.
@@ -20,107 +53,152 @@ pub async fn serve<S>(stream: S, conn: Connection, engine: Arc<Engine>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
-    let (tx, rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
-    let writer = tokio::spawn(write_replies(wr, rx));
-    let mut rd = BufReader::with_capacity(128 * 1024, rd);
-    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut rbuf = vec![0u8; READ_BUF];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut partial: Option<Partial> = None;
+    let mut work: FuturesUnordered<Work> = FuturesUnordered::new();
+    let mut out: VecDeque<Out> = VecDeque::new();
+    let mut closing = false;
     let vol = conn.volume.clone();
     loop {
-        let mut h = [0u8; REQUEST_LEN];
-        if rd.read_exact(&mut h).await.is_err() {
-            break;
-        }
-        let req = match parse_request(&h) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(volume = %vol.name, "closing nbd connection: {e}");
+        // Turn buffered bytes into requests.
+        while !closing && work.len() < MAX_INFLIGHT {
+            if let Some(p) = &mut partial {
+                let n = (end - start).min(p.buf.len() - p.filled);
+                p.buf[p.filled..p.filled + n].copy_from_slice(&rbuf[start..start + n]);
+                p.filled += n;
+                start += n;
+                if p.filled < p.buf.len() {
+                    break;
+                }
+                let p = partial.take().expect("partial write");
+                work.push(dispatch(&engine, &conn, p.req, Some(p.buf)));
+                continue;
+            }
+            if end - start < REQUEST_LEN {
                 break;
             }
-        };
-        if req.cmd == CMD_DISC {
-            break;
-        }
-        let payload = if req.cmd == CMD_WRITE {
-            if req.len > MAX_PAYLOAD {
-                tracing::warn!(volume = %vol.name, len = req.len, "closing nbd connection: write larger than the advertised maximum");
-                break;
-            }
-            let mut buf = engine.buffer(req.len as usize);
-            if rd.read_exact(&mut buf).await.is_err() {
-                break;
-            }
-            Some(buf)
-        } else {
-            None
-        };
-        let Ok(permit) = slots.clone().acquire_owned().await else { break };
-        let (engine, vol, tx) = (engine.clone(), vol.clone(), tx.clone());
-        tokio::spawn(async move {
-            let fua = req.flags & CMD_FLAG_FUA != 0;
-            let (off, len) = (req.offset, req.len as u64);
-            let einval = libc::EINVAL as u32;
-            let errno = |e: IoError, write: bool| e.errno(write);
-            let reply = match req.cmd {
-                CMD_READ if req.len > MAX_PAYLOAD => Reply { handle: req.handle, error: einval, data: None },
-                CMD_READ => match engine.read(&vol, off, req.len as usize).await {
-                    Ok(d) => Reply { handle: req.handle, error: 0, data: Some(d) },
-                    Err(e) => Reply { handle: req.handle, error: errno(e, false), data: None },
-                },
-                CMD_WRITE => {
-                    let buf = payload.expect("write payload read above");
-                    let r = engine.write(&vol, off, buf, fua).await;
-                    Reply { handle: req.handle, error: r.err().map_or(0, |e| errno(e, true)), data: None }
+            let hdr: &[u8; REQUEST_LEN] = rbuf[start..start + REQUEST_LEN].try_into().expect("28 bytes");
+            start += REQUEST_LEN;
+            let req = match parse_request(hdr) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(volume = %vol.name, "closing nbd connection: {e}");
+                    closing = true;
+                    break;
                 }
-                CMD_FLUSH => {
-                    let r = engine.flush(&vol).await;
-                    Reply { handle: req.handle, error: r.err().map_or(0, |e| errno(e, true)), data: None }
-                }
-                CMD_TRIM => {
-                    let r = engine.trim(&vol, off, len, fua).await;
-                    Reply { handle: req.handle, error: r.err().map_or(0, |e| errno(e, true)), data: None }
-                }
-                CMD_WRITE_ZEROES => {
-                    let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
-                    let r = engine.write_zeroes(&vol, off, len, no_hole, fua).await;
-                    Reply { handle: req.handle, error: r.err().map_or(0, |e| errno(e, true)), data: None }
-                }
-                _ => Reply { handle: req.handle, error: einval, data: None },
             };
-            let _ = tx.send(reply).await;
-            drop(permit);
-        });
+            match req.cmd {
+                CMD_DISC => closing = true,
+                CMD_WRITE if req.len > MAX_PAYLOAD => {
+                    tracing::warn!(volume = %vol.name, len = req.len, "closing nbd connection: write larger than the advertised maximum");
+                    closing = true;
+                }
+                CMD_WRITE => partial = Some(Partial { req, buf: engine.buffer(req.len as usize), filled: 0 }),
+                _ => work.push(dispatch(&engine, &conn, req, None)),
+            }
+        }
+        if start == end {
+            (start, end) = (0, 0);
+        } else if start > 0 && rbuf.len() - end < REQUEST_LEN {
+            rbuf.copy_within(start..end, 0);
+            (start, end) = (0, end - start);
+        }
+        if closing && work.is_empty() && out.is_empty() {
+            break;
+        }
+        let reading = !closing && work.len() < MAX_INFLIGHT;
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let nslices = gather(&out, &mut slices);
+        let direct = partial.is_some() && start == end;
+        let into: &mut [u8] = match &mut partial {
+            Some(p) if direct => &mut p.buf[p.filled..],
+            _ => &mut rbuf[end..],
+        };
+        tokio::select! {
+            biased;
+            Some(reply) = work.next(), if !work.is_empty() => out.push_back(reply),
+            r = wr.write_vectored(&slices[..nslices]), if nslices > 0 => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => advance(&mut out, n),
+            },
+            r = rd.read(into), if reading => match r {
+                Ok(0) | Err(_) => closing = true,
+                Ok(n) if direct => {
+                    let p = partial.as_mut().expect("partial write");
+                    p.filled += n;
+                    if p.filled == p.buf.len() {
+                        let p = partial.take().expect("partial write");
+                        work.push(dispatch(&engine, &conn, p.req, Some(p.buf)));
+                    }
+                }
+                Ok(n) => end += n,
+            },
+        }
     }
-    drop(tx);
-    let _ = writer.await;
+    let _ = wr.shutdown().await;
     drop(conn);
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Reply>) {
-    let mut w = BufWriter::with_capacity(256 * 1024, wr);
-    let mut broken = false;
-    while let Some(first) = rx.recv().await {
-        if broken {
-            continue; // keep draining so request tasks never block on a dead socket
+/// Fills `slices` from the front of the queue (what is left of each reply).
+fn gather<'a>(out: &'a VecDeque<Out>, slices: &mut [IoSlice<'a>; MAX_SLICES]) -> usize {
+    let mut n = 0;
+    for o in out {
+        if n + 2 > MAX_SLICES {
+            break;
         }
-        let mut next = Some(first);
-        while let Some(r) = next {
-            if write_one(&mut w, &r).await.is_err() {
-                broken = true;
-                break;
-            }
-            next = rx.try_recv().ok();
+        if o.written < 16 {
+            slices[n] = IoSlice::new(&o.header[o.written..]);
+            n += 1;
         }
-        if !broken && w.flush().await.is_err() {
-            broken = true;
+        if let Some(d) = &o.data {
+            let skip = o.written.saturating_sub(16);
+            slices[n] = IoSlice::new(&d.bytes()[skip..]);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Marks `n` bytes as written, dropping finished replies (and their buffers).
+fn advance(out: &mut VecDeque<Out>, mut n: usize) {
+    while n > 0 {
+        let front = out.front_mut().expect("wrote more than queued");
+        let left = front.len() - front.written;
+        if n >= left {
+            n -= left;
+            out.pop_front();
+        } else {
+            front.written += n;
+            n = 0;
         }
     }
 }
 
-async fn write_one<W: AsyncWrite + Unpin>(w: &mut W, r: &Reply) -> std::io::Result<()> {
-    w.write_all(&simple_reply(r.error, r.handle)).await?;
-    if let Some(d) = &r.data {
-        w.write_all(d.bytes()).await?;
-    }
-    Ok(())
+fn dispatch(engine: &Arc<Engine>, conn: &Connection, req: Request, payload: Option<AlignedBuf>) -> Work {
+    let (engine, vol) = (engine.clone(), conn.volume.clone());
+    Box::pin(async move {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let (off, len, h) = (req.offset, req.len as u64, req.handle);
+        let err = |r: Result<(), IoError>| r.err().map_or(0, |e| e.errno(true));
+        match req.cmd {
+            CMD_READ if req.len > MAX_PAYLOAD => Out::new(h, libc::EINVAL as u32, None),
+            CMD_READ => match engine.read(&vol, off, req.len as usize).await {
+                Ok(d) => Out::new(h, 0, Some(d)),
+                Err(e) => Out::new(h, e.errno(false), None),
+            },
+            CMD_WRITE => {
+                let buf = payload.expect("write payload");
+                Out::new(h, err(engine.write(&vol, off, buf, fua).await), None)
+            }
+            CMD_FLUSH => Out::new(h, err(engine.flush(&vol).await), None),
+            CMD_TRIM => Out::new(h, err(engine.trim(&vol, off, len, fua).await), None),
+            CMD_WRITE_ZEROES => {
+                let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+                Out::new(h, err(engine.write_zeroes(&vol, off, len, no_hole, fua).await), None)
+            }
+            _ => Out::new(h, libc::EINVAL as u32, None),
+        }
+    })
 }
