@@ -6,7 +6,9 @@
 # Then measures an idle engine with 10 volumes, each with a connected NBD client.
 #
 # Environment: BENCH_RUNTIME (seconds per workload, default 15), BENCH_DIR (default
-# /var/tmp/strata-bench), BENCH_IDLE_SECONDS (default 60), BENCH_OUT (default bench/out).
+# /var/tmp/strata-bench), BENCH_IDLE_SECONDS (default 60), BENCH_OUT (default bench/out),
+# BENCH_BACKING: `file` (default: a 2 GiB file on BENCH_DIR's filesystem) or `memory` (a loop
+# device over a 2 GiB file in /dev/shm: no disk noise, so the figures are software overhead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,12 +20,21 @@ OUT=${BENCH_OUT:-$ROOT/bench/out}
 cargo build --release -p strata-engine -p stratactl
 BIN=$ROOT/target/release
 rm -rf "$DIR"; mkdir -p "$DIR" "$OUT"
-FILE=$DIR/backing.img
 SIZE=1900M   # the region every target exercises (fits in a Strata pool on the 2 GiB file)
-truncate -s 2G "$FILE"
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+LOOPDEV=""
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  if [ -n "$LOOPDEV" ]; then losetup -d "$LOOPDEV" || true; rm -f /dev/shm/strata-bench.img; fi
+}
 trap cleanup EXIT
+case "${BENCH_BACKING:-file}" in
+  file) FILE=$DIR/backing.img; truncate -s 2G "$FILE" ;;
+  memory) truncate -s 2G /dev/shm/strata-bench.img; LOOPDEV=$(losetup -f --show /dev/shm/strata-bench.img); FILE=$LOOPDEV ;;
+  *) echo "BENCH_BACKING must be file or memory" >&2; exit 2 ;;
+esac
+echo "backing: $FILE"
+mkdir -p "$OUT"; echo "{\"backing\": \"${BENCH_BACKING:-file}\", \"runtime_s\": $RUNTIME}" > "$OUT/meta.json"
 
 # workload name, fio args
 WORKLOADS=(

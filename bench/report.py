@@ -26,6 +26,10 @@ def load(target, workload):
 
 
 summary = {}
+meta_path = os.path.join(out, "meta.json")
+if os.path.exists(meta_path):
+    summary["meta"] = json.load(open(meta_path))
+    print(f"backing: {summary['meta']['backing']}, {summary['meta']['runtime_s']} s per workload\n")
 print(f"{'workload':<18} {'target':<12} {'IOPS':>10} {'MiB/s':>9} {'p50 us':>9} {'p99 us':>9} {'x nbdkit':>9} {'x raw':>7}")
 for w in workloads:
     base = load("nbdkit", w)
@@ -47,5 +51,26 @@ if os.path.exists(idle_path):
     summary["idle"] = idle
     print(f"idle engine, {idle['connections']} connected clients over {idle['seconds']} s: "
           f"{idle['cpu_percent_of_one_core']:.3f}% of one core, RSS {idle['rss_mib']} MiB (budget {idle['rss_budget_mib']} MiB)")
+# The targets of the performance issue, for Strata over the unix socket.
+checks = []
+def ratio(w, key="iops"):
+    s, n = summary.get(w, {}).get("strata-unix"), summary.get(w, {}).get("nbdkit")
+    return s[key] / n[key] if s and n and n[key] else None
+for w, need in [("randread-4k-qd32", 1.5), ("randwrite-4k-qd32", 1.5), ("read-1m-qd8", 0.95), ("write-1m-qd8", 0.95)]:
+    r = ratio(w, "mib_s")
+    if r is not None:
+        checks.append((f"{w}: Strata/nbdkit {r:.2f} >= {need}", r >= need))
+q1 = summary.get("randwrite-4k-qd1", {})
+if "strata-unix" in q1 and "nbdkit" in q1:
+    a, b = q1["strata-unix"]["p99_us"], q1["nbdkit"]["p99_us"]
+    checks.append((f"randwrite-4k-qd1 p99: Strata {a:.0f} us <= nbdkit {b:.0f} us", a <= b))
+if "idle" in summary:
+    i = summary["idle"]
+    checks.append((f"idle CPU {i['cpu_percent_of_one_core']:.3f}% < 1%", i["cpu_percent_of_one_core"] < 1))
+    checks.append((f"idle RSS {i['rss_mib']} MiB < {i['rss_budget_mib']} MiB", i["rss_mib"] < i["rss_budget_mib"]))
+print("\ntargets:")
+for text, ok in checks:
+    print(f"  [{'met' if ok else 'MISSED'}] {text}")
+summary["targets"] = [{"target": t, "met": ok} for t, ok in checks]
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=1)
 print(f"\nJSON: {os.path.join(out, 'summary.json')}")
