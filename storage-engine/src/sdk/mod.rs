@@ -42,6 +42,7 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
         connections: v.connections,
         attached_node: engine.node.id.clone(),
         pool_uuid: engine.pool.uuid.to_string(),
+        replica_nodes: vec![engine.node.id.clone()],
     }
 }
 

@@ -1,0 +1,48 @@
+//! Command line and environment of `strata-stork`.
+
+use clap::Parser;
+use std::net::SocketAddr;
+
+fn secs(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (examples: 30s, 2m, 500ms)"))?;
+    if v < 0.0 {
+        return Err(format!("{s:?} is negative"));
+    }
+    Ok(std::time::Duration::from_secs_f64(v * mult))
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "strata-stork", version, about = "Strata scheduler extender and storage health monitor")]
+pub struct Config {
+    /// Extender HTTP address (/filter, /prioritize, /healthz, /metrics). Default: 0.0.0.0:8099.
+    #[arg(long, env = "STRATA_STORK_LISTEN", default_value = "0.0.0.0:8099")]
+    pub listen: SocketAddr,
+    /// Strata SDK endpoint. Default: 127.0.0.1:9020.
+    #[arg(long, env = "STRATA_ENDPOINT", default_value = "127.0.0.1:9020")]
+    pub sdk: String,
+    /// Run the health monitor. Default: on.
+    #[arg(long, env = "STRATA_STORK_HEALTH_MONITOR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub health_monitor: bool,
+    /// How long a node's storage must be gone before its pods are moved. Default: 2m.
+    #[arg(long, env = "STRATA_STORK_GRACE", default_value = "2m", value_parser = secs)]
+    pub grace: std::time::Duration,
+    /// Health monitor period. Default: 10s.
+    #[arg(long, env = "STRATA_STORK_INTERVAL", default_value = "10s", value_parser = secs)]
+    pub interval: std::time::Duration,
+    /// Timeout of the data-port probe. Default: 2s.
+    #[arg(long, env = "STRATA_STORK_PROBE_TIMEOUT", default_value = "2s", value_parser = secs)]
+    pub probe_timeout: std::time::Duration,
+    /// Pod deletions per monitor round, at most. Default: 10.
+    #[arg(long, env = "STRATA_STORK_MAX_EVICTIONS", default_value_t = 10)]
+    pub max_evictions: usize,
+}

@@ -1,0 +1,31 @@
+use clap::Parser;
+use std::sync::Arc;
+use strata_stork::{cluster::Kube, config::Config, extender, health, storage::Sdk};
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Config::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("Kubernetes client: {e} (in-cluster config or KUBECONFIG needed)"))?;
+    let cluster = Arc::new(Kube { client });
+    let storage = Arc::new(Sdk::new(&cfg.sdk));
+    let metrics = Arc::new(extender::Metrics::default());
+    if cfg.health_monitor {
+        let mc = health::MonitorConfig { grace: cfg.grace, probe_timeout: cfg.probe_timeout, max_evictions_per_cycle: cfg.max_evictions };
+        tokio::spawn(health::Monitor::new(mc, cluster.clone(), storage.clone(), metrics.clone()).run(cfg.interval));
+    }
+    let ext = Arc::new(extender::Extender { cluster, storage, metrics });
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    tracing::info!(listen = %cfg.listen, sdk = %cfg.sdk, "strata-stork ready");
+    axum::serve(listener, extender::router(ext)).await?;
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! The extender over HTTP with realistic ExtenderArgs, Strata and Kubernetes faked in memory.
+
+use async_trait::async_trait;
+use axum::body::Body;
+use http::{Request, StatusCode};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use strata_stork::cluster::Cluster;
+use strata_stork::extender::types::Pod;
+use strata_stork::extender::{router, Extender, Metrics};
+use strata_stork::placement::Topology;
+use strata_stork::storage::{StorageNode, StorageView};
+use tower::ServiceExt;
+
+#[derive(Default)]
+struct FakeCluster {
+    /// claim name -> Strata volume handle (bound claims of our driver)
+    claims: BTreeMap<String, String>,
+    topology: BTreeMap<String, Topology>,
+    events: Mutex<Vec<(String, String)>>,
+}
+
+#[async_trait]
+impl Cluster for FakeCluster {
+    async fn pod_volumes(&self, pod: &Pod) -> Result<Vec<String>, String> {
+        Ok(pod.claims().iter().filter_map(|c| self.claims.get(c).cloned()).collect())
+    }
+    async fn node_topology(&self, names: &[String]) -> Result<BTreeMap<String, Topology>, String> {
+        Ok(names.iter().filter_map(|n| self.topology.get(n).map(|t| (n.clone(), t.clone()))).collect())
+    }
+    async fn record_event(&self, _pod: &Pod, reason: &str, message: &str) -> Result<(), String> {
+        self.events.lock().unwrap().push((reason.into(), message.into()));
+        Ok(())
+    }
+    async fn pods_on_node(&self, _node: &str) -> Result<Vec<Pod>, String> {
+        Ok(vec![])
+    }
+    async fn delete_pod(&self, _ns: &str, _name: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+struct FakeStorage {
+    nodes: Vec<StorageNode>,
+    replicas: BTreeMap<String, Vec<String>>,
+}
+
+#[async_trait]
+impl StorageView for FakeStorage {
+    async fn nodes(&self) -> Result<Vec<StorageNode>, String> {
+        Ok(self.nodes.clone())
+    }
+    async fn replicas(&self, v: &str) -> Result<Vec<String>, String> {
+        self.replicas.get(v).cloned().ok_or_else(|| format!("volume {v} not found"))
+    }
+}
+
+fn topo(zone: &str, rack: &str) -> Topology {
+    Topology { region: Some("r1".into()), zone: Some(zone.into()), rack: Some(rack.into()) }
+}
+
+fn setup() -> (Arc<FakeCluster>, axum::Router) {
+    let mut claims = BTreeMap::new();
+    claims.insert("data-web-0".to_string(), "pvc-1111".to_string());
+    let topology: BTreeMap<String, Topology> =
+        [("n1", topo("z1", "k1")), ("n2", topo("z1", "k1")), ("n3", topo("z2", "k2")), ("n4", topo("z1", "k1"))].into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    let cluster = Arc::new(FakeCluster { claims, topology, events: Mutex::new(vec![]) });
+    let node = |id: &str, status: &str| StorageNode { id: id.into(), status: status.into(), data_address: "127.0.0.1:1".into() };
+    let storage = Arc::new(FakeStorage {
+        nodes: vec![node("n1", "online"), node("n2", "online"), node("n3", "online"), node("n4", "offline")],
+        replicas: [("pvc-1111".to_string(), vec!["n1".to_string()])].into_iter().collect(),
+    });
+    let ext = Arc::new(Extender { cluster: cluster.clone(), storage, metrics: Arc::new(Metrics::default()) });
+    (cluster, router(ext))
+}
+
+fn pod_json(claim: &str, annotations: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": "web-0", "namespace": "shop", "uid": "u-1", "annotations": annotations},
+        "spec": {
+            "containers": [{"name": "web", "image": "nginx"}],
+            "volumes": [
+                {"name": "data", "persistentVolumeClaim": {"claimName": claim}},
+                {"name": "cfg", "configMap": {"name": "web"}}
+            ]
+        }
+    })
+}
+
+fn node_list() -> serde_json::Value {
+    let n = |name: &str, zone: &str, rack: &str| serde_json::json!({
+        "metadata": {"name": name, "labels": {
+            "kubernetes.io/hostname": name,
+            "topology.kubernetes.io/region": "r1",
+            "topology.kubernetes.io/zone": zone,
+            "strata.dev/rack": rack}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+    });
+    serde_json::json!({"metadata": {"resourceVersion": "1"}, "items": [n("n1", "z1", "k1"), n("n2", "z1", "k1"), n("n3", "z2", "k2"), n("n4", "z1", "k1"), n("n5", "z1", "k1")]})
+}
+
+async fn call(app: &axum::Router, path: &str, body: String) -> (StatusCode, String) {
+    let req = Request::post(path).header("content-type", "application/json").body(Body::from(body)).unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test]
+async fn filter_with_nodes_drops_offline_and_non_strata_nodes() {
+    let (_, app) = setup();
+    let args = serde_json::json!({"Pod": pod_json("data-web-0", serde_json::json!({})), "Nodes": node_list()});
+    let (st, body) = call(&app, "/filter", args.to_string()).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let names: Vec<&str> = r["Nodes"]["items"].as_array().unwrap().iter().map(|n| n["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["n1", "n2", "n3"]);
+    assert_eq!(r["FailedNodes"]["n4"], "Strata is offline on this node");
+    assert_eq!(r["FailedNodes"]["n5"], "Strata is not running on this node");
+    assert_eq!(r["Error"], "");
+}
+
+#[tokio::test]
+async fn node_names_form_and_lowercase_keys_are_accepted() {
+    let (_, app) = setup();
+    let args = serde_json::json!({"pod": pod_json("data-web-0", serde_json::json!({})), "nodenames": ["n1", "n2", "n3", "n4"]});
+    let (st, body) = call(&app, "/filter", args.to_string()).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["NodeNames"], serde_json::json!(["n1", "n2", "n3"]));
+    assert!(r.get("Nodes").is_none());
+    let (_, body) = call(&app, "/prioritize", args.to_string()).await;
+    let scores: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let s: BTreeMap<String, i64> = scores.iter().map(|h| (h["Host"].as_str().unwrap().to_string(), h["Score"].as_i64().unwrap())).collect();
+    assert_eq!(s["n1"], 10);
+    assert_eq!(s["n2"], 7, "same rack, from the Node objects' labels");
+    assert_eq!(s["n3"], 3, "same region only");
+}
+
+#[tokio::test]
+async fn prioritize_prefers_the_replica_node_and_pods_without_volumes_pass() {
+    let (cluster, app) = setup();
+    let args = serde_json::json!({"Pod": pod_json("data-web-0", serde_json::json!({})), "Nodes": node_list()});
+    let (_, body) = call(&app, "/prioritize", args.to_string()).await;
+    let scores: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let best = scores.iter().max_by_key(|h| h["Score"].as_i64().unwrap()).unwrap();
+    assert_eq!(best["Host"], "n1");
+    assert!(scores.iter().all(|h| (0..=10).contains(&h["Score"].as_i64().unwrap())));
+    assert!(cluster.events.lock().unwrap().is_empty(), "the replica node is a candidate: nothing to explain");
+    // A pod whose claim is not a Strata volume: everything passes, scores are neutral.
+    let other = serde_json::json!({"Pod": pod_json("other-claim", serde_json::json!({})), "Nodes": node_list()});
+    let (_, body) = call(&app, "/filter", other.to_string()).await;
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["Nodes"]["items"].as_array().unwrap().len(), 5);
+    assert!(r["FailedNodes"].as_object().unwrap().is_empty());
+    let (_, body) = call(&app, "/prioritize", other.to_string()).await;
+    let scores: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(scores.iter().all(|h| h["Score"] == 0));
+}
+
+#[tokio::test]
+async fn events_explain_why_a_pod_is_not_with_its_data() {
+    let (cluster, app) = setup();
+    let args = serde_json::json!({"Pod": pod_json("data-web-0", serde_json::json!({})), "NodeNames": ["n2", "n3"]});
+    call(&app, "/prioritize", args.to_string()).await;
+    let ev = cluster.events.lock().unwrap().clone();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].0, "NonOptimumScheduling");
+    assert!(ev[0].1.contains("pvc-1111") && ev[0].1.contains("n1"), "{:?}", ev[0]);
+    let local = serde_json::json!({"Pod": pod_json("data-web-0", serde_json::json!({"strata.dev/preferLocalNodeOnly": "true"})), "NodeNames": ["n1", "n2"]});
+    let (_, body) = call(&app, "/filter", local.to_string()).await;
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["NodeNames"], serde_json::json!(["n1"]));
+    assert!(r["FailedNodes"]["n2"].as_str().unwrap().contains("preferLocalNodeOnly"));
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_with_a_reason() {
+    let (_, app) = setup();
+    for (body, reason) in [
+        ("{not json", "not JSON"),
+        ("[]", "JSON object"),
+        (r#"{"Nodes": {"items": []}}"#, "no Pod"),
+        (r#"{"Pod": {"metadata": {"name": "x"}}}"#, "neither Nodes nor NodeNames"),
+        (r#"{"Pod": {"spec": {"volumes": 7}}, "NodeNames": []}"#, "malformed"),
+    ] {
+        for path in ["/filter", "/prioritize"] {
+            let (st, text) = call(&app, path, body.to_string()).await;
+            assert_eq!(st, StatusCode::BAD_REQUEST, "{path} {body}");
+            assert!(text.contains(reason), "{path} {body}: {text}");
+        }
+    }
+    let req = Request::get("/healthz").body(Body::empty()).unwrap();
+    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);
+    let req = Request::get("/metrics").body(Body::empty()).unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let text = String::from_utf8(axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("strata_stork_bad_requests_total 10"), "{text}");
+    let req = Request::post("/filters").body(Body::empty()).unwrap();
+    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::NOT_FOUND, "routes match exactly");
+}
