@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(s["d"], (3 + 10) / 2);
         let s = scores(&[vol("v1", &["a", "d"]), vol("v2", &["a", "e"])], Preferences::default());
         assert_eq!(s["a"], 10, "a holds both");
-        assert_eq!(s["e"], (0 + 10) / 2);
+        assert_eq!(s["e"], 10 / 2, "elsewhere for v1, holds v2");
     }
 
     #[test]
