@@ -12,15 +12,12 @@ use parking_lot::Mutex;
 use std::io;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 const SQ_ENTRIES: u32 = 256;
 const CQ_ENTRIES: u32 = 4096;
-/// How long a lone request waits in the kernel for its own completion.
-const QUICK_WAIT_NS: u32 = 50_000;
 
 struct Pending {
     buf: AlignedBuf,
@@ -42,8 +39,6 @@ struct Inner {
     /// The completion queue has one consumer at a time: whoever holds this.
     cq: Mutex<()>,
     slots: Mutex<Slots>,
-    /// Moving average of requests in flight at submission, in sixteenths.
-    depth_avg: AtomicU32,
 }
 
 pub struct Uring {
@@ -64,7 +59,7 @@ impl Uring {
         // SAFETY: efd is a fresh fd we own.
         let efd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(efd.as_raw_fd())?;
-        let inner = Arc::new(Inner { ring, fd, sq: Mutex::new(()), cq: Mutex::new(()), slots: Mutex::new(Slots::default()), depth_avg: AtomicU32::new(0) });
+        let inner = Arc::new(Inner { ring, fd, sq: Mutex::new(()), cq: Mutex::new(()), slots: Mutex::new(Slots::default()) });
         let efd = {
             let _guard = handle.enter();
             // SAFETY: the OwnedFd is moved into the AsyncFd and stays open for its whole life.
@@ -167,25 +162,6 @@ impl Inner {
             if let Err(e) = self.ring.submit() {
                 return Err((e, self.take(idx).map(|p| p.buf).unwrap_or_else(|| AlignedBuf::new(0))));
             }
-        }
-        // Alone on a ring that has been quiet (a queue-depth-1 client): wait in the kernel a few
-        // microseconds for the completion and reap it here, instead of parking and being woken by
-        // the reactor. Under load (average depth above 1.5) never: that would stall the runtime.
-        let depth = self.slots.lock().in_use as u32;
-        let avg = self.depth_avg.load(Relaxed);
-        let avg = (avg * 7 + depth * 16) / 8;
-        self.depth_avg.store(avg, Relaxed);
-        if depth == 1 && avg < 24 {
-            let ts = types::Timespec::new().nsec(QUICK_WAIT_NS);
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
-                Err(e) => tracing::error!("io_uring submit failed: {e}"),
-            }
-            drop(_g);
-            self.reap();
-            return Ok(rx);
         }
         loop {
             match self.ring.submit() {
