@@ -128,38 +128,36 @@ impl FileDevice {
     }
 }
 
+/// The pread/pwrite fallback: runs `op` on tokio's blocking pool, handing the buffer back.
+fn on_blocking_pool(
+    file: Arc<File>,
+    mut buf: AlignedBuf,
+    op: impl FnOnce(&File, &mut AlignedBuf) -> io::Result<()> + Send + 'static,
+) -> BoxFuture<'static, BufResult> {
+    async move {
+        let r = tokio::task::spawn_blocking(move || {
+            let res = op(&file, &mut buf);
+            (res, buf)
+        })
+        .await;
+        r.unwrap_or_else(|e| (Err(io::Error::other(e)), AlignedBuf::new(0)))
+    }
+    .boxed()
+}
+
 impl BlockIo for FileDevice {
     fn read_at(&self, offset: u64, buf: AlignedBuf, range: Range<usize>) -> BoxFuture<'static, BufResult> {
         if let Some(u) = &self.uring {
             return u.rw(false, offset, buf, range).boxed();
         }
-        let file = self.file.clone();
-        async move {
-            let r = tokio::task::spawn_blocking(move || {
-                let mut buf = buf;
-                let res = file.read_exact_at(&mut buf[range], offset);
-                (res, buf)
-            })
-            .await;
-            r.unwrap_or_else(|e| (Err(io::Error::other(e)), AlignedBuf::new(0)))
-        }
-        .boxed()
+        on_blocking_pool(self.file.clone(), buf, move |f, b| f.read_exact_at(&mut b[range], offset))
     }
 
     fn write_at(&self, offset: u64, buf: AlignedBuf, range: Range<usize>) -> BoxFuture<'static, BufResult> {
         if let Some(u) = &self.uring {
             return u.rw(true, offset, buf, range).boxed();
         }
-        let file = self.file.clone();
-        async move {
-            let r = tokio::task::spawn_blocking(move || {
-                let res = file.write_all_at(&buf[range.clone()], offset);
-                (res, buf)
-            })
-            .await;
-            r.unwrap_or_else(|e| (Err(io::Error::other(e)), AlignedBuf::new(0)))
-        }
-        .boxed()
+        on_blocking_pool(self.file.clone(), buf, move |f, b| f.write_all_at(&b[range], offset))
     }
 
     fn sync(&self) -> BoxFuture<'static, io::Result<()>> {

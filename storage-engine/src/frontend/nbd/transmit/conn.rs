@@ -63,7 +63,7 @@ where
     let vol = conn.volume.clone();
     loop {
         // Turn buffered bytes into requests.
-        while !closing && work.len() < MAX_INFLIGHT {
+        while !closing && work.len() + out.len() < MAX_INFLIGHT {
             if let Some(p) = &mut partial {
                 let n = (end - start).min(p.buf.len() - p.filled);
                 p.buf[p.filled..p.filled + n].copy_from_slice(&rbuf[start..start + n]);
@@ -108,7 +108,9 @@ where
         if closing && work.is_empty() && out.is_empty() {
             break;
         }
-        let reading = !closing && work.len() < MAX_INFLIGHT;
+        // Replies waiting for the socket count too, so a client that does not read its replies
+        // cannot make us queue without bound.
+        let reading = !closing && work.len() + out.len() < MAX_INFLIGHT;
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
         let nslices = gather(&out, &mut slices);
         let direct = partial.is_some() && start == end;
