@@ -73,6 +73,27 @@ pub enum VolumeCmd {
     },
 }
 
+/// Portworx's io_throttle_* limits; 0 = unlimited.
+#[derive(Debug, Args, Default)]
+pub struct QosArgs {
+    /// Read IOPS limit.
+    #[arg(long)]
+    pub io_throttle_rd_iops: Option<u64>,
+    /// Write IOPS limit.
+    #[arg(long)]
+    pub io_throttle_wr_iops: Option<u64>,
+    /// Read bandwidth limit per second (e.g. 100MiB).
+    #[arg(long, value_parser = bw_arg)]
+    pub io_throttle_rd_bw: Option<u64>,
+    /// Write bandwidth limit per second (e.g. 100MiB).
+    #[arg(long, value_parser = bw_arg)]
+    pub io_throttle_wr_bw: Option<u64>,
+}
+
+fn bw_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     pub name: String,
@@ -85,6 +106,8 @@ pub struct CreateArgs {
     /// key=value; repeat for several.
     #[arg(long = "label", short, value_parser = label_arg)]
     pub labels: Vec<(String, String)>,
+    #[command(flatten)]
+    pub qos: QosArgs,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +119,8 @@ pub struct UpdateArgs {
     /// key=value to set, key= to remove; repeat for several.
     #[arg(long = "label", short, value_parser = label_arg)]
     pub labels: Vec<(String, String)>,
+    #[command(flatten)]
+    pub qos: QosArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +174,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "size_bytes": spec.size_bytes,
         "repl": spec.repl,
         "labels": spec.labels,
+        "qos": spec.qos.map(|q| json!({"io_throttle_rd_iops": q.rd_iops, "io_throttle_wr_iops": q.wr_iops, "io_throttle_rd_bw": q.rd_bw, "io_throttle_wr_bw": q.wr_bw})),
         "used_bytes": v.used_bytes,
         "state": v.state,
         "connections": v.connections,
@@ -164,6 +190,28 @@ fn labels_text(l: &HashMap<String, String>) -> String {
     v.join(",")
 }
 
+fn qos_text(q: Option<&pb::QosLimits>) -> String {
+    let Some(q) = q else { return "unlimited".into() };
+    let mut parts = Vec::new();
+    if q.rd_iops > 0 {
+        parts.push(format!("read {} IOPS", q.rd_iops));
+    }
+    if q.wr_iops > 0 {
+        parts.push(format!("write {} IOPS", q.wr_iops));
+    }
+    if q.rd_bw > 0 {
+        parts.push(format!("read {}/s", format_size(q.rd_bw)));
+    }
+    if q.wr_bw > 0 {
+        parts.push(format!("write {}/s", format_size(q.wr_bw)));
+    }
+    if parts.is_empty() {
+        "unlimited".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 fn print_volume(v: &pb::Volume) {
     let spec = v.spec.clone().unwrap_or_default();
     let mut t = Table::new(&["FIELD", "VALUE"]);
@@ -177,6 +225,7 @@ fn print_volume(v: &pb::Volume) {
         ("Attached on", v.attached_node.clone()),
         ("NBD clients", v.connections.to_string()),
         ("Labels", labels_text(&spec.labels)),
+        ("QoS", qos_text(spec.qos.as_ref())),
         ("Pool", v.pool_uuid.clone()),
     ] {
         t.row(vec![k.into(), val]);
@@ -211,7 +260,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = pb::volume_service_client::VolumeServiceClient::new(ch);
             match cmd {
                 VolumeCmd::Create(a) => {
-                    let spec = pb::VolumeSpec { size_bytes: a.size, repl: a.repl, labels: a.labels.into_iter().collect() };
+                    let q = &a.qos;
+                    let qos = pb::QosLimits {
+                        rd_iops: q.io_throttle_rd_iops.unwrap_or(0),
+                        wr_iops: q.io_throttle_wr_iops.unwrap_or(0),
+                        rd_bw: q.io_throttle_rd_bw.unwrap_or(0),
+                        wr_bw: q.io_throttle_wr_bw.unwrap_or(0),
+                    };
+                    let spec = pb::VolumeSpec { size_bytes: a.size, repl: a.repl, labels: a.labels.into_iter().collect(), qos: Some(qos) };
                     let v = c.create(pb::CreateVolumeRequest { name: a.name, spec: Some(spec) }).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
                     if json {
@@ -252,10 +308,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 VolumeCmd::Update(a) => {
-                    if a.size.is_none() && a.labels.is_empty() {
-                        bail!("nothing to update: pass --size and/or --label key=value");
+                    let q = &a.qos;
+                    let qos_given = q.io_throttle_rd_iops.is_some() || q.io_throttle_wr_iops.is_some() || q.io_throttle_rd_bw.is_some() || q.io_throttle_wr_bw.is_some();
+                    if a.size.is_none() && a.labels.is_empty() && !qos_given {
+                        bail!("nothing to update: pass --size, --label key=value and/or --io-throttle-*");
                     }
-                    let req = pb::UpdateVolumeRequest { name: a.name, size_bytes: a.size.unwrap_or(0), labels: a.labels.into_iter().collect() };
+                    let req = pb::UpdateVolumeRequest {
+                        name: a.name,
+                        size_bytes: a.size.unwrap_or(0),
+                        labels: a.labels.into_iter().collect(),
+                        io_throttle_rd_iops: q.io_throttle_rd_iops,
+                        io_throttle_wr_iops: q.io_throttle_wr_iops,
+                        io_throttle_rd_bw: q.io_throttle_rd_bw,
+                        io_throttle_wr_bw: q.io_throttle_wr_bw,
+                    };
                     let v = c.update(req).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
                     if json {

@@ -6,6 +6,7 @@ pub mod frontend;
 pub mod meta;
 pub mod metrics;
 pub mod pool;
+pub mod qos;
 pub mod sdk;
 pub mod server;
 pub mod volume;

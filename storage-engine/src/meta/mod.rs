@@ -35,6 +35,8 @@ pub struct VolumeRecord {
     /// Bumped by every change: the compare-and-swap token.
     pub revision: u64,
     pub pending: Option<PendingOp>,
+    #[serde(default)]
+    pub qos: crate::qos::Limits,
 }
 
 pub trait MetaStore: Send + Sync {

@@ -35,7 +35,12 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
     pb::Volume {
         id: r.id,
         name: r.name,
-        spec: Some(pb::VolumeSpec { size_bytes: r.size, repl: r.repl, labels: r.labels.into_iter().collect() }),
+        spec: Some(pb::VolumeSpec {
+            size_bytes: r.size,
+            repl: r.repl,
+            labels: r.labels.into_iter().collect(),
+            qos: Some(pb::QosLimits { rd_iops: r.qos.rd_iops, wr_iops: r.qos.wr_iops, rd_bw: r.qos.rd_bw, wr_bw: r.qos.wr_bw }),
+        }),
         used_bytes: v.used_bytes,
         created_unix: r.created_unix,
         state: if r.pending.is_some() { "deleting".into() } else { "available".into() },
@@ -52,7 +57,9 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let r = req.into_inner();
         let spec = r.spec.ok_or_else(|| Status::invalid_argument("spec is required (size_bytes, repl, labels)"))?;
         let labels: BTreeMap<String, String> = spec.labels.into_iter().collect();
-        let v = self.engine.create(&r.name, spec.size_bytes, spec.repl, labels).await?;
+        let q = spec.qos.unwrap_or_default();
+        let qos = crate::qos::Limits { rd_iops: q.rd_iops, wr_iops: q.wr_iops, rd_bw: q.rd_bw, wr_bw: q.wr_bw };
+        let v = self.engine.create(&r.name, spec.size_bytes, spec.repl, labels, qos).await?;
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
@@ -69,7 +76,13 @@ impl pb::volume_service_server::VolumeService for Sdk {
     async fn update(&self, req: Request<pb::UpdateVolumeRequest>) -> Result<Response<pb::UpdateVolumeResponse>, Status> {
         let r = req.into_inner();
         let size = (r.size_bytes != 0).then_some(r.size_bytes);
-        let v = self.engine.update(&r.name, size, r.labels.into_iter().collect()).await?;
+        let qos = crate::volume::QosUpdate {
+            rd_iops: r.io_throttle_rd_iops,
+            wr_iops: r.io_throttle_wr_iops,
+            rd_bw: r.io_throttle_rd_bw,
+            wr_bw: r.io_throttle_wr_bw,
+        };
+        let v = self.engine.update(&r.name, size, r.labels.into_iter().collect(), qos).await?;
         Ok(Response::new(pb::UpdateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 

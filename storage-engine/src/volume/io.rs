@@ -120,6 +120,7 @@ impl Engine {
     }
 
     pub async fn read(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
+        v.qos.admit(false, len as u64).await;
         let t0 = Instant::now();
         let r = self.read_inner(v, offset, len).await;
         v.stats.read_latency.observe(t0.elapsed());
@@ -231,8 +232,9 @@ impl Engine {
 
     /// Writes `data` at `offset`; with `fua` it is durable before this returns.
     pub async fn write(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
-        let t0 = Instant::now();
         let len = data.len() as u64;
+        v.qos.admit(true, len).await;
+        let t0 = Instant::now();
         let r = self.write_inner(v, offset, data, fua).await;
         self.data_changed(v);
         v.stats.write_latency.observe(t0.elapsed());
@@ -300,6 +302,7 @@ impl Engine {
     }
 
     async fn zero(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
+        v.qos.admit(true, 0).await;
         let r = self.zero_inner(v, offset, len, punch, fua).await;
         self.data_changed(v);
         if r.is_err() {

@@ -10,6 +10,7 @@ use crate::device::BufPool;
 use crate::meta::{MetaError, MetaStore, PendingOp, VolumeRecord};
 use crate::metrics::VolumeStats;
 use crate::pool::{Pool, PoolError};
+use crate::qos::{Limits, Throttle};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -62,6 +63,7 @@ pub struct Volume {
     /// Bumped after every completed write, trim or zeroing (readahead coherence).
     write_gen: AtomicU64,
     readahead: readahead::Readahead,
+    pub qos: Throttle,
     pub stats: VolumeStats,
 }
 
@@ -85,6 +87,25 @@ pub struct Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.volume.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// QoS fields to change; `None` leaves a limit as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QosUpdate {
+    pub rd_iops: Option<u64>,
+    pub wr_iops: Option<u64>,
+    pub rd_bw: Option<u64>,
+    pub wr_bw: Option<u64>,
+}
+
+impl QosUpdate {
+    fn apply(&self, l: &mut Limits) {
+        for (new, old) in [(self.rd_iops, &mut l.rd_iops), (self.wr_iops, &mut l.wr_iops), (self.rd_bw, &mut l.rd_bw), (self.wr_bw, &mut l.wr_bw)] {
+            if let Some(v) = new {
+                *old = v;
+            }
+        }
     }
 }
 
@@ -187,6 +208,7 @@ impl Engine {
             deleted: AtomicBool::new(false),
             write_gen: AtomicU64::new(0),
             readahead: Default::default(),
+            qos: Throttle::new(rec.qos),
             stats: VolumeStats::default(),
         }
     }
@@ -207,7 +229,7 @@ impl Engine {
         Ok(size)
     }
 
-    pub async fn create(&self, name: &str, size: u64, repl: u32, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
+    pub async fn create(&self, name: &str, size: u64, repl: u32, labels: BTreeMap<String, String>, qos: Limits) -> Result<VolumeInfo, VolumeError> {
         validate_name(name)?;
         validate_labels(&labels)?;
         let repl = if repl == 0 { 1 } else { repl };
@@ -221,7 +243,7 @@ impl Engine {
         }
         let size = self.check_size(size)?;
         let _g = self.lifecycle.lock().await;
-        let rec = VolumeRecord { id: 0, name: name.to_string(), size, repl, labels, created_unix: now_unix(), revision: 0, pending: None };
+        let rec = VolumeRecord { id: 0, name: name.to_string(), size, repl, labels, created_unix: now_unix(), revision: 0, pending: None, qos };
         let rec = self.meta.create_volume(rec)?;
         self.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(&rec)));
         tracing::info!(volume = %name, size, "volume created");
@@ -245,7 +267,7 @@ impl Engine {
     }
 
     /// Grows a volume (online) and/or changes labels. Shrinking is refused.
-    pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
+    pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>, qos: QosUpdate) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         if rec.pending.is_some() {
@@ -270,9 +292,13 @@ impl Engine {
             }
         }
         validate_labels(&rec.labels)?;
+        qos.apply(&mut rec.qos);
         let rec = self.meta.update_volume(&rec)?;
         if let Some(v) = self.volumes.read().get(name) {
             v.size.store(rec.size, Ordering::Release);
+            if v.qos.limits() != rec.qos {
+                v.qos.set(rec.qos);
+            }
         }
         self.info_of(rec)
     }

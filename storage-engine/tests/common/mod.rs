@@ -169,10 +169,23 @@ impl Sdk {
 
     pub fn create_full(&self, name: &str, size: u64, repl: u32, labels: &[(&str, &str)]) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        let spec = pb::VolumeSpec { size_bytes: size, repl, labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        let spec = pb::VolumeSpec { size_bytes: size, repl, labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), qos: None };
         self.rt
             .block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) }))
             .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn create_with_qos(&self, name: &str, size: u64, qos: pb::QosLimits) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let spec = pb::VolumeSpec { size_bytes: size, repl: 1, labels: Default::default(), qos: Some(qos) };
+        self.rt
+            .block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) }))
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn update(&self, req: pb::UpdateVolumeRequest) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.update(req)).map(|r| r.into_inner().volume.unwrap())
     }
 
     pub fn inspect(&self, name: &str) -> Result<pb::Volume, tonic::Status> {
@@ -188,7 +201,7 @@ impl Sdk {
     pub fn resize(&self, name: &str, size: u64) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
         self.rt
-            .block_on(c.update(pb::UpdateVolumeRequest { name: name.into(), size_bytes: size, labels: Default::default() }))
+            .block_on(c.update(pb::UpdateVolumeRequest { name: name.into(), size_bytes: size, ..Default::default() }))
             .map(|r| r.into_inner().volume.unwrap())
     }
 
