@@ -90,6 +90,8 @@ pub struct Pool {
     pub extent_size: u64,
     devices: Vec<PoolDevice>,
     map: RwLock<HashMap<(u64, u64), PExt>>,
+    /// Extents mapped per volume (kept beside `map` so usage needs no scan).
+    per_volume: Mutex<HashMap<u64, u64>>,
     alloc: Mutex<Alloc>,
 }
 
@@ -170,7 +172,18 @@ impl Pool {
             }
             free.push(f);
         }
-        Ok(Pool { uuid: pool_uuid, extent_size, devices, map: RwLock::new(map), alloc: Mutex::new(Alloc { free, cursor: 0 }) })
+        let mut per_volume = HashMap::new();
+        for (vol, _) in map.keys() {
+            *per_volume.entry(*vol).or_insert(0u64) += 1;
+        }
+        Ok(Pool {
+            uuid: pool_uuid,
+            extent_size,
+            devices,
+            map: RwLock::new(map),
+            per_volume: Mutex::new(per_volume),
+            alloc: Mutex::new(Alloc { free, cursor: 0 }),
+        })
     }
 
     pub fn record(&self) -> PoolRecord {
@@ -220,40 +233,54 @@ impl Pool {
         }
         let p = PExt { dev: dev as u16, pext };
         self.map.write().insert((vol, lext), p);
+        self.count(vol, 1);
         Ok(p)
     }
 
     /// Frees the given logical extents of a volume (those that are mapped). Blocking. The caller
     /// keeps I/O to these extents out while this runs.
     pub fn free(&self, vol: u64, lexts: &[u64]) -> Result<u64, PoolError> {
-        let mut per_dev: Vec<Vec<u32>> = vec![Vec::new(); self.devices.len()];
+        // (logical extent, physical extent) per device
+        let mut per_dev: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.devices.len()];
         {
             let map = self.map.read();
             for l in lexts {
                 if let Some(p) = map.get(&(vol, *l)) {
-                    per_dev[p.dev as usize].push(p.pext);
+                    per_dev[p.dev as usize].push((*l, p.pext));
                 }
             }
         }
         let mut freed = 0;
-        for (i, pexts) in per_dev.iter().enumerate() {
-            if pexts.is_empty() {
+        for (i, extents) in per_dev.iter().enumerate() {
+            if extents.is_empty() {
                 continue;
             }
             let d = &self.devices[i];
-            let entries: Vec<Entry> = pexts.iter().map(|p| Entry::Unmap { pext: *p }).collect();
+            let entries: Vec<Entry> = extents.iter().map(|(_, p)| Entry::Unmap { pext: *p }).collect();
             d.journal.commit(&entries)?;
             {
                 let mut map = self.map.write();
-                map.retain(|(v, _), p| !(*v == vol && p.dev as usize == i && pexts.contains(&p.pext)));
+                for (l, _) in extents {
+                    map.remove(&(vol, *l));
+                }
             }
-            for p in pexts {
+            self.count(vol, -(extents.len() as i64));
+            for (_, p) in extents {
                 d.dev.discard_blocking(d.sb.extent_offset(*p), self.extent_size);
             }
-            self.alloc.lock().free[i].extend(pexts.iter().copied());
-            freed += pexts.len() as u64;
+            self.alloc.lock().free[i].extend(extents.iter().map(|(_, p)| *p));
+            freed += extents.len() as u64;
         }
         Ok(freed)
+    }
+
+    fn count(&self, vol: u64, delta: i64) {
+        let mut c = self.per_volume.lock();
+        let n = c.entry(vol).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            c.remove(&vol);
+        }
     }
 
     /// Logical extents of a volume that are mapped, sorted.
@@ -264,7 +291,7 @@ impl Pool {
     }
 
     pub fn used_bytes_of(&self, vol: u64) -> u64 {
-        self.map.read().keys().filter(|(v, _)| *v == vol).count() as u64 * self.extent_size
+        self.per_volume.lock().get(&vol).copied().unwrap_or(0) * self.extent_size
     }
 
     /// Every (volume, logical extent) mapped, with its place.
