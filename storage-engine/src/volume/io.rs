@@ -41,7 +41,7 @@ impl IoError {
 /// A read's buffer: its own, or a readahead chunk shared with nobody else by then.
 pub enum ReadBuf {
     Owned(AlignedBuf),
-    Shared(Arc<AlignedBuf>),
+    Shared(Arc<super::readahead::Chunked>),
 }
 
 /// Read result: `buf[start..start + len]` holds the data.
@@ -164,11 +164,13 @@ impl Engine {
 
     /// Starts reading `[offset, offset+len)` ahead of a sequential stream.
     fn prefetch(&self, v: &Arc<Volume>, offset: u64, len: usize, gen: u64) {
+        let Some(wrap) = super::readahead::reserve(&self.readahead_held, len) else { return };
         let (pool, vol, buf) = (self.pool.clone(), v.clone(), self.bufs.get(len));
         let task = tokio::spawn(async move {
             let _g = vol.io_lock.read().await;
             let (res, buf) = read_extents(&pool, vol.id, offset, buf, 0..len).await;
-            res.ok().map(|_| Arc::new(buf))
+            let chunk = wrap(buf);
+            res.ok().map(|_| Arc::new(chunk))
         });
         let data = async move { task.await.ok().flatten() }.boxed().shared();
         v.readahead.insert(offset, len, gen, data);

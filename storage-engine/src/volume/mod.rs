@@ -86,7 +86,10 @@ pub struct Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        self.volume.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.volume.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last client left: readahead for it would only hold memory.
+            self.volume.readahead.clear();
+        }
     }
 }
 
@@ -134,6 +137,8 @@ pub struct Engine {
     lifecycle: tokio::sync::Mutex<()>,
     /// Bytes read ahead of a sequential reader (0 = off).
     pub readahead_window: u64,
+    /// Readahead bytes held by all volumes (bounded by `readahead::GLOBAL_LIMIT`).
+    readahead_held: Arc<AtomicU64>,
 }
 
 fn validate_name(name: &str) -> Result<(), VolumeError> {
@@ -178,6 +183,7 @@ impl Engine {
             bufs: BufPool::new(),
             lifecycle: tokio::sync::Mutex::new(()),
             readahead_window: readahead::WINDOW,
+            readahead_held: Arc::new(AtomicU64::new(0)),
         };
         let records = engine.meta.list_volumes()?;
         for rec in &records {

@@ -11,6 +11,7 @@ use crate::device::AlignedBuf;
 use futures::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Default bytes read ahead of a sequential stream, per volume.
@@ -19,7 +20,43 @@ pub const WINDOW: u64 = 16 << 20;
 pub const MIN_LEN: usize = 64 << 10;
 pub const MAX_LEN: usize = 4 << 20;
 
-pub type Prefetch = Shared<BoxFuture<'static, Option<Arc<AlignedBuf>>>>;
+/// Readahead bytes held by all volumes together, at most.
+pub const GLOBAL_LIMIT: u64 = 64 << 20;
+
+/// A prefetched chunk's buffer; gives its bytes back to the engine-wide budget when dropped.
+pub struct Chunked {
+    pub buf: AlignedBuf,
+    budget: Arc<AtomicU64>,
+}
+
+impl Drop for Chunked {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.buf.len() as u64, Ordering::AcqRel);
+    }
+}
+
+impl std::ops::Deref for Chunked {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+/// Reserves `len` bytes of the engine-wide readahead budget; `None` when it is spent.
+pub fn reserve(budget: &Arc<AtomicU64>, len: usize) -> Option<impl FnOnce(AlignedBuf) -> Chunked> {
+    let len = len as u64;
+    if budget.fetch_add(len, Ordering::AcqRel) + len > GLOBAL_LIMIT {
+        budget.fetch_sub(len, Ordering::AcqRel);
+        return None;
+    }
+    let budget = budget.clone();
+    Some(move |buf: AlignedBuf| {
+        debug_assert_eq!(buf.len() as u64, len);
+        Chunked { buf, budget }
+    })
+}
+
+pub type Prefetch = Shared<BoxFuture<'static, Option<Arc<Chunked>>>>;
 
 struct Chunk {
     offset: u64,
@@ -91,7 +128,20 @@ mod tests {
     use futures::FutureExt;
 
     fn ready() -> Prefetch {
-        async { Some(Arc::new(AlignedBuf::new(4096))) }.boxed().shared()
+        let budget = Arc::new(AtomicU64::new(0));
+        let wrap = reserve(&budget, 4096).unwrap();
+        async move { Some(Arc::new(wrap(AlignedBuf::new(4096)))) }.boxed().shared()
+    }
+
+    #[test]
+    fn the_global_budget_bounds_readahead_and_is_given_back() {
+        let budget = Arc::new(AtomicU64::new(0));
+        let n = (GLOBAL_LIMIT / (1 << 20)) as usize;
+        let held: Vec<_> = (0..n).map(|_| reserve(&budget, 1 << 20).expect("within budget")(AlignedBuf::new(1 << 20))).collect();
+        assert!(reserve(&budget, 1 << 20).is_none(), "budget spent");
+        drop(held);
+        assert_eq!(budget.load(Ordering::Acquire), 0);
+        assert!(reserve(&budget, 1 << 20).is_some());
     }
 
     #[test]
