@@ -3,6 +3,15 @@
 
 pub mod units;
 
+/// The URI of an SDK endpoint given as `host:port` or as a full URI (`http://host:port`).
+pub fn endpoint_uri(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
 /// Generated protobuf and tonic code for `strata.v1`.
 #[allow(clippy::all)]
 pub mod v1 {

@@ -143,7 +143,7 @@ pub enum PoolCmd {
 }
 
 async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
-    let ep = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let ep = strata_api::endpoint_uri(endpoint);
     Channel::from_shared(ep.clone())
         .map_err(|e| anyhow!("invalid endpoint {endpoint:?}: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(5))

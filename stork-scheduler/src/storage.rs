@@ -28,8 +28,7 @@ pub struct Sdk {
 
 impl Sdk {
     pub fn new(endpoint: &str) -> Sdk {
-        let ep = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
-        Sdk { endpoint: ep }
+        Sdk { endpoint: strata_api::endpoint_uri(endpoint) }
     }
 
     async fn channel(&self) -> Result<Channel, String> {
