@@ -1,6 +1,7 @@
 //! Strata SDK: the gRPC API every component uses to talk to a storage engine,
 //! plus the small units shared by the engine and its clients.
 
+pub mod schedule;
 pub mod units;
 
 /// The URI of an SDK endpoint given as `host:port` or as a full URI (`http://host:port`).
