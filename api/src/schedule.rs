@@ -171,7 +171,7 @@ pub fn next_after(every: Every, t: u64) -> u64 {
 /// Of a policy's snapshots (id, created), the ids beyond its KEEP newest, to delete.
 pub fn expired<I: Clone>(keep: u32, snapshots: &[(I, u64)]) -> Vec<I> {
     let mut s: Vec<&(I, u64)> = snapshots.iter().collect();
-    s.sort_by(|a, b| b.1.cmp(&a.1));
+    s.sort_by_key(|x| std::cmp::Reverse(x.1));
     s.into_iter().skip(keep as usize).map(|(id, _)| id.clone()).collect()
 }
 
