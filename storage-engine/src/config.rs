@@ -26,6 +26,10 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// etcd endpoints (http://host:port, comma-separated) for the metadata store instead of the
+    /// embedded one. Default: none (embedded redb in --data-dir).
+    #[arg(long, env = "STRATA_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
     /// Directory for the embedded metadata store (redb). Default: /var/lib/strata.
     #[arg(long, env = "STRATA_DATA_DIR", default_value = "/var/lib/strata")]
     pub data_dir: PathBuf,

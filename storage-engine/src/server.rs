@@ -28,12 +28,16 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
     if args.devices.is_empty() {
         bail!("no devices: pass at least one --device PATH (a block device, or a file that is created with --device-size)");
     }
-    let meta = Embedded::open(&args.data_dir).with_context(|| format!("metadata store in {}", args.data_dir.display()))?;
+    let meta: Arc<dyn MetaStore> = if args.etcd.is_empty() {
+        Arc::new(Embedded::open(&args.data_dir).with_context(|| format!("metadata store in {}", args.data_dir.display()))?)
+    } else {
+        Arc::new(crate::meta::etcd::Etcd::connect(&args.etcd, &node.id)?)
+    };
     let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false, lock_wait: LOCK_WAIT };
     let devs = open_devices(&args.devices, &opts)?;
     let spec = OpenSpec { expected: meta.get_pool()?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
     let pool = Pool::open(devs, &spec)?;
-    let mut engine = Engine::new(Arc::new(pool), Arc::new(meta), node)?;
+    let mut engine = Engine::new(Arc::new(pool), meta, node)?;
     engine.readahead_window = args.readahead;
     Ok(Arc::new(engine))
 }

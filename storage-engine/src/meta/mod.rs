@@ -1,6 +1,7 @@
 //! The metadata store behind one trait: `embedded` (redb, one node). Callers share it by `&self`.
 
 pub mod embedded;
+pub mod etcd;
 
 use crate::pool::PoolRecord;
 use std::collections::BTreeMap;

@@ -1,0 +1,182 @@
+//! Metadata in etcd, for clusters of several engines. Keys live under `/strata/v1/`:
+//! `cluster_id`, `pools/<node>`, `volumes/<name>`, `next_volume_id`. Every volume change is a
+//! compare-and-swap transaction: creation requires the key to be absent, an update requires the
+//! stored record to be exactly the one the caller read (its revision is part of it).
+//!
+//! The store trait is synchronous; calls run on a small runtime of the store's own and the
+//! caller waits for the answer. These are control-plane calls (create, update, delete, list),
+//! never on the data path.
+
+use super::{MetaError, MetaStore, VolumeRecord};
+use crate::pool::PoolRecord;
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use std::future::Future;
+use std::time::Duration;
+
+pub const PREFIX: &str = "/strata/v1/";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Etcd {
+    client: Client,
+    node: String,
+    /// Taken in Drop: a runtime must be shut down in the background when dropped from async code.
+    rt: Option<tokio::runtime::Runtime>,
+    endpoints: Vec<String>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn err<E: std::fmt::Display>(e: E) -> MetaError {
+    MetaError::Store(format!("etcd: {e}"))
+}
+
+fn key(rest: &str) -> String {
+    format!("{PREFIX}{rest}")
+}
+
+impl Etcd {
+    /// Connects to etcd (`http://host:port`, comma-separated for several). `node` names this
+    /// engine's pool record.
+    pub fn connect(endpoints: &[String], node: &str) -> Result<Etcd, MetaError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("strata-etcd")
+            .enable_all()
+            .build()
+            .map_err(err)?;
+        let eps = endpoints.to_vec();
+        let client = Self::wait(&rt, async move {
+            let opts = etcd_client::ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
+            Client::connect(eps, Some(opts)).await
+        })
+        .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", endpoints.join(","))))?;
+        let s = Etcd { client, node: node.to_string(), rt: Some(rt), endpoints: endpoints.to_vec() };
+        // Fail now, with the endpoint in the message, if etcd does not answer.
+        let mut c = s.client.clone();
+        let id = uuid::Uuid::new_v4().to_string();
+        let k = key("cluster_id");
+        s.run(async move {
+            let txn = Txn::new()
+                .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(k, id, None)]);
+            c.txn(txn).await
+        })
+        .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", s.endpoints.join(","))))?;
+        Ok(s)
+    }
+
+    fn wait<T: Send + 'static>(rt: &tokio::runtime::Runtime, fut: impl Future<Output = T> + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().expect("etcd runtime alive")
+    }
+
+    /// Runs an etcd call on the store's runtime and waits for it (bounded by the client timeout).
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static) -> Result<T, MetaError> {
+        Self::wait(self.rt.as_ref().expect("runtime until drop"), async move { tokio::time::timeout(TIMEOUT * 2, fut).await }).map_err(|_| err("timed out"))?.map_err(err)
+    }
+
+    fn get(&self, k: String) -> Result<Option<Vec<u8>>, MetaError> {
+        let mut c = self.client.clone();
+        let resp = self.run(async move { c.get(k, None).await })?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+}
+
+impl MetaStore for Etcd {
+    fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError> {
+        self.get(key(&format!("pools/{}", self.node)))?.map(|b| serde_json::from_slice(&b).map_err(err)).transpose()
+    }
+
+    fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError> {
+        let mut c = self.client.clone();
+        let (k, v) = (key(&format!("pools/{}", self.node)), serde_json::to_vec(rec).map_err(err)?);
+        self.run(async move { c.put(k, v, None).await }).map(|_| ())
+    }
+
+    fn create_volume(&self, mut rec: VolumeRecord) -> Result<VolumeRecord, MetaError> {
+        // Take the next id by compare-and-swap on the counter.
+        let id = loop {
+            let counter = key("next_volume_id");
+            let cur = self.get(counter.clone())?;
+            let next: u64 = match &cur {
+                Some(b) => String::from_utf8_lossy(b).parse().map_err(err)?,
+                None => 1,
+            };
+            let cmp = match cur {
+                Some(b) => Compare::value(counter.clone(), CompareOp::Equal, b),
+                None => Compare::create_revision(counter.clone(), CompareOp::Equal, 0),
+            };
+            let mut c = self.client.clone();
+            let txn = Txn::new().when([cmp]).and_then([TxnOp::put(counter, (next + 1).to_string(), None)]);
+            if self.run(async move { c.txn(txn).await })?.succeeded() {
+                break next;
+            }
+        };
+        rec.id = id;
+        rec.revision = 1;
+        let k = key(&format!("volumes/{}", rec.name));
+        let v = serde_json::to_vec(&rec).map_err(err)?;
+        let mut c = self.client.clone();
+        let txn = Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(k, v, None)]);
+        if !self.run(async move { c.txn(txn).await })?.succeeded() {
+            return Err(MetaError::AlreadyExists(rec.name));
+        }
+        Ok(rec)
+    }
+
+    fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError> {
+        self.get(key(&format!("volumes/{name}")))?.map(|b| serde_json::from_slice(&b).map_err(err)).transpose()
+    }
+
+    fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        let mut c = self.client.clone();
+        let k = key("volumes/");
+        let resp = self.run(async move { c.get(k, Some(GetOptions::new().with_prefix())).await })?;
+        resp.kvs().iter().map(|kv| serde_json::from_slice(kv.value()).map_err(err)).collect()
+    }
+
+    fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {
+        let k = key(&format!("volumes/{}", rec.name));
+        let Some(stored) = self.get(k.clone())? else { return Err(MetaError::NotFound(rec.name.clone())) };
+        let current: VolumeRecord = serde_json::from_slice(&stored).map_err(err)?;
+        if current.revision != rec.revision || current.id != rec.id {
+            return Err(MetaError::Conflict(rec.name.clone()));
+        }
+        let mut next = rec.clone();
+        next.revision += 1;
+        let v = serde_json::to_vec(&next).map_err(err)?;
+        let mut c = self.client.clone();
+        let txn = Txn::new().when([Compare::value(k.clone(), CompareOp::Equal, stored)]).and_then([TxnOp::put(k, v, None)]);
+        if !self.run(async move { c.txn(txn).await })?.succeeded() {
+            return Err(MetaError::Conflict(rec.name.clone()));
+        }
+        Ok(next)
+    }
+
+    fn remove_volume(&self, name: &str) -> Result<(), MetaError> {
+        let mut c = self.client.clone();
+        let k = key(&format!("volumes/{name}"));
+        let resp = self.run(async move { c.delete(k, None).await })?;
+        if resp.deleted() == 0 {
+            return Err(MetaError::NotFound(name.to_string()));
+        }
+        Ok(())
+    }
+
+    fn cluster_id(&self) -> Result<String, MetaError> {
+        Ok(self.get(key("cluster_id"))?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
+    }
+
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+}
