@@ -30,6 +30,9 @@ pub struct RunArgs {
     /// embedded one. Default: none (embedded redb in --data-dir).
     #[arg(long, env = "STRATA_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
+    /// With --etcd: seconds without lease renewal before this node reads as offline. Default: 10.
+    #[arg(long, env = "STRATA_NODE_TTL", default_value_t = 10)]
+    pub node_ttl: i64,
     /// Directory for the embedded metadata store (redb). Default: /var/lib/strata.
     #[arg(long, env = "STRATA_DATA_DIR", default_value = "/var/lib/strata")]
     pub data_dir: PathBuf,

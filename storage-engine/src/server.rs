@@ -31,7 +31,7 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
     let meta: Arc<dyn MetaStore> = if args.etcd.is_empty() {
         Arc::new(Embedded::open(&args.data_dir).with_context(|| format!("metadata store in {}", args.data_dir.display()))?)
     } else {
-        Arc::new(crate::meta::etcd::Etcd::connect(&args.etcd, &node.id)?)
+        Arc::new(crate::meta::etcd::Etcd::connect_with_ttl(&args.etcd, &node.id, args.node_ttl)?)
     };
     let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false, lock_wait: LOCK_WAIT };
     let devs = open_devices(&args.devices, &opts)?;

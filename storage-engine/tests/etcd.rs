@@ -49,7 +49,7 @@ fn etcd() -> EtcdProc {
 }
 
 fn rec(name: &str) -> VolumeRecord {
-    VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, labels: Default::default(), created_unix: 0, revision: 0, pending: None, qos: Default::default() }
+    VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, labels: Default::default(), created_unix: 0, revision: 0, pending: None, qos: Default::default(), node: String::new() }
 }
 
 #[test]
@@ -114,4 +114,63 @@ fn an_unreachable_etcd_is_a_clear_start_up_error() {
     let mut eng = EngineProc::new(dir.path(), 1, "256MiB", &["--etcd", &url]);
     let err = eng.spawn().expect_err("no etcd, no start");
     assert!(err.contains("etcd") && err.contains(&url), "{err}");
+}
+
+fn node_states(e: &EngineProc) -> Vec<(String, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ch = rt.block_on(tonic::transport::Channel::from_shared(format!("http://{}", e.sdk)).unwrap().connect()).unwrap();
+    let mut c = strata_api::v1::node_service_client::NodeServiceClient::new(ch);
+    let nodes = rt.block_on(c.list(strata_api::v1::ListNodesRequest {})).unwrap().into_inner().nodes;
+    let mut v: Vec<(String, String)> = nodes.into_iter().map(|n| (n.id, n.status)).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn nodes_register_with_a_lease_and_read_offline_when_their_engine_dies() {
+    let e = etcd();
+    let (d1, d2) = (tempdir(), tempdir());
+    let a = EngineProc::start_with(d1.path(), 1, "128MiB", &["--etcd", &e.url, "--node-id", "node-a", "--node-ttl", "2"]);
+    let mut b = EngineProc::start_with(d2.path(), 1, "128MiB", &["--etcd", &e.url, "--node-id", "node-b", "--node-ttl", "2"]);
+    let online = |n: &str| (n.to_string(), "online".to_string());
+    assert_eq!(node_states(&a), vec![online("node-a"), online("node-b")]);
+    // Renewal keeps node-b alive well past its TTL.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(node_states(&a), vec![online("node-a"), online("node-b")]);
+    b.kill9();
+    let t0 = Instant::now();
+    loop {
+        if node_states(&a).contains(&("node-b".to_string(), "offline".to_string())) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "node-b never read offline: {:?}", node_states(&a));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    b.spawn().unwrap();
+    assert_eq!(node_states(&a), vec![online("node-a"), online("node-b")]);
+}
+
+#[test]
+fn each_engine_serves_only_the_volumes_in_its_own_pool() {
+    let e = etcd();
+    let (d1, d2) = (tempdir(), tempdir());
+    let a = EngineProc::start_with(d1.path(), 1, "128MiB", &["--etcd", &e.url, "--node-id", "node-a"]);
+    let b = EngineProc::start_with(d2.path(), 1, "128MiB", &["--etcd", &e.url, "--node-id", "node-b"]);
+    a.sdk().create("on-a", 16 << 20).unwrap();
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 64k"]).arg(a.uri("on-a")));
+    let seen = b.sdk().inspect("on-a").unwrap();
+    assert_eq!(seen.attached_node, "node-a");
+    assert_eq!(seen.replica_nodes, vec!["node-a".to_string()]);
+    let err = b.sdk().delete("on-a", true).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("node-a"), "{}", err.message());
+    assert_eq!(b.sdk().resize("on-a", 32 << 20).unwrap_err().code(), tonic::Code::FailedPrecondition);
+    assert!(Command::new("nbdinfo").arg(b.uri("on-a")).output().unwrap().status.code() != Some(0), "node-b does not export node-a's volume");
+    // After node-b restarts it still does not take the volume over.
+    let mut b = b;
+    b.restart();
+    assert!(common::nbd::Client::connect(&b.nbd, "on-a").is_err());
+    let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x77 0 64k"]).arg(a.uri("on-a")));
+    assert!(!out.contains("verification failed"));
+    a.sdk().delete("on-a", false).unwrap();
 }

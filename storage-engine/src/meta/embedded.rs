@@ -1,6 +1,6 @@
 //! Embedded metadata store: redb in the engine's data directory.
 
-use super::{MetaError, MetaStore, VolumeRecord};
+use super::{MetaError, MetaStore, NodeRecord, VolumeRecord};
 use crate::pool::PoolRecord;
 use redb::{Database, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -10,6 +10,7 @@ const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 
 pub struct Embedded {
     db: Database,
+    node: parking_lot::Mutex<Option<NodeRecord>>,
 }
 
 fn err<E: std::fmt::Display>(e: E) -> MetaError {
@@ -31,7 +32,7 @@ impl Embedded {
             }
         }
         tx.commit().map_err(err)?;
-        Ok(Embedded { db })
+        Ok(Embedded { db, node: parking_lot::Mutex::new(None) })
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
@@ -127,6 +128,16 @@ impl MetaStore for Embedded {
         tx.commit().map_err(err)
     }
 
+    fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+        *self.node.lock() = Some(node.clone());
+        Ok(())
+    }
+
+    /// One node: this one, alive while the store is open.
+    fn list_nodes(&self) -> Result<Vec<(NodeRecord, bool)>, MetaError> {
+        Ok(self.node.lock().clone().into_iter().map(|n| (n, true)).collect())
+    }
+
     fn cluster_id(&self) -> Result<String, MetaError> {
         let v = self.get_meta("cluster_id")?.unwrap_or_default();
         Ok(String::from_utf8_lossy(&v).into_owned())
@@ -142,7 +153,7 @@ mod tests {
     use super::*;
 
     fn rec(name: &str) -> VolumeRecord {
-        VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, labels: Default::default(), created_unix: 0, revision: 0, pending: None, qos: Default::default() }
+        VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, labels: Default::default(), created_unix: 0, revision: 0, pending: None, qos: Default::default(), node: String::new() }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! caller waits for the answer. These are control-plane calls (create, update, delete, list),
 //! never on the data path.
 
-use super::{MetaError, MetaStore, VolumeRecord};
+use super::{MetaError, MetaStore, NodeRecord, VolumeRecord};
 use crate::pool::PoolRecord;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use std::future::Future;
@@ -19,6 +19,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Etcd {
     client: Client,
     node: String,
+    /// Seconds a node stays alive without renewing its lease.
+    ttl: i64,
     /// Taken in Drop: a runtime must be shut down in the background when dropped from async code.
     rt: Option<tokio::runtime::Runtime>,
     endpoints: Vec<String>,
@@ -44,6 +46,10 @@ impl Etcd {
     /// Connects to etcd (`http://host:port`, comma-separated for several). `node` names this
     /// engine's pool record.
     pub fn connect(endpoints: &[String], node: &str) -> Result<Etcd, MetaError> {
+        Self::connect_with_ttl(endpoints, node, 10)
+    }
+
+    pub fn connect_with_ttl(endpoints: &[String], node: &str, ttl: i64) -> Result<Etcd, MetaError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("strata-etcd")
@@ -56,7 +62,7 @@ impl Etcd {
             Client::connect(eps, Some(opts)).await
         })
         .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", endpoints.join(","))))?;
-        let s = Etcd { client, node: node.to_string(), rt: Some(rt), endpoints: endpoints.to_vec() };
+        let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), rt: Some(rt), endpoints: endpoints.to_vec() };
         // Fail now, with the endpoint in the message, if etcd does not answer.
         let mut c = s.client.clone();
         let id = uuid::Uuid::new_v4().to_string();
@@ -88,6 +94,35 @@ impl Etcd {
         let mut c = self.client.clone();
         let resp = self.run(async move { c.get(k, None).await })?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+}
+
+/// Renews the node's lease every third of its TTL; after a failure (etcd away, lease expired)
+/// grants a new lease and rebinds the alive key.
+async fn keep_alive(mut c: Client, alive: String, ttl: i64, mut lease: i64) {
+    let period = Duration::from_millis((ttl as u64 * 1000 / 3).max(200));
+    loop {
+        let ok = match c.lease_keep_alive(lease).await {
+            Ok((mut keeper, mut stream)) => loop {
+                tokio::time::sleep(period).await;
+                if keeper.keep_alive().await.is_err() {
+                    break false;
+                }
+                match stream.message().await {
+                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    _ => break false,
+                }
+            },
+            Err(_) => false,
+        };
+        if !ok {
+            tokio::time::sleep(period).await;
+            if let Ok(l) = c.lease_grant(ttl, None).await {
+                if c.put(alive.clone(), "1", Some(etcd_client::PutOptions::new().with_lease(l.id()))).await.is_ok() {
+                    lease = l.id();
+                }
+            }
+        }
     }
 }
 
@@ -170,6 +205,44 @@ impl MetaStore for Etcd {
             return Err(MetaError::NotFound(name.to_string()));
         }
         Ok(())
+    }
+
+    fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+        let mut c = self.client.clone();
+        let (k, v) = (key(&format!("nodes/{}", node.id)), serde_json::to_vec(node).map_err(err)?);
+        self.run(async move { c.put(k, v, None).await })?;
+        let alive = key(&format!("alive/{}", node.id));
+        let ttl = self.ttl;
+        // The first lease is granted here so registration fails loudly; renewal runs for the
+        // store's life and re-grants after an outage.
+        let mut c = self.client.clone();
+        let k = alive.clone();
+        let lease = self.run(async move {
+            let l = c.lease_grant(ttl, None).await?;
+            c.put(k, "1", Some(etcd_client::PutOptions::new().with_lease(l.id()))).await?;
+            Ok(l.id())
+        })?;
+        let client = self.client.clone();
+        self.rt.as_ref().expect("runtime until drop").spawn(keep_alive(client, alive, ttl, lease));
+        Ok(())
+    }
+
+    fn list_nodes(&self) -> Result<Vec<(NodeRecord, bool)>, MetaError> {
+        let (mut c, mut c2) = (self.client.clone(), self.client.clone());
+        let (nk, ak) = (key("nodes/"), key("alive/"));
+        let nodes = self.run(async move { c.get(nk, Some(GetOptions::new().with_prefix())).await })?;
+        let alive = self.run(async move { c2.get(ak, Some(GetOptions::new().with_prefix().with_keys_only())).await })?;
+        let alive: std::collections::HashSet<String> =
+            alive.kvs().iter().filter_map(|kv| kv.key_str().ok().and_then(|k| k.strip_prefix(&key("alive/")).map(str::to_string))).collect();
+        nodes
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let n: NodeRecord = serde_json::from_slice(kv.value()).map_err(err)?;
+                let up = alive.contains(&n.id);
+                Ok((n, up))
+            })
+            .collect()
     }
 
     fn cluster_id(&self) -> Result<String, MetaError> {

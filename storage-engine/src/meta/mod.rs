@@ -38,9 +38,29 @@ pub struct VolumeRecord {
     pub pending: Option<PendingOp>,
     #[serde(default)]
     pub qos: crate::qos::Limits,
+    /// The node whose pool holds the volume (empty in records written before nodes were known:
+    /// read as "this node").
+    #[serde(default)]
+    pub node: String,
+}
+
+/// A node as the metadata store knows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeRecord {
+    pub id: String,
+    pub hostname: String,
+    pub sdk_address: String,
+    pub nbd_address: String,
+    pub total_bytes: u64,
+    pub version: String,
 }
 
 pub trait MetaStore: Send + Sync {
+    /// Registers this node and keeps it alive (in etcd: a key bound to a lease that the store
+    /// keeps renewing; when the engine dies the lease expires and the node reads as offline).
+    fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
+    /// Every node ever registered, with whether it is alive now.
+    fn list_nodes(&self) -> Result<Vec<(NodeRecord, bool)>, MetaError>;
     fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError>;
     fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError>;
     /// Creates a volume, assigning its id. Fails with AlreadyExists on a taken name.

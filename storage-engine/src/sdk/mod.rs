@@ -45,9 +45,9 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
         created_unix: r.created_unix,
         state: if r.pending.is_some() { "deleting".into() } else { "available".into() },
         connections: v.connections,
-        attached_node: engine.node.id.clone(),
+        attached_node: r.node.clone(),
         pool_uuid: engine.pool.uuid.to_string(),
-        replica_nodes: vec![engine.node.id.clone()],
+        replica_nodes: vec![r.node.clone()],
     }
 }
 
@@ -128,23 +128,31 @@ impl pb::pool_service_server::PoolService for Sdk {
     }
 }
 
-fn node_pb(engine: &Engine) -> pb::Node {
-    pb::Node {
-        id: engine.node.id.clone(),
-        hostname: engine.node.hostname.clone(),
-        status: "online".into(),
-        sdk_address: engine.node.sdk_address.clone(),
-        nbd_address: engine.node.nbd_address.clone(),
-        total_bytes: engine.pool.total_bytes(),
-        used_bytes: engine.pool.used_bytes(),
-        version: VERSION.into(),
-    }
+/// Every registered node: this one with live figures, the others as the store has them.
+fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, Status> {
+    let nodes = engine.meta.list_nodes().map_err(|e| Status::unavailable(e.to_string()))?;
+    Ok(nodes
+        .into_iter()
+        .map(|(n, alive)| {
+            let me = n.id == engine.node.id;
+            pb::Node {
+                status: if alive { "online".into() } else { "offline".into() },
+                total_bytes: if me { engine.pool.total_bytes() } else { n.total_bytes },
+                used_bytes: if me { engine.pool.used_bytes() } else { 0 },
+                id: n.id,
+                hostname: n.hostname,
+                sdk_address: n.sdk_address,
+                nbd_address: n.nbd_address,
+                version: n.version,
+            }
+        })
+        .collect())
 }
 
 #[tonic::async_trait]
 impl pb::node_service_server::NodeService for Sdk {
     async fn list(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        Ok(Response::new(pb::ListNodesResponse { nodes: vec![node_pb(&self.engine)] }))
+        Ok(Response::new(pb::ListNodesResponse { nodes: nodes_pb(&self.engine)? }))
     }
 }
 
@@ -154,10 +162,12 @@ impl pb::cluster_service_server::ClusterService for Sdk {
         let e = &self.engine;
         let cluster_id = e.meta.cluster_id().map_err(|err| Status::unavailable(err.to_string()))?;
         let volume_count = e.list()?.len() as u32;
+        let nodes = nodes_pb(e)?;
+        let status = if nodes.iter().all(|n| n.status == "online") { "ok" } else { "degraded" };
         Ok(Response::new(pb::ClusterStatusResponse {
             cluster_id,
-            status: "ok".into(),
-            nodes: vec![node_pb(e)],
+            status: status.into(),
+            nodes,
             total_bytes: e.pool.total_bytes(),
             used_bytes: e.pool.used_bytes(),
             volume_count,

@@ -175,6 +175,14 @@ impl Engine {
     /// Loads volumes, finishes interrupted deletes and reports extents that belong to no volume.
     pub fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo) -> Result<Engine, VolumeError> {
         meta.put_pool(&pool.record())?;
+        meta.register_node(&crate::meta::NodeRecord {
+            id: node.id.clone(),
+            hostname: node.hostname.clone(),
+            sdk_address: node.sdk_address.clone(),
+            nbd_address: node.nbd_address.clone(),
+            total_bytes: pool.total_bytes(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        })?;
         let engine = Engine {
             pool,
             meta,
@@ -185,8 +193,10 @@ impl Engine {
             readahead_window: readahead::WINDOW,
             readahead_held: Arc::new(AtomicU64::new(0)),
         };
-        let records = engine.meta.list_volumes()?;
-        for rec in &records {
+        // Only this node's volumes are served here; others live in other nodes' pools.
+        let all = engine.meta.list_volumes()?;
+        let records: Vec<&VolumeRecord> = all.iter().filter(|r| engine.is_local(r)).collect();
+        for rec in records.iter().copied() {
             if rec.pending == Some(PendingOp::Delete) {
                 tracing::info!(volume = %rec.name, "finishing an interrupted delete");
                 let extents = engine.pool.volume_extents(rec.id);
@@ -249,16 +259,47 @@ impl Engine {
         }
         let size = self.check_size(size)?;
         let _g = self.lifecycle.lock().await;
-        let rec = VolumeRecord { id: 0, name: name.to_string(), size, repl, labels, created_unix: now_unix(), revision: 0, pending: None, qos };
+        let rec = VolumeRecord {
+            id: 0,
+            name: name.to_string(),
+            size,
+            repl,
+            labels,
+            created_unix: now_unix(),
+            revision: 0,
+            pending: None,
+            qos,
+            node: self.node.id.clone(),
+        };
         let rec = self.meta.create_volume(rec)?;
         self.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(&rec)));
         tracing::info!(volume = %name, size, "volume created");
         self.info_of(rec)
     }
 
-    fn info_of(&self, record: VolumeRecord) -> Result<VolumeInfo, VolumeError> {
+    fn info_of(&self, mut record: VolumeRecord) -> Result<VolumeInfo, VolumeError> {
+        if record.node.is_empty() {
+            record.node = self.node.id.clone();
+        }
+        let local = record.node == self.node.id;
         let connections = self.volumes.read().get(&record.name).map(|v| v.connections()).unwrap_or(0);
-        Ok(VolumeInfo { used_bytes: self.pool.used_bytes_of(record.id), connections, record })
+        let used_bytes = if local { self.pool.used_bytes_of(record.id) } else { 0 };
+        Ok(VolumeInfo { used_bytes, connections, record })
+    }
+
+    /// Whether a volume's data lives in this node's pool.
+    pub fn is_local(&self, r: &VolumeRecord) -> bool {
+        r.node.is_empty() || r.node == self.node.id
+    }
+
+    fn must_be_local(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+        if self.is_local(r) {
+            return Ok(());
+        }
+        Err(VolumeError::FailedPrecondition(format!(
+            "volume {} lives on node {}; manage it through that node's engine (this is {})",
+            r.name, r.node, self.node.id
+        )))
     }
 
     pub fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
@@ -276,6 +317,7 @@ impl Engine {
     pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>, qos: QosUpdate) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        self.must_be_local(&rec)?;
         if rec.pending.is_some() {
             return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
         }
@@ -314,6 +356,7 @@ impl Engine {
     pub async fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        self.must_be_local(&rec)?;
         let handle = self.volumes.read().get(name).cloned();
         if let Some(v) = &handle {
             let n = v.connections();
