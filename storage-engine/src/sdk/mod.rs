@@ -129,8 +129,8 @@ impl pb::pool_service_server::PoolService for Sdk {
 }
 
 /// Every registered node: this one with live figures, the others as the store has them.
-fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, Status> {
-    let nodes = engine.meta.list_nodes().map_err(|e| Status::unavailable(e.to_string()))?;
+fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
+    let nodes = engine.meta.list_nodes()?;
     Ok(nodes
         .into_iter()
         .map(|(n, alive)| {
@@ -152,7 +152,8 @@ fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, Status> {
 #[tonic::async_trait]
 impl pb::node_service_server::NodeService for Sdk {
     async fn list(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        Ok(Response::new(pb::ListNodesResponse { nodes: nodes_pb(&self.engine)? }))
+        let nodes = nodes_pb(&self.engine).map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 }
 
@@ -162,7 +163,7 @@ impl pb::cluster_service_server::ClusterService for Sdk {
         let e = &self.engine;
         let cluster_id = e.meta.cluster_id().map_err(|err| Status::unavailable(err.to_string()))?;
         let volume_count = e.list()?.len() as u32;
-        let nodes = nodes_pb(e)?;
+        let nodes = nodes_pb(e).map_err(|err| Status::unavailable(err.to_string()))?;
         let status = if nodes.iter().all(|n| n.status == "online") { "ok" } else { "degraded" };
         Ok(Response::new(pb::ClusterStatusResponse {
             cluster_id,
