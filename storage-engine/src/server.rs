@@ -73,6 +73,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(serve_metrics(metrics, engine.clone()));
+    tokio::spawn(report_storage_health(engine.clone()));
 
     let ready = serde_json::json!({
         "nbd": nbd_addr.to_string(),
@@ -96,6 +97,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down: syncing devices");
     engine.pool.sync_all().await?;
     Ok(())
+}
+
+/// Tells the metadata store when this node's pool fails (StorageDown) or recovers.
+async fn report_storage_health(engine: Arc<Engine>) {
+    let mut reported = true;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let ok = engine.pool.healthy();
+        if ok != reported {
+            let e = engine.clone();
+            match tokio::task::spawn_blocking(move || e.meta.set_storage_ok(ok)).await {
+                Ok(Ok(())) => {
+                    tracing::warn!(storage_ok = ok, "reported this node's storage state");
+                    reported = ok;
+                }
+                Ok(Err(err)) => tracing::warn!("cannot report storage state: {err}"),
+                Err(err) => tracing::warn!("cannot report storage state: {err}"),
+            }
+        }
+    }
 }
 
 async fn serve_metrics(listener: tokio::net::TcpListener, engine: Arc<Engine>) {

@@ -172,5 +172,29 @@ fn each_engine_serves_only_the_volumes_in_its_own_pool() {
     assert!(common::nbd::Client::connect(&b.nbd, "on-a").is_err());
     let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x77 0 64k"]).arg(a.uri("on-a")));
     assert!(!out.contains("verification failed"));
-    a.sdk().delete("on-a", false).unwrap();
+    a.sdk().delete("on-a", true).unwrap(); // qemu-io just left; its connection may still be closing
+}
+
+#[test]
+fn a_node_whose_storage_fails_reads_storage_down_until_it_recovers() {
+    use strata_engine::meta::{NodeRecord, NodeState};
+    let e = etcd();
+    let s = Etcd::connect_with_ttl(std::slice::from_ref(&e.url), "node-s", 2).unwrap();
+    let n = NodeRecord { id: "node-s".into(), hostname: "h".into(), sdk_address: "a".into(), nbd_address: "b".into(), total_bytes: 1, version: "v".into() };
+    s.register_node(&n).unwrap();
+    let state = |s: &Etcd| s.list_nodes().unwrap().into_iter().find(|(r, _)| r.id == "node-s").unwrap().1;
+    assert_eq!(state(&s), NodeState::Online);
+    s.set_storage_ok(false).unwrap();
+    let other = Etcd::connect(std::slice::from_ref(&e.url), "node-t").unwrap();
+    assert_eq!(state(&other), NodeState::StorageDown, "seen from another node");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(state(&other), NodeState::StorageDown, "the state survives lease renewals");
+    s.set_storage_ok(true).unwrap();
+    assert_eq!(state(&other), NodeState::Online);
+    drop(s);
+    let t0 = Instant::now();
+    while state(&other) != NodeState::Offline {
+        assert!(t0.elapsed() < Duration::from_secs(15), "the lease of a closed store expires");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -1,6 +1,6 @@
 //! Embedded metadata store: redb in the engine's data directory.
 
-use super::{MetaError, MetaStore, NodeRecord, VolumeRecord};
+use super::{MetaError, MetaStore, NodeRecord, NodeState, VolumeRecord};
 use crate::pool::PoolRecord;
 use redb::{Database, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -11,6 +11,7 @@ const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 pub struct Embedded {
     db: Database,
     node: parking_lot::Mutex<Option<NodeRecord>>,
+    storage_ok: std::sync::atomic::AtomicBool,
 }
 
 fn err<E: std::fmt::Display>(e: E) -> MetaError {
@@ -32,7 +33,7 @@ impl Embedded {
             }
         }
         tx.commit().map_err(err)?;
-        Ok(Embedded { db, node: parking_lot::Mutex::new(None) })
+        Ok(Embedded { db, node: parking_lot::Mutex::new(None), storage_ok: std::sync::atomic::AtomicBool::new(true) })
     }
 
     fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
@@ -134,8 +135,14 @@ impl MetaStore for Embedded {
     }
 
     /// One node: this one, alive while the store is open.
-    fn list_nodes(&self) -> Result<Vec<(NodeRecord, bool)>, MetaError> {
-        Ok(self.node.lock().clone().into_iter().map(|n| (n, true)).collect())
+    fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
+        let state = if self.storage_ok.load(std::sync::atomic::Ordering::Acquire) { NodeState::Online } else { NodeState::StorageDown };
+        Ok(self.node.lock().clone().into_iter().map(|n| (n, state)).collect())
+    }
+
+    fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError> {
+        self.storage_ok.store(ok, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     fn cluster_id(&self) -> Result<String, MetaError> {

@@ -7,7 +7,8 @@
 //! caller waits for the answer. These are control-plane calls (create, update, delete, list),
 //! never on the data path.
 
-use super::{MetaError, MetaStore, NodeRecord, VolumeRecord};
+use super::{MetaError, MetaStore, NodeRecord, NodeState, VolumeRecord};
+use std::sync::Arc;
 use crate::pool::PoolRecord;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use std::future::Future;
@@ -21,6 +22,8 @@ pub struct Etcd {
     node: String,
     /// Seconds a node stays alive without renewing its lease.
     ttl: i64,
+    /// This node's lease and the state its alive key carries (shared with the renewal task).
+    live: Arc<parking_lot::Mutex<Live>>,
     /// Taken in Drop: a runtime must be shut down in the background when dropped from async code.
     rt: Option<tokio::runtime::Runtime>,
     endpoints: Vec<String>,
@@ -62,7 +65,8 @@ impl Etcd {
             Client::connect(eps, Some(opts)).await
         })
         .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", endpoints.join(","))))?;
-        let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), rt: Some(rt), endpoints: endpoints.to_vec() };
+        let live = Arc::new(parking_lot::Mutex::new(Live { lease: 0, state: NodeState::Online }));
+        let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), live, rt: Some(rt), endpoints: endpoints.to_vec() };
         // Fail now, with the endpoint in the message, if etcd does not answer.
         let mut c = s.client.clone();
         let id = uuid::Uuid::new_v4().to_string();
@@ -97,11 +101,17 @@ impl Etcd {
     }
 }
 
+pub(crate) struct Live {
+    lease: i64,
+    state: NodeState,
+}
+
 /// Renews the node's lease every third of its TTL; after a failure (etcd away, lease expired)
-/// grants a new lease and rebinds the alive key.
-async fn keep_alive(mut c: Client, alive: String, ttl: i64, mut lease: i64) {
+/// grants a new lease and rebinds the alive key with the node's current state.
+async fn keep_alive(mut c: Client, alive: String, ttl: i64, live: Arc<parking_lot::Mutex<Live>>) {
     let period = Duration::from_millis((ttl as u64 * 1000 / 3).max(200));
     loop {
+        let lease = live.lock().lease;
         let ok = match c.lease_keep_alive(lease).await {
             Ok((mut keeper, mut stream)) => loop {
                 tokio::time::sleep(period).await;
@@ -118,8 +128,9 @@ async fn keep_alive(mut c: Client, alive: String, ttl: i64, mut lease: i64) {
         if !ok {
             tokio::time::sleep(period).await;
             if let Ok(l) = c.lease_grant(ttl, None).await {
-                if c.put(alive.clone(), "1", Some(etcd_client::PutOptions::new().with_lease(l.id()))).await.is_ok() {
-                    lease = l.id();
+                let state = live.lock().state;
+                if c.put(alive.clone(), state.as_str(), Some(etcd_client::PutOptions::new().with_lease(l.id()))).await.is_ok() {
+                    live.lock().lease = l.id();
                 }
             }
         }
@@ -217,30 +228,50 @@ impl MetaStore for Etcd {
         // store's life and re-grants after an outage.
         let mut c = self.client.clone();
         let k = alive.clone();
+        let state = self.live.lock().state;
         let lease = self.run(async move {
             let l = c.lease_grant(ttl, None).await?;
-            c.put(k, "1", Some(etcd_client::PutOptions::new().with_lease(l.id()))).await?;
+            c.put(k, state.as_str(), Some(etcd_client::PutOptions::new().with_lease(l.id()))).await?;
             Ok(l.id())
         })?;
+        self.live.lock().lease = lease;
         let client = self.client.clone();
-        self.rt.as_ref().expect("runtime until drop").spawn(keep_alive(client, alive, ttl, lease));
+        self.rt.as_ref().expect("runtime until drop").spawn(keep_alive(client, alive, ttl, self.live.clone()));
         Ok(())
     }
 
-    fn list_nodes(&self) -> Result<Vec<(NodeRecord, bool)>, MetaError> {
+    fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError> {
+        let (lease, state) = {
+            let mut l = self.live.lock();
+            l.state = if ok { NodeState::Online } else { NodeState::StorageDown };
+            (l.lease, l.state)
+        };
+        let mut c = self.client.clone();
+        let k = key(&format!("alive/{}", self.node));
+        self.run(async move { c.put(k, state.as_str(), Some(etcd_client::PutOptions::new().with_lease(lease))).await }).map(|_| ())
+    }
+
+    fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
         let (mut c, mut c2) = (self.client.clone(), self.client.clone());
         let (nk, ak) = (key("nodes/"), key("alive/"));
         let nodes = self.run(async move { c.get(nk, Some(GetOptions::new().with_prefix())).await })?;
-        let alive = self.run(async move { c2.get(ak, Some(GetOptions::new().with_prefix().with_keys_only())).await })?;
-        let alive: std::collections::HashSet<String> =
-            alive.kvs().iter().filter_map(|kv| kv.key_str().ok().and_then(|k| k.strip_prefix(&key("alive/")).map(str::to_string))).collect();
+        let alive = self.run(async move { c2.get(ak, Some(GetOptions::new().with_prefix())).await })?;
+        let alive: std::collections::HashMap<String, NodeState> = alive
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let id = kv.key_str().ok()?.strip_prefix(&key("alive/"))?.to_string();
+                let state = if kv.value() == NodeState::StorageDown.as_str().as_bytes() { NodeState::StorageDown } else { NodeState::Online };
+                Some((id, state))
+            })
+            .collect();
         nodes
             .kvs()
             .iter()
             .map(|kv| {
                 let n: NodeRecord = serde_json::from_slice(kv.value()).map_err(err)?;
-                let up = alive.contains(&n.id);
-                Ok((n, up))
+                let state = alive.get(&n.id).copied().unwrap_or(NodeState::Offline);
+                Ok((n, state))
             })
             .collect()
     }

@@ -55,12 +55,33 @@ pub struct NodeRecord {
     pub version: String,
 }
 
+/// How a node is doing, as the metadata store sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    Online,
+    /// The engine runs and renews its lease, but its pool failed.
+    StorageDown,
+    Offline,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Online => "online",
+            NodeState::StorageDown => "storage_down",
+            NodeState::Offline => "offline",
+        }
+    }
+}
+
 pub trait MetaStore: Send + Sync {
     /// Registers this node and keeps it alive (in etcd: a key bound to a lease that the store
     /// keeps renewing; when the engine dies the lease expires and the node reads as offline).
     fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
-    /// Every node ever registered, with whether it is alive now.
-    fn list_nodes(&self) -> Result<Vec<(NodeRecord, bool)>, MetaError>;
+    /// Every node ever registered, with its state now.
+    fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError>;
+    /// Reports whether this node's storage works (after `register_node`).
+    fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError>;
     fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError>;
     fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError>;
     /// Creates a volume, assigning its id. Fails with AlreadyExists on a taken name.

@@ -354,6 +354,11 @@ impl Journal {
         Ok(())
     }
 
+    /// Whether a journal write failed (the pool refuses metadata changes until a restart).
+    pub fn failed(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
     /// The device's extent map as the journal has it.
     pub fn map_snapshot(&self) -> DeviceMap {
         self.writer.lock().map.clone()

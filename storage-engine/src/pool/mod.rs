@@ -186,6 +186,11 @@ impl Pool {
         })
     }
 
+    /// False once any device's journal has failed.
+    pub fn healthy(&self) -> bool {
+        !self.devices.iter().any(|d| d.journal.failed())
+    }
+
     pub fn record(&self) -> PoolRecord {
         PoolRecord {
             uuid: self.uuid,

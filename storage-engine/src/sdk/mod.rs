@@ -133,10 +133,10 @@ fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
     let nodes = engine.meta.list_nodes()?;
     Ok(nodes
         .into_iter()
-        .map(|(n, alive)| {
+        .map(|(n, state)| {
             let me = n.id == engine.node.id;
             pb::Node {
-                status: if alive { "online".into() } else { "offline".into() },
+                status: state.as_str().into(),
                 total_bytes: if me { engine.pool.total_bytes() } else { n.total_bytes },
                 used_bytes: if me { engine.pool.used_bytes() } else { 0 },
                 id: n.id,
