@@ -71,8 +71,8 @@ pub struct FilterOutcome {
     pub error: Option<String>,
 }
 
-/// Whom to tell what: the reason the pod is not placed with its data, if any.
-pub fn unavailable_volumes(vols: &[VolumePlacement], all: &[Candidate]) -> Vec<String> {
+/// One reason per volume none of whose replicas is on an online node.
+fn unavailable_volumes(vols: &[VolumePlacement], all: &[Candidate]) -> Vec<String> {
     let online: BTreeSet<&str> = all.iter().filter(|c| c.storage == Storage::Online).map(|c| c.name.as_str()).collect();
     vols.iter()
         .filter(|v| !v.replicas.iter().any(|r| online.contains(r.as_str())))
@@ -80,13 +80,15 @@ pub fn unavailable_volumes(vols: &[VolumePlacement], all: &[Candidate]) -> Vec<S
         .collect()
 }
 
-pub fn filter(vols: &[VolumePlacement], nodes: &[Candidate], prefs: Preferences) -> FilterOutcome {
+/// Filters `nodes` (the candidates). `known` holds every node the cluster knows, so a replica on
+/// an online node that is not a candidate still counts as available.
+pub fn filter(vols: &[VolumePlacement], nodes: &[Candidate], known: &[Candidate], prefs: Preferences) -> FilterOutcome {
     let mut out = FilterOutcome::default();
     if vols.is_empty() {
         out.passed = nodes.iter().map(|n| n.name.clone()).collect();
         return out;
     }
-    let unavailable = unavailable_volumes(vols, nodes);
+    let unavailable = unavailable_volumes(vols, known);
     for n in nodes {
         let reason = match n.storage {
             Storage::Offline => Some("Strata is offline on this node".to_string()),
@@ -223,7 +225,7 @@ mod tests {
     #[test]
     fn pods_without_strata_volumes_pass_unchanged() {
         let c = cluster();
-        let f = filter(&[], &c, Preferences::default());
+        let f = filter(&[], &c, &c, Preferences::default());
         assert_eq!(f.passed.len(), c.len());
         assert!(f.failed.is_empty() && f.error.is_none());
         assert!(score(&[], &c, &c, Preferences::default()).iter().all(|(_, s)| *s == 0));
@@ -231,7 +233,7 @@ mod tests {
 
     #[test]
     fn offline_and_not_running_nodes_are_filtered_with_reasons() {
-        let f = filter(&[vol("v", &["a"])], &cluster(), Preferences::default());
+        let f = filter(&[vol("v", &["a"])], &cluster(), &cluster(), Preferences::default());
         assert_eq!(f.failed["g"], "Strata is offline on this node");
         assert_eq!(f.failed["h"], "Strata is not running on this node");
         assert!(f.passed.contains(&"f".to_string()), "StorageDown passes the filter (penalised in scoring)");
@@ -240,15 +242,19 @@ mod tests {
 
     #[test]
     fn no_online_replica_is_an_error_that_names_the_volume() {
-        let f = filter(&[vol("pvc-1", &["g", "h"])], &cluster(), Preferences::default());
+        let f = filter(&[vol("pvc-1", &["g", "h"])], &cluster(), &cluster(), Preferences::default());
         let e = f.error.expect("error");
         assert!(e.contains("pvc-1") && e.contains("no online replica") && e.contains("g, h"), "{e}");
+        // A replica on an online node outside the candidate list keeps the volume available.
+        let candidates: Vec<Candidate> = cluster().into_iter().filter(|c| c.name != "a").collect();
+        let f = filter(&[vol("pvc-2", &["a", "g"])], &candidates, &cluster(), Preferences::default());
+        assert!(f.error.is_none(), "{:?}", f.error);
     }
 
     #[test]
     fn prefer_local_only_keeps_replica_nodes() {
         let prefs = Preferences { prefer_local_only: true, disable_hyperconvergence: false };
-        let f = filter(&[vol("v1", &["a", "b"]), vol("v2", &["b", "c"])], &cluster(), prefs);
+        let f = filter(&[vol("v1", &["a", "b"]), vol("v2", &["b", "c"])], &cluster(), &cluster(), prefs);
         assert_eq!(f.passed, vec!["b".to_string()]);
         assert!(f.failed["a"].contains("v2"));
         assert!(f.failed["c"].contains("v1"));

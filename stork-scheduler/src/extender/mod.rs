@@ -113,14 +113,14 @@ impl Extender {
             Err(e) => return ExtenderFilterResult { error: format!("strata: {e}"), ..Default::default() },
         };
         let all = self.known(&candidates, &lookup).await;
-        let out = placement::filter(&lookup.volumes, &candidates, prefs);
+        let out = placement::filter(&lookup.volumes, &candidates, &all, prefs);
         let replica_nodes_failed: Vec<String> = out
             .failed
             .iter()
             .filter(|(n, _)| lookup.volumes.iter().any(|v| v.replicas.contains(n)))
             .map(|(n, r)| format!("{n}: {r}"))
             .collect();
-        let mut reasons = placement::unavailable_volumes(&lookup.volumes, &all);
+        let mut reasons: Vec<String> = out.error.iter().cloned().collect();
         reasons.extend(replica_nodes_failed);
         if !reasons.is_empty() {
             let _ = self.cluster.record_event(&args.pod, "FailedScheduling", &format!("strata: cannot place the pod with its data: {}", reasons.join("; "))).await;
