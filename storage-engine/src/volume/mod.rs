@@ -181,7 +181,7 @@ impl Engine {
             sdk_address: node.sdk_address.clone(),
             nbd_address: node.nbd_address.clone(),
             total_bytes: pool.total_bytes(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::sdk::VERSION.into(),
         })?;
         let engine = Engine {
             pool,
