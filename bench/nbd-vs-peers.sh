@@ -85,7 +85,7 @@ kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
 echo "== Strata (repl 1, pool on the same file)"
 "$BIN/strata-engine" --data-dir "$DIR/data" --device "$FILE" --force-format \
-  --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --repl-listen 127.0.0.1:0 \
   --nbd-socket "$DIR/strata.sock" --ready-file "$DIR/ready.json" 2> "$DIR/engine.log" &
 EPID=$!; PIDS+=($EPID)
 for _ in $(seq 200); do [ -f "$DIR/ready.json" ] && break; sleep 0.05; done
@@ -99,7 +99,7 @@ kill "$EPID"; wait "$EPID" 2>/dev/null || true
 echo "== idle engine: 10 volumes, each with a connected client, ${IDLE}s"
 rm -rf "$DIR/idle"; mkdir -p "$DIR/idle"
 "$BIN/strata-engine" --data-dir "$DIR/idle/data" --device "$DIR/idle/d.img" --device-size 1GiB \
-  --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+  --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --repl-listen 127.0.0.1:0 \
   --nbd-socket "$DIR/idle/nbd.sock" --ready-file "$DIR/idle/ready.json" 2> "$DIR/idle/engine.log" &
 IPID=$!; PIDS+=($IPID)
 for _ in $(seq 200); do [ -f "$DIR/idle/ready.json" ] && break; sleep 0.05; done

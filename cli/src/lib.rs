@@ -52,6 +52,32 @@ pub enum Cmd {
     /// Node services (pools).
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Where volumes are served: attach (become the volume's target) and detach.
+    #[command(subcommand)]
+    Host(HostCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    /// Serve VOL's NBD export on a node (this endpoint's node, or --node). Taking a volume over
+    /// from a target that is down bumps its epoch: the old target can no longer write.
+    Attach {
+        name: String,
+        /// Node to attach on (its SDK address is looked up in the cluster). Default: the
+        /// endpoint's node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Take the volume over even if its current target is up.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Stop serving VOL on its target node.
+    Detach {
+        name: String,
+        /// Detach even while NBD clients are connected.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +134,15 @@ pub struct CreateArgs {
     pub labels: Vec<(String, String)>,
     #[command(flatten)]
     pub qos: QosArgs,
+    /// Place replicas only on these nodes (comma-separated ids).
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
+    /// Place replicas only in these zones.
+    #[arg(long, value_delimiter = ',')]
+    pub zones: Vec<String>,
+    /// Place replicas only in these racks.
+    #[arg(long, value_delimiter = ',')]
+    pub racks: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -179,6 +214,12 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "state": v.state,
         "connections": v.connections,
         "attached_node": v.attached_node,
+        "replica_nodes": v.replica_nodes,
+        "in_sync_nodes": v.in_sync_nodes,
+        "epoch": v.epoch,
+        "replica_status": v.replica_status.iter().map(|r| json!({
+            "node": r.node, "state": r.state, "dirty_bytes": r.dirty_bytes, "copied_bytes": r.copied_bytes,
+        })).collect::<Vec<_>>(),
         "pool_uuid": v.pool_uuid,
         "created_unix": v.created_unix,
     })
@@ -222,13 +263,23 @@ fn print_volume(v: &pb::Volume) {
         ("Used", format_size(v.used_bytes)),
         ("Replicas", spec.repl.to_string()),
         ("State", v.state.clone()),
-        ("Attached on", v.attached_node.clone()),
+        ("Attached on", if v.attached_node.is_empty() { "(detached)".into() } else { v.attached_node.clone() }),
+        ("Epoch", v.epoch.to_string()),
+        ("Replica nodes", v.replica_nodes.join(",")),
+        ("In sync", v.in_sync_nodes.join(",")),
         ("NBD clients", v.connections.to_string()),
         ("Labels", labels_text(&spec.labels)),
         ("QoS", qos_text(spec.qos.as_ref())),
         ("Pool", v.pool_uuid.clone()),
     ] {
         t.row(vec![k.into(), val]);
+    }
+    for r in &v.replica_status {
+        let mut line = r.state.clone();
+        if r.dirty_bytes > 0 || r.copied_bytes > 0 {
+            line += &format!(" ({} to copy, {} copied)", format_size(r.dirty_bytes), format_size(r.copied_bytes));
+        }
+        t.row(vec![format!("Replica {}", r.node), line]);
     }
     print!("{}", t.render());
 }
@@ -267,7 +318,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         rd_bw: q.io_throttle_rd_bw.unwrap_or(0),
                         wr_bw: q.io_throttle_wr_bw.unwrap_or(0),
                     };
-                    let spec = pb::VolumeSpec { size_bytes: a.size, repl: a.repl, labels: a.labels.into_iter().collect(), qos: Some(qos) };
+                    let spec = pb::VolumeSpec {
+                        size_bytes: a.size,
+                        repl: a.repl,
+                        labels: a.labels.into_iter().collect(),
+                        qos: Some(qos),
+                        nodes: a.nodes,
+                        zones: a.zones,
+                        racks: a.racks,
+                    };
                     let v = c.create(pb::CreateVolumeRequest { name: a.name, spec: Some(spec) }).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
                     if json {
@@ -340,6 +399,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Host(cmd) => {
+            let (name, v) = match cmd {
+                HostCmd::Attach { name, node, force } => {
+                    let ch = match node {
+                        Some(id) => {
+                            let nodes = pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
+                            let n = nodes.iter().find(|n| n.id == id).ok_or_else(|| anyhow!("node {id} is not in the cluster; see stratactl cluster list"))?;
+                            connect(&format!("http://{}", n.sdk_address)).await?
+                        }
+                        None => ch,
+                    };
+                    let mut c = pb::volume_service_client::VolumeServiceClient::new(ch);
+                    (name.clone(), c.attach(pb::AttachVolumeRequest { name, force }).await.map_err(status_err)?.into_inner().volume)
+                }
+                HostCmd::Detach { name, force } => {
+                    let mut c = pb::volume_service_client::VolumeServiceClient::new(ch);
+                    (name.clone(), c.detach(pb::DetachVolumeRequest { name, force }).await.map_err(status_err)?.into_inner().volume)
+                }
+            };
+            let v = v.ok_or_else(|| anyhow!("engine returned no volume"))?;
+            if json {
+                println!("{}", volume_json(&v));
+            } else if v.attached_node.is_empty() {
+                println!("Volume {name} detached.");
+            } else {
+                println!("Volume {name} attached on node {} (epoch {}).", v.attached_node, v.epoch);
+            }
+        }
         Cmd::Cluster(ClusterCmd::List) => {
             let nodes = pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
             if json {
@@ -388,6 +475,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn node_json(n: &pb::Node) -> serde_json::Value {
     json!({"id": n.id, "hostname": n.hostname, "status": n.status, "sdk_address": n.sdk_address, "nbd_address": n.nbd_address,
+           "repl_address": n.repl_address, "zone": n.zone, "rack": n.rack,
            "total_bytes": n.total_bytes, "used_bytes": n.used_bytes, "version": n.version})
 }
 

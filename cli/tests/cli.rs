@@ -33,7 +33,7 @@ fn engine() -> Engine {
         .arg(dir.path().join("data"))
         .arg("--device")
         .arg(dir.path().join("d0.img"))
-        .args(["--device-size", "256MiB", "--nbd-listen", "127.0.0.1:0", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--device-size", "256MiB", "--nbd-listen", "127.0.0.1:0", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0"])
         .arg("--ready-file")
         .arg(&ready)
         .stderr(Stdio::null())

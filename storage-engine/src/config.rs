@@ -60,6 +60,26 @@ pub struct RunArgs {
     /// Prometheus /metrics and /healthz. Default: 127.0.0.1:9021.
     #[arg(long, env = "STRATA_METRICS_LISTEN", default_value = "127.0.0.1:9021")]
     pub metrics_listen: SocketAddr,
+    /// Replication port: other engines send replica I/O here. Default: 127.0.0.1:9022.
+    #[arg(long, env = "STRATA_REPL_LISTEN", default_value = "127.0.0.1:9022")]
+    pub repl_listen: SocketAddr,
+    /// The address other engines use to reach --repl-listen (host:port). Default: the bound
+    /// replication address.
+    #[arg(long, env = "STRATA_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// This node's zone (replicas spread across zones first). Default: none.
+    #[arg(long, env = "STRATA_ZONE", default_value = "")]
+    pub zone: String,
+    /// This node's rack (replicas spread across racks after zones). Default: none.
+    #[arg(long, env = "STRATA_RACK", default_value = "")]
+    pub rack: String,
+    /// Seconds a replica may take to answer before it is taken out of the in-sync set.
+    /// Default: 5.
+    #[arg(long, env = "STRATA_REPLICA_IO_TIMEOUT", default_value_t = 5)]
+    pub replica_io_timeout: u64,
+    /// Bandwidth of resync and rebuild per volume (0 = unlimited). Default: 256MiB (per second).
+    #[arg(long, env = "STRATA_RESYNC_RATE", default_value = "256MiB", value_parser = size)]
+    pub resync_rate: u64,
     /// This node's id. Default: the hostname.
     #[arg(long, env = "STRATA_NODE_ID")]
     pub node_id: Option<String>,

@@ -1,5 +1,6 @@
 //! Strata storage engine: one node's pool, volumes, NBD frontend and SDK server.
 
+pub mod cluster;
 pub mod config;
 pub mod device;
 pub mod frontend;
@@ -7,6 +8,8 @@ pub mod meta;
 pub mod metrics;
 pub mod pool;
 pub mod qos;
+pub mod replica;
+pub mod replication;
 pub mod sdk;
 pub mod server;
 pub mod volume;

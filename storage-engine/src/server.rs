@@ -39,7 +39,12 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
     let pool = Pool::open(devs, &spec)?;
     let mut engine = Engine::new(Arc::new(pool), meta, node)?;
     engine.readahead_window = args.readahead;
-    Ok(Arc::new(engine))
+    engine.repl = crate::replication::target::TargetConfig {
+        timeout: std::time::Duration::from_secs(args.replica_io_timeout.max(1)),
+        resync_rate: args.resync_rate,
+        data_dir: args.data_dir.clone(),
+    };
+    Ok(engine.into_shared())
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -47,15 +52,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let nbd = tokio::net::TcpListener::bind(args.nbd_listen).await.with_context(|| format!("NBD listen {}", args.nbd_listen))?;
     let sdk = tokio::net::TcpListener::bind(args.sdk_listen).await.with_context(|| format!("SDK listen {}", args.sdk_listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("metrics listen {}", args.metrics_listen))?;
-    let (nbd_addr, sdk_addr, metrics_addr) = (nbd.local_addr()?, sdk.local_addr()?, metrics.local_addr()?);
+    let repl = tokio::net::TcpListener::bind(args.repl_listen).await.with_context(|| format!("replication listen {}", args.repl_listen))?;
+    let (nbd_addr, sdk_addr, metrics_addr, repl_addr) = (nbd.local_addr()?, sdk.local_addr()?, metrics.local_addr()?, repl.local_addr()?);
     let node = NodeInfo {
         id: args.node_id.clone().unwrap_or_else(|| hostname.clone()),
         hostname,
         sdk_address: sdk_addr.to_string(),
         nbd_address: nbd_addr.to_string(),
+        repl_address: args.advertise.clone().unwrap_or_else(|| repl_addr.to_string()),
+        zone: args.zone.clone(),
+        rack: args.rack.clone(),
     };
     let a = args.clone();
     let engine = tokio::task::spawn_blocking(move || open_engine(&a, node)).await??;
+    tokio::spawn(crate::replication::server::serve(repl, engine.clone()));
+    engine.start_targets().await;
 
     tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone()));
     if let Some(path) = &args.nbd_socket {
@@ -80,6 +91,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "nbd_socket": args.nbd_socket.as_ref().map(|p| p.display().to_string()),
         "sdk": sdk_addr.to_string(),
         "metrics": metrics_addr.to_string(),
+        "replication": repl_addr.to_string(),
         "pool": engine.pool.uuid.to_string(),
     });
     if let Some(f) = &args.ready_file {

@@ -49,7 +49,7 @@ fn etcd() -> EtcdProc {
 }
 
 fn rec(name: &str) -> VolumeRecord {
-    VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, labels: Default::default(), created_unix: 0, revision: 0, pending: None, qos: Default::default(), node: String::new() }
+    VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, ..Default::default() }
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn each_engine_serves_only_the_volumes_in_its_own_pool() {
     let seen = b.sdk().inspect("on-a").unwrap();
     assert_eq!(seen.attached_node, "node-a");
     assert_eq!(seen.replica_nodes, vec!["node-a".to_string()]);
-    let err = b.sdk().delete("on-a", true).unwrap_err();
+    let err = b.sdk().delete("on-a", false).unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("node-a"), "{}", err.message());
     assert_eq!(b.sdk().resize("on-a", 32 << 20).unwrap_err().code(), tonic::Code::FailedPrecondition);
@@ -180,7 +180,7 @@ fn a_node_whose_storage_fails_reads_storage_down_until_it_recovers() {
     use strata_engine::meta::{NodeRecord, NodeState};
     let e = etcd();
     let s = Etcd::connect_with_ttl(std::slice::from_ref(&e.url), "node-s", 2).unwrap();
-    let n = NodeRecord { id: "node-s".into(), hostname: "h".into(), sdk_address: "a".into(), nbd_address: "b".into(), total_bytes: 1, version: "v".into() };
+    let n = NodeRecord { id: "node-s".into(), hostname: "h".into(), sdk_address: "a".into(), nbd_address: "b".into(), total_bytes: 1, version: "v".into(), ..Default::default() };
     s.register_node(&n).unwrap();
     let state = |s: &Etcd| s.list_nodes().unwrap().into_iter().find(|(r, _)| r.id == "node-s").unwrap().1;
     assert_eq!(state(&s), NodeState::Online);

@@ -160,7 +160,7 @@ mod tests {
     use super::*;
 
     fn rec(name: &str) -> VolumeRecord {
-        VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, labels: Default::default(), created_unix: 0, revision: 0, pending: None, qos: Default::default(), node: String::new() }
+        VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, ..Default::default() }
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Etcd {
             Client::connect(eps, Some(opts)).await
         })
         .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", endpoints.join(","))))?;
-        let live = Arc::new(parking_lot::Mutex::new(Live { lease: 0, state: NodeState::Online }));
+        let live = Arc::new(parking_lot::Mutex::new(Live { lease: 0, state: NodeState::Online, renewed: std::time::Instant::now() }));
         let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), live, rt: Some(rt), endpoints: endpoints.to_vec() };
         // Fail now, with the endpoint in the message, if etcd does not answer.
         let mut c = s.client.clone();
@@ -104,6 +104,8 @@ impl Etcd {
 pub(crate) struct Live {
     lease: i64,
     state: NodeState,
+    /// When etcd last confirmed the lease.
+    renewed: std::time::Instant,
 }
 
 /// Renews the node's lease every third of its TTL; after a failure (etcd away, lease expired)
@@ -119,7 +121,7 @@ async fn keep_alive(mut c: Client, alive: String, ttl: i64, live: Arc<parking_lo
                     break false;
                 }
                 match stream.message().await {
-                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    Ok(Some(r)) if r.ttl() > 0 => live.lock().renewed = std::time::Instant::now(),
                     _ => break false,
                 }
             },
@@ -130,7 +132,9 @@ async fn keep_alive(mut c: Client, alive: String, ttl: i64, live: Arc<parking_lo
             if let Ok(l) = c.lease_grant(ttl, None).await {
                 let state = live.lock().state;
                 if c.put(alive.clone(), state.as_str(), Some(etcd_client::PutOptions::new().with_lease(l.id()))).await.is_ok() {
-                    live.lock().lease = l.id();
+                    let mut live = live.lock();
+                    live.lease = l.id();
+                    live.renewed = std::time::Instant::now();
                 }
             }
         }
@@ -234,7 +238,11 @@ impl MetaStore for Etcd {
             c.put(k, state.as_str(), Some(etcd_client::PutOptions::new().with_lease(l.id()))).await?;
             Ok(l.id())
         })?;
-        self.live.lock().lease = lease;
+        {
+            let mut live = self.live.lock();
+            live.lease = lease;
+            live.renewed = std::time::Instant::now();
+        }
         let client = self.client.clone();
         self.rt.as_ref().expect("runtime until drop").spawn(keep_alive(client, alive, ttl, self.live.clone()));
         Ok(())
@@ -282,5 +290,11 @@ impl MetaStore for Etcd {
 
     fn kind(&self) -> &'static str {
         "etcd"
+    }
+
+    /// Two thirds of the TTL without a renewal: the lease may expire before we learn more, and
+    /// another node may take our volumes over after it does.
+    fn reachable(&self) -> bool {
+        self.live.lock().renewed.elapsed() < Duration::from_millis(self.ttl as u64 * 2000 / 3)
     }
 }

@@ -25,7 +25,7 @@ pub enum PendingOp {
     Delete,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VolumeRecord {
     pub id: u64,
     pub name: String,
@@ -42,10 +42,47 @@ pub struct VolumeRecord {
     /// read as "this node").
     #[serde(default)]
     pub node: String,
+    /// Nodes holding a replica (distinct). Empty in records written before replication: read as
+    /// `[node]`.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    /// The replicas that have every acknowledged write; only these are read from or count for an
+    /// ack. A replica leaves this set (compare-and-swap) before any later write is acknowledged.
+    #[serde(default)]
+    pub in_sync: Vec<String>,
+    /// The node serving the volume (its NBD export and the write fan-out); empty = detached.
+    #[serde(default)]
+    pub target: String,
+    /// Bumped whenever the target changes; replicas refuse requests from older epochs.
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+impl VolumeRecord {
+    /// Fills the replication fields of a record written before replication existed.
+    pub fn normalized(mut self, this_node: &str) -> VolumeRecord {
+        if self.node.is_empty() {
+            self.node = this_node.to_string();
+        }
+        if self.replicas.is_empty() {
+            self.replicas = vec![self.node.clone()];
+            self.in_sync = vec![self.node.clone()];
+            self.target = self.node.clone();
+        }
+        self
+    }
+
+    pub fn has_replica(&self, node: &str) -> bool {
+        self.replicas.iter().any(|n| n == node)
+    }
+
+    pub fn is_in_sync(&self, node: &str) -> bool {
+        self.in_sync.iter().any(|n| n == node)
+    }
 }
 
 /// A node as the metadata store knows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeRecord {
     pub id: String,
     pub hostname: String,
@@ -53,6 +90,13 @@ pub struct NodeRecord {
     pub nbd_address: String,
     pub total_bytes: u64,
     pub version: String,
+    /// Where other engines reach this node's replication port.
+    #[serde(default)]
+    pub repl_address: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub rack: String,
 }
 
 /// How a node is doing, as the metadata store sees it.
@@ -93,4 +137,9 @@ pub trait MetaStore: Send + Sync {
     fn remove_volume(&self, name: &str) -> Result<(), MetaError>;
     fn cluster_id(&self) -> Result<String, MetaError>;
     fn kind(&self) -> &'static str;
+    /// Whether this node's registration is fresh: a target that cannot reach the store must
+    /// stop acknowledging writes before another node can take its volumes over.
+    fn reachable(&self) -> bool {
+        true
+    }
 }

@@ -21,6 +21,8 @@ impl From<VolumeError> for Status {
             VolumeError::Pool(crate::pool::PoolError::NoSpace) => Status::resource_exhausted(msg),
             VolumeError::Pool(_) => Status::internal(msg),
             VolumeError::Meta(_) => Status::unavailable(msg),
+            VolumeError::Replication(crate::replication::target::TargetError::Fenced(_)) => Status::failed_precondition(msg),
+            VolumeError::Replication(_) => Status::unavailable(msg),
         }
     }
 }
@@ -40,14 +42,22 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
             repl: r.repl,
             labels: r.labels.into_iter().collect(),
             qos: Some(pb::QosLimits { rd_iops: r.qos.rd_iops, wr_iops: r.qos.wr_iops, rd_bw: r.qos.rd_bw, wr_bw: r.qos.wr_bw }),
+            ..Default::default()
         }),
         used_bytes: v.used_bytes,
         created_unix: r.created_unix,
         state: if r.pending.is_some() { "deleting".into() } else { "available".into() },
         connections: v.connections,
-        attached_node: r.node.clone(),
+        attached_node: r.target.clone(),
         pool_uuid: engine.pool.uuid.to_string(),
-        replica_nodes: vec![r.node.clone()],
+        replica_nodes: r.replicas.clone(),
+        in_sync_nodes: r.in_sync.clone(),
+        epoch: r.epoch,
+        replica_status: v
+            .replicas
+            .into_iter()
+            .map(|s| pb::ReplicaStatus { node: s.node, state: s.state.into(), dirty_bytes: s.dirty_bytes, copied_bytes: s.copied_bytes })
+            .collect(),
     }
 }
 
@@ -59,7 +69,8 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let labels: BTreeMap<String, String> = spec.labels.into_iter().collect();
         let q = spec.qos.unwrap_or_default();
         let qos = crate::qos::Limits { rd_iops: q.rd_iops, wr_iops: q.wr_iops, rd_bw: q.rd_bw, wr_bw: q.wr_bw };
-        let v = self.engine.create(&r.name, spec.size_bytes, spec.repl, labels, qos).await?;
+        let placement = crate::volume::PlacementSpec { nodes: spec.nodes, zones: spec.zones, racks: spec.racks };
+        let v = self.engine.create(&r.name, spec.size_bytes, spec.repl, labels, qos, placement).await?;
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
@@ -90,6 +101,18 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let r = req.into_inner();
         self.engine.delete(&r.name, r.force).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn attach(&self, req: Request<pb::AttachVolumeRequest>) -> Result<Response<pb::AttachVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.attach(&r.name, r.force).await?;
+        Ok(Response::new(pb::AttachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+    }
+
+    async fn detach(&self, req: Request<pb::DetachVolumeRequest>) -> Result<Response<pb::DetachVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.detach(&r.name, r.force).await?;
+        Ok(Response::new(pb::DetachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 }
 
@@ -144,6 +167,9 @@ fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
                 sdk_address: n.sdk_address,
                 nbd_address: n.nbd_address,
                 version: n.version,
+                zone: n.zone,
+                rack: n.rack,
+                repl_address: n.repl_address,
             }
         })
         .collect())

@@ -23,6 +23,8 @@ pub enum IoError {
     Io(#[from] io::Error),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    #[error(transparent)]
+    Replication(#[from] crate::replication::target::TargetError),
 }
 
 impl IoError {
@@ -122,7 +124,11 @@ impl Engine {
     pub async fn read(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
         v.qos.admit(false, len as u64).await;
         let t0 = Instant::now();
-        let r = self.read_inner(v, offset, len).await;
+        let r = match v.target() {
+            Some(t) if !t.local => t.read_remote(self, offset, len).await,
+            Some(t) if t.is_fenced() => Err(IoError::Replication(crate::replication::target::TargetError::Fenced(v.name.clone()))),
+            _ => self.read_local(v, offset, len).await,
+        };
         v.stats.read_latency.observe(t0.elapsed());
         match &r {
             Ok(_) => {
@@ -136,7 +142,8 @@ impl Engine {
         r
     }
 
-    async fn read_inner(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
+    /// A read from this node's replica.
+    pub(crate) async fn read_local(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
         self.check(v, offset, len as u64)?;
         if aligned(offset, len as u64) {
             let gen = v.write_gen.load(Ordering::Acquire);
@@ -237,7 +244,13 @@ impl Engine {
         let len = data.len() as u64;
         v.qos.admit(true, len).await;
         let t0 = Instant::now();
-        let r = self.write_inner(v, offset, data, fua).await;
+        let r = match v.target() {
+            Some(t) => {
+                let a = aligned(offset, len);
+                t.write(self, offset, data, fua, a).await
+            }
+            None => self.write_local(v, offset, data, fua).await,
+        };
         self.data_changed(v);
         v.stats.write_latency.observe(t0.elapsed());
         match &r {
@@ -252,7 +265,8 @@ impl Engine {
         r
     }
 
-    async fn write_inner(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
+    /// A write to this node's replica.
+    pub(crate) async fn write_local(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
         let len = data.len() as u64;
         self.check(v, offset, len)?;
         let mut touched = Touched::default();
@@ -285,6 +299,14 @@ impl Engine {
     /// FLUSH: every write completed before is durable on every device.
     pub async fn flush(&self, v: &Volume) -> Result<(), IoError> {
         v.stats.flush_ops.fetch_add(1, Relaxed);
+        match v.target() {
+            Some(t) => t.flush(self).await,
+            None => self.flush_local(v).await,
+        }
+    }
+
+    /// FLUSH of this node's replica.
+    pub(crate) async fn flush_local(&self, v: &Volume) -> Result<(), IoError> {
         if v.is_deleted() {
             return Err(IoError::Deleted);
         }
@@ -305,7 +327,10 @@ impl Engine {
 
     async fn zero(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         v.qos.admit(true, 0).await;
-        let r = self.zero_inner(v, offset, len, punch, fua).await;
+        let r = match v.target() {
+            Some(t) => t.zero(self, offset, len, punch, fua).await,
+            None => self.zero_local(v, offset, len, punch, fua).await,
+        };
         self.data_changed(v);
         if r.is_err() {
             v.stats.errors.fetch_add(1, Relaxed);
@@ -313,7 +338,8 @@ impl Engine {
         r
     }
 
-    async fn zero_inner(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
+    /// Zeroing (or unmapping) on this node's replica.
+    pub(crate) async fn zero_local(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         self.check(v, offset, len)?;
         let _g = v.io_lock.write().await;
         let es = self.pool.extent_size;

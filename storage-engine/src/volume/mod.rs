@@ -11,6 +11,7 @@ use crate::meta::{MetaError, MetaStore, PendingOp, VolumeRecord};
 use crate::metrics::VolumeStats;
 use crate::pool::{Pool, PoolError};
 use crate::qos::{Limits, Throttle};
+use crate::replication::target::{Target, TargetConfig};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -38,6 +39,8 @@ pub enum VolumeError {
     Pool(#[from] PoolError),
     #[error("{0}")]
     Meta(String),
+    #[error(transparent)]
+    Replication(#[from] crate::replication::target::TargetError),
 }
 
 impl From<MetaError> for VolumeError {
@@ -65,9 +68,25 @@ pub struct Volume {
     readahead: readahead::Readahead,
     pub qos: Throttle,
     pub stats: VolumeStats,
+    /// The newest epoch seen for this volume (replicas refuse older ones).
+    pub(crate) epoch: AtomicU64,
+    /// This node serves the volume's NBD export.
+    served: AtomicBool,
+    /// Set while this node is the target of a volume with replicas on other nodes.
+    target: RwLock<Option<Arc<Target>>>,
 }
 
 impl Volume {
+    pub fn target(&self) -> Option<Arc<Target>> {
+        self.target.read().clone()
+    }
+    pub fn is_served(&self) -> bool {
+        self.served.load(Ordering::Acquire)
+    }
+    /// A replica learns a grown size from its target.
+    pub fn grow_to(&self, size: u64) {
+        self.size.fetch_max(size, Ordering::AcqRel);
+    }
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }
@@ -118,13 +137,43 @@ pub struct VolumeInfo {
     pub record: VolumeRecord,
     pub used_bytes: u64,
     pub connections: u32,
+    /// Replication state of each replica, as the target sees it (empty elsewhere).
+    pub replicas: Vec<ReplicaStatus>,
 }
 
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    pub node: String,
+    pub state: &'static str,
+    /// Bytes recorded as missed and not yet copied back.
+    pub dirty_bytes: u64,
+    /// Bytes copied by resync since this node became the target.
+    pub copied_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default)]
 pub struct NodeInfo {
     pub id: String,
     pub hostname: String,
     pub sdk_address: String,
     pub nbd_address: String,
+    /// Where other engines reach this node's replication port.
+    pub repl_address: String,
+    pub zone: String,
+    pub rack: String,
+}
+
+/// The replication address a node registered, if the store knows the node.
+pub fn replication_address(meta: &dyn MetaStore, node: &str) -> Option<String> {
+    meta.list_nodes().ok()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.repl_address).filter(|a| !a.is_empty())
+}
+
+/// Placement filters of a new volume (Portworx's `nodes`, `zones`, `racks`).
+#[derive(Debug, Clone, Default)]
+pub struct PlacementSpec {
+    pub nodes: Vec<String>,
+    pub zones: Vec<String>,
+    pub racks: Vec<String>,
 }
 
 pub struct Engine {
@@ -139,6 +188,10 @@ pub struct Engine {
     pub readahead_window: u64,
     /// Readahead bytes held by all volumes (bounded by `readahead::GLOBAL_LIMIT`).
     readahead_held: Arc<AtomicU64>,
+    /// Replication settings (replica timeout, resync rate, where dirty-region records live).
+    pub repl: TargetConfig,
+    /// The engine's own `Arc`, for tasks it spawns (set by `into_shared`).
+    self_ref: std::sync::OnceLock<std::sync::Weak<Engine>>,
 }
 
 fn validate_name(name: &str) -> Result<(), VolumeError> {
@@ -182,6 +235,9 @@ impl Engine {
             nbd_address: node.nbd_address.clone(),
             total_bytes: pool.total_bytes(),
             version: crate::sdk::VERSION.into(),
+            repl_address: node.repl_address.clone(),
+            zone: node.zone.clone(),
+            rack: node.rack.clone(),
         })?;
         let engine = Engine {
             pool,
@@ -192,19 +248,21 @@ impl Engine {
             lifecycle: tokio::sync::Mutex::new(()),
             readahead_window: readahead::WINDOW,
             readahead_held: Arc::new(AtomicU64::new(0)),
+            repl: TargetConfig { timeout: std::time::Duration::from_secs(5), resync_rate: 0, data_dir: std::path::PathBuf::from(".") },
+            self_ref: std::sync::OnceLock::new(),
         };
-        // Only this node's volumes are served here; others live in other nodes' pools.
-        let all = engine.meta.list_volumes()?;
-        let records: Vec<&VolumeRecord> = all.iter().filter(|r| engine.is_local(r)).collect();
+        // Volumes with a replica here, or served here; others live in other nodes' pools.
+        let me = engine.node.id.clone();
+        let all: Vec<VolumeRecord> = engine.meta.list_volumes()?.into_iter().map(|r| r.normalized(&me)).collect();
+        let records: Vec<&VolumeRecord> = all.iter().filter(|r| r.has_replica(&me) || r.target == me).collect();
         for rec in records.iter().copied() {
             if rec.pending == Some(PendingOp::Delete) {
                 tracing::info!(volume = %rec.name, "finishing an interrupted delete");
-                let extents = engine.pool.volume_extents(rec.id);
-                engine.pool.free(rec.id, &extents)?;
-                engine.meta.remove_volume(&rec.name)?;
+                engine.free_local(rec.id)?;
+                engine.forget_replica(rec)?;
                 continue;
             }
-            engine.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(rec)));
+            engine.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(rec, &me)));
         }
         let known: std::collections::HashSet<u64> = records.iter().map(|r| r.id).collect();
         let leaked = engine.pool.all_mappings().iter().filter(|((v, _), _)| !known.contains(v)).count();
@@ -214,8 +272,23 @@ impl Engine {
         Ok(engine)
     }
 
-    fn handle(rec: &VolumeRecord) -> Volume {
+    /// Shares the engine; tasks it spawns (resync) hold it from then on.
+    pub fn into_shared(self) -> Arc<Engine> {
+        let e = Arc::new(self);
+        let _ = e.self_ref.set(Arc::downgrade(&e));
+        e
+    }
+
+    fn myself(&self) -> Option<Arc<Engine>> {
+        self.self_ref.get().and_then(|w| w.upgrade())
+    }
+
+    fn handle(rec: &VolumeRecord, me: &str) -> Volume {
         Volume {
+            epoch: AtomicU64::new(rec.epoch),
+            // Replicated volumes are served once their target is running (`start_targets`).
+            served: AtomicBool::new(rec.target == me && rec.replicas == [me]),
+            target: RwLock::new(None),
             id: rec.id,
             name: rec.name.clone(),
             size: AtomicU64::new(rec.size),
@@ -245,20 +318,17 @@ impl Engine {
         Ok(size)
     }
 
-    pub async fn create(&self, name: &str, size: u64, repl: u32, labels: BTreeMap<String, String>, qos: Limits) -> Result<VolumeInfo, VolumeError> {
+    pub async fn create(&self, name: &str, size: u64, repl: u32, labels: BTreeMap<String, String>, qos: Limits, placement: PlacementSpec) -> Result<VolumeInfo, VolumeError> {
         validate_name(name)?;
         validate_labels(&labels)?;
         let repl = if repl == 0 { 1 } else { repl };
         if repl > MAX_REPL {
             return Err(VolumeError::InvalidArgument(format!("repl {repl} is out of range: use 1 to {MAX_REPL}")));
         }
-        if repl > 1 {
-            return Err(VolumeError::FailedPrecondition(format!(
-                "repl {repl} needs {repl} nodes but this cluster has 1 node (embedded metadata store); create the volume with repl 1"
-            )));
-        }
         let size = self.check_size(size)?;
         let _g = self.lifecycle.lock().await;
+        let replicas = self.place_replicas(repl, size, &placement).await?;
+        let me = self.node.id.clone();
         let rec = VolumeRecord {
             id: 0,
             name: name.to_string(),
@@ -269,37 +339,97 @@ impl Engine {
             revision: 0,
             pending: None,
             qos,
-            node: self.node.id.clone(),
+            node: me.clone(),
+            in_sync: replicas.clone(),
+            replicas,
+            target: me.clone(),
+            epoch: 1,
         };
         let rec = self.meta.create_volume(rec)?;
-        self.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(&rec)));
-        tracing::info!(volume = %name, size, "volume created");
+        let handle = Arc::new(Self::handle(&rec, &me));
+        self.volumes.write().insert(rec.name.clone(), handle.clone());
+        if rec.replicas != [me.clone()] {
+            if let Err(e) = self.start_target(handle, &rec).await {
+                tracing::warn!(volume = %name, "created, but serving it failed: {e}");
+            }
+        }
+        tracing::info!(volume = %name, size, replicas = ?rec.replicas, "volume created");
         self.info_of(rec)
     }
 
-    fn info_of(&self, mut record: VolumeRecord) -> Result<VolumeInfo, VolumeError> {
-        if record.node.is_empty() {
-            record.node = self.node.id.clone();
+    /// Chooses the nodes for `repl` replicas (this node first when it is eligible).
+    async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec) -> Result<Vec<String>, VolumeError> {
+        use crate::cluster::placement::{place, Candidate, Request};
+        let meta = self.meta.clone();
+        let (nodes, vols) = tokio::task::spawn_blocking(move || Ok::<_, MetaError>((meta.list_nodes()?, meta.list_volumes()?)))
+            .await
+            .map_err(|e| VolumeError::Meta(e.to_string()))??;
+        let me = &self.node.id;
+        let cands: Vec<Candidate> = nodes
+            .into_iter()
+            .map(|(n, state)| {
+                let provisioned = vols.iter().map(|v| v.clone().normalized(me)).filter(|v| v.has_replica(&n.id)).map(|v| v.size).sum();
+                let capacity = if &n.id == me { self.pool.total_bytes() } else { n.total_bytes };
+                Candidate { online: state == crate::meta::NodeState::Online, zone: n.zone, rack: n.rack, capacity, provisioned, id: n.id }
+            })
+            .collect();
+        let req = Request { repl, size, nodes: spec.nodes.clone(), zones: spec.zones.clone(), racks: spec.racks.clone(), prefer: Some(me.clone()), exclude: vec![] };
+        place(&cands, &req).map_err(|e| {
+            let hint = if cands.len() < repl as usize { "; add nodes (engines on one etcd) or lower repl" } else { "" };
+            VolumeError::FailedPrecondition(format!("{e}{hint}"))
+        })
+    }
+
+    /// Starts serving a replicated volume here: announces the epoch to its replicas and starts
+    /// resync for the ones out of sync.
+    async fn start_target(&self, handle: Arc<Volume>, rec: &VolumeRecord) -> Result<(), VolumeError> {
+        let meta = self.meta.clone();
+        let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
+        let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
+        let me = self.node.id.clone();
+        let t = Target::start(handle.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl).await?;
+        *handle.target.write() = Some(t.clone());
+        handle.served.store(true, Ordering::Release);
+        if let Some(engine) = self.myself() {
+            tokio::spawn(crate::replication::resync::run(engine, t));
         }
-        let local = record.node == self.node.id;
-        let connections = self.volumes.read().get(&record.name).map(|v| v.connections()).unwrap_or(0);
-        let used_bytes = if local { self.pool.used_bytes_of(record.id) } else { 0 };
-        Ok(VolumeInfo { used_bytes, connections, record })
+        Ok(())
+    }
+
+    fn info_of(&self, record: VolumeRecord) -> Result<VolumeInfo, VolumeError> {
+        let record = record.normalized(&self.node.id);
+        let handle = self.volumes.read().get(&record.name).cloned();
+        let connections = handle.as_ref().map(|v| v.connections()).unwrap_or(0);
+        let used_bytes = if record.has_replica(&self.node.id) { self.pool.used_bytes_of(record.id) } else { 0 };
+        let replicas = match handle.and_then(|h| h.target()) {
+            Some(t) => t
+                .peers
+                .iter()
+                .map(|p| ReplicaStatus {
+                    node: p.node.clone(),
+                    state: p.state().as_str(),
+                    dirty_bytes: p.dirty.len() as u64 * crate::replication::dirty::REGION,
+                    copied_bytes: p.copied.load(Ordering::Relaxed),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(VolumeInfo { used_bytes, connections, record, replicas })
     }
 
     /// Whether a volume's data lives in this node's pool.
     pub fn is_local(&self, r: &VolumeRecord) -> bool {
-        r.node.is_empty() || r.node == self.node.id
+        r.node.is_empty() || r.clone().normalized(&self.node.id).has_replica(&self.node.id)
     }
 
-    fn must_be_local(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
-        if self.is_local(r) {
+    /// Changes to a volume go through the node that serves it.
+    fn must_be_target(&self, r: &VolumeRecord) -> Result<(), VolumeError> {
+        let r = r.clone().normalized(&self.node.id);
+        if r.target == self.node.id {
             return Ok(());
         }
-        Err(VolumeError::FailedPrecondition(format!(
-            "volume {} lives on node {}; manage it through that node's engine (this is {})",
-            r.name, r.node, self.node.id
-        )))
+        let at = if r.target.is_empty() { format!("is not attached; attach it (stratactl host attach {}) or use node {}", r.name, r.node) } else { format!("is served by node {}", r.target) };
+        Err(VolumeError::FailedPrecondition(format!("volume {} {at}; manage it through that node's engine (this is {})", r.name, self.node.id)))
     }
 
     pub fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
@@ -317,7 +447,7 @@ impl Engine {
     pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>, qos: QosUpdate) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-        self.must_be_local(&rec)?;
+        self.must_be_target(&rec)?;
         if rec.pending.is_some() {
             return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
         }
@@ -342,7 +472,12 @@ impl Engine {
         validate_labels(&rec.labels)?;
         qos.apply(&mut rec.qos);
         let rec = self.meta.update_volume(&rec)?;
-        if let Some(v) = self.volumes.read().get(name) {
+        let handle = self.volumes.read().get(name).cloned();
+        if let Some(v) = handle {
+            if let Some(t) = v.target() {
+                // Replicas learn the size before the client can write past the old end.
+                t.announce_size(rec.size).await.map_err(|e| VolumeError::FailedPrecondition(format!("telling the replicas the new size: {e}")))?;
+            }
             v.size.store(rec.size, Ordering::Release);
             if v.qos.limits() != rec.qos {
                 v.qos.set(rec.qos);
@@ -351,12 +486,54 @@ impl Engine {
         self.info_of(rec)
     }
 
-    /// Deletes a volume: the intent is persisted first, then its extents are freed, then the
-    /// record goes. Refused while clients are connected unless `force`.
+    /// Frees this node's extents of a volume.
+    fn free_local(&self, id: u64) -> Result<(), VolumeError> {
+        let extents = self.pool.volume_extents(id);
+        self.pool.free(id, &extents)?;
+        Ok(())
+    }
+
+    /// After this node freed its replica of a volume being deleted: takes the node off the
+    /// record, and removes the record when no replica is left. Blocking.
+    fn forget_replica(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
+        let me = &self.node.id;
+        let mut rec = rec.clone();
+        for _ in 0..20 {
+            rec.replicas.retain(|n| n != me);
+            rec.in_sync.retain(|n| n != me);
+            if rec.replicas.is_empty() {
+                return match self.meta.remove_volume(&rec.name) {
+                    Err(MetaError::NotFound(_)) => Ok(()),
+                    r => Ok(r?),
+                };
+            }
+            match self.meta.update_volume(&rec) {
+                Err(MetaError::Conflict(_)) => {
+                    rec = match self.meta.get_volume(&rec.name)? {
+                        Some(r) => r.normalized(me),
+                        None => return Ok(()),
+                    };
+                }
+                r => return r.map(|_| ()).map_err(Into::into),
+            }
+        }
+        Err(VolumeError::Aborted(format!("volume {} was changed concurrently; retry", rec.name)))
+    }
+
+    /// Deletes a volume: the intent is persisted first, then every replica's extents are freed
+    /// (this node's directly, other nodes' over the replication protocol), then the record goes.
+    /// A replica on a node that is down is freed when that node's engine starts again; until
+    /// then the volume reads as "deleting". Refused while clients are connected unless `force`.
     pub async fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
         let _g = self.lifecycle.lock().await;
-        let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-        self.must_be_local(&rec)?;
+        let me = self.node.id.clone();
+        let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        if !rec.target.is_empty() && rec.target != me && !force {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {name} is attached on node {}; detach it there first (stratactl host detach {name}) or delete with --force",
+                rec.target
+            )));
+        }
         let handle = self.volumes.read().get(name).cloned();
         if let Some(v) = &handle {
             let n = v.connections();
@@ -368,33 +545,180 @@ impl Engine {
         }
         if rec.pending.is_none() {
             rec.pending = Some(PendingOp::Delete);
-            rec = self.meta.update_volume(&rec)?;
+            rec = self.meta.update_volume(&rec)?.normalized(&me);
         }
         let _io = match &handle {
             Some(v) => {
                 v.deleted.store(true, Ordering::Release);
+                if let Some(t) = v.target.write().take() {
+                    t.close();
+                }
                 Some(v.io_lock.write().await)
             }
             None => None,
         };
-        let pool = self.pool.clone();
-        let id = rec.id;
-        tokio::task::spawn_blocking(move || {
-            let extents = pool.volume_extents(id);
-            pool.free(id, &extents)
-        })
-        .await
-        .map_err(|e| VolumeError::Meta(e.to_string()))??;
-        self.meta.remove_volume(name)?;
+        // Other nodes first: each one that confirms is taken off the record.
+        for node in rec.replicas.clone().into_iter().filter(|n| n != &me) {
+            let meta = self.meta.clone();
+            let n2 = node.clone();
+            let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n2)).await.ok().flatten();
+            let dropped = match addr {
+                Some(addr) => match crate::replication::client::Client::connect(&addr, self.repl.timeout).await {
+                    Ok(c) => c.call(crate::replication::frame::Op::Drop, 0, rec.id, u64::MAX, 0, 0, None).await.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                None => Err(format!("node {node} has no replication address")),
+            };
+            match dropped {
+                Ok(()) => {
+                    rec.replicas.retain(|n| n != &node);
+                    rec.in_sync.retain(|n| n != &node);
+                    rec = self.meta.update_volume(&rec)?.normalized(&me);
+                }
+                Err(e) => tracing::warn!(volume = %name, %node, "replica not freed now (freed when the node is back): {e}"),
+            }
+        }
+        let (pool, id) = (self.pool.clone(), rec.id);
+        let local = rec.has_replica(&me);
+        tokio::task::spawn_blocking(move || if local { pool.free(id, &pool.volume_extents(id)).map(|_| ()) } else { Ok(()) })
+            .await
+            .map_err(|e| VolumeError::Meta(e.to_string()))??;
+        if local || rec.replicas.is_empty() {
+            self.forget_replica(&rec)?;
+        }
         self.volumes.write().remove(name);
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
     }
 
-    /// Claims a volume for an NBD client.
+    /// A replica's data for a deleted volume: freed on its target's request.
+    pub(crate) async fn drop_replica(&self, id: u64) -> Result<(), VolumeError> {
+        let handle = self.volumes.read().values().find(|v| v.id == id).cloned();
+        if let Some(v) = &handle {
+            v.deleted.store(true, Ordering::Release);
+            let _io = v.io_lock.write().await;
+            self.volumes.write().remove(&v.name);
+        }
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
+        Ok(())
+    }
+
+    /// The handle of a volume with a replica here, loading it from the metadata store when it
+    /// was created after this engine started. Blocking.
+    pub fn replica_volume(&self, id: u64) -> Option<Arc<Volume>> {
+        if let Some(v) = self.volumes.read().values().find(|v| v.id == id) {
+            return Some(v.clone());
+        }
+        let me = &self.node.id;
+        let rec = self.meta.list_volumes().ok()?.into_iter().map(|r| r.normalized(me)).find(|r| r.id == id)?;
+        if !rec.has_replica(me) || rec.pending.is_some() {
+            return None;
+        }
+        let mut vols = self.volumes.write();
+        Some(vols.entry(rec.name.clone()).or_insert_with(|| Arc::new(Self::handle(&rec, me))).clone())
+    }
+
+    /// Starts serving the replicated volumes whose target is this node (after a restart).
+    pub async fn start_targets(&self) {
+        let me = self.node.id.clone();
+        let meta = self.meta.clone();
+        let Ok(Ok(all)) = tokio::task::spawn_blocking(move || meta.list_volumes()).await else { return };
+        for rec in all.into_iter().map(|r| r.normalized(&me)) {
+            if rec.target != me || rec.replicas == [me.clone()] || rec.pending.is_some() {
+                continue;
+            }
+            let Some(h) = self.volume(&rec.name) else { continue };
+            if let Err(e) = self.start_target(h, &rec).await {
+                tracing::error!(volume = %rec.name, "cannot serve the volume: {e}");
+            }
+        }
+    }
+
+    /// Makes this node the volume's target: records it with a new epoch (fencing the previous
+    /// target, whose writes every replica refuses from then on) and starts serving. Moving a
+    /// volume away from an online target that did not detach needs `force`.
+    pub async fn attach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
+        let _g = self.lifecycle.lock().await;
+        let me = self.node.id.clone();
+        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        if rec.pending.is_some() {
+            return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
+        }
+        if rec.target == me && self.volume(name).is_some_and(|v| v.is_served()) {
+            return self.info_of(rec);
+        }
+        if !rec.target.is_empty() && rec.target != me && !force {
+            let meta = self.meta.clone();
+            let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
+            if nodes.iter().any(|(n, s)| n.id == rec.target && *s != crate::meta::NodeState::Offline) {
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "volume {name} is attached on node {}, which is up; detach it there first, or pass --force to take it over",
+                    rec.target
+                )));
+            }
+        }
+        if rec.in_sync.is_empty() {
+            return Err(VolumeError::FailedPrecondition(format!("volume {name} has no in-sync replica")));
+        }
+        let mut next = rec.clone();
+        next.target = me.clone();
+        next.epoch += 1;
+        let next = self.meta.update_volume(&next)?.normalized(&me);
+        let handle = {
+            let mut vols = self.volumes.write();
+            let h = vols.entry(name.to_string()).or_insert_with(|| Arc::new(Self::handle(&next, &me))).clone();
+            h.epoch.fetch_max(next.epoch, Ordering::AcqRel);
+            h.size.fetch_max(next.size, Ordering::AcqRel);
+            h.deleted.store(false, Ordering::Release);
+            h
+        };
+        if next.replicas == [me.clone()] {
+            handle.served.store(true, Ordering::Release);
+        } else {
+            if let Some(old) = handle.target.write().take() {
+                old.close();
+            }
+            self.start_target(handle, &next).await?;
+        }
+        tracing::info!(volume = %name, epoch = next.epoch, previous = %rec.target, "volume attached here");
+        let fresh = self.meta.get_volume(name)?.unwrap_or(next);
+        self.info_of(fresh)
+    }
+
+    /// Stops serving a volume here and records it as detached. Refused while clients are
+    /// connected unless `force`.
+    pub async fn detach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
+        let _g = self.lifecycle.lock().await;
+        let me = self.node.id.clone();
+        let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        if rec.target.is_empty() {
+            return self.info_of(rec);
+        }
+        self.must_be_target(&rec)?;
+        if let Some(v) = self.volume(name) {
+            let n = v.connections();
+            if n > 0 && !force {
+                return Err(VolumeError::FailedPrecondition(format!("volume {name} has {n} connected NBD client(s); disconnect them or detach with --force")));
+            }
+            v.served.store(false, Ordering::Release);
+            if let Some(t) = v.target.write().take() {
+                t.close();
+            }
+            if !rec.has_replica(&me) {
+                self.volumes.write().remove(name);
+            }
+        }
+        rec.target.clear();
+        let rec = self.meta.update_volume(&rec)?;
+        tracing::info!(volume = %name, "volume detached");
+        self.info_of(rec)
+    }
+
+    /// Claims a volume for an NBD client (only where it is served).
     pub fn connect(&self, name: &str) -> Option<Connection> {
         let v = self.volumes.read().get(name).cloned()?;
-        if v.is_deleted() {
+        if v.is_deleted() || !v.is_served() || v.target().is_some_and(|t| t.is_fenced()) {
             return None;
         }
         v.connections.fetch_add(1, Ordering::AcqRel);

@@ -55,7 +55,7 @@ impl EngineProc {
         for d in &self.devices {
             c.arg("--device").arg(d);
         }
-        c.args(["--nbd-listen", "127.0.0.1:0", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"]);
+        c.args(["--nbd-listen", "127.0.0.1:0", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0"]);
         c.arg("--nbd-socket").arg(&self.socket);
         c.arg("--ready-file").arg(self.dir.join("ready.json"));
         c.args(&self.extra);
@@ -169,7 +169,7 @@ impl Sdk {
 
     pub fn create_full(&self, name: &str, size: u64, repl: u32, labels: &[(&str, &str)]) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        let spec = pb::VolumeSpec { size_bytes: size, repl, labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), qos: None };
+        let spec = pb::VolumeSpec { size_bytes: size, repl, labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Default::default() };
         self.rt
             .block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) }))
             .map(|r| r.into_inner().volume.unwrap())
@@ -177,7 +177,7 @@ impl Sdk {
 
     pub fn create_with_qos(&self, name: &str, size: u64, qos: pb::QosLimits) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        let spec = pb::VolumeSpec { size_bytes: size, repl: 1, labels: Default::default(), qos: Some(qos) };
+        let spec = pb::VolumeSpec { size_bytes: size, repl: 1, qos: Some(qos), ..Default::default() };
         self.rt
             .block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) }))
             .map(|r| r.into_inner().volume.unwrap())

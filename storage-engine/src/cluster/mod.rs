@@ -1,0 +1,3 @@
+//! Cluster decisions over what the metadata store knows: replica placement.
+
+pub mod placement;

@@ -1,0 +1,68 @@
+//! One volume's data in this node's pool, as a replica: the requests a target sends over the
+//! replication protocol, each checked against the volume's epoch first. A request from an older
+//! epoch than the newest seen is refused (`ESTALE`): its sender was fenced by a takeover.
+
+use crate::device::AlignedBuf;
+use crate::replication::frame::{self, Op, Request, FLAG_FUA, FLAG_NO_HOLE};
+use crate::volume::{Engine, IoError, ReadData, Volume};
+use std::sync::atomic::Ordering;
+
+/// A replica's answer: an errno (0 = success) and, for READ and EXTENTS, data.
+pub enum Answer {
+    Done,
+    Data(ReadData),
+    Bytes(Vec<u8>),
+    Error(u32),
+}
+
+impl Volume {
+    /// Accepts `epoch` if it is not older than the newest seen, remembering it.
+    pub fn admit_epoch(&self, epoch: u64) -> bool {
+        self.epoch.fetch_max(epoch, Ordering::AcqRel) <= epoch
+    }
+}
+
+impl Engine {
+    /// Serves one replication request for volume `v` (already looked up by id).
+    pub async fn replica_request(&self, v: &std::sync::Arc<Volume>, req: &Request, payload: Option<AlignedBuf>) -> Answer {
+        if !v.admit_epoch(req.epoch) {
+            return Answer::Error(frame::ESTALE);
+        }
+        let fua = req.flags & FLAG_FUA != 0;
+        let done = |r: Result<(), IoError>| match r {
+            Ok(()) => Answer::Done,
+            Err(e) => Answer::Error(e.errno(true)),
+        };
+        match req.op {
+            Op::Hello => {
+                v.grow_to(req.offset);
+                Answer::Done
+            }
+            Op::Read => match self.read_local(v, req.offset, req.len as usize).await {
+                Ok(d) => Answer::Data(d),
+                Err(e) => Answer::Error(e.errno(false)),
+            },
+            Op::Write => match payload {
+                Some(buf) => done(self.write_local(v, req.offset, buf, fua).await),
+                None => Answer::Error(libc::EINVAL as u32),
+            },
+            Op::Flush => done(self.flush_local(v).await),
+            Op::Trim => done(self.zero_local(v, req.offset, req.len as u64, true, fua).await),
+            Op::WriteZeroes => done(self.zero_local(v, req.offset, req.len as u64, req.flags & FLAG_NO_HOLE == 0, fua).await),
+            Op::Extents => {
+                let mut out = Vec::new();
+                for l in self.pool.volume_extents(v.id) {
+                    out.extend_from_slice(&l.to_be_bytes());
+                }
+                Answer::Bytes(out)
+            }
+            Op::Drop => match self.drop_replica(v.id).await {
+                Ok(()) => Answer::Done,
+                Err(e) => {
+                    tracing::warn!(volume = v.id, "dropping replica data failed: {e}");
+                    Answer::Error(libc::EIO as u32)
+                }
+            },
+        }
+    }
+}

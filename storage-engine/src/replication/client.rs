@@ -1,0 +1,150 @@
+//! One pipelined connection from a target to a replica: callers send requests concurrently, a
+//! writer task puts them on the socket in order, a reader task matches replies to callers by
+//! handle. A broken connection fails every pending call; the target then drops the client.
+
+use super::frame::{self, Op, Reply, Request, REPLY_LEN};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("replica {0} did not answer within {1:?}")]
+    Timeout(String, Duration),
+    #[error("connection to replica {0} is broken")]
+    Broken(String),
+    #[error("replica {addr} answered error {errno}")]
+    Remote { addr: String, errno: u32 },
+    #[error("connecting to replica {0}: {1}")]
+    Connect(String, std::io::Error),
+}
+
+impl CallError {
+    /// The replica refused the request's epoch: the sender is no longer the target.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, CallError::Remote { errno, .. } if *errno == frame::ESTALE)
+    }
+}
+
+type Waiter = oneshot::Sender<(u32, Vec<u8>)>;
+
+struct Outgoing {
+    header: [u8; frame::REQUEST_LEN],
+    payload: Option<Bytes>,
+}
+
+pub struct Client {
+    pub addr: String,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    pending: Arc<Mutex<HashMap<u64, Waiter>>>,
+    next: AtomicU64,
+    broken: Arc<AtomicBool>,
+    pub timeout: Duration,
+}
+
+impl Client {
+    pub async fn connect(addr: &str, timeout: Duration) -> Result<Arc<Client>, CallError> {
+        let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| CallError::Connect(addr.into(), std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+            .map_err(|e| CallError::Connect(addr.into(), e))?;
+        let _ = s.set_nodelay(true);
+        let (mut rd, mut wr) = s.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+        let pending: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
+        let broken = Arc::new(AtomicBool::new(false));
+        let b = broken.clone();
+        tokio::spawn(async move {
+            while let Some(o) = rx.recv().await {
+                let ok = match &o.payload {
+                    Some(p) => {
+                        let slices = [std::io::IoSlice::new(&o.header), std::io::IoSlice::new(p)];
+                        write_all_vectored(&mut wr, &slices).await
+                    }
+                    None => wr.write_all(&o.header).await,
+                };
+                if ok.is_err() {
+                    break;
+                }
+            }
+            b.store(true, Ordering::Release);
+            let _ = wr.shutdown().await;
+        });
+        let (p, b) = (pending.clone(), broken.clone());
+        tokio::spawn(async move {
+            let mut hdr = [0u8; REPLY_LEN];
+            loop {
+                if rd.read_exact(&mut hdr).await.is_err() {
+                    break;
+                }
+                let Ok(Reply { error, handle, len }) = frame::parse_reply(&hdr) else { break };
+                let mut data = vec![0u8; len as usize];
+                if rd.read_exact(&mut data).await.is_err() {
+                    break;
+                }
+                if let Some(w) = p.lock().remove(&handle) {
+                    let _ = w.send((error, data));
+                }
+            }
+            b.store(true, Ordering::Release);
+            // Dropping the waiters fails their calls.
+            p.lock().clear();
+        });
+        Ok(Arc::new(Client { addr: addr.into(), tx, pending, next: AtomicU64::new(1), broken, timeout }))
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Sends one request and waits for its reply (data for READ and EXTENTS).
+    pub async fn call(&self, op: Op, flags: u8, volume: u64, epoch: u64, offset: u64, len: u32, payload: Option<Bytes>) -> Result<Vec<u8>, CallError> {
+        let handle = self.next.fetch_add(1, Ordering::Relaxed);
+        let req = Request { op, flags, handle, volume, epoch, offset, len };
+        let (wtx, wrx) = oneshot::channel();
+        self.pending.lock().insert(handle, wtx);
+        if self.is_broken() || self.tx.send(Outgoing { header: frame::encode_request(&req), payload }).is_err() {
+            self.pending.lock().remove(&handle);
+            return Err(CallError::Broken(self.addr.clone()));
+        }
+        match tokio::time::timeout(self.timeout, wrx).await {
+            Err(_) => {
+                self.pending.lock().remove(&handle);
+                Err(CallError::Timeout(self.addr.clone(), self.timeout))
+            }
+            Ok(Err(_)) => Err(CallError::Broken(self.addr.clone())),
+            Ok(Ok((0, data))) => Ok(data),
+            Ok(Ok((errno, _))) => Err(CallError::Remote { addr: self.addr.clone(), errno }),
+        }
+    }
+}
+
+async fn write_all_vectored(wr: &mut tokio::net::tcp::OwnedWriteHalf, slices: &[std::io::IoSlice<'_>]) -> std::io::Result<()> {
+    let total: usize = slices.iter().map(|s| s.len()).sum();
+    let mut done = 0;
+    while done < total {
+        // Rebuild what is left of the slices.
+        let mut skip = done;
+        let mut left: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(slices.len());
+        for s in slices {
+            if skip >= s.len() {
+                skip -= s.len();
+                continue;
+            }
+            left.push(std::io::IoSlice::new(&s[skip..]));
+            skip = 0;
+        }
+        let n = wr.write_vectored(&left).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! The data path between nodes: a framed, pipelined binary protocol over TCP (`frame`, `client`,
+//! `server`), the volume target that fans writes out to in-sync replicas (`target`), the record
+//! of regions a replica missed (`dirty`) and the copy that brings it back (`resync`).
+
+pub mod client;
+pub mod dirty;
+pub mod frame;
+pub mod resync;
+pub mod server;
+pub mod target;

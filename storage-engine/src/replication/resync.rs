@@ -1,0 +1,161 @@
+//! Resync: copies to a returning replica the regions it missed, while I/O continues.
+//!
+//! The replica first gets every new write (state `CatchingUp`), then the missed regions one by
+//! one, each under the volume's region lock so no write to it interleaves; the progress is
+//! written down every second, so an interrupted resync resumes where it stopped. With no record
+//! of missed regions (it was lost, or the replica is new) every allocated extent of the source
+//! and of the replica is copied: a thin full rebuild. When nothing is left the replica rejoins
+//! the in-sync set by compare-and-swap, with I/O held for that moment.
+
+use super::dirty::REGION;
+use super::frame::Op;
+use super::target::{PeerState, Target, TargetError, Peer};
+use crate::volume::Engine;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the target looks for replicas to resync.
+const POLL: Duration = Duration::from_secs(1);
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs for the target's life.
+pub async fn run(engine: Arc<Engine>, t: Arc<Target>) {
+    while !t.is_closed() && !t.is_fenced() {
+        for p in &t.peers {
+            if p.state() != PeerState::OutOfSync || t.is_closed() {
+                continue;
+            }
+            match resync(&engine, &t, p).await {
+                Ok(()) => tracing::info!(volume = %t.name, replica = %p.node, copied = p.copied.load(Ordering::Relaxed), "replica back in sync"),
+                Err(e) => {
+                    tracing::debug!(volume = %t.name, replica = %p.node, "resync not possible now: {e}");
+                    if p.state() == PeerState::CatchingUp {
+                        // Writes it got since are fine; the regions left are still recorded.
+                        p.set_state(PeerState::OutOfSync);
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn resync(e: &Engine, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
+    let (meta, node) = (e.meta.clone(), p.node.clone());
+    let addr = tokio::task::spawn_blocking(move || crate::volume::replication_address(&*meta, &node)).await.ok().flatten();
+    if let Some(addr) = addr {
+        *p.addr.lock() = addr;
+    }
+    t.connect(p, t.vol.size()).await?;
+    if p.full_rebuild.load(Ordering::Acquire) {
+        plan_full_rebuild(e, t, p).await?;
+    }
+    p.set_state(PeerState::CatchingUp);
+    tracing::info!(volume = %t.name, replica = %p.node, regions = p.dirty.len(), full = p.full_rebuild.load(Ordering::Relaxed), "resync started");
+    let mut next = 0u64;
+    let mut persisted = Instant::now();
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    loop {
+        let region = match p.dirty.next_from(next) {
+            Some(r) => r,
+            None if p.dirty.is_empty() => break,
+            None => {
+                next = 0;
+                continue;
+            }
+        };
+        next = region + 1;
+        copy_region(e, t, p, region).await?;
+        bytes += REGION;
+        if persisted.elapsed() >= PERSIST_EVERY {
+            persist(p).await?;
+            persisted = Instant::now();
+        }
+        // Rate limit: stay behind `resync_rate` bytes per second on average.
+        if t.resync_rate > 0 {
+            let due = Duration::from_secs_f64(bytes as f64 / t.resync_rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    let _w = t.region_lock.write().await;
+    if p.state() != PeerState::CatchingUp || !p.dirty.is_empty() {
+        return Err(TargetError::NoReplica(format!("{} (replica {} fell behind again)", t.name, p.node)));
+    }
+    let node = p.node.clone();
+    t.change_record(move |r| {
+        if !r.in_sync.contains(&node) && r.replicas.contains(&node) {
+            r.in_sync.push(node.clone());
+        }
+    })
+    .await?;
+    p.mark_in_sync();
+    let p2 = p.clone();
+    let _ = tokio::task::spawn_blocking(move || p2.dirty.remove()).await;
+    Ok(())
+}
+
+async fn persist(p: &Arc<Peer>) -> Result<(), TargetError> {
+    let p2 = p.clone();
+    tokio::task::spawn_blocking(move || p2.dirty.persist())
+        .await
+        .map_err(|e| crate::meta::MetaError::Store(e.to_string()))?
+        .map_err(|e| crate::meta::MetaError::Store(format!("recording resync progress: {e}")))?;
+    Ok(())
+}
+
+/// Records every extent allocated on the source or on the replica as missed.
+async fn plan_full_rebuild(e: &Engine, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
+    let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
+    let theirs = c.call(Op::Extents, 0, t.vol.id, t.epoch, 0, 0, None).await?;
+    let mut extents: std::collections::BTreeSet<u64> = theirs.chunks_exact(8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))).collect();
+    extents.extend(e.pool.volume_extents(t.vol.id));
+    let es = e.pool.extent_size;
+    let size = t.vol.size();
+    let p2 = p.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        for x in extents {
+            let off = x * es;
+            if off < size {
+                p2.dirty.mark_quiet(off, es.min(size - off));
+            }
+        }
+        p2.dirty.persist()
+    })
+    .await
+    .map_err(|e| crate::meta::MetaError::Store(e.to_string()))?
+    .map_err(|e| crate::meta::MetaError::Store(format!("recording the rebuild plan: {e}")))?;
+    p.full_rebuild.store(false, Ordering::Release);
+    Ok(())
+}
+
+/// Copies one region from the source (this node's replica, else an in-sync peer).
+async fn copy_region(e: &Engine, t: &Target, p: &Arc<Peer>, region: u64) -> Result<(), TargetError> {
+    let _w = t.region_lock.write().await;
+    if p.state() != PeerState::CatchingUp {
+        return Err(TargetError::NoReplica(format!("{} (replica {} failed during resync)", t.name, p.node)));
+    }
+    let size = t.vol.size();
+    let off = region * REGION;
+    if off >= size {
+        p.dirty.clear(region);
+        return Ok(());
+    }
+    let len = REGION.min(size - off) as usize;
+    let data = if t.local { e.read_local(&t.vol, off, len).await } else { t.read_peers(e, off, len).await };
+    let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
+    let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
+    let bytes = data.bytes();
+    let r = if bytes.iter().all(|b| *b == 0) {
+        c.call(Op::WriteZeroes, 0, t.vol.id, t.epoch, off, len as u32, None).await
+    } else {
+        c.call(Op::Write, 0, t.vol.id, t.epoch, off, len as u32, Some(bytes::Bytes::copy_from_slice(bytes))).await
+    };
+    r?;
+    p.dirty.clear(region);
+    p.copied.fetch_add(len as u64, Ordering::Relaxed);
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! The replica side of the replication protocol: a reader that parses requests, a task per
+//! request (so a slow request never holds up the others), and a writer that sends replies in
+//! completion order.
+
+use super::frame::{self, Reply, REQUEST_LEN};
+use crate::replica::Answer;
+use crate::volume::{Engine, Volume};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
+    loop {
+        match listener.accept().await {
+            Ok((s, peer)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(connection(s, engine.clone(), peer.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!("replication accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
+    let (mut rd, mut wr) = s.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Answer)>();
+    let writer = tokio::spawn(async move {
+        while let Some((reply, answer)) = rx.recv().await {
+            let hdr = frame::encode_reply(&reply);
+            let r = match &answer {
+                Answer::Data(d) => write_two(&mut wr, &hdr, d.bytes()).await,
+                Answer::Bytes(b) => write_two(&mut wr, &hdr, b).await,
+                _ => wr.write_all(&hdr).await,
+            };
+            if r.is_err() {
+                break;
+            }
+        }
+    });
+    let mut volumes: HashMap<u64, Arc<Volume>> = HashMap::new();
+    let mut hdr = [0u8; REQUEST_LEN];
+    loop {
+        if rd.read_exact(&mut hdr).await.is_err() {
+            break;
+        }
+        let req = match frame::parse_request(&hdr) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%peer, "closing replication connection: {e}");
+                break;
+            }
+        };
+        let payload = if req.payload_len() > 0 {
+            let mut buf = engine.buffer(req.payload_len());
+            if rd.read_exact(&mut buf).await.is_err() {
+                break;
+            }
+            Some(buf)
+        } else {
+            None
+        };
+        let vol = match volumes.get(&req.volume) {
+            Some(v) => Some(v.clone()),
+            None => {
+                let e = engine.clone();
+                let id = req.volume;
+                let v = tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten();
+                if let Some(v) = &v {
+                    volumes.insert(req.volume, v.clone());
+                }
+                v
+            }
+        };
+        let (engine, tx) = (engine.clone(), tx.clone());
+        tokio::spawn(async move {
+            let answer = match vol {
+                Some(v) => engine.replica_request(&v, &req, payload).await,
+                // Nothing is loaded for it; whatever extents it may still have go.
+                None if req.op == frame::Op::Drop => match engine.drop_replica(req.volume).await {
+                    Ok(()) => Answer::Done,
+                    Err(_) => Answer::Error(libc::EIO as u32),
+                },
+                None => Answer::Error(frame::ENOENT),
+            };
+            let len = match &answer {
+                Answer::Data(d) => d.len as u32,
+                Answer::Bytes(b) => b.len() as u32,
+                _ => 0,
+            };
+            let error = if let Answer::Error(e) = answer { e } else { 0 };
+            let _ = tx.send((Reply { error, handle: req.handle, len }, answer));
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn write_two(wr: &mut tokio::net::tcp::OwnedWriteHalf, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+    wr.write_all(a).await?;
+    wr.write_all(b).await
+}

@@ -1,0 +1,442 @@
+//! The volume target: the node where a replicated volume is attached. It sends every write,
+//! stamped with the volume's epoch, to all in-sync replicas at once and acknowledges only when
+//! all of them did. A replica that fails or times out leaves the in-sync set by a
+//! compare-and-swap on the volume record before any later write is acknowledged; from then on
+//! the target records the regions it misses (`dirty`) and `resync` copies them back.
+
+use super::client::{CallError, Client};
+use super::dirty::DirtyLog;
+use super::frame::{Op, FLAG_FUA, FLAG_NO_HOLE};
+use crate::device::AlignedBuf;
+use crate::meta::{MetaError, MetaStore, VolumeRecord};
+use crate::volume::{Engine, IoError, ReadBuf, ReadData, Volume};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PeerState {
+    InSync = 0,
+    OutOfSync = 1,
+    /// Gets every new write (without counting for the ack) while missed regions are copied.
+    CatchingUp = 2,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::InSync => "in_sync",
+            PeerState::OutOfSync => "out_of_sync",
+            PeerState::CatchingUp => "resyncing",
+        }
+    }
+}
+
+/// A remote replica as the target sees it.
+pub struct Peer {
+    pub node: String,
+    pub addr: Mutex<String>,
+    state: AtomicU8,
+    /// The metadata store no longer lists this replica as in sync.
+    out_recorded: AtomicBool,
+    client: Mutex<Option<Arc<Client>>>,
+    pub dirty: DirtyLog,
+    /// No dirty record survived: the next resync copies every allocated extent.
+    pub full_rebuild: AtomicBool,
+    /// Bytes copied by resync so far (this target's lifetime).
+    pub copied: AtomicU64,
+}
+
+impl Peer {
+    pub fn state(&self) -> PeerState {
+        match self.state.load(Ordering::Acquire) {
+            0 => PeerState::InSync,
+            2 => PeerState::CatchingUp,
+            _ => PeerState::OutOfSync,
+        }
+    }
+    pub(super) fn set_state(&self, s: PeerState) {
+        self.state.store(s as u8, Ordering::Release);
+        if s == PeerState::OutOfSync {
+            self.client.lock().take();
+        }
+    }
+    pub(super) fn set_client(&self, c: Arc<Client>) {
+        *self.client.lock() = Some(c);
+    }
+    fn client(&self) -> Option<Arc<Client>> {
+        self.client.lock().clone()
+    }
+    pub(super) fn client_now(&self) -> Option<Arc<Client>> {
+        self.client()
+    }
+    /// Back in the in-sync set (recorded in the metadata store by the caller).
+    pub(super) fn mark_in_sync(&self) {
+        self.out_recorded.store(false, Ordering::Release);
+        self.state.store(PeerState::InSync as u8, Ordering::Release);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("volume {0} was taken over by another node (a newer epoch); this node no longer serves it")]
+    Fenced(String),
+    #[error("the metadata store is unreachable; writes wait until it is back")]
+    MetaUnreachable,
+    #[error("no in-sync replica of volume {0} is reachable")]
+    NoReplica(String),
+    #[error("replica: {0}")]
+    Call(#[from] CallError),
+    #[error("metadata: {0}")]
+    Meta(#[from] MetaError),
+}
+
+pub struct Target {
+    pub vol: Arc<Volume>,
+    pub name: String,
+    pub epoch: u64,
+    pub node: String,
+    /// This node holds an in-sync replica (reads are served from it).
+    pub local: bool,
+    pub peers: Vec<Arc<Peer>>,
+    meta: Arc<dyn MetaStore>,
+    /// Serialises membership changes in the metadata store.
+    membership: tokio::sync::Mutex<()>,
+    /// Shared by I/O; exclusive while resync copies a region or an unaligned write is applied
+    /// (so every replica sees the same order).
+    pub(super) region_lock: tokio::sync::RwLock<()>,
+    fenced: AtomicBool,
+    closed: AtomicBool,
+    pub timeout: Duration,
+    /// Resync bandwidth in bytes per second.
+    pub resync_rate: u64,
+}
+
+pub struct TargetConfig {
+    pub timeout: Duration,
+    pub resync_rate: u64,
+    pub data_dir: std::path::PathBuf,
+}
+
+impl Target {
+    /// Becomes the target of `rec` (already recorded with this node as target at `rec.epoch`):
+    /// announces the epoch to every in-sync replica (fencing older targets) and records the ones
+    /// that do not answer as out of sync. `addrs` maps node ids to replication addresses.
+    pub async fn start(
+        vol: Arc<Volume>,
+        rec: &VolumeRecord,
+        me: &str,
+        addrs: &std::collections::HashMap<String, String>,
+        meta: Arc<dyn MetaStore>,
+        cfg: &TargetConfig,
+    ) -> Result<Arc<Target>, TargetError> {
+        let mut peers = Vec::new();
+        // A stale replica on this node is resynced like a remote one (over loopback).
+        let stale_here = rec.has_replica(me) && !rec.is_in_sync(me);
+        for n in rec.replicas.iter().filter(|n| *n != me || stale_here) {
+            let (dirty, existed) = DirtyLog::open(DirtyLog::path_for(&cfg.data_dir, rec.id, n)).map_err(|e| TargetError::Meta(MetaError::Store(e.to_string())))?;
+            let in_sync = rec.is_in_sync(n);
+            peers.push(Arc::new(Peer {
+                node: n.clone(),
+                addr: Mutex::new(addrs.get(n).cloned().unwrap_or_default()),
+                state: AtomicU8::new(if in_sync { PeerState::InSync } else { PeerState::OutOfSync } as u8),
+                out_recorded: AtomicBool::new(!in_sync),
+                client: Mutex::new(None),
+                dirty,
+                full_rebuild: AtomicBool::new(!in_sync && !existed),
+                copied: AtomicU64::new(0),
+            }));
+        }
+        let t = Arc::new(Target {
+            vol,
+            name: rec.name.clone(),
+            epoch: rec.epoch,
+            node: me.to_string(),
+            local: rec.is_in_sync(me),
+            peers,
+            meta,
+            membership: tokio::sync::Mutex::new(()),
+            region_lock: tokio::sync::RwLock::new(()),
+            fenced: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            timeout: cfg.timeout,
+            resync_rate: cfg.resync_rate,
+        });
+        let size = t.vol.size();
+        let hellos = t.peers.iter().filter(|p| p.state() == PeerState::InSync).map(|p| {
+            let t = t.clone();
+            async move {
+                match t.connect(p, size).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if matches!(&e, TargetError::Call(c) if c.is_stale()) => Err(e),
+                    Err(e) => {
+                        tracing::warn!(volume = %t.name, replica = %p.node, "replica unreachable at attach: {e}");
+                        t.peer_failed(p, None).await
+                    }
+                }
+            }
+        });
+        for r in futures::future::join_all(hellos).await {
+            r?;
+        }
+        if !t.local && !t.peers.iter().any(|p| p.state() == PeerState::InSync) {
+            return Err(TargetError::NoReplica(t.name.clone()));
+        }
+        Ok(t)
+    }
+
+    /// Connects to a peer and announces this target's epoch and the volume size.
+    pub(super) async fn connect(&self, p: &Peer, size: u64) -> Result<(), TargetError> {
+        let addr = p.addr.lock().clone();
+        let c = Client::connect(&addr, self.timeout).await?;
+        c.call(Op::Hello, 0, self.vol.id, self.epoch, size, 0, None).await?;
+        p.set_client(c);
+        Ok(())
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for p in &self.peers {
+            p.client.lock().take();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    fn admit(&self) -> Result<(), IoError> {
+        if self.is_fenced() {
+            return Err(IoError::Replication(TargetError::Fenced(self.name.clone())));
+        }
+        if !self.meta.reachable() {
+            return Err(IoError::Replication(TargetError::MetaUnreachable));
+        }
+        Ok(())
+    }
+
+    fn fence(&self) -> IoError {
+        if !self.fenced.swap(true, Ordering::AcqRel) {
+            tracing::error!(volume = %self.name, epoch = self.epoch, "fenced: a replica has seen a newer epoch; no more I/O is served here");
+        }
+        IoError::Replication(TargetError::Fenced(self.name.clone()))
+    }
+
+    /// Peers that receive writes now, with their connections.
+    fn active(&self) -> Vec<(Arc<Peer>, Option<Arc<Client>>)> {
+        self.peers.iter().filter(|p| p.state() != PeerState::OutOfSync).map(|p| (p.clone(), p.client())).collect()
+    }
+
+    /// A peer failed a request (or could not be reached): it leaves the in-sync set before
+    /// anything else is acknowledged, and `range` is recorded as missed.
+    pub(super) async fn peer_failed(&self, p: &Arc<Peer>, range: Option<(u64, u64)>) -> Result<(), TargetError> {
+        let was = p.state();
+        p.set_state(PeerState::OutOfSync);
+        if was != PeerState::OutOfSync {
+            tracing::warn!(volume = %self.name, replica = %p.node, "replica out of sync");
+        }
+        let p2 = p.clone();
+        tokio::task::spawn_blocking(move || {
+            p2.dirty.start()?;
+            match range {
+                Some((off, len)) => p2.dirty.mark(off, len),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| MetaError::Store(e.to_string()))?
+        .map_err(|e| MetaError::Store(format!("recording missed regions: {e}")))?;
+        self.record_out(p).await
+    }
+
+    /// Makes sure the metadata store no longer lists `p` as in sync.
+    async fn record_out(&self, p: &Peer) -> Result<(), TargetError> {
+        if p.out_recorded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _m = self.membership.lock().await;
+        if p.out_recorded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let node = p.node.clone();
+        self.change_record(move |r| {
+            r.in_sync.retain(|n| n != &node);
+        })
+        .await?;
+        p.out_recorded.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Compare-and-swap on the volume record, retried on conflicts; refused when the record's
+    /// epoch moved on (another target took over).
+    pub(super) async fn change_record(&self, f: impl Fn(&mut VolumeRecord) + Send + 'static) -> Result<VolumeRecord, TargetError> {
+        let (meta, name, epoch) = (self.meta.clone(), self.name.clone(), self.epoch);
+        let r = tokio::task::spawn_blocking(move || {
+            for _ in 0..20 {
+                let mut rec = meta.get_volume(&name)?.ok_or_else(|| MetaError::NotFound(name.clone()))?;
+                if rec.epoch != epoch {
+                    return Ok(Err(()));
+                }
+                f(&mut rec);
+                match meta.update_volume(&rec) {
+                    Err(MetaError::Conflict(_)) => continue,
+                    r => return r.map(Ok),
+                }
+            }
+            Err(MetaError::Conflict(name.clone()))
+        })
+        .await
+        .map_err(|e| MetaError::Store(e.to_string()))??;
+        r.map_err(|_| {
+            self.fenced.store(true, Ordering::Release);
+            TargetError::Fenced(self.name.clone())
+        })
+    }
+
+    /// Settles the remote legs of a change to `[off, off+len)`: failed peers leave the in-sync
+    /// set, skipped (out-of-sync) peers get the range recorded.
+    async fn settle(&self, sent: &[(Arc<Peer>, Option<Arc<Client>>)], results: Vec<Result<Vec<u8>, CallError>>, off: u64, len: u64) -> Result<(), IoError> {
+        for ((p, _), r) in sent.iter().zip(results) {
+            match r {
+                Ok(_) => {}
+                Err(e) if e.is_stale() => return Err(self.fence()),
+                Err(e) => {
+                    tracing::warn!(volume = %self.name, replica = %p.node, "replica write failed: {e}");
+                    self.peer_failed(p, Some((off, len))).await.map_err(IoError::Replication)?;
+                }
+            }
+        }
+        for p in self.peers.iter().filter(|p| !sent.iter().any(|(s, _)| Arc::ptr_eq(s, p))) {
+            let p2 = p.clone();
+            tokio::task::spawn_blocking(move || p2.dirty.mark(off, len)).await.map_err(std::io::Error::other)??;
+            self.record_out(p).await.map_err(IoError::Replication)?;
+        }
+        Ok(())
+    }
+
+    async fn fan_out(&self, sent: &[(Arc<Peer>, Option<Arc<Client>>)], op: Op, flags: u8, off: u64, len: u32, payload: Option<Bytes>) -> Vec<Result<Vec<u8>, CallError>> {
+        let calls = sent.iter().map(|(p, c)| {
+            let payload = payload.clone();
+            async move {
+                match c {
+                    Some(c) => c.call(op, flags, self.vol.id, self.epoch, off, len, payload).await,
+                    None => Err(CallError::Broken(p.node.clone())),
+                }
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+
+    pub async fn write(&self, e: &Engine, off: u64, data: AlignedBuf, fua: bool, aligned: bool) -> Result<(), IoError> {
+        let _g = if aligned { Guard::Shared(self.region_lock.read().await) } else { Guard::Exclusive(self.region_lock.write().await) };
+        self.admit()?;
+        let len = data.len() as u64;
+        let sent = self.active();
+        let payload = (!sent.is_empty()).then(|| Bytes::copy_from_slice(&data));
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let remote = self.fan_out(&sent, Op::Write, flags, off, len as u32, payload);
+        let local = async {
+            if self.local {
+                e.write_local(&self.vol, off, data, fua).await
+            } else {
+                Ok(())
+            }
+        };
+        let (l, r) = tokio::join!(local, remote);
+        l?;
+        self.settle(&sent, r, off, len).await
+    }
+
+    pub async fn zero(&self, e: &Engine, off: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
+        let _g = self.region_lock.write().await;
+        self.admit()?;
+        let sent = self.active();
+        let flags = if fua { FLAG_FUA } else { 0 } | if punch { 0 } else { FLAG_NO_HOLE };
+        // The protocol's length is 32 bits: large ranges go in pieces.
+        let remote = async {
+            let mut out: Vec<Result<Vec<u8>, CallError>> = sent.iter().map(|_| Ok(Vec::new())).collect();
+            let mut pos = off;
+            while pos < off + len {
+                let n = (off + len - pos).min(1 << 30);
+                for (slot, r) in out.iter_mut().zip(self.fan_out(&sent, Op::WriteZeroes, flags, pos, n as u32, None).await) {
+                    if slot.is_ok() {
+                        *slot = r;
+                    }
+                }
+                pos += n;
+            }
+            out
+        };
+        let local = async {
+            if self.local {
+                e.zero_local(&self.vol, off, len, punch, fua).await
+            } else {
+                Ok(())
+            }
+        };
+        let (l, r) = tokio::join!(local, remote);
+        l?;
+        self.settle(&sent, r, off, len).await
+    }
+
+    pub async fn flush(&self, e: &Engine) -> Result<(), IoError> {
+        let _g = self.region_lock.read().await;
+        self.admit()?;
+        let sent = self.active();
+        let remote = self.fan_out(&sent, Op::Flush, 0, 0, 0, None);
+        let local = async {
+            if self.local {
+                e.flush_local(&self.vol).await
+            } else {
+                Ok(())
+            }
+        };
+        let (l, r) = tokio::join!(local, remote);
+        l?;
+        self.settle(&sent, r, 0, 0).await
+    }
+
+    /// Reads from an in-sync replica on another node (when this node holds none).
+    pub async fn read_remote(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
+        let _g = self.region_lock.read().await;
+        self.admit()?;
+        self.read_peers(e, off, len).await
+    }
+
+    /// A read from the first in-sync peer that answers (the caller holds the region lock).
+    pub(super) async fn read_peers(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
+        for (p, c) in self.active() {
+            let (Some(c), PeerState::InSync) = (c, p.state()) else { continue };
+            match c.call(Op::Read, 0, self.vol.id, self.epoch, off, len as u32, None).await {
+                Ok(data) if data.len() == len => {
+                    let mut buf = e.buffer(len);
+                    buf.copy_from_slice(&data);
+                    return Ok(ReadData { buf: ReadBuf::Owned(buf), start: 0, len });
+                }
+                Ok(_) => tracing::warn!(volume = %self.name, replica = %p.node, "short read from replica"),
+                Err(err) if err.is_stale() => return Err(self.fence()),
+                Err(err) => tracing::warn!(volume = %self.name, replica = %p.node, "read from replica failed: {err}"),
+            }
+        }
+        Err(IoError::Replication(TargetError::NoReplica(self.name.clone())))
+    }
+
+    /// Tells the replicas the volume's new size (after a grow).
+    pub async fn announce_size(&self, size: u64) -> Result<(), IoError> {
+        let sent = self.active();
+        let r = self.fan_out(&sent, Op::Hello, 0, size, 0, None).await;
+        self.settle(&sent, r, 0, 0).await
+    }
+}
+
+enum Guard<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+}
