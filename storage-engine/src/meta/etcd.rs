@@ -65,7 +65,7 @@ impl Etcd {
             Client::connect(eps, Some(opts)).await
         })
         .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", endpoints.join(","))))?;
-        let live = Arc::new(parking_lot::Mutex::new(Live { lease: 0, state: NodeState::Online, renewed: std::time::Instant::now() }));
+        let live = Arc::new(parking_lot::Mutex::new(Live { lease: 0, state: NodeState::Online, renewed: std::time::Instant::now(), generation: 0 }));
         let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), live, rt: Some(rt), endpoints: endpoints.to_vec() };
         // Fail now, with the endpoint in the message, if etcd does not answer.
         let mut c = s.client.clone();
@@ -106,6 +106,8 @@ pub(crate) struct Live {
     state: NodeState,
     /// When etcd last confirmed the lease.
     renewed: std::time::Instant,
+    /// Leases granted after the first (each one follows a lapse).
+    generation: u64,
 }
 
 /// Renews the node's lease every third of its TTL; after a failure (etcd away, lease expired)
@@ -135,6 +137,7 @@ async fn keep_alive(mut c: Client, alive: String, ttl: i64, live: Arc<parking_lo
                     let mut live = live.lock();
                     live.lease = l.id();
                     live.renewed = std::time::Instant::now();
+                    live.generation += 1;
                 }
             }
         }
@@ -294,6 +297,10 @@ impl MetaStore for Etcd {
 
     /// Two thirds of the TTL without a renewal: the lease may expire before we learn more, and
     /// another node may take our volumes over after it does.
+    fn lease_generation(&self) -> u64 {
+        self.live.lock().generation
+    }
+
     fn reachable(&self) -> bool {
         self.live.lock().renewed.elapsed() < Duration::from_millis(self.ttl as u64 * 2000 / 3)
     }

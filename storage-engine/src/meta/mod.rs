@@ -142,4 +142,9 @@ pub trait MetaStore: Send + Sync {
     fn reachable(&self) -> bool {
         true
     }
+    /// Bumped whenever this node's registration lapsed and was renewed: another node may have
+    /// taken volumes over meanwhile, so targets re-read their records before acknowledging more.
+    fn lease_generation(&self) -> u64 {
+        0
+    }
 }

@@ -113,6 +113,8 @@ pub struct Target {
     pub timeout: Duration,
     /// Resync bandwidth in bytes per second.
     pub resync_rate: u64,
+    /// The store's lease generation when the record was last confirmed.
+    lease_gen: AtomicU64,
 }
 
 pub struct TargetConfig {
@@ -150,7 +152,9 @@ impl Target {
                 copied: AtomicU64::new(0),
             }));
         }
+        let lease_gen = AtomicU64::new(meta.lease_generation());
         let t = Arc::new(Target {
+            lease_gen,
             vol,
             name: rec.name.clone(),
             epoch: rec.epoch,
@@ -212,12 +216,24 @@ impl Target {
         self.fenced.load(Ordering::Acquire)
     }
 
-    fn admit(&self) -> Result<(), IoError> {
-        if self.is_fenced() {
-            return Err(IoError::Replication(TargetError::Fenced(self.name.clone())));
+    /// Before serving I/O: not fenced, the store reachable, and after a lapse of this node's
+    /// registration (another node may have taken over meanwhile) the record re-read.
+    async fn admit(&self) -> Result<(), IoError> {
+        if self.is_fenced() || self.vol.epoch.load(Ordering::Acquire) > self.epoch {
+            return Err(self.fence());
         }
         if !self.meta.reachable() {
             return Err(IoError::Replication(TargetError::MetaUnreachable));
+        }
+        let gen = self.meta.lease_generation();
+        if gen != self.lease_gen.load(Ordering::Acquire) {
+            let (meta, name) = (self.meta.clone(), self.name.clone());
+            let rec = tokio::task::spawn_blocking(move || meta.get_volume(&name)).await.map_err(std::io::Error::other)?;
+            match rec {
+                Ok(Some(r)) if r.epoch == self.epoch && r.target == self.node => self.lease_gen.store(gen, Ordering::Release),
+                Ok(_) => return Err(self.fence()),
+                Err(_) => return Err(IoError::Replication(TargetError::MetaUnreachable)),
+            }
         }
         Ok(())
     }
@@ -336,7 +352,7 @@ impl Target {
 
     pub async fn write(&self, e: &Engine, off: u64, data: AlignedBuf, fua: bool, aligned: bool) -> Result<(), IoError> {
         let _g = if aligned { Guard::Shared(self.region_lock.read().await) } else { Guard::Exclusive(self.region_lock.write().await) };
-        self.admit()?;
+        self.admit().await?;
         let len = data.len() as u64;
         let sent = self.active();
         let payload = (!sent.is_empty()).then(|| Bytes::copy_from_slice(&data));
@@ -356,7 +372,7 @@ impl Target {
 
     pub async fn zero(&self, e: &Engine, off: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         let _g = self.region_lock.write().await;
-        self.admit()?;
+        self.admit().await?;
         let sent = self.active();
         let flags = if fua { FLAG_FUA } else { 0 } | if punch { 0 } else { FLAG_NO_HOLE };
         // The protocol's length is 32 bits: large ranges go in pieces.
@@ -388,7 +404,7 @@ impl Target {
 
     pub async fn flush(&self, e: &Engine) -> Result<(), IoError> {
         let _g = self.region_lock.read().await;
-        self.admit()?;
+        self.admit().await?;
         let sent = self.active();
         let remote = self.fan_out(&sent, Op::Flush, 0, 0, 0, None);
         let local = async {
@@ -406,7 +422,7 @@ impl Target {
     /// Reads from an in-sync replica on another node (when this node holds none).
     pub async fn read_remote(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
         let _g = self.region_lock.read().await;
-        self.admit()?;
+        self.admit().await?;
         self.read_peers(e, off, len).await
     }
 

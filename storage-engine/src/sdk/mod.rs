@@ -109,6 +109,15 @@ impl pb::volume_service_server::VolumeService for Sdk {
         Ok(Response::new(pb::AttachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
+    async fn checksums(&self, req: Request<pb::ChecksumsRequest>) -> Result<Response<pb::ChecksumsResponse>, Status> {
+        let name = req.into_inner().name;
+        let sums = self.engine.extent_checksums(&name).await?;
+        Ok(Response::new(pb::ChecksumsResponse {
+            extent_size: self.engine.pool.extent_size,
+            extents: sums.into_iter().map(|(extent, crc32c)| pb::ExtentChecksum { extent, crc32c }).collect(),
+        }))
+    }
+
     async fn detach(&self, req: Request<pb::DetachVolumeRequest>) -> Result<Response<pb::DetachVolumeResponse>, Status> {
         let r = req.into_inner();
         let v = self.engine.detach(&r.name, r.force).await?;

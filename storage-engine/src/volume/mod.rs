@@ -619,6 +619,31 @@ impl Engine {
         Some(vols.entry(rec.name.clone()).or_insert_with(|| Arc::new(Self::handle(&rec, me))).clone())
     }
 
+    /// The crc32c of each allocated extent of this node's replica of `name`, by logical extent.
+    pub async fn extent_checksums(&self, name: &str) -> Result<Vec<(u64, u32)>, VolumeError> {
+        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        let (e, id) = (self.myself(), rec.id);
+        let v = match e {
+            Some(e) => tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten(),
+            None => None,
+        }
+        .ok_or_else(|| VolumeError::FailedPrecondition(format!("node {} holds no replica of volume {name}", self.node.id)))?;
+        let es = self.pool.extent_size;
+        let mut out = Vec::new();
+        let mut lexts = self.pool.volume_extents(v.id);
+        lexts.sort_unstable();
+        for l in lexts {
+            let off = l * es;
+            let len = es.min(v.size().saturating_sub(off)) as usize;
+            if len == 0 {
+                continue;
+            }
+            let d = self.read_local(&v, off, len).await.map_err(|err| VolumeError::FailedPrecondition(format!("reading extent {l}: {err}")))?;
+            out.push((l, crc32c::crc32c(d.bytes())));
+        }
+        Ok(out)
+    }
+
     /// Starts serving the replicated volumes whose target is this node (after a restart).
     pub async fn start_targets(&self) {
         let me = self.node.id.clone();

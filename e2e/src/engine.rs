@@ -1,0 +1,175 @@
+//! A real `strata-engine` process on file-backed devices.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The engine binary: `$STRATA_ENGINE_BIN`, else `strata-engine` in the target directory of the
+/// running test (`target/<profile>/`, beside `deps/`). Build the workspace first.
+pub fn engine_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("STRATA_ENGINE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().expect("deps dir");
+    let dir = if dir.ends_with("deps") { dir.parent().expect("target dir") } else { dir };
+    let p = dir.join("strata-engine");
+    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
+    p
+}
+
+pub struct EngineProc {
+    pub dir: PathBuf,
+    pub devices: Vec<PathBuf>,
+    pub extra: Vec<String>,
+    child: Option<Child>,
+    pub sdk: String,
+    pub nbd: String,
+    pub metrics: String,
+    /// The replication port (changes at every start: the engine binds port 0).
+    pub repl: String,
+    pub socket: PathBuf,
+}
+
+impl EngineProc {
+    /// Starts an engine with `n` device files of `size` bytes in `dir`.
+    pub fn start(dir: &Path, n: usize, size: &str) -> EngineProc {
+        Self::start_with(dir, n, size, &[])
+    }
+
+    pub fn start_with(dir: &Path, n: usize, size: &str, extra: &[&str]) -> EngineProc {
+        let mut e = Self::new(dir, n, size, extra);
+        e.spawn().expect("engine starts");
+        e
+    }
+
+    /// The engine's configuration, not started yet.
+    pub fn new(dir: &Path, n: usize, size: &str, extra: &[&str]) -> EngineProc {
+        let devices = (0..n).map(|i| dir.join(format!("dev{i}.img"))).collect();
+        EngineProc {
+            dir: dir.to_path_buf(),
+            devices,
+            extra: std::iter::once(format!("--device-size={size}")).chain(extra.iter().map(|s| s.to_string())).collect(),
+            child: None,
+            sdk: String::new(),
+            nbd: String::new(),
+            metrics: String::new(),
+            repl: String::new(),
+            socket: dir.join("nbd.sock"),
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(engine_bin());
+        c.arg("--data-dir").arg(self.dir.join("data"));
+        for d in &self.devices {
+            c.arg("--device").arg(d);
+        }
+        c.args(["--nbd-listen", "127.0.0.1:0", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0"]);
+        c.arg("--nbd-socket").arg(&self.socket);
+        c.arg("--ready-file").arg(self.dir.join("ready.json"));
+        c.args(&self.extra);
+        c.env("STRATA_LOG", "warn");
+        c
+    }
+
+    /// Spawns the engine and waits until it is listening; on failure returns its stderr.
+    pub fn spawn(&mut self) -> Result<(), String> {
+        let ready = self.dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::File::create(self.dir.join("engine.log")).unwrap();
+        let mut child = self.command().stdout(Stdio::null()).stderr(log).spawn().expect("spawn strata-engine");
+        let t0 = Instant::now();
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&ready) {
+                let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+                self.sdk = v["sdk"].as_str().unwrap().to_string();
+                self.nbd = v["nbd"].as_str().unwrap().to_string();
+                self.metrics = v["metrics"].as_str().unwrap().to_string();
+                self.repl = v["replication"].as_str().unwrap_or_default().to_string();
+                self.child = Some(child);
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default();
+                return Err(format!("engine exited with {status}: {log}"));
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("engine did not become ready in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: plain kill(2) on our child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn().expect("engine restarts");
+    }
+
+    pub fn uri(&self, vol: &str) -> String {
+        format!("nbd://{}/{}", self.nbd, vol)
+    }
+
+    pub fn unix_uri(&self, vol: &str) -> String {
+        format!("nbd+unix:///{}?socket={}", vol, self.socket.display())
+    }
+
+    pub fn sdk(&self) -> crate::Sdk {
+        crate::Sdk::new(&self.sdk)
+    }
+
+    /// The process id while running (for SIGSTOP/SIGCONT).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends a signal to the running engine (SIGSTOP pauses it, SIGCONT resumes it).
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
+    }
+
+    /// `strata-engine check` on this engine's devices and data dir (the engine must be stopped).
+    pub fn check(&self) -> (bool, String) {
+        let mut c = Command::new(engine_bin());
+        c.arg("check").arg("--data-dir").arg(self.dir.join("data"));
+        for d in &self.devices {
+            c.arg("--device").arg(d);
+        }
+        let out = c.output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+impl Drop for EngineProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

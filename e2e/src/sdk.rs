@@ -1,0 +1,96 @@
+//! A blocking SDK client (its own small runtime), so tests stay synchronous.
+#![allow(clippy::result_large_err)]
+
+use strata_api::v1 as pb;
+
+pub struct Sdk {
+    rt: tokio::runtime::Runtime,
+    ch: tonic::transport::Channel,
+}
+
+impl Sdk {
+    pub fn new(addr: &str) -> Sdk {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let ch = rt.block_on(tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect()).unwrap();
+        Sdk { rt, ch }
+    }
+
+    pub fn create(&self, name: &str, size: u64) -> Result<pb::Volume, tonic::Status> {
+        self.create_full(name, size, 1, &[])
+    }
+
+    pub fn create_full(&self, name: &str, size: u64, repl: u32, labels: &[(&str, &str)]) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let spec = pb::VolumeSpec { size_bytes: size, repl, labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Default::default() };
+        self.rt
+            .block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) }))
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn create_with_qos(&self, name: &str, size: u64, qos: pb::QosLimits) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let spec = pb::VolumeSpec { size_bytes: size, repl: 1, qos: Some(qos), ..Default::default() };
+        self.rt
+            .block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) }))
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn update(&self, req: pb::UpdateVolumeRequest) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.update(req)).map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn inspect(&self, name: &str) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.inspect(pb::InspectVolumeRequest { name: name.into() })).map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn list(&self) -> Vec<pb::Volume> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.list(pb::ListVolumesRequest {})).unwrap().into_inner().volumes
+    }
+
+    pub fn resize(&self, name: &str, size: u64) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt
+            .block_on(c.update(pb::UpdateVolumeRequest { name: name.into(), size_bytes: size, ..Default::default() }))
+            .map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn delete(&self, name: &str, force: bool) -> Result<(), tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.delete(pb::DeleteVolumeRequest { name: name.into(), force })).map(|_| ())
+    }
+
+    pub fn attach(&self, name: &str, force: bool) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.attach(pb::AttachVolumeRequest { name: name.into(), force })).map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn detach(&self, name: &str, force: bool) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.detach(pb::DetachVolumeRequest { name: name.into(), force })).map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn create_spec(&self, name: &str, spec: pb::VolumeSpec) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) })).map(|r| r.into_inner().volume.unwrap())
+    }
+
+    /// Per-extent checksums of this node's replica: (extent size, [(extent, crc32c)]).
+    pub fn checksums(&self, name: &str) -> Result<(u64, Vec<(u64, u32)>), tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let r = self.rt.block_on(c.checksums(pb::ChecksumsRequest { name: name.into() }))?.into_inner();
+        Ok((r.extent_size, r.extents.into_iter().map(|e| (e.extent, e.crc32c)).collect()))
+    }
+
+    pub fn nodes(&self) -> Vec<pb::Node> {
+        let mut c = pb::node_service_client::NodeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.list(pb::ListNodesRequest {})).unwrap().into_inner().nodes
+    }
+
+    pub fn pool(&self) -> pb::Pool {
+        let mut c = pb::pool_service_client::PoolServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.list(pb::ListPoolsRequest {})).unwrap().into_inner().pools.remove(0)
+    }
+}
