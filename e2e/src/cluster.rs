@@ -85,6 +85,9 @@ impl Cluster {
     /// Waits until every replica of `name` is in sync again.
     pub fn wait_in_sync(&self, via: usize, name: &str, timeout: Duration) -> pb::Volume {
         self.wait_volume(via, name, timeout, "all replicas in sync", |v| {
+            if v.verifying {
+                return false;
+            }
             let mut a = v.replica_nodes.clone();
             let mut b = v.in_sync_nodes.clone();
             a.sort();

@@ -56,6 +56,10 @@ pub struct VolumeRecord {
     /// Bumped whenever the target changes; replicas refuse requests from older epochs.
     #[serde(default)]
     pub epoch: u64,
+    /// The last target stopped cleanly (detach, or a new volume): no write can have been in
+    /// flight, so a new target need not compare the replicas first.
+    #[serde(default)]
+    pub clean: bool,
 }
 
 impl VolumeRecord {

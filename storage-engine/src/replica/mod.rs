@@ -25,6 +25,18 @@ impl Volume {
 impl Engine {
     /// Serves one replication request for volume `v` (already looked up by id).
     pub async fn replica_request(&self, v: &std::sync::Arc<Volume>, req: &Request, payload: Option<AlignedBuf>) -> Answer {
+        // HELLO raises the epoch with every request of older epochs drained (the fence is held
+        // exclusively); any other request checks the epoch and runs under the fence shared, so
+        // none of a fenced target's requests can land after a newer target said hello.
+        if req.op == Op::Hello {
+            let _f = v.fence.write().await;
+            if !v.admit_epoch(req.epoch) {
+                return Answer::Error(frame::ESTALE);
+            }
+            v.grow_to(req.offset);
+            return Answer::Done;
+        }
+        let _f = v.fence.read().await;
         if !v.admit_epoch(req.epoch) {
             return Answer::Error(frame::ESTALE);
         }
@@ -34,10 +46,7 @@ impl Engine {
             Err(e) => Answer::Error(e.errno(true)),
         };
         match req.op {
-            Op::Hello => {
-                v.grow_to(req.offset);
-                Answer::Done
-            }
+            Op::Hello => Answer::Done,
             Op::Read => match self.read_local(v, req.offset, req.len as usize).await {
                 Ok(d) => Answer::Data(d),
                 Err(e) => Answer::Error(e.errno(false)),
@@ -56,6 +65,10 @@ impl Engine {
                 }
                 Answer::Bytes(out)
             }
+            Op::Checksum => match self.read_local(v, req.offset, req.len as usize).await {
+                Ok(d) => Answer::Bytes(crc32c::crc32c(d.bytes()).to_be_bytes().to_vec()),
+                Err(e) => Answer::Error(e.errno(false)),
+            },
             Op::Drop => match self.drop_replica(v.id).await {
                 Ok(()) => Answer::Done,
                 Err(e) => {

@@ -6,7 +6,7 @@
 //!  8 handle u64          16 volume id u64        24 epoch u64
 //! 32 offset u64          40 len u32
 //! ```
-//! Reply: a 20-byte header, then `len` payload bytes (READ data, EXTENTS list).
+//! Reply: a 20-byte header, then `len` payload bytes (READ data, EXTENTS list, CHECKSUM).
 //! ```text
 //!  0 magic u32 ("STRP")   4 error u32 (0 or an errno)   8 handle u64   16 len u32
 //! ```
@@ -40,6 +40,8 @@ pub enum Op {
     Extents = 7,
     /// Frees the replica's data of a deleted volume.
     Drop = 8,
+    /// The crc32c (u32) of `len` bytes at `offset` of the replica.
+    Checksum = 9,
 }
 
 impl Op {
@@ -53,6 +55,7 @@ impl Op {
             6 => Op::Hello,
             7 => Op::Extents,
             8 => Op::Drop,
+            9 => Op::Checksum,
             _ => return None,
         })
     }
@@ -180,7 +183,7 @@ mod tests {
         }
 
         #[test]
-        fn valid_requests_round_trip(op in 1u8..=8, flags in any::<u8>(), handle in any::<u64>(), volume in any::<u64>(), epoch in any::<u64>(), offset in any::<u64>(), len in 0..=MAX_PAYLOAD) {
+        fn valid_requests_round_trip(op in 1u8..=9, flags in any::<u8>(), handle in any::<u64>(), volume in any::<u64>(), epoch in any::<u64>(), offset in any::<u64>(), len in 0..=MAX_PAYLOAD) {
             let r = Request { op: Op::from_u8(op).unwrap(), flags, handle, volume, epoch, offset, len };
             prop_assert_eq!(parse_request(&encode_request(&r)), Ok(r));
         }

@@ -2,7 +2,7 @@
 //!
 //! The replica first gets every new write (state `CatchingUp`), then the missed regions one by
 //! one, each under the volume's region lock so no write to it interleaves; the progress is
-//! written down every second, so an interrupted resync resumes where it stopped. With no record
+//! written down four times a second, so an interrupted resync resumes where it stopped. With no record
 //! of missed regions (it was lost, or the replica is new) every allocated extent of the source
 //! and of the replica is copied: a thin full rebuild. When nothing is left the replica rejoins
 //! the in-sync set by compare-and-swap, with I/O held for that moment.
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// How often the target looks for replicas to resync.
 const POLL: Duration = Duration::from_secs(1);
-const PERSIST_EVERY: Duration = Duration::from_secs(1);
+const PERSIST_EVERY: Duration = Duration::from_millis(250);
 
 /// Runs for the target's life.
 pub async fn run(engine: Arc<Engine>, t: Arc<Target>) {

@@ -16,6 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A peer a change goes to: its connection, and whether an in-flight record was made for it.
+type Leg = (Arc<Peer>, Option<Arc<Client>>, bool);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum PeerState {
@@ -115,6 +118,8 @@ pub struct Target {
     pub resync_rate: u64,
     /// The store's lease generation when the record was last confirmed.
     lease_gen: AtomicU64,
+    /// In-sync replicas are being compared after an unclean change of target (`reconcile`).
+    pub verifying: AtomicBool,
 }
 
 pub struct TargetConfig {
@@ -127,6 +132,8 @@ impl Target {
     /// Becomes the target of `rec` (already recorded with this node as target at `rec.epoch`):
     /// announces the epoch to every in-sync replica (fencing older targets) and records the ones
     /// that do not answer as out of sync. `addrs` maps node ids to replication addresses.
+    /// `verify`: the previous target stopped uncleanly, so the replicas must be compared
+    /// (`reconcile`, started by the caller).
     pub async fn start(
         vol: Arc<Volume>,
         rec: &VolumeRecord,
@@ -134,6 +141,7 @@ impl Target {
         addrs: &std::collections::HashMap<String, String>,
         meta: Arc<dyn MetaStore>,
         cfg: &TargetConfig,
+        verify: bool,
     ) -> Result<Arc<Target>, TargetError> {
         let mut peers = Vec::new();
         // A stale replica on this node is resynced like a remote one (over loopback).
@@ -141,6 +149,9 @@ impl Target {
         for n in rec.replicas.iter().filter(|n| *n != me || stale_here) {
             let (dirty, existed) = DirtyLog::open(DirtyLog::path_for(&cfg.data_dir, rec.id, n)).map_err(|e| TargetError::Meta(MetaError::Store(e.to_string())))?;
             let in_sync = rec.is_in_sync(n);
+            if !in_sync && !existed {
+                dirty.set_lost().map_err(|e| TargetError::Meta(MetaError::Store(e.to_string())))?;
+            }
             peers.push(Arc::new(Peer {
                 node: n.clone(),
                 addr: Mutex::new(addrs.get(n).cloned().unwrap_or_default()),
@@ -155,6 +166,7 @@ impl Target {
         let lease_gen = AtomicU64::new(meta.lease_generation());
         let t = Arc::new(Target {
             lease_gen,
+            verifying: AtomicBool::new(verify),
             vol,
             name: rec.name.clone(),
             epoch: rec.epoch,
@@ -246,8 +258,8 @@ impl Target {
     }
 
     /// Peers that receive writes now, with their connections.
-    fn active(&self) -> Vec<(Arc<Peer>, Option<Arc<Client>>)> {
-        self.peers.iter().filter(|p| p.state() != PeerState::OutOfSync).map(|p| (p.clone(), p.client())).collect()
+    fn active(&self) -> Vec<Leg> {
+        self.peers.iter().filter(|p| p.state() != PeerState::OutOfSync).map(|p| (p.clone(), p.client(), false)).collect()
     }
 
     /// A peer failed a request (or could not be reached): it leaves the in-sync set before
@@ -259,7 +271,16 @@ impl Target {
             tracing::warn!(volume = %self.name, replica = %p.node, "replica out of sync");
         }
         let p2 = p.clone();
+        // Before the replicas were compared (`reconcile`), this one may hold a write the others
+        // lack anywhere: only a full rebuild is safe, and the missing record says so.
+        let unverified = self.verifying.load(Ordering::Acquire);
+        if unverified {
+            p.full_rebuild.store(true, Ordering::Release);
+        }
         tokio::task::spawn_blocking(move || {
+            if unverified {
+                return p2.dirty.set_lost();
+            }
             p2.dirty.start()?;
             match range {
                 Some((off, len)) => p2.dirty.mark(off, len),
@@ -316,29 +337,71 @@ impl Target {
         })
     }
 
+    /// Before a change to `[off, off+len)` is made anywhere: the range is recorded (durably) as
+    /// missed by every out-of-sync replica, and as in flight for every catching-up one, so a
+    /// crash of this target at any later point leaves nothing a resync would not copy. Returns
+    /// the peers to send the change to.
+    async fn prepare(&self, off: u64, len: u64) -> Result<Vec<Leg>, IoError> {
+        let mut sent = Vec::new();
+        let mut pending: Vec<(Arc<Peer>, Vec<u8>)> = Vec::new();
+        for p in &self.peers {
+            // One look at the state decides both where the change goes and what is recorded.
+            let state = p.state();
+            if state != PeerState::OutOfSync {
+                sent.push((p.clone(), p.client(), state == PeerState::CatchingUp));
+            }
+            let entries = match state {
+                PeerState::InSync => None,
+                PeerState::OutOfSync => p.dirty.mark_mem(off, len),
+                PeerState::CatchingUp => p.dirty.begin_inflight(off, len),
+            };
+            if let Some(e) = entries {
+                pending.push((p.clone(), e));
+            }
+        }
+        if !pending.is_empty() {
+            tokio::task::spawn_blocking(move || pending.iter().try_for_each(|(p, e)| p.dirty.append(e))).await.map_err(std::io::Error::other)??;
+        }
+        Ok(sent)
+    }
+
     /// Settles the remote legs of a change to `[off, off+len)`: failed peers leave the in-sync
-    /// set, skipped (out-of-sync) peers get the range recorded.
-    async fn settle(&self, sent: &[(Arc<Peer>, Option<Arc<Client>>)], results: Vec<Result<Vec<u8>, CallError>>, off: u64, len: u64) -> Result<(), IoError> {
-        for ((p, _), r) in sent.iter().zip(results) {
+    /// set (the range recorded), and out-of-sync peers are confirmed out in the metadata store,
+    /// before the change is acknowledged.
+    async fn settle(&self, sent: &[Leg], results: Vec<Result<Vec<u8>, CallError>>, off: u64, len: u64) -> Result<(), IoError> {
+        let mut stale = false;
+        for ((p, _, _), r) in sent.iter().zip(results) {
             match r {
                 Ok(_) => {}
-                Err(e) if e.is_stale() => return Err(self.fence()),
+                Err(e) if e.is_stale() => stale = true,
                 Err(e) => {
                     tracing::warn!(volume = %self.name, replica = %p.node, "replica write failed: {e}");
                     self.peer_failed(p, Some((off, len))).await.map_err(IoError::Replication)?;
                 }
             }
         }
-        for p in self.peers.iter().filter(|p| !sent.iter().any(|(s, _)| Arc::ptr_eq(s, p))) {
-            let p2 = p.clone();
-            tokio::task::spawn_blocking(move || p2.dirty.mark(off, len)).await.map_err(std::io::Error::other)??;
-            self.record_out(p).await.map_err(IoError::Replication)?;
+        for p in &self.peers {
+            if !sent.iter().any(|(s, _, _)| Arc::ptr_eq(s, p)) {
+                self.record_out(p).await.map_err(IoError::Replication)?;
+            }
+        }
+        if stale {
+            return Err(self.fence());
         }
         Ok(())
     }
 
-    async fn fan_out(&self, sent: &[(Arc<Peer>, Option<Arc<Client>>)], op: Op, flags: u8, off: u64, len: u32, payload: Option<Bytes>) -> Vec<Result<Vec<u8>, CallError>> {
-        let calls = sent.iter().map(|(p, c)| {
+    /// Ends the in-flight records `prepare` made for catching-up peers.
+    fn finish(&self, sent: &[Leg], off: u64, len: u64) {
+        for (p, _, inflight) in sent {
+            if *inflight {
+                p.dirty.end_inflight(off, len);
+            }
+        }
+    }
+
+    async fn fan_out(&self, sent: &[Leg], op: Op, flags: u8, off: u64, len: u32, payload: Option<Bytes>) -> Vec<Result<Vec<u8>, CallError>> {
+        let calls = sent.iter().map(|(p, c, _)| {
             let payload = payload.clone();
             async move {
                 match c {
@@ -354,7 +417,7 @@ impl Target {
         let _g = if aligned { Guard::Shared(self.region_lock.read().await) } else { Guard::Exclusive(self.region_lock.write().await) };
         self.admit().await?;
         let len = data.len() as u64;
-        let sent = self.active();
+        let sent = self.prepare(off, len).await?;
         let payload = (!sent.is_empty()).then(|| Bytes::copy_from_slice(&data));
         let flags = if fua { FLAG_FUA } else { 0 };
         let remote = self.fan_out(&sent, Op::Write, flags, off, len as u32, payload);
@@ -366,14 +429,16 @@ impl Target {
             }
         };
         let (l, r) = tokio::join!(local, remote);
+        let settled = self.settle(&sent, r, off, len).await;
+        self.finish(&sent, off, len);
         l?;
-        self.settle(&sent, r, off, len).await
+        settled
     }
 
     pub async fn zero(&self, e: &Engine, off: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         let _g = self.region_lock.write().await;
         self.admit().await?;
-        let sent = self.active();
+        let sent = self.prepare(off, len).await?;
         let flags = if fua { FLAG_FUA } else { 0 } | if punch { 0 } else { FLAG_NO_HOLE };
         // The protocol's length is 32 bits: large ranges go in pieces.
         let remote = async {
@@ -398,8 +463,10 @@ impl Target {
             }
         };
         let (l, r) = tokio::join!(local, remote);
+        let settled = self.settle(&sent, r, off, len).await;
+        self.finish(&sent, off, len);
         l?;
-        self.settle(&sent, r, off, len).await
+        settled
     }
 
     pub async fn flush(&self, e: &Engine) -> Result<(), IoError> {
@@ -428,7 +495,7 @@ impl Target {
 
     /// A read from the first in-sync peer that answers (the caller holds the region lock).
     pub(super) async fn read_peers(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
-        for (p, c) in self.active() {
+        for (p, c, _) in self.active() {
             let (Some(c), PeerState::InSync) = (c, p.state()) else { continue };
             match c.call(Op::Read, 0, self.vol.id, self.epoch, off, len as u32, None).await {
                 Ok(data) if data.len() == len => {

@@ -53,6 +53,7 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
         replica_nodes: r.replicas.clone(),
         in_sync_nodes: r.in_sync.clone(),
         epoch: r.epoch,
+        verifying: v.verifying,
         replica_status: v
             .replicas
             .into_iter()

@@ -74,6 +74,8 @@ pub struct Volume {
     served: AtomicBool,
     /// Set while this node is the target of a volume with replicas on other nodes.
     target: RwLock<Option<Arc<Target>>>,
+    /// Replica requests hold it shared, a new target's HELLO exclusively (see `replica`).
+    pub(crate) fence: tokio::sync::RwLock<()>,
 }
 
 impl Volume {
@@ -139,6 +141,8 @@ pub struct VolumeInfo {
     pub connections: u32,
     /// Replication state of each replica, as the target sees it (empty elsewhere).
     pub replicas: Vec<ReplicaStatus>,
+    /// The target is comparing the in-sync replicas after an unclean change of target.
+    pub verifying: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -289,6 +293,7 @@ impl Engine {
             // Replicated volumes are served once their target is running (`start_targets`).
             served: AtomicBool::new(rec.target == me && rec.replicas == [me]),
             target: RwLock::new(None),
+            fence: tokio::sync::RwLock::new(()),
             id: rec.id,
             name: rec.name.clone(),
             size: AtomicU64::new(rec.size),
@@ -344,12 +349,13 @@ impl Engine {
             replicas,
             target: me.clone(),
             epoch: 1,
+            clean: false,
         };
         let rec = self.meta.create_volume(rec)?;
         let handle = Arc::new(Self::handle(&rec, &me));
         self.volumes.write().insert(rec.name.clone(), handle.clone());
         if rec.replicas != [me.clone()] {
-            if let Err(e) = self.start_target(handle, &rec).await {
+            if let Err(e) = self.start_target(handle, &rec, false).await {
                 tracing::warn!(volume = %name, "created, but serving it failed: {e}");
             }
         }
@@ -382,15 +388,19 @@ impl Engine {
 
     /// Starts serving a replicated volume here: announces the epoch to its replicas and starts
     /// resync for the ones out of sync.
-    async fn start_target(&self, handle: Arc<Volume>, rec: &VolumeRecord) -> Result<(), VolumeError> {
+    /// `verify`: the previous target may have died with writes in flight; compare the replicas.
+    async fn start_target(&self, handle: Arc<Volume>, rec: &VolumeRecord, verify: bool) -> Result<(), VolumeError> {
         let meta = self.meta.clone();
         let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
         let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
         let me = self.node.id.clone();
-        let t = Target::start(handle.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl).await?;
+        let t = Target::start(handle.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl, verify).await?;
         *handle.target.write() = Some(t.clone());
         handle.served.store(true, Ordering::Release);
         if let Some(engine) = self.myself() {
+            if verify {
+                tokio::spawn(crate::replication::reconcile::run(engine.clone(), t.clone()));
+            }
             tokio::spawn(crate::replication::resync::run(engine, t));
         }
         Ok(())
@@ -401,7 +411,9 @@ impl Engine {
         let handle = self.volumes.read().get(&record.name).cloned();
         let connections = handle.as_ref().map(|v| v.connections()).unwrap_or(0);
         let used_bytes = if record.has_replica(&self.node.id) { self.pool.used_bytes_of(record.id) } else { 0 };
-        let replicas = match handle.and_then(|h| h.target()) {
+        let target = handle.and_then(|h| h.target());
+        let verifying = target.as_ref().is_some_and(|t| t.verifying.load(Ordering::Acquire));
+        let replicas = match target {
             Some(t) => t
                 .peers
                 .iter()
@@ -414,7 +426,7 @@ impl Engine {
                 .collect(),
             None => Vec::new(),
         };
-        Ok(VolumeInfo { used_bytes, connections, record, replicas })
+        Ok(VolumeInfo { used_bytes, connections, record, replicas, verifying })
     }
 
     /// Whether a volume's data lives in this node's pool.
@@ -654,7 +666,24 @@ impl Engine {
                 continue;
             }
             let Some(h) = self.volume(&rec.name) else { continue };
-            if let Err(e) = self.start_target(h, &rec).await {
+            // A new epoch: requests the previous run left in flight are refused by every replica.
+            let mut next = rec.clone();
+            next.epoch += 1;
+            next.clean = false;
+            let meta = self.meta.clone();
+            let rec = match tokio::task::spawn_blocking(move || meta.update_volume(&next)).await {
+                Ok(Ok(r)) => r.normalized(&me),
+                Ok(Err(e)) => {
+                    tracing::error!(volume = %rec.name, "cannot serve the volume: recording the new epoch: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(volume = %rec.name, "cannot serve the volume: {e}");
+                    continue;
+                }
+            };
+            h.epoch.fetch_max(rec.epoch, Ordering::AcqRel);
+            if let Err(e) = self.start_target(h, &rec, true).await {
                 tracing::error!(volume = %rec.name, "cannot serve the volume: {e}");
             }
         }
@@ -689,6 +718,7 @@ impl Engine {
         let mut next = rec.clone();
         next.target = me.clone();
         next.epoch += 1;
+        next.clean = false;
         let next = self.meta.update_volume(&next)?.normalized(&me);
         let handle = {
             let mut vols = self.volumes.write();
@@ -704,7 +734,7 @@ impl Engine {
             if let Some(old) = handle.target.write().take() {
                 old.close();
             }
-            self.start_target(handle, &next).await?;
+            self.start_target(handle, &next, !rec.clean).await?;
         }
         tracing::info!(volume = %name, epoch = next.epoch, previous = %rec.target, "volume attached here");
         let fresh = self.meta.get_volume(name)?.unwrap_or(next);
@@ -721,8 +751,10 @@ impl Engine {
             return self.info_of(rec);
         }
         self.must_be_target(&rec)?;
+        let mut busy = false;
         if let Some(v) = self.volume(name) {
             let n = v.connections();
+            busy = n > 0;
             if n > 0 && !force {
                 return Err(VolumeError::FailedPrecondition(format!("volume {name} has {n} connected NBD client(s); disconnect them or detach with --force")));
             }
@@ -735,6 +767,8 @@ impl Engine {
             }
         }
         rec.target.clear();
+        // With clients cut off (force) a write may have been in flight: the next target compares.
+        rec.clean = !busy;
         let rec = self.meta.update_volume(&rec)?;
         tracing::info!(volume = %name, "volume detached");
         self.info_of(rec)

@@ -1,0 +1,145 @@
+//! Fault injection under a running writer: replicas and targets killed (-9), paused (SIGSTOP,
+//! which looks like a partition to every peer) and restarted, also while they resync. After the
+//! faults every acknowledged write must read back and the in-sync replicas must be identical.
+
+use std::time::Duration;
+use strata_e2e::checker::{verify, History, Writer};
+use strata_e2e::cluster::Cluster;
+use strata_e2e::nbd::Client;
+
+const MIB: u64 = 1 << 20;
+const SPAN: u64 = 16 * MIB;
+
+fn writer(c: &Cluster, node: usize, vol: &str, seed: u64) -> Writer {
+    Writer::new(Client::connect(&c.engines[node].nbd, vol).unwrap(), SPAN, 16 * 1024, seed)
+}
+
+fn settle_and_check(c: &Cluster, via: usize, vol: &str, w: &mut Writer, h: &History) {
+    c.wait_in_sync(via, vol, Duration::from_secs(90));
+    let bad = verify(&mut w.client, h, SPAN);
+    assert!(bad.is_empty(), "{} acknowledged writes lost or corrupted, first: {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert_eq!(c.replica_differences(via, vol), Vec::<String>::new(), "in-sync replicas differ");
+}
+
+#[test]
+fn replica_kills_pauses_and_restarts_lose_no_acknowledged_write() {
+    const FAULTS: usize = 64;
+    let mut c = Cluster::start(3, "256MiB");
+    c.sdk(0).create_full("f", SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, "f", 11);
+    w.run(&mut h, 50, Duration::from_secs(30)).unwrap();
+    let mut dropped = 0;
+    for round in 0..FAULTS {
+        let victim = 1 + round % 2;
+        // Half the rounds hit a fully in-sync volume; the others land while a replica resyncs.
+        let synced = round % 8 < 4;
+        if synced {
+            c.wait_in_sync(0, "f", Duration::from_secs(60));
+        }
+        match round % 4 {
+            // Killed, written around, brought back.
+            0 => {
+                c.kill9(victim);
+                w.run(&mut h, 20, Duration::from_secs(30)).unwrap();
+                c.engines[victim].spawn().unwrap();
+            }
+            // Partitioned (paused) past the replica timeout, then back.
+            1 => {
+                c.pause(victim);
+                w.run(&mut h, 20, Duration::from_secs(30)).unwrap();
+                c.resume(victim);
+            }
+            // Restarted at once: often while it is still resyncing.
+            2 => {
+                c.restart(victim);
+                continue;
+            }
+            // Both replicas down together: the target carries on alone.
+            _ => {
+                c.kill9(1);
+                c.pause(2);
+                w.run(&mut h, 20, Duration::from_secs(30)).unwrap();
+                c.resume(2);
+                c.engines[1].spawn().unwrap();
+            }
+        }
+        if synced {
+            // The failed replica left the in-sync set before the writes around it were acknowledged.
+            let v = c.sdk(0).inspect("f").unwrap();
+            assert!(v.in_sync_nodes.len() < 3, "round {round}: a failed replica is still listed in sync: {v:?}");
+            dropped += 1;
+        }
+        w.run(&mut h, 20, Duration::from_secs(30)).unwrap();
+    }
+    eprintln!("{FAULTS} replica faults ({dropped} on a fully in-sync volume); {} writes acknowledged, {} failed", h.acked_writes, h.failed_writes);
+    assert_eq!(h.failed_writes, 0, "replica faults never fail a write while the target is up");
+    settle_and_check(&c, 0, "f", &mut w, &h);
+}
+
+#[test]
+fn target_kills_mid_write_lose_no_acknowledged_write() {
+    const FAULTS: usize = 24;
+    let mut c = Cluster::start(3, "256MiB");
+    c.sdk(0).create_full("t", SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, "t", 5);
+    for round in 0..FAULTS {
+        // Kill the target from another thread while a write is in flight.
+        let pid = c.engines[0].pid().unwrap();
+        let delay = Duration::from_millis(20 + (round as u64 * 37) % 200);
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            // SAFETY: kill(2) on the engine process this test started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        });
+        let r = w.run(&mut h, 100_000, Duration::from_secs(30));
+        assert!(r.is_err(), "the writer notices the dead target");
+        killer.join().unwrap();
+        c.restart(0);
+        // Now and then a replica restarts too, while the target compares replicas.
+        if round % 3 == 2 {
+            c.restart(1 + round % 2);
+        }
+        w = writer(&c, 0, "t", 5 + round as u64);
+        w.run(&mut h, 20, Duration::from_secs(30)).unwrap();
+    }
+    eprintln!("{FAULTS} target kills; {} writes acknowledged, {} cut off unacknowledged", h.acked_writes, h.failed_writes);
+    settle_and_check(&c, 0, "t", &mut w, &h);
+}
+
+#[test]
+fn takeover_fences_the_old_target() {
+    let c = Cluster::start(3, "256MiB");
+    c.sdk(0).create_full("sb", SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, "sb", 3);
+    w.run(&mut h, 100, Duration::from_secs(30)).unwrap();
+    let mut old_client = Client::connect(&c.engines[0].nbd, "sb").unwrap();
+    // The target drops off the network (etcd and replicas alike).
+    c.pause(0);
+    let a = c.sdk(1).attach("sb", false);
+    assert_eq!(a.unwrap_err().code(), tonic::Code::FailedPrecondition, "node-1 is still registered: no takeover yet");
+    let t0 = std::time::Instant::now();
+    while !c.sdk(1).nodes().iter().any(|n| n.id == "node-1" && n.status == "offline") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "node-1 never read offline");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = c.sdk(1).attach("sb", false).unwrap();
+    assert_eq!(v.attached_node, "node-2");
+    assert_eq!(v.epoch, 2);
+    assert!(!v.in_sync_nodes.contains(&"node-1".to_string()), "the unreachable old target's replica is out of sync: {v:?}");
+    let mut w2 = writer(&c, 1, "sb", 4);
+    w2.run(&mut h, 100, Duration::from_secs(30)).unwrap();
+    // The old target wakes up: its writes must be refused.
+    c.resume(0);
+    let stale = strata_e2e::checker::stamp(0, u64::MAX, 4096);
+    for i in 0..5 {
+        let err = old_client.write(i * 4096, &stale, 0);
+        assert_ne!(err, 0, "the fenced target acknowledged a write");
+    }
+    assert!(Client::connect(&c.engines[0].nbd, "sb").is_err(), "the fenced target takes no new clients");
+    w2.run(&mut h, 50, Duration::from_secs(30)).unwrap();
+    // node-1's replica comes back through resync, and data equals the new target's history.
+    settle_and_check(&c, 1, "sb", &mut w2, &h);
+}
