@@ -74,3 +74,50 @@ fn a_dead_replica_leaves_the_in_sync_set_and_resyncs_only_what_it_missed() {
     assert_eq!(verify(&mut w.client, &h, 32 * MIB), Vec::<String>::new());
     assert_eq!(c.replica_differences(0, "v"), Vec::<String>::new());
 }
+
+#[test]
+fn an_interrupted_resync_resumes_instead_of_starting_over() {
+    // Slow resync (4 MiB/s), so it can be interrupted midway: first the replica dies, then the
+    // target restarts; each time the copy continues from what is left.
+    let mut c = Cluster::start_with(2, "256MiB", &["--resync-rate", "4MiB"]);
+    c.sdk(0).create_full("slow", 32 * MIB, 2, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = Writer::new(Client::connect(&c.engines[0].nbd, "slow").unwrap(), 32 * MIB, MIB, 9);
+    c.kill9(1);
+    w.run(&mut h, 24, Duration::from_secs(60)).unwrap();
+    let missed = |c: &Cluster| -> (u64, u64) {
+        let v = c.sdk(0).inspect("slow").unwrap();
+        let r = v.replica_status.iter().find(|r| r.node == "node-2").expect("node-2 status").clone();
+        (r.dirty_bytes, r.copied_bytes)
+    };
+    let (dirty0, _) = missed(&c);
+    assert!(dirty0 >= 8 * MIB, "{dirty0} bytes missed");
+    c.engines[1].spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while missed(&c).1 < dirty0 / 4 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "resync did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Interruption 1: the replica dies midway.
+    c.kill9(1);
+    std::thread::sleep(Duration::from_millis(300));
+    let (left1, copied1) = missed(&c);
+    assert!(left1 < dirty0, "progress was kept: {left1} of {dirty0} left");
+    c.engines[1].spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while missed(&c).1 < copied1 + left1 / 3 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "resync did not resume");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Interruption 2: the target restarts midway (progress is on disk).
+    let (_, copied2) = missed(&c);
+    c.restart(0);
+    let v = c.wait_in_sync(0, "slow", Duration::from_secs(60));
+    let copied3: u64 = v.replica_status.iter().filter(|r| r.node == "node-2").map(|r| r.copied_bytes).sum();
+    let total = copied2 + copied3;
+    eprintln!("interrupted resync: {dirty0} bytes missed; copied {copied1} before the replica died, {copied2} before the target restarted, {copied3} after: {total} in all");
+    assert!(total as f64 <= 1.25 * dirty0 as f64, "the resync started over: copied {total} for {dirty0} missed");
+    let mut r = Client::connect(&c.engines[0].nbd, "slow").unwrap();
+    assert_eq!(verify(&mut r, &h, 32 * MIB), Vec::<String>::new());
+    assert_eq!(c.replica_differences(0, "slow"), Vec::<String>::new());
+}
