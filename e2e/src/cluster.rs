@@ -25,18 +25,28 @@ impl Cluster {
     }
 
     pub fn start_with(n: usize, dev_size: &str, extra: &[&str]) -> Cluster {
-        let etcd = EtcdProc::start();
-        let mut dirs = Vec::new();
-        let mut engines = Vec::new();
-        for i in 1..=n {
-            let d = crate::tempdir();
-            let id = format!("node-{i}");
-            let mut args = vec!["--etcd", &etcd.url, "--node-id", &id, "--node-ttl", NODE_TTL, "--replica-io-timeout", REPLICA_TIMEOUT];
-            args.extend_from_slice(extra);
-            engines.push(EngineProc::start_with(d.path(), 1, dev_size, &args));
-            dirs.push(d);
+        let mut c = Cluster::empty();
+        for _ in 0..n {
+            let url = c.etcd.url.clone();
+            c.add(&url, dev_size, extra);
         }
-        Cluster { etcd, engines, _dirs: dirs }
+        c
+    }
+
+    /// etcd alone; engines come with `add`.
+    pub fn empty() -> Cluster {
+        Cluster { etcd: EtcdProc::start(), engines: Vec::new(), _dirs: Vec::new() }
+    }
+
+    /// Starts the next engine (node-N) on etcd at `etcd_url` (which may be a proxy).
+    pub fn add(&mut self, etcd_url: &str, dev_size: &str, extra: &[&str]) -> usize {
+        let d = crate::tempdir();
+        let id = format!("node-{}", self.engines.len() + 1);
+        let mut args = vec!["--etcd", etcd_url, "--node-id", &id, "--node-ttl", NODE_TTL, "--replica-io-timeout", REPLICA_TIMEOUT];
+        args.extend_from_slice(extra);
+        self.engines.push(EngineProc::start_with(d.path(), 1, dev_size, &args));
+        self._dirs.push(d);
+        self.engines.len() - 1
     }
 
     pub fn sdk(&self, i: usize) -> Sdk {

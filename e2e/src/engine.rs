@@ -65,7 +65,12 @@ impl EngineProc {
         for d in &self.devices {
             c.arg("--device").arg(d);
         }
-        c.args(["--nbd-listen", "127.0.0.1:0", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0"]);
+        for flag in ["--nbd-listen", "--sdk-listen", "--metrics-listen", "--repl-listen"] {
+            // Free ports unless the test chose one.
+            if !self.extra.iter().any(|a| a == flag) {
+                c.args([flag, "127.0.0.1:0"]);
+            }
+        }
         c.arg("--nbd-socket").arg(&self.socket);
         c.arg("--ready-file").arg(self.dir.join("ready.json"));
         c.args(&self.extra);

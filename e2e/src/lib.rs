@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod engine;
 pub mod etcd;
 pub mod nbd;
+pub mod proxy;
 pub mod sdk;
 pub mod util;
 

@@ -143,3 +143,49 @@ fn takeover_fences_the_old_target() {
     // node-1's replica comes back through resync, and data equals the new target's history.
     settle_and_check(&c, 1, "sb", &mut w2, &h);
 }
+
+#[test]
+fn split_brain_target_cut_from_etcd_and_one_replica_is_fenced() {
+    use strata_e2e::proxy::Proxy;
+    let mut c = Cluster::empty();
+    let url = c.etcd.url.clone();
+    // node-1 reaches etcd through a link we can cut; everyone reaches node-3's replication port
+    // through another.
+    let to_etcd = Proxy::start(url.trim_start_matches("http://"));
+    c.add(&format!("http://{}", to_etcd.addr), "256MiB", &[]);
+    c.add(&url, "256MiB", &[]);
+    let port = strata_e2e::free_port();
+    let to_node3 = Proxy::start(&format!("127.0.0.1:{port}"));
+    c.add(&url, "256MiB", &["--repl-listen", &format!("127.0.0.1:{port}"), "--advertise", &to_node3.addr]);
+
+    c.sdk(0).create_full("sb", SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, "sb", 21);
+    w.run(&mut h, 100, Duration::from_secs(30)).unwrap();
+
+    to_etcd.cut();
+    to_node3.cut();
+    // The target loses node-3 and cannot record it: it stops acknowledging.
+    let r = w.run(&mut h, 1000, Duration::from_secs(30));
+    assert!(r.is_err(), "a target cut off from etcd acknowledged every write");
+    let t0 = std::time::Instant::now();
+    while !c.sdk(1).nodes().iter().any(|n| n.id == "node-1" && n.status == "offline") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "node-1 never read offline");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = c.sdk(1).attach("sb", false).unwrap();
+    assert_eq!((v.attached_node.as_str(), v.epoch), ("node-2", 2));
+    assert!(!v.in_sync_nodes.contains(&"node-3".to_string()), "node-3 is unreachable: {v:?}");
+    let mut w2 = writer(&c, 1, "sb", 22);
+    w2.run(&mut h, 100, Duration::from_secs(30)).unwrap();
+
+    let stale = strata_e2e::checker::stamp(0, u64::MAX, 4096);
+    assert_ne!(w.client.write(0, &stale, 0), 0, "the old target wrote during the partition");
+    to_etcd.heal();
+    to_node3.heal();
+    for i in 0..5 {
+        assert_ne!(w.client.write(i * 4096, &stale, 0), 0, "the old target wrote after the partition healed");
+    }
+    w2.run(&mut h, 50, Duration::from_secs(30)).unwrap();
+    settle_and_check(&c, 1, "sb", &mut w2, &h);
+}
