@@ -1,8 +1,10 @@
 //! Volumes on one node: lifecycle (create, grow, delete with a persisted intent) over the
 //! metadata store, and the in-memory handles the NBD frontend serves.
 
+mod attach;
 mod io;
 pub mod readahead;
+mod replicas;
 
 pub use io::{IoError, ReadBuf, ReadData};
 
@@ -363,49 +365,6 @@ impl Engine {
         self.info_of(rec)
     }
 
-    /// Chooses the nodes for `repl` replicas (this node first when it is eligible).
-    async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec) -> Result<Vec<String>, VolumeError> {
-        use crate::cluster::placement::{place, Candidate, Request};
-        let meta = self.meta.clone();
-        let (nodes, vols) = tokio::task::spawn_blocking(move || Ok::<_, MetaError>((meta.list_nodes()?, meta.list_volumes()?)))
-            .await
-            .map_err(|e| VolumeError::Meta(e.to_string()))??;
-        let me = &self.node.id;
-        let cands: Vec<Candidate> = nodes
-            .into_iter()
-            .map(|(n, state)| {
-                let provisioned = vols.iter().map(|v| v.clone().normalized(me)).filter(|v| v.has_replica(&n.id)).map(|v| v.size).sum();
-                let capacity = if &n.id == me { self.pool.total_bytes() } else { n.total_bytes };
-                Candidate { online: state == crate::meta::NodeState::Online, zone: n.zone, rack: n.rack, capacity, provisioned, id: n.id }
-            })
-            .collect();
-        let req = Request { repl, size, nodes: spec.nodes.clone(), zones: spec.zones.clone(), racks: spec.racks.clone(), prefer: Some(me.clone()), exclude: vec![] };
-        place(&cands, &req).map_err(|e| {
-            let hint = if cands.len() < repl as usize { "; add nodes (engines on one etcd) or lower repl" } else { "" };
-            VolumeError::FailedPrecondition(format!("{e}{hint}"))
-        })
-    }
-
-    /// Starts serving a replicated volume here: announces the epoch to its replicas and starts
-    /// resync for the ones out of sync.
-    /// `verify`: the previous target may have died with writes in flight; compare the replicas.
-    async fn start_target(&self, handle: Arc<Volume>, rec: &VolumeRecord, verify: bool) -> Result<(), VolumeError> {
-        let meta = self.meta.clone();
-        let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
-        let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
-        let me = self.node.id.clone();
-        let t = Target::start(handle.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl, verify).await?;
-        *handle.target.write() = Some(t.clone());
-        handle.served.store(true, Ordering::Release);
-        if let Some(engine) = self.myself() {
-            if verify {
-                tokio::spawn(crate::replication::reconcile::run(engine.clone(), t.clone()));
-            }
-            tokio::spawn(crate::replication::resync::run(engine, t));
-        }
-        Ok(())
-    }
-
     fn info_of(&self, record: VolumeRecord) -> Result<VolumeInfo, VolumeError> {
         let record = record.normalized(&self.node.id);
         let handle = self.volumes.read().get(&record.name).cloned();
@@ -601,187 +560,6 @@ impl Engine {
         self.volumes.write().remove(name);
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
-    }
-
-    /// A replica's data for a deleted volume: freed on its target's request.
-    pub(crate) async fn drop_replica(&self, id: u64) -> Result<(), VolumeError> {
-        let handle = self.volumes.read().values().find(|v| v.id == id).cloned();
-        if let Some(v) = &handle {
-            v.deleted.store(true, Ordering::Release);
-            let _io = v.io_lock.write().await;
-            self.volumes.write().remove(&v.name);
-        }
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
-        Ok(())
-    }
-
-    /// The handle of a volume with a replica here, loading it from the metadata store when it
-    /// was created after this engine started. Blocking.
-    pub fn replica_volume(&self, id: u64) -> Option<Arc<Volume>> {
-        if let Some(v) = self.volumes.read().values().find(|v| v.id == id) {
-            return Some(v.clone());
-        }
-        let me = &self.node.id;
-        let rec = self.meta.list_volumes().ok()?.into_iter().map(|r| r.normalized(me)).find(|r| r.id == id)?;
-        if !rec.has_replica(me) || rec.pending.is_some() {
-            return None;
-        }
-        let mut vols = self.volumes.write();
-        Some(vols.entry(rec.name.clone()).or_insert_with(|| Arc::new(Self::handle(&rec, me))).clone())
-    }
-
-    /// The crc32c of each allocated extent of this node's replica of `name`, by logical extent.
-    pub async fn extent_checksums(&self, name: &str) -> Result<Vec<(u64, u32)>, VolumeError> {
-        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-        let (e, id) = (self.myself(), rec.id);
-        let v = match e {
-            Some(e) => tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten(),
-            None => None,
-        }
-        .ok_or_else(|| VolumeError::FailedPrecondition(format!("node {} holds no replica of volume {name}", self.node.id)))?;
-        let es = self.pool.extent_size;
-        let mut out = Vec::new();
-        let mut lexts = self.pool.volume_extents(v.id);
-        lexts.sort_unstable();
-        for l in lexts {
-            let off = l * es;
-            let len = es.min(v.size().saturating_sub(off)) as usize;
-            if len == 0 {
-                continue;
-            }
-            let d = self.read_local(&v, off, len).await.map_err(|err| VolumeError::FailedPrecondition(format!("reading extent {l}: {err}")))?;
-            out.push((l, crc32c::crc32c(d.bytes())));
-        }
-        Ok(out)
-    }
-
-    /// Starts serving the replicated volumes whose target is this node (after a restart).
-    pub async fn start_targets(&self) {
-        let me = self.node.id.clone();
-        let meta = self.meta.clone();
-        let Ok(Ok(all)) = tokio::task::spawn_blocking(move || meta.list_volumes()).await else { return };
-        for rec in all.into_iter().map(|r| r.normalized(&me)) {
-            if rec.target != me || rec.replicas == [me.clone()] || rec.pending.is_some() {
-                continue;
-            }
-            let Some(h) = self.volume(&rec.name) else { continue };
-            // A new epoch: requests the previous run left in flight are refused by every replica.
-            let mut next = rec.clone();
-            next.epoch += 1;
-            next.clean = false;
-            let meta = self.meta.clone();
-            let rec = match tokio::task::spawn_blocking(move || meta.update_volume(&next)).await {
-                Ok(Ok(r)) => r.normalized(&me),
-                Ok(Err(e)) => {
-                    tracing::error!(volume = %rec.name, "cannot serve the volume: recording the new epoch: {e}");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(volume = %rec.name, "cannot serve the volume: {e}");
-                    continue;
-                }
-            };
-            h.epoch.fetch_max(rec.epoch, Ordering::AcqRel);
-            if let Err(e) = self.start_target(h, &rec, true).await {
-                tracing::error!(volume = %rec.name, "cannot serve the volume: {e}");
-            }
-        }
-    }
-
-    /// Makes this node the volume's target: records it with a new epoch (fencing the previous
-    /// target, whose writes every replica refuses from then on) and starts serving. Moving a
-    /// volume away from an online target that did not detach needs `force`.
-    pub async fn attach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
-        let _g = self.lifecycle.lock().await;
-        let me = self.node.id.clone();
-        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
-        if rec.pending.is_some() {
-            return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
-        }
-        if rec.target == me && self.volume(name).is_some_and(|v| v.is_served()) {
-            return self.info_of(rec);
-        }
-        if !rec.target.is_empty() && rec.target != me && !force {
-            let meta = self.meta.clone();
-            let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
-            if nodes.iter().any(|(n, s)| n.id == rec.target && *s != crate::meta::NodeState::Offline) {
-                return Err(VolumeError::FailedPrecondition(format!(
-                    "volume {name} is attached on node {}, which is up; detach it there first, or pass --force to take it over",
-                    rec.target
-                )));
-            }
-        }
-        if rec.in_sync.is_empty() {
-            return Err(VolumeError::FailedPrecondition(format!("volume {name} has no in-sync replica")));
-        }
-        let mut next = rec.clone();
-        next.target = me.clone();
-        next.epoch += 1;
-        next.clean = false;
-        let next = self.meta.update_volume(&next)?.normalized(&me);
-        let handle = {
-            let mut vols = self.volumes.write();
-            let h = vols.entry(name.to_string()).or_insert_with(|| Arc::new(Self::handle(&next, &me))).clone();
-            h.epoch.fetch_max(next.epoch, Ordering::AcqRel);
-            h.size.fetch_max(next.size, Ordering::AcqRel);
-            h.deleted.store(false, Ordering::Release);
-            h
-        };
-        if next.replicas == [me.clone()] {
-            handle.served.store(true, Ordering::Release);
-        } else {
-            if let Some(old) = handle.target.write().take() {
-                old.close();
-            }
-            self.start_target(handle, &next, !rec.clean).await?;
-        }
-        tracing::info!(volume = %name, epoch = next.epoch, previous = %rec.target, "volume attached here");
-        let fresh = self.meta.get_volume(name)?.unwrap_or(next);
-        self.info_of(fresh)
-    }
-
-    /// Stops serving a volume here and records it as detached. Refused while clients are
-    /// connected unless `force`.
-    pub async fn detach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
-        let _g = self.lifecycle.lock().await;
-        let me = self.node.id.clone();
-        let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
-        if rec.target.is_empty() {
-            return self.info_of(rec);
-        }
-        self.must_be_target(&rec)?;
-        let mut busy = false;
-        if let Some(v) = self.volume(name) {
-            let n = v.connections();
-            busy = n > 0;
-            if n > 0 && !force {
-                return Err(VolumeError::FailedPrecondition(format!("volume {name} has {n} connected NBD client(s); disconnect them or detach with --force")));
-            }
-            v.served.store(false, Ordering::Release);
-            if let Some(t) = v.target.write().take() {
-                t.close();
-            }
-            if !rec.has_replica(&me) {
-                self.volumes.write().remove(name);
-            }
-        }
-        rec.target.clear();
-        // With clients cut off (force) a write may have been in flight: the next target compares.
-        rec.clean = !busy;
-        let rec = self.meta.update_volume(&rec)?;
-        tracing::info!(volume = %name, "volume detached");
-        self.info_of(rec)
-    }
-
-    /// Claims a volume for an NBD client (only where it is served).
-    pub fn connect(&self, name: &str) -> Option<Connection> {
-        let v = self.volumes.read().get(name).cloned()?;
-        if v.is_deleted() || !v.is_served() || v.target().is_some_and(|t| t.is_fenced()) {
-            return None;
-        }
-        v.connections.fetch_add(1, Ordering::AcqRel);
-        Some(Connection { volume: v })
     }
 
     /// Names and sizes of the exports, for NBD_OPT_LIST.

@@ -1,0 +1,159 @@
+//! Where a volume is served: attach (become its target, with a new epoch), detach, restart
+//! of targets after an engine restart, and NBD clients' claims.
+
+use super::{Connection, Engine, Volume, VolumeError, VolumeInfo};
+use crate::meta::VolumeRecord;
+use crate::replication::target::Target;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Engine {
+    /// Starts serving a replicated volume here: announces the epoch to its replicas and starts
+    /// resync for the ones out of sync.
+    /// `verify`: the previous target may have died with writes in flight; compare the replicas.
+    pub(super) async fn start_target(&self, handle: Arc<Volume>, rec: &VolumeRecord, verify: bool) -> Result<(), VolumeError> {
+        let meta = self.meta.clone();
+        let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
+        let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
+        let me = self.node.id.clone();
+        let t = Target::start(handle.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl, verify).await?;
+        *handle.target.write() = Some(t.clone());
+        handle.served.store(true, Ordering::Release);
+        if let Some(engine) = self.myself() {
+            if verify {
+                tokio::spawn(crate::replication::reconcile::run(engine.clone(), t.clone()));
+            }
+            tokio::spawn(crate::replication::resync::run(engine, t));
+        }
+        Ok(())
+    }
+
+    /// Starts serving the replicated volumes whose target is this node (after a restart).
+    pub async fn start_targets(&self) {
+        let me = self.node.id.clone();
+        let meta = self.meta.clone();
+        let Ok(Ok(all)) = tokio::task::spawn_blocking(move || meta.list_volumes()).await else { return };
+        for rec in all.into_iter().map(|r| r.normalized(&me)) {
+            if rec.target != me || rec.replicas == [me.clone()] || rec.pending.is_some() {
+                continue;
+            }
+            let Some(h) = self.volume(&rec.name) else { continue };
+            // A new epoch: requests the previous run left in flight are refused by every replica.
+            let mut next = rec.clone();
+            next.epoch += 1;
+            next.clean = false;
+            let meta = self.meta.clone();
+            let rec = match tokio::task::spawn_blocking(move || meta.update_volume(&next)).await {
+                Ok(Ok(r)) => r.normalized(&me),
+                Ok(Err(e)) => {
+                    tracing::error!(volume = %rec.name, "cannot serve the volume: recording the new epoch: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(volume = %rec.name, "cannot serve the volume: {e}");
+                    continue;
+                }
+            };
+            h.epoch.fetch_max(rec.epoch, Ordering::AcqRel);
+            if let Err(e) = self.start_target(h, &rec, true).await {
+                tracing::error!(volume = %rec.name, "cannot serve the volume: {e}");
+            }
+        }
+    }
+
+    /// Makes this node the volume's target: records it with a new epoch (fencing the previous
+    /// target, whose writes every replica refuses from then on) and starts serving. Moving a
+    /// volume away from an online target that did not detach needs `force`.
+    pub async fn attach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
+        let _g = self.lifecycle.lock().await;
+        let me = self.node.id.clone();
+        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        if rec.pending.is_some() {
+            return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
+        }
+        if rec.target == me && self.volume(name).is_some_and(|v| v.is_served()) {
+            return self.info_of(rec);
+        }
+        if !rec.target.is_empty() && rec.target != me && !force {
+            let meta = self.meta.clone();
+            let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
+            if nodes.iter().any(|(n, s)| n.id == rec.target && *s != crate::meta::NodeState::Offline) {
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "volume {name} is attached on node {}, which is up; detach it there first, or pass --force to take it over",
+                    rec.target
+                )));
+            }
+        }
+        if rec.in_sync.is_empty() {
+            return Err(VolumeError::FailedPrecondition(format!("volume {name} has no in-sync replica")));
+        }
+        let mut next = rec.clone();
+        next.target = me.clone();
+        next.epoch += 1;
+        next.clean = false;
+        let next = self.meta.update_volume(&next)?.normalized(&me);
+        let handle = {
+            let mut vols = self.volumes.write();
+            let h = vols.entry(name.to_string()).or_insert_with(|| Arc::new(Self::handle(&next, &me))).clone();
+            h.epoch.fetch_max(next.epoch, Ordering::AcqRel);
+            h.size.fetch_max(next.size, Ordering::AcqRel);
+            h.deleted.store(false, Ordering::Release);
+            h
+        };
+        if next.replicas == [me.clone()] {
+            handle.served.store(true, Ordering::Release);
+        } else {
+            if let Some(old) = handle.target.write().take() {
+                old.close();
+            }
+            self.start_target(handle, &next, !rec.clean).await?;
+        }
+        tracing::info!(volume = %name, epoch = next.epoch, previous = %rec.target, "volume attached here");
+        let fresh = self.meta.get_volume(name)?.unwrap_or(next);
+        self.info_of(fresh)
+    }
+
+    /// Stops serving a volume here and records it as detached. Refused while clients are
+    /// connected unless `force`.
+    pub async fn detach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
+        let _g = self.lifecycle.lock().await;
+        let me = self.node.id.clone();
+        let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        if rec.target.is_empty() {
+            return self.info_of(rec);
+        }
+        self.must_be_target(&rec)?;
+        let mut busy = false;
+        if let Some(v) = self.volume(name) {
+            let n = v.connections();
+            busy = n > 0;
+            if n > 0 && !force {
+                return Err(VolumeError::FailedPrecondition(format!("volume {name} has {n} connected NBD client(s); disconnect them or detach with --force")));
+            }
+            v.served.store(false, Ordering::Release);
+            if let Some(t) = v.target.write().take() {
+                t.close();
+            }
+            if !rec.has_replica(&me) {
+                self.volumes.write().remove(name);
+            }
+        }
+        rec.target.clear();
+        // With clients cut off (force) a write may have been in flight: the next target compares.
+        rec.clean = !busy;
+        let rec = self.meta.update_volume(&rec)?;
+        tracing::info!(volume = %name, "volume detached");
+        self.info_of(rec)
+    }
+
+    /// Claims a volume for an NBD client (only where it is served).
+    pub fn connect(&self, name: &str) -> Option<Connection> {
+        let v = self.volumes.read().get(name).cloned()?;
+        if v.is_deleted() || !v.is_served() || v.target().is_some_and(|t| t.is_fenced()) {
+            return None;
+        }
+        v.connections.fetch_add(1, Ordering::AcqRel);
+        Some(Connection { volume: v })
+    }
+}
