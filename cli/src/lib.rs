@@ -90,6 +90,16 @@ pub enum VolumeCmd {
     Inspect { name: String },
     /// Grow a volume (online) or change its labels.
     Update(UpdateArgs),
+    /// Add or remove replicas online (ask the volume's target node: --endpoint).
+    HaUpdate {
+        name: String,
+        /// The new number of replicas (1..3).
+        #[arg(long)]
+        repl: u32,
+        /// Growing: the node for the new replica. Shrinking: the node whose replica goes.
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Delete a volume and free its space.
     Delete {
         name: String,
@@ -267,6 +277,7 @@ fn print_volume(v: &pb::Volume) {
         ("Epoch", v.epoch.to_string()),
         ("Replica nodes", v.replica_nodes.join(",")),
         ("In sync", v.in_sync_nodes.join(",")),
+        ("Verifying replicas", if v.verifying { "yes (after an unclean change of target)".into() } else { "no".into() }),
         ("NBD clients", v.connections.to_string()),
         ("Labels", labels_text(&spec.labels)),
         ("QoS", qos_text(spec.qos.as_ref())),
@@ -387,6 +398,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("{}", volume_json(&v));
                     } else {
                         println!("Volume {} updated: size {}", v.name, format_size(v.spec.unwrap_or_default().size_bytes));
+                    }
+                }
+                VolumeCmd::HaUpdate { name, repl, node } => {
+                    let req = pb::HaUpdateRequest { name, repl, node: node.unwrap_or_default() };
+                    let v = c.ha_update(req).await.map_err(status_err)?.into_inner();
+                    let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    if json {
+                        println!("{}", volume_json(&v));
+                    } else {
+                        println!("Volume {}: replicas on {} (in sync: {}); new replicas fill in the background (volume inspect shows progress)", v.name, v.replica_nodes.join(","), v.in_sync_nodes.join(","));
                     }
                 }
                 VolumeCmd::Delete { name, force } => {

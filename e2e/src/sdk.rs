@@ -84,6 +84,12 @@ impl Sdk {
         Ok((r.extent_size, r.extents.into_iter().map(|e| (e.extent, e.crc32c)).collect()))
     }
 
+    pub fn ha_update(&self, name: &str, repl: u32, node: Option<&str>) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let req = pb::HaUpdateRequest { name: name.into(), repl, node: node.unwrap_or_default().into() };
+        self.rt.block_on(c.ha_update(req)).map(|r| r.into_inner().volume.unwrap())
+    }
+
     pub fn nodes(&self) -> Vec<pb::Node> {
         let mut c = pb::node_service_client::NodeServiceClient::new(self.ch.clone());
         self.rt.block_on(c.list(pb::ListNodesRequest {})).unwrap().into_inner().nodes

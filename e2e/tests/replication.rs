@@ -121,3 +121,58 @@ fn an_interrupted_resync_resumes_instead_of_starting_over() {
     assert_eq!(verify(&mut r, &h, 32 * MIB), Vec::<String>::new());
     assert_eq!(c.replica_differences(0, "slow"), Vec::<String>::new());
 }
+
+#[test]
+fn ha_update_adds_and_removes_replicas_online() {
+    let c = Cluster::start(3, "256MiB");
+    let v = c.sdk(0).create_spec("ha", pb::VolumeSpec { size_bytes: 32 * MIB, repl: 1, ..Default::default() }).unwrap();
+    assert_eq!(v.replica_nodes, vec!["node-1"]);
+    let mut h = History::default();
+    let mut w = Writer::new(Client::connect(&c.engines[0].nbd, "ha").unwrap(), 32 * MIB, 64 * 1024, 3);
+    w.run(&mut h, 100, Duration::from_secs(30)).unwrap();
+    // Up to 3 while the writer keeps going: the new replicas are rebuilt from allocated extents.
+    let v = c.sdk(0).ha_update("ha", 2, Some("node-3")).unwrap();
+    assert_eq!(v.replica_nodes, vec!["node-1", "node-3"]);
+    w.run(&mut h, 50, Duration::from_secs(30)).unwrap();
+    c.sdk(0).ha_update("ha", 3, None).unwrap();
+    w.run(&mut h, 50, Duration::from_secs(30)).unwrap();
+    let v = c.wait_in_sync(0, "ha", Duration::from_secs(60));
+    assert_eq!(v.replica_nodes.len(), 3);
+    assert_eq!(c.replica_differences(0, "ha"), Vec::<String>::new());
+    let used = v.used_bytes;
+    assert!(c.sdk(1).pool().used_bytes >= used, "node-2 holds a full copy");
+    // Bad requests.
+    assert_eq!(c.sdk(0).ha_update("ha", 4, None).unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(c.sdk(1).ha_update("ha", 2, None).unwrap_err().code(), Code::FailedPrecondition, "only the target changes replicas");
+    assert_eq!(c.sdk(0).ha_update("ha", 2, Some("node-9")).unwrap_err().code(), Code::InvalidArgument);
+    // Down to 2, dropping node-2: its space comes back at once.
+    let v = c.sdk(0).ha_update("ha", 2, Some("node-2")).unwrap();
+    assert_eq!(v.replica_nodes, vec!["node-1", "node-3"]);
+    assert_eq!(c.sdk(1).pool().used_bytes, 0);
+    w.run(&mut h, 50, Duration::from_secs(30)).unwrap();
+    assert_eq!(verify(&mut w.client, &h, 32 * MIB), Vec::<String>::new());
+    assert_eq!(c.replica_differences(0, "ha"), Vec::<String>::new());
+}
+
+#[test]
+fn a_replica_offline_past_the_replica_timeout_is_rebuilt_elsewhere() {
+    let mut c = Cluster::start_with(4, "256MiB", &["--replica-timeout", "2"]);
+    let spec = pb::VolumeSpec { size_bytes: 16 * MIB, repl: 2, nodes: vec!["node-1".into(), "node-2".into()], ..Default::default() };
+    c.sdk(0).create_spec("rr", spec).unwrap();
+    let mut h = History::default();
+    let mut w = Writer::new(Client::connect(&c.engines[0].nbd, "rr").unwrap(), 16 * MIB, 64 * 1024, 8);
+    w.run(&mut h, 100, Duration::from_secs(30)).unwrap();
+    c.kill9(1);
+    w.run(&mut h, 50, Duration::from_secs(30)).unwrap();
+    // node-2 reads offline after its TTL, then after --replica-timeout its replica moves.
+    let v = c.wait_volume(0, "rr", Duration::from_secs(40), "replica rebuilt elsewhere", |v| {
+        !v.replica_nodes.contains(&"node-2".to_string()) && v.in_sync_nodes.len() == 2
+    });
+    assert_eq!(v.replica_nodes.len(), 2, "{v:?}");
+    w.run(&mut h, 50, Duration::from_secs(30)).unwrap();
+    assert_eq!(verify(&mut w.client, &h, 16 * MIB), Vec::<String>::new());
+    assert_eq!(c.replica_differences(0, "rr"), Vec::<String>::new());
+    // node-2 comes back and frees the replica it no longer holds.
+    c.engines[1].spawn().unwrap();
+    assert_eq!(c.sdk(1).pool().used_bytes, 0);
+}

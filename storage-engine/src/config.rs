@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// Default: 5.
     #[arg(long, env = "STRATA_REPLICA_IO_TIMEOUT", default_value_t = 5)]
     pub replica_io_timeout: u64,
+    /// Seconds a replica's node may stay offline before the replica is rebuilt on another node
+    /// (0 = never). Default: 600.
+    #[arg(long, env = "STRATA_REPLICA_TIMEOUT", default_value_t = 600)]
+    pub replica_timeout: u64,
     /// Bandwidth of resync and rebuild per volume (0 = unlimited). Default: 256MiB (per second).
     #[arg(long, env = "STRATA_RESYNC_RATE", default_value = "256MiB", value_parser = size)]
     pub resync_rate: u64,

@@ -42,6 +42,7 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
     engine.repl = crate::replication::target::TargetConfig {
         timeout: std::time::Duration::from_secs(args.replica_io_timeout.max(1)),
         resync_rate: args.resync_rate,
+        replica_timeout: std::time::Duration::from_secs(args.replica_timeout),
         data_dir: args.data_dir.clone(),
     };
     Ok(engine.into_shared())
@@ -66,6 +67,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let a = args.clone();
     let engine = tokio::task::spawn_blocking(move || open_engine(&a, node)).await??;
     tokio::spawn(crate::replication::server::serve(repl, engine.clone()));
+    engine.run_replacements();
     engine.start_targets().await;
 
     tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone()));

@@ -34,10 +34,37 @@ pub async fn run(engine: Arc<Engine>, t: Arc<Target>) {
                         // Writes it got since are fine; the regions left are still recorded.
                         p.set_state(PeerState::OutOfSync);
                     }
+                    watch_offline(&engine, &t, p).await;
                 }
             }
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Rebuilds the replica elsewhere once its node has been offline for `--replica-timeout`.
+async fn watch_offline(e: &Arc<Engine>, t: &Arc<Target>, p: &Arc<Peer>) {
+    if t.replica_timeout.is_zero() {
+        return;
+    }
+    let (meta, node) = (e.meta.clone(), p.node.clone());
+    let state = tokio::task::spawn_blocking(move || meta.list_nodes().ok()?.into_iter().find(|(n, _)| n.id == node).map(|(_, s)| s)).await.ok().flatten();
+    let offline = matches!(state, Some(crate::meta::NodeState::Offline));
+    let due = {
+        let mut since = p.offline_since.lock();
+        if !offline {
+            *since = None;
+            false
+        } else {
+            since.get_or_insert_with(Instant::now).elapsed() >= t.replica_timeout
+        }
+    };
+    if due {
+        let mut asked = p.replace_asked.lock();
+        if asked.is_none_or(|at| at.elapsed() >= Duration::from_secs(30)) {
+            *asked = Some(Instant::now());
+            e.request_replacement(&t.name, &p.node);
+        }
     }
 }
 

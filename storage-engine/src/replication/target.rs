@@ -51,6 +51,10 @@ pub struct Peer {
     pub full_rebuild: AtomicBool,
     /// Bytes copied by resync so far (this target's lifetime).
     pub copied: AtomicU64,
+    /// Since when the peer's node reads offline (for `--replica-timeout`).
+    pub(super) offline_since: Mutex<Option<std::time::Instant>>,
+    /// When a rebuild elsewhere was last asked for (asked again every 30 s until it happens).
+    pub(super) replace_asked: Mutex<Option<std::time::Instant>>,
 }
 
 impl Peer {
@@ -110,12 +114,13 @@ pub struct Target {
     membership: tokio::sync::Mutex<()>,
     /// Shared by I/O; exclusive while resync copies a region or an unaligned write is applied
     /// (so every replica sees the same order).
-    pub(super) region_lock: tokio::sync::RwLock<()>,
+    pub(crate) region_lock: tokio::sync::RwLock<()>,
     fenced: AtomicBool,
     closed: AtomicBool,
     pub timeout: Duration,
     /// Resync bandwidth in bytes per second.
     pub resync_rate: u64,
+    pub replica_timeout: Duration,
     /// The store's lease generation when the record was last confirmed.
     lease_gen: AtomicU64,
     /// In-sync replicas are being compared after an unclean change of target (`reconcile`).
@@ -125,6 +130,8 @@ pub struct Target {
 pub struct TargetConfig {
     pub timeout: Duration,
     pub resync_rate: u64,
+    /// A replica whose node stays offline this long is rebuilt on another node (zero: never).
+    pub replica_timeout: Duration,
     pub data_dir: std::path::PathBuf,
 }
 
@@ -161,6 +168,8 @@ impl Target {
                 dirty,
                 full_rebuild: AtomicBool::new(!in_sync && !existed),
                 copied: AtomicU64::new(0),
+                offline_since: Mutex::new(None),
+                replace_asked: Mutex::new(None),
             }));
         }
         let lease_gen = AtomicU64::new(meta.lease_generation());
@@ -180,6 +189,7 @@ impl Target {
             closed: AtomicBool::new(false),
             timeout: cfg.timeout,
             resync_rate: cfg.resync_rate,
+            replica_timeout: cfg.replica_timeout,
         });
         let size = t.vol.size();
         let hellos = t.peers.iter().filter(|p| p.state() == PeerState::InSync).map(|p| {

@@ -110,6 +110,13 @@ impl pb::volume_service_server::VolumeService for Sdk {
         Ok(Response::new(pb::AttachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
+    async fn ha_update(&self, req: Request<pb::HaUpdateRequest>) -> Result<Response<pb::HaUpdateResponse>, Status> {
+        let r = req.into_inner();
+        let node = (!r.node.is_empty()).then_some(r.node);
+        let v = self.engine.ha_update(&r.name, r.repl, node).await?;
+        Ok(Response::new(pb::HaUpdateResponse { volume: Some(to_pb(&self.engine, v)) }))
+    }
+
     async fn checksums(&self, req: Request<pb::ChecksumsRequest>) -> Result<Response<pb::ChecksumsResponse>, Status> {
         let name = req.into_inner().name;
         let sums = self.engine.extent_checksums(&name).await?;

@@ -198,6 +198,8 @@ pub struct Engine {
     pub repl: TargetConfig,
     /// The engine's own `Arc`, for tasks it spawns (set by `into_shared`).
     self_ref: std::sync::OnceLock<std::sync::Weak<Engine>>,
+    /// Replicas to rebuild elsewhere (volume, dead node), served by `run_replacements`.
+    replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
 }
 
 fn validate_name(name: &str) -> Result<(), VolumeError> {
@@ -254,8 +256,9 @@ impl Engine {
             lifecycle: tokio::sync::Mutex::new(()),
             readahead_window: readahead::WINDOW,
             readahead_held: Arc::new(AtomicU64::new(0)),
-            repl: TargetConfig { timeout: std::time::Duration::from_secs(5), resync_rate: 0, data_dir: std::path::PathBuf::from(".") },
+            repl: TargetConfig { timeout: std::time::Duration::from_secs(5), resync_rate: 0, replica_timeout: std::time::Duration::ZERO, data_dir: std::path::PathBuf::from(".") },
             self_ref: std::sync::OnceLock::new(),
+            replacements: parking_lot::Mutex::new(None),
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();
@@ -270,6 +273,13 @@ impl Engine {
             }
             engine.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(rec, &me)));
         }
+        // Replicas removed from a volume while this node was down: the data is no longer wanted.
+        for rec in all.iter().filter(|r| !r.has_replica(&me) && r.target != me) {
+            if engine.pool.used_bytes_of(rec.id) > 0 {
+                tracing::info!(volume = %rec.name, "freeing a replica this node no longer holds");
+                engine.free_local(rec.id)?;
+            }
+        }
         let known: std::collections::HashSet<u64> = records.iter().map(|r| r.id).collect();
         let leaked = engine.pool.all_mappings().iter().filter(|((v, _), _)| !known.contains(v)).count();
         if leaked > 0 {
@@ -283,6 +293,27 @@ impl Engine {
         let e = Arc::new(self);
         let _ = e.self_ref.set(Arc::downgrade(&e));
         e
+    }
+
+    /// Serves replacement requests (from targets whose replica's node stayed offline) one at a
+    /// time, for the engine's life.
+    pub fn run_replacements(self: &Arc<Self>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+        *self.replacements.lock() = Some(tx);
+        let e = self.clone();
+        tokio::spawn(async move {
+            while let Some((name, node)) = rx.recv().await {
+                if let Err(err) = e.replace_replica(&name, &node).await {
+                    tracing::warn!(volume = %name, %node, "cannot rebuild the replica elsewhere yet: {err}");
+                }
+            }
+        });
+    }
+
+    pub(crate) fn request_replacement(&self, name: &str, node: &str) {
+        if let Some(tx) = &*self.replacements.lock() {
+            let _ = tx.send((name.to_string(), node.to_string()));
+        }
     }
 
     fn myself(&self) -> Option<Arc<Engine>> {
@@ -334,7 +365,7 @@ impl Engine {
         }
         let size = self.check_size(size)?;
         let _g = self.lifecycle.lock().await;
-        let replicas = self.place_replicas(repl, size, &placement).await?;
+        let replicas = self.place_replicas(repl, size, &placement, &[]).await?;
         let me = self.node.id.clone();
         let rec = VolumeRecord {
             id: 0,
@@ -530,16 +561,7 @@ impl Engine {
         };
         // Other nodes first: each one that confirms is taken off the record.
         for node in rec.replicas.clone().into_iter().filter(|n| n != &me) {
-            let meta = self.meta.clone();
-            let n2 = node.clone();
-            let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n2)).await.ok().flatten();
-            let dropped = match addr {
-                Some(addr) => match crate::replication::client::Client::connect(&addr, self.repl.timeout).await {
-                    Ok(c) => c.call(crate::replication::frame::Op::Drop, 0, rec.id, u64::MAX, 0, 0, None).await.map(|_| ()).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                },
-                None => Err(format!("node {node} has no replication address")),
-            };
+            let dropped = self.drop_remote(&node, rec.id).await;
             match dropped {
                 Ok(()) => {
                     rec.replicas.retain(|n| n != &node);

@@ -1,14 +1,17 @@
 //! A volume's replicas: placement at creation, the handles of replicas held here, dropping a
 //! replica's data, per-extent checksums.
 
-use super::{Engine, PlacementSpec, Volume, VolumeError};
-use crate::meta::MetaError;
+use super::{replication_address, Engine, PlacementSpec, Volume, VolumeError, VolumeInfo, MAX_REPL};
+use crate::meta::{MetaError, VolumeRecord};
+use crate::replication::client::Client;
+use crate::replication::frame::Op;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Engine {
-    /// Chooses the nodes for `repl` replicas (this node first when it is eligible).
-    pub(super) async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec) -> Result<Vec<String>, VolumeError> {
+    /// Chooses the nodes for `repl` replicas (this node first when it is eligible), none of
+    /// them in `exclude` (the nodes that already hold one).
+    pub(super) async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec, exclude: &[String]) -> Result<Vec<String>, VolumeError> {
         use crate::cluster::placement::{place, Candidate, Request};
         let meta = self.meta.clone();
         let (nodes, vols) = tokio::task::spawn_blocking(move || Ok::<_, MetaError>((meta.list_nodes()?, meta.list_volumes()?)))
@@ -23,7 +26,7 @@ impl Engine {
                 Candidate { online: state == crate::meta::NodeState::Online, zone: n.zone, rack: n.rack, capacity, provisioned, id: n.id }
             })
             .collect();
-        let req = Request { repl, size, nodes: spec.nodes.clone(), zones: spec.zones.clone(), racks: spec.racks.clone(), prefer: Some(me.clone()), exclude: vec![] };
+        let req = Request { repl, size, nodes: spec.nodes.clone(), zones: spec.zones.clone(), racks: spec.racks.clone(), prefer: Some(me.clone()), exclude: exclude.to_vec() };
         place(&cands, &req).map_err(|e| {
             let hint = if cands.len() < repl as usize { "; add nodes (engines on one etcd) or lower repl" } else { "" };
             VolumeError::FailedPrecondition(format!("{e}{hint}"))
@@ -81,5 +84,130 @@ impl Engine {
             out.push((l, crc32c::crc32c(d.bytes())));
         }
         Ok(out)
+    }
+
+    /// Frees a volume's replica on another node over the replication protocol.
+    pub(super) async fn drop_remote(&self, node: &str, id: u64) -> Result<(), String> {
+        let (meta, n) = (self.meta.clone(), node.to_string());
+        let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n)).await.ok().flatten().ok_or_else(|| format!("node {node} has no replication address"))?;
+        let c = Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())?;
+        // The highest epoch: a drop is never refused as stale.
+        c.call(Op::Drop, 0, id, u64::MAX, 0, 0, None).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Changes the number of replicas online (`stratactl volume ha-update`). Growing places the
+    /// new replicas (on `node` if given) and a thin full rebuild fills them while I/O goes on;
+    /// they count as in sync once it is done. Shrinking removes `node`, else an out-of-sync
+    /// replica, else the last one that is not on this node, and frees its data. Only the target
+    /// changes replicas, and never below one in-sync replica.
+    pub async fn ha_update(&self, name: &str, repl: u32, node: Option<String>) -> Result<VolumeInfo, VolumeError> {
+        if !(1..=MAX_REPL).contains(&repl) {
+            return Err(VolumeError::InvalidArgument(format!("repl {repl} is out of range: use 1 to {MAX_REPL}")));
+        }
+        let _g = self.lifecycle.lock().await;
+        let me = self.node.id.clone();
+        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        self.must_be_target(&rec)?;
+        if rec.pending.is_some() {
+            return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
+        }
+        let cur = rec.replicas.len() as u32;
+        let mut next = rec.clone();
+        let mut removed = Vec::new();
+        if repl > cur {
+            let spec = PlacementSpec { nodes: node.into_iter().collect(), ..Default::default() };
+            let added = self.place_replicas(repl - cur, rec.size, &spec, &rec.replicas).await?;
+            next.replicas.extend(added);
+        } else if repl < cur {
+            removed = match node {
+                Some(n) if repl + 1 != cur => {
+                    return Err(VolumeError::InvalidArgument(format!("with --node {n}, remove one replica at a time (repl {})", cur - 1)));
+                }
+                Some(n) if !rec.has_replica(&n) => {
+                    return Err(VolumeError::InvalidArgument(format!("node {n} holds no replica of volume {name} (replicas: {})", rec.replicas.join(","))));
+                }
+                Some(n) => vec![n],
+                None => {
+                    // Out-of-sync first, then the others from the end, this node last.
+                    let mut order: Vec<(usize, &String)> = rec.replicas.iter().enumerate().collect();
+                    order.sort_by_key(|(i, n)| (rec.is_in_sync(n), **n == me, std::cmp::Reverse(*i)));
+                    order.into_iter().take((cur - repl) as usize).map(|(_, n)| n.clone()).collect()
+                }
+            };
+            next.replicas.retain(|n| !removed.contains(n));
+            next.in_sync.retain(|n| !removed.contains(n));
+            if next.in_sync.is_empty() {
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "removing {} would leave volume {name} without an in-sync replica; wait for the resync to finish",
+                    removed.join(",")
+                )));
+            }
+        } else if let Some(n) = node {
+            if !rec.has_replica(&n) {
+                return Err(VolumeError::InvalidArgument(format!("volume {name} already has {repl} replica(s); to move one to {n}, raise repl first and then lower it")));
+            }
+        }
+        next.repl = repl;
+        let next = self.meta.update_volume(&next)?.normalized(&me);
+        self.retarget(&next).await?;
+        for n in &removed {
+            self.remove_replica_data(n, &next).await;
+        }
+        tracing::info!(volume = %name, repl, replicas = ?next.replicas, removed = ?removed, "replicas changed");
+        self.info_of(next)
+    }
+
+    /// Replaces a replica whose node stayed offline past `--replica-timeout` with one on
+    /// another node (placed like any replica). Called by the target's resync loop.
+    pub async fn replace_replica(&self, name: &str, dead: &str) -> Result<Vec<String>, VolumeError> {
+        let _g = self.lifecycle.lock().await;
+        let me = self.node.id.clone();
+        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        self.must_be_target(&rec)?;
+        if !rec.has_replica(dead) || rec.is_in_sync(dead) || rec.pending.is_some() {
+            return Ok(rec.replicas);
+        }
+        let added = self.place_replicas(1, rec.size, &PlacementSpec::default(), &rec.replicas).await?;
+        let mut next = rec.clone();
+        next.replicas.retain(|n| n != dead);
+        next.replicas.extend(added.iter().cloned());
+        let next = self.meta.update_volume(&next)?.normalized(&me);
+        self.retarget(&next).await?;
+        self.remove_replica_data(dead, &next).await;
+        tracing::warn!(volume = %name, %dead, new = ?added, "replica rebuilt elsewhere: its node stayed offline past --replica-timeout");
+        Ok(next.replicas)
+    }
+
+    /// Frees a removed replica's data (here, or on its node when reachable; a node that is down
+    /// frees it when its engine starts, as the record no longer lists it).
+    async fn remove_replica_data(&self, node: &str, rec: &VolumeRecord) {
+        let _ = std::fs::remove_file(crate::replication::dirty::DirtyLog::path_for(&self.repl.data_dir, rec.id, node));
+        if node == self.node.id {
+            let (pool, id) = (self.pool.clone(), rec.id);
+            if let Err(e) = tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await {
+                tracing::warn!(volume = %rec.name, "freeing the removed replica: {e}");
+            }
+        } else if let Err(e) = self.drop_remote(node, rec.id).await {
+            tracing::warn!(volume = %rec.name, %node, "removed replica not freed now (freed when the node is back): {e}");
+        }
+    }
+
+    /// Serves `rec` with a new replica set: in-flight I/O on the old target drains first.
+    async fn retarget(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
+        let handle = self.volume(&rec.name).ok_or_else(|| VolumeError::NotFound(rec.name.clone()))?;
+        let old = handle.target.read().clone();
+        let _drain = match &old {
+            Some(t) => Some(t.region_lock.write().await),
+            None => None,
+        };
+        if let Some(t) = &old {
+            t.close();
+        }
+        *handle.target.write() = None;
+        if rec.replicas == [self.node.id.clone()] {
+            handle.served.store(true, Ordering::Release);
+            return Ok(());
+        }
+        self.start_target(handle, rec, false).await
     }
 }
