@@ -39,6 +39,18 @@ struct Outgoing {
     payload: Option<Bytes>,
 }
 
+impl Outgoing {
+    fn append_to(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&self.header);
+        if let Some(p) = &self.payload {
+            buf.extend_from_slice(p);
+        }
+    }
+}
+
+/// Bytes gathered into one socket write or read.
+const BATCH: usize = 256 * 1024;
+
 pub struct Client {
     pub addr: String,
     tx: mpsc::UnboundedSender<Outgoing>,
@@ -55,21 +67,24 @@ impl Client {
             .map_err(|_| CallError::Connect(addr.into(), std::io::Error::from(std::io::ErrorKind::TimedOut)))?
             .map_err(|e| CallError::Connect(addr.into(), e))?;
         let _ = s.set_nodelay(true);
-        let (mut rd, mut wr) = s.into_split();
+        let (rd, mut wr) = s.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
         let pending: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
         let b = broken.clone();
         tokio::spawn(async move {
+            // Everything queued goes out in one write: one syscall for a burst of requests.
+            let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
             while let Some(o) = rx.recv().await {
-                let ok = match &o.payload {
-                    Some(p) => {
-                        let slices = [std::io::IoSlice::new(&o.header), std::io::IoSlice::new(p)];
-                        write_all_vectored(&mut wr, &slices).await
+                buf.clear();
+                o.append_to(&mut buf);
+                while buf.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(o) => o.append_to(&mut buf),
+                        Err(_) => break,
                     }
-                    None => wr.write_all(&o.header).await,
-                };
-                if ok.is_err() {
+                }
+                if wr.write_all(&buf).await.is_err() {
                     break;
                 }
             }
@@ -78,6 +93,7 @@ impl Client {
         });
         let (p, b) = (pending.clone(), broken.clone());
         tokio::spawn(async move {
+            let mut rd = tokio::io::BufReader::with_capacity(BATCH, rd);
             let mut hdr = [0u8; REPLY_LEN];
             loop {
                 if rd.read_exact(&mut hdr).await.is_err() {
@@ -123,28 +139,4 @@ impl Client {
             Ok(Ok((errno, _))) => Err(CallError::Remote { addr: self.addr.clone(), errno }),
         }
     }
-}
-
-async fn write_all_vectored(wr: &mut tokio::net::tcp::OwnedWriteHalf, slices: &[std::io::IoSlice<'_>]) -> std::io::Result<()> {
-    let total: usize = slices.iter().map(|s| s.len()).sum();
-    let mut done = 0;
-    while done < total {
-        // Rebuild what is left of the slices.
-        let mut skip = done;
-        let mut left: Vec<std::io::IoSlice<'_>> = Vec::with_capacity(slices.len());
-        for s in slices {
-            if skip >= s.len() {
-                skip -= s.len();
-                continue;
-            }
-            left.push(std::io::IoSlice::new(&s[skip..]));
-            skip = 0;
-        }
-        let n = wr.write_vectored(&left).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        done += n;
-    }
-    Ok(())
 }

@@ -27,17 +27,22 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
 }
 
 async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
-    let (mut rd, mut wr) = s.into_split();
+    let (rd, mut wr) = s.into_split();
+    let mut rd = tokio::io::BufReader::with_capacity(BATCH, rd);
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Answer)>();
     let writer = tokio::spawn(async move {
-        while let Some((reply, answer)) = rx.recv().await {
-            let hdr = frame::encode_reply(&reply);
-            let r = match &answer {
-                Answer::Data(d) => write_two(&mut wr, &hdr, d.bytes()).await,
-                Answer::Bytes(b) => write_two(&mut wr, &hdr, b).await,
-                _ => wr.write_all(&hdr).await,
-            };
-            if r.is_err() {
+        // Replies that are ready together leave in one write.
+        let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
+        while let Some(first) = rx.recv().await {
+            buf.clear();
+            append(&mut buf, first);
+            while buf.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(next) => append(&mut buf, next),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&buf).await.is_err() {
                 break;
             }
         }
@@ -100,7 +105,14 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
     let _ = writer.await;
 }
 
-async fn write_two(wr: &mut tokio::net::tcp::OwnedWriteHalf, a: &[u8], b: &[u8]) -> std::io::Result<()> {
-    wr.write_all(a).await?;
-    wr.write_all(b).await
+/// Bytes gathered into one socket read or write.
+const BATCH: usize = 256 * 1024;
+
+fn append(buf: &mut Vec<u8>, (reply, answer): (Reply, Answer)) {
+    buf.extend_from_slice(&frame::encode_reply(&reply));
+    match &answer {
+        Answer::Data(d) => buf.extend_from_slice(d.bytes()),
+        Answer::Bytes(b) => buf.extend_from_slice(b),
+        _ => {}
+    }
 }

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Replication cost: 4k random writes at QD32 on a repl=3 volume (three engines on one etcd,
+# each on its own file-backed pool, replicas over loopback TCP) against a repl=1 volume on the
+# same engine, in the same run. Prints IOPS and p50/p99 latency and the repl=3 / repl=1 ratios,
+# and writes JSON to BENCH_OUT (default bench/out-repl).
+#
+# Environment: BENCH_RUNTIME (seconds per run, default 15), BENCH_DIR (default
+# /var/tmp/strata-bench-repl), BENCH_BACKING: `file` (default: pool files on BENCH_DIR's
+# filesystem) or `memory` (pool files in /dev/shm: the software cost alone).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+RUNTIME=${BENCH_RUNTIME:-15}
+OUT=${BENCH_OUT:-$ROOT/bench/out-repl}
+case "${BENCH_BACKING:-file}" in
+  file) DIR=${BENCH_DIR:-/var/tmp/strata-bench-repl} ;;
+  memory) DIR=/dev/shm/strata-bench-repl ;;
+  *) echo "BENCH_BACKING must be file or memory" >&2; exit 2 ;;
+esac
+./scripts/deps.sh
+cargo build --release -p strata-engine -p stratactl
+BIN=$ROOT/target/release
+rm -rf "$DIR"; mkdir -p "$DIR" "$OUT"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
+trap cleanup EXIT
+
+ETCD_PORT=23790
+etcd --name bench --data-dir "$DIR/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls http://127.0.0.1:23800 \
+  --initial-advertise-peer-urls http://127.0.0.1:23800 --initial-cluster bench=http://127.0.0.1:23800 >"$DIR/etcd.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$ETCD_PORT/health" >/dev/null && break; sleep 0.1; done
+for i in 1 2 3; do
+  mkdir -p "$DIR/n$i"
+  "$BIN/strata-engine" --etcd "http://127.0.0.1:$ETCD_PORT" --node-id "node-$i" --data-dir "$DIR/n$i/data" \
+    --device "$DIR/n$i/pool.img" --device-size 3GiB \
+    --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --repl-listen 127.0.0.1:0 \
+    --nbd-socket "$DIR/n$i/nbd.sock" --ready-file "$DIR/n$i/ready.json" 2>"$DIR/n$i/engine.log" &
+  PIDS+=($!)
+done
+for i in 1 2 3; do for _ in $(seq 200); do [ -f "$DIR/n$i/ready.json" ] && break; sleep 0.05; done; done
+SDK=$(python3 -c "import json;print(json.load(open('$DIR/n1/ready.json'))['sdk'])")
+"$BIN/stratactl" --endpoint "$SDK" volume create r1 --size 1GiB --repl 1 >/dev/null
+"$BIN/stratactl" --endpoint "$SDK" volume create r3 --size 1GiB --repl 3 >/dev/null
+"$BIN/stratactl" --endpoint "$SDK" volume inspect r3
+
+run() { # volume
+  local uri="nbd+unix:///$1?socket=$DIR/n1/nbd.sock"
+  fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size=1G --output=/dev/null
+  fio --name="$1" --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 --size=1G \
+      --time_based --runtime="$RUNTIME" --ramp_time=2 --output-format=json --output="$OUT/$1.json"
+}
+# Alternate, so drift on a noisy machine hits both.
+run r1; run r3
+python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+def load(n):
+    j = json.load(open(f"{out}/{n}.json"))["jobs"][0]["write"]
+    p = j["clat_ns"]["percentile"]
+    return {"iops": j["iops"], "p50_us": p["50.000000"] / 1000, "p99_us": p["99.000000"] / 1000}
+r1, r3 = load("r1"), load("r3")
+res = {"repl1": r1, "repl3": r3, "iops_ratio": r3["iops"] / r1["iops"], "p99_ratio": r3["p99_us"] / r1["p99_us"]}
+json.dump(res, open(f"{out}/summary.json", "w"), indent=2)
+print(f"{'volume':8} {'IOPS':>10} {'p50 us':>9} {'p99 us':>9}")
+for n, r in (("repl=1", r1), ("repl=3", r3)):
+    print(f"{n:8} {r['iops']:10.0f} {r['p50_us']:9.0f} {r['p99_us']:9.0f}")
+print(f"repl=3 / repl=1: IOPS {res['iops_ratio']:.2f}x (target >= 0.70), p99 {res['p99_ratio']:.2f}x (target <= 2.00)")
+PY
