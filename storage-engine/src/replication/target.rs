@@ -431,16 +431,29 @@ impl Target {
         let payload = (!sent.is_empty()).then(|| Bytes::copy_from_slice(&data));
         let flags = if fua { FLAG_FUA } else { 0 };
         let remote = self.fan_out(&sent, Op::Write, flags, off, len as u32, payload);
+        self.both(&sent, e.write_local(&self.vol, off, data, fua), remote, off, len).await
+    }
+
+    /// Runs a change on this node's replica (when it holds one) and on the peers together, then
+    /// settles the peers' results.
+    async fn both(
+        &self,
+        sent: &[Leg],
+        local: impl std::future::Future<Output = Result<(), IoError>>,
+        remote: impl std::future::Future<Output = Vec<Result<Vec<u8>, CallError>>>,
+        off: u64,
+        len: u64,
+    ) -> Result<(), IoError> {
         let local = async {
             if self.local {
-                e.write_local(&self.vol, off, data, fua).await
+                local.await
             } else {
                 Ok(())
             }
         };
         let (l, r) = tokio::join!(local, remote);
-        let settled = self.settle(&sent, r, off, len).await;
-        self.finish(&sent, off, len);
+        let settled = self.settle(sent, r, off, len).await;
+        self.finish(sent, off, len);
         l?;
         settled
     }
@@ -465,18 +478,7 @@ impl Target {
             }
             out
         };
-        let local = async {
-            if self.local {
-                e.zero_local(&self.vol, off, len, punch, fua).await
-            } else {
-                Ok(())
-            }
-        };
-        let (l, r) = tokio::join!(local, remote);
-        let settled = self.settle(&sent, r, off, len).await;
-        self.finish(&sent, off, len);
-        l?;
-        settled
+        self.both(&sent, e.zero_local(&self.vol, off, len, punch, fua), remote, off, len).await
     }
 
     pub async fn flush(&self, e: &Engine) -> Result<(), IoError> {
@@ -484,16 +486,7 @@ impl Target {
         self.admit().await?;
         let sent = self.active();
         let remote = self.fan_out(&sent, Op::Flush, 0, 0, 0, None);
-        let local = async {
-            if self.local {
-                e.flush_local(&self.vol).await
-            } else {
-                Ok(())
-            }
-        };
-        let (l, r) = tokio::join!(local, remote);
-        l?;
-        self.settle(&sent, r, 0, 0).await
+        self.both(&sent, e.flush_local(&self.vol), remote, 0, 0).await
     }
 
     /// Reads from an in-sync replica on another node (when this node holds none).
