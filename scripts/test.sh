@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Installs what the tests need, builds the workspace once and runs every test with nextest.
+# Installs what the tests need, builds the workspace once, runs every test with nextest, then a
+# real `helm lint` of the chart (Helm's library through helm-sdkpy, in a venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 cargo build --workspace --all-targets
 cargo nextest run --workspace --profile ci "$@"
+VENV=${STRATA_HELM_VENV:-/var/tmp/strata-helm-venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -c 'import helm_sdkpy' 2>/dev/null || "$VENV/bin/pip" install -q --ignore-requires-python helm-sdkpy
+"$VENV/bin/python" scripts/helm_lint.py charts/strata

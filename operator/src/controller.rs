@@ -1,0 +1,187 @@
+//! The reconciler, in the controller-rs shape: `reconcile(Arc<StorageCluster>, Arc<Context>)`.
+//! Each pass: make sure our finalizer is on; apply every desired object with server-side apply
+//! (one field manager); take the next rolling-upgrade step; write status. On deletion: remove the
+//! cluster-scoped objects (namespaced ones go with their owner reference), wipe the nodes if the
+//! delete strategy says so, then release the finalizer.
+
+use crate::crd::{Condition, DeleteKind, StorageCluster, StorageClusterStatus, FINALIZER};
+use crate::render::{self, Object, COMPONENT, FIELD_MANAGER, INSTANCE};
+use crate::status::EngineStatus;
+use crate::upgrade::{next_step, EnginePod, Step};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Context {
+    pub client: Client,
+    pub engines: Arc<dyn EngineStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("StorageCluster has no namespace")]
+    NoNamespace,
+}
+
+/// How often a settled cluster is looked at again (status, upgrades waiting on resync).
+pub const REQUEUE: Duration = Duration::from_secs(30);
+pub const REQUEUE_BUSY: Duration = Duration::from_secs(5);
+const WIPE: &str = "strata-wipe";
+
+pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = sc.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<StorageCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = sc.name_any();
+    let has_finalizer = sc.finalizers().iter().any(|f| f == FINALIZER);
+    if sc.metadata.deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Ok(Action::await_change());
+        }
+        if !cleanup(&sc, &ctx).await? {
+            return Ok(Action::requeue(REQUEUE_BUSY));
+        }
+        let rest: Vec<String> = sc.finalizers().iter().filter(|f| *f != FINALIZER).cloned().collect();
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": rest}}))).await?;
+        return Ok(Action::await_change());
+    }
+    if !has_finalizer {
+        let mut all = sc.finalizers().to_vec();
+        all.push(FINALIZER.into());
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": all}}))).await?;
+    }
+    for obj in render::desired(&sc) {
+        apply(&ctx.client, &ns, &obj).await?;
+    }
+    let pods = engine_pods(&ctx.client, &ns, &name).await?;
+    let report = ctx.engines.report(&sc).await;
+    let sync = report.as_ref().map(|r| r.sync.clone()).unwrap_or_default();
+    let step = match &report {
+        Ok(_) => next_step(&pods, &sc.version(), sc.spec.update_strategy.kind, sc.spec.update_strategy.max_unavailable, &sync),
+        Err(e) if pods.iter().any(|p| p.version != sc.version()) => Step::Wait(format!("engine status unknown ({e}); not upgrading")),
+        Err(_) => Step::Done,
+    };
+    if let Step::Replace(victims) = &step {
+        let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        for p in victims {
+            tracing::info!(storagecluster = %name, pod = %p, "replacing an engine pod for the upgrade");
+            pods_api.delete(p, &DeleteParams::default()).await?;
+        }
+    }
+    let status = status_of(&sc, &pods, &report, &step);
+    let busy = status.phase != "Running";
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
+    Ok(Action::requeue(if busy { REQUEUE_BUSY } else { REQUEUE }))
+}
+
+pub fn error_policy(_sc: Arc<StorageCluster>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!("reconcile failed: {err}");
+    Action::requeue(REQUEUE_BUSY)
+}
+
+/// Server-side apply of one object with the operator's field manager.
+async fn apply(client: &Client, ns: &str, obj: &Object) -> Result<(), kube::Error> {
+    let api: Api<DynamicObject> = if obj.namespaced { Api::namespaced_with(client.clone(), ns, &obj.api) } else { Api::all_with(client.clone(), &obj.api) };
+    api.patch(&obj.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj.body)).await?;
+    Ok(())
+}
+
+async fn engine_pods(client: &Client, ns: &str, instance: &str) -> Result<Vec<EnginePod>, kube::Error> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("{COMPONENT}=engine,{INSTANCE}={instance}"));
+    Ok(api
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .map(|p| {
+            let ready = p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            EnginePod {
+                version: p.annotations().get("strata.dev/version").cloned().unwrap_or_default(),
+                node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+                name: p.name_any(),
+                ready,
+            }
+        })
+        .collect())
+}
+
+fn condition(kind: &str, ok: bool, reason: &str, message: String) -> Condition {
+    Condition { kind: kind.into(), status: if ok { "True" } else { "False" }.into(), reason: reason.into(), message }
+}
+
+/// Status from the engine pods, the engines' report and the upgrade step.
+pub fn status_of(sc: &StorageCluster, pods: &[EnginePod], report: &Result<crate::status::EngineReport, String>, step: &Step) -> StorageClusterStatus {
+    let ready = pods.iter().filter(|p| p.ready).count();
+    let mut conditions = vec![condition("EnginesReady", !pods.is_empty() && ready == pods.len(), "Pods", format!("{ready} of {} engine pods ready", pods.len()))];
+    let (nodes, reachable) = match report {
+        Ok(r) => {
+            conditions.push(condition("EngineStatus", true, "Reported", format!("{} volume(s), {} not in sync", r.sync.volumes, r.sync.not_in_sync.len())));
+            (r.nodes.clone(), true)
+        }
+        Err(e) => {
+            conditions.push(condition("EngineStatus", false, "Unreachable", e.clone()));
+            (Vec::new(), false)
+        }
+    };
+    let upgrading = matches!(step, Step::Replace(_) | Step::Wait(_));
+    let (ok, reason, msg) = match step {
+        Step::Done => (true, "UpToDate", format!("every engine runs {}", sc.version())),
+        Step::Replace(p) => (false, "Replacing", format!("replacing {}", p.join(", "))),
+        Step::Wait(w) => (false, "Waiting", w.clone()),
+        Step::Manual(n) => (false, "OnDelete", format!("{n} engine pod(s) run an old version; delete them to upgrade")),
+    };
+    conditions.push(condition("Upgraded", ok, reason, msg));
+    if sc.spec.storage.use_all {
+        conditions.push(condition("StorageConfig", false, "UseAllUnsupported", "storage.useAll is not supported by this engine version: list devices or files".into()));
+    }
+    let phase = if pods.is_empty() || ready == 0 {
+        "Initializing"
+    } else if upgrading {
+        "Upgrading"
+    } else if !reachable || ready < pods.len() || nodes.iter().any(|n| n.state != "online") {
+        "Degraded"
+    } else {
+        "Running"
+    };
+    StorageClusterStatus { phase: phase.into(), version: sc.version(), conditions, nodes }
+}
+
+/// Uninstall: deletes the cluster-scoped objects and, for UninstallAndWipe, runs the wipe
+/// DaemonSet until every node has wiped. Returns whether it is finished.
+async fn cleanup(sc: &StorageCluster, ctx: &Context) -> Result<bool, Error> {
+    let ns = sc.namespace().ok_or(Error::NoNamespace)?;
+    for obj in render::desired(sc).into_iter().filter(|o| !o.namespaced) {
+        let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &obj.api);
+        match api.delete(&obj.name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if sc.spec.delete_strategy.kind != DeleteKind::UninstallAndWipe {
+        return Ok(true);
+    }
+    // The engines must be gone before their devices are wiped.
+    let engines: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ns);
+    match engines.delete("strata-engine", &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let wipe = render::wipe_daemonset(sc);
+    apply(&ctx.client, &ns, &wipe).await?;
+    let ds = engines.get(WIPE).await?;
+    let st = ds.status.unwrap_or_default();
+    let done = st.desired_number_scheduled > 0 && st.number_ready == st.desired_number_scheduled;
+    if done {
+        engines.delete(WIPE, &DeleteParams::default()).await?;
+    }
+    Ok(done)
+}

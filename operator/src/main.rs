@@ -1,0 +1,43 @@
+//! strata-operator: watches StorageClusters and reconciles them.
+
+use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client};
+use std::sync::Arc;
+use strata_operator::controller::{error_policy, reconcile, Context};
+use strata_operator::crd::StorageCluster;
+
+#[derive(Debug, Parser)]
+#[command(name = "strata-operator", version, about = "Installs and upgrades Strata from StorageCluster resources")]
+struct Args {
+    /// Watch StorageClusters in this namespace only. Default: all namespaces.
+    #[arg(long, env = "STRATA_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into())).init();
+    let args = Args::parse();
+    let client = Client::try_default().await?;
+    let (clusters, daemonsets, deployments): (Api<StorageCluster>, Api<DaemonSet>, Api<Deployment>) = match &args.namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let ctx = Arc::new(Context { client, engines: Arc::new(strata_operator::status::Sdk) });
+    tracing::info!("strata-operator started");
+    Controller::new(clusters, watcher::Config::default())
+        .owns(daemonsets, watcher::Config::default())
+        .owns(deployments, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::warn!("reconcile: {e}");
+            }
+        })
+        .await;
+    Ok(())
+}

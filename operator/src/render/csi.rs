@@ -1,0 +1,61 @@
+//! The CSI controller Deployment (strata-csi with the kubernetes-csi sidecars) and the CSIDriver.
+
+use super::{cluster_meta, image, labels, meta, sdk_address, selector, Object, DRIVER};
+use crate::crd::StorageCluster;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::storage::v1::CSIDriver;
+use serde_json::json;
+
+const CONTROLLER: &str = "csi-controller";
+
+fn sidecar(name: &str, image: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--csi-address=/csi/csi.sock".to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    json!({"name": name, "image": image, "args": args, "volumeMounts": [{"name": "socket-dir", "mountPath": "/csi"}]})
+}
+
+pub fn objects(sc: &StorageCluster) -> Vec<Object> {
+    let img = &sc.spec.csi.images;
+    let le = "--leader-election";
+    let deployment = Object::typed::<Deployment>(json!({
+        "metadata": meta(sc, "strata-csi-controller", CONTROLLER),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector(CONTROLLER)},
+            "template": {
+                "metadata": {"labels": labels(sc, CONTROLLER)},
+                "spec": {
+                    "serviceAccountName": "strata-csi-controller",
+                    "containers": [
+                        {
+                            "name": "csi-controller",
+                            "image": image(sc),
+                            "command": ["strata-csi"],
+                            "args": ["--mode=controller", "--endpoint=unix:///csi/csi.sock", format!("--sdk={}", sdk_address(sc)), "--node-id=$(NODE_NAME)"],
+                            "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                            "ports": [{"name": "healthz", "containerPort": 9808}],
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "healthz"}, "periodSeconds": 10},
+                            "volumeMounts": [{"name": "socket-dir", "mountPath": "/csi"}],
+                        },
+                        sidecar("csi-provisioner", &img.provisioner, &[le, "--feature-gates=Topology=true", "--extra-create-metadata", "--default-fstype=ext4"]),
+                        sidecar("csi-attacher", &img.attacher, &[le]),
+                        sidecar("csi-resizer", &img.resizer, &[le]),
+                        sidecar("csi-snapshotter", &img.snapshotter, &[le]),
+                        sidecar("liveness-probe", &img.livenessprobe, &["--health-port=9808"]),
+                    ],
+                    "volumes": [{"name": "socket-dir", "emptyDir": {}}],
+                },
+            },
+        },
+    }));
+    let driver = Object::typed::<CSIDriver>(json!({
+        "metadata": cluster_meta(sc, DRIVER, "csi"),
+        "spec": {
+            "attachRequired": true,
+            "podInfoOnMount": false,
+            "fsGroupPolicy": "File",
+            "volumeLifecycleModes": ["Persistent"],
+        },
+    }));
+    vec![deployment, driver]
+}

@@ -1,0 +1,63 @@
+//! The internal kvdb: a 3-member etcd StatefulSet and its headless Service, when the
+//! StorageCluster names no external endpoints.
+
+use super::{labels, meta, ns, selector, Object};
+use crate::crd::StorageCluster;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use serde_json::json;
+
+const KVDB: &str = "kvdb";
+pub const ETCD_IMAGE: &str = "registry.k8s.io/etcd:3.5.21-0";
+
+pub fn objects(sc: &StorageCluster) -> Vec<Object> {
+    if !sc.spec.kvdb.endpoints.is_empty() {
+        return Vec::new();
+    }
+    let ns = ns(sc);
+    let peers: Vec<String> = (0..3).map(|i| format!("strata-etcd-{i}=http://strata-etcd-{i}.strata-etcd.{ns}.svc:2380")).collect();
+    let script = format!(
+        "exec etcd --name=$(POD_NAME) --data-dir=/var/lib/etcd \
+         --listen-client-urls=http://0.0.0.0:2379 --advertise-client-urls=http://$(POD_NAME).strata-etcd.{ns}.svc:2379 \
+         --listen-peer-urls=http://0.0.0.0:2380 --initial-advertise-peer-urls=http://$(POD_NAME).strata-etcd.{ns}.svc:2380 \
+         --initial-cluster={} --initial-cluster-state=new",
+        peers.join(",")
+    );
+    let svc = Object::typed::<Service>(json!({
+        "metadata": meta(sc, "strata-etcd", KVDB),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": selector(KVDB),
+            "ports": [{"name": "client", "port": 2379}, {"name": "peer", "port": 2380}],
+        },
+    }));
+    let sts = Object::typed::<StatefulSet>(json!({
+        "metadata": meta(sc, "strata-etcd", KVDB),
+        "spec": {
+            "serviceName": "strata-etcd",
+            "replicas": 3,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector(KVDB)},
+            "template": {
+                "metadata": {"labels": labels(sc, KVDB)},
+                "spec": {
+                    "containers": [{
+                        "name": "etcd",
+                        "image": sc.spec.kvdb.image.clone().unwrap_or_else(|| ETCD_IMAGE.into()),
+                        "command": ["/bin/sh", "-c", script],
+                        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "ports": [{"name": "client", "containerPort": 2379}, {"name": "peer", "containerPort": 2380}],
+                        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/etcd"}],
+                    }],
+                    "tolerations": sc.spec.placement.tolerations,
+                },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}},
+            }],
+        },
+    }));
+    vec![svc, sts]
+}

@@ -1,0 +1,142 @@
+//! Desired state: pure functions from a `StorageCluster` to every object it needs. Objects are
+//! built as JSON and parsed into their k8s-openapi types on the way (so a malformed object fails
+//! here, not at the API server), then kept as JSON with the API resource to apply them with.
+
+mod csi;
+mod engine;
+mod kvdb;
+mod rbac;
+mod stork;
+
+pub use engine::wipe_daemonset;
+pub use stork::scheduler_config;
+
+use crate::crd::StorageCluster;
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::discovery::ApiResource;
+use kube::Resource;
+use serde_json::{json, Value};
+
+pub const DRIVER: &str = "csi.strata.dev";
+pub const FIELD_MANAGER: &str = "strata-operator";
+/// Label that marks every object the operator owns, with the StorageCluster's name as value.
+pub const INSTANCE: &str = "app.kubernetes.io/instance";
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+
+/// One object to apply.
+#[derive(Debug, Clone)]
+pub struct Object {
+    pub api: ApiResource,
+    pub namespaced: bool,
+    pub name: String,
+    pub body: Value,
+}
+
+impl Object {
+    /// Parses `body` as `K` (checking it) and keeps it with `K`'s API resource.
+    fn typed<K>(body: Value) -> Object
+    where
+        K: Resource<DynamicType = ()> + serde::de::DeserializeOwned + serde::Serialize,
+    {
+        let typed: K = serde_json::from_value(body).unwrap_or_else(|e| panic!("rendered {} does not parse: {e}", K::kind(&())));
+        let namespaced = typed.meta().namespace.is_some();
+        let name = typed.meta().name.clone().unwrap_or_default();
+        let mut body = serde_json::to_value(&typed).expect("serialisable");
+        body["apiVersion"] = json!(K::api_version(&()));
+        body["kind"] = json!(K::kind(&()));
+        Object { api: ApiResource::erase::<K>(&()), namespaced, name, body }
+    }
+
+    pub fn kind(&self) -> &str {
+        &self.api.kind
+    }
+}
+
+/// Metadata of a namespaced object owned by the StorageCluster.
+pub(crate) fn meta(sc: &StorageCluster, name: &str, component: &str) -> Value {
+    let mut m = cluster_meta(sc, name, component);
+    m["namespace"] = json!(ns(sc));
+    m["ownerReferences"] = json!([owner(sc)]);
+    m
+}
+
+/// Metadata of a cluster-scoped object (no owner reference is possible: the finalizer deletes
+/// these by label).
+pub(crate) fn cluster_meta(sc: &StorageCluster, name: &str, component: &str) -> Value {
+    json!({"name": name, "labels": labels(sc, component)})
+}
+
+pub(crate) fn labels(sc: &StorageCluster, component: &str) -> Value {
+    json!({
+        "app.kubernetes.io/name": "strata",
+        "app.kubernetes.io/managed-by": FIELD_MANAGER,
+        INSTANCE: sc.metadata.name.clone().unwrap_or_default(),
+        COMPONENT: component,
+    })
+}
+
+pub(crate) fn selector(component: &str) -> Value {
+    json!({"app.kubernetes.io/name": "strata", COMPONENT: component})
+}
+
+pub(crate) fn ns(sc: &StorageCluster) -> String {
+    sc.metadata.namespace.clone().unwrap_or_else(|| "kube-system".into())
+}
+
+fn owner(sc: &StorageCluster) -> Value {
+    json!({
+        "apiVersion": StorageCluster::api_version(&()),
+        "kind": StorageCluster::kind(&()),
+        "name": sc.metadata.name.clone().unwrap_or_default(),
+        "uid": sc.metadata.uid.clone().unwrap_or_default(),
+        "controller": true,
+        "blockOwnerDeletion": true,
+    })
+}
+
+/// The SDK address components use: the engines' Service.
+pub(crate) fn sdk_address(sc: &StorageCluster) -> String {
+    format!("strata-sdk.{}.svc:{}", ns(sc), sc.spec.network.sdk_port)
+}
+
+/// Every object of the cluster, in apply order (RBAC and config before workloads).
+pub fn desired(sc: &StorageCluster) -> Vec<Object> {
+    let mut out = Vec::new();
+    out.extend(rbac::objects(sc));
+    out.extend(kvdb::objects(sc));
+    out.extend(engine::objects(sc));
+    if sc.spec.csi.enabled {
+        out.extend(csi::objects(sc));
+    }
+    if sc.spec.stork.enabled {
+        out.extend(stork::objects(sc));
+    }
+    out.extend(storage_classes(sc));
+    out
+}
+
+fn storage_classes(sc: &StorageCluster) -> Vec<Object> {
+    sc.spec
+        .storage_classes
+        .iter()
+        .map(|c| {
+            let mut m = cluster_meta(sc, &c.name, "storageclass");
+            if c.default_class {
+                m["annotations"] = json!({"storageclass.kubernetes.io/is-default-class": "true"});
+            }
+            Object::typed::<StorageClass>(json!({
+                "metadata": m,
+                "provisioner": DRIVER,
+                "parameters": c.parameters,
+                "allowVolumeExpansion": c.allow_volume_expansion.unwrap_or(true),
+                "reclaimPolicy": "Delete",
+                "volumeBindingMode": "WaitForFirstConsumer",
+            }))
+        })
+        .collect()
+}
+
+/// The engines' image for the components that share it.
+pub(crate) fn image(sc: &StorageCluster) -> String {
+    sc.spec.image.clone()
+}

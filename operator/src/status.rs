@@ -1,0 +1,47 @@
+//! What the engines say about the cluster (through the SDK): node states and whether every
+//! volume is in sync. Behind a trait so the reconciler can be tested without engines.
+
+use crate::crd::{NodeStatus, StorageCluster};
+use crate::upgrade::VolumeSync;
+use strata_api::v1 as pb;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EngineReport {
+    pub nodes: Vec<NodeStatus>,
+    pub sync: VolumeSync,
+}
+
+#[async_trait::async_trait]
+pub trait EngineStatus: Send + Sync {
+    async fn report(&self, sc: &StorageCluster) -> Result<EngineReport, String>;
+}
+
+/// Asks the engines' SDK Service of the StorageCluster.
+pub struct Sdk;
+
+#[async_trait::async_trait]
+impl EngineStatus for Sdk {
+    async fn report(&self, sc: &StorageCluster) -> Result<EngineReport, String> {
+        let addr = format!("http://{}", crate::render::sdk_address(sc));
+        let ch = tonic::transport::Channel::from_shared(addr.clone())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| format!("engine SDK at {addr}: {e}"))?;
+        let status = pb::cluster_service_client::ClusterServiceClient::new(ch.clone()).status(pb::ClusterStatusRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
+        let vols = pb::volume_service_client::VolumeServiceClient::new(ch).list(pb::ListVolumesRequest {}).await.map_err(|e| e.message().to_string())?.into_inner().volumes;
+        Ok(EngineReport { nodes: status.nodes.into_iter().map(|n| NodeStatus { id: n.id, state: n.status, version: n.version }).collect(), sync: sync_of(&vols) })
+    }
+}
+
+/// Which volumes are not fully in sync (a replica out, or the replicas being compared).
+pub fn sync_of(vols: &[pb::Volume]) -> VolumeSync {
+    let not_in_sync = vols
+        .iter()
+        .filter(|v| v.verifying || v.replica_nodes.iter().any(|n| !v.in_sync_nodes.contains(n)))
+        .map(|v| v.name.clone())
+        .collect();
+    VolumeSync { volumes: vols.len(), not_in_sync }
+}
