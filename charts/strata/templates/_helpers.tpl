@@ -3,6 +3,11 @@
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{/* The operator's image. */}}
+{{- define "strata.operatorImage" -}}
+{{ .Values.operator.image.repository }}:{{ .Values.operator.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
 {{- define "strata.labels" -}}
 app.kubernetes.io/name: strata
 app.kubernetes.io/instance: {{ .Release.Name }}

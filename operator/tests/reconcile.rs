@@ -1,0 +1,229 @@
+//! The reconciler against a tower-test mock API server that asserts the exact calls: create,
+//! update on spec change, status, node-by-node upgrade (waiting while a volume resyncs), uninstall.
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use strata_operator::controller::{reconcile, Context};
+use strata_operator::crd::*;
+use strata_operator::render::{desired, Object};
+use strata_operator::status::{EngineReport, EngineStatus};
+use strata_operator::upgrade::VolumeSync;
+use tower_test::mock::{self, Handle};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+struct Fake(Result<EngineReport, String>);
+
+#[async_trait::async_trait]
+impl EngineStatus for Fake {
+    async fn report(&self, _: &StorageCluster) -> Result<EngineReport, String> {
+        self.0.clone()
+    }
+}
+
+fn report(not_in_sync: &[&str]) -> Result<EngineReport, String> {
+    Ok(EngineReport {
+        nodes: vec![NodeStatus { id: "n1".into(), state: "online".into(), version: "0.1.0".into() }, NodeStatus { id: "n2".into(), state: "online".into(), version: "0.1.0".into() }],
+        sync: VolumeSync { volumes: 2, not_in_sync: not_in_sync.iter().map(|s| s.to_string()).collect() },
+    })
+}
+
+fn cluster(image: &str, finalizer: bool) -> StorageCluster {
+    let spec = StorageClusterSpec {
+        image: image.into(),
+        kvdb: Kvdb { endpoints: vec!["http://etcd:2379".into()], ..Default::default() },
+        storage: Storage { files: vec![FileDevice { name: "d0".into(), size: "1GiB".into() }], ..Default::default() },
+        storage_classes: vec![StorageClassSpec { name: "strata-repl2".into(), parameters: [("repl".to_string(), "2".to_string())].into(), ..Default::default() }],
+        ..Default::default()
+    };
+    let mut sc = StorageCluster::new("strata", spec);
+    sc.metadata.namespace = Some("strata".into());
+    sc.metadata.uid = Some("uid-1".into());
+    if finalizer {
+        sc.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    }
+    sc
+}
+
+fn path_of(o: &Object) -> String {
+    let base = if o.api.group.is_empty() { format!("/api/{}", o.api.version) } else { format!("/apis/{}/{}", o.api.group, o.api.version) };
+    if o.namespaced {
+        format!("{base}/namespaces/strata/{}/{}", o.api.plural, o.name)
+    } else {
+        format!("{base}/{}/{}", o.api.plural, o.name)
+    }
+}
+
+const SC_PATH: &str = "/apis/strata.dev/v1alpha1/namespaces/strata/storageclusters/strata";
+
+/// One expected call: method, path, and the reply body.
+struct Call(Method, String, Value);
+
+fn engine_pod(name: &str, version: &str, ready: bool) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "strata", "annotations": {"strata.dev/version": version}},
+           "spec": {"nodeName": format!("node-{name}"), "containers": [{"name": "engine", "image": "x"}]},
+           "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
+}
+
+fn pod_list(pods: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods})
+}
+
+/// Serves `calls` in order, asserting each request; returns the bodies the client sent.
+fn serve(mut handle: ApiHandle, calls: Vec<Call>) -> tokio::task::JoinHandle<Vec<(String, Value)>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for Call(method, path, reply) in calls {
+            let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap_or_else(|_| panic!("no request; expected {method} {path}")).expect("request");
+            assert_eq!((req.method().clone(), req.uri().path().to_string()), (method.clone(), path.clone()), "unexpected call");
+            if req.method() == Method::PATCH && req.uri().query().unwrap_or_default().contains("fieldManager=strata-operator") {
+                assert!(req.uri().query().unwrap().contains("force=true"), "server-side apply forces our field manager");
+            }
+            let body = req.into_body().collect_bytes().await.unwrap();
+            let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let reply = if reply.is_null() { sent.clone() } else { reply };
+            seen.push((path, sent));
+            send.send_response(Response::builder().status(200).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+        }
+        // Nothing more may be asked.
+        if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await {
+            panic!("unexpected extra call {} {}", req.method(), req.uri());
+        }
+        seen
+    })
+}
+
+fn sc_json(sc: &StorageCluster) -> Value {
+    serde_json::to_value(sc).unwrap()
+}
+
+/// The applies of every desired object, in order.
+fn applies(sc: &StorageCluster) -> Vec<Call> {
+    desired(sc).iter().map(|o| Call(Method::PATCH, path_of(o), Value::Null)).collect()
+}
+
+fn ctx(client: kube::Client, r: Result<EngineReport, String>) -> Arc<Context> {
+    Arc::new(Context { client, engines: Arc::new(Fake(r)) })
+}
+
+#[tokio::test]
+async fn creates_everything_with_a_finalizer_and_reports_status() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let sc = cluster("img:0.1.0", false);
+    let mut calls = vec![Call(Method::PATCH, SC_PATH.into(), sc_json(&sc))];
+    calls.extend(applies(&sc));
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.1.0", true), engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(seen[0].1["metadata"]["finalizers"], json!([FINALIZER]), "finalizer first");
+    let status = &seen.last().unwrap().1["status"];
+    assert_eq!(status["phase"], "Running");
+    assert_eq!(status["version"], "0.1.0");
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 2);
+    assert!(seen.iter().any(|(p, b)| p.ends_with("/daemonsets/strata-engine") && b["kind"] == "DaemonSet"), "the engine DaemonSet is applied");
+}
+
+#[tokio::test]
+async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let sc = cluster("img:0.2.0", true);
+    let mut calls = applies(&sc);
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.1.0", true), engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(Method::DELETE, "/api/v1/namespaces/strata/pods/a".into(), engine_pod("a", "0.1.0", true)));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
+    let seen = server.await.unwrap();
+    let ds = seen.iter().find(|(p, _)| p.ends_with("/daemonsets/strata-engine")).unwrap();
+    assert_eq!(ds.1["spec"]["template"]["metadata"]["annotations"]["strata.dev/version"], "0.2.0", "the new version is applied");
+    assert_eq!(ds.1["spec"]["template"]["spec"]["containers"][0]["image"], "img:0.2.0");
+    let status = &seen.last().unwrap().1["status"];
+    assert_eq!(status["phase"], "Upgrading");
+}
+
+#[tokio::test]
+async fn the_upgrade_waits_while_a_volume_resyncs() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let sc = cluster("img:0.2.0", true);
+    let mut calls = applies(&sc);
+    // Node a was upgraded and is back; b still runs 0.1.0, but volume db is resyncing: no delete.
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, report(&["db"]))).await.unwrap();
+    let seen = server.await.unwrap();
+    let status = &seen.last().unwrap().1["status"];
+    let upgraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Upgraded").unwrap();
+    assert_eq!(upgraded["reason"], "Waiting");
+    assert!(upgraded["message"].as_str().unwrap().contains("db"), "{upgraded}");
+    // Engines unreachable: no upgrade either, and status says why.
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let mut calls = applies(&sc);
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, Err("engine SDK unreachable".into()))).await.unwrap();
+    let seen = server.await.unwrap();
+    let status = &seen.last().unwrap().1["status"];
+    assert!(status["conditions"].to_string().contains("engine SDK unreachable"));
+}
+
+#[tokio::test]
+async fn deletion_removes_cluster_scoped_objects_then_the_finalizer() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let mut sc = cluster("img:0.1.0", true);
+    sc.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    let status_ok = json!({"apiVersion": "v1", "kind": "Status", "status": "Success"});
+    let mut calls: Vec<Call> = desired(&sc).iter().filter(|o| !o.namespaced).map(|o| Call(Method::DELETE, path_of(o), status_ok.clone())).collect();
+    assert!(calls.len() >= 9, "cluster roles, bindings, CSIDriver, StorageClass");
+    calls.push(Call(Method::PATCH, SC_PATH.into(), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(seen.last().unwrap().1["metadata"]["finalizers"], json!([]), "finalizer released");
+}
+
+#[tokio::test]
+async fn uninstall_and_wipe_waits_for_every_node_to_wipe() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let mut sc = cluster("img:0.1.0", true);
+    sc.spec.delete_strategy = DeleteStrategy { kind: DeleteKind::UninstallAndWipe };
+    sc.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    let status_ok = json!({"apiVersion": "v1", "kind": "Status", "status": "Success"});
+    let ds_path = "/apis/apps/v1/namespaces/strata/daemonsets";
+    let wipe = |ready: i32| json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "strata-wipe", "namespace": "strata"},
+        "spec": {"selector": {}, "template": {}}, "status": {"desiredNumberScheduled": 2, "numberReady": ready, "currentNumberScheduled": 2, "numberMisscheduled": 0}});
+    let cluster_deletes = || -> Vec<Call> { desired(&sc).iter().filter(|o| !o.namespaced).map(|o| Call(Method::DELETE, path_of(o), status_ok.clone())).collect() };
+    // First pass: one node still wiping: the finalizer stays.
+    let mut calls = cluster_deletes();
+    calls.push(Call(Method::DELETE, format!("{ds_path}/strata-engine"), status_ok.clone()));
+    calls.push(Call(Method::PATCH, format!("{ds_path}/strata-wipe"), Value::Null));
+    calls.push(Call(Method::GET, format!("{ds_path}/strata-wipe"), wipe(1)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
+    server.await.unwrap();
+    // Second pass: both wiped: the wipe DaemonSet goes, then the finalizer.
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let mut calls = cluster_deletes();
+    calls.push(Call(Method::DELETE, format!("{ds_path}/strata-engine"), status_ok.clone()));
+    calls.push(Call(Method::PATCH, format!("{ds_path}/strata-wipe"), Value::Null));
+    calls.push(Call(Method::GET, format!("{ds_path}/strata-wipe"), wipe(2)));
+    calls.push(Call(Method::DELETE, format!("{ds_path}/strata-wipe"), status_ok.clone()));
+    calls.push(Call(Method::PATCH, SC_PATH.into(), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
+    server.await.unwrap();
+}
