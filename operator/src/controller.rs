@@ -20,6 +20,7 @@ use std::time::Duration;
 pub struct Context {
     pub client: Client,
     pub engines: Arc<dyn EngineStatus>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,7 @@ pub const REQUEUE_BUSY: Duration = Duration::from_secs(5);
 const WIPE: &str = "strata-wipe";
 
 pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let ns = sc.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<StorageCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let name = sc.name_any();
@@ -72,6 +74,7 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
         for p in victims {
             tracing::info!(storagecluster = %name, pod = %p, "replacing an engine pod for the upgrade");
             pods_api.delete(p, &DeleteParams::default()).await?;
+            ctx.metrics.pods_replaced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
     let status = status_of(&sc, &pods, &report, &step);
@@ -80,7 +83,8 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
     Ok(Action::requeue(if busy { REQUEUE_BUSY } else { REQUEUE }))
 }
 
-pub fn error_policy(_sc: Arc<StorageCluster>, err: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(_sc: Arc<StorageCluster>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!("reconcile failed: {err}");
     Action::requeue(REQUEUE_BUSY)
 }

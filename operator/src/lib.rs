@@ -4,6 +4,7 @@
 
 pub mod controller;
 pub mod crd;
+pub mod metrics;
 pub mod render;
 pub mod status;
 pub mod upgrade;

@@ -15,6 +15,9 @@ struct Args {
     /// Watch StorageClusters in this namespace only. Default: all namespaces.
     #[arg(long, env = "STRATA_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
+    /// `/metrics` and `/healthz`. Default: 0.0.0.0:8080.
+    #[arg(long, env = "STRATA_OPERATOR_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    metrics_listen: std::net::SocketAddr,
 }
 
 #[tokio::main]
@@ -26,7 +29,10 @@ async fn main() -> anyhow::Result<()> {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
     };
-    let ctx = Arc::new(Context { client, engines: Arc::new(strata_operator::status::Sdk) });
+    let metrics = Arc::new(strata_operator::metrics::Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
+    tokio::spawn(strata_operator::metrics::serve(listener, metrics.clone()));
+    let ctx = Arc::new(Context { client, engines: Arc::new(strata_operator::status::Sdk), metrics });
     tracing::info!("strata-operator started");
     Controller::new(clusters, watcher::Config::default())
         .owns(daemonsets, watcher::Config::default())

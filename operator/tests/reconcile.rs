@@ -107,7 +107,7 @@ fn applies(sc: &StorageCluster) -> Vec<Call> {
 }
 
 fn ctx(client: kube::Client, r: Result<EngineReport, String>) -> Arc<Context> {
-    Arc::new(Context { client, engines: Arc::new(Fake(r)) })
+    Arc::new(Context { client, engines: Arc::new(Fake(r)), metrics: Default::default() })
 }
 
 #[tokio::test]
@@ -140,8 +140,11 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     calls.push(Call(Method::DELETE, "/api/v1/namespaces/strata/pods/a".into(), engine_pod("a", "0.1.0", true)));
     calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
     let server = serve(handle, calls);
-    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
+    let c = ctx(client, report(&[]));
+    reconcile(Arc::new(sc.clone()), c.clone()).await.unwrap();
     let seen = server.await.unwrap();
+    assert_eq!(c.metrics.pods_replaced.load(std::sync::atomic::Ordering::Relaxed), 1, "one node at a time");
+    assert!(c.metrics.render().contains("strata_operator_engine_pods_replaced_total 1"));
     let ds = seen.iter().find(|(p, _)| p.ends_with("/daemonsets/strata-engine")).unwrap();
     assert_eq!(ds.1["spec"]["template"]["metadata"]["annotations"]["strata.dev/version"], "0.2.0", "the new version is applied");
     assert_eq!(ds.1["spec"]["template"]["spec"]["containers"][0]["image"], "img:0.2.0");
