@@ -70,6 +70,9 @@ pub enum HostCmd {
         /// Take the volume over even if its current target is up.
         #[arg(long)]
         force: bool,
+        /// An encrypted volume's passphrase file (or $STRATA_PASSPHRASE).
+        #[arg(long)]
+        passphrase_file: Option<std::path::PathBuf>,
     },
     /// Stop serving VOL on its target node.
     Detach {
@@ -153,6 +156,21 @@ pub struct CreateArgs {
     /// Place replicas only in these racks.
     #[arg(long, value_delimiter = ',')]
     pub racks: Vec<String>,
+    /// Encrypt the volume at rest (AES-256-XTS) with a key derived from --passphrase-file (or
+    /// $STRATA_PASSPHRASE).
+    #[arg(long)]
+    pub secure: bool,
+    /// File whose content is the passphrase (a key file works too; at least 8 bytes).
+    #[arg(long)]
+    pub passphrase_file: Option<std::path::PathBuf>,
+}
+
+/// The passphrase from --passphrase-file, else $STRATA_PASSPHRASE, else none.
+fn passphrase(file: &Option<std::path::PathBuf>) -> anyhow::Result<Vec<u8>> {
+    match file {
+        Some(f) => std::fs::read(f).with_context(|| format!("reading the passphrase file {}", f.display())),
+        None => Ok(std::env::var("STRATA_PASSPHRASE").map(|s| s.into_bytes()).unwrap_or_default()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +242,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "state": v.state,
         "connections": v.connections,
         "attached_node": v.attached_node,
+        "secure": v.spec.as_ref().is_some_and(|s| s.secure),
         "replica_nodes": v.replica_nodes,
         "in_sync_nodes": v.in_sync_nodes,
         "epoch": v.epoch,
@@ -281,6 +300,7 @@ fn print_volume(v: &pb::Volume) {
         ("NBD clients", v.connections.to_string()),
         ("Labels", labels_text(&spec.labels)),
         ("QoS", qos_text(spec.qos.as_ref())),
+        ("Encrypted", if spec.secure { "yes (AES-256-XTS)".into() } else { "no".into() }),
         ("Pool", v.pool_uuid.clone()),
     ] {
         t.row(vec![k.into(), val]);
@@ -337,8 +357,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         nodes: a.nodes,
                         zones: a.zones,
                         racks: a.racks,
+                        secure: a.secure,
                     };
-                    let v = c.create(pb::CreateVolumeRequest { name: a.name, spec: Some(spec) }).await.map_err(status_err)?.into_inner();
+                    let passphrase = passphrase(&a.passphrase_file)?;
+                    if a.secure && passphrase.is_empty() {
+                        bail!("--secure needs a passphrase: pass --passphrase-file FILE or set STRATA_PASSPHRASE");
+                    }
+                    let v = c.create(pb::CreateVolumeRequest { name: a.name, spec: Some(spec), passphrase }).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
                     if json {
                         println!("{}", volume_json(&v));
@@ -422,7 +447,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Host(cmd) => {
             let (name, v) = match cmd {
-                HostCmd::Attach { name, node, force } => {
+                HostCmd::Attach { name, node, force, passphrase_file } => {
+                    let passphrase = passphrase(&passphrase_file)?;
                     let ch = match node {
                         Some(id) => {
                             let nodes = pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
@@ -432,7 +458,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         None => ch,
                     };
                     let mut c = pb::volume_service_client::VolumeServiceClient::new(ch);
-                    (name.clone(), c.attach(pb::AttachVolumeRequest { name, force }).await.map_err(status_err)?.into_inner().volume)
+                    (name.clone(), c.attach(pb::AttachVolumeRequest { name, force, passphrase }).await.map_err(status_err)?.into_inner().volume)
                 }
                 HostCmd::Detach { name, force } => {
                     let mut c = pb::volume_service_client::VolumeServiceClient::new(ch);

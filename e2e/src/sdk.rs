@@ -20,19 +20,26 @@ impl Sdk {
     }
 
     pub fn create_full(&self, name: &str, size: u64, repl: u32, labels: &[(&str, &str)]) -> Result<pb::Volume, tonic::Status> {
-        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        let spec = pb::VolumeSpec { size_bytes: size, repl, labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Default::default() };
-        self.rt
-            .block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) }))
-            .map(|r| r.into_inner().volume.unwrap())
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.create_spec(name, pb::VolumeSpec { size_bytes: size, repl, labels, ..Default::default() })
     }
 
     pub fn create_with_qos(&self, name: &str, size: u64, qos: pb::QosLimits) -> Result<pb::Volume, tonic::Status> {
+        self.create_spec(name, pb::VolumeSpec { size_bytes: size, repl: 1, qos: Some(qos), ..Default::default() })
+    }
+
+    /// An encrypted volume.
+    pub fn create_secure(&self, name: &str, size: u64, repl: u32, passphrase: &[u8]) -> Result<pb::Volume, tonic::Status> {
+        self.create_request(pb::CreateVolumeRequest {
+            name: name.into(),
+            spec: Some(pb::VolumeSpec { size_bytes: size, repl, secure: true, ..Default::default() }),
+            passphrase: passphrase.to_vec(),
+        })
+    }
+
+    fn create_request(&self, req: pb::CreateVolumeRequest) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        let spec = pb::VolumeSpec { size_bytes: size, repl: 1, qos: Some(qos), ..Default::default() };
-        self.rt
-            .block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) }))
-            .map(|r| r.into_inner().volume.unwrap())
+        self.rt.block_on(c.create(req)).map(|r| r.into_inner().volume.unwrap())
     }
 
     pub fn update(&self, req: pb::UpdateVolumeRequest) -> Result<pb::Volume, tonic::Status> {
@@ -63,8 +70,13 @@ impl Sdk {
     }
 
     pub fn attach(&self, name: &str, force: bool) -> Result<pb::Volume, tonic::Status> {
+        self.attach_with(name, force, b"")
+    }
+
+    /// Attach with an encrypted volume's passphrase (empty: none).
+    pub fn attach_with(&self, name: &str, force: bool, passphrase: &[u8]) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        self.rt.block_on(c.attach(pb::AttachVolumeRequest { name: name.into(), force })).map(|r| r.into_inner().volume.unwrap())
+        self.rt.block_on(c.attach(pb::AttachVolumeRequest { name: name.into(), force, passphrase: passphrase.to_vec() })).map(|r| r.into_inner().volume.unwrap())
     }
 
     pub fn detach(&self, name: &str, force: bool) -> Result<pb::Volume, tonic::Status> {
@@ -73,8 +85,7 @@ impl Sdk {
     }
 
     pub fn create_spec(&self, name: &str, spec: pb::VolumeSpec) -> Result<pb::Volume, tonic::Status> {
-        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        self.rt.block_on(c.create(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec) })).map(|r| r.into_inner().volume.unwrap())
+        self.create_request(pb::CreateVolumeRequest { name: name.into(), spec: Some(spec), passphrase: Vec::new() })
     }
 
     /// Per-extent checksums of this node's replica: (extent size, [(extent, crc32c)]).

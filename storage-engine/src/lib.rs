@@ -2,6 +2,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod crypt;
 pub mod device;
 pub mod frontend;
 pub mod meta;

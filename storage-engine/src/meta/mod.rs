@@ -60,6 +60,9 @@ pub struct VolumeRecord {
     /// flight, so a new target need not compare the replicas first.
     #[serde(default)]
     pub clean: bool,
+    /// Encrypted at rest: the key's salt and check value (never the key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<crate::crypt::KeyParams>,
 }
 
 impl VolumeRecord {

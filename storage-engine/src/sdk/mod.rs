@@ -42,6 +42,7 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
             repl: r.repl,
             labels: r.labels.into_iter().collect(),
             qos: Some(pb::QosLimits { rd_iops: r.qos.rd_iops, wr_iops: r.qos.wr_iops, rd_bw: r.qos.rd_bw, wr_bw: r.qos.wr_bw }),
+            secure: r.secure.is_some(),
             ..Default::default()
         }),
         used_bytes: v.used_bytes,
@@ -71,7 +72,11 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let q = spec.qos.unwrap_or_default();
         let qos = crate::qos::Limits { rd_iops: q.rd_iops, wr_iops: q.wr_iops, rd_bw: q.rd_bw, wr_bw: q.wr_bw };
         let placement = crate::volume::PlacementSpec { nodes: spec.nodes, zones: spec.zones, racks: spec.racks };
-        let v = self.engine.create(&r.name, spec.size_bytes, spec.repl, labels, qos, placement).await?;
+        if spec.secure && r.passphrase.is_empty() {
+            return Err(Status::invalid_argument("an encrypted volume (secure) needs a passphrase or key file"));
+        }
+        let passphrase = (spec.secure || !r.passphrase.is_empty()).then_some(r.passphrase.as_slice());
+        let v = self.engine.create(&r.name, spec.size_bytes, spec.repl, labels, qos, placement, passphrase).await?;
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
@@ -106,7 +111,8 @@ impl pb::volume_service_server::VolumeService for Sdk {
 
     async fn attach(&self, req: Request<pb::AttachVolumeRequest>) -> Result<Response<pb::AttachVolumeResponse>, Status> {
         let r = req.into_inner();
-        let v = self.engine.attach(&r.name, r.force).await?;
+        let passphrase = (!r.passphrase.is_empty()).then_some(r.passphrase.as_slice());
+        let v = self.engine.attach(&r.name, r.force, passphrase).await?;
         Ok(Response::new(pb::AttachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 

@@ -65,14 +65,28 @@ impl Engine {
     /// Makes this node the volume's target: records it with a new epoch (fencing the previous
     /// target, whose writes every replica refuses from then on) and starts serving. Moving a
     /// volume away from an online target that did not detach needs `force`.
-    pub async fn attach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
+    pub async fn attach(&self, name: &str, force: bool, passphrase: Option<&[u8]>) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
         let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
         if rec.pending.is_some() {
             return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
         }
+        let key = match (&rec.secure, passphrase) {
+            (Some(params), Some(p)) => {
+                let (p, params) = (p.to_vec(), params.clone());
+                let k = tokio::task::spawn_blocking(move || crate::crypt::VolumeKey::open(&p, &params)).await.map_err(|e| VolumeError::Meta(e.to_string()))?;
+                Some(k.map_err(|e| VolumeError::InvalidArgument(format!("volume {name}: {e}")))?)
+            }
+            (Some(_), None) if !self.volume(name).is_some_and(|v| v.has_key()) => {
+                return Err(VolumeError::FailedPrecondition(format!("volume {name} is encrypted: attach it with its passphrase (--passphrase-file)")));
+            }
+            _ => None,
+        };
         if rec.target == me && self.volume(name).is_some_and(|v| v.is_served()) {
+            if let (Some(k), Some(v)) = (key, self.volume(name)) {
+                v.set_key(k);
+            }
             return self.info_of(rec);
         }
         if !rec.target.is_empty() && rec.target != me && !force {
@@ -101,6 +115,9 @@ impl Engine {
             h.deleted.store(false, Ordering::Release);
             h
         };
+        if let Some(k) = key {
+            handle.set_key(k);
+        }
         if next.replicas == [me.clone()] {
             handle.served.store(true, Ordering::Release);
         } else {
@@ -150,7 +167,7 @@ impl Engine {
     /// Claims a volume for an NBD client (only where it is served).
     pub fn connect(&self, name: &str) -> Option<Connection> {
         let v = self.volumes.read().get(name).cloned()?;
-        if v.is_deleted() || !v.is_served() || v.target().is_some_and(|t| t.is_fenced()) {
+        if v.is_deleted() || !v.is_served() || v.target().is_some_and(|t| t.is_fenced()) || (v.secure && !v.has_key()) {
             return None;
         }
         v.connections.fetch_add(1, Ordering::AcqRel);

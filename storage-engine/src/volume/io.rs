@@ -25,6 +25,8 @@ pub enum IoError {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Replication(#[from] crate::replication::target::TargetError),
+    #[error("volume {0} is encrypted and its key is not loaded: attach it with its passphrase")]
+    Locked(String),
 }
 
 impl IoError {
@@ -35,6 +37,7 @@ impl IoError {
             IoError::OutOfRange { .. } => libc::EINVAL as u32,
             IoError::Pool(PoolError::NoSpace) => libc::ENOSPC as u32,
             IoError::Deleted => libc::ESHUTDOWN as u32,
+            IoError::Locked(_) => libc::EACCES as u32,
             _ => libc::EIO as u32,
         }
     }
@@ -87,7 +90,7 @@ async fn read_extents(pool: &Pool, vol: u64, offset: u64, mut buf: AlignedBuf, r
     (Ok(()), buf)
 }
 
-fn aligned(off: u64, len: u64) -> bool {
+pub(super) fn aligned(off: u64, len: u64) -> bool {
     off.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64)
 }
 
@@ -124,10 +127,10 @@ impl Engine {
     pub async fn read(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
         v.qos.admit(false, len as u64).await;
         let t0 = Instant::now();
-        let r = match v.target() {
-            Some(t) if !t.local => t.read_remote(self, offset, len).await,
-            Some(t) if t.is_fenced() => Err(IoError::Replication(crate::replication::target::TargetError::Fenced(v.name.clone()))),
-            _ => self.read_local(v, offset, len).await,
+        let r = match v.key_for_io() {
+            Ok(Some(k)) => self.read_secure(v, &k, offset, len).await,
+            Ok(None) => self.read_stored(v, offset, len).await,
+            Err(e) => Err(e),
         };
         v.stats.read_latency.observe(t0.elapsed());
         match &r {
@@ -140,6 +143,16 @@ impl Engine {
             }
         }
         r
+    }
+
+    /// A read of what the volume stores (ciphertext, for an encrypted volume): from this node's
+    /// replica, or through the target from another node's.
+    pub(super) async fn read_stored(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
+        match v.target() {
+            Some(t) if !t.local => t.read_remote(self, offset, len).await,
+            Some(t) if t.is_fenced() => Err(IoError::Replication(crate::replication::target::TargetError::Fenced(v.name.clone()))),
+            _ => self.read_local(v, offset, len).await,
+        }
     }
 
     /// A read from this node's replica.
@@ -240,16 +253,14 @@ impl Engine {
     }
 
     /// Writes `data` at `offset`; with `fua` it is durable before this returns.
-    pub async fn write(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
+    pub async fn write(&self, v: &Arc<Volume>, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
         let len = data.len() as u64;
         v.qos.admit(true, len).await;
         let t0 = Instant::now();
-        let r = match v.target() {
-            Some(t) => {
-                let a = aligned(offset, len);
-                t.write(self, offset, data, fua, a).await
-            }
-            None => self.write_local(v, offset, data, fua).await,
+        let r = match v.key_for_io() {
+            Ok(Some(k)) => self.write_secure(v, &k, offset, data, fua).await,
+            Ok(None) => self.write_stored(v, offset, data, fua).await,
+            Err(e) => Err(e),
         };
         self.data_changed(v);
         v.stats.write_latency.observe(t0.elapsed());
@@ -263,6 +274,17 @@ impl Engine {
             }
         }
         r
+    }
+
+    /// Stores `data` (ciphertext, for an encrypted volume) through the target, or on this node.
+    pub(super) async fn write_stored(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
+        match v.target() {
+            Some(t) => {
+                let a = aligned(offset, data.len() as u64);
+                t.write(self, offset, data, fua, a).await
+            }
+            None => self.write_local(v, offset, data, fua).await,
+        }
     }
 
     /// A write to this node's replica.

@@ -5,6 +5,7 @@ mod attach;
 mod io;
 pub mod readahead;
 mod replicas;
+mod secure;
 
 pub use io::{IoError, ReadBuf, ReadData};
 
@@ -78,12 +79,34 @@ pub struct Volume {
     target: RwLock<Option<Arc<Target>>>,
     /// Replica requests hold it shared, a new target's HELLO exclusively (see `replica`).
     pub(crate) fence: tokio::sync::RwLock<()>,
+    /// Encrypted at rest: I/O needs the key, loaded from the passphrase at create or attach.
+    pub secure: bool,
+    key: RwLock<Option<Arc<crate::crypt::VolumeKey>>>,
+    /// Serialises the read-modify-write of unaligned writes to an encrypted volume.
+    secure_rmw: tokio::sync::Mutex<()>,
 }
 
 impl Volume {
     pub fn target(&self) -> Option<Arc<Target>> {
         self.target.read().clone()
     }
+    /// The key for I/O: None for a plain volume; an error for an encrypted one whose key is not
+    /// loaded (nothing is ever written in plaintext).
+    pub(crate) fn key_for_io(&self) -> Result<Option<Arc<crate::crypt::VolumeKey>>, IoError> {
+        if !self.secure {
+            return Ok(None);
+        }
+        self.key.read().clone().map(Some).ok_or_else(|| IoError::Locked(self.name.clone()))
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.key.read().is_some()
+    }
+
+    pub(crate) fn set_key(&self, key: crate::crypt::VolumeKey) {
+        *self.key.write() = Some(Arc::new(key));
+    }
+
     pub fn is_served(&self) -> bool {
         self.served.load(Ordering::Acquire)
     }
@@ -327,6 +350,9 @@ impl Engine {
             served: AtomicBool::new(rec.target == me && rec.replicas == [me]),
             target: RwLock::new(None),
             fence: tokio::sync::RwLock::new(()),
+            secure: rec.secure.is_some(),
+            key: RwLock::new(None),
+            secure_rmw: tokio::sync::Mutex::new(()),
             id: rec.id,
             name: rec.name.clone(),
             size: AtomicU64::new(rec.size),
@@ -356,9 +382,29 @@ impl Engine {
         Ok(size)
     }
 
-    pub async fn create(&self, name: &str, size: u64, repl: u32, labels: BTreeMap<String, String>, qos: Limits, placement: PlacementSpec) -> Result<VolumeInfo, VolumeError> {
+    /// Creates a volume; with `passphrase` it is encrypted at rest (AES-256-XTS) under a key
+    /// derived from it, held in memory here (the store keeps only a salt and a check value).
+    pub async fn create(
+        &self,
+        name: &str,
+        size: u64,
+        repl: u32,
+        labels: BTreeMap<String, String>,
+        qos: Limits,
+        placement: PlacementSpec,
+        passphrase: Option<&[u8]>,
+    ) -> Result<VolumeInfo, VolumeError> {
         validate_name(name)?;
         validate_labels(&labels)?;
+        let key = match passphrase {
+            // Key derivation is deliberately slow: off the I/O threads.
+            Some(p) => {
+                let p = p.to_vec();
+                let k = tokio::task::spawn_blocking(move || crate::crypt::VolumeKey::create(&p)).await.map_err(|e| VolumeError::Meta(e.to_string()))?;
+                Some(k.map_err(|e| VolumeError::InvalidArgument(e.to_string()))?)
+            }
+            None => None,
+        };
         let repl = if repl == 0 { 1 } else { repl };
         if repl > MAX_REPL {
             return Err(VolumeError::InvalidArgument(format!("repl {repl} is out of range: use 1 to {MAX_REPL}")));
@@ -383,9 +429,13 @@ impl Engine {
             target: me.clone(),
             epoch: 1,
             clean: false,
+            secure: key.as_ref().map(|(params, _)| params.clone()),
         };
         let rec = self.meta.create_volume(rec)?;
         let handle = Arc::new(Self::handle(&rec, &me));
+        if let Some((_, k)) = key {
+            handle.set_key(k);
+        }
         self.volumes.write().insert(rec.name.clone(), handle.clone());
         if rec.replicas != [me.clone()] {
             if let Err(e) = self.start_target(handle, &rec, false).await {
