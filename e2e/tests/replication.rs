@@ -176,3 +176,25 @@ fn a_replica_offline_past_the_replica_timeout_is_rebuilt_elsewhere() {
     c.engines[1].spawn().unwrap();
     assert_eq!(c.sdk(1).pool().used_bytes, 0);
 }
+
+#[test]
+fn an_encrypted_replicated_volume_keeps_ciphertext_on_every_node_through_resync() {
+    let mut c = Cluster::start(2, "128MiB");
+    c.sdk(0).create_secure("enc", 16 * MIB, 2, b"a long enough passphrase").unwrap();
+    let marker = b"REPLICATED-SECRET-MARKER-0123456789";
+    let data: Vec<u8> = marker.iter().cycle().take(1 << 20).copied().collect();
+    let mut cl = Client::connect(&c.engines[0].nbd, "enc").unwrap();
+    assert_eq!(cl.write(0, &data, strata_e2e::nbd::FLAG_FUA), 0);
+    // node-2 misses a write, then resyncs it (as ciphertext: it never has the key).
+    c.kill9(1);
+    assert_eq!(cl.write(4 * MIB, &data, strata_e2e::nbd::FLAG_FUA), 0);
+    c.engines[1].spawn().unwrap();
+    c.wait_in_sync(0, "enc", Duration::from_secs(30));
+    assert_eq!(c.replica_differences(0, "enc"), Vec::<String>::new());
+    assert_eq!(cl.read(4 * MIB, data.len() as u32).unwrap(), data);
+    assert_eq!(cl.flush(), 0);
+    for e in &c.engines {
+        let dev = std::fs::read(&e.devices[0]).unwrap();
+        assert_eq!(dev.windows(marker.len()).filter(|w| *w == marker).count(), 0, "plaintext on {}", e.devices[0].display());
+    }
+}
