@@ -18,3 +18,9 @@ pub fn endpoint_uri(endpoint: &str) -> String {
 pub mod v1 {
     tonic::include_proto!("strata.v1");
 }
+
+/// Generated protobuf and tonic code for the CSI v1 services (`csi.v1`).
+#[allow(clippy::all)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}
