@@ -1,0 +1,349 @@
+//! CSI Controller over the engine SDK: volumes by name (the CO's name is the volume id), with
+//! every idempotency and error-code rule of the spec that applies to what we support.
+
+use crate::params::{self, VolumeParams};
+use crate::sdk::Sdk;
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use strata_api::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
+use strata_api::csi::{self, volume_capability::access_mode::Mode};
+use strata_api::v1 as pb;
+use tonic::{Code, Request, Response, Status};
+
+/// Size of a volume whose request gives no capacity.
+pub const DEFAULT_SIZE: i64 = 1 << 30;
+const ALIGN: i64 = 4096;
+pub const ZONE_KEY: &str = "topology.kubernetes.io/zone";
+pub const RACK_KEY: &str = "strata.dev/rack";
+
+pub struct Controller {
+    pub sdk: Sdk,
+    /// Names (and ids) with an operation in flight: a second one gets ABORTED.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Holds a volume's in-flight mark; released on drop.
+struct InFlight<'a>(&'a Controller, String);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.busy.lock().remove(&self.1);
+    }
+}
+
+impl Controller {
+    pub fn new(sdk: Sdk) -> Controller {
+        Controller { sdk, busy: Mutex::new(HashSet::new()) }
+    }
+
+    fn begin(&self, id: &str) -> Result<InFlight<'_>, Status> {
+        if !self.busy.lock().insert(id.to_string()) {
+            return Err(Status::aborted(format!("an operation on volume {id} is already in progress")));
+        }
+        Ok(InFlight(self, id.to_string()))
+    }
+}
+
+/// Checks the capabilities we can serve: mount (ext4/xfs) or block, on one node at a time.
+pub fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<(), String> {
+    if caps.is_empty() {
+        return Err("volume_capabilities is required".into());
+    }
+    for c in caps {
+        let mode = c.access_mode.as_ref().map(|m| m.mode).ok_or("a volume capability has no access_mode")?;
+        let mode = Mode::try_from(mode).unwrap_or(Mode::Unknown);
+        if !matches!(mode, Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter) {
+            return Err(format!("access mode {} is not supported: Strata volumes are used on one node at a time", mode.as_str_name()));
+        }
+        match &c.access_type {
+            Some(csi::volume_capability::AccessType::Block(_)) => {}
+            Some(csi::volume_capability::AccessType::Mount(m)) => {
+                if !matches!(m.fs_type.as_str(), "" | "ext4" | "xfs") {
+                    return Err(format!("fs_type {:?} is not supported: use ext4 or xfs", m.fs_type));
+                }
+            }
+            None => return Err("a volume capability has neither block nor mount".into()),
+        }
+    }
+    Ok(())
+}
+
+/// The size for a capacity range: required (or the default), rounded up to 4 KiB, within limit.
+pub fn size_for(range: Option<&csi::CapacityRange>) -> Result<i64, Status> {
+    let (req, lim) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    if req < 0 || lim < 0 {
+        return Err(Status::invalid_argument("capacity_range must not be negative"));
+    }
+    if lim > 0 && req > lim {
+        return Err(Status::invalid_argument(format!("capacity_range: required_bytes {req} exceeds limit_bytes {lim}")));
+    }
+    let want = if req > 0 { req } else if lim > 0 { lim.min(DEFAULT_SIZE) } else { DEFAULT_SIZE };
+    let size = (want + ALIGN - 1) / ALIGN * ALIGN;
+    if lim > 0 && size > lim {
+        return Err(Status::out_of_range(format!("the smallest size Strata can give ({size} bytes, 4 KiB units) exceeds limit_bytes {lim}")));
+    }
+    Ok(size)
+}
+
+fn size_fits(size: i64, range: Option<&csi::CapacityRange>) -> bool {
+    let (req, lim) = range.map_or((0, 0), |r| (r.required_bytes, r.limit_bytes));
+    size >= req && (lim == 0 || size <= lim)
+}
+
+fn csi_volume(v: &pb::Volume, fs: &str) -> csi::Volume {
+    let spec = v.spec.clone().unwrap_or_default();
+    let mut ctx = HashMap::new();
+    ctx.insert("repl".to_string(), spec.repl.to_string());
+    ctx.insert("fs".to_string(), fs.to_string());
+    csi::Volume { capacity_bytes: spec.size_bytes as i64, volume_id: v.name.clone(), volume_context: ctx, content_source: None, accessible_topology: vec![] }
+}
+
+fn condition(v: &pb::Volume) -> csi::VolumeCondition {
+    let behind: Vec<&String> = v.replica_nodes.iter().filter(|n| !v.in_sync_nodes.contains(n)).collect();
+    if behind.is_empty() && !v.verifying {
+        csi::VolumeCondition { abnormal: false, message: format!("{} replica(s) in sync", v.in_sync_nodes.len()) }
+    } else {
+        let list: Vec<&str> = behind.iter().map(|s| s.as_str()).collect();
+        csi::VolumeCondition { abnormal: true, message: format!("replica(s) out of sync: {}{}", list.join(","), if v.verifying { "; replicas being compared" } else { "" }) }
+    }
+}
+
+/// Zones and racks a topology requirement allows (requisite segments).
+fn topology_filters(req: Option<&csi::TopologyRequirement>) -> (Vec<String>, Vec<String>) {
+    let mut zones = Vec::new();
+    let mut racks = Vec::new();
+    for t in req.map(|r| r.requisite.as_slice()).unwrap_or_default() {
+        if let Some(z) = t.segments.get(ZONE_KEY) {
+            zones.push(z.clone());
+        }
+        if let Some(r) = t.segments.get(RACK_KEY) {
+            racks.push(r.clone());
+        }
+    }
+    (zones, racks)
+}
+
+fn map_sdk(s: Status) -> Status {
+    match s.code() {
+        // The engine's codes already follow gRPC's meaning; "pool full" is RESOURCE_EXHAUSTED.
+        Code::Unavailable | Code::Unknown => Status::unavailable(format!("storage engine: {}", s.message())),
+        _ => s,
+    }
+}
+
+#[tonic::async_trait]
+impl csi::controller_server::Controller for Controller {
+    async fn create_volume(&self, req: Request<csi::CreateVolumeRequest>) -> Result<Response<csi::CreateVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        check_capabilities(&r.volume_capabilities).map_err(Status::invalid_argument)?;
+        let p: VolumeParams = params::parse(&r.parameters).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let size = size_for(r.capacity_range.as_ref())?;
+        if r.volume_content_source.as_ref().is_some_and(|s| s.r#type.is_some()) {
+            return Err(Status::invalid_argument("volume_content_source: creating from a snapshot or a volume is not supported yet (no CLONE_VOLUME / CREATE_DELETE_SNAPSHOT capability)"));
+        }
+        let passphrase = if p.secure {
+            let s = r.secrets.get("passphrase").or_else(|| r.secrets.values().next()).ok_or_else(|| Status::invalid_argument("secure: an encrypted volume needs a secret with a passphrase (key `passphrase`)"))?;
+            s.as_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        let _busy = self.begin(&r.name)?;
+        if let Some(v) = self.sdk.inspect(&r.name).await.map_err(map_sdk)? {
+            let spec = v.spec.clone().unwrap_or_default();
+            if !size_fits(spec.size_bytes as i64, r.capacity_range.as_ref()) || spec.repl != p.repl || spec.secure != p.secure {
+                return Err(Status::already_exists(format!(
+                    "volume {} exists with size {} and repl {}, which this request does not match",
+                    r.name, spec.size_bytes, spec.repl
+                )));
+            }
+            return Ok(Response::new(csi::CreateVolumeResponse { volume: Some(csi_volume(&v, &p.fs)) }));
+        }
+        let (mut zones, mut racks) = topology_filters(r.accessibility_requirements.as_ref());
+        if !p.zones.is_empty() {
+            zones = p.zones.clone();
+        }
+        if !p.racks.is_empty() {
+            racks = p.racks.clone();
+        }
+        let spec = pb::VolumeSpec {
+            size_bytes: size as u64,
+            repl: p.repl,
+            labels: p.labels.clone().into_iter().collect(),
+            qos: Some(pb::QosLimits { rd_iops: p.rd_iops, wr_iops: p.wr_iops, rd_bw: p.rd_bw, wr_bw: p.wr_bw }),
+            nodes: p.nodes.clone(),
+            zones,
+            racks,
+            secure: p.secure,
+        };
+        let created = self.sdk.volumes().create(pb::CreateVolumeRequest { name: r.name.clone(), spec: Some(spec), passphrase }).await;
+        let v = match created {
+            Ok(resp) => resp.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))?,
+            // Created meanwhile by someone else: answer as for an existing one.
+            Err(s) if s.code() == Code::AlreadyExists => self.sdk.inspect(&r.name).await.map_err(map_sdk)?.ok_or_else(|| Status::aborted("volume vanished while being created; retry"))?,
+            // Placement: not enough nodes for repl is a capacity problem for the CO.
+            Err(s) if s.code() == Code::FailedPrecondition => return Err(Status::resource_exhausted(s.message().to_string())),
+            Err(s) => return Err(map_sdk(s)),
+        };
+        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(csi_volume(&v, &p.fs)) }))
+    }
+
+    async fn delete_volume(&self, req: Request<csi::DeleteVolumeRequest>) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
+        let id = req.into_inner().volume_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        let _busy = self.begin(&id)?;
+        match self.sdk.volumes().delete(pb::DeleteVolumeRequest { name: id, force: false }).await {
+            Ok(_) => Ok(Response::new(csi::DeleteVolumeResponse {})),
+            Err(s) if s.code() == Code::NotFound => Ok(Response::new(csi::DeleteVolumeResponse {})),
+            Err(s) => Err(map_sdk(s)),
+        }
+    }
+
+    async fn controller_publish_volume(&self, _: Request<csi::ControllerPublishVolumeRequest>) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+        Err(Status::unimplemented("Strata attaches on the node (NodeStageVolume); PUBLISH_UNPUBLISH_VOLUME is not offered"))
+    }
+
+    async fn controller_unpublish_volume(&self, _: Request<csi::ControllerUnpublishVolumeRequest>) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+        Err(Status::unimplemented("Strata attaches on the node (NodeStageVolume); PUBLISH_UNPUBLISH_VOLUME is not offered"))
+    }
+
+    async fn validate_volume_capabilities(&self, req: Request<csi::ValidateVolumeCapabilitiesRequest>) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        if r.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities is required"));
+        }
+        if self.sdk.inspect(&r.volume_id).await.map_err(map_sdk)?.is_none() {
+            return Err(Status::not_found(format!("volume {} does not exist", r.volume_id)));
+        }
+        let resp = match check_capabilities(&r.volume_capabilities) {
+            Ok(()) => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: r.volume_context,
+                    volume_capabilities: r.volume_capabilities,
+                    parameters: r.parameters,
+                    mutable_parameters: r.mutable_parameters,
+                }),
+                message: String::new(),
+            },
+            Err(why) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message: why },
+        };
+        Ok(Response::new(resp))
+    }
+
+    async fn list_volumes(&self, req: Request<csi::ListVolumesRequest>) -> Result<Response<csi::ListVolumesResponse>, Status> {
+        let r = req.into_inner();
+        if r.max_entries < 0 {
+            return Err(Status::invalid_argument("max_entries must not be negative"));
+        }
+        let mut vols = self.sdk.volumes().list(pb::ListVolumesRequest {}).await.map_err(map_sdk)?.into_inner().volumes;
+        vols.sort_by(|a, b| a.name.cmp(&b.name));
+        // The token is the name to start from (stable under creations and deletions).
+        let start = if r.starting_token.is_empty() {
+            0
+        } else {
+            match vols.iter().position(|v| v.name.as_str() >= r.starting_token.as_str()) {
+                Some(i) if vols[i].name == r.starting_token => i,
+                _ => return Err(Status::aborted(format!("starting_token {:?} is not valid any more", r.starting_token))),
+            }
+        };
+        let n = if r.max_entries == 0 { vols.len() } else { r.max_entries as usize };
+        let page: Vec<&pb::Volume> = vols.iter().skip(start).take(n).collect();
+        let next_token = vols.get(start + page.len()).map(|v| v.name.clone()).unwrap_or_default();
+        let entries = page
+            .iter()
+            .map(|v| csi::list_volumes_response::Entry {
+                volume: Some(csi_volume(v, "")),
+                status: Some(csi::list_volumes_response::VolumeStatus { published_node_ids: vec![], volume_condition: Some(condition(v)) }),
+            })
+            .collect();
+        Ok(Response::new(csi::ListVolumesResponse { entries, next_token }))
+    }
+
+    async fn get_capacity(&self, req: Request<csi::GetCapacityRequest>) -> Result<Response<csi::GetCapacityResponse>, Status> {
+        let r = req.into_inner();
+        if !r.volume_capabilities.is_empty() && check_capabilities(&r.volume_capabilities).is_err() {
+            // No volume with these capabilities fits anywhere.
+            return Ok(Response::new(csi::GetCapacityResponse { available_capacity: 0, maximum_volume_size: Some(0), minimum_volume_size: None }));
+        }
+        params::parse(&r.parameters).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let nodes = self.sdk.nodes().await.map_err(map_sdk)?;
+        let zone = r.accessible_topology.as_ref().and_then(|t| t.segments.get(ZONE_KEY));
+        let free: Vec<i64> = nodes
+            .iter()
+            .filter(|n| n.status == "online" && zone.is_none_or(|z| *z == n.zone))
+            .map(|n| n.total_bytes.saturating_sub(n.used_bytes) as i64)
+            .collect();
+        Ok(Response::new(csi::GetCapacityResponse {
+            available_capacity: free.iter().sum(),
+            maximum_volume_size: Some(free.iter().copied().max().unwrap_or(0)),
+            minimum_volume_size: Some(ALIGN),
+        }))
+    }
+
+    async fn controller_get_capabilities(&self, _: Request<csi::ControllerGetCapabilitiesRequest>) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+        let caps = [rpc::Type::CreateDeleteVolume, rpc::Type::ListVolumes, rpc::Type::GetCapacity, rpc::Type::ExpandVolume, rpc::Type::VolumeCondition, rpc::Type::GetVolume]
+            .into_iter()
+            .map(|t| csi::ControllerServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) })
+            .collect();
+        Ok(Response::new(csi::ControllerGetCapabilitiesResponse { capabilities: caps }))
+    }
+
+    async fn create_snapshot(&self, _: Request<csi::CreateSnapshotRequest>) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not available yet (CREATE_DELETE_SNAPSHOT is not offered)"))
+    }
+
+    async fn delete_snapshot(&self, _: Request<csi::DeleteSnapshotRequest>) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not available yet (CREATE_DELETE_SNAPSHOT is not offered)"))
+    }
+
+    async fn list_snapshots(&self, _: Request<csi::ListSnapshotsRequest>) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not available yet (LIST_SNAPSHOTS is not offered)"))
+    }
+
+    async fn controller_expand_volume(&self, req: Request<csi::ControllerExpandVolumeRequest>) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        let range = r.capacity_range.ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+        let size = size_for(Some(&range))?;
+        let _busy = self.begin(&r.volume_id)?;
+        let v = self.sdk.inspect(&r.volume_id).await.map_err(map_sdk)?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let block = matches!(r.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()), Some(csi::volume_capability::AccessType::Block(_)));
+        let current = v.spec.as_ref().map_or(0, |s| s.size_bytes) as i64;
+        if current >= size {
+            return Ok(Response::new(csi::ControllerExpandVolumeResponse { capacity_bytes: current, node_expansion_required: !block }));
+        }
+        let target = self.sdk.for_volume(&v).await?;
+        let grown = target
+            .volumes()
+            .update(pb::UpdateVolumeRequest { name: r.volume_id.clone(), size_bytes: size as u64, ..Default::default() })
+            .await
+            .map_err(map_sdk)?
+            .into_inner()
+            .volume
+            .ok_or_else(|| Status::internal("engine returned no volume"))?;
+        let capacity_bytes = grown.spec.map_or(size as u64, |s| s.size_bytes) as i64;
+        Ok(Response::new(csi::ControllerExpandVolumeResponse { capacity_bytes, node_expansion_required: !block }))
+    }
+
+    async fn controller_get_volume(&self, req: Request<csi::ControllerGetVolumeRequest>) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+        let id = req.into_inner().volume_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("volume_id is required"));
+        }
+        let v = self.sdk.inspect(&id).await.map_err(map_sdk)?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let published = if v.attached_node.is_empty() { vec![] } else { vec![v.attached_node.clone()] };
+        Ok(Response::new(csi::ControllerGetVolumeResponse {
+            volume: Some(csi_volume(&v, "")),
+            status: Some(csi::controller_get_volume_response::VolumeStatus { published_node_ids: published, volume_condition: Some(condition(&v)) }),
+        }))
+    }
+}

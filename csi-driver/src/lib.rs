@@ -1,0 +1,74 @@
+//! strata-csi: the CSI Identity, Controller and Node services (driver `csi.strata.dev`) over a
+//! unix socket, backed by the engine SDK.
+
+pub mod controller;
+pub mod identity;
+pub mod node;
+pub mod params;
+pub mod sdk;
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use strata_api::csi;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Controller,
+    Node,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "strata-csi", version, about = "Strata CSI driver (csi.strata.dev)")]
+pub struct Config {
+    /// controller (Identity + Controller) or node (Identity + Node).
+    #[arg(long, env = "STRATA_CSI_MODE", value_enum)]
+    pub mode: Mode,
+    /// The CSI socket: unix:///path/csi.sock (a stale socket file is replaced).
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: String,
+    /// The engine SDK (host:port). Default: 127.0.0.1:9020.
+    #[arg(long, env = "STRATA_SDK", default_value = "127.0.0.1:9020")]
+    pub sdk: String,
+    /// This node's id (the Strata node id and the Kubernetes node name).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    pub node_id: String,
+    /// Volumes this node can attach. Default: 64.
+    #[arg(long, default_value_t = 64)]
+    pub max_volumes: i64,
+}
+
+/// The socket path of a `unix://` endpoint.
+pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let p = endpoint.strip_prefix("unix://").ok_or_else(|| anyhow::anyhow!("endpoint {endpoint:?} must be unix:///path/to/csi.sock"))?;
+    if p.is_empty() {
+        anyhow::bail!("endpoint {endpoint:?} has no path");
+    }
+    Ok(PathBuf::from(p))
+}
+
+/// Serves until the process ends.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let path = socket_path(&cfg.endpoint)?;
+    if path.exists() {
+        std::fs::remove_file(&path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let sdk = sdk::Sdk::lazy(&cfg.sdk)?;
+    let identity = csi::identity_server::IdentityServer::new(identity::Identity { sdk: sdk.clone(), controller: cfg.mode == Mode::Controller });
+    let mut server = tonic::transport::Server::builder();
+    let router = match cfg.mode {
+        Mode::Controller => server.add_service(identity).add_service(csi::controller_server::ControllerServer::new(controller::Controller::new(sdk))),
+        Mode::Node => {
+            if cfg.node_id.is_empty() {
+                anyhow::bail!("--node-id (or NODE_NAME) is required in node mode");
+            }
+            server.add_service(identity).add_service(csi::node_server::NodeServer::new(node::Node { sdk, node_id: cfg.node_id, max_volumes: cfg.max_volumes }))
+        }
+    };
+    tracing::info!(socket = %path.display(), mode = ?cfg.mode, "strata-csi serving");
+    router.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)).await?;
+    Ok(())
+}
