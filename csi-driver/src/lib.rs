@@ -1,6 +1,7 @@
 //! strata-csi: the CSI Identity, Controller and Node services (driver `csi.strata.dev`) over a
 //! unix socket, backed by the engine SDK.
 
+pub mod attach;
 pub mod controller;
 pub mod identity;
 pub mod node;
@@ -35,6 +36,15 @@ pub struct Config {
     /// Volumes this node can attach. Default: 64.
     #[arg(long, default_value_t = 64)]
     pub max_volumes: i64,
+    /// Node mode: the local engine's NBD unix socket. Default: /var/lib/strata/nbd.sock.
+    #[arg(long, env = "STRATA_NBD_SOCKET", default_value = "/var/lib/strata/nbd.sock")]
+    pub nbd_socket: PathBuf,
+    /// Node mode: NBD over TCP (host:port) instead of the unix socket.
+    #[arg(long, env = "STRATA_NBD_ADDRESS")]
+    pub nbd_address: Option<String>,
+    /// Node mode: where the FUSE views of attached volumes live. Default: /var/lib/strata-csi.
+    #[arg(long, env = "STRATA_CSI_STATE_DIR", default_value = "/var/lib/strata-csi")]
+    pub state_dir: PathBuf,
 }
 
 /// The socket path of a `unix://` endpoint.
@@ -65,7 +75,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             if cfg.node_id.is_empty() {
                 anyhow::bail!("--node-id (or NODE_NAME) is required in node mode");
             }
-            server.add_service(identity).add_service(csi::node_server::NodeServer::new(node::Node { sdk, node_id: cfg.node_id, max_volumes: cfg.max_volumes }))
+            let nbd = match cfg.nbd_address {
+                Some(a) => node::NbdEndpoint::Tcp(a),
+                None => node::NbdEndpoint::Unix(cfg.nbd_socket),
+            };
+            server.add_service(identity).add_service(csi::node_server::NodeServer::new(node::Node::new(sdk, cfg.node_id, cfg.max_volumes, nbd, cfg.state_dir)))
         }
     };
     tracing::info!(socket = %path.display(), mode = ?cfg.mode, "strata-csi serving");

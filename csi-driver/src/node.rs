@@ -1,44 +1,270 @@
-//! CSI Node. NodeGetInfo and NodeGetCapabilities answer; attaching a volume as a local block
-//! device (kernel NBD through netlink, else FUSE over a loop device), mkfs, mount and the rest are
-//! not built yet and say so with UNIMPLEMENTED — no capability is advertised for them.
+//! CSI Node: attach a volume on this node (the local engine becomes its target), expose it as a
+//! block device (`attach`: nbdfuse + a loop device; the kernel NBD module is not used yet), make
+//! a filesystem on first use, mount, bind-mount into pods, report usage. Every RPC can be
+//! repeated: each step looks at the system first.
 
+use crate::attach::{self, AttachError};
 use crate::controller::{RACK_KEY, ZONE_KEY};
 use crate::sdk::Sdk;
-use std::collections::HashMap;
-use strata_api::csi;
-use tonic::{Request, Response, Status};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use strata_api::csi::node_service_capability::{rpc, Rpc, Type as CapType};
+use strata_api::csi::volume_capability::AccessType;
+use strata_api::csi::{self, volume_usage::Unit};
+use strata_api::v1 as pb;
+use tonic::{Code, Request, Response, Status};
 
 pub struct Node {
     pub sdk: Sdk,
     pub node_id: String,
     pub max_volumes: i64,
+    /// NBD URI prefix of the local engine: `nbd+unix:///{vol}?socket=...` or `nbd://host:port/{vol}`.
+    pub nbd: NbdEndpoint,
+    /// Where FUSE views of attached volumes live.
+    pub state_dir: PathBuf,
+    busy: Mutex<HashSet<String>>,
 }
 
-const NOT_YET: &str = "the node service's attach path (NBD or FUSE over loop, mkfs, mount) is not built yet";
+#[derive(Debug, Clone)]
+pub enum NbdEndpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl NbdEndpoint {
+    fn uri(&self, vol: &str) -> String {
+        match self {
+            NbdEndpoint::Unix(p) => format!("nbd+unix:///{vol}?socket={}", p.display()),
+            NbdEndpoint::Tcp(a) => format!("nbd://{a}/{vol}"),
+        }
+    }
+}
+
+struct InFlight<'a>(&'a Node, String);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.busy.lock().remove(&self.1);
+    }
+}
+
+fn internal(e: AttachError) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn required<'a>(v: &'a str, what: &str) -> Result<&'a str, Status> {
+    if v.is_empty() {
+        return Err(Status::invalid_argument(format!("{what} is required")));
+    }
+    Ok(v)
+}
+
+/// Runs blocking system work (mounts, mkfs) off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))?
+}
+
+impl Node {
+    pub fn new(sdk: Sdk, node_id: String, max_volumes: i64, nbd: NbdEndpoint, state_dir: PathBuf) -> Node {
+        Node { sdk, node_id, max_volumes, nbd, state_dir, busy: Mutex::new(HashSet::new()) }
+    }
+
+    fn begin(&self, id: &str) -> Result<InFlight<'_>, Status> {
+        if !self.busy.lock().insert(id.to_string()) {
+            return Err(Status::aborted(format!("an operation on volume {id} is already in progress")));
+        }
+        Ok(InFlight(self, id.to_string()))
+    }
+
+    async fn volume(&self, id: &str) -> Result<pb::Volume, Status> {
+        self.sdk.inspect(id).await.map_err(|s| Status::unavailable(format!("storage engine: {}", s.message())))?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))
+    }
+}
+
+fn capability(c: Option<csi::VolumeCapability>) -> Result<(bool, String, Vec<String>), Status> {
+    let c = c.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+    crate::controller::check_capabilities(std::slice::from_ref(&c)).map_err(Status::invalid_argument)?;
+    Ok(match c.access_type {
+        Some(AccessType::Block(_)) => (true, String::new(), vec![]),
+        Some(AccessType::Mount(m)) => (false, m.fs_type, m.mount_flags),
+        None => unreachable!("checked above"),
+    })
+}
 
 #[tonic::async_trait]
 impl csi::node_server::Node for Node {
-    async fn node_stage_volume(&self, _: Request<csi::NodeStageVolumeRequest>) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+    async fn node_stage_volume(&self, req: Request<csi::NodeStageVolumeRequest>) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let (block, fs, flags) = capability(r.volume_capability)?;
+        let _busy = self.begin(&id)?;
+        let v = self.volume(&id).await?;
+        // This node becomes the volume's target (a no-op when it already is).
+        let passphrase = r.secrets.get("passphrase").map(|s| s.as_bytes().to_vec()).unwrap_or_default();
+        self.sdk
+            .volumes()
+            .attach(pb::AttachVolumeRequest { name: id.clone(), force: false, passphrase })
+            .await
+            .map_err(|s| if s.code() == Code::FailedPrecondition { Status::failed_precondition(s.message().to_string()) } else { s })?;
+        let fs = if fs.is_empty() { r.volume_context.get("fs").cloned().filter(|f| !f.is_empty()).unwrap_or_else(|| "ext4".into()) } else { fs };
+        let (state, uri) = (self.state_dir.clone(), self.nbd.uri(&v.name));
+        blocking(move || {
+            let file = attach::ensure_fuse(&state, &id, &uri).map_err(internal)?;
+            let dev = attach::ensure_loop(&file).map_err(internal)?;
+            if block {
+                return Ok(());
+            }
+            std::fs::create_dir_all(&staging).map_err(|e| Status::internal(e.to_string()))?;
+            if attach::is_mounted(&staging) {
+                return Ok(());
+            }
+            match attach::fs_type(&dev).map_err(internal)? {
+                None => attach::mkfs(&dev, &fs).map_err(internal)?,
+                Some(found) if found != fs => {
+                    return Err(Status::failed_precondition(format!("volume {id} holds a {found} filesystem, not the requested {fs}")));
+                }
+                Some(_) => {}
+            }
+            let mut args = vec!["-t".to_string(), fs.clone()];
+            if !flags.is_empty() {
+                args.push("-o".into());
+                args.push(flags.join(","));
+            }
+            args.push(dev);
+            args.push(staging.to_string_lossy().into_owned());
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            attach::run("mount", &a).map_err(internal)?;
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(csi::NodeStageVolumeResponse {}))
     }
-    async fn node_unstage_volume(&self, _: Request<csi::NodeUnstageVolumeRequest>) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+
+    async fn node_unstage_volume(&self, req: Request<csi::NodeUnstageVolumeRequest>) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let _busy = self.begin(&id)?;
+        let state = self.state_dir.clone();
+        let id2 = id.clone();
+        blocking(move || {
+            if attach::is_mounted(&staging) {
+                attach::run("umount", &[&staging.to_string_lossy()]).map_err(internal)?;
+            }
+            attach::release(&state, &id2).map_err(internal)
+        })
+        .await?;
+        // Stop serving here; the NBD client (nbdfuse) may take a moment to go.
+        for _ in 0..50 {
+            match self.sdk.volumes().detach(pb::DetachVolumeRequest { name: id.clone(), force: false }).await {
+                Ok(_) => break,
+                Err(s) if s.code() == Code::NotFound => break,
+                Err(s) if s.code() == Code::FailedPrecondition && s.message().contains("connected") => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                // Served by another node now: nothing to detach here.
+                Err(s) if s.code() == Code::FailedPrecondition => break,
+                Err(s) => return Err(Status::unavailable(format!("storage engine: {}", s.message()))),
+            }
+        }
+        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
     }
-    async fn node_publish_volume(&self, _: Request<csi::NodePublishVolumeRequest>) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+
+    async fn node_publish_volume(&self, req: Request<csi::NodePublishVolumeRequest>) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
+        let target = PathBuf::from(required(&r.target_path, "target_path")?);
+        let (block, _, _) = capability(r.volume_capability)?;
+        let readonly = r.readonly;
+        let _busy = self.begin(&id)?;
+        let state = self.state_dir.clone();
+        blocking(move || {
+            if attach::is_mounted(&target) {
+                return Ok(());
+            }
+            let source = if block {
+                let file = attach::fuse_dir(&state, &id).join("disk");
+                let dev = attach::find_loop(&file).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))?;
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| Status::internal(e.to_string()))?;
+                }
+                std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&target).map_err(|e| Status::internal(e.to_string()))?;
+                dev
+            } else {
+                if !attach::is_mounted(&staging) {
+                    return Err(Status::failed_precondition(format!("volume {id} is not staged at {}", staging.display())));
+                }
+                std::fs::create_dir_all(&target).map_err(|e| Status::internal(e.to_string()))?;
+                staging.to_string_lossy().into_owned()
+            };
+            let t = target.to_string_lossy().into_owned();
+            attach::run("mount", &["--bind", &source, &t]).map_err(internal)?;
+            if readonly {
+                attach::run("mount", &["-o", "remount,bind,ro", &t]).map_err(internal)?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
-    async fn node_unpublish_volume(&self, _: Request<csi::NodeUnpublishVolumeRequest>) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+
+    async fn node_unpublish_volume(&self, req: Request<csi::NodeUnpublishVolumeRequest>) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let target = PathBuf::from(required(&r.target_path, "target_path")?);
+        let _busy = self.begin(&id)?;
+        blocking(move || {
+            if attach::is_mounted(&target) {
+                attach::run("umount", &[&target.to_string_lossy()]).map_err(internal)?;
+            }
+            if target.is_dir() {
+                let _ = std::fs::remove_dir(&target);
+            } else if target.exists() {
+                let _ = std::fs::remove_file(&target);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
     }
-    async fn node_get_volume_stats(&self, _: Request<csi::NodeGetVolumeStatsRequest>) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+
+    async fn node_get_volume_stats(&self, req: Request<csi::NodeGetVolumeStatsRequest>) -> Result<Response<csi::NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
+        let v = self.volume(&id).await?;
+        if !path.exists() {
+            return Err(Status::not_found(format!("volume path {} does not exist", path.display())));
+        }
+        let behind: Vec<&String> = v.replica_nodes.iter().filter(|n| !v.in_sync_nodes.contains(n)).collect();
+        let condition = csi::VolumeCondition {
+            abnormal: !behind.is_empty(),
+            message: if behind.is_empty() { "all replicas in sync".into() } else { format!("replica(s) out of sync: {behind:?}") },
+        };
+        let usage = if path.is_dir() {
+            let (b, i) = attach::usage(&path).map_err(|e| Status::internal(e.to_string()))?;
+            vec![
+                csi::VolumeUsage { total: b[0] as i64, available: b[1] as i64, used: b[2] as i64, unit: Unit::Bytes as i32 },
+                csi::VolumeUsage { total: i[0] as i64, available: i[1] as i64, used: i[2] as i64, unit: Unit::Inodes as i32 },
+            ]
+        } else {
+            let size = v.spec.map_or(0, |s| s.size_bytes) as i64;
+            vec![csi::VolumeUsage { total: size, available: 0, used: 0, unit: Unit::Bytes as i32 }]
+        };
+        Ok(Response::new(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))
     }
+
     async fn node_expand_volume(&self, _: Request<csi::NodeExpandVolumeRequest>) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(NOT_YET))
+        Err(Status::unimplemented("growing a staged volume's device is not built yet (the FUSE view has the size the export had when it was staged)"))
     }
 
     async fn node_get_capabilities(&self, _: Request<csi::NodeGetCapabilitiesRequest>) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities: vec![] }))
+        let caps = [rpc::Type::StageUnstageVolume, rpc::Type::GetVolumeStats, rpc::Type::VolumeCondition]
+            .into_iter()
+            .map(|t| csi::NodeServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) })
+            .collect();
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities: caps }))
     }
 
     /// The node id, and its zone and rack as the engine registered them (topology keys

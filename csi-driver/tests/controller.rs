@@ -1,61 +1,19 @@
 //! The CSI controller and identity services against real engines (etcd + 2 nodes), through a
 //! real unix socket: idempotency, error codes per the spec, pagination, expansion, parameters.
 
+mod common;
+
+use common::*;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 use strata_api::csi;
 use strata_api::csi::controller_client::ControllerClient;
 use strata_api::csi::identity_client::IdentityClient;
 use strata_api::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
 use strata_e2e::cluster::Cluster;
-use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
 const GIB: i64 = 1 << 30;
 const MIB: i64 = 1 << 20;
-
-struct Csi {
-    child: Child,
-    rt: tokio::runtime::Runtime,
-    ch: Channel,
-}
-
-impl Drop for Csi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn csi_bin() -> PathBuf {
-    strata_e2e::engine_bin().with_file_name("strata-csi")
-}
-
-fn start_csi(dir: &Path, sdk: &str) -> Csi {
-    let sock = dir.join("csi.sock");
-    let child = Command::new(csi_bin())
-        .args(["--mode", "controller", "--sdk", sdk])
-        .arg("--endpoint")
-        .arg(format!("unix://{}", sock.display()))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("strata-csi is built (cargo build --workspace)");
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "strata-csi did not create its socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ch = rt
-        .block_on(Endpoint::try_from("http://csi.local").unwrap().connect_with_connector(tower::service_fn(move |_: Uri| {
-            let sock = sock.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(sock).await?)) }
-        })))
-        .unwrap();
-    Csi { child, rt, ch }
-}
 
 fn mount_cap(mode: Mode) -> csi::VolumeCapability {
     csi::VolumeCapability {
@@ -78,7 +36,7 @@ fn create_req(name: &str, size: i64, params: &[(&str, &str)]) -> csi::CreateVolu
 fn controller_lifecycle_idempotency_and_errors() {
     let c = Cluster::start(2, "3GiB");
     let dir = strata_e2e::tempdir();
-    let d = start_csi(dir.path(), &c.engines[0].sdk);
+    let d = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
     let rt = &d.rt;
     let mut id = IdentityClient::new(d.ch.clone());
     let mut ctl = ControllerClient::new(d.ch.clone());
@@ -180,7 +138,7 @@ fn controller_lifecycle_idempotency_and_errors() {
 fn concurrent_creates_of_one_name_make_one_volume() {
     let c = Cluster::start(1, "256MiB");
     let dir = strata_e2e::tempdir();
-    let d = start_csi(dir.path(), &c.engines[0].sdk);
+    let d = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
     let results: Vec<Result<String, Code>> = d.rt.block_on(async {
         let calls = (0..8).map(|_| {
             let mut ctl = ControllerClient::new(d.ch.clone());

@@ -74,7 +74,7 @@ impl EngineProc {
         c.arg("--nbd-socket").arg(&self.socket);
         c.arg("--ready-file").arg(self.dir.join("ready.json"));
         c.args(&self.extra);
-        c.env("STRATA_LOG", "warn");
+        c.env("STRATA_LOG", std::env::var("STRATA_TEST_LOG").unwrap_or_else(|_| "warn".into()));
         c
     }
 

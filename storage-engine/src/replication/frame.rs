@@ -117,7 +117,8 @@ pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<Request, FrameError> {
     }
     let op = Op::from_u8(b[4]).ok_or(FrameError::Op(b[4]))?;
     let len = u32_at(b, 40);
-    if len > MAX_PAYLOAD {
+    // Only data moves are bounded; TRIM and WRITE_ZEROES may cover a large range.
+    if matches!(op, Op::Write | Op::Read | Op::Checksum) && len > MAX_PAYLOAD {
         return Err(FrameError::TooLarge(len));
     }
     Ok(Request { op, flags: b[5], handle: u64_at(b, 8), volume: u64_at(b, 16), epoch: u64_at(b, 24), offset: u64_at(b, 32), len })
@@ -198,6 +199,8 @@ mod tests {
         b[4] = 2;
         b[40..44].copy_from_slice(&(MAX_PAYLOAD + 1).to_be_bytes());
         assert_eq!(parse_request(&b), Err(FrameError::TooLarge(MAX_PAYLOAD + 1)));
+        b[4] = Op::WriteZeroes as u8;
+        assert_eq!(parse_request(&b).map(|r| r.len), Ok(MAX_PAYLOAD + 1), "zeroing a large range is fine");
         b[0] = b'X';
         assert!(matches!(parse_request(&b), Err(FrameError::Magic(_))));
     }

@@ -1,0 +1,138 @@
+//! A volume as a local block device without the kernel NBD module: `nbdfuse` (libnbd) exposes
+//! the engine's NBD export as a file on a FUSE mount, and a loop device is set up over that file.
+//! Every step first looks at the system (mounts, loop devices) so each can be repeated safely and
+//! an interrupted stage or unstage can be finished by calling it again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{cmd} failed: {out}")]
+    Command { cmd: String, out: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Timeout(String),
+}
+
+/// Runs a command; its output on failure.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String, AttachError> {
+    let out = Command::new(cmd).args(args).stdin(Stdio::null()).output().map_err(|e| AttachError::Command { cmd: cmd.into(), out: e.to_string() })?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(AttachError::Command { cmd: format!("{cmd} {}", args.join(" ")), out: text.trim().to_string() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| unescape(m) == want))
+}
+
+/// The mount's source device for `path`, if mounted.
+pub fn mount_source(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let sep = f.iter().position(|x| *x == "-")?;
+        (unescape(f.get(4)?) == want).then(|| f.get(sep + 2).map(|s| unescape(s)))?
+    })
+}
+
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// Where a volume's FUSE view lives on this node.
+pub fn fuse_dir(state: &Path, volume: &str) -> PathBuf {
+    state.join(volume).join("fuse")
+}
+
+/// Makes sure `nbdfuse` serves the volume's export as `<fuse_dir>/disk`; returns that file.
+pub fn ensure_fuse(state: &Path, volume: &str, uri: &str) -> Result<PathBuf, AttachError> {
+    let dir = fuse_dir(state, volume);
+    let file = dir.join("disk");
+    if is_mounted(&dir) && file.exists() {
+        return Ok(file);
+    }
+    std::fs::create_dir_all(&dir)?;
+    // nbdfuse keeps running (in the background) until its mount is unmounted.
+    Command::new("nbdfuse").arg(&file).arg(uri).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| AttachError::Command { cmd: "nbdfuse".into(), out: e.to_string() })?;
+    let t0 = Instant::now();
+    while !(is_mounted(&dir) && file.exists()) {
+        if t0.elapsed() > Duration::from_secs(15) {
+            return Err(AttachError::Timeout(format!("nbdfuse did not expose {} within 15 s", file.display())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(file)
+}
+
+/// The loop device over `file`, set up if there is none.
+pub fn ensure_loop(file: &Path) -> Result<String, AttachError> {
+    if let Some(dev) = find_loop(file)? {
+        return Ok(dev);
+    }
+    run("losetup", &["--find", "--show", &file.to_string_lossy()])
+}
+
+/// The loop device whose backing file is `file`, if any.
+pub fn find_loop(file: &Path) -> Result<Option<String>, AttachError> {
+    let out = run("losetup", &["--associated", &file.to_string_lossy()])?;
+    Ok(out.lines().next().and_then(|l| l.split(':').next()).map(str::to_string).filter(|s| !s.is_empty()))
+}
+
+/// The filesystem on a device, or None when it has none.
+pub fn fs_type(dev: &str) -> Result<Option<String>, AttachError> {
+    let out = Command::new("blkid").args(["-p", "-o", "value", "-s", "TYPE", dev]).output()?;
+    match out.status.code() {
+        Some(0) => Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|s| !s.is_empty())),
+        // 2: nothing found.
+        Some(2) => Ok(None),
+        _ => Err(AttachError::Command { cmd: format!("blkid -p {dev}"), out: String::from_utf8_lossy(&out.stderr).into_owned() }),
+    }
+}
+
+pub fn mkfs(dev: &str, fs: &str) -> Result<(), AttachError> {
+    match fs {
+        "xfs" => run("mkfs.xfs", &["-q", dev]).map(|_| ()),
+        _ => run("mkfs.ext4", &["-q", "-F", dev]).map(|_| ()),
+    }
+}
+
+/// Undoes `ensure_fuse` and `ensure_loop` (each only if present).
+pub fn release(state: &Path, volume: &str) -> Result<(), AttachError> {
+    let dir = fuse_dir(state, volume);
+    let file = dir.join("disk");
+    if is_mounted(&dir) {
+        if let Some(dev) = find_loop(&file)? {
+            run("losetup", &["--detach", &dev])?;
+        }
+        run("umount", &[&dir.to_string_lossy()])?;
+    }
+    let _ = std::fs::remove_dir(&dir);
+    let _ = std::fs::remove_dir(state.join(volume));
+    Ok(())
+}
+
+/// statvfs of a mounted path: (total, free, used) bytes and (total, free, used) inodes.
+pub fn usage(path: &Path) -> std::io::Result<([u64; 3], [u64; 3])> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statvfs is plain old data; all-zero is a valid value.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs(3) with a valid NUL-terminated path and a struct to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let f = s.f_frsize;
+    let bytes = [s.f_blocks * f, s.f_bavail * f, (s.f_blocks - s.f_bfree) * f];
+    let inodes = [s.f_files, s.f_favail, s.f_files - s.f_ffree];
+    Ok((bytes, inodes))
+}

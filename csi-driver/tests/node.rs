@@ -1,0 +1,170 @@
+//! The full CSI lifecycle through real node plugins on two engines (as root): create (repl 2),
+//! stage (nbdfuse + loop device + mkfs + mount), publish, write files, unpublish, unstage, stage
+//! and publish on the other node, the files are there; raw block; idempotency and bad input.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use strata_api::csi;
+use strata_api::csi::controller_client::ControllerClient;
+use strata_api::csi::node_client::NodeClient;
+use strata_api::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
+use strata_e2e::cluster::Cluster;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+fn cap(block: bool) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_type: Some(if block { AccessType::Block(BlockVolume {}) } else { AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() }) }),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+    }
+}
+
+fn node_plugin(c: &Cluster, i: usize, dir: &Path) -> Csi {
+    let e = &c.engines[i];
+    let state = dir.join(format!("state-{i}"));
+    let id = format!("node-{}", i + 1);
+    start_csi(dir, "node", &e.sdk, &["--node-id", &id, "--nbd-socket", &e.socket.to_string_lossy(), "--state-dir", &state.to_string_lossy()])
+}
+
+fn stage(n: &Csi, vol: &str, staging: &Path, block: bool) -> Result<(), tonic::Status> {
+    let mut c = NodeClient::new(n.ch.clone());
+    n.rt.block_on(c.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(cap(block)),
+        ..Default::default()
+    }))
+    .map(|_| ())
+}
+
+fn publish(n: &Csi, vol: &str, staging: &Path, target: &Path, block: bool, readonly: bool) -> Result<(), tonic::Status> {
+    let mut c = NodeClient::new(n.ch.clone());
+    n.rt.block_on(c.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(cap(block)),
+        readonly,
+        ..Default::default()
+    }))
+    .map(|_| ())
+}
+
+fn unpublish(n: &Csi, vol: &str, target: &Path) {
+    let mut c = NodeClient::new(n.ch.clone());
+    n.rt.block_on(c.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: target.to_string_lossy().into() })).unwrap();
+}
+
+fn unstage(n: &Csi, vol: &str, staging: &Path) {
+    let mut c = NodeClient::new(n.ch.clone());
+    n.rt.block_on(c.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: staging.to_string_lossy().into() })).unwrap();
+}
+
+#[test]
+fn stage_publish_write_move_to_another_node_and_raw_block() {
+    let c = Cluster::start(2, "3GiB");
+    let dir = strata_e2e::tempdir();
+    let ctl = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let n1 = node_plugin(&c, 0, dir.path());
+    let n2 = node_plugin(&c, 1, dir.path());
+    let mut cc = ControllerClient::new(ctl.ch.clone());
+    let create = |name: &str, block: bool| {
+        ctl.rt
+            .block_on(cc.clone().create_volume(csi::CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(csi::CapacityRange { required_bytes: 256 * MIB, limit_bytes: 0 }),
+                volume_capabilities: vec![cap(block)],
+                parameters: [("repl".to_string(), "2".to_string())].into(),
+                ..Default::default()
+            }))
+            .unwrap()
+    };
+    create("fsvol", false);
+
+    // Node info and capabilities.
+    let mut nc = NodeClient::new(n1.ch.clone());
+    let info = n1.rt.block_on(nc.node_get_info(csi::NodeGetInfoRequest {})).unwrap().into_inner();
+    assert_eq!(info.node_id, "node-1");
+    let caps = n1.rt.block_on(nc.node_get_capabilities(csi::NodeGetCapabilitiesRequest {})).unwrap().into_inner().capabilities;
+    assert_eq!(caps.len(), 3);
+
+    // Bad input, each with the spec's code.
+    let st = dir.path().join("staging-1");
+    let tg = dir.path().join("pods/a/mount");
+    assert_eq!(stage(&n1, "", &st, false).unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(stage(&n1, "fsvol", Path::new(""), false).unwrap_err().code(), Code::InvalidArgument);
+    let mut raw = NodeClient::new(n1.ch.clone());
+    let e = n1.rt.block_on(raw.node_stage_volume(csi::NodeStageVolumeRequest { volume_id: "fsvol".into(), staging_target_path: st.to_string_lossy().into(), ..Default::default() })).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "missing capability");
+    assert_eq!(stage(&n1, "nope", &st, false).unwrap_err().code(), Code::NotFound);
+    assert_eq!(publish(&n1, "fsvol", &st, Path::new(""), false, false).unwrap_err().code(), Code::InvalidArgument);
+
+    // Node 1: stage (twice), publish (twice), write files.
+    stage(&n1, "fsvol", &st, false).unwrap();
+    stage(&n1, "fsvol", &st, false).unwrap();
+    publish(&n1, "fsvol", &st, &tg, false, false).unwrap();
+    publish(&n1, "fsvol", &st, &tg, false, false).unwrap();
+    std::fs::write(tg.join("hello.txt"), b"written on node-1").unwrap();
+    std::fs::create_dir(tg.join("dir")).unwrap();
+    std::fs::write(tg.join("dir/big.bin"), vec![0x5au8; 3 << 20]).unwrap();
+    let stats = n1.rt.block_on(nc.node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "fsvol".into(), volume_path: tg.to_string_lossy().into(), ..Default::default() })).unwrap().into_inner();
+    assert_eq!(stats.usage.len(), 2, "bytes and inodes");
+    assert!(stats.usage[0].used >= 3 << 20, "{:?}", stats.usage);
+    let cond = stats.volume_condition.unwrap();
+    assert!(!cond.abnormal, "{}", cond.message);
+    // A read-only publish elsewhere on the node refuses writes.
+    let ro = dir.path().join("pods/ro/mount");
+    publish(&n1, "fsvol", &st, &ro, false, true).unwrap();
+    assert!(std::fs::write(ro.join("x"), b"no").is_err(), "read-only publish is honoured");
+    unpublish(&n1, "fsvol", &ro);
+    unpublish(&n1, "fsvol", &tg);
+    unpublish(&n1, "fsvol", &tg);
+    assert!(!tg.exists());
+    unstage(&n1, "fsvol", &st);
+    unstage(&n1, "fsvol", &st);
+    let v = c.sdk(0).inspect("fsvol").unwrap();
+    assert!(v.attached_node.is_empty(), "unstage detached it: {v:?}");
+
+    // Node 2: the files are there.
+    let st2 = dir.path().join("staging-2");
+    let tg2 = dir.path().join("pods/b/mount");
+    stage(&n2, "fsvol", &st2, false).unwrap();
+    publish(&n2, "fsvol", &st2, &tg2, false, false).unwrap();
+    assert_eq!(std::fs::read(tg2.join("hello.txt")).unwrap(), b"written on node-1");
+    assert_eq!(std::fs::read(tg2.join("dir/big.bin")).unwrap(), vec![0x5au8; 3 << 20]);
+    assert_eq!(c.sdk(1).inspect("fsvol").unwrap().attached_node, "node-2");
+    unpublish(&n2, "fsvol", &tg2);
+    unstage(&n2, "fsvol", &st2);
+
+    // Raw block: the published device file reads back what was written.
+    create("blk", true);
+    let stb = dir.path().join("staging-b");
+    let tb = dir.path().join("pods/c/dev");
+    stage(&n1, "blk", &stb, true).unwrap();
+    publish(&n1, "blk", &stb, &tb, true, false).unwrap();
+    {
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&tb).unwrap();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+        f.seek(SeekFrom::Start(10 * MIB as u64)).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.seek(SeekFrom::Start(10 * MIB as u64)).unwrap();
+        f.read_exact(&mut back).unwrap();
+        assert_eq!(back, data);
+    }
+    unpublish(&n1, "blk", &tb);
+    unstage(&n1, "blk", &stb);
+
+    // Delete everything: space returns on both nodes.
+    for v in ["fsvol", "blk"] {
+        ctl.rt.block_on(cc.delete_volume(csi::DeleteVolumeRequest { volume_id: v.into(), ..Default::default() })).unwrap();
+    }
+    for i in 0..2 {
+        assert_eq!(c.sdk(i).pool().used_bytes, 0, "space returned on node-{}", i + 1);
+    }
+}
