@@ -3,8 +3,8 @@
 
 use crate::params::{self, VolumeParams};
 use crate::sdk::Sdk;
-use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet};
+use crate::inflight::InFlight;
+use std::collections::HashMap;
 use strata_api::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use strata_api::csi::{self, volume_capability::access_mode::Mode};
 use strata_api::v1 as pb;
@@ -18,29 +18,12 @@ pub const RACK_KEY: &str = "strata.dev/rack";
 
 pub struct Controller {
     pub sdk: Sdk,
-    /// Names (and ids) with an operation in flight: a second one gets ABORTED.
-    busy: Mutex<HashSet<String>>,
-}
-
-/// Holds a volume's in-flight mark; released on drop.
-struct InFlight<'a>(&'a Controller, String);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.busy.lock().remove(&self.1);
-    }
+    inflight: InFlight,
 }
 
 impl Controller {
     pub fn new(sdk: Sdk) -> Controller {
-        Controller { sdk, busy: Mutex::new(HashSet::new()) }
-    }
-
-    fn begin(&self, id: &str) -> Result<InFlight<'_>, Status> {
-        if !self.busy.lock().insert(id.to_string()) {
-            return Err(Status::aborted(format!("an operation on volume {id} is already in progress")));
-        }
-        Ok(InFlight(self, id.to_string()))
+        Controller { sdk, inflight: InFlight::default() }
     }
 }
 
@@ -150,7 +133,7 @@ impl csi::controller_server::Controller for Controller {
         } else {
             Vec::new()
         };
-        let _busy = self.begin(&r.name)?;
+        let _busy = self.inflight.begin(&r.name)?;
         if let Some(v) = self.sdk.inspect(&r.name).await.map_err(map_sdk)? {
             let spec = v.spec.clone().unwrap_or_default();
             if !size_fits(spec.size_bytes as i64, r.capacity_range.as_ref()) || spec.repl != p.repl || spec.secure != p.secure {
@@ -195,7 +178,7 @@ impl csi::controller_server::Controller for Controller {
         if id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
         }
-        let _busy = self.begin(&id)?;
+        let _busy = self.inflight.begin(&id)?;
         match self.sdk.volumes().delete(pb::DeleteVolumeRequest { name: id, force: false }).await {
             Ok(_) => Ok(Response::new(csi::DeleteVolumeResponse {})),
             Err(s) if s.code() == Code::NotFound => Ok(Response::new(csi::DeleteVolumeResponse {})),
@@ -314,7 +297,7 @@ impl csi::controller_server::Controller for Controller {
         }
         let range = r.capacity_range.ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
         let size = size_for(Some(&range))?;
-        let _busy = self.begin(&r.volume_id)?;
+        let _busy = self.inflight.begin(&r.volume_id)?;
         let v = self.sdk.inspect(&r.volume_id).await.map_err(map_sdk)?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
         let block = matches!(r.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()), Some(csi::volume_capability::AccessType::Block(_)));
         let current = v.spec.as_ref().map_or(0, |s| s.size_bytes) as i64;

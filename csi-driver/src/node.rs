@@ -6,8 +6,8 @@
 use crate::attach::{self, AttachError};
 use crate::controller::{RACK_KEY, ZONE_KEY};
 use crate::sdk::Sdk;
-use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet};
+use crate::inflight::InFlight;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use strata_api::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use strata_api::csi::volume_capability::AccessType;
@@ -23,7 +23,7 @@ pub struct Node {
     pub nbd: NbdEndpoint,
     /// Where FUSE views of attached volumes live.
     pub state_dir: PathBuf,
-    busy: Mutex<HashSet<String>>,
+    inflight: InFlight,
 }
 
 #[derive(Debug, Clone)]
@@ -38,14 +38,6 @@ impl NbdEndpoint {
             NbdEndpoint::Unix(p) => format!("nbd+unix:///{vol}?socket={}", p.display()),
             NbdEndpoint::Tcp(a) => format!("nbd://{a}/{vol}"),
         }
-    }
-}
-
-struct InFlight<'a>(&'a Node, String);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.busy.lock().remove(&self.1);
     }
 }
 
@@ -67,14 +59,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 
 impl Node {
     pub fn new(sdk: Sdk, node_id: String, max_volumes: i64, nbd: NbdEndpoint, state_dir: PathBuf) -> Node {
-        Node { sdk, node_id, max_volumes, nbd, state_dir, busy: Mutex::new(HashSet::new()) }
-    }
-
-    fn begin(&self, id: &str) -> Result<InFlight<'_>, Status> {
-        if !self.busy.lock().insert(id.to_string()) {
-            return Err(Status::aborted(format!("an operation on volume {id} is already in progress")));
-        }
-        Ok(InFlight(self, id.to_string()))
+        Node { sdk, node_id, max_volumes, nbd, state_dir, inflight: InFlight::default() }
     }
 
     async fn volume(&self, id: &str) -> Result<pb::Volume, Status> {
@@ -99,7 +84,7 @@ impl csi::node_server::Node for Node {
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
         let (block, fs, flags) = capability(r.volume_capability)?;
-        let _busy = self.begin(&id)?;
+        let _busy = self.inflight.begin(&id)?;
         let v = self.volume(&id).await?;
         // This node becomes the volume's target (a no-op when it already is).
         let passphrase = r.secrets.get("passphrase").map(|s| s.as_bytes().to_vec()).unwrap_or_default();
@@ -146,7 +131,7 @@ impl csi::node_server::Node for Node {
         let r = req.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
-        let _busy = self.begin(&id)?;
+        let _busy = self.inflight.begin(&id)?;
         let state = self.state_dir.clone();
         let id2 = id.clone();
         blocking(move || {
@@ -177,7 +162,7 @@ impl csi::node_server::Node for Node {
         let target = PathBuf::from(required(&r.target_path, "target_path")?);
         let (block, _, _) = capability(r.volume_capability)?;
         let readonly = r.readonly;
-        let _busy = self.begin(&id)?;
+        let _busy = self.inflight.begin(&id)?;
         let state = self.state_dir.clone();
         blocking(move || {
             if attach::is_mounted(&target) {
@@ -213,7 +198,7 @@ impl csi::node_server::Node for Node {
         let r = req.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let target = PathBuf::from(required(&r.target_path, "target_path")?);
-        let _busy = self.begin(&id)?;
+        let _busy = self.inflight.begin(&id)?;
         blocking(move || {
             if attach::is_mounted(&target) {
                 attach::run("umount", &[&target.to_string_lossy()]).map_err(internal)?;

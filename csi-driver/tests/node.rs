@@ -2,6 +2,8 @@
 //! stage (nbdfuse + loop device + mkfs + mount), publish, write files, unpublish, unstage, stage
 //! and publish on the other node, the files are there; raw block; idempotency and bad input.
 
+#![allow(clippy::result_large_err)]
+
 mod common;
 
 use common::*;

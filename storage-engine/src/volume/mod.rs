@@ -384,6 +384,8 @@ impl Engine {
 
     /// Creates a volume; with `passphrase` it is encrypted at rest (AES-256-XTS) under a key
     /// derived from it, held in memory here (the store keeps only a salt and a check value).
+    /// The arguments are the SDK request's fields, one each.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
         name: &str,
