@@ -7,6 +7,7 @@ pub mod attach;
 pub mod controller;
 pub mod identity;
 pub mod inflight;
+pub mod netlink;
 pub mod node;
 pub mod params;
 pub mod sdk;
