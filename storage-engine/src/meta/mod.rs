@@ -60,6 +60,10 @@ pub struct VolumeRecord {
     /// flight, so a new target need not compare the replicas first.
     #[serde(default)]
     pub clean: bool,
+    /// Nodes that lost their replica (ha-update, rebuild elsewhere) and have not freed its data
+    /// yet: each frees it (at once, or when its engine starts) and takes itself off this list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
     /// Encrypted at rest: the key's salt and check value (never the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure: Option<crate::crypt::KeyParams>,

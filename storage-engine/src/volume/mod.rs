@@ -197,6 +197,22 @@ pub fn replication_address(meta: &dyn MetaStore, node: &str) -> Option<String> {
     meta.list_nodes().ok()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.repl_address).filter(|a| !a.is_empty())
 }
 
+/// Takes `node` off a volume's `dropped` list once it freed the data. Blocking.
+pub(crate) fn forget_dropped(meta: &dyn MetaStore, name: &str, node: &str) -> Result<(), VolumeError> {
+    for _ in 0..20 {
+        let Some(mut rec) = meta.get_volume(name)? else { return Ok(()) };
+        if !rec.dropped.iter().any(|n| n == node) {
+            return Ok(());
+        }
+        rec.dropped.retain(|n| n != node);
+        match meta.update_volume(&rec) {
+            Err(MetaError::Conflict(_)) => continue,
+            r => return r.map(|_| ()).map_err(Into::into),
+        }
+    }
+    Err(VolumeError::Aborted(format!("volume {name} was changed concurrently; retry")))
+}
+
 /// Placement filters of a new volume (Portworx's `nodes`, `zones`, `racks`).
 #[derive(Debug, Clone, Default)]
 pub struct PlacementSpec {
@@ -296,12 +312,11 @@ impl Engine {
             }
             engine.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(rec, &me)));
         }
-        // Replicas removed from a volume while this node was down: the data is no longer wanted.
-        for rec in all.iter().filter(|r| !r.has_replica(&me) && r.target != me) {
-            if engine.pool.used_bytes_of(rec.id) > 0 {
-                tracing::info!(volume = %rec.name, "freeing a replica this node no longer holds");
-                engine.free_local(rec.id)?;
-            }
+        // Replicas taken from this node while it was down (the record says so): free their data.
+        for rec in all.iter().filter(|r| r.dropped.contains(&me) && !r.has_replica(&me)) {
+            tracing::info!(volume = %rec.name, "freeing a replica this node no longer holds");
+            engine.free_local(rec.id)?;
+            forget_dropped(&*engine.meta, &rec.name, &me)?;
         }
         let known: std::collections::HashSet<u64> = records.iter().map(|r| r.id).collect();
         let leaked = engine.pool.all_mappings().iter().filter(|((v, _), _)| !known.contains(v)).count();
@@ -431,6 +446,7 @@ impl Engine {
             target: me.clone(),
             epoch: 1,
             clean: false,
+            dropped: Vec::new(),
             secure: key.as_ref().map(|(params, _)| params.clone()),
         };
         let rec = self.meta.create_volume(rec)?;

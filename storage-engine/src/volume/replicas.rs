@@ -117,6 +117,8 @@ impl Engine {
         if repl > cur {
             let spec = PlacementSpec { nodes: node.into_iter().collect(), ..Default::default() };
             let added = self.place_replicas(repl - cur, rec.size, &spec, &rec.replicas).await?;
+            // A node that gets a replica back rebuilds it in full; its old data is not "to free".
+            next.dropped.retain(|n| !added.contains(n));
             next.replicas.extend(added);
         } else if repl < cur {
             removed = match node {
@@ -136,6 +138,7 @@ impl Engine {
             };
             next.replicas.retain(|n| !removed.contains(n));
             next.in_sync.retain(|n| !removed.contains(n));
+            next.dropped.extend(removed.iter().cloned());
             if next.in_sync.is_empty() {
                 return Err(VolumeError::FailedPrecondition(format!(
                     "removing {} would leave volume {name} without an in-sync replica; wait for the resync to finish",
@@ -171,6 +174,7 @@ impl Engine {
         let mut next = rec.clone();
         next.replicas.retain(|n| n != dead);
         next.replicas.extend(added.iter().cloned());
+        next.dropped.push(dead.to_string());
         let next = self.meta.update_volume(&next)?.normalized(&me);
         self.retarget(&next).await?;
         self.remove_replica_data(dead, &next).await;
@@ -182,14 +186,30 @@ impl Engine {
     /// frees it when its engine starts, as the record no longer lists it).
     async fn remove_replica_data(&self, node: &str, rec: &VolumeRecord) {
         let _ = std::fs::remove_file(crate::replication::dirty::DirtyLog::path_for(&self.repl.data_dir, rec.id, node));
-        if node == self.node.id {
+        let freed = if node == self.node.id {
             let (pool, id) = (self.pool.clone(), rec.id);
-            if let Err(e) = tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await {
-                tracing::warn!(volume = %rec.name, "freeing the removed replica: {e}");
+            match tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
             }
-        } else if let Err(e) = self.drop_remote(node, rec.id).await {
-            tracing::warn!(volume = %rec.name, %node, "removed replica not freed now (freed when the node is back): {e}");
+        } else {
+            self.drop_remote(node, rec.id).await
+        };
+        match freed {
+            // The node's entry in `dropped` goes once the data is gone.
+            Ok(()) => {
+                if let Err(e) = self.forget_node_dropped(&rec.name, node).await {
+                    tracing::warn!(volume = %rec.name, %node, "freed, but the record still lists the node as to free: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(volume = %rec.name, %node, "removed replica not freed now (freed when the node is back): {e}"),
         }
+    }
+
+    async fn forget_node_dropped(&self, name: &str, node: &str) -> Result<(), VolumeError> {
+        let (meta, name, node) = (self.meta.clone(), name.to_string(), node.to_string());
+        tokio::task::spawn_blocking(move || super::forget_dropped(&*meta, &name, &node)).await.map_err(|e| VolumeError::Meta(e.to_string()))?
     }
 
     /// Serves `rec` with a new replica set: in-flight I/O on the old target drains first.
