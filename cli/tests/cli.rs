@@ -1,51 +1,19 @@
 //! stratactl against a real engine: tables, --json on every command, sizes and error messages.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 const CTL: &str = env!("CARGO_BIN_EXE_stratactl");
 
-fn engine_bin() -> PathBuf {
-    let p = PathBuf::from(CTL).with_file_name("strata-engine");
-    assert!(p.exists(), "{} is missing: build the workspace first (cargo build --workspace)", p.display());
-    p
-}
-
 struct Engine {
-    child: Child,
+    _proc: strata_e2e::EngineProc,
     sdk: String,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn engine() -> Engine {
     let dir = tempfile::Builder::new().prefix("stratactl-test-").tempdir_in("/var/tmp").unwrap();
-    let ready = dir.path().join("ready.json");
-    let child = Command::new(engine_bin())
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--device")
-        .arg(dir.path().join("d0.img"))
-        .args(["--device-size", "256MiB", "--nbd-listen", "127.0.0.1:0", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0"])
-        .arg("--ready-file")
-        .arg(&ready)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !ready.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "engine did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready).unwrap()).unwrap();
-    Engine { child, sdk: v["sdk"].as_str().unwrap().to_string(), _dir: dir }
+    let proc = strata_e2e::EngineProc::start(dir.path(), 1, "256MiB");
+    Engine { sdk: proc.sdk.clone(), _proc: proc, _dir: dir }
 }
 
 fn ctl(e: &Engine, args: &[&str]) -> (bool, String, String) {
@@ -124,4 +92,30 @@ fn bad_input_gets_messages_that_say_what_to_do() {
     let out = Command::new(CTL).args(["--endpoint", "127.0.0.1:1", "status"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is strata-engine running"));
+}
+
+#[test]
+fn host_attach_detach_and_encrypted_volumes() {
+    let e = engine();
+    let key = e._dir.path().join("db.key");
+    std::fs::write(&key, b"a passphrase of some length").unwrap();
+    let v = json(&e, &["volume", "create", "enc", "--size", "8MiB", "--secure", "--passphrase-file", key.to_str().unwrap()]);
+    assert_eq!(v["secure"], true);
+    assert!(ok(&e, &["volume", "inspect", "enc"]).contains("yes (AES-256-XTS)"));
+    let (good, _, err) = ctl(&e, &["volume", "create", "nokey", "--size", "8MiB", "--secure"]);
+    assert!(!good && err.contains("--passphrase-file"), "{err}");
+    // Detach, then attach again (with the passphrase the key is loaded again).
+    let d = json(&e, &["host", "detach", "enc"]);
+    assert_eq!(d["attached_node"], "");
+    assert!(ok(&e, &["volume", "inspect", "enc"]).contains("(detached)"));
+    let a = json(&e, &["host", "attach", "enc", "--passphrase-file", key.to_str().unwrap()]);
+    let me = json(&e, &["cluster", "list"])[0]["id"].clone();
+    assert_eq!(a["attached_node"], me);
+    assert!(ok(&e, &["host", "detach", "enc"]).contains("detached"));
+    let (good, _, err) = ctl(&e, &["host", "attach", "enc", "--node", "elsewhere"]);
+    assert!(!good && err.contains("not in the cluster"), "{err}");
+    // ha-update on one node: a second replica cannot be placed, and says why.
+    ok(&e, &["volume", "create", "plain", "--size", "8MiB"]);
+    let (good, _, err) = ctl(&e, &["volume", "ha-update", "plain", "--repl", "2"]);
+    assert!(!good && err.contains("to repl 2") && err.contains("already holds a replica"), "{err}");
 }

@@ -116,7 +116,10 @@ impl Engine {
         let mut removed = Vec::new();
         if repl > cur {
             let spec = PlacementSpec { nodes: node.into_iter().collect(), ..Default::default() };
-            let added = self.place_replicas(repl - cur, rec.size, &spec, &rec.replicas).await?;
+            let added = self.place_replicas(repl - cur, rec.size, &spec, &rec.replicas).await.map_err(|e| match e {
+                VolumeError::FailedPrecondition(why) => VolumeError::FailedPrecondition(format!("cannot raise volume {name} to repl {repl}: another {} replica(s) needed; {why}", repl - cur)),
+                other => other,
+            })?;
             // A node that gets a replica back rebuilds it in full; its old data is not "to free".
             next.dropped.retain(|n| !added.contains(n));
             next.replicas.extend(added);
