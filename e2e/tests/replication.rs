@@ -27,6 +27,12 @@ fn repl3_volume_is_written_to_every_replica_and_deleted_everywhere() {
         assert!(c.sdk(i).pool().used_bytes >= 9 * MIB, "node-{} holds the data", i + 1);
     }
     assert_eq!(c.replica_differences(0, "r3"), Vec::<String>::new());
+    // Every node's usage reaches the others' view of the cluster within a few seconds.
+    let t0 = std::time::Instant::now();
+    while !c.sdk(0).nodes().iter().all(|n| n.used_bytes >= 9 * MIB) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "usage not reported: {:?}", c.sdk(0).nodes());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let out = run(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0x5a 0 8M", "-c", "read -P 0x33 40M 1M"]).arg(c.engines[0].uri("r3")));
     assert!(!out.contains("fail"), "{out}");
     // Only the target serves the export.

@@ -113,12 +113,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tells the metadata store when this node's pool fails (StorageDown) or recovers.
+/// Tells the metadata store when this node's pool fails (StorageDown) or recovers, and keeps the
+/// node record's usage figure current (for placement views, capacity and `cluster list`).
 async fn report_storage_health(engine: Arc<Engine>) {
     let mut reported = true;
+    let mut used = u64::MAX;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         tick.tick().await;
+        let e = engine.clone();
+        match tokio::task::spawn_blocking(move || e.report_usage(used)).await {
+            Ok(Ok(now)) => used = now,
+            Ok(Err(err)) => tracing::debug!("cannot report usage: {err}"),
+            Err(err) => tracing::debug!("cannot report usage: {err}"),
+        }
         let ok = engine.pool.healthy();
         if ok != reported {
             let e = engine.clone();

@@ -134,6 +134,11 @@ impl MetaStore for Embedded {
         Ok(())
     }
 
+    fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+        *self.node.lock() = Some(node.clone());
+        Ok(())
+    }
+
     /// One node: this one, alive while the store is open.
     fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
         let state = if self.storage_ok.load(std::sync::atomic::Ordering::Acquire) { NodeState::Online } else { NodeState::StorageDown };

@@ -251,6 +251,12 @@ impl MetaStore for Etcd {
         Ok(())
     }
 
+    fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+        let mut c = self.client.clone();
+        let (k, v) = (key(&format!("nodes/{}", node.id)), serde_json::to_vec(node).map_err(err)?);
+        self.run(async move { c.put(k, v, None).await }).map(|_| ())
+    }
+
     fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError> {
         let (lease, state) = {
             let mut l = self.live.lock();

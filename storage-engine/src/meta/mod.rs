@@ -100,6 +100,9 @@ pub struct NodeRecord {
     pub sdk_address: String,
     pub nbd_address: String,
     pub total_bytes: u64,
+    /// Pool space in use, as last reported by the node (refreshed every few seconds).
+    #[serde(default)]
+    pub used_bytes: u64,
     pub version: String,
     /// Where other engines reach this node's replication port.
     #[serde(default)]
@@ -133,6 +136,8 @@ pub trait MetaStore: Send + Sync {
     /// Registers this node and keeps it alive (in etcd: a key bound to a lease that the store
     /// keeps renewing; when the engine dies the lease expires and the node reads as offline).
     fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
+    /// Rewrites this node's record (after `register_node`), e.g. with new usage figures.
+    fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
     /// Every node ever registered, with its state now.
     fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError>;
     /// Reports whether this node's storage works (after `register_node`).

@@ -184,7 +184,7 @@ fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
             pb::Node {
                 status: state.as_str().into(),
                 total_bytes: if me { engine.pool.total_bytes() } else { n.total_bytes },
-                used_bytes: if me { engine.pool.used_bytes() } else { 0 },
+                used_bytes: if me { engine.pool.used_bytes() } else { n.used_bytes },
                 id: n.id,
                 hostname: n.hostname,
                 sdk_address: n.sdk_address,

@@ -275,17 +275,7 @@ impl Engine {
     /// Loads volumes, finishes interrupted deletes and reports extents that belong to no volume.
     pub fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo) -> Result<Engine, VolumeError> {
         meta.put_pool(&pool.record())?;
-        meta.register_node(&crate::meta::NodeRecord {
-            id: node.id.clone(),
-            hostname: node.hostname.clone(),
-            sdk_address: node.sdk_address.clone(),
-            nbd_address: node.nbd_address.clone(),
-            total_bytes: pool.total_bytes(),
-            version: crate::sdk::VERSION.into(),
-            repl_address: node.repl_address.clone(),
-            zone: node.zone.clone(),
-            rack: node.rack.clone(),
-        })?;
+        meta.register_node(&Self::node_record(&node, &pool))?;
         let engine = Engine {
             pool,
             meta,
@@ -324,6 +314,31 @@ impl Engine {
             tracing::error!(leaked, "extents belong to no volume in the metadata store; run `strata-engine check`");
         }
         Ok(engine)
+    }
+
+    fn node_record(node: &NodeInfo, pool: &Pool) -> crate::meta::NodeRecord {
+        crate::meta::NodeRecord {
+            id: node.id.clone(),
+            hostname: node.hostname.clone(),
+            sdk_address: node.sdk_address.clone(),
+            nbd_address: node.nbd_address.clone(),
+            total_bytes: pool.total_bytes(),
+            used_bytes: pool.used_bytes(),
+            version: crate::sdk::VERSION.into(),
+            repl_address: node.repl_address.clone(),
+            zone: node.zone.clone(),
+            rack: node.rack.clone(),
+        }
+    }
+
+    /// Publishes this node's usage in its record when it changed since `last`; returns what was
+    /// published. Blocking.
+    pub fn report_usage(&self, last: u64) -> Result<u64, MetaError> {
+        let rec = Self::node_record(&self.node, &self.pool);
+        if rec.used_bytes != last {
+            self.meta.update_node(&rec)?;
+        }
+        Ok(rec.used_bytes)
     }
 
     /// Shares the engine; tasks it spawns (resync) hold it from then on.
