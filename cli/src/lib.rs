@@ -527,7 +527,8 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
 }
 
 fn nodes_table(nodes: &[pb::Node]) -> String {
-    let mut t = Table::new(&["ID", "HOSTNAME", "STATUS", "CAPACITY", "USED", "SDK", "NBD", "VERSION"]);
+    let mut t = Table::new(&["ID", "HOSTNAME", "STATUS", "CAPACITY", "USED", "ZONE", "RACK", "SDK", "REPLICATION", "VERSION"]);
+    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
     for n in nodes {
         t.row(vec![
             n.id.clone(),
@@ -535,8 +536,10 @@ fn nodes_table(nodes: &[pb::Node]) -> String {
             n.status.clone(),
             format_size(n.total_bytes),
             format_size(n.used_bytes),
+            or_dash(&n.zone),
+            or_dash(&n.rack),
             n.sdk_address.clone(),
-            n.nbd_address.clone(),
+            or_dash(&n.repl_address),
             n.version.clone(),
         ]);
     }

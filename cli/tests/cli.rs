@@ -64,6 +64,8 @@ fn volume_commands_with_tables_and_json() {
     assert_eq!(pools[0]["devices"].as_array().unwrap().len(), 1);
     assert!(ok(&e, &["service", "pool", "show"]).contains("DEVICE"));
     assert_eq!(json(&e, &["cluster", "list"]).as_array().unwrap().len(), 1);
+    let nodes = ok(&e, &["cluster", "list"]);
+    assert!(nodes.contains("ZONE") && nodes.contains("REPLICATION"), "{nodes}");
 }
 
 #[test]
