@@ -109,7 +109,7 @@ fn topology_filters(req: Option<&csi::TopologyRequirement>) -> (Vec<String>, Vec
 fn map_sdk(s: Status) -> Status {
     match s.code() {
         // The engine's codes already follow gRPC's meaning; "pool full" is RESOURCE_EXHAUSTED.
-        Code::Unavailable | Code::Unknown => Status::unavailable(format!("storage engine: {}", s.message())),
+        Code::Unavailable | Code::Unknown => crate::sdk::unavailable(s),
         _ => s,
     }
 }

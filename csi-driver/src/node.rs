@@ -63,7 +63,7 @@ impl Node {
     }
 
     async fn volume(&self, id: &str) -> Result<pb::Volume, Status> {
-        self.sdk.inspect(id).await.map_err(|s| Status::unavailable(format!("storage engine: {}", s.message())))?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))
+        self.sdk.inspect(id).await.map_err(crate::sdk::unavailable)?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))
     }
 }
 
@@ -149,7 +149,7 @@ impl csi::node_server::Node for Node {
                 Err(s) if s.code() == Code::FailedPrecondition && s.message().contains("connected") => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
                 // Served by another node now: nothing to detach here.
                 Err(s) if s.code() == Code::FailedPrecondition => break,
-                Err(s) => return Err(Status::unavailable(format!("storage engine: {}", s.message()))),
+                Err(s) => return Err(crate::sdk::unavailable(s)),
             }
         }
         Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
@@ -255,7 +255,7 @@ impl csi::node_server::Node for Node {
     /// The node id, and its zone and rack as the engine registered them (topology keys
     /// `topology.kubernetes.io/zone` and `strata.dev/rack`).
     async fn node_get_info(&self, _: Request<csi::NodeGetInfoRequest>) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
-        let nodes = self.sdk.nodes().await.map_err(|e| Status::unavailable(format!("storage engine: {}", e.message())))?;
+        let nodes = self.sdk.nodes().await.map_err(crate::sdk::unavailable)?;
         let mut segments = HashMap::new();
         if let Some(n) = nodes.iter().find(|n| n.id == self.node_id) {
             if !n.zone.is_empty() {

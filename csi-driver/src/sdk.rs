@@ -5,6 +5,11 @@ use strata_api::v1 as pb;
 use tonic::transport::Channel;
 use tonic::Status;
 
+/// A failed SDK call as the CO sees it: the engine is unavailable, and why.
+pub fn unavailable(s: Status) -> Status {
+    Status::unavailable(format!("storage engine: {}", s.message()))
+}
+
 #[derive(Clone)]
 pub struct Sdk {
     pub ch: Channel,

@@ -29,11 +29,7 @@ pub async fn run(e: Arc<Engine>, t: Arc<Target>) {
 
 /// The crc32c of `[off, off+len)` on the source.
 async fn source_sum(e: &Engine, t: &Target, off: u64, len: usize) -> Result<u32, TargetError> {
-    if t.local {
-        let d = e.read_local(&t.vol, off, len).await.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
-        return Ok(crc32c::crc32c(d.bytes()));
-    }
-    let d = t.read_peers(e, off, len).await.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
+    let d = t.read_source(e, off, len).await.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
     Ok(crc32c::crc32c(d.bytes()))
 }
 
@@ -78,7 +74,7 @@ async fn reconcile(e: &Engine, t: &Target) -> Result<u64, TargetError> {
                 continue;
             }
             if data.is_none() {
-                let d = if t.local { e.read_local(&t.vol, off, len).await } else { t.read_peers(e, off, len).await };
+                let d = t.read_source(e, off, len).await;
                 let d = d.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
                 data = Some(bytes::Bytes::copy_from_slice(d.bytes()));
             }

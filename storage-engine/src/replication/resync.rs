@@ -172,7 +172,7 @@ async fn copy_region(e: &Engine, t: &Target, p: &Arc<Peer>, region: u64) -> Resu
         return Ok(());
     }
     let len = REGION.min(size - off) as usize;
-    let data = if t.local { e.read_local(&t.vol, off, len).await } else { t.read_peers(e, off, len).await };
+    let data = t.read_source(e, off, len).await;
     let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
     let bytes = data.bytes();

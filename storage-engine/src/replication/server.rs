@@ -12,18 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
-    loop {
-        match listener.accept().await {
-            Ok((s, peer)) => {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(connection(s, engine.clone(), peer.to_string()));
-            }
-            Err(e) => {
-                tracing::warn!("replication accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::server::accept_tcp(listener, "replication", |s, peer| connection(s, engine.clone(), peer)).await
 }
 
 async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {

@@ -496,6 +496,16 @@ impl Target {
         self.read_peers(e, off, len).await
     }
 
+    /// A read from the source of copies and comparisons: this node's replica when it is in sync,
+    /// else the first in-sync peer that answers (the caller holds the region lock).
+    pub(super) async fn read_source(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
+        if self.local {
+            e.read_local(&self.vol, off, len).await
+        } else {
+            self.read_peers(e, off, len).await
+        }
+    }
+
     /// A read from the first in-sync peer that answers (the caller holds the region lock).
     pub(super) async fn read_peers(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
         for (p, c, _) in self.active() {

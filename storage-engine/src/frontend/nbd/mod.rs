@@ -30,18 +30,7 @@ where
 }
 
 pub async fn serve_tcp(listener: TcpListener, engine: Arc<Engine>) {
-    loop {
-        match listener.accept().await {
-            Ok((s, peer)) => {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(handle(s, engine.clone(), peer.to_string()));
-            }
-            Err(e) => {
-                tracing::warn!("nbd accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    crate::server::accept_tcp(listener, "nbd", |s, peer| handle(s, engine.clone(), peer)).await
 }
 
 pub async fn serve_unix(listener: UnixListener, engine: Arc<Engine>) {
