@@ -40,7 +40,7 @@ pub fn check(devs: Vec<(String, Arc<dyn BlockIo>)>, expected: Option<PoolRecord>
     let maps = pool.all_mappings();
     report.mapped_extents = maps.len();
     for (i, d) in pool.devices().iter().enumerate() {
-        let mapped = maps.iter().filter(|(_, p)| p.dev as usize == i).count() as u64;
+        let mapped = maps.iter().filter(|(_, p)| p.dev as usize == i).map(|(_, p)| p.pext).collect::<std::collections::BTreeSet<_>>().len() as u64;
         if mapped + pool.free_extents(i) != d.sb.extent_count {
             report.problems.push(format!("device {}: {} mapped + {} free != {} extents", d.path, mapped, pool.free_extents(i), d.sb.extent_count));
         }

@@ -10,7 +10,12 @@
 //! Block (4 KiB): magic u32, crc32c u32 (of bytes 8..4096), device uuid [16], generation u64,
 //! seq u64 (block index within the half), kind u8 (1 checkpoint, 2 records), flags u8,
 //! count u16, total u32 (checkpoint body blocks, in block 0), then `count` entries:
-//! `1, vol u64, lext u64, pext u32` (map) or `2, pext u32` (unmap).
+//! `1, vol u64, lext u64, pext u32` (map: the first owner of a free extent), `2, pext u32`
+//! (unmap: the sole owner lets go; written by version-1 engines), `3, vol, lext, pext` (share:
+//! one more owner of a mapped extent — a snapshot or clone), `4, vol, lext, pext` (release: one
+//! owner lets go; the extent is free when none is left) and `5, vol u64, lext u64, from u32,
+//! to u32` (move: copy-on-write gave the owner its own extent; one entry so that a crash never
+//! leaves it owning both or neither).
 //!
 //! Corruption rules: a block with our magic and device uuid whose checksum fails, a live
 //! block that is unreadable while later blocks of the same generation exist, or a lost
@@ -33,15 +38,51 @@ const KIND_CKPT: u8 = 1;
 const KIND_REC: u8 = 2;
 const TAG_MAP: u8 = 1;
 const TAG_UNMAP: u8 = 2;
+const TAG_SHARE: u8 = 3;
+const TAG_RELEASE: u8 = 4;
+const TAG_MOVE: u8 = 5;
+/// Entry bytes a block holds.
+const PAYLOAD: usize = BLOCK - HDR;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Entry {
     Map { vol: u64, lext: u64, pext: u32 },
     Unmap { pext: u32 },
+    Share { vol: u64, lext: u64, pext: u32 },
+    Release { vol: u64, lext: u64, pext: u32 },
+    Move { vol: u64, lext: u64, from: u32, to: u32 },
 }
 
-/// physical extent -> (volume id, logical extent)
-pub type DeviceMap = BTreeMap<u32, (u64, u64)>;
+impl Entry {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Entry::Unmap { .. } => 5,
+            Entry::Move { .. } => 25,
+            _ => 21,
+        }
+    }
+}
+
+/// Splits entries into runs that each fit one block.
+fn blocks(entries: &[Entry]) -> Vec<&[Entry]> {
+    let mut out = Vec::new();
+    let (mut start, mut used) = (0, 0);
+    for (i, e) in entries.iter().enumerate() {
+        if used + e.encoded_len() > PAYLOAD || i - start == u16::MAX as usize {
+            out.push(&entries[start..i]);
+            (start, used) = (i, 0);
+        }
+        used += e.encoded_len();
+    }
+    if start < entries.len() {
+        out.push(&entries[start..]);
+    }
+    out
+}
+
+/// physical extent -> its owners (volume id, logical extent); more than one when shared by
+/// snapshots or clones.
+pub type DeviceMap = BTreeMap<u32, Vec<(u64, u64)>>;
 
 struct Header {
     gen: u64,
@@ -59,7 +100,7 @@ enum Decoded {
 }
 
 fn encode(dev: &Uuid, gen: u64, seq: u64, kind: u8, total: u32, entries: &[Entry], out: &mut [u8]) {
-    debug_assert!(entries.len() as u64 <= ENTRIES_PER_BLOCK);
+    debug_assert!(entries.iter().map(Entry::encoded_len).sum::<usize>() <= PAYLOAD);
     out.fill(0);
     out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     out[8..24].copy_from_slice(dev.as_bytes());
@@ -70,13 +111,21 @@ fn encode(dev: &Uuid, gen: u64, seq: u64, kind: u8, total: u32, entries: &[Entry
     out[44..48].copy_from_slice(&total.to_le_bytes());
     let mut p = HDR;
     for e in entries {
+        let mut owner = |tag: u8, vol: u64, lext: u64, pext: u32, p: &mut usize| {
+            out[*p] = tag;
+            out[*p + 1..*p + 9].copy_from_slice(&vol.to_le_bytes());
+            out[*p + 9..*p + 17].copy_from_slice(&lext.to_le_bytes());
+            out[*p + 17..*p + 21].copy_from_slice(&pext.to_le_bytes());
+            *p += 21;
+        };
         match *e {
-            Entry::Map { vol, lext, pext } => {
-                out[p] = TAG_MAP;
-                out[p + 1..p + 9].copy_from_slice(&vol.to_le_bytes());
-                out[p + 9..p + 17].copy_from_slice(&lext.to_le_bytes());
-                out[p + 17..p + 21].copy_from_slice(&pext.to_le_bytes());
-                p += 21;
+            Entry::Map { vol, lext, pext } => owner(TAG_MAP, vol, lext, pext, &mut p),
+            Entry::Share { vol, lext, pext } => owner(TAG_SHARE, vol, lext, pext, &mut p),
+            Entry::Release { vol, lext, pext } => owner(TAG_RELEASE, vol, lext, pext, &mut p),
+            Entry::Move { vol, lext, from, to } => {
+                owner(TAG_MOVE, vol, lext, from, &mut p);
+                out[p..p + 4].copy_from_slice(&to.to_le_bytes());
+                p += 4;
             }
             Entry::Unmap { pext } => {
                 out[p] = TAG_UNMAP;
@@ -105,12 +154,18 @@ fn decode(dev: &Uuid, b: &[u8]) -> Decoded {
     let mut p = HDR;
     for _ in 0..count {
         match b.get(p) {
-            Some(&TAG_MAP) if p + 21 <= BLOCK => {
-                let vol = u64at(p + 1);
-                let lext = u64at(p + 9);
-                let pext = u32at(p + 17);
-                entries.push(Entry::Map { vol, lext, pext });
+            Some(&tag @ (TAG_MAP | TAG_SHARE | TAG_RELEASE)) if p + 21 <= BLOCK => {
+                let (vol, lext, pext) = (u64at(p + 1), u64at(p + 9), u32at(p + 17));
+                entries.push(match tag {
+                    TAG_MAP => Entry::Map { vol, lext, pext },
+                    TAG_SHARE => Entry::Share { vol, lext, pext },
+                    _ => Entry::Release { vol, lext, pext },
+                });
                 p += 21;
+            }
+            Some(&TAG_MOVE) if p + 25 <= BLOCK => {
+                entries.push(Entry::Move { vol: u64at(p + 1), lext: u64at(p + 9), from: u32at(p + 17), to: u32at(p + 21) });
+                p += 25;
             }
             Some(&TAG_UNMAP) if p + 5 <= BLOCK => {
                 entries.push(Entry::Unmap { pext: u32at(p + 1) });
@@ -124,23 +179,46 @@ fn decode(dev: &Uuid, b: &[u8]) -> Decoded {
 
 /// Applies entries to a map; an entry that contradicts the map is an inconsistency.
 pub fn apply(map: &mut DeviceMap, entries: &[Entry], extent_count: u64) -> Result<(), String> {
+    let first_owner = |map: &mut DeviceMap, vol: u64, lext: u64, pext: u32| {
+        if pext as u64 >= extent_count {
+            return Err(format!("extent {pext} is beyond the device's {extent_count} extents"));
+        }
+        match map.get(&pext).and_then(|o| o.first()) {
+            Some(prev) => Err(format!("extent {pext} mapped twice: to volume {} extent {} and to volume {vol} extent {lext}", prev.0, prev.1)),
+            None => {
+                map.insert(pext, vec![(vol, lext)]);
+                Ok(())
+            }
+        }
+    };
+    let release = |map: &mut DeviceMap, vol: u64, lext: u64, pext: u32| {
+        let owners = map.get_mut(&pext).ok_or_else(|| format!("extent {pext} freed while not mapped"))?;
+        let at = owners.iter().position(|o| *o == (vol, lext)).ok_or_else(|| format!("extent {pext} released by volume {vol} extent {lext}, which does not own it"))?;
+        owners.swap_remove(at);
+        if owners.is_empty() {
+            map.remove(&pext);
+        }
+        Ok::<(), String>(())
+    };
     for e in entries {
         match *e {
-            Entry::Map { vol, lext, pext } => {
-                if pext as u64 >= extent_count {
-                    return Err(format!("extent {pext} is beyond the device's {extent_count} extents"));
+            Entry::Map { vol, lext, pext } => first_owner(map, vol, lext, pext)?,
+            Entry::Unmap { pext } => match map.remove(&pext) {
+                Some(o) if o.len() == 1 => {}
+                Some(o) => return Err(format!("extent {pext} unmapped while {} volumes share it", o.len())),
+                None => return Err(format!("extent {pext} freed while not mapped")),
+            },
+            Entry::Share { vol, lext, pext } => {
+                let owners = map.get_mut(&pext).ok_or_else(|| format!("extent {pext} shared while not mapped"))?;
+                if owners.contains(&(vol, lext)) {
+                    return Err(format!("extent {pext} shared twice with volume {vol} extent {lext}"));
                 }
-                if let Some(prev) = map.insert(pext, (vol, lext)) {
-                    return Err(format!(
-                        "extent {pext} mapped twice: to volume {} extent {} and to volume {vol} extent {lext}",
-                        prev.0, prev.1
-                    ));
-                }
+                owners.push((vol, lext));
             }
-            Entry::Unmap { pext } => {
-                if map.remove(&pext).is_none() {
-                    return Err(format!("extent {pext} freed while not mapped"));
-                }
+            Entry::Release { vol, lext, pext } => release(map, vol, lext, pext)?,
+            Entry::Move { vol, lext, from, to } => {
+                release(map, vol, lext, from)?;
+                first_owner(map, vol, lext, to)?;
             }
         }
     }
@@ -313,12 +391,12 @@ impl Journal {
 
     fn write_batch(&self, w: &mut Writer, batch: &[Entry]) -> Result<(), PoolError> {
         apply(&mut w.map, batch, self.extent_count).map_err(PoolError::Inconsistent)?;
-        let nblocks = batch.len().div_ceil(ENTRIES_PER_BLOCK as usize) as u64;
-        if w.next_seq + nblocks > self.half_blocks {
+        let chunks = blocks(batch);
+        if w.next_seq + chunks.len() as u64 > self.half_blocks {
             return self.checkpoint(w, w.gen + 1);
         }
         let base = self.half_offset(w.gen);
-        for chunk in batch.chunks(ENTRIES_PER_BLOCK as usize) {
+        for chunk in chunks {
             let (gen, seq) = (w.gen, w.next_seq);
             encode(&self.uuid, gen, seq, KIND_REC, 0, chunk, &mut w.block);
             self.dev
@@ -331,8 +409,14 @@ impl Journal {
 
     /// Writes the whole map as generation `gen`: body, sync, header, sync.
     fn checkpoint(&self, w: &mut Writer, gen: u64) -> Result<(), PoolError> {
-        let all: Vec<Entry> = w.map.iter().map(|(p, (v, l))| Entry::Map { vol: *v, lext: *l, pext: *p }).collect();
-        let chunks: Vec<&[Entry]> = all.chunks(ENTRIES_PER_BLOCK as usize).collect();
+        let all: Vec<Entry> = w
+            .map
+            .iter()
+            .flat_map(|(p, owners)| {
+                owners.iter().enumerate().map(|(i, (v, l))| if i == 0 { Entry::Map { vol: *v, lext: *l, pext: *p } } else { Entry::Share { vol: *v, lext: *l, pext: *p } })
+            })
+            .collect();
+        let chunks = blocks(&all);
         let n = chunks.len();
         if n as u64 + 1 >= self.half_blocks {
             return Err(PoolError::Inconsistent(format!("checkpoint of {n} blocks does not fit the journal")));
@@ -367,6 +451,12 @@ impl Journal {
     pub fn generation(&self) -> u64 {
         self.writer.lock().gen
     }
+
+    /// Owner entries a checkpoint may hold while leaving half of its half for records: the
+    /// bound on shared references (snapshots, clones) on this device.
+    pub fn max_owners(&self) -> u64 {
+        self.half_blocks / 2 * ENTRIES_PER_BLOCK
+    }
 }
 
 #[cfg(test)]
@@ -393,7 +483,14 @@ mod tests {
             let pext = (i % sb.extent_count) as u32;
             if let std::collections::btree_map::Entry::Vacant(e) = expect.entry(pext) {
                 j.commit(&[Entry::Map { vol: 7, lext: i, pext }]).unwrap();
-                e.insert((7, i));
+                e.insert(vec![(7, i)]);
+            } else if i % 3 == 0 {
+                // A snapshot's owner comes and goes; the extent stays with volume 7.
+                j.commit(&[Entry::Share { vol: 8, lext: i, pext }]).unwrap();
+                j.commit(&[Entry::Release { vol: 8, lext: i, pext }]).unwrap();
+                let lext = expect[&pext][0].1;
+                j.commit(&[Entry::Release { vol: 7, lext, pext }]).unwrap();
+                expect.remove(&pext);
             } else {
                 j.commit(&[Entry::Unmap { pext }]).unwrap();
                 expect.remove(&pext);
@@ -430,11 +527,51 @@ mod tests {
     }
 
     #[test]
+    fn shared_owners_and_moves_survive_a_checkpoint_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, sb) = dev(dir.path(), "a");
+        let j = Journal::format(d.clone(), &sb).unwrap();
+        j.commit(&[Entry::Map { vol: 1, lext: 0, pext: 0 }, Entry::Map { vol: 1, lext: 1, pext: 1 }]).unwrap();
+        j.commit(&[Entry::Share { vol: 2, lext: 0, pext: 0 }, Entry::Share { vol: 2, lext: 1, pext: 1 }, Entry::Share { vol: 3, lext: 1, pext: 1 }]).unwrap();
+        // Copy-on-write of volume 1's extent 1 to extent 5.
+        j.commit(&[Entry::Move { vol: 1, lext: 1, from: 1, to: 5 }]).unwrap();
+        let mut expect = DeviceMap::new();
+        expect.insert(0, vec![(1, 0), (2, 0)]);
+        expect.insert(1, vec![(3, 1), (2, 1)]);
+        expect.insert(5, vec![(1, 1)]);
+        let mut got = Journal::open(d.clone(), &sb).unwrap().1;
+        got.values_mut().for_each(|o| o.sort());
+        expect.values_mut().for_each(|o| o.sort());
+        assert_eq!(got, expect);
+        // A checkpoint writes shared owners as map + share entries.
+        let mut w = j.writer.lock();
+        let next = w.gen + 1;
+        j.checkpoint(&mut w, next).unwrap();
+        drop(w);
+        let mut again = Journal::open(d, &sb).unwrap().1;
+        again.values_mut().for_each(|o| o.sort());
+        assert_eq!(again, expect);
+    }
+
+    #[test]
+    fn large_batches_of_long_entries_split_into_blocks_that_fit() {
+        let e: Vec<Entry> = (0..1000).map(|i| Entry::Move { vol: 1, lext: i, from: i as u32, to: i as u32 + 1 }).collect();
+        let b = blocks(&e);
+        assert_eq!(b.iter().map(|c| c.len()).sum::<usize>(), 1000);
+        assert!(b.iter().all(|c| c.iter().map(Entry::encoded_len).sum::<usize>() <= PAYLOAD));
+        assert_eq!(b[0].len(), PAYLOAD / 25);
+    }
+
+    #[test]
     fn contradicting_entries_are_inconsistent() {
         let mut m = DeviceMap::new();
         apply(&mut m, &[Entry::Map { vol: 1, lext: 0, pext: 3 }], 10).unwrap();
         assert!(apply(&mut m, &[Entry::Map { vol: 2, lext: 0, pext: 3 }], 10).unwrap_err().contains("twice"));
         assert!(apply(&mut m, &[Entry::Unmap { pext: 4 }], 10).unwrap_err().contains("not mapped"));
         assert!(apply(&mut m, &[Entry::Map { vol: 2, lext: 0, pext: 10 }], 10).unwrap_err().contains("beyond"));
+        assert!(apply(&mut m, &[Entry::Release { vol: 2, lext: 0, pext: 3 }], 10).unwrap_err().contains("does not own"));
+        assert!(apply(&mut m, &[Entry::Share { vol: 2, lext: 0, pext: 4 }], 10).unwrap_err().contains("not mapped"));
+        apply(&mut m, &[Entry::Share { vol: 2, lext: 0, pext: 3 }], 10).unwrap();
+        assert!(apply(&mut m, &[Entry::Unmap { pext: 3 }], 10).unwrap_err().contains("share it"));
     }
 }

@@ -1,6 +1,10 @@
 //! One pool per node over one or more devices: superblocks, per-device journals, the extent
 //! allocator (extents spread across devices) and the (volume, logical extent) -> physical
 //! extent map. Thin: an extent is allocated, zeroed and journaled on its first write.
+//!
+//! Snapshots and clones share extents: `share` gives a new owner every extent of a volume at
+//! once; an extent with several owners is copied (on its own device) before a write changes
+//! it (`allocate`), and it is free once its last owner released it.
 
 pub mod check;
 pub mod journal;
@@ -41,6 +45,10 @@ pub enum PoolError {
     JournalFailed,
     #[error("the pool is full: no free extent on any device")]
     NoSpace,
+    #[error("device {device} has no free extent for a copy-on-write of a shared extent; free space or delete snapshots")]
+    NoSpaceForCopy { device: String },
+    #[error("device {device} cannot record {more} more shared extents (it holds {have} of at most {max} extent references); delete snapshots or clones")]
+    TooManyReferences { device: String, have: u64, more: u64, max: u64 },
 }
 
 impl PoolError {
@@ -50,7 +58,7 @@ impl PoolError {
 }
 
 /// A physical extent: device index in the pool and extent number on that device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PExt {
     pub dev: u16,
     pub pext: u32,
@@ -85,11 +93,42 @@ struct Alloc {
     cursor: usize,
 }
 
+/// Extent ownership in memory.
+#[derive(Default)]
+struct Maps {
+    /// (volume, logical extent) -> physical extent.
+    map: HashMap<(u64, u64), PExt>,
+    /// Physical extents with more than one owner -> their owners.
+    shared: HashMap<PExt, Vec<(u64, u64)>>,
+    /// Owner entries per device (bounded by the journal's checkpoint room).
+    owners: Vec<u64>,
+}
+
+impl Maps {
+    fn is_shared(&self, p: PExt) -> bool {
+        !self.shared.is_empty() && self.shared.contains_key(&p)
+    }
+
+    /// Takes `owner` off the shared extent `p`; true when `p` had no other owner.
+    fn release(&mut self, p: PExt, owner: (u64, u64)) -> bool {
+        match self.shared.get_mut(&p) {
+            Some(o) => {
+                o.retain(|x| *x != owner);
+                if o.len() <= 1 {
+                    self.shared.remove(&p);
+                }
+                false
+            }
+            None => true,
+        }
+    }
+}
+
 pub struct Pool {
     pub uuid: Uuid,
     pub extent_size: u64,
     devices: Vec<PoolDevice>,
-    map: RwLock<HashMap<(u64, u64), PExt>>,
+    maps: RwLock<Maps>,
     /// Extents mapped per volume (kept beside `map` so usage needs no scan).
     per_volume: Mutex<HashMap<u64, u64>>,
     alloc: Mutex<Alloc>,
@@ -155,32 +194,40 @@ impl Pool {
             return Err(PoolError::Invalid("too many devices".into()));
         }
 
-        let mut map = HashMap::new();
+        let mut maps = Maps::default();
         let mut free = Vec::new();
         for (i, d) in devices.iter().enumerate() {
             let dm = d.journal_map();
             let mut f: BTreeSet<u32> = (0..d.sb.extent_count as u32).collect();
-            for (pext, (vol, lext)) in dm {
+            let mut owners = 0;
+            for (pext, who) in dm {
                 f.remove(&pext);
                 let p = PExt { dev: i as u16, pext };
-                if let Some(prev) = map.insert((vol, lext), p) {
-                    return Err(PoolError::Inconsistent(format!(
-                        "volume {vol} extent {lext} is mapped twice: {}:{} and {}:{}",
-                        devices[prev.dev as usize].path, prev.pext, d.path, pext
-                    )));
+                for (vol, lext) in &who {
+                    if let Some(prev) = maps.map.insert((*vol, *lext), p) {
+                        return Err(PoolError::Inconsistent(format!(
+                            "volume {vol} extent {lext} is mapped twice: {}:{} and {}:{}",
+                            devices[prev.dev as usize].path, prev.pext, d.path, pext
+                        )));
+                    }
+                }
+                owners += who.len() as u64;
+                if who.len() > 1 {
+                    maps.shared.insert(p, who);
                 }
             }
+            maps.owners.push(owners);
             free.push(f);
         }
         let mut per_volume = HashMap::new();
-        for (vol, _) in map.keys() {
+        for (vol, _) in maps.map.keys() {
             *per_volume.entry(*vol).or_insert(0u64) += 1;
         }
         Ok(Pool {
             uuid: pool_uuid,
             extent_size,
             devices,
-            map: RwLock::new(map),
+            maps: RwLock::new(maps),
             per_volume: Mutex::new(per_volume),
             alloc: Mutex::new(Alloc { free, cursor: 0 }),
         })
@@ -204,7 +251,13 @@ impl Pool {
     }
 
     pub fn lookup(&self, vol: u64, lext: u64) -> Option<PExt> {
-        self.map.read().get(&(vol, lext)).copied()
+        self.maps.read().map.get(&(vol, lext)).copied()
+    }
+
+    /// The extent a write to `(vol, lext)` may change in place: mapped and owned by `vol` alone.
+    pub fn lookup_writable(&self, vol: u64, lext: u64) -> Option<PExt> {
+        let m = self.maps.read();
+        m.map.get(&(vol, lext)).copied().filter(|p| !m.is_shared(*p))
     }
 
     /// Byte offset on its device of a physical extent.
@@ -216,11 +269,16 @@ impl Pool {
         &self.devices[p.dev as usize].dev
     }
 
-    /// Maps `(vol, lext)` to a zeroed extent, durably, unless it is mapped already. Blocking.
+    /// The extent a write to `(vol, lext)` goes to, durably: a new zeroed one when unmapped, a
+    /// private copy when the mapped one is shared (copy-on-write), else the mapped one.
+    /// Blocking.
     pub fn allocate(&self, vol: u64, lext: u64) -> Result<PExt, PoolError> {
         let mut a = self.alloc.lock();
         if let Some(p) = self.lookup(vol, lext) {
-            return Ok(p);
+            if !self.maps.read().is_shared(p) {
+                return Ok(p);
+            }
+            return self.copy_on_write(&mut a, vol, lext, p);
         }
         let n = self.devices.len();
         let dev = (0..n).map(|i| (a.cursor + i) % n).find(|i| !a.free[*i].is_empty()).ok_or(PoolError::NoSpace)?;
@@ -237,9 +295,81 @@ impl Pool {
             return Err(e);
         }
         let p = PExt { dev: dev as u16, pext };
-        self.map.write().insert((vol, lext), p);
+        {
+            let mut m = self.maps.write();
+            m.map.insert((vol, lext), p);
+            m.owners[dev] += 1;
+        }
         self.count(vol, 1);
         Ok(p)
+    }
+
+    /// Gives `(vol, lext)` its own copy of the shared extent `old`, on the same device (one
+    /// journal entry moves the owner, so a crash leaves it on the old or the new extent).
+    fn copy_on_write(&self, a: &mut Alloc, vol: u64, lext: u64, old: PExt) -> Result<PExt, PoolError> {
+        let i = old.dev as usize;
+        let d = &self.devices[i];
+        let pext = a.free[i].pop_first().ok_or_else(|| PoolError::NoSpaceForCopy { device: d.path.clone() })?;
+        let res = (|| {
+            let mut buf = AlignedBuf::new(self.extent_size as usize);
+            d.dev.read_blocking(d.sb.extent_offset(old.pext), &mut buf).map_err(PoolError::io("reading a shared extent"))?;
+            d.dev.write_blocking(d.sb.extent_offset(pext), &buf).map_err(PoolError::io("copying a shared extent"))?;
+            d.dev.sync_blocking().map_err(PoolError::io("syncing a copied extent"))?;
+            d.journal.commit(&[Entry::Move { vol, lext, from: old.pext, to: pext }])
+        })();
+        if let Err(e) = res {
+            a.free[i].insert(pext);
+            return Err(e);
+        }
+        let p = PExt { dev: old.dev, pext };
+        let mut m = self.maps.write();
+        m.map.insert((vol, lext), p);
+        m.release(old, (vol, lext));
+        Ok(p)
+    }
+
+    /// Gives volume `dst` every extent of volume `src`, shared (a snapshot or clone at this
+    /// instant; the caller keeps writes to `src` out meanwhile). `dst` must own nothing yet.
+    /// Blocking. Returns the number of extents shared.
+    pub fn share(&self, src: u64, dst: u64) -> Result<u64, PoolError> {
+        let _a = self.alloc.lock();
+        let mut per_dev: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.devices.len()];
+        {
+            let m = self.maps.read();
+            if m.map.keys().any(|(v, _)| *v == dst) {
+                return Err(PoolError::Invalid(format!("volume id {dst} already owns extents in this pool")));
+            }
+            for ((v, l), p) in m.map.iter() {
+                if *v == src {
+                    per_dev[p.dev as usize].push((*l, p.pext));
+                }
+            }
+            for (i, ext) in per_dev.iter().enumerate() {
+                let (have, max) = (m.owners[i], self.devices[i].journal.max_owners());
+                if have + ext.len() as u64 > max {
+                    return Err(PoolError::TooManyReferences { device: self.devices[i].path.clone(), have, more: ext.len() as u64, max });
+                }
+            }
+        }
+        let mut n = 0;
+        for (i, ext) in per_dev.iter().enumerate() {
+            if ext.is_empty() {
+                continue;
+            }
+            let entries: Vec<Entry> = ext.iter().map(|(l, p)| Entry::Share { vol: dst, lext: *l, pext: *p }).collect();
+            self.devices[i].journal.commit(&entries)?;
+            let mut m = self.maps.write();
+            for (l, pext) in ext {
+                let p = PExt { dev: i as u16, pext: *pext };
+                m.map.insert((dst, *l), p);
+                m.shared.entry(p).or_insert_with(|| vec![(src, *l)]).push((dst, *l));
+            }
+            m.owners[i] += ext.len() as u64;
+            drop(m);
+            self.count(dst, ext.len() as i64);
+            n += ext.len() as u64;
+        }
+        Ok(n)
     }
 
     /// Frees the given logical extents of a volume (those that are mapped). Blocking. The caller
@@ -248,9 +378,9 @@ impl Pool {
         // (logical extent, physical extent) per device
         let mut per_dev: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.devices.len()];
         {
-            let map = self.map.read();
+            let m = self.maps.read();
             for l in lexts {
-                if let Some(p) = map.get(&(vol, *l)) {
+                if let Some(p) = m.map.get(&(vol, *l)) {
                     per_dev[p.dev as usize].push((*l, p.pext));
                 }
             }
@@ -261,19 +391,26 @@ impl Pool {
                 continue;
             }
             let d = &self.devices[i];
-            let entries: Vec<Entry> = extents.iter().map(|(_, p)| Entry::Unmap { pext: *p }).collect();
+            let entries: Vec<Entry> = extents.iter().map(|(l, p)| Entry::Release { vol, lext: *l, pext: *p }).collect();
+            // The allocator's lock keeps a concurrent copy-on-write or share out.
+            let mut a = self.alloc.lock();
             d.journal.commit(&entries)?;
+            let mut unowned = Vec::new();
             {
-                let mut map = self.map.write();
-                for (l, _) in extents {
-                    map.remove(&(vol, *l));
+                let mut m = self.maps.write();
+                for (l, pext) in extents {
+                    m.map.remove(&(vol, *l));
+                    if m.release(PExt { dev: i as u16, pext: *pext }, (vol, *l)) {
+                        unowned.push(*pext);
+                    }
                 }
+                m.owners[i] -= extents.len() as u64;
             }
             self.count(vol, -(extents.len() as i64));
-            for (_, p) in extents {
+            for p in &unowned {
                 d.dev.discard_blocking(d.sb.extent_offset(*p), self.extent_size);
             }
-            self.alloc.lock().free[i].extend(extents.iter().map(|(_, p)| *p));
+            a.free[i].extend(unowned);
             freed += extents.len() as u64;
         }
         Ok(freed)
@@ -290,26 +427,35 @@ impl Pool {
 
     /// Logical extents of a volume that are mapped, sorted.
     pub fn volume_extents(&self, vol: u64) -> Vec<u64> {
-        let mut v: Vec<u64> = self.map.read().keys().filter(|(v, _)| *v == vol).map(|(_, l)| *l).collect();
+        let mut v: Vec<u64> = self.maps.read().map.keys().filter(|(v, _)| *v == vol).map(|(_, l)| *l).collect();
         v.sort_unstable();
         v
     }
 
+    /// Bytes of the extents a volume owns, shared ones included.
     pub fn used_bytes_of(&self, vol: u64) -> u64 {
         self.per_volume.lock().get(&vol).copied().unwrap_or(0) * self.extent_size
     }
 
     /// Every (volume, logical extent) mapped, with its place.
     pub fn all_mappings(&self) -> Vec<((u64, u64), PExt)> {
-        self.map.read().iter().map(|(k, v)| (*k, *v)).collect()
+        self.maps.read().map.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+
+    /// Extents owned by more than one volume (snapshots, clones).
+    pub fn shared_extents(&self) -> u64 {
+        self.maps.read().shared.len() as u64
     }
 
     pub fn total_bytes(&self) -> u64 {
         self.devices.iter().map(|d| d.sb.extent_count * self.extent_size).sum()
     }
 
+    /// Bytes of physical extents in use (a shared extent counts once).
     pub fn used_bytes(&self) -> u64 {
-        self.map.read().len() as u64 * self.extent_size
+        let a = self.alloc.lock();
+        let free: u64 = a.free.iter().map(|f| f.len() as u64).sum();
+        self.total_bytes() - free * self.extent_size
     }
 
     pub fn free_extents(&self, dev: usize) -> u64 {
@@ -344,4 +490,94 @@ fn format_device(path: String, dev: Arc<dyn BlockIo>, pool: Uuid, extent_size: u
     dev.write_blocking(0, &block).map_err(PoolError::io("writing the superblock"))?;
     dev.sync_blocking().map_err(PoolError::io("syncing the superblock"))?;
     Ok(PoolDevice { path, dev, sb, journal })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{FileDevice, IoEngine, OpenOptions};
+
+    fn open(dir: &std::path::Path) -> Pool {
+        let opts = OpenOptions { create_size: Some(64 << 20), io_engine: IoEngine::Sync, read_only: false, lock_wait: Default::default() };
+        let devs: Vec<(String, Arc<dyn BlockIo>)> = ["a", "b"]
+            .iter()
+            .map(|n| {
+                let p = dir.join(n);
+                (p.display().to_string(), Arc::new(FileDevice::open(&p, &opts).unwrap()) as Arc<dyn BlockIo>)
+            })
+            .collect();
+        Pool::open(devs, &OpenSpec { expected: None, force_format: false, extent_size: DEFAULT_EXTENT_SIZE, check_only: false }).unwrap()
+    }
+
+    fn fill(pool: &Pool, vol: u64, lext: u64, byte: u8) {
+        let p = pool.allocate(vol, lext).unwrap();
+        let mut b = AlignedBuf::new(pool.extent_size as usize);
+        b.fill(byte);
+        pool.device(p).write_blocking(pool.offset_of(p), &b).unwrap();
+    }
+
+    fn first_byte(pool: &Pool, vol: u64, lext: u64) -> u8 {
+        let p = pool.lookup(vol, lext).unwrap();
+        let mut b = AlignedBuf::new(4096);
+        pool.device(p).read_blocking(pool.offset_of(p), &mut b).unwrap();
+        b[0]
+    }
+
+    #[test]
+    fn shared_extents_are_copied_before_a_write_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = open(dir.path());
+        let es = pool.extent_size;
+        for l in 0..4 {
+            fill(&pool, 1, l, 0xA0 + l as u8);
+        }
+        assert_eq!(pool.used_bytes(), 4 * es);
+        assert_eq!(pool.share(1, 2).unwrap(), 4);
+        assert_eq!(pool.used_bytes(), 4 * es, "a snapshot takes no space");
+        assert_eq!(pool.used_bytes_of(2), 4 * es);
+        assert!(pool.share(1, 2).is_err(), "a second share into the same id is refused");
+        // A write to the source copies the extent first: the snapshot keeps the old bytes.
+        let before = pool.lookup(1, 0).unwrap();
+        fill(&pool, 1, 0, 0x11);
+        let after = pool.lookup(1, 0).unwrap();
+        assert_ne!(before, after);
+        assert_eq!(after.dev, before.dev, "copies stay on their device");
+        assert_eq!((first_byte(&pool, 1, 0), first_byte(&pool, 2, 0)), (0x11, 0xA0));
+        assert_eq!(pool.used_bytes(), 5 * es);
+        assert_eq!(pool.lookup_writable(1, 0), Some(after));
+        assert_eq!(pool.lookup_writable(1, 1), None, "still shared");
+        // Freeing the source leaves the snapshot's data; freeing both frees everything.
+        pool.free(1, &pool.volume_extents(1)).unwrap();
+        assert_eq!(pool.used_bytes(), 4 * es);
+        assert_eq!(first_byte(&pool, 2, 3), 0xA3);
+        // Extents of the snapshot are its own now: writable in place.
+        assert_eq!(pool.lookup_writable(2, 3), pool.lookup(2, 3));
+        pool.free(2, &pool.volume_extents(2)).unwrap();
+        assert_eq!(pool.used_bytes(), 0);
+        assert_eq!(pool.shared_extents(), 0);
+    }
+
+    #[test]
+    fn sharing_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let pool = open(dir.path());
+            for l in 0..3 {
+                fill(&pool, 1, l, 0x10 + l as u8);
+            }
+            pool.share(1, 2).unwrap();
+            pool.share(2, 3).unwrap();
+            fill(&pool, 1, 1, 0x77);
+            pool.free(2, &[0]).unwrap();
+        }
+        let pool = open(dir.path());
+        assert_eq!(pool.used_bytes(), 4 * pool.extent_size);
+        assert_eq!((first_byte(&pool, 1, 1), first_byte(&pool, 3, 1), first_byte(&pool, 2, 1)), (0x77, 0x11, 0x11));
+        assert_eq!(pool.volume_extents(2), vec![1, 2]);
+        assert_eq!(pool.shared_extents(), 3);
+        let devs = pool.devices().iter().map(|d| (d.path.clone(), d.dev.clone())).collect();
+        drop(pool);
+        let report = check::check(devs, None, None);
+        assert!(report.is_clean(), "{:?}", report.problems);
+    }
 }

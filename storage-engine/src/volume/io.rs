@@ -202,8 +202,9 @@ impl Engine {
         v.readahead.clear();
     }
 
+    /// The extent a write to `lext` goes to (allocated, or copied when a snapshot shares it).
     async fn place(&self, v: &Volume, lext: u64) -> Result<PExt, IoError> {
-        if let Some(p) = self.pool.lookup(v.id, lext) {
+        if let Some(p) = self.pool.lookup_writable(v.id, lext) {
             return Ok(p);
         }
         let pool = self.pool.clone();
@@ -380,7 +381,8 @@ impl Engine {
                 (None, true, false) => {
                     touched.add(self.place(v, lext).await?); // new extents are zeroed
                 }
-                (Some(p), _, _) if aligned(within, n) => {
+                (Some(_), _, _) if aligned(within, n) => {
+                    let p = self.place(v, lext).await?; // a shared extent is copied first
                     touched.add(p);
                     let dev = self.pool.device(p).clone();
                     let at = self.pool.offset_of(p) + within;
