@@ -23,6 +23,23 @@ pub enum MetaError {
 #[serde(rename_all = "snake_case")]
 pub enum PendingOp {
     Delete,
+    /// A snapshot or clone whose extents are being shared: undone (freed) if left behind.
+    Create,
+    /// The volume's data is being replaced by this snapshot's: run the restore again if left.
+    Restore { snapshot: String },
+}
+
+impl PendingOp {
+    /// Why a volume with this operation in flight refuses other changes.
+    pub fn describe(&self, name: &str) -> String {
+        match self {
+            PendingOp::Delete => format!("volume {name} is being deleted"),
+            PendingOp::Create => format!("volume {name} is being created from a snapshot or volume"),
+            PendingOp::Restore { snapshot } => {
+                format!("volume {name} is being restored from snapshot {snapshot}; if that was interrupted run `stratactl volume restore {name} --snapshot {snapshot}` again")
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +84,9 @@ pub struct VolumeRecord {
     /// Encrypted at rest: the key's salt and check value (never the key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure: Option<crate::crypt::KeyParams>,
+    /// A snapshot (read-only, never served) of this volume, taken at `created_unix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_of: Option<String>,
 }
 
 impl VolumeRecord {

@@ -69,6 +69,8 @@ impl Engine {
                 Ok(d) => Answer::Bytes(crc32c::crc32c(d.bytes()).to_be_bytes().to_vec()),
                 Err(e) => Answer::Error(e.errno(false)),
             },
+            Op::Share => done(self.share_local(v, req.offset).await),
+            Op::Restore => done(self.restore_local(v, req.offset).await),
             Op::Drop => match self.drop_replica(v.id).await {
                 Ok(()) => Answer::Done,
                 Err(e) => {

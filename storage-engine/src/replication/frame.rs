@@ -42,6 +42,11 @@ pub enum Op {
     Drop = 8,
     /// The crc32c (u32) of `len` bytes at `offset` of the replica.
     Checksum = 9,
+    /// Shares every extent of the volume with the volume whose id is `offset` (a snapshot or a
+    /// clone), with the replica's I/O to the volume drained.
+    Share = 10,
+    /// Replaces the volume's data with the snapshot whose id is `offset` (shared extents).
+    Restore = 11,
 }
 
 impl Op {
@@ -56,6 +61,8 @@ impl Op {
             7 => Op::Extents,
             8 => Op::Drop,
             9 => Op::Checksum,
+            10 => Op::Share,
+            11 => Op::Restore,
             _ => return None,
         })
     }
@@ -184,7 +191,7 @@ mod tests {
         }
 
         #[test]
-        fn valid_requests_round_trip(op in 1u8..=9, flags in any::<u8>(), handle in any::<u64>(), volume in any::<u64>(), epoch in any::<u64>(), offset in any::<u64>(), len in 0..=MAX_PAYLOAD) {
+        fn valid_requests_round_trip(op in 1u8..=11, flags in any::<u8>(), handle in any::<u64>(), volume in any::<u64>(), epoch in any::<u64>(), offset in any::<u64>(), len in 0..=MAX_PAYLOAD) {
             let r = Request { op: Op::from_u8(op).unwrap(), flags, handle, volume, epoch, offset, len };
             prop_assert_eq!(parse_request(&encode_request(&r)), Ok(r));
         }

@@ -524,6 +524,38 @@ impl Target {
         Err(IoError::Replication(TargetError::NoReplica(self.name.clone())))
     }
 
+    /// Shares the volume's extents with volume id `dst` on this node and every in-sync replica
+    /// at one point of the write stream: no change is in flight anywhere meanwhile, so every
+    /// copy holds the same acknowledged writes (a crash-consistent snapshot). Returns the nodes
+    /// that hold the copy.
+    pub async fn share_at_barrier(&self, e: &Engine, dst: u64) -> Result<Vec<String>, IoError> {
+        let _g = self.region_lock.write().await;
+        self.admit().await?;
+        let sent: Vec<Leg> = self.active().into_iter().filter(|(p, _, _)| p.state() == PeerState::InSync).collect();
+        let local = async {
+            if self.local {
+                Some(e.share_local(&self.vol, dst).await)
+            } else {
+                None
+            }
+        };
+        let (l, r) = tokio::join!(local, self.fan_out(&sent, Op::Share, 0, dst, 0, None));
+        let mut holders = Vec::new();
+        match l {
+            Some(Ok(())) => holders.push(self.node.clone()),
+            Some(Err(err)) => tracing::warn!(volume = %self.name, "sharing extents on this node failed: {err}"),
+            None => {}
+        }
+        for ((p, _, _), r) in sent.iter().zip(r) {
+            match r {
+                Ok(_) => holders.push(p.node.clone()),
+                Err(err) if err.is_stale() => return Err(self.fence()),
+                Err(err) => tracing::warn!(volume = %self.name, replica = %p.node, "sharing extents failed: {err}"),
+            }
+        }
+        Ok(holders)
+    }
+
     /// Tells the replicas the volume's new size (after a grow).
     pub async fn announce_size(&self, size: u64) -> Result<(), IoError> {
         let sent = self.active();

@@ -47,7 +47,14 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
         }),
         used_bytes: v.used_bytes,
         created_unix: r.created_unix,
-        state: if r.pending.is_some() { "deleting".into() } else { "available".into() },
+        state: match &r.pending {
+            None => "available",
+            Some(crate::meta::PendingOp::Delete) => "deleting",
+            Some(crate::meta::PendingOp::Create) => "creating",
+            Some(crate::meta::PendingOp::Restore { .. }) => "restoring",
+        }
+        .into(),
+        snapshot_of: r.snapshot_of.clone().unwrap_or_default(),
         connections: v.connections,
         attached_node: r.target.clone(),
         pool_uuid: engine.pool.uuid.to_string(),
@@ -60,6 +67,32 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
             .into_iter()
             .map(|s| pb::ReplicaStatus { node: s.node, state: s.state.into(), dirty_bytes: s.dirty_bytes, copied_bytes: s.copied_bytes })
             .collect(),
+    }
+}
+
+impl Sdk {
+    /// A volume attached on another node is snapshotted or cloned by that node (the write
+    /// barrier is there): a client to its engine's SDK, or None to do it here.
+    async fn forward_to_target(&self, name: &str) -> Result<Option<pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>>, Status> {
+        let e = self.engine.clone();
+        let me = e.node.id.clone();
+        let rec = self.engine.inspect(name)?.record;
+        if rec.snapshot_of.is_some() || rec.target.is_empty() || rec.target == me {
+            return Ok(None);
+        }
+        let target = rec.target.clone();
+        let nodes = tokio::task::spawn_blocking(move || e.meta.list_nodes()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(VolumeError::from)?;
+        let addr = nodes
+            .into_iter()
+            .find(|(n, _)| n.id == target)
+            .map(|(n, _)| n.sdk_address)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| Status::failed_precondition(format!("volume {name} is served by node {target}, whose SDK address is unknown")))?;
+        let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+        let c = pb::volume_service_client::VolumeServiceClient::connect(url)
+            .await
+            .map_err(|e| Status::unavailable(format!("volume {name} is served by node {target}, whose engine ({addr}) cannot be reached: {e}")))?;
+        Ok(Some(c))
     }
 }
 
@@ -130,6 +163,40 @@ impl pb::volume_service_server::VolumeService for Sdk {
             extent_size: self.engine.pool.extent_size,
             extents: sums.into_iter().map(|(extent, crc32c)| pb::ExtentChecksum { extent, crc32c }).collect(),
         }))
+    }
+
+    async fn snapshot_create(&self, req: Request<pb::SnapshotCreateRequest>) -> Result<Response<pb::SnapshotCreateResponse>, Status> {
+        let r = req.into_inner();
+        if let Some(mut c) = self.forward_to_target(&r.volume).await? {
+            return c.snapshot_create(r).await;
+        }
+        let v = self.engine.snapshot(&r.volume, &r.name, r.labels.into_iter().collect()).await?;
+        Ok(Response::new(pb::SnapshotCreateResponse { snapshot: Some(to_pb(&self.engine, v)) }))
+    }
+
+    async fn snapshot_list(&self, req: Request<pb::SnapshotListRequest>) -> Result<Response<pb::SnapshotListResponse>, Status> {
+        let r = req.into_inner();
+        let volume = (!r.volume.is_empty()).then_some(r.volume.as_str());
+        if let Some(v) = volume {
+            self.engine.inspect(v)?;
+        }
+        let snaps = self.engine.snapshots(volume)?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
+        Ok(Response::new(pb::SnapshotListResponse { snapshots: snaps }))
+    }
+
+    async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::CloneVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if let Some(mut c) = self.forward_to_target(&r.source).await? {
+            return c.clone_volume(r).await;
+        }
+        let v = self.engine.clone_volume(&r.source, &r.name, r.labels.into_iter().collect()).await?;
+        Ok(Response::new(pb::CloneVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+    }
+
+    async fn restore(&self, req: Request<pb::RestoreVolumeRequest>) -> Result<Response<pb::RestoreVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.engine.restore(&r.name, &r.snapshot).await?;
+        Ok(Response::new(pb::RestoreVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
     async fn detach(&self, req: Request<pb::DetachVolumeRequest>) -> Result<Response<pb::DetachVolumeResponse>, Status> {

@@ -69,8 +69,13 @@ impl Engine {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
         let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
-        if rec.pending.is_some() {
-            return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
+        if let Some(op) = &rec.pending {
+            return Err(VolumeError::FailedPrecondition(op.describe(name)));
+        }
+        if let Some(of) = &rec.snapshot_of {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "{name} is a snapshot of {of} and is not served; clone it (stratactl volume clone {name} --name NEW) and attach the clone"
+            )));
         }
         let key = match (&rec.secure, passphrase) {
             (Some(params), Some(p)) => {

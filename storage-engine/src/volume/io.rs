@@ -27,6 +27,8 @@ pub enum IoError {
     Replication(#[from] crate::replication::target::TargetError),
     #[error("volume {0} is encrypted and its key is not loaded: attach it with its passphrase")]
     Locked(String),
+    #[error("volume {0} is a snapshot and cannot be written; clone it for a writable copy")]
+    ReadOnly(String),
 }
 
 impl IoError {
@@ -38,6 +40,7 @@ impl IoError {
             IoError::Pool(PoolError::NoSpace) => libc::ENOSPC as u32,
             IoError::Deleted => libc::ESHUTDOWN as u32,
             IoError::Locked(_) => libc::EACCES as u32,
+            IoError::ReadOnly(_) => libc::EPERM as u32,
             _ => libc::EIO as u32,
         }
     }
@@ -122,6 +125,40 @@ impl Engine {
             Some(end) if end <= size => Ok(()),
             _ => Err(IoError::OutOfRange { offset, len, size }),
         }
+    }
+
+    fn check_write(&self, v: &Volume, offset: u64, len: u64) -> Result<(), IoError> {
+        if v.read_only {
+            return Err(IoError::ReadOnly(v.name.clone()));
+        }
+        self.check(v, offset, len)
+    }
+
+    /// Shares every extent of `v` with volume id `dst` (a snapshot or clone of this replica),
+    /// with this replica's I/O to `v` drained.
+    pub(crate) async fn share_local(&self, v: &Volume, dst: u64) -> Result<(), IoError> {
+        let _g = v.io_lock.write().await;
+        let (pool, id) = (self.pool.clone(), v.id);
+        tokio::task::spawn_blocking(move || pool.share(id, dst)).await.map_err(io::Error::other)??;
+        Ok(())
+    }
+
+    /// Replaces this replica's data of `v` with snapshot `snap`'s (shared extents).
+    pub(crate) async fn restore_local(&self, v: &Volume, snap: u64) -> Result<(), IoError> {
+        if v.read_only {
+            return Err(IoError::ReadOnly(v.name.clone()));
+        }
+        let _g = v.io_lock.write().await;
+        let (pool, id) = (self.pool.clone(), v.id);
+        let r = tokio::task::spawn_blocking(move || {
+            pool.free(id, &pool.volume_extents(id))?;
+            pool.share(snap, id)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        self.data_changed(v);
+        r?;
+        Ok(())
     }
 
     pub async fn read(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
@@ -291,7 +328,7 @@ impl Engine {
     /// A write to this node's replica.
     pub(crate) async fn write_local(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
         let len = data.len() as u64;
-        self.check(v, offset, len)?;
+        self.check_write(v, offset, len)?;
         let mut touched = Touched::default();
         if aligned(offset, len) {
             let _g = v.io_lock.read().await;
@@ -363,7 +400,7 @@ impl Engine {
 
     /// Zeroing (or unmapping) on this node's replica.
     pub(crate) async fn zero_local(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
-        self.check(v, offset, len)?;
+        self.check_write(v, offset, len)?;
         let _g = v.io_lock.write().await;
         let es = self.pool.extent_size;
         let mut touched = Touched::default();

@@ -6,6 +6,7 @@ mod io;
 pub mod readahead;
 mod replicas;
 mod secure;
+mod snapshots;
 
 pub use io::{IoError, ReadBuf, ReadData};
 
@@ -81,6 +82,8 @@ pub struct Volume {
     pub(crate) fence: tokio::sync::RwLock<()>,
     /// Encrypted at rest: I/O needs the key, loaded from the passphrase at create or attach.
     pub secure: bool,
+    /// A snapshot: writes are refused.
+    pub read_only: bool,
     key: RwLock<Option<Arc<crate::crypt::VolumeKey>>>,
     /// Serialises the read-modify-write of unaligned writes to an encrypted volume.
     secure_rmw: tokio::sync::Mutex<()>,
@@ -294,8 +297,8 @@ impl Engine {
         let all: Vec<VolumeRecord> = engine.meta.list_volumes()?.into_iter().map(|r| r.normalized(&me)).collect();
         let records: Vec<&VolumeRecord> = all.iter().filter(|r| r.has_replica(&me) || r.target == me).collect();
         for rec in records.iter().copied() {
-            if rec.pending == Some(PendingOp::Delete) {
-                tracing::info!(volume = %rec.name, "finishing an interrupted delete");
+            if matches!(rec.pending, Some(PendingOp::Delete | PendingOp::Create)) {
+                tracing::info!(volume = %rec.name, "finishing an interrupted delete (or undoing an interrupted snapshot or clone)");
                 engine.free_local(rec.id)?;
                 engine.forget_replica(rec)?;
                 continue;
@@ -381,6 +384,7 @@ impl Engine {
             target: RwLock::new(None),
             fence: tokio::sync::RwLock::new(()),
             secure: rec.secure.is_some(),
+            read_only: rec.snapshot_of.is_some(),
             key: RwLock::new(None),
             secure_rmw: tokio::sync::Mutex::new(()),
             id: rec.id,
@@ -463,6 +467,7 @@ impl Engine {
             clean: false,
             dropped: Vec::new(),
             secure: key.as_ref().map(|(params, _)| params.clone()),
+            snapshot_of: None,
         };
         let rec = self.meta.create_volume(rec)?;
         let handle = Arc::new(Self::handle(&rec, &me));
@@ -532,9 +537,12 @@ impl Engine {
     pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>, qos: QosUpdate) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        if let Some(of) = &rec.snapshot_of {
+            return Err(VolumeError::FailedPrecondition(format!("{name} is a snapshot of {of} and cannot be changed; clone it for a writable volume")));
+        }
         self.must_be_target(&rec)?;
-        if rec.pending.is_some() {
-            return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
+        if let Some(op) = &rec.pending {
+            return Err(VolumeError::FailedPrecondition(op.describe(name)));
         }
         if let Some(size) = size {
             let size = self.check_size(size)?;

@@ -54,7 +54,8 @@ impl Engine {
         }
         let me = &self.node.id;
         let rec = self.meta.list_volumes().ok()?.into_iter().map(|r| r.normalized(me)).find(|r| r.id == id)?;
-        if !rec.has_replica(me) || rec.pending.is_some() {
+        // A restore runs on a volume marked as being restored.
+        if !rec.has_replica(me) || !matches!(rec.pending, None | Some(crate::meta::PendingOp::Restore { .. })) {
             return None;
         }
         let mut vols = self.volumes.write();
@@ -108,8 +109,8 @@ impl Engine {
         let me = self.node.id.clone();
         let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
         self.must_be_target(&rec)?;
-        if rec.pending.is_some() {
-            return Err(VolumeError::FailedPrecondition(format!("volume {name} is being deleted")));
+        if let Some(op) = &rec.pending {
+            return Err(VolumeError::FailedPrecondition(op.describe(name)));
         }
         let cur = rec.replicas.len() as u32;
         let mut next = rec.clone();

@@ -1,0 +1,258 @@
+//! Snapshots, clones and restore. A snapshot is a read-only volume record (`snapshot_of`) whose
+//! extents are shared with its volume in the pools of the volume's in-sync replicas; a clone is
+//! a writable volume made the same way from a snapshot or a volume; a restore replaces a
+//! detached volume's data with a snapshot's on every replica. Nothing is copied: later writes
+//! copy the extents they change (`Pool::allocate`).
+
+use super::{now_unix, replication_address, validate_labels, validate_name, Engine, VolumeError, VolumeInfo};
+use crate::meta::{MetaError, PendingOp, VolumeRecord};
+use crate::replication::client::Client;
+use crate::replication::frame::Op;
+use std::collections::BTreeMap;
+
+impl Engine {
+    /// Takes a crash-consistent snapshot `name` of volume `volume`: on every in-sync replica,
+    /// at one point of the write stream when the volume is attached here.
+    pub async fn snapshot(&self, volume: &str, name: &str, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
+        let src = self.record(volume)?;
+        if src.snapshot_of.is_some() {
+            return Err(VolumeError::InvalidArgument(format!("{volume} is a snapshot; clone it first to snapshot the clone")));
+        }
+        self.copy_of(&src, name, labels, true).await
+    }
+
+    /// Creates the writable volume `name` sharing every extent of `source` (a snapshot, or a
+    /// volume at this instant). The clone lives on the source's in-sync replica nodes and is
+    /// left detached (attach it where it is used).
+    pub async fn clone_volume(&self, source: &str, name: &str, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
+        let src = self.record(source)?;
+        self.copy_of(&src, name, labels, false).await
+    }
+
+    /// Replaces volume `volume`'s data with snapshot `snapshot`'s on every replica. The volume
+    /// must not be in use: detached, or (one replica on this node) without NBD clients.
+    pub async fn restore(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo, VolumeError> {
+        let _g = self.lifecycle.lock().await;
+        let me = self.node.id.clone();
+        let rec = self.record(volume)?;
+        let snap = self.record(snapshot)?;
+        if snap.snapshot_of.as_deref() != Some(volume) {
+            return Err(VolumeError::InvalidArgument(match &snap.snapshot_of {
+                Some(of) => format!("{snapshot} is a snapshot of volume {of}, not of {volume}"),
+                None => format!("{snapshot} is not a snapshot (volume restore needs one of {volume}'s snapshots)"),
+            }));
+        }
+        match &rec.pending {
+            None => {}
+            Some(PendingOp::Restore { .. }) => {}
+            Some(op) => return Err(VolumeError::FailedPrecondition(op.describe(volume))),
+        }
+        if let Some(op) = &snap.pending {
+            return Err(VolumeError::FailedPrecondition(op.describe(snapshot)));
+        }
+        let local_only = rec.replicas == [me.clone()];
+        let in_use = self.volume(volume).map(|v| v.connections()).unwrap_or(0);
+        if !(rec.target.is_empty() || (local_only && rec.target == me)) {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "volume {volume} is attached on node {}; detach it first (stratactl host detach {volume})",
+                rec.target
+            )));
+        }
+        if in_use > 0 {
+            return Err(VolumeError::FailedPrecondition(format!("volume {volume} has {in_use} connected NBD client(s); disconnect them first")));
+        }
+        let missing: Vec<&String> = rec.replicas.iter().filter(|n| !snap.is_in_sync(n)).collect();
+        if !missing.is_empty() {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "snapshot {snapshot} is not held by node(s) {} that hold replicas of {volume} (replicas added after the snapshot); lower repl with `stratactl volume ha-update` or clone the snapshot instead",
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+            )));
+        }
+        let mut next = rec.clone();
+        next.pending = Some(PendingOp::Restore { snapshot: snapshot.to_string() });
+        let next = self.meta.update_volume(&next)?.normalized(&me);
+        let results = self.on_replicas(&next, &next.replicas, Op::Restore, snap.id).await;
+        let failed: Vec<String> = results.iter().filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{n}: {e}"))).collect();
+        if !failed.is_empty() {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "restoring {volume} from {snapshot} failed on {}; the volume stays unusable until `stratactl volume restore {volume} --snapshot {snapshot}` succeeds",
+                failed.join("; ")
+            )));
+        }
+        // Every replica now holds exactly the snapshot's data.
+        let mut done = self.record(volume)?;
+        done.pending = None;
+        done.in_sync = done.replicas.clone();
+        done.clean = true;
+        let done = self.meta.update_volume(&done)?;
+        tracing::info!(volume, snapshot, "volume restored from snapshot");
+        self.info_of(done)
+    }
+
+    fn record(&self, name: &str) -> Result<VolumeRecord, VolumeError> {
+        Ok(self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&self.node.id))
+    }
+
+    /// A new record sharing `src`'s extents: a snapshot (read-only) or a clone.
+    async fn copy_of(&self, src: &VolumeRecord, name: &str, labels: BTreeMap<String, String>, snapshot: bool) -> Result<VolumeInfo, VolumeError> {
+        validate_name(name)?;
+        validate_labels(&labels)?;
+        let _g = self.lifecycle.lock().await;
+        let me = self.node.id.clone();
+        let src = self.record(&src.name)?;
+        if let Some(op) = &src.pending {
+            return Err(VolumeError::FailedPrecondition(op.describe(&src.name)));
+        }
+        if src.in_sync.is_empty() {
+            return Err(VolumeError::FailedPrecondition(format!("volume {} has no in-sync replica", src.name)));
+        }
+        let rec = VolumeRecord {
+            id: 0,
+            name: name.to_string(),
+            size: src.size,
+            repl: src.in_sync.len() as u32,
+            labels,
+            created_unix: now_unix(),
+            revision: 0,
+            pending: Some(PendingOp::Create),
+            qos: if snapshot { Default::default() } else { src.qos },
+            node: src.in_sync[0].clone(),
+            replicas: src.in_sync.clone(),
+            in_sync: src.in_sync.clone(),
+            target: String::new(),
+            epoch: 0,
+            clean: true,
+            dropped: Vec::new(),
+            secure: src.secure.clone(),
+            snapshot_of: snapshot.then(|| src.name.clone()),
+        };
+        let rec = self.meta.create_volume(rec)?;
+        let holders = match self.share_into(&src, rec.id).await {
+            Ok(h) if !h.is_empty() => h,
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "no replica could share its extents (see the engines' logs)".into(),
+                };
+                self.undo_copy(&rec).await;
+                return Err(VolumeError::FailedPrecondition(format!("{} {name} of {} failed: {why}", if snapshot { "snapshot" } else { "clone" }, src.name)));
+            }
+        };
+        let mut done = rec.clone();
+        for _ in 0..20 {
+            done.pending = None;
+            done.replicas = holders.clone();
+            done.in_sync = holders.clone();
+            done.repl = holders.len() as u32;
+            done.node = holders[0].clone();
+            match self.meta.update_volume(&done) {
+                Ok(r) => {
+                    tracing::info!(source = %src.name, %name, snapshot, holders = ?holders, "extents shared");
+                    // A node that failed part-way frees what it may have shared.
+                    for n in rec.replicas.iter().filter(|n| !holders.contains(n)) {
+                        let r = if *n == me { self.free_local(rec.id).map_err(|e| e.to_string()) } else { self.drop_remote(n, rec.id).await };
+                        if let Err(e) = r {
+                            tracing::warn!(volume = %name, node = %n, "freeing a failed share: {e}");
+                        }
+                    }
+                    return self.info_of(r);
+                }
+                Err(MetaError::Conflict(_)) => done = self.record(name)?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(VolumeError::Aborted(format!("volume {name} was changed concurrently; retry")))
+    }
+
+    /// Shares `src`'s extents into volume id `dst` on each in-sync replica; returns the nodes
+    /// that did. An attached volume goes through its target (a write barrier); a snapshot or a
+    /// detached volume has no writer and is shared on each node directly.
+    async fn share_into(&self, src: &VolumeRecord, dst: u64) -> Result<Vec<String>, VolumeError> {
+        let me = &self.node.id;
+        if src.snapshot_of.is_none() && !src.target.is_empty() {
+            if &src.target != me {
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "volume {} is served by node {}; snapshot or clone it through that node's engine (this is {me})",
+                    src.name, src.target
+                )));
+            }
+            let handle = self.volume(&src.name).ok_or_else(|| VolumeError::NotFound(src.name.clone()))?;
+            if let Some(t) = handle.target() {
+                return Ok(t.share_at_barrier(self, dst).await.map_err(|e| VolumeError::FailedPrecondition(e.to_string()))?);
+            }
+            if src.replicas != [me.clone()] {
+                return Err(VolumeError::FailedPrecondition(format!("volume {} is not being served yet; retry in a moment", src.name)));
+            }
+        }
+        let results = self.on_replicas(src, &src.in_sync, Op::Share, dst).await;
+        for (n, r) in &results {
+            if let Err(e) = r {
+                tracing::warn!(volume = %src.name, node = %n, "sharing extents failed: {e}");
+            }
+        }
+        Ok(results.into_iter().filter(|(_, r)| r.is_ok()).map(|(n, _)| n).collect())
+    }
+
+    /// Runs SHARE or RESTORE (with `arg`) for `rec` on each of `nodes`: here directly, on other
+    /// nodes over the replication protocol at the record's epoch.
+    async fn on_replicas(&self, rec: &VolumeRecord, nodes: &[String], op: Op, arg: u64) -> Vec<(String, Result<(), String>)> {
+        let mut out = Vec::new();
+        for n in nodes {
+            let r = if *n == self.node.id {
+                let (e, id) = (self.myself(), rec.id);
+                let handle = match e {
+                    Some(e) => tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten(),
+                    None => None,
+                };
+                match handle {
+                    Some(v) if op == Op::Share => self.share_local(&v, arg).await.map_err(|e| e.to_string()),
+                    Some(v) => self.restore_local(&v, arg).await.map_err(|e| e.to_string()),
+                    None => Err(format!("this node holds no replica of {}", rec.name)),
+                }
+            } else {
+                self.call_replica(n, op, rec.id, rec.epoch, arg).await
+            };
+            out.push((n.clone(), r));
+        }
+        out
+    }
+
+    async fn call_replica(&self, node: &str, op: Op, id: u64, epoch: u64, arg: u64) -> Result<(), String> {
+        let (meta, n) = (self.meta.clone(), node.to_string());
+        let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n)).await.ok().flatten().ok_or_else(|| format!("node {node} has no replication address"))?;
+        let c = Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())?;
+        c.call(op, 0, id, epoch, arg, 0, None).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// A snapshot or clone that failed: whatever was shared goes, then the record.
+    async fn undo_copy(&self, rec: &VolumeRecord) {
+        for n in &rec.replicas {
+            let r = if *n == self.node.id {
+                let (pool, id) = (self.pool.clone(), rec.id);
+                tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id)).map(|_| ())).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()))
+            } else {
+                self.drop_remote(n, rec.id).await
+            };
+            if let Err(e) = r {
+                tracing::warn!(volume = %rec.name, node = %n, "undoing a failed snapshot or clone: {e} (freed when that node restarts)");
+                return;
+            }
+        }
+        if let Err(e) = self.meta.remove_volume(&rec.name) {
+            tracing::warn!(volume = %rec.name, "undoing a failed snapshot or clone: {e}");
+        }
+    }
+
+    /// Snapshots, of one volume or of all, oldest first.
+    pub fn snapshots(&self, volume: Option<&str>) -> Result<Vec<VolumeInfo>, VolumeError> {
+        let mut out: Vec<VolumeInfo> = self
+            .meta
+            .list_volumes()?
+            .into_iter()
+            .filter(|r| r.snapshot_of.is_some() && volume.is_none_or(|v| r.snapshot_of.as_deref() == Some(v)))
+            .map(|r| self.info_of(r))
+            .collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| (a.record.created_unix, a.record.id).cmp(&(b.record.created_unix, b.record.id)));
+        Ok(out)
+    }
+}
