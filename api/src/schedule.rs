@@ -168,6 +168,14 @@ pub fn next_after(every: Every, t: u64) -> u64 {
     }
 }
 
+/// `t` (unix seconds) as `YYYY-MM-DD HH:MM UTC`.
+pub fn format_unix(t: u64) -> String {
+    const DAY: u64 = 86_400;
+    let (y, m) = year_month((t / DAY) as i64);
+    let d = (t / DAY) as i64 - days_from_civil(y, m, 1) + 1;
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", t % DAY / 3600, t % 3600 / 60)
+}
+
 /// Of a policy's snapshots (id, created), the ids beyond its KEEP newest, to delete.
 pub fn expired<I: Clone>(keep: u32, snapshots: &[(I, u64)]) -> Vec<I> {
     let mut s: Vec<&(I, u64)> = snapshots.iter().collect();
@@ -181,6 +189,13 @@ mod tests {
 
     fn at(h: u8, m: u8) -> TimeOfDay {
         TimeOfDay { hour: h, minute: m }
+    }
+
+    #[test]
+    fn formats_times_in_utc() {
+        assert_eq!(format_unix(0), "1970-01-01 00:00 UTC");
+        assert_eq!(format_unix(1_795_000_000), "2026-11-18 11:06 UTC");
+        assert_eq!(format_unix(951_782_400), "2000-02-29 00:00 UTC");
     }
 
     #[test]

@@ -110,6 +110,43 @@ pub enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Snapshots: point-in-time, read-only, sharing extents with their volume.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// A new writable volume sharing the extents of a snapshot or of a volume (now). It is
+    /// placed on the source's replica nodes and left detached: `host attach` it.
+    Clone {
+        /// A snapshot or a volume.
+        source: String,
+        #[arg(long)]
+        name: String,
+        /// key=value; repeat for several.
+        #[arg(long = "label", short, value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// Replace a volume's data with one of its snapshots (detach the volume first).
+    Restore {
+        name: String,
+        #[arg(long)]
+        snapshot: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// Snapshot a volume, crash-consistent across its replicas (no need to stop I/O).
+    Create {
+        volume: String,
+        #[arg(long)]
+        name: String,
+        /// key=value; repeat for several.
+        #[arg(long = "label", short, value_parser = label_arg)]
+        labels: Vec<(String, String)>,
+    },
+    /// List snapshots, of one volume or of all.
+    List { volume: Option<String> },
+    /// Delete a snapshot; extents no other volume shares return to the pool.
+    Delete { name: String },
 }
 
 /// Portworx's io_throttle_* limits; 0 = unlimited.
@@ -251,6 +288,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "pool_uuid": v.pool_uuid,
         "created_unix": v.created_unix,
+        "snapshot_of": (!v.snapshot_of.is_empty()).then_some(&v.snapshot_of),
     })
 }
 
@@ -302,6 +340,7 @@ fn print_volume(v: &pb::Volume) {
         ("QoS", qos_text(spec.qos.as_ref())),
         ("Encrypted", if spec.secure { "yes (AES-256-XTS)".into() } else { "no".into() }),
         ("Pool", v.pool_uuid.clone()),
+        ("Snapshot of", if v.snapshot_of.is_empty() { "-".into() } else { v.snapshot_of.clone() }),
     ] {
         t.row(vec![k.into(), val]);
     }
@@ -313,6 +352,55 @@ fn print_volume(v: &pb::Volume) {
         t.row(vec![format!("Replica {}", r.node), line]);
     }
     print!("{}", t.render());
+}
+
+async fn snapshot_cmd(c: &mut pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>, cmd: SnapshotCmd, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCmd::Create { volume, name, labels } => {
+            let req = pb::SnapshotCreateRequest { volume, name, labels: labels.into_iter().collect() };
+            let v = c.snapshot_create(req).await.map_err(status_err)?.into_inner().snapshot.ok_or_else(|| anyhow!("engine returned no snapshot"))?;
+            if json {
+                println!("{}", volume_json(&v));
+            } else {
+                println!("Snapshot {} of {} created on {}", v.name, v.snapshot_of, v.in_sync_nodes.join(","));
+            }
+        }
+        SnapshotCmd::List { volume } => {
+            let snaps = c.snapshot_list(pb::SnapshotListRequest { volume: volume.unwrap_or_default() }).await.map_err(status_err)?.into_inner().snapshots;
+            if json {
+                println!("{}", serde_json::Value::Array(snaps.iter().map(volume_json).collect()));
+            } else {
+                let mut t = Table::new(&["ID", "NAME", "VOLUME", "SIZE", "CREATED", "NODES", "STATE", "LABELS"]);
+                for v in &snaps {
+                    let spec = v.spec.clone().unwrap_or_default();
+                    t.row(vec![
+                        v.id.to_string(),
+                        v.name.clone(),
+                        v.snapshot_of.clone(),
+                        format_size(spec.size_bytes),
+                        strata_api::schedule::format_unix(v.created_unix),
+                        v.in_sync_nodes.join(","),
+                        v.state.clone(),
+                        labels_text(&spec.labels),
+                    ]);
+                }
+                print!("{}", t.render());
+            }
+        }
+        SnapshotCmd::Delete { name } => {
+            let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner().volume;
+            if v.is_some_and(|v| v.snapshot_of.is_empty()) {
+                bail!("{name} is a volume, not a snapshot; delete volumes with `stratactl volume delete {name}`");
+            }
+            c.delete(pb::DeleteVolumeRequest { name: name.clone(), force: false }).await.map_err(status_err)?;
+            if json {
+                println!("{}", json!({"deleted": name}));
+            } else {
+                println!("Snapshot {name} deleted.");
+            }
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -372,7 +460,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 VolumeCmd::List => {
-                    let vols = c.list(pb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
+                    let mut vols = c.list(pb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
+                    vols.retain(|v| v.snapshot_of.is_empty());
                     if json {
                         println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect()));
                     } else {
@@ -441,6 +530,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         println!("{}", json!({"deleted": name}));
                     } else {
                         println!("Volume {name} successfully deleted.");
+                    }
+                }
+                VolumeCmd::Snapshot(cmd) => snapshot_cmd(&mut c, cmd, json).await?,
+                VolumeCmd::Clone { source, name, labels } => {
+                    let req = pb::CloneVolumeRequest { source, name, labels: labels.into_iter().collect() };
+                    let v = c.clone_volume(req).await.map_err(status_err)?.into_inner().volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    if json {
+                        println!("{}", volume_json(&v));
+                    } else {
+                        println!("Volume {} cloned on {} (detached: stratactl host attach {})", v.name, v.replica_nodes.join(","), v.name);
+                    }
+                }
+                VolumeCmd::Restore { name, snapshot } => {
+                    let req = pb::RestoreVolumeRequest { name, snapshot: snapshot.clone() };
+                    let v = c.restore(req).await.map_err(status_err)?.into_inner().volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    if json {
+                        println!("{}", volume_json(&v));
+                    } else {
+                        println!("Volume {} restored from snapshot {snapshot}", v.name);
                     }
                 }
             }
