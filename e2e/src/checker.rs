@@ -155,6 +155,65 @@ impl Writer {
     }
 }
 
+impl History {
+    /// The writes begun so far (sequence numbers run from 1 without gaps).
+    pub fn begun(&self) -> u64 {
+        self.next_seq
+    }
+}
+
+/// Checks that `[0, span)` read through `client` (a snapshot's clone) holds exactly the writes
+/// up to one point of the history: some `n` such that every block is the last write with
+/// sequence ≤ `n` to it (or zeroes when none). Returns `n`, or the blocks that break it.
+pub fn verify_cut(client: &mut Client, h: &History, span: u64) -> Result<u64, Vec<String>> {
+    let mut seen = Vec::new();
+    let mut problems = Vec::new();
+    let step = 1 << 20;
+    let mut off = 0;
+    while off < span {
+        let n = step.min(span - off);
+        match client.read(off, n as u32) {
+            Ok(data) => {
+                for (i, block) in data.chunks(BLOCK as usize).enumerate() {
+                    let b = off + i as u64 * BLOCK;
+                    match decode(b, block, h) {
+                        Seen::Garbage => problems.push(format!("block at {b}: garbage")),
+                        s => seen.push((b, s)),
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("read at {off} failed with error {e}")),
+        }
+        off += n;
+    }
+    let cut = seen.iter().filter_map(|(_, s)| if let Seen::Stamp(q) = s { Some(*q) } else { None }).max().unwrap_or(0);
+    // Per block, the writes to it in order.
+    let mut writes: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut seqs: Vec<(&u64, &(u64, u64))> = h.by_seq.iter().collect();
+    seqs.sort();
+    for (seq, (w_off, w_len)) in seqs {
+        for b in (*w_off..w_off + w_len).step_by(BLOCK as usize) {
+            writes.entry(b).or_default().push(*seq);
+        }
+    }
+    for (b, s) in seen {
+        let want = writes.get(&b).and_then(|w| w.iter().rev().find(|q| **q <= cut)).copied();
+        let ok = match (s, want) {
+            (Seen::Zero, None) => true,
+            (Seen::Stamp(q), Some(w)) => q == w,
+            _ => false,
+        };
+        if !ok {
+            problems.push(format!("block at {b}: holds {s:?}, but the last write up to {cut} is {want:?}"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(cut)
+    } else {
+        Err(problems)
+    }
+}
+
 /// Reads `[0, span)` through `client` and returns every block that breaks the history.
 pub fn verify(client: &mut Client, h: &History, span: u64) -> Vec<String> {
     let mut problems = Vec::new();

@@ -79,6 +79,29 @@ impl Sdk {
         self.rt.block_on(c.attach(pb::AttachVolumeRequest { name: name.into(), force, passphrase: passphrase.to_vec() })).map(|r| r.into_inner().volume.unwrap())
     }
 
+    pub fn snapshot(&self, volume: &str, name: &str) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let req = pb::SnapshotCreateRequest { volume: volume.into(), name: name.into(), labels: Default::default() };
+        self.rt.block_on(c.snapshot_create(req)).map(|r| r.into_inner().snapshot.unwrap())
+    }
+
+    /// Snapshots of `volume` (empty: all).
+    pub fn snapshots(&self, volume: &str) -> Result<Vec<pb::Volume>, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.snapshot_list(pb::SnapshotListRequest { volume: volume.into() })).map(|r| r.into_inner().snapshots)
+    }
+
+    pub fn clone_volume(&self, source: &str, name: &str) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let req = pb::CloneVolumeRequest { source: source.into(), name: name.into(), labels: Default::default() };
+        self.rt.block_on(c.clone_volume(req)).map(|r| r.into_inner().volume.unwrap())
+    }
+
+    pub fn restore(&self, volume: &str, snapshot: &str) -> Result<pb::Volume, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.restore(pb::RestoreVolumeRequest { name: volume.into(), snapshot: snapshot.into() })).map(|r| r.into_inner().volume.unwrap())
+    }
+
     pub fn detach(&self, name: &str, force: bool) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
         self.rt.block_on(c.detach(pb::DetachVolumeRequest { name: name.into(), force })).map(|r| r.into_inner().volume.unwrap())
