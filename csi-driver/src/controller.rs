@@ -73,6 +73,62 @@ fn size_fits(size: i64, range: Option<&csi::CapacityRange>) -> bool {
     size >= req && (lim == 0 || size <= lim)
 }
 
+fn csi_snapshot(v: &pb::Volume) -> csi::Snapshot {
+    csi::Snapshot {
+        size_bytes: v.spec.as_ref().map_or(0, |s| s.size_bytes) as i64,
+        snapshot_id: v.name.clone(),
+        source_volume_id: v.snapshot_of.clone(),
+        creation_time: Some(prost_types::Timestamp { seconds: v.created_unix as i64, nanos: 0 }),
+        ready_to_use: v.state == "available",
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// What a CreateVolume copies its data from, by the engine's name for it.
+enum Source {
+    Snapshot(String),
+    Volume(String),
+}
+
+impl Source {
+    fn of(s: Option<&csi::VolumeContentSource>) -> Result<Option<Source>, Status> {
+        use csi::volume_content_source::Type;
+        match s.and_then(|s| s.r#type.as_ref()) {
+            None => Ok(None),
+            Some(Type::Snapshot(s)) if s.snapshot_id.is_empty() => Err(Status::invalid_argument("volume_content_source.snapshot.snapshot_id is required")),
+            Some(Type::Volume(v)) if v.volume_id.is_empty() => Err(Status::invalid_argument("volume_content_source.volume.volume_id is required")),
+            Some(Type::Snapshot(s)) => Ok(Some(Source::Snapshot(s.snapshot_id.clone()))),
+            Some(Type::Volume(v)) => Ok(Some(Source::Volume(v.volume_id.clone()))),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Source::Snapshot(n) | Source::Volume(n) => n,
+        }
+    }
+
+    fn content(&self) -> csi::VolumeContentSource {
+        use csi::volume_content_source::{SnapshotSource, Type, VolumeSource};
+        let t = match self {
+            Source::Snapshot(n) => Type::Snapshot(SnapshotSource { snapshot_id: n.clone() }),
+            Source::Volume(n) => Type::Volume(VolumeSource { volume_id: n.clone() }),
+        };
+        csi::VolumeContentSource { r#type: Some(t) }
+    }
+
+    /// The source as the engine has it; NOT_FOUND when it is missing or of the other kind.
+    async fn find(&self, sdk: &Sdk) -> Result<pb::Volume, Status> {
+        let v = sdk.inspect(self.name()).await.map_err(map_sdk)?;
+        match (self, v) {
+            (Source::Snapshot(_), Some(v)) if !v.snapshot_of.is_empty() => Ok(v),
+            (Source::Volume(_), Some(v)) if v.snapshot_of.is_empty() => Ok(v),
+            (Source::Snapshot(n), _) => Err(Status::not_found(format!("snapshot {n} does not exist"))),
+            (Source::Volume(n), _) => Err(Status::not_found(format!("source volume {n} does not exist"))),
+        }
+    }
+}
+
 fn csi_volume(v: &pb::Volume, fs: &str) -> csi::Volume {
     let spec = v.spec.clone().unwrap_or_default();
     let mut ctx = HashMap::new();
@@ -106,6 +162,52 @@ fn topology_filters(req: Option<&csi::TopologyRequirement>) -> (Vec<String>, Vec
     (zones, racks)
 }
 
+/// A page of sorted names: the token is the name to start from (stable under creations and
+/// deletions). Returns the start index and the page length.
+fn page_of(names: &[&str], token: &str, max_entries: i32) -> Result<(usize, usize), Status> {
+    let start = if token.is_empty() {
+        0
+    } else {
+        match names.iter().position(|n| *n >= token) {
+            Some(i) if names[i] == token => i,
+            _ => return Err(Status::aborted(format!("starting_token {token:?} is not valid any more"))),
+        }
+    };
+    let left = names.len() - start;
+    let n = if max_entries == 0 { left } else { (max_entries as usize).min(left) };
+    Ok((start, n))
+}
+
+impl Controller {
+    /// CreateVolume from a snapshot or a volume: a clone (shared extents) on the source's
+    /// replica nodes, grown when the request asks for more than the source's size.
+    async fn create_from(&self, r: &csi::CreateVolumeRequest, p: &VolumeParams, src: Source) -> Result<csi::Volume, Status> {
+        let sv = src.find(&self.sdk).await?;
+        let src_size = sv.spec.as_ref().map_or(0, |s| s.size_bytes) as i64;
+        let range = r.capacity_range.as_ref();
+        let want = if range.is_some_and(|c| c.required_bytes > 0) { size_for(range)? } else { src_size };
+        if want < src_size || range.is_some_and(|c| c.limit_bytes > 0 && c.limit_bytes < src_size) {
+            return Err(Status::out_of_range(format!("{} is {src_size} bytes; a volume made from it cannot be smaller", src.name())));
+        }
+        if sv.spec.as_ref().is_some_and(|s| s.secure) != p.secure {
+            return Err(Status::invalid_argument(format!("secure: a copy of {} is encrypted exactly when its source is", src.name())));
+        }
+        let req = pb::CloneVolumeRequest { source: src.name().to_string(), name: r.name.clone(), labels: p.labels.clone().into_iter().collect() };
+        let mut v = match self.sdk.volumes().clone_volume(req).await {
+            Ok(resp) => resp.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))?,
+            Err(s) if s.code() == Code::NotFound => return Err(Status::not_found(s.message().to_string())),
+            Err(s) => return Err(map_sdk(s)),
+        };
+        if want > src_size {
+            let grown = self.sdk.volumes().update(pb::UpdateVolumeRequest { name: r.name.clone(), size_bytes: want as u64, ..Default::default() }).await.map_err(map_sdk)?;
+            v = grown.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))?;
+        }
+        let mut out = csi_volume(&v, &p.fs);
+        out.content_source = Some(src.content());
+        Ok(out)
+    }
+}
+
 fn map_sdk(s: Status) -> Status {
     match s.code() {
         // The engine's codes already follow gRPC's meaning; "pool full" is RESOURCE_EXHAUSTED.
@@ -124,9 +226,7 @@ impl csi::controller_server::Controller for Controller {
         check_capabilities(&r.volume_capabilities).map_err(Status::invalid_argument)?;
         let p: VolumeParams = params::parse(&r.parameters).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let size = size_for(r.capacity_range.as_ref())?;
-        if r.volume_content_source.as_ref().is_some_and(|s| s.r#type.is_some()) {
-            return Err(Status::invalid_argument("volume_content_source: creating from a snapshot or a volume is not supported yet (no CLONE_VOLUME / CREATE_DELETE_SNAPSHOT capability)"));
-        }
+        let source = Source::of(r.volume_content_source.as_ref())?;
         let passphrase = if p.secure {
             let s = r.secrets.get("passphrase").or_else(|| r.secrets.values().next()).ok_or_else(|| Status::invalid_argument("secure: an encrypted volume needs a secret with a passphrase (key `passphrase`)"))?;
             s.as_bytes().to_vec()
@@ -136,13 +236,20 @@ impl csi::controller_server::Controller for Controller {
         let _busy = self.inflight.begin(&r.name)?;
         if let Some(v) = self.sdk.inspect(&r.name).await.map_err(map_sdk)? {
             let spec = v.spec.clone().unwrap_or_default();
-            if !size_fits(spec.size_bytes as i64, r.capacity_range.as_ref()) || spec.repl != p.repl || spec.secure != p.secure {
+            // A copy has its source's replicas, whatever repl says.
+            let repl_differs = source.is_none() && spec.repl != p.repl;
+            if !v.snapshot_of.is_empty() || !size_fits(spec.size_bytes as i64, r.capacity_range.as_ref()) || repl_differs || spec.secure != p.secure {
                 return Err(Status::already_exists(format!(
                     "volume {} exists with size {} and repl {}, which this request does not match",
                     r.name, spec.size_bytes, spec.repl
                 )));
             }
-            return Ok(Response::new(csi::CreateVolumeResponse { volume: Some(csi_volume(&v, &p.fs)) }));
+            let mut out = csi_volume(&v, &p.fs);
+            out.content_source = source.as_ref().map(Source::content);
+            return Ok(Response::new(csi::CreateVolumeResponse { volume: Some(out) }));
+        }
+        if let Some(src) = source {
+            return self.create_from(&r, &p, src).await.map(|v| Response::new(csi::CreateVolumeResponse { volume: Some(v) }));
         }
         let (mut zones, mut racks) = topology_filters(r.accessibility_requirements.as_ref());
         if !p.zones.is_empty() {
@@ -179,6 +286,10 @@ impl csi::controller_server::Controller for Controller {
             return Err(Status::invalid_argument("volume_id is required"));
         }
         let _busy = self.inflight.begin(&id)?;
+        // A snapshot's id is not a volume that exists: nothing to delete.
+        if self.sdk.inspect(&id).await.map_err(map_sdk)?.is_some_and(|v| !v.snapshot_of.is_empty()) {
+            return Ok(Response::new(csi::DeleteVolumeResponse {}));
+        }
         match self.sdk.volumes().delete(pb::DeleteVolumeRequest { name: id, force: false }).await {
             Ok(_) => Ok(Response::new(csi::DeleteVolumeResponse {})),
             Err(s) if s.code() == Code::NotFound => Ok(Response::new(csi::DeleteVolumeResponse {})),
@@ -226,19 +337,12 @@ impl csi::controller_server::Controller for Controller {
             return Err(Status::invalid_argument("max_entries must not be negative"));
         }
         let mut vols = self.sdk.volumes().list(pb::ListVolumesRequest {}).await.map_err(map_sdk)?.into_inner().volumes;
+        vols.retain(|v| v.snapshot_of.is_empty());
         vols.sort_by(|a, b| a.name.cmp(&b.name));
-        // The token is the name to start from (stable under creations and deletions).
-        let start = if r.starting_token.is_empty() {
-            0
-        } else {
-            match vols.iter().position(|v| v.name.as_str() >= r.starting_token.as_str()) {
-                Some(i) if vols[i].name == r.starting_token => i,
-                _ => return Err(Status::aborted(format!("starting_token {:?} is not valid any more", r.starting_token))),
-            }
-        };
-        let n = if r.max_entries == 0 { vols.len() } else { r.max_entries as usize };
-        let page: Vec<&pb::Volume> = vols.iter().skip(start).take(n).collect();
-        let next_token = vols.get(start + page.len()).map(|v| v.name.clone()).unwrap_or_default();
+        let names: Vec<&str> = vols.iter().map(|v| v.name.as_str()).collect();
+        let (start, n) = page_of(&names, &r.starting_token, r.max_entries)?;
+        let page = &vols[start..start + n];
+        let next_token = names.get(start + n).map(|s| s.to_string()).unwrap_or_default();
         let entries = page
             .iter()
             .map(|v| csi::list_volumes_response::Entry {
@@ -271,23 +375,83 @@ impl csi::controller_server::Controller for Controller {
     }
 
     async fn controller_get_capabilities(&self, _: Request<csi::ControllerGetCapabilitiesRequest>) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
-        let caps = [rpc::Type::CreateDeleteVolume, rpc::Type::ListVolumes, rpc::Type::GetCapacity, rpc::Type::ExpandVolume, rpc::Type::VolumeCondition, rpc::Type::GetVolume]
+        let caps = [
+            rpc::Type::CreateDeleteVolume,
+            rpc::Type::ListVolumes,
+            rpc::Type::GetCapacity,
+            rpc::Type::ExpandVolume,
+            rpc::Type::VolumeCondition,
+            rpc::Type::GetVolume,
+            rpc::Type::CreateDeleteSnapshot,
+            rpc::Type::ListSnapshots,
+            rpc::Type::CloneVolume,
+        ]
             .into_iter()
             .map(|t| csi::ControllerServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) })
             .collect();
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse { capabilities: caps }))
     }
 
-    async fn create_snapshot(&self, _: Request<csi::CreateSnapshotRequest>) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not available yet (CREATE_DELETE_SNAPSHOT is not offered)"))
+    async fn create_snapshot(&self, req: Request<csi::CreateSnapshotRequest>) -> Result<Response<csi::CreateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("name is required"));
+        }
+        if r.source_volume_id.is_empty() {
+            return Err(Status::invalid_argument("source_volume_id is required"));
+        }
+        let _busy = self.inflight.begin(&r.name)?;
+        if let Some(v) = self.sdk.inspect(&r.name).await.map_err(map_sdk)? {
+            if v.snapshot_of == r.source_volume_id {
+                return Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&v)) }));
+            }
+            let what = if v.snapshot_of.is_empty() { "a volume".to_string() } else { format!("a snapshot of volume {}", v.snapshot_of) };
+            return Err(Status::already_exists(format!("{} is already {what}, not a snapshot of {}", r.name, r.source_volume_id)));
+        }
+        match self.sdk.inspect(&r.source_volume_id).await.map_err(map_sdk)? {
+            Some(v) if v.snapshot_of.is_empty() => {}
+            _ => return Err(Status::not_found(format!("source volume {} does not exist", r.source_volume_id))),
+        }
+        let req = pb::SnapshotCreateRequest { volume: r.source_volume_id.clone(), name: r.name.clone(), labels: Default::default() };
+        let snap = match self.sdk.volumes().snapshot_create(req).await {
+            Ok(resp) => resp.into_inner().snapshot.ok_or_else(|| Status::internal("engine returned no snapshot"))?,
+            Err(s) if s.code() == Code::NotFound => return Err(Status::not_found(s.message().to_string())),
+            Err(s) => return Err(map_sdk(s)),
+        };
+        Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&snap)) }))
     }
 
-    async fn delete_snapshot(&self, _: Request<csi::DeleteSnapshotRequest>) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not available yet (CREATE_DELETE_SNAPSHOT is not offered)"))
+    async fn delete_snapshot(&self, req: Request<csi::DeleteSnapshotRequest>) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
+        let id = req.into_inner().snapshot_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("snapshot_id is required"));
+        }
+        let _busy = self.inflight.begin(&id)?;
+        // Only a snapshot goes: an id naming a volume is not a snapshot that exists.
+        match self.sdk.inspect(&id).await.map_err(map_sdk)? {
+            Some(v) if !v.snapshot_of.is_empty() => {}
+            _ => return Ok(Response::new(csi::DeleteSnapshotResponse {})),
+        }
+        match self.sdk.volumes().delete(pb::DeleteVolumeRequest { name: id, force: false }).await {
+            Ok(_) => Ok(Response::new(csi::DeleteSnapshotResponse {})),
+            Err(s) if s.code() == Code::NotFound => Ok(Response::new(csi::DeleteSnapshotResponse {})),
+            Err(s) => Err(map_sdk(s)),
+        }
     }
 
-    async fn list_snapshots(&self, _: Request<csi::ListSnapshotsRequest>) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not available yet (LIST_SNAPSHOTS is not offered)"))
+    async fn list_snapshots(&self, req: Request<csi::ListSnapshotsRequest>) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        if r.max_entries < 0 {
+            return Err(Status::invalid_argument("max_entries must not be negative"));
+        }
+        let mut snaps = self.sdk.volumes().snapshot_list(pb::SnapshotListRequest::default()).await.map_err(map_sdk)?.into_inner().snapshots;
+        snaps.retain(|s| (r.snapshot_id.is_empty() || s.name == r.snapshot_id) && (r.source_volume_id.is_empty() || s.snapshot_of == r.source_volume_id));
+        snaps.sort_by(|a, b| a.name.cmp(&b.name));
+        let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+        let (start, n) = page_of(&names, &r.starting_token, r.max_entries)?;
+        let next_token = names.get(start + n).map(|s| s.to_string()).unwrap_or_default();
+        let entries = snaps[start..start + n].iter().map(|s| csi::list_snapshots_response::Entry { snapshot: Some(csi_snapshot(s)) }).collect();
+        Ok(Response::new(csi::ListSnapshotsResponse { entries, next_token }))
     }
 
     async fn controller_expand_volume(&self, req: Request<csi::ControllerExpandVolumeRequest>) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {

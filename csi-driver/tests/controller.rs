@@ -122,7 +122,7 @@ fn controller_lifecycle_idempotency_and_errors() {
     assert_eq!(e.code(), Code::NotFound);
 
     // Unsupported RPCs say so.
-    assert_eq!(rt.block_on(ctl.create_snapshot(csi::CreateSnapshotRequest { source_volume_id: "pvc-a".into(), name: "s".into(), ..Default::default() })).unwrap_err().code(), Code::Unimplemented);
+    assert_eq!(rt.block_on(ctl.controller_publish_volume(csi::ControllerPublishVolumeRequest { volume_id: "pvc-a".into(), ..Default::default() })).unwrap_err().code(), Code::Unimplemented);
 
     // Delete, twice; and a volume that never existed.
     for n in ["pvc-a", "pvc-a", "pvc-b", "pvc-c", "never"] {
@@ -151,4 +151,138 @@ fn concurrent_creates_of_one_name_make_one_volume() {
         assert!(matches!(r, Ok(id) if id == "same") || *r == Err(Code::Aborted), "{r:?}");
     }
     assert_eq!(c.sdk(0).list().len(), 1);
+}
+
+fn snap_req(name: &str, source: &str) -> csi::CreateSnapshotRequest {
+    csi::CreateSnapshotRequest { name: name.into(), source_volume_id: source.into(), ..Default::default() }
+}
+
+fn from_source(name: &str, size: i64, source: csi::volume_content_source::Type) -> csi::CreateVolumeRequest {
+    let mut r = create_req(name, size, &[("repl", "2")]);
+    r.volume_content_source = Some(csi::VolumeContentSource { r#type: Some(source) });
+    r
+}
+
+fn snapshot_source(id: &str) -> csi::volume_content_source::Type {
+    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: id.into() })
+}
+
+fn qemu_io(uri: &str, cmd: &str) {
+    let out = strata_e2e::run(std::process::Command::new("qemu-io").args(["-f", "raw", "-c", cmd]).arg(uri));
+    assert!(!out.contains("fail") && !out.contains("verification"), "{cmd}: {out}");
+}
+
+#[test]
+fn snapshots_and_volumes_from_snapshots_or_volumes() {
+    use csi::controller_service_capability::{rpc::Type as R, Type as T};
+    let c = Cluster::start(2, "1GiB");
+    let dir = strata_e2e::tempdir();
+    let d = start_csi(dir.path(), "controller", &c.engines[1].sdk, &[]);
+    let rt = &d.rt;
+    let mut ctl = ControllerClient::new(d.ch.clone());
+    let caps: Vec<i32> = rt
+        .block_on(ctl.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}))
+        .unwrap()
+        .into_inner()
+        .capabilities
+        .into_iter()
+        .filter_map(|c| match c.r#type {
+            Some(T::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect();
+    for want in [R::CreateDeleteSnapshot, R::ListSnapshots, R::CloneVolume] {
+        assert!(caps.contains(&(want as i32)), "{want:?} offered");
+    }
+
+    // A repl-2 volume attached on node-1 (it was created there), with data.
+    c.sdk(0).create_full("pvc-s", 64 * MIB as u64, 2, &[]).unwrap();
+    qemu_io(&c.engines[0].uri("pvc-s"), "write -P 0x5c 0 4M");
+
+    // CreateSnapshot through node-2's engine (it forwards to the target), twice: one snapshot.
+    let s1 = rt.block_on(ctl.create_snapshot(snap_req("snap-1", "pvc-s"))).unwrap().into_inner().snapshot.unwrap();
+    assert_eq!((s1.snapshot_id.as_str(), s1.source_volume_id.as_str(), s1.size_bytes, s1.ready_to_use), ("snap-1", "pvc-s", 64 * MIB, true));
+    assert!(s1.creation_time.as_ref().is_some_and(|t| t.seconds > 1_700_000_000));
+    let again = rt.block_on(ctl.create_snapshot(snap_req("snap-1", "pvc-s"))).unwrap().into_inner().snapshot.unwrap();
+    assert_eq!(again, s1);
+    // The source changes after the snapshot.
+    qemu_io(&c.engines[0].uri("pvc-s"), "write -P 0x77 0 1M");
+
+    // Bad input.
+    c.sdk(0).create("pvc-t", 8 * MIB as u64).unwrap();
+    for (req, code, why) in [
+        (snap_req("", "pvc-s"), Code::InvalidArgument, "name"),
+        (snap_req("snap-x", ""), Code::InvalidArgument, "source_volume_id"),
+        (snap_req("snap-x", "nope"), Code::NotFound, "nope"),
+        (snap_req("snap-1", "pvc-t"), Code::AlreadyExists, "snapshot of volume pvc-s"),
+        (snap_req("pvc-t", "pvc-s"), Code::AlreadyExists, "a volume"),
+        (snap_req("snap-x", "snap-1"), Code::NotFound, "snap-1"),
+    ] {
+        let e = rt.block_on(ctl.create_snapshot(req)).unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+        assert!(e.message().contains(why), "{}", e.message());
+    }
+
+    // ListSnapshots: all, by id, by source, paged.
+    rt.block_on(ctl.create_snapshot(snap_req("snap-2", "pvc-s"))).unwrap();
+    let list = |r: csi::ListSnapshotsRequest| rt.block_on(ControllerClient::new(d.ch.clone()).list_snapshots(r)).unwrap().into_inner();
+    let names = |l: &csi::ListSnapshotsResponse| l.entries.iter().map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&list(Default::default())), vec!["snap-1", "snap-2"]);
+    assert_eq!(names(&list(csi::ListSnapshotsRequest { snapshot_id: "snap-2".into(), ..Default::default() })), vec!["snap-2"]);
+    assert_eq!(names(&list(csi::ListSnapshotsRequest { snapshot_id: "nope".into(), ..Default::default() })), Vec::<String>::new());
+    assert_eq!(names(&list(csi::ListSnapshotsRequest { source_volume_id: "pvc-t".into(), ..Default::default() })), Vec::<String>::new());
+    let p1 = list(csi::ListSnapshotsRequest { max_entries: 1, ..Default::default() });
+    assert_eq!((names(&p1), p1.next_token.as_str()), (vec!["snap-1".to_string()], "snap-2"));
+    let p2 = list(csi::ListSnapshotsRequest { max_entries: 1, starting_token: p1.next_token.clone(), ..Default::default() });
+    assert_eq!((names(&p2), p2.next_token.as_str()), (vec!["snap-2".to_string()], ""));
+    // Snapshots are not volumes.
+    let vols = rt.block_on(ctl.list_volumes(csi::ListVolumesRequest::default())).unwrap().into_inner().entries;
+    assert!(vols.iter().all(|e| !e.volume.as_ref().unwrap().volume_id.starts_with("snap-")));
+
+    // A bigger volume from the snapshot, twice: one volume with the snapshot's data.
+    for _ in 0..2 {
+        let v = rt.block_on(ctl.create_volume(from_source("pvc-from-snap", 128 * MIB, snapshot_source("snap-1")))).unwrap().into_inner().volume.unwrap();
+        assert_eq!(v.capacity_bytes, 128 * MIB);
+        assert_eq!(v.content_source.unwrap().r#type, Some(snapshot_source("snap-1")));
+    }
+    c.sdk(1).attach("pvc-from-snap", false).unwrap();
+    qemu_io(&c.engines[1].uri("pvc-from-snap"), "read -P 0x5c 0 4M");
+    qemu_io(&c.engines[1].uri("pvc-from-snap"), "read -P 0 64M 64M");
+    // A volume from a volume: its data now.
+    let vsrc = csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: "pvc-s".into() });
+    rt.block_on(ctl.create_volume(from_source("pvc-clone", 64 * MIB, vsrc.clone()))).unwrap();
+    c.sdk(0).attach("pvc-clone", false).unwrap();
+    qemu_io(&c.engines[0].uri("pvc-clone"), "read -P 0x77 0 1M");
+    qemu_io(&c.engines[0].uri("pvc-clone"), "read -P 0x5c 1M 3M");
+    // Smaller than the source, or a source that is missing or of the other kind.
+    for (req, code) in [
+        (from_source("pvc-small", 32 * MIB, snapshot_source("snap-1")), Code::OutOfRange),
+        (from_source("pvc-x", 64 * MIB, snapshot_source("nope")), Code::NotFound),
+        (from_source("pvc-x", 64 * MIB, snapshot_source("pvc-s")), Code::NotFound),
+        (from_source("pvc-x", 64 * MIB, csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: "snap-1".into() })), Code::NotFound),
+        (from_source("snap-2", 64 * MIB, vsrc), Code::AlreadyExists),
+    ] {
+        let e = rt.block_on(ctl.create_volume(req)).unwrap_err();
+        assert_eq!(e.code(), code, "{}", e.message());
+    }
+    assert!(c.sdk(0).inspect("pvc-small").is_err() && c.sdk(0).inspect("pvc-x").is_err(), "failed creates leave nothing");
+
+    // DeleteVolume of a snapshot's id and DeleteSnapshot of a volume's id delete nothing.
+    rt.block_on(ctl.delete_volume(csi::DeleteVolumeRequest { volume_id: "snap-1".into(), ..Default::default() })).unwrap();
+    rt.block_on(ctl.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: "pvc-s".into(), ..Default::default() })).unwrap();
+    assert!(c.sdk(0).inspect("snap-1").is_ok() && c.sdk(0).inspect("pvc-s").is_ok());
+    assert_eq!(rt.block_on(ctl.delete_snapshot(csi::DeleteSnapshotRequest::default())).unwrap_err().code(), Code::InvalidArgument);
+    // DeleteSnapshot twice, and one that never existed.
+    for n in ["snap-1", "snap-1", "snap-2", "never"] {
+        rt.block_on(ctl.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: n.into(), ..Default::default() })).unwrap();
+    }
+    assert_eq!(names(&list(Default::default())), Vec::<String>::new());
+    // The volume made from the deleted snapshot keeps its data.
+    qemu_io(&c.engines[1].uri("pvc-from-snap"), "read -P 0x5c 0 4M");
+    for (n, via) in [("pvc-from-snap", 1), ("pvc-clone", 0), ("pvc-s", 0), ("pvc-t", 0)] {
+        c.sdk(via).delete(n, false).unwrap();
+    }
+    for i in 0..2 {
+        assert_eq!(c.sdk(i).pool().used_bytes, 0, "space returned on node-{}", i + 1);
+    }
 }

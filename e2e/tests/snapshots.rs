@@ -94,6 +94,7 @@ fn a_snapshot_under_write_load_holds_exactly_the_writes_before_its_point_on_ever
     // Restore: the detached volume gets the snapshot back on both replicas.
     assert_eq!(c.sdk(0).restore("v", "s1").unwrap_err().code(), Code::FailedPrecondition, "attached volumes are not restored");
     w.client.disconnect();
+    c.wait_volume(0, "v", Duration::from_secs(10), "the client gone", |v| v.connections == 0);
     c.sdk(0).detach("v", false).unwrap();
     let r = c.sdk(1).restore("v", "s1").unwrap();
     assert_eq!(r.state, "available");
@@ -164,6 +165,7 @@ fn clones_and_restores_are_bit_exact_and_share_space_until_written() {
     let cl = Client::connect(&c.engines[0].nbd, "v").unwrap();
     assert_eq!(sdk.restore("v", "s").unwrap_err().code(), Code::FailedPrecondition, "a volume in use is not restored");
     cl.disconnect();
+    c.wait_volume(0, "v", Duration::from_secs(10), "the client gone", |v| v.connections == 0);
     assert_eq!(sdk.snapshots("v").unwrap().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), vec!["s"]);
     assert_eq!(sdk.snapshots("").unwrap().len(), 1);
     assert_eq!(sdk.snapshots("nope").unwrap_err().code(), Code::NotFound);

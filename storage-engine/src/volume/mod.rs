@@ -533,14 +533,18 @@ impl Engine {
         self.info_of(rec)
     }
 
-    /// Grows a volume (online) and/or changes labels. Shrinking is refused.
+    /// Grows a volume (online, or detached) and/or changes labels. Shrinking is refused.
     pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>, qos: QosUpdate) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         if let Some(of) = &rec.snapshot_of {
             return Err(VolumeError::FailedPrecondition(format!("{name} is a snapshot of {of} and cannot be changed; clone it for a writable volume")));
         }
-        self.must_be_target(&rec)?;
+        // A detached volume has no writer: its record alone changes (a new target announces
+        // the size to the replicas when it starts).
+        if !rec.clone().normalized(&self.node.id).target.is_empty() {
+            self.must_be_target(&rec)?;
+        }
         if let Some(op) = &rec.pending {
             return Err(VolumeError::FailedPrecondition(op.describe(name)));
         }
