@@ -1,6 +1,7 @@
 //! The full CSI lifecycle through real node plugins on two engines (as root): create (repl 2),
 //! stage (nbdfuse + loop device + mkfs + mount), publish, write files, unpublish, unstage, stage
-//! and publish on the other node, the files are there; raw block; idempotency and bad input.
+//! and publish on the other node, the files are there; snapshot while mounted and a volume from
+//! it; raw block; idempotency and bad input.
 
 #![allow(clippy::result_large_err)]
 
@@ -139,8 +140,43 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     assert_eq!(std::fs::read(tg2.join("hello.txt")).unwrap(), b"written on node-1");
     assert_eq!(std::fs::read(tg2.join("dir/big.bin")).unwrap(), vec![0x5au8; 3 << 20]);
     assert_eq!(c.sdk(1).inspect("fsvol").unwrap().attached_node, "node-2");
+
+    // Snapshot while mounted (a file made durable before it, one written after), then a new
+    // volume from the snapshot, staged on node-1: it holds exactly the first.
+    let durable = |path: &Path, data: &[u8]| {
+        let mut f = std::fs::File::create(path).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+        std::fs::File::open(path.parent().unwrap()).unwrap().sync_all().unwrap();
+    };
+    durable(&tg2.join("before.txt"), b"before the snapshot");
+    let snap = ctl.rt.block_on(cc.clone().create_snapshot(csi::CreateSnapshotRequest { name: "snap-fs".into(), source_volume_id: "fsvol".into(), ..Default::default() })).unwrap().into_inner().snapshot.unwrap();
+    assert!(snap.ready_to_use);
+    durable(&tg2.join("after.txt"), b"after the snapshot");
+    let mut from_snap = csi::CreateVolumeRequest {
+        name: "fs-restored".into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 256 * MIB, limit_bytes: 0 }),
+        volume_capabilities: vec![cap(false)],
+        parameters: [("repl".to_string(), "2".to_string())].into(),
+        ..Default::default()
+    };
+    from_snap.volume_content_source = Some(csi::VolumeContentSource {
+        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: "snap-fs".into() })),
+    });
+    ctl.rt.block_on(cc.clone().create_volume(from_snap)).unwrap();
     unpublish(&n2, "fsvol", &tg2);
     unstage(&n2, "fsvol", &st2);
+    let st3 = dir.path().join("staging-3");
+    let tg3 = dir.path().join("pods/d/mount");
+    stage(&n1, "fs-restored", &st3, false).unwrap();
+    publish(&n1, "fs-restored", &st3, &tg3, false, false).unwrap();
+    assert_eq!(std::fs::read(tg3.join("before.txt")).unwrap(), b"before the snapshot");
+    assert_eq!(std::fs::read(tg3.join("dir/big.bin")).unwrap(), vec![0x5au8; 3 << 20]);
+    assert!(!tg3.join("after.txt").exists(), "written after the snapshot");
+    std::fs::write(tg3.join("clone-only.txt"), b"x").unwrap();
+    unpublish(&n1, "fs-restored", &tg3);
+    unstage(&n1, "fs-restored", &st3);
+    ctl.rt.block_on(cc.clone().delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: "snap-fs".into(), ..Default::default() })).unwrap();
 
     // Raw block: the published device file reads back what was written.
     create("blk", true);
@@ -163,7 +199,7 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     unstage(&n1, "blk", &stb);
 
     // Delete everything: space returns on both nodes.
-    for v in ["fsvol", "blk"] {
+    for v in ["fsvol", "blk", "fs-restored"] {
         ctl.rt.block_on(cc.delete_volume(csi::DeleteVolumeRequest { volume_id: v.into(), ..Default::default() })).unwrap();
     }
     for i in 0..2 {
