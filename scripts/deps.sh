@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages Strata's build and tests need (Debian bookworm). Idempotent.
 set -euo pipefail
-PKGS=(protobuf-compiler qemu-utils libnbd-bin nbdkit fio e2fsprogs fuse3 etcd-server python3 python3-venv curl)
+PKGS=(protobuf-compiler qemu-utils libnbd-bin nbdkit fio e2fsprogs xfsprogs fuse3 etcd-server python3 python3-venv curl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,5 +1,6 @@
-//! A volume as a local block device without the kernel NBD module: `nbdfuse` (libnbd) exposes
-//! the engine's NBD export as a file on a FUSE mount, and a loop device is set up over that file.
+//! A volume as a local block device without the kernel NBD module: `strata-csi fuse-disk`
+//! (`fusedisk`) exposes the engine's NBD export as a file on a FUSE mount that follows the
+//! export's size and survives engine restarts, and a loop device is set up over that file.
 //! Every step first looks at the system (mounts, loop devices) so each can be repeated safely and
 //! an interrupted stage or unstage can be finished by calling it again.
 
@@ -54,24 +55,63 @@ pub fn fuse_dir(state: &Path, volume: &str) -> PathBuf {
     state.join(volume).join("fuse")
 }
 
-/// Makes sure `nbdfuse` serves the volume's export as `<fuse_dir>/disk`; returns that file.
-pub fn ensure_fuse(state: &Path, volume: &str, uri: &str) -> Result<PathBuf, AttachError> {
+/// Makes sure a `strata-csi fuse-disk` helper serves the volume's export as `<fuse_dir>/disk`;
+/// returns that file. The helper runs on (in its own process group) until the mount goes.
+pub fn ensure_fuse(state: &Path, volume: &str, ep: &crate::fusedisk::Endpoint) -> Result<PathBuf, AttachError> {
+    use std::os::unix::process::CommandExt;
     let dir = fuse_dir(state, volume);
     let file = dir.join("disk");
     if is_mounted(&dir) && file.exists() {
         return Ok(file);
     }
     std::fs::create_dir_all(&dir)?;
-    // nbdfuse keeps running (in the background) until its mount is unmounted.
-    Command::new("nbdfuse").arg(&file).arg(uri).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| AttachError::Command { cmd: "nbdfuse".into(), out: e.to_string() })?;
+    let exe = std::env::current_exe()?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(state.join(format!("{volume}.fuse.log")))?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg("fuse-disk").arg("--export").arg(volume).arg("--mount").arg(&dir);
+    match ep {
+        crate::fusedisk::Endpoint::Unix(p) => cmd.arg("--socket").arg(p),
+        crate::fusedisk::Endpoint::Tcp(a) => cmd.arg("--tcp").arg(a),
+    };
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| AttachError::Command { cmd: format!("{} fuse-disk", exe.display()), out: e.to_string() })?;
     let t0 = Instant::now();
     while !(is_mounted(&dir) && file.exists()) {
+        if let Ok(Some(status)) = child.try_wait() {
+            let why = std::fs::read_to_string(state.join(format!("{volume}.fuse.log"))).unwrap_or_default();
+            return Err(AttachError::Command { cmd: "strata-csi fuse-disk".into(), out: format!("exited ({status}): {}", why.lines().last().unwrap_or("")) });
+        }
         if t0.elapsed() > Duration::from_secs(15) {
-            return Err(AttachError::Timeout(format!("nbdfuse did not expose {} within 15 s", file.display())));
+            return Err(AttachError::Timeout(format!("the FUSE view {} did not appear within 15 s", file.display())));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Reaped by init once it exits; the mount is what tracks it.
+    std::mem::forget(child);
     Ok(file)
+}
+
+/// Grows the loop device over `file` to the file's (the export's) current size.
+pub fn refresh_loop(dev: &str) -> Result<(), AttachError> {
+    run("losetup", &["--set-capacity", dev]).map(|_| ())
+}
+
+/// Grows a mounted filesystem to its device's size.
+pub fn grow_fs(dev: &str, fs: &str, mountpoint: &Path) -> Result<(), AttachError> {
+    match fs {
+        "xfs" => run("xfs_growfs", &[&mountpoint.to_string_lossy()]).map(|_| ()),
+        _ => run("resize2fs", &[dev]).map(|_| ()).map_err(|e| match e {
+            AttachError::Command { cmd, out } if out.contains("Permission denied") => {
+                AttachError::Command { cmd, out: format!("{out} (growing a mounted ext4 needs CAP_SYS_RESOURCE: give it to the node plugin's container)") }
+            }
+            other => other,
+        }),
+    }
 }
 
 /// The loop device over `file`, set up if there is none.
@@ -118,6 +158,7 @@ pub fn release(state: &Path, volume: &str) -> Result<(), AttachError> {
     }
     let _ = std::fs::remove_dir(&dir);
     let _ = std::fs::remove_dir(state.join(volume));
+    let _ = std::fs::remove_file(state.join(format!("{volume}.fuse.log")));
     Ok(())
 }
 

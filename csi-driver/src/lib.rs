@@ -5,6 +5,7 @@
 
 pub mod attach;
 pub mod controller;
+pub mod fusedisk;
 pub mod identity;
 pub mod inflight;
 pub mod netlink;
@@ -49,6 +50,32 @@ pub struct Config {
     /// Node mode: where the FUSE views of attached volumes live. Default: /var/lib/strata-csi.
     #[arg(long, env = "STRATA_CSI_STATE_DIR", default_value = "/var/lib/strata-csi")]
     pub state_dir: PathBuf,
+}
+
+/// `strata-csi fuse-disk`: serve one export as `<mount>/disk` (started by the node plugin).
+#[derive(Debug, clap::Parser)]
+#[command(name = "fuse-disk")]
+pub struct FuseDiskArgs {
+    #[arg(long)]
+    pub export: String,
+    #[arg(long)]
+    pub mount: PathBuf,
+    /// The engine's NBD unix socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Or its NBD TCP address (host:port).
+    #[arg(long)]
+    pub tcp: Option<String>,
+}
+
+impl FuseDiskArgs {
+    pub fn endpoint(&self) -> anyhow::Result<fusedisk::Endpoint> {
+        match (&self.socket, &self.tcp) {
+            (Some(p), None) => Ok(fusedisk::Endpoint::Unix(p.clone())),
+            (None, Some(a)) => Ok(fusedisk::Endpoint::Tcp(a.clone())),
+            _ => anyhow::bail!("pass exactly one of --socket PATH and --tcp HOST:PORT"),
+        }
+    }
 }
 
 /// The socket path of a `unix://` endpoint.

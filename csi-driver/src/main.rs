@@ -2,8 +2,13 @@
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into())).init();
-    strata_csi::run(strata_csi::Config::parse()).await
+    // The node plugin's FUSE helper (one process per staged volume).
+    if std::env::args().nth(1).as_deref() == Some("fuse-disk") {
+        let a = strata_csi::FuseDiskArgs::parse_from(std::env::args().skip(1));
+        return strata_csi::fusedisk::serve(a.endpoint()?, &a.export, &a.mount);
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(strata_csi::run(strata_csi::Config::parse()))
 }

@@ -1,5 +1,5 @@
 //! CSI Node: attach a volume on this node (the local engine becomes its target), expose it as a
-//! block device (`attach`: nbdfuse + a loop device; the kernel NBD module is not used yet), make
+//! block device (`attach`: our FUSE view + a loop device; the kernel NBD module is not used yet), make
 //! a filesystem on first use, mount, bind-mount into pods, report usage. Every RPC can be
 //! repeated: each step looks at the system first.
 
@@ -26,20 +26,7 @@ pub struct Node {
     inflight: InFlight,
 }
 
-#[derive(Debug, Clone)]
-pub enum NbdEndpoint {
-    Unix(PathBuf),
-    Tcp(String),
-}
-
-impl NbdEndpoint {
-    fn uri(&self, vol: &str) -> String {
-        match self {
-            NbdEndpoint::Unix(p) => format!("nbd+unix:///{vol}?socket={}", p.display()),
-            NbdEndpoint::Tcp(a) => format!("nbd://{a}/{vol}"),
-        }
-    }
-}
+pub use crate::fusedisk::Endpoint as NbdEndpoint;
 
 fn internal(e: AttachError) -> Status {
     Status::internal(e.to_string())
@@ -85,7 +72,7 @@ impl csi::node_server::Node for Node {
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
         let (block, fs, flags) = capability(r.volume_capability)?;
         let _busy = self.inflight.begin(&id)?;
-        let v = self.volume(&id).await?;
+        self.volume(&id).await?;
         // This node becomes the volume's target (a no-op when it already is).
         let passphrase = r.secrets.get("passphrase").map(|s| s.as_bytes().to_vec()).unwrap_or_default();
         self.sdk
@@ -94,9 +81,9 @@ impl csi::node_server::Node for Node {
             .await
             .map_err(|s| if s.code() == Code::FailedPrecondition { Status::failed_precondition(s.message().to_string()) } else { s })?;
         let fs = if fs.is_empty() { r.volume_context.get("fs").cloned().filter(|f| !f.is_empty()).unwrap_or_else(|| "ext4".into()) } else { fs };
-        let (state, uri) = (self.state_dir.clone(), self.nbd.uri(&v.name));
+        let (state, ep) = (self.state_dir.clone(), self.nbd.clone());
         blocking(move || {
-            let file = attach::ensure_fuse(&state, &id, &uri).map_err(internal)?;
+            let file = attach::ensure_fuse(&state, &id, &ep).map_err(internal)?;
             let dev = attach::ensure_loop(&file).map_err(internal)?;
             if block {
                 return Ok(());
@@ -141,7 +128,7 @@ impl csi::node_server::Node for Node {
             attach::release(&state, &id2).map_err(internal)
         })
         .await?;
-        // Stop serving here; the NBD client (nbdfuse) may take a moment to go.
+        // Stop serving here; the NBD client (the FUSE helper) may take a moment to go.
         for _ in 0..50 {
             match self.sdk.volumes().detach(pb::DetachVolumeRequest { name: id.clone(), force: false }).await {
                 Ok(_) => break,
@@ -240,12 +227,49 @@ impl csi::node_server::Node for Node {
         Ok(Response::new(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) }))
     }
 
-    async fn node_expand_volume(&self, _: Request<csi::NodeExpandVolumeRequest>) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented("growing a staged volume's device is not built yet (the FUSE view has the size the export had when it was staged)"))
+    /// Grows the staged device to the volume's size (ControllerExpandVolume grew the volume):
+    /// the FUSE view follows the export, the loop device is told its new capacity, and a
+    /// mounted filesystem is grown online (resize2fs, xfs_growfs).
+    async fn node_expand_volume(&self, req: Request<csi::NodeExpandVolumeRequest>) -> Result<Response<csi::NodeExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let id = required(&r.volume_id, "volume_id")?.to_string();
+        let path = PathBuf::from(required(&r.volume_path, "volume_path")?);
+        let _busy = self.inflight.begin(&id)?;
+        let v = self.volume(&id).await?;
+        let size = v.spec.as_ref().map_or(0, |s| s.size_bytes);
+        if let Some(want) = r.capacity_range.as_ref().map(|c| c.required_bytes).filter(|b| *b as u64 > size) {
+            return Err(Status::failed_precondition(format!("volume {id} is {size} bytes, less than the {want} asked for: expand it through the controller first")));
+        }
+        let block = matches!(r.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()), Some(csi::volume_capability::AccessType::Block(_))) || path.is_file();
+        let mountpoint = if r.staging_target_path.is_empty() { path.clone() } else { PathBuf::from(&r.staging_target_path) };
+        let state = self.state_dir.clone();
+        let capacity = blocking(move || {
+            if !path.exists() {
+                return Err(Status::not_found(format!("volume_path {} does not exist", path.display())));
+            }
+            let file = attach::fuse_dir(&state, &id).join("disk");
+            let dev = attach::find_loop(&file).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))?;
+            // The FUSE view asks the engine for the export's size on every stat.
+            let t0 = std::time::Instant::now();
+            while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < size {
+                if t0.elapsed() > std::time::Duration::from_secs(10) {
+                    return Err(Status::unavailable(format!("the device of volume {id} did not reach {size} bytes within 10 s")));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            attach::refresh_loop(&dev).map_err(internal)?;
+            if !block {
+                let fs = attach::fs_type(&dev).map_err(internal)?.unwrap_or_else(|| "ext4".into());
+                attach::grow_fs(&dev, &fs, &mountpoint).map_err(internal)?;
+            }
+            Ok(size as i64)
+        })
+        .await?;
+        Ok(Response::new(csi::NodeExpandVolumeResponse { capacity_bytes: capacity }))
     }
 
     async fn node_get_capabilities(&self, _: Request<csi::NodeGetCapabilitiesRequest>) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
-        let caps = [rpc::Type::StageUnstageVolume, rpc::Type::GetVolumeStats, rpc::Type::VolumeCondition]
+        let caps = [rpc::Type::StageUnstageVolume, rpc::Type::GetVolumeStats, rpc::Type::VolumeCondition, rpc::Type::ExpandVolume]
             .into_iter()
             .map(|t| csi::NodeServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) })
             .collect();

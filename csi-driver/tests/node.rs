@@ -1,7 +1,7 @@
 //! The full CSI lifecycle through real node plugins on two engines (as root): create (repl 2),
-//! stage (nbdfuse + loop device + mkfs + mount), publish, write files, unpublish, unstage, stage
-//! and publish on the other node, the files are there; snapshot while mounted and a volume from
-//! it; raw block; idempotency and bad input.
+//! stage (FUSE view + loop device + mkfs + mount), publish, write files, expand while mounted,
+//! unpublish, unstage, stage and publish on the other node, the files are there; snapshot while
+//! mounted and a volume from it; raw block (and its expansion); idempotency and bad input.
 
 #![allow(clippy::result_large_err)]
 
@@ -20,8 +20,12 @@ use tonic::Code;
 const MIB: i64 = 1 << 20;
 
 fn cap(block: bool) -> csi::VolumeCapability {
+    cap_fs(block, "ext4")
+}
+
+fn cap_fs(block: bool, fs: &str) -> csi::VolumeCapability {
     csi::VolumeCapability {
-        access_type: Some(if block { AccessType::Block(BlockVolume {}) } else { AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() }) }),
+        access_type: Some(if block { AccessType::Block(BlockVolume {}) } else { AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() }) }),
         access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
     }
 }
@@ -34,11 +38,15 @@ fn node_plugin(c: &Cluster, i: usize, dir: &Path) -> Csi {
 }
 
 fn stage(n: &Csi, vol: &str, staging: &Path, block: bool) -> Result<(), tonic::Status> {
+    stage_fs(n, vol, staging, block, "ext4")
+}
+
+fn stage_fs(n: &Csi, vol: &str, staging: &Path, block: bool, fs: &str) -> Result<(), tonic::Status> {
     let mut c = NodeClient::new(n.ch.clone());
     n.rt.block_on(c.node_stage_volume(csi::NodeStageVolumeRequest {
         volume_id: vol.into(),
         staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(cap(block)),
+        volume_capability: Some(cap_fs(block, fs)),
         ..Default::default()
     }))
     .map(|_| ())
@@ -93,7 +101,7 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     let info = n1.rt.block_on(nc.node_get_info(csi::NodeGetInfoRequest {})).unwrap().into_inner();
     assert_eq!(info.node_id, "node-1");
     let caps = n1.rt.block_on(nc.node_get_capabilities(csi::NodeGetCapabilitiesRequest {})).unwrap().into_inner().capabilities;
-    assert_eq!(caps.len(), 3);
+    assert_eq!(caps.len(), 4, "stage, stats, condition, expand");
 
     // Bad input, each with the spec's code.
     let st = dir.path().join("staging-1");
@@ -119,6 +127,67 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     assert!(stats.usage[0].used >= 3 << 20, "{:?}", stats.usage);
     let cond = stats.volume_condition.unwrap();
     assert!(!cond.abnormal, "{}", cond.message);
+
+    let grow = |vol: &str, size: i64, block: bool| {
+        ctl.rt
+            .block_on(cc.clone().controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: vol.into(),
+                capacity_range: Some(csi::CapacityRange { required_bytes: size, limit_bytes: 0 }),
+                volume_capability: Some(cap(block)),
+                ..Default::default()
+            }))
+            .unwrap()
+    };
+    let node_expand = |n: &Csi, vol: &str, path: &Path, staging: &Path, size: i64, block: bool| {
+        n.rt.block_on(NodeClient::new(n.ch.clone()).node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: vol.into(),
+            volume_path: path.to_string_lossy().into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: size, limit_bytes: 0 }),
+            volume_capability: Some(cap(block)),
+            ..Default::default()
+        }))
+    };
+    // Expand while mounted (xfs: growing a mounted ext4 needs CAP_SYS_RESOURCE, which this
+    // machine's root lacks — then the error says so): the controller grows the volume, the node
+    // its device and filesystem.
+    let caps_resource = std::fs::read_to_string("/proc/self/status").unwrap().lines().find_map(|l| l.strip_prefix("CapEff:")).map(|h| u64::from_str_radix(h.trim(), 16).unwrap() & (1 << 24) != 0).unwrap();
+    grow("fsvol", 512 * MIB, false);
+    match node_expand(&n1, "fsvol", &tg, &st, 512 * MIB, false) {
+        Ok(r) => assert!(caps_resource && r.into_inner().capacity_bytes == 512 * MIB),
+        Err(e) => assert!(!caps_resource && e.message().contains("CAP_SYS_RESOURCE"), "{}", e.message()),
+    }
+    let stx = dir.path().join("staging-x");
+    let tgx = dir.path().join("pods/x/mount");
+    ctl.rt
+        .block_on(cc.clone().create_volume(csi::CreateVolumeRequest {
+            name: "xfsvol".into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 320 * MIB, limit_bytes: 0 }),
+            volume_capabilities: vec![cap_fs(false, "xfs")],
+            parameters: [("repl".to_string(), "2".to_string())].into(),
+            ..Default::default()
+        }))
+        .unwrap();
+    stage_fs(&n1, "xfsvol", &stx, false, "xfs").unwrap();
+    publish(&n1, "xfsvol", &stx, &tgx, false, false).unwrap();
+    std::fs::write(tgx.join("hello.txt"), b"on xfs").unwrap();
+    let xstats = |n: &Csi| n.rt.block_on(NodeClient::new(n.ch.clone()).node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "xfsvol".into(), volume_path: tgx.to_string_lossy().into(), ..Default::default() })).unwrap().into_inner();
+    let total_before = xstats(&n1).usage[0].total;
+    grow("xfsvol", 640 * MIB, false);
+    for _ in 0..2 {
+        assert_eq!(node_expand(&n1, "xfsvol", &tgx, &stx, 640 * MIB, false).unwrap().into_inner().capacity_bytes, 640 * MIB);
+    }
+    let total_after = xstats(&n1).usage[0].total;
+    eprintln!("xfs size before expand {total_before}, after {total_after}");
+    assert!(total_after > total_before + 250 * MIB, "the filesystem grew online: {total_before} -> {total_after}");
+    assert_eq!(std::fs::read(tgx.join("hello.txt")).unwrap(), b"on xfs");
+    std::fs::write(tgx.join("big.bin"), vec![0x6bu8; 400 << 20]).expect("room for more than the old size");
+    assert_eq!(node_expand(&n1, "", &tgx, &stx, 0, false).unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(node_expand(&n1, "nope", &tgx, &stx, 0, false).unwrap_err().code(), Code::NotFound);
+    assert_eq!(node_expand(&n1, "xfsvol", &tgx, &stx, 1024 * MIB, false).unwrap_err().code(), Code::FailedPrecondition, "bigger than the volume");
+    unpublish(&n1, "xfsvol", &tgx);
+    unstage(&n1, "xfsvol", &stx);
+
     // A read-only publish elsewhere on the node refuses writes.
     let ro = dir.path().join("pods/ro/mount");
     publish(&n1, "fsvol", &st, &ro, false, true).unwrap();
@@ -155,7 +224,7 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     durable(&tg2.join("after.txt"), b"after the snapshot");
     let mut from_snap = csi::CreateVolumeRequest {
         name: "fs-restored".into(),
-        capacity_range: Some(csi::CapacityRange { required_bytes: 256 * MIB, limit_bytes: 0 }),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 512 * MIB, limit_bytes: 0 }),
         volume_capabilities: vec![cap(false)],
         parameters: [("repl".to_string(), "2".to_string())].into(),
         ..Default::default()
@@ -195,11 +264,17 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
         f.read_exact(&mut back).unwrap();
         assert_eq!(back, data);
     }
+    // A raw block device grows too.
+    grow("blk", 384 * MIB, true);
+    node_expand(&n1, "blk", &tb, &stb, 384 * MIB, true).unwrap();
+    let mut f = std::fs::File::open(&tb).unwrap();
+    assert_eq!(f.seek(SeekFrom::End(0)).unwrap(), 384 * MIB as u64);
+    drop(f);
     unpublish(&n1, "blk", &tb);
     unstage(&n1, "blk", &stb);
 
     // Delete everything: space returns on both nodes.
-    for v in ["fsvol", "blk", "fs-restored"] {
+    for v in ["fsvol", "blk", "fs-restored", "xfsvol"] {
         ctl.rt.block_on(cc.delete_volume(csi::DeleteVolumeRequest { volume_id: v.into(), ..Default::default() })).unwrap();
     }
     for i in 0..2 {
