@@ -168,6 +168,70 @@ pub fn next_after(every: Every, t: u64) -> u64 {
     }
 }
 
+impl Every {
+    /// The policy without its KEEP, as snapshots of it are labelled (`periodic=60`,
+    /// `daily=12:30`, `weekly=sunday@13:00`, `monthly=31@02:05`).
+    pub fn tag(&self) -> String {
+        match *self {
+            Every::Periodic { minutes } => format!("periodic={minutes}"),
+            Every::Daily { at } => format!("daily={:02}:{:02}", at.hour, at.minute),
+            Every::Weekly { weekday, at } => format!("weekly={}@{:02}:{:02}", WEEKDAYS[weekday as usize], at.hour, at.minute),
+            Every::Monthly { day, at } => format!("monthly={day}@{:02}:{:02}", at.hour, at.minute),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Every::Periodic { .. } => "periodic",
+            Every::Daily { .. } => "daily",
+            Every::Weekly { .. } => "weekly",
+            Every::Monthly { .. } => "monthly",
+        }
+    }
+}
+
+/// What a schedule asks for now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    /// Snapshots to take: (name, policy tag).
+    pub take: Vec<(String, String)>,
+    /// Scheduled snapshots beyond their policy's KEEP, to delete.
+    pub delete: Vec<String>,
+}
+
+/// The schedule's due work at `now` for volume `volume` (created at `created`), given its
+/// scheduled snapshots as (name, policy tag, created). A policy fires when its next time after
+/// its newest snapshot (or after the volume's creation) has come; missed times are not made up
+/// one by one — one snapshot is taken. Retention counts the snapshot about to be taken.
+pub fn plan(volume: &str, policies: &[Policy], created: u64, taken: &[(String, String, u64)], now: u64) -> Plan {
+    let mut out = Plan::default();
+    for p in policies {
+        let tag = p.every.tag();
+        let mut mine: Vec<(String, u64)> = taken.iter().filter(|(_, t, _)| *t == tag).map(|(n, _, c)| (n.clone(), *c)).collect();
+        let last = mine.iter().map(|(_, c)| *c).max().unwrap_or(created);
+        if next_after(p.every, last) <= now {
+            // Names stay within the 128 characters a volume name may have.
+            let base: String = volume.chars().take(96).collect();
+            let name = format!("{base}.{}.{}", p.every.kind(), stamp(now));
+            if !mine.iter().any(|(n, _)| *n == name) && !out.take.iter().any(|(n, _)| *n == name) {
+                mine.push((name.clone(), now));
+                out.take.push((name, tag.clone()));
+            }
+        }
+        out.delete.extend(expired(p.keep, &mine));
+    }
+    out.delete.retain(|n| !out.take.iter().any(|(t, _)| t == n));
+    out
+}
+
+/// `YYYYMMDD-HHMMSS`, UTC: part of a scheduled snapshot's name.
+fn stamp(t: u64) -> String {
+    const DAY: u64 = 86_400;
+    let (y, m) = year_month((t / DAY) as i64);
+    let d = (t / DAY) as i64 - days_from_civil(y, m, 1) + 1;
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", t % DAY / 3600, t % 3600 / 60, t % 60)
+}
+
 /// `t` (unix seconds) as `YYYY-MM-DD HH:MM UTC`.
 pub fn format_unix(t: u64) -> String {
     const DAY: u64 = 86_400;
@@ -189,6 +253,32 @@ mod tests {
 
     fn at(h: u8, m: u8) -> TimeOfDay {
         TimeOfDay { hour: h, minute: m }
+    }
+
+    #[test]
+    fn a_plan_takes_what_is_due_and_deletes_beyond_keep() {
+        let p = parse("periodic=60,2; daily=12:30,1").unwrap();
+        let t0 = 1_795_000_000 / 3600 * 3600; // on the hour
+        // Nothing due right after creation.
+        assert_eq!(plan("v", &p, t0 + 10, &[], t0 + 100), Plan::default());
+        // An hour later the periodic policy fires once.
+        let pl = plan("v", &p, t0 + 10, &[], t0 + 3600 + 5);
+        assert_eq!(pl.take, vec![(format!("v.periodic.{}", stamp(t0 + 3605)), "periodic=60".to_string())]);
+        assert!(pl.delete.is_empty());
+        // With two kept already, the oldest goes when a third is taken; the daily one is separate.
+        let taken = vec![
+            ("a".to_string(), "periodic=60".to_string(), t0 + 3600),
+            ("b".to_string(), "periodic=60".to_string(), t0 + 7200),
+            ("d".to_string(), "daily=12:30".to_string(), t0 + 7200), // 13:00, after today's 12:30
+        ];
+        let pl = plan("v", &p, t0, &taken, t0 + 3 * 3600 + 1);
+        assert_eq!(pl.take.len(), 1);
+        assert_eq!(pl.delete, vec!["a".to_string()]);
+        // Not due yet: nothing, and nothing deleted while within KEEP.
+        assert_eq!(plan("v", &p, t0, &taken, t0 + 7200 + 60), Plan::default());
+        // Missed runs are not made up: one snapshot after a long outage.
+        assert_eq!(plan("v", &p, t0, &taken[..1], t0 + 100 * 3600).take.len(), 2, "one periodic and one daily");
+        assert_eq!(Every::Weekly { weekday: 0, at: at(13, 0) }.tag(), "weekly=sunday@13:00");
     }
 
     #[test]

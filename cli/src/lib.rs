@@ -182,6 +182,10 @@ pub struct CreateArgs {
     /// key=value; repeat for several.
     #[arg(long = "label", short, value_parser = label_arg)]
     pub labels: Vec<(String, String)>,
+    /// Snapshot schedule, Portworx syntax: periodic=MINUTES,KEEP; daily=HH:MM,KEEP;
+    /// weekly=WEEKDAY@HH:MM,KEEP; monthly=DAY@HH:MM,KEEP (UTC; several separated by ';').
+    #[arg(long)]
+    pub snap_schedule: Option<String>,
     #[command(flatten)]
     pub qos: QosArgs,
     /// Place replicas only on these nodes (comma-separated ids).
@@ -219,6 +223,11 @@ pub struct UpdateArgs {
     /// key=value to set, key= to remove; repeat for several.
     #[arg(long = "label", short, value_parser = label_arg)]
     pub labels: Vec<(String, String)>,
+    /// Snapshot schedule, Portworx syntax: periodic=MINUTES,KEEP; daily=HH:MM,KEEP;
+    /// weekly=WEEKDAY@HH:MM,KEEP; monthly=DAY@HH:MM,KEEP (UTC; several separated by ';').
+    /// An empty value removes it.
+    #[arg(long)]
+    pub snap_schedule: Option<String>,
     #[command(flatten)]
     pub qos: QosArgs,
 }
@@ -437,10 +446,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         rd_bw: q.io_throttle_rd_bw.unwrap_or(0),
                         wr_bw: q.io_throttle_wr_bw.unwrap_or(0),
                     };
+                    let mut labels: HashMap<String, String> = a.labels.into_iter().collect();
+                    if let Some(s) = a.snap_schedule {
+                        labels.insert("snap_schedule".into(), s);
+                    }
                     let spec = pb::VolumeSpec {
                         size_bytes: a.size,
                         repl: a.repl,
-                        labels: a.labels.into_iter().collect(),
+                        labels,
                         qos: Some(qos),
                         nodes: a.nodes,
                         zones: a.zones,
@@ -494,13 +507,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 VolumeCmd::Update(a) => {
                     let q = &a.qos;
                     let qos_given = q.io_throttle_rd_iops.is_some() || q.io_throttle_wr_iops.is_some() || q.io_throttle_rd_bw.is_some() || q.io_throttle_wr_bw.is_some();
-                    if a.size.is_none() && a.labels.is_empty() && !qos_given {
-                        bail!("nothing to update: pass --size, --label key=value and/or --io-throttle-*");
+                    if a.size.is_none() && a.labels.is_empty() && !qos_given && a.snap_schedule.is_none() {
+                        bail!("nothing to update: pass --size, --label key=value, --snap-schedule and/or --io-throttle-*");
+                    }
+                    let mut labels: HashMap<String, String> = a.labels.into_iter().collect();
+                    if let Some(s) = a.snap_schedule {
+                        labels.insert("snap_schedule".into(), s);
                     }
                     let req = pb::UpdateVolumeRequest {
                         name: a.name,
                         size_bytes: a.size.unwrap_or(0),
-                        labels: a.labels.into_iter().collect(),
+                        labels,
                         io_throttle_rd_iops: q.io_throttle_rd_iops,
                         io_throttle_wr_iops: q.io_throttle_wr_iops,
                         io_throttle_rd_bw: q.io_throttle_rd_bw,

@@ -202,3 +202,46 @@ fn snapshots_and_their_sharing_survive_an_engine_restart() {
     let (ok, report) = e.check();
     assert!(ok, "{report}");
 }
+
+#[test]
+fn a_snapshot_schedule_takes_snapshots_and_keeps_only_the_newest() {
+    let c = Cluster::start(1, "256MiB");
+    let sdk = c.sdk(0);
+    // Malformed schedules are refused with the reason, at create and at update.
+    let e = sdk.create_full("bad", 8 * MIB, 1, &[("snap_schedule", "hourly=5,3")]).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("snap_schedule") && e.message().contains("unknown schedule"), "{}", e.message());
+    sdk.create_full("v", 8 * MIB, 1, &[("snap_schedule", "periodic=1,2")]).unwrap();
+    let mut labels = std::collections::HashMap::new();
+    labels.insert("snap_schedule".to_string(), "daily=25:00,1".to_string());
+    let e = sdk.update(strata_api::v1::UpdateVolumeRequest { name: "v".into(), labels, ..Default::default() }).unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("not a time of day"), "{}", e.message());
+    qemu_io(&c.engines[0].uri("v"), &["write -P 0x31 0 1M"]);
+
+    // Every minute (on the minute, UTC) one snapshot; with KEEP 2 the oldest goes at the third.
+    let t0 = Instant::now();
+    let mut first: Option<String> = None;
+    loop {
+        let snaps = sdk.snapshots("v").unwrap();
+        assert!(snaps.len() <= 2, "KEEP 2 is kept to: {:?}", snaps.iter().map(|s| &s.name).collect::<Vec<_>>());
+        for s in &snaps {
+            assert!(s.name.starts_with("v.periodic.") && s.spec.as_ref().unwrap().labels["strata.dev/schedule"] == "periodic=1", "{s:?}");
+        }
+        if first.is_none() {
+            first = snaps.first().map(|s| s.name.clone());
+        }
+        if let Some(f) = &first {
+            if snaps.len() == 2 && !snaps.iter().any(|s| &s.name == f) {
+                break; // a third was taken and the first deleted
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(240), "schedule did not run: {:?}", snaps.iter().map(|s| &s.name).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    // The scheduled snapshots hold the volume's data.
+    let s = sdk.snapshots("v").unwrap().remove(0);
+    sdk.clone_volume(&s.name, "from-schedule").unwrap();
+    sdk.attach("from-schedule", false).unwrap();
+    qemu_io(&c.engines[0].uri("from-schedule"), &["read -P 0x31 0 1M"]);
+}

@@ -68,6 +68,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let engine = tokio::task::spawn_blocking(move || open_engine(&a, node)).await??;
     tokio::spawn(crate::replication::server::serve(repl, engine.clone()));
     engine.run_replacements();
+    engine.run_schedules(std::time::Duration::from_secs(10));
     engine.start_targets().await;
 
     tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone()));

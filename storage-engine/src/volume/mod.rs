@@ -432,6 +432,7 @@ impl Engine {
     ) -> Result<VolumeInfo, VolumeError> {
         validate_name(name)?;
         validate_labels(&labels)?;
+        snapshots::validate_schedule(&labels)?;
         let key = match passphrase {
             // Key derivation is deliberately slow: off the I/O threads.
             Some(p) => {
@@ -567,6 +568,7 @@ impl Engine {
             }
         }
         validate_labels(&rec.labels)?;
+        snapshots::validate_schedule(&rec.labels)?;
         qos.apply(&mut rec.qos);
         let rec = self.meta.update_volume(&rec)?;
         let handle = self.volumes.read().get(name).cloned();

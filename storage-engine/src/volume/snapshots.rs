@@ -9,6 +9,21 @@ use crate::meta::{MetaError, PendingOp, VolumeRecord};
 use crate::replication::client::Client;
 use crate::replication::frame::Op;
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The volume label holding a Portworx `snap_schedule` (set by `--snap-schedule` or the CSI
+/// StorageClass parameter).
+pub const SCHEDULE_LABEL: &str = "snap_schedule";
+/// The label of a snapshot taken by a schedule: the policy that took it.
+pub const SCHEDULED_BY: &str = "strata.dev/schedule";
+
+/// A malformed `snap_schedule` label is refused with the parser's reason.
+pub(super) fn validate_schedule(labels: &BTreeMap<String, String>) -> Result<(), VolumeError> {
+    match labels.get(SCHEDULE_LABEL) {
+        Some(s) => strata_api::schedule::parse(s).map(|_| ()).map_err(|e| VolumeError::InvalidArgument(format!("snap_schedule: {e}"))),
+        None => Ok(()),
+    }
+}
 
 impl Engine {
     /// Takes a crash-consistent snapshot `name` of volume `volume`: on every in-sync replica,
@@ -240,6 +255,60 @@ impl Engine {
         }
         if let Err(e) = self.meta.remove_volume(&rec.name) {
             tracing::warn!(volume = %rec.name, "undoing a failed snapshot or clone: {e}");
+        }
+    }
+
+    /// Runs the volumes' snapshot schedules every `every`, for the engine's life. Each volume's
+    /// schedule runs on its target (or, detached, on its first in-sync replica's node).
+    pub fn run_schedules(self: &Arc<Self>, every: std::time::Duration) {
+        let e = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                e.schedules_once(now_unix()).await;
+            }
+        });
+    }
+
+    /// One pass of the schedules at `now`: takes the snapshots due and deletes the ones beyond
+    /// each policy's KEEP.
+    pub async fn schedules_once(&self, now: u64) {
+        let me = self.node.id.clone();
+        let meta = self.meta.clone();
+        let Ok(Ok(all)) = tokio::task::spawn_blocking(move || meta.list_volumes()).await else { return };
+        let all: Vec<VolumeRecord> = all.into_iter().map(|r| r.normalized(&me)).collect();
+        for rec in &all {
+            let Some(sched) = rec.labels.get(SCHEDULE_LABEL) else { continue };
+            let mine = rec.target == me || (rec.target.is_empty() && rec.in_sync.first() == Some(&me));
+            if rec.snapshot_of.is_some() || rec.pending.is_some() || !mine {
+                continue;
+            }
+            let policies = match strata_api::schedule::parse(sched) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(volume = %rec.name, "snap_schedule ignored: {e}");
+                    continue;
+                }
+            };
+            let taken: Vec<(String, String, u64)> = all
+                .iter()
+                .filter(|s| s.snapshot_of.as_deref() == Some(rec.name.as_str()))
+                .filter_map(|s| s.labels.get(SCHEDULED_BY).map(|t| (s.name.clone(), t.clone(), s.created_unix)))
+                .collect();
+            let plan = strata_api::schedule::plan(&rec.name, &policies, rec.created_unix, &taken, now);
+            for (name, tag) in plan.take {
+                let labels = BTreeMap::from([(SCHEDULED_BY.to_string(), tag.clone())]);
+                match self.snapshot(&rec.name, &name, labels).await {
+                    Ok(_) => tracing::info!(volume = %rec.name, snapshot = %name, policy = %tag, "scheduled snapshot taken"),
+                    Err(e) => tracing::warn!(volume = %rec.name, snapshot = %name, policy = %tag, "scheduled snapshot failed: {e}"),
+                }
+            }
+            for name in plan.delete {
+                match self.delete(&name, false).await {
+                    Ok(()) => tracing::info!(volume = %rec.name, snapshot = %name, "scheduled snapshot past its retention deleted"),
+                    Err(e) => tracing::warn!(volume = %rec.name, snapshot = %name, "deleting a scheduled snapshot past its retention failed: {e}"),
+                }
+            }
         }
     }
 
