@@ -179,6 +179,12 @@ fn page_of(names: &[&str], token: &str, max_entries: i32) -> Result<(usize, usiz
 }
 
 impl Controller {
+    /// Grows a (detached, just made) volume to `size`.
+    async fn grow(&self, name: &str, size: i64) -> Result<pb::Volume, Status> {
+        let grown = self.sdk.volumes().update(pb::UpdateVolumeRequest { name: name.to_string(), size_bytes: size as u64, ..Default::default() }).await.map_err(map_sdk)?;
+        grown.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))
+    }
+
     /// CreateVolume from a snapshot or a volume: a clone (shared extents) on the source's
     /// replica nodes, grown when the request asks for more than the source's size.
     async fn create_from(&self, r: &csi::CreateVolumeRequest, p: &VolumeParams, src: Source) -> Result<csi::Volume, Status> {
@@ -199,8 +205,7 @@ impl Controller {
             Err(s) => return Err(map_sdk(s)),
         };
         if want > src_size {
-            let grown = self.sdk.volumes().update(pb::UpdateVolumeRequest { name: r.name.clone(), size_bytes: want as u64, ..Default::default() }).await.map_err(map_sdk)?;
-            v = grown.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))?;
+            v = self.grow(&r.name, want).await?;
         }
         let mut out = csi_volume(&v, &p.fs);
         out.content_source = Some(src.content());
@@ -234,10 +239,16 @@ impl csi::controller_server::Controller for Controller {
             Vec::new()
         };
         let _busy = self.inflight.begin(&r.name)?;
-        if let Some(v) = self.sdk.inspect(&r.name).await.map_err(map_sdk)? {
-            let spec = v.spec.clone().unwrap_or_default();
-            // A copy has its source's replicas, whatever repl says.
+        if let Some(mut v) = self.sdk.inspect(&r.name).await.map_err(map_sdk)? {
+            let mut spec = v.spec.clone().unwrap_or_default();
+            // A copy has its source's replicas, whatever repl says; one whose grow to the requested
+            // size failed earlier is grown now.
             let repl_differs = source.is_none() && spec.repl != p.repl;
+            let want = size_for(r.capacity_range.as_ref())?;
+            if source.is_some() && v.snapshot_of.is_empty() && (spec.size_bytes as i64) < want && r.capacity_range.as_ref().is_some_and(|c| c.required_bytes > 0) {
+                v = self.grow(&r.name, want).await?;
+                spec = v.spec.clone().unwrap_or_default();
+            }
             if !v.snapshot_of.is_empty() || !size_fits(spec.size_bytes as i64, r.capacity_range.as_ref()) || repl_differs || spec.secure != p.secure {
                 return Err(Status::already_exists(format!(
                     "volume {} exists with size {} and repl {}, which this request does not match",

@@ -167,25 +167,13 @@ impl History {
 /// sequence ≤ `n` to it (or zeroes when none). Returns `n`, or the blocks that break it.
 pub fn verify_cut(client: &mut Client, h: &History, span: u64) -> Result<u64, Vec<String>> {
     let mut seen = Vec::new();
-    let mut problems = Vec::new();
-    let step = 1 << 20;
-    let mut off = 0;
-    while off < span {
-        let n = step.min(span - off);
-        match client.read(off, n as u32) {
-            Ok(data) => {
-                for (i, block) in data.chunks(BLOCK as usize).enumerate() {
-                    let b = off + i as u64 * BLOCK;
-                    match decode(b, block, h) {
-                        Seen::Garbage => problems.push(format!("block at {b}: garbage")),
-                        s => seen.push((b, s)),
-                    }
-                }
-            }
-            Err(e) => problems.push(format!("read at {off} failed with error {e}")),
+    let mut problems = each_block(client, span, |b, block| match decode(b, block, h) {
+        Seen::Garbage => Some(format!("block at {b}: garbage")),
+        s => {
+            seen.push((b, s));
+            None
         }
-        off += n;
-    }
+    });
     let cut = seen.iter().filter_map(|(_, s)| if let Seen::Stamp(q) = s { Some(*q) } else { None }).max().unwrap_or(0);
     // Per block, the writes to it in order.
     let mut writes: HashMap<u64, Vec<u64>> = HashMap::new();
@@ -216,6 +204,12 @@ pub fn verify_cut(client: &mut Client, h: &History, span: u64) -> Result<u64, Ve
 
 /// Reads `[0, span)` through `client` and returns every block that breaks the history.
 pub fn verify(client: &mut Client, h: &History, span: u64) -> Vec<String> {
+    each_block(client, span, |b, block| h.judge(b, block))
+}
+
+/// Reads `[0, span)` through `client` 1 MiB at a time and calls `f` on every block; returns
+/// what `f` reported and the reads that failed.
+fn each_block(client: &mut Client, span: u64, mut f: impl FnMut(u64, &[u8]) -> Option<String>) -> Vec<String> {
     let mut problems = Vec::new();
     let step = 1 << 20;
     let mut off = 0;
@@ -224,9 +218,7 @@ pub fn verify(client: &mut Client, h: &History, span: u64) -> Vec<String> {
         match client.read(off, n as u32) {
             Ok(data) => {
                 for (i, block) in data.chunks(BLOCK as usize).enumerate() {
-                    if let Some(p) = h.judge(off + i as u64 * BLOCK, block) {
-                        problems.push(p);
-                    }
+                    problems.extend(f(off + i as u64 * BLOCK, block));
                 }
             }
             Err(e) => problems.push(format!("read at {off} failed with error {e}")),
