@@ -193,7 +193,7 @@ impl Engine {
             }
             let handle = self.volume(&src.name).ok_or_else(|| VolumeError::NotFound(src.name.clone()))?;
             if let Some(t) = handle.target() {
-                return Ok(t.share_at_barrier(self, dst).await.map_err(|e| VolumeError::FailedPrecondition(e.to_string()))?);
+                return t.share_at_barrier(self, dst).await.map_err(|e| VolumeError::FailedPrecondition(e.to_string()));
             }
             if src.replicas != [me.clone()] {
                 return Err(VolumeError::FailedPrecondition(format!("volume {} is not being served yet; retry in a moment", src.name)));
@@ -321,7 +321,7 @@ impl Engine {
             .filter(|r| r.snapshot_of.is_some() && volume.is_none_or(|v| r.snapshot_of.as_deref() == Some(v)))
             .map(|r| self.info_of(r))
             .collect::<Result<_, _>>()?;
-        out.sort_by(|a, b| (a.record.created_unix, a.record.id).cmp(&(b.record.created_unix, b.record.id)));
+        out.sort_by_key(|v| (v.record.created_unix, v.record.id));
         Ok(out)
     }
 }
