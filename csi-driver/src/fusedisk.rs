@@ -48,17 +48,27 @@ impl<T: Read + Write + Send> Stream for T {}
 pub struct NbdConn {
     s: Box<dyn Stream>,
     pub size: u64,
+    /// Transmission flags from the handshake.
+    pub flags: u16,
+    /// The socket (for handing it to the kernel NBD driver).
+    pub fd: std::os::fd::RawFd,
     handle: u64,
 }
 
 impl NbdConn {
     pub fn connect(ep: &Endpoint, export: &str) -> io::Result<NbdConn> {
-        let mut s: Box<dyn Stream> = match ep {
-            Endpoint::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p)?),
+        use std::os::fd::AsRawFd;
+        let (mut s, fd): (Box<dyn Stream>, _) = match ep {
+            Endpoint::Unix(p) => {
+                let u = std::os::unix::net::UnixStream::connect(p)?;
+                let fd = u.as_raw_fd();
+                (Box::new(u), fd)
+            }
             Endpoint::Tcp(a) => {
                 let t = std::net::TcpStream::connect(a)?;
                 t.set_nodelay(true)?;
-                Box::new(t)
+                let fd = t.as_raw_fd();
+                (Box::new(t), fd)
             }
         };
         let mut hello = [0u8; 18];
@@ -75,7 +85,7 @@ impl NbdConn {
         opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
         opt.extend_from_slice(&data);
         s.write_all(&opt)?;
-        let mut size = None;
+        let (mut size, mut flags) = (None, 0);
         loop {
             let mut h = [0u8; 20];
             s.read_exact(&mut h)?;
@@ -87,7 +97,10 @@ impl NbdConn {
             s.read_exact(&mut body)?;
             match typ {
                 REP_ACK => break,
-                REP_INFO if len >= 12 && u16::from_be_bytes([body[0], body[1]]) == INFO_EXPORT => size = Some(be64(&body[2..10])),
+                REP_INFO if len >= 12 && u16::from_be_bytes([body[0], body[1]]) == INFO_EXPORT => {
+                    size = Some(be64(&body[2..10]));
+                    flags = u16::from_be_bytes([body[10], body[11]]);
+                }
                 REP_INFO => {}
                 t if t & 0x8000_0000 != 0 => {
                     return Err(io::Error::new(io::ErrorKind::NotFound, format!("export {export}: {}", String::from_utf8_lossy(&body))));
@@ -96,7 +109,7 @@ impl NbdConn {
             }
         }
         let size = size.ok_or_else(|| bad("the server sent no export size"))?;
-        Ok(NbdConn { s, size, handle: 0 })
+        Ok(NbdConn { s, size, flags, fd, handle: 0 })
     }
 
     fn request(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8], out: &mut [u8]) -> io::Result<u32> {

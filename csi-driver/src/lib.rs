@@ -8,6 +8,7 @@ pub mod controller;
 pub mod fusedisk;
 pub mod identity;
 pub mod inflight;
+pub mod kernelnbd;
 pub mod netlink;
 pub mod node;
 pub mod params;
@@ -50,6 +51,17 @@ pub struct Config {
     /// Node mode: where the FUSE views of attached volumes live. Default: /var/lib/strata-csi.
     #[arg(long, env = "STRATA_CSI_STATE_DIR", default_value = "/var/lib/strata-csi")]
     pub state_dir: PathBuf,
+    /// Node mode: how a volume becomes a block device: `fuse` (a FUSE view under a loop device,
+    /// works everywhere) or `kernel-nbd` (the kernel's NBD driver through netlink; needs the nbd
+    /// module, and is not exercised by the test suite).
+    #[arg(long, env = "STRATA_CSI_ATTACH", value_enum, default_value = "fuse")]
+    pub attach: AttachMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    Fuse,
+    KernelNbd,
 }
 
 /// `strata-csi fuse-disk`: serve one export as `<mount>/disk` (started by the node plugin).
@@ -89,6 +101,9 @@ pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
 
 /// Serves until the process ends.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    if cfg.mode == Mode::Node && cfg.attach == AttachMode::KernelNbd && !kernelnbd::available() {
+        anyhow::bail!("--attach kernel-nbd: the kernel's nbd module is not loaded (modprobe nbd), or use --attach fuse");
+    }
     let path = socket_path(&cfg.endpoint)?;
     if path.exists() {
         std::fs::remove_file(&path)?;
@@ -110,7 +125,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 Some(a) => node::NbdEndpoint::Tcp(a),
                 None => node::NbdEndpoint::Unix(cfg.nbd_socket),
             };
-            server.add_service(identity).add_service(csi::node_server::NodeServer::new(node::Node::new(sdk, cfg.node_id, cfg.max_volumes, nbd, cfg.state_dir)))
+            let mut n = node::Node::new(sdk, cfg.node_id, cfg.max_volumes, nbd, cfg.state_dir);
+            n.kernel_nbd = cfg.attach == AttachMode::KernelNbd;
+            server.add_service(identity).add_service(csi::node_server::NodeServer::new(n))
         }
     };
     tracing::info!(socket = %path.display(), mode = ?cfg.mode, "strata-csi serving");

@@ -3,8 +3,8 @@
 //! transmission phase, RECONFIGURE, DISCONNECT and STATUS. Constants are the kernel's uapi values
 //! (`linux/netlink.h`, `linux/genetlink.h`, `linux/nbd-netlink.h`).
 //!
-//! Not wired into NodeStageVolume yet: this machine class has no `nbd` module, so staging uses
-//! nbdfuse + a loop device (`attach`).
+//! Used by `kernelnbd` (`--attach kernel-nbd`); this machine class has no `nbd` module, so the
+//! tests cover the messages here and staging through the FUSE view (`fusedisk`).
 
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;

@@ -4,11 +4,12 @@
 //! repeated: each step looks at the system first.
 
 use crate::attach::{self, AttachError};
+use crate::kernelnbd;
 use crate::controller::{RACK_KEY, ZONE_KEY};
 use crate::sdk::Sdk;
 use crate::inflight::InFlight;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use strata_api::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use strata_api::csi::volume_capability::AccessType;
 use strata_api::csi::{self, volume_usage::Unit};
@@ -23,10 +24,41 @@ pub struct Node {
     pub nbd: NbdEndpoint,
     /// Where FUSE views of attached volumes live.
     pub state_dir: PathBuf,
+    /// Attach through the kernel's NBD driver instead of a FUSE view (`--attach kernel-nbd`).
+    pub kernel_nbd: bool,
     inflight: InFlight,
 }
 
 pub use crate::fusedisk::Endpoint as NbdEndpoint;
+
+/// The /dev/nbdN a volume is connected to on this node (kernel NBD), if any.
+fn nbd_index(state: &Path, id: &str) -> Option<u32> {
+    std::fs::read_to_string(kernelnbd::index_file(state, id)).ok()?.trim().parse().ok()
+}
+
+/// The block device of a volume staged on this node: its /dev/nbdN, or the loop device over
+/// its FUSE view.
+fn staged_device(state: &Path, id: &str) -> Result<String, Status> {
+    if let Some(i) = nbd_index(state, id) {
+        return Ok(kernelnbd::device(i));
+    }
+    attach::find_loop(&attach::fuse_dir(state, id).join("disk")).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))
+}
+
+/// Makes the volume a block device here: kernel NBD (remembered in the state directory) or
+/// a FUSE view under a loop device.
+fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: bool) -> Result<String, Status> {
+    if !kernel {
+        let file = attach::ensure_fuse(state, id, ep).map_err(internal)?;
+        return attach::ensure_loop(&file).map_err(internal);
+    }
+    if let Some(i) = nbd_index(state, id) {
+        return Ok(kernelnbd::device(i));
+    }
+    let i = kernelnbd::connect(ep, id).map_err(|e| Status::internal(format!("kernel NBD connect of {id}: {e}")))?;
+    std::fs::create_dir_all(state).and_then(|_| std::fs::write(kernelnbd::index_file(state, id), i.to_string())).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(kernelnbd::device(i))
+}
 
 fn internal(e: AttachError) -> Status {
     Status::internal(e.to_string())
@@ -46,7 +78,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 
 impl Node {
     pub fn new(sdk: Sdk, node_id: String, max_volumes: i64, nbd: NbdEndpoint, state_dir: PathBuf) -> Node {
-        Node { sdk, node_id, max_volumes, nbd, state_dir, inflight: InFlight::default() }
+        Node { sdk, node_id, max_volumes, nbd, state_dir, kernel_nbd: false, inflight: InFlight::default() }
     }
 
     async fn volume(&self, id: &str) -> Result<pb::Volume, Status> {
@@ -81,10 +113,9 @@ impl csi::node_server::Node for Node {
             .await
             .map_err(|s| if s.code() == Code::FailedPrecondition { Status::failed_precondition(s.message().to_string()) } else { s })?;
         let fs = if fs.is_empty() { r.volume_context.get("fs").cloned().filter(|f| !f.is_empty()).unwrap_or_else(|| "ext4".into()) } else { fs };
-        let (state, ep) = (self.state_dir.clone(), self.nbd.clone());
+        let (state, ep, kernel) = (self.state_dir.clone(), self.nbd.clone(), self.kernel_nbd);
         blocking(move || {
-            let file = attach::ensure_fuse(&state, &id, &ep).map_err(internal)?;
-            let dev = attach::ensure_loop(&file).map_err(internal)?;
+            let dev = ensure_device(&state, &id, &ep, kernel)?;
             if block {
                 return Ok(());
             }
@@ -125,6 +156,10 @@ impl csi::node_server::Node for Node {
             if attach::is_mounted(&staging) {
                 attach::run("umount", &[&staging.to_string_lossy()]).map_err(internal)?;
             }
+            if let Some(i) = nbd_index(&state, &id2) {
+                kernelnbd::disconnect(i).map_err(|e| Status::internal(format!("kernel NBD disconnect of {}: {e}", kernelnbd::device(i))))?;
+                std::fs::remove_file(kernelnbd::index_file(&state, &id2)).map_err(|e| Status::internal(e.to_string()))?;
+            }
             attach::release(&state, &id2).map_err(internal)
         })
         .await?;
@@ -156,8 +191,7 @@ impl csi::node_server::Node for Node {
                 return Ok(());
             }
             let source = if block {
-                let file = attach::fuse_dir(&state, &id).join("disk");
-                let dev = attach::find_loop(&file).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))?;
+                let dev = staged_device(&state, &id)?;
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent).map_err(|e| Status::internal(e.to_string()))?;
                 }
@@ -247,17 +281,21 @@ impl csi::node_server::Node for Node {
             if !path.exists() {
                 return Err(Status::not_found(format!("volume_path {} does not exist", path.display())));
             }
-            let file = attach::fuse_dir(&state, &id).join("disk");
-            let dev = attach::find_loop(&file).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))?;
-            // The FUSE view asks the engine for the export's size on every stat.
-            let t0 = std::time::Instant::now();
-            while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < size {
-                if t0.elapsed() > std::time::Duration::from_secs(10) {
-                    return Err(Status::unavailable(format!("the device of volume {id} did not reach {size} bytes within 10 s")));
+            let dev = staged_device(&state, &id)?;
+            if let Some(i) = nbd_index(&state, &id) {
+                kernelnbd::resize(i, size).map_err(|e| Status::internal(format!("kernel NBD resize of {dev}: {e}")))?;
+            } else {
+                // The FUSE view asks the engine for the export's size on every stat.
+                let file = attach::fuse_dir(&state, &id).join("disk");
+                let t0 = std::time::Instant::now();
+                while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < size {
+                    if t0.elapsed() > std::time::Duration::from_secs(10) {
+                        return Err(Status::unavailable(format!("the device of volume {id} did not reach {size} bytes within 10 s")));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(50));
+                attach::refresh_loop(&dev).map_err(internal)?;
             }
-            attach::refresh_loop(&dev).map_err(internal)?;
             if !block {
                 let fs = attach::fs_type(&dev).map_err(internal)?.unwrap_or_else(|| "ext4".into());
                 attach::grow_fs(&dev, &fs, &mountpoint).map_err(internal)?;

@@ -331,3 +331,31 @@ fn a_staged_volume_keeps_working_across_an_engine_restart() {
     unpublish(&n1, "vol", &tg);
     unstage(&n1, "vol", &st);
 }
+
+#[test]
+fn kernel_nbd_attach_needs_the_nbd_module() {
+    let dir = strata_e2e::tempdir();
+    let sock = dir.path().join("csi.sock");
+    let mut child = std::process::Command::new(csi_bin())
+        .args(["--mode", "node", "--node-id", "n", "--attach", "kernel-nbd", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    if Path::new("/sys/module/nbd").exists() {
+        while !sock.exists() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(20), "the node plugin did not start with the nbd module loaded");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+    } else {
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("nbd module is not loaded") && err.contains("--attach fuse"), "{err}");
+        assert!(!sock.exists());
+    }
+}
