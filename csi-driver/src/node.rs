@@ -1,6 +1,7 @@
 //! CSI Node: attach a volume on this node (the local engine becomes its target), expose it as a
-//! block device (`attach`: our FUSE view + a loop device; the kernel NBD module is not used yet), make
-//! a filesystem on first use, mount, bind-mount into pods, report usage. Every RPC can be
+//! block device (`attach`: our FUSE view + a loop device; or, with `--attach kernel-nbd`, the
+//! kernel's NBD driver), make a filesystem on first use, mount, bind-mount into pods, grow,
+//! report usage. Every RPC can be
 //! repeated: each step looks at the system first.
 
 use crate::attach::{self, AttachError};
