@@ -224,20 +224,24 @@ pub fn plan(volume: &str, policies: &[Policy], created: u64, taken: &[(String, S
     out
 }
 
-/// `YYYYMMDD-HHMMSS`, UTC: part of a scheduled snapshot's name.
-fn stamp(t: u64) -> String {
+/// `t` (unix seconds) as UTC (year, month, day, hour, minute, second).
+fn civil(t: u64) -> (i64, u32, i64, u64, u64, u64) {
     const DAY: u64 = 86_400;
     let (y, m) = year_month((t / DAY) as i64);
     let d = (t / DAY) as i64 - days_from_civil(y, m, 1) + 1;
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", t % DAY / 3600, t % 3600 / 60, t % 60)
+    (y, m, d, t % DAY / 3600, t % 3600 / 60, t % 60)
+}
+
+/// `YYYYMMDD-HHMMSS`, UTC: part of a scheduled snapshot's name.
+fn stamp(t: u64) -> String {
+    let (y, m, d, hh, mm, ss) = civil(t);
+    format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
 }
 
 /// `t` (unix seconds) as `YYYY-MM-DD HH:MM UTC`.
 pub fn format_unix(t: u64) -> String {
-    const DAY: u64 = 86_400;
-    let (y, m) = year_month((t / DAY) as i64);
-    let d = (t / DAY) as i64 - days_from_civil(y, m, 1) + 1;
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", t % DAY / 3600, t % 3600 / 60)
+    let (y, m, d, hh, mm, _) = civil(t);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02} UTC")
 }
 
 /// Of a policy's snapshots (id, created), the ids beyond its KEEP newest, to delete.
