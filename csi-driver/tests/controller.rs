@@ -10,6 +10,7 @@ use strata_api::csi::controller_client::ControllerClient;
 use strata_api::csi::identity_client::IdentityClient;
 use strata_api::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
 use strata_e2e::cluster::Cluster;
+use strata_e2e::qemu_io;
 use tonic::Code;
 
 const GIB: i64 = 1 << 30;
@@ -167,11 +168,6 @@ fn snapshot_source(id: &str) -> csi::volume_content_source::Type {
     csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: id.into() })
 }
 
-fn qemu_io(uri: &str, cmd: &str) {
-    let out = strata_e2e::run(std::process::Command::new("qemu-io").args(["-f", "raw", "-c", cmd]).arg(uri));
-    assert!(!out.contains("fail") && !out.contains("verification"), "{cmd}: {out}");
-}
-
 #[test]
 fn snapshots_and_volumes_from_snapshots_or_volumes() {
     use csi::controller_service_capability::{rpc::Type as R, Type as T};
@@ -197,7 +193,7 @@ fn snapshots_and_volumes_from_snapshots_or_volumes() {
 
     // A repl-2 volume attached on node-1 (it was created there), with data.
     c.sdk(0).create_full("pvc-s", 64 * MIB as u64, 2, &[]).unwrap();
-    qemu_io(&c.engines[0].uri("pvc-s"), "write -P 0x5c 0 4M");
+    qemu_io(&c.engines[0].uri("pvc-s"), &["write -P 0x5c 0 4M"]);
 
     // CreateSnapshot through node-2's engine (it forwards to the target), twice: one snapshot.
     let s1 = rt.block_on(ctl.create_snapshot(snap_req("snap-1", "pvc-s"))).unwrap().into_inner().snapshot.unwrap();
@@ -206,7 +202,7 @@ fn snapshots_and_volumes_from_snapshots_or_volumes() {
     let again = rt.block_on(ctl.create_snapshot(snap_req("snap-1", "pvc-s"))).unwrap().into_inner().snapshot.unwrap();
     assert_eq!(again, s1);
     // The source changes after the snapshot.
-    qemu_io(&c.engines[0].uri("pvc-s"), "write -P 0x77 0 1M");
+    qemu_io(&c.engines[0].uri("pvc-s"), &["write -P 0x77 0 1M"]);
 
     // Bad input.
     c.sdk(0).create("pvc-t", 8 * MIB as u64).unwrap();
@@ -246,14 +242,14 @@ fn snapshots_and_volumes_from_snapshots_or_volumes() {
         assert_eq!(v.content_source.unwrap().r#type, Some(snapshot_source("snap-1")));
     }
     c.sdk(1).attach("pvc-from-snap", false).unwrap();
-    qemu_io(&c.engines[1].uri("pvc-from-snap"), "read -P 0x5c 0 4M");
-    qemu_io(&c.engines[1].uri("pvc-from-snap"), "read -P 0 64M 64M");
+    qemu_io(&c.engines[1].uri("pvc-from-snap"), &["read -P 0x5c 0 4M"]);
+    qemu_io(&c.engines[1].uri("pvc-from-snap"), &["read -P 0 64M 64M"]);
     // A volume from a volume: its data now.
     let vsrc = csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: "pvc-s".into() });
     rt.block_on(ctl.create_volume(from_source("pvc-clone", 64 * MIB, vsrc.clone()))).unwrap();
     c.sdk(0).attach("pvc-clone", false).unwrap();
-    qemu_io(&c.engines[0].uri("pvc-clone"), "read -P 0x77 0 1M");
-    qemu_io(&c.engines[0].uri("pvc-clone"), "read -P 0x5c 1M 3M");
+    qemu_io(&c.engines[0].uri("pvc-clone"), &["read -P 0x77 0 1M"]);
+    qemu_io(&c.engines[0].uri("pvc-clone"), &["read -P 0x5c 1M 3M"]);
     // Smaller than the source, or a source that is missing or of the other kind.
     for (req, code) in [
         (from_source("pvc-small", 32 * MIB, snapshot_source("snap-1")), Code::OutOfRange),
@@ -278,7 +274,7 @@ fn snapshots_and_volumes_from_snapshots_or_volumes() {
     }
     assert_eq!(names(&list(Default::default())), Vec::<String>::new());
     // The volume made from the deleted snapshot keeps its data.
-    qemu_io(&c.engines[1].uri("pvc-from-snap"), "read -P 0x5c 0 4M");
+    qemu_io(&c.engines[1].uri("pvc-from-snap"), &["read -P 0x5c 0 4M"]);
     for (n, via) in [("pvc-from-snap", 1), ("pvc-clone", 0), ("pvc-s", 0), ("pvc-t", 0)] {
         c.sdk(via).delete(n, false).unwrap();
     }

@@ -2,6 +2,19 @@
 
 use std::process::Command;
 
+/// Runs `qemu-io -f raw` with each of `cmds` (`-c`) on `uri`; panics when one fails or a
+/// pattern does not verify. Returns the output.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(c.arg(uri));
+    assert!(!out.contains("fail") && !out.contains("verification"), "{cmds:?}: {out}");
+    out
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));

@@ -1,7 +1,6 @@
 //! Snapshots, clones and restore on real engines: crash-consistent snapshots under a running
 //! write load, bit-exact clones and restores, copy-on-write isolation, space accounting.
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,21 +8,10 @@ use strata_e2e::checker::{verify, verify_cut, History, Writer};
 use strata_e2e::cluster::Cluster;
 use strata_e2e::engine::EngineProc;
 use strata_e2e::nbd::Client;
-use strata_e2e::run;
+use strata_e2e::qemu_io;
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run(c.arg(uri));
-    assert!(!out.contains("fail") && !out.contains("Pattern verification"), "{cmds:?}: {out}");
-    out
-}
 
 #[test]
 fn a_snapshot_under_write_load_holds_exactly_the_writes_before_its_point_on_every_replica() {

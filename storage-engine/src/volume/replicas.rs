@@ -65,12 +65,10 @@ impl Engine {
     /// The crc32c of each allocated extent of this node's replica of `name`, by logical extent.
     pub async fn extent_checksums(&self, name: &str) -> Result<Vec<(u64, u32)>, VolumeError> {
         let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
-        let (e, id) = (self.myself(), rec.id);
-        let v = match e {
-            Some(e) => tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten(),
-            None => None,
-        }
-        .ok_or_else(|| VolumeError::FailedPrecondition(format!("node {} holds no replica of volume {name}", self.node.id)))?;
+        let v = self
+            .local_replica(rec.id)
+            .await
+            .ok_or_else(|| VolumeError::FailedPrecondition(format!("node {} holds no replica of volume {name}", self.node.id)))?;
         let es = self.pool.extent_size;
         let mut out = Vec::new();
         let mut lexts = self.pool.volume_extents(v.id);
@@ -89,11 +87,36 @@ impl Engine {
 
     /// Frees a volume's replica on another node over the replication protocol.
     pub(super) async fn drop_remote(&self, node: &str, id: u64) -> Result<(), String> {
+        // The highest epoch: a drop is never refused as stale.
+        self.call_replica(node, Op::Drop, id, u64::MAX, 0).await
+    }
+
+    /// One replication request (no payload) for volume id `id` to `node`'s engine.
+    pub(super) async fn call_replica(&self, node: &str, op: Op, id: u64, epoch: u64, arg: u64) -> Result<(), String> {
         let (meta, n) = (self.meta.clone(), node.to_string());
         let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n)).await.ok().flatten().ok_or_else(|| format!("node {node} has no replication address"))?;
         let c = Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())?;
-        // The highest epoch: a drop is never refused as stale.
-        c.call(Op::Drop, 0, id, u64::MAX, 0, 0, None).await.map(|_| ()).map_err(|e| e.to_string())
+        c.call(op, 0, id, epoch, arg, 0, None).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Frees volume id `id`'s extents on `node`: here directly, elsewhere with a DROP.
+    pub(super) async fn free_on(&self, node: &str, id: u64) -> Result<(), String> {
+        if node != self.node.id {
+            return self.drop_remote(node, id).await;
+        }
+        let pool = self.pool.clone();
+        match tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// This node's handle of volume id `id`, loaded from the store when needed (None when no
+    /// replica of it is here).
+    pub(super) async fn local_replica(&self, id: u64) -> Option<Arc<Volume>> {
+        let e = self.myself()?;
+        tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten()
     }
 
     /// Changes the number of replicas online (`stratactl volume ha-update`). Growing places the
@@ -190,17 +213,7 @@ impl Engine {
     /// frees it when its engine starts, as the record no longer lists it).
     async fn remove_replica_data(&self, node: &str, rec: &VolumeRecord) {
         let _ = std::fs::remove_file(crate::replication::dirty::DirtyLog::path_for(&self.repl.data_dir, rec.id, node));
-        let freed = if node == self.node.id {
-            let (pool, id) = (self.pool.clone(), rec.id);
-            match tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        } else {
-            self.drop_remote(node, rec.id).await
-        };
-        match freed {
+        match self.free_on(node, rec.id).await {
             // The node's entry in `dropped` goes once the data is gone.
             Ok(()) => {
                 if let Err(e) = self.forget_node_dropped(&rec.name, node).await {

@@ -4,9 +4,8 @@
 //! detached volume's data with a snapshot's on every replica. Nothing is copied: later writes
 //! copy the extents they change (`Pool::allocate`).
 
-use super::{now_unix, replication_address, validate_labels, validate_name, Engine, VolumeError, VolumeInfo};
+use super::{now_unix, validate_labels, validate_name, Engine, VolumeError, VolumeInfo};
 use crate::meta::{MetaError, PendingOp, VolumeRecord};
-use crate::replication::client::Client;
 use crate::replication::frame::Op;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -113,7 +112,6 @@ impl Engine {
         validate_name(name)?;
         validate_labels(&labels)?;
         let _g = self.lifecycle.lock().await;
-        let me = self.node.id.clone();
         let src = self.record(&src.name)?;
         if let Some(op) = &src.pending {
             return Err(VolumeError::FailedPrecondition(op.describe(&src.name)));
@@ -165,8 +163,7 @@ impl Engine {
                     tracing::info!(source = %src.name, %name, snapshot, holders = ?holders, "extents shared");
                     // A node that failed part-way frees what it may have shared.
                     for n in rec.replicas.iter().filter(|n| !holders.contains(n)) {
-                        let r = if *n == me { self.free_local(rec.id).map_err(|e| e.to_string()) } else { self.drop_remote(n, rec.id).await };
-                        if let Err(e) = r {
+                        if let Err(e) = self.free_on(n, rec.id).await {
                             tracing::warn!(volume = %name, node = %n, "freeing a failed share: {e}");
                         }
                     }
@@ -214,12 +211,7 @@ impl Engine {
         let mut out = Vec::new();
         for n in nodes {
             let r = if *n == self.node.id {
-                let (e, id) = (self.myself(), rec.id);
-                let handle = match e {
-                    Some(e) => tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten(),
-                    None => None,
-                };
-                match handle {
+                match self.local_replica(rec.id).await {
                     Some(v) if op == Op::Share => self.share_local(&v, arg).await.map_err(|e| e.to_string()),
                     Some(v) => self.restore_local(&v, arg).await.map_err(|e| e.to_string()),
                     None => Err(format!("this node holds no replica of {}", rec.name)),
@@ -232,23 +224,10 @@ impl Engine {
         out
     }
 
-    async fn call_replica(&self, node: &str, op: Op, id: u64, epoch: u64, arg: u64) -> Result<(), String> {
-        let (meta, n) = (self.meta.clone(), node.to_string());
-        let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n)).await.ok().flatten().ok_or_else(|| format!("node {node} has no replication address"))?;
-        let c = Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())?;
-        c.call(op, 0, id, epoch, arg, 0, None).await.map(|_| ()).map_err(|e| e.to_string())
-    }
-
     /// A snapshot or clone that failed: whatever was shared goes, then the record.
     async fn undo_copy(&self, rec: &VolumeRecord) {
         for n in &rec.replicas {
-            let r = if *n == self.node.id {
-                let (pool, id) = (self.pool.clone(), rec.id);
-                tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id)).map(|_| ())).await.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string()))
-            } else {
-                self.drop_remote(n, rec.id).await
-            };
-            if let Err(e) = r {
+            if let Err(e) = self.free_on(n, rec.id).await {
                 tracing::warn!(volume = %rec.name, node = %n, "undoing a failed snapshot or clone: {e} (freed when that node restarts)");
                 return;
             }
