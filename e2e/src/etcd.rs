@@ -21,26 +21,37 @@ pub fn free_port() -> u16 {
 }
 
 impl EtcdProc {
+    /// Starts etcd on two free loopback ports. A port taken by another process between
+    /// `free_port` and etcd's bind makes etcd exit at once: then it is started again on new ports.
     pub fn start() -> EtcdProc {
         let dir = crate::tempdir();
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.path().join("etcd"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("t={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (Debian package etcd-server) is installed");
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "etcd did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        for _ in 0..5 {
+            let (client, peer) = (free_port(), free_port());
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let _ = std::fs::remove_dir_all(dir.path().join("etcd"));
+            let mut child = Command::new("etcd")
+                .args(["--name", "t", "--data-dir"])
+                .arg(dir.path().join("etcd"))
+                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("t={peer_url}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd (Debian package etcd-server) is installed");
+            let t0 = Instant::now();
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
+                    return EtcdProc { child, url, _dir: dir };
+                }
+                if child.try_wait().ok().flatten().is_some() {
+                    break; // exited (a port was taken): try new ports
+                }
+                assert!(t0.elapsed() < Duration::from_secs(20), "etcd did not start");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        EtcdProc { child, url, _dir: dir }
+        panic!("etcd exited at start five times (ports taken?)");
     }
 }
