@@ -84,6 +84,14 @@ pub struct RunArgs {
     /// Bandwidth of resync and rebuild per volume (0 = unlimited). Default: 256MiB (per second).
     #[arg(long, env = "STRATA_RESYNC_RATE", default_value = "256MiB", value_parser = size)]
     pub resync_rate: u64,
+    /// Bandwidth of the background scrub that verifies every stored block's checksum
+    /// (0 = no scrub). Default: 8MiB (per second).
+    #[arg(long, env = "STRATA_SCRUB_RATE", default_value = "8MiB", value_parser = size)]
+    pub scrub_rate: u64,
+    /// Seconds from the start of one scrub pass to the start of the next. Default: 604800
+    /// (a week).
+    #[arg(long, env = "STRATA_SCRUB_INTERVAL", default_value_t = 604800)]
+    pub scrub_interval: u64,
     /// This node's id. Default: the hostname.
     #[arg(long, env = "STRATA_NODE_ID")]
     pub node_id: Option<String>,

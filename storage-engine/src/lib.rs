@@ -1,5 +1,6 @@
 //! Strata storage engine: one node's pool, volumes, NBD frontend and SDK server.
 
+pub mod alerts;
 pub mod cluster;
 pub mod config;
 pub mod crypt;

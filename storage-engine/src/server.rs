@@ -37,7 +37,10 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
     let devs = open_devices(&args.devices, &opts)?;
     let spec = OpenSpec { expected: meta.get_pool()?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
     let pool = Pool::open(devs, &spec)?;
+    let node_id = node.id.clone();
     let mut engine = Engine::new(Arc::new(pool), meta, node)?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
+    engine.alerts = crate::alerts::Alerts::open(&node_id, args.data_dir.join("alerts.jsonl"));
     engine.readahead_window = args.readahead;
     engine.repl = crate::replication::target::TargetConfig {
         timeout: std::time::Duration::from_secs(args.replica_io_timeout.max(1)),
@@ -69,6 +72,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::replication::server::serve(repl, engine.clone()));
     engine.run_replacements();
     engine.run_schedules(std::time::Duration::from_secs(10));
+    engine.run_checksum_tasks(crate::volume::ScrubConfig { rate: args.scrub_rate, every: std::time::Duration::from_secs(args.scrub_interval.max(1)) });
     engine.start_targets().await;
 
     tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone()));

@@ -4,16 +4,23 @@
 //! 0     magic "STRATAPL"          48  extent_size u64       80  data_offset u64
 //! 8     version u32               56  device_size u64       88  extent_count u64
 //! 12    flags u32 (0)             64  journal_offset u64    96  created_unix u64
-//! 16    pool_uuid [16]            72  journal_len u64       4092 crc32c of bytes 0..4092
-//! 32    device_uuid [16]
+//! 16    pool_uuid [16]            72  journal_len u64       104 intent_offset u64 (v2)
+//! 32    device_uuid [16]                                    112 csum_offset u64 (v2)
+//!                                                           4092 crc32c of bytes 0..4092
 //! ```
+//!
+//! Version 2 adds block checksums: after the journal, the intent bitmap (one bit per extent:
+//! "its checksums on disk may be behind its data") and one 4 KiB checksum slot per extent
+//! (a crc32c per 4 KiB block), then the data. Version-1 devices open without checksums.
 
 use super::PoolError;
 use uuid::Uuid;
 
 pub const SB_SIZE: usize = 4096;
 pub const MAGIC: &[u8; 8] = b"STRATAPL";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// Checksum slot bytes per extent (one crc32c per 4 KiB block; 1 MiB extents use 1 KiB of it).
+pub const CSUM_SLOT: u64 = 4096;
 const CRC_AT: usize = SB_SIZE - 4;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +34,10 @@ pub struct Superblock {
     pub data_offset: u64,
     pub extent_count: u64,
     pub created_unix: u64,
+    /// Intent bitmap (0: a version-1 device without checksums).
+    pub intent_offset: u64,
+    /// Checksum slots (0: a version-1 device without checksums).
+    pub csum_offset: u64,
 }
 
 /// What the first 4 KiB of a device turned out to be.
@@ -56,7 +67,12 @@ impl Superblock {
         let ckpt_blocks = max_extents / ENTRIES_PER_BLOCK + 2;
         let half_blocks = (4 * ckpt_blocks).max(512);
         let journal_len = 2 * half_blocks * JOURNAL_BLOCK;
-        let data_offset = (SB_SIZE as u64 + journal_len).next_multiple_of(extent_size);
+        if extent_size / 4096 * 4 > CSUM_SLOT {
+            return Err(PoolError::Invalid(format!("extent size {extent_size} is too large: at most {} bytes", CSUM_SLOT / 4 * 4096)));
+        }
+        let intent_offset = SB_SIZE as u64 + journal_len;
+        let csum_offset = intent_offset + max_extents.div_ceil(8).next_multiple_of(4096);
+        let data_offset = (csum_offset + max_extents * CSUM_SLOT).next_multiple_of(extent_size);
         let min = data_offset + MIN_EXTENTS * extent_size;
         if device_size < min {
             return Err(PoolError::TooSmall { size: device_size, min });
@@ -71,6 +87,8 @@ impl Superblock {
             data_offset,
             extent_count: (device_size - data_offset) / extent_size,
             created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            intent_offset,
+            csum_offset,
         })
     }
 
@@ -88,6 +106,8 @@ impl Superblock {
             self.data_offset,
             self.extent_count,
             self.created_unix,
+            self.intent_offset,
+            self.csum_offset,
         ];
         for (i, v) in fields.iter().enumerate() {
             b[48 + i * 8..56 + i * 8].copy_from_slice(&v.to_le_bytes());
@@ -121,7 +141,7 @@ impl Superblock {
             return Err(format!("superblock checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
         }
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
-        if version != VERSION {
+        if version != 1 && version != VERSION {
             return Err(format!("superblock version {version} is not supported (this engine reads version {VERSION})"));
         }
         let u = |i: usize| u64::from_le_bytes(b[48 + i * 8..56 + i * 8].try_into().expect("8 bytes"));
@@ -135,16 +155,32 @@ impl Superblock {
             data_offset: u(4),
             extent_count: u(5),
             created_unix: u(6),
+            intent_offset: if version >= 2 { u(7) } else { 0 },
+            csum_offset: if version >= 2 { u(8) } else { 0 },
         };
         let sane = sb.extent_size.is_power_of_two()
             && sb.journal_offset >= SB_SIZE as u64
             && sb.journal_len.is_multiple_of(2 * JOURNAL_BLOCK)
             && sb.journal_offset + sb.journal_len <= sb.data_offset
+            && (sb.csum_offset == 0
+                || (sb.intent_offset >= sb.journal_offset + sb.journal_len
+                    && sb.csum_offset >= sb.intent_offset + sb.extent_count.div_ceil(8)
+                    && sb.csum_offset + sb.extent_count * CSUM_SLOT <= sb.data_offset))
             && sb.data_offset + sb.extent_count * sb.extent_size <= sb.device_size;
         if !sane {
             return Err("superblock fields are inconsistent".into());
         }
         Ok(sb)
+    }
+
+    /// Whether this device keeps block checksums (version 2).
+    pub fn has_checksums(&self) -> bool {
+        self.csum_offset != 0
+    }
+
+    /// Byte offset of physical extent `pext`'s checksum slot.
+    pub fn csum_slot_offset(&self, pext: u32) -> u64 {
+        self.csum_offset + pext as u64 * CSUM_SLOT
     }
 
     /// Byte offset of physical extent `pext`.

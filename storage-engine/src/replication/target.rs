@@ -9,6 +9,7 @@ use super::dirty::DirtyLog;
 use super::frame::{Op, FLAG_FUA, FLAG_NO_HOLE};
 use crate::device::AlignedBuf;
 use crate::meta::{MetaError, MetaStore, VolumeRecord};
+use crate::alerts::Severity::{Alarm, Warning};
 use crate::volume::{Engine, IoError, ReadBuf, ReadData, Volume};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -494,6 +495,47 @@ impl Target {
         let _g = self.region_lock.read().await;
         self.admit().await?;
         self.read_peers(e, off, len).await
+    }
+
+    /// Serves a read whose blocks on this node failed their checksum: with no change in flight
+    /// anywhere (region lock held exclusively), the blocks still bad here are fetched from an
+    /// in-sync peer (which verifies its own checksums) and rewritten on this node.
+    pub async fn repair_read(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
+        let _g = self.region_lock.write().await;
+        self.admit().await?;
+        let bad = match e.read_local(&self.vol, off, len).await {
+            Err(IoError::Corrupt(bad)) => bad,
+            other => return other,
+        };
+        let block = crate::device::ALIGN as u64;
+        let a0 = off - off % block;
+        let span = ((off + len as u64).next_multiple_of(block) - a0) as usize;
+        let resource = format!("volume/{}", self.name);
+        let good = match self.read_peers(e, a0, span).await {
+            Ok(d) => d,
+            Err(err) => {
+                e.alerts.raise(
+                    Alarm,
+                    "ChecksumUnrepaired",
+                    &resource,
+                    format!("volume {}: {} block(s) failing their checksum on node {} could not be repaired: {err}", self.name, bad.len(), self.node),
+                );
+                return Err(IoError::Corrupt(bad));
+            }
+        };
+        for b in &bad {
+            let at = (b - a0) as usize;
+            let mut buf = e.buffer(block as usize);
+            buf.copy_from_slice(&good.bytes()[at..at + block as usize]);
+            e.write_local(&self.vol, *b, buf, true).await?;
+        }
+        e.alerts.raise(
+            Warning,
+            "ChecksumRepaired",
+            &resource,
+            format!("volume {}: {} block(s) failing their checksum on node {} were rewritten from an in-sync replica (volume offsets {})", self.name, bad.len(), self.node, crate::volume::offsets(&bad)),
+        );
+        Ok(ReadData { buf: good.buf, start: good.start + (off - a0) as usize, len })
     }
 
     /// A read from the source of copies and comparisons: this node's replica when it is in sync,

@@ -12,6 +12,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
+use crate::alerts::Severity::Alarm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
@@ -29,6 +30,8 @@ pub enum IoError {
     Locked(String),
     #[error("volume {0} is a snapshot and cannot be written; clone it for a writable copy")]
     ReadOnly(String),
+    #[error("{} block(s) of 4 KiB fail their checksum, the first at byte {} of the volume", .0.len(), .0.first().copied().unwrap_or(0))]
+    Corrupt(Vec<u64>),
 }
 
 impl IoError {
@@ -69,11 +72,13 @@ impl ReadData {
     }
 }
 
-/// Reads `buf[range]` from the volume's extents at `offset` (aligned); unmapped extents read as
-/// zeroes.
+/// Reads `buf[range]` from the volume's extents at `offset` (aligned) and verifies every block's
+/// checksum; unmapped extents read as zeroes. Blocks that fail their checksum make the result
+/// `Corrupt` (with their volume offsets) after the whole range was read.
 async fn read_extents(pool: &Pool, vol: u64, offset: u64, mut buf: AlignedBuf, range: Range<usize>) -> (Result<(), IoError>, AlignedBuf) {
     let es = pool.extent_size;
     let (mut pos, mut r) = (offset, range.start);
+    let mut bad = Vec::new();
     while r < range.end {
         let within = pos % es;
         let n = ((es - within) as usize).min(range.end - r);
@@ -84,13 +89,26 @@ async fn read_extents(pool: &Pool, vol: u64, offset: u64, mut buf: AlignedBuf, r
                 if let Err(e) = res {
                     return (Err(e.into()), buf);
                 }
+                bad.extend(pool.verify(p, within, &buf[r..r + n]).into_iter().map(|b| pos + b));
             }
             None => buf[r..r + n].fill(0),
         }
         pos += n as u64;
         r += n;
     }
+    if !bad.is_empty() {
+        return (Err(IoError::Corrupt(bad)), buf);
+    }
     (Ok(()), buf)
+}
+
+/// Up to 8 volume offsets, for messages.
+pub fn offsets(bad: &[u64]) -> String {
+    let mut s = bad.iter().take(8).map(|o| o.to_string()).collect::<Vec<_>>().join(", ");
+    if bad.len() > 8 {
+        s.push_str(", ...");
+    }
+    s
 }
 
 pub(super) fn aligned(off: u64, len: u64) -> bool {
@@ -188,7 +206,13 @@ impl Engine {
         match v.target() {
             Some(t) if !t.local => t.read_remote(self, offset, len).await,
             Some(t) if t.is_fenced() => Err(IoError::Replication(crate::replication::target::TargetError::Fenced(v.name.clone()))),
-            _ => self.read_local(v, offset, len).await,
+            t => {
+                let r = self.read_local(v, offset, len).await;
+                match (r, t) {
+                    (Err(IoError::Corrupt(_)), Some(t)) if !t.peers.is_empty() => t.repair_read(self, offset, len).await,
+                    (r, _) => r,
+                }
+            }
         }
     }
 
@@ -212,11 +236,32 @@ impl Engine {
         let a0 = offset - offset % ALIGN as u64;
         let a1 = (offset + len as u64).next_multiple_of(ALIGN as u64);
         let span = (a1 - a0) as usize;
-        let _g = v.io_lock.read().await;
-        let buf = self.bufs.get(span);
-        let (res, buf) = read_extents(&self.pool, v.id, a0, buf, 0..span).await;
-        res?;
+        let buf = self.read_verified(v, a0, self.bufs.get(span)).await?;
         Ok(ReadData { buf: ReadBuf::Owned(buf), start: (offset - a0) as usize, len })
+    }
+
+    /// Fills `buf` from this replica at `a0` (aligned), every block verified against its
+    /// checksum. A block that fails is read again with no write in flight (a racing write can
+    /// make block and checksum disagree for a moment); if it still fails, an alert is raised
+    /// and the result is `Corrupt`.
+    pub(crate) async fn read_verified(&self, v: &Volume, a0: u64, buf: AlignedBuf) -> Result<AlignedBuf, IoError> {
+        let span = buf.len();
+        let g = v.io_lock.read().await;
+        let (mut res, mut buf) = read_extents(&self.pool, v.id, a0, buf, 0..span).await;
+        drop(g);
+        if let Err(IoError::Corrupt(_)) = res {
+            let _g = v.io_lock.write().await;
+            (res, buf) = read_extents(&self.pool, v.id, a0, buf, 0..span).await;
+            if let Err(IoError::Corrupt(bad)) = &res {
+                self.alerts.raise(
+                    Alarm,
+                    "ChecksumMismatch",
+                    &format!("volume/{}", v.name),
+                    format!("volume {}: {} block(s) of 4 KiB on node {} fail their checksum (volume offsets {})", v.name, bad.len(), self.node.id, offsets(bad)),
+                );
+            }
+        }
+        res.map(|_| buf)
     }
 
     /// Starts reading `[offset, offset+len)` ahead of a sequential stream.
@@ -250,6 +295,20 @@ impl Engine {
         Ok(p)
     }
 
+    /// Begins a change of extent `p` (its checksum intent made durable when needed); the caller
+    /// ends it with `pool.end_write(p)` once it recorded the new checksums. On error it is ended.
+    async fn begin_change(&self, p: PExt) -> Result<(), IoError> {
+        if self.pool.begin_write(p) {
+            let pool = self.pool.clone();
+            let r = tokio::task::spawn_blocking(move || pool.persist_intent(p)).await.map_err(io::Error::other).and_then(|r| r);
+            if let Err(e) = r {
+                self.pool.end_write(p);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
     async fn write_aligned(&self, v: &Volume, offset: u64, mut buf: AlignedBuf, touched: &mut Touched) -> (Result<(), IoError>, AlignedBuf) {
         let es = self.pool.extent_size;
         let (mut pos, mut r, end) = (offset, 0usize, buf.len());
@@ -261,8 +320,15 @@ impl Engine {
                 Err(e) => return (Err(e), buf),
             };
             touched.add(p);
+            if let Err(e) = self.begin_change(p).await {
+                return (Err(e), buf);
+            }
             let (res, b) = self.pool.device(p).write_at(self.pool.offset_of(p) + within, buf, r..r + n).await;
             buf = b;
+            if res.is_ok() {
+                self.pool.record_sums(p, within, &buf[r..r + n]);
+            }
+            self.pool.end_write(p);
             if let Err(e) = res {
                 return (Err(e.into()), buf);
             }
@@ -423,7 +489,13 @@ impl Engine {
                     touched.add(p);
                     let dev = self.pool.device(p).clone();
                     let at = self.pool.offset_of(p) + within;
-                    tokio::task::spawn_blocking(move || dev.zero_range_blocking(at, n)).await.map_err(io::Error::other)??;
+                    self.begin_change(p).await?;
+                    let r = tokio::task::spawn_blocking(move || dev.zero_range_blocking(at, n)).await.map_err(io::Error::other).and_then(|r| r);
+                    if r.is_ok() {
+                        self.pool.record_zeroes(p, within, n);
+                    }
+                    self.pool.end_write(p);
+                    r?;
                 }
                 _ => self.rmw(v, pos, n, |d| d.fill(0), &mut touched).await?,
             }

@@ -6,9 +6,11 @@ mod io;
 pub mod readahead;
 mod replicas;
 mod secure;
+mod scrub;
 mod snapshots;
 
-pub use io::{IoError, ReadBuf, ReadData};
+pub use io::{offsets, IoError, ReadBuf, ReadData};
+pub use scrub::{ScrubConfig, ScrubReport};
 
 use crate::device::BufPool;
 use crate::meta::{MetaError, MetaStore, PendingOp, VolumeRecord};
@@ -242,6 +244,8 @@ pub struct Engine {
     self_ref: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Replicas to rebuild elsewhere (volume, dead node), served by `run_replacements`.
     replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
+    /// Alerts this node raised (`stratactl alerts show`).
+    pub alerts: crate::alerts::Alerts,
 }
 
 fn validate_name(name: &str) -> Result<(), VolumeError> {
@@ -279,6 +283,7 @@ impl Engine {
     pub fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo) -> Result<Engine, VolumeError> {
         meta.put_pool(&pool.record())?;
         meta.register_node(&Self::node_record(&node, &pool))?;
+        let node_id = node.id.clone();
         let engine = Engine {
             pool,
             meta,
@@ -291,6 +296,7 @@ impl Engine {
             repl: TargetConfig { timeout: std::time::Duration::from_secs(5), resync_rate: 0, replica_timeout: std::time::Duration::ZERO, data_dir: std::path::PathBuf::from(".") },
             self_ref: std::sync::OnceLock::new(),
             replacements: parking_lot::Mutex::new(None),
+            alerts: crate::alerts::Alerts::in_memory(&node_id),
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();
