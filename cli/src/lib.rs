@@ -55,6 +55,15 @@ pub enum Cmd {
     /// Where volumes are served: attach (become the volume's target) and detach.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Alerts raised by the cluster's nodes (checksum mismatches and repairs, ...).
+    #[command(subcommand)]
+    Alerts(AlertsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsCmd {
+    /// List the alerts of every reachable node, oldest first.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -605,6 +614,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::Value::Array(nodes.iter().map(node_json).collect()));
             } else {
                 print!("{}", nodes_table(&nodes));
+            }
+        }
+        Cmd::Alerts(AlertsCmd::Show) => {
+            let r = pb::alert_service_client::AlertServiceClient::new(ch).list(pb::ListAlertsRequest { local_only: false }).await.map_err(status_err)?.into_inner();
+            if json {
+                let v: Vec<_> = r
+                    .alerts
+                    .iter()
+                    .map(|a| json!({"id": a.id, "node": a.node, "severity": a.severity, "kind": a.kind, "resource": a.resource,
+                                    "first_unix": a.first_unix, "last_unix": a.last_unix, "count": a.count, "message": a.message}))
+                    .collect();
+                println!("{}", json!({"alerts": v, "unreachable": r.unreachable}));
+            } else {
+                if r.alerts.is_empty() {
+                    println!("No alerts.");
+                } else {
+                    let mut t = Table::new(&["TIME", "NODE", "SEVERITY", "KIND", "RESOURCE", "COUNT", "MESSAGE"]);
+                    for a in &r.alerts {
+                        t.row(vec![
+                            strata_api::schedule::format_unix(a.last_unix),
+                            a.node.clone(),
+                            a.severity.clone(),
+                            a.kind.clone(),
+                            a.resource.clone(),
+                            a.count.to_string(),
+                            a.message.clone(),
+                        ]);
+                    }
+                    print!("{}", t.render());
+                }
+                for u in &r.unreachable {
+                    eprintln!("warning: alerts of node {u} are missing");
+                }
             }
         }
         Cmd::Service(ServiceCmd::Pool(PoolCmd::Show)) => {

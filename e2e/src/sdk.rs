@@ -133,4 +133,10 @@ impl Sdk {
         let mut c = pb::pool_service_client::PoolServiceClient::new(self.ch.clone());
         self.rt.block_on(c.list(pb::ListPoolsRequest {})).unwrap().into_inner().pools.remove(0)
     }
+
+    /// Every reachable node's alerts, oldest first.
+    pub fn alerts(&self) -> Vec<pb::Alert> {
+        let mut c = pb::alert_service_client::AlertServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.list(pb::ListAlertsRequest { local_only: false })).unwrap().into_inner().alerts
+    }
 }

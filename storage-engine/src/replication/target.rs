@@ -538,6 +538,26 @@ impl Target {
         Ok(ReadData { buf: good.buf, start: good.start + (off - a0) as usize, len })
     }
 
+    /// Rewrites `[off, off+len)` on peer `node` (whose copy failed its checksums) from a good
+    /// copy, with no change in flight anywhere.
+    pub async fn repair_peer(&self, e: &Engine, node: &str, off: u64, len: usize) -> Result<(), IoError> {
+        let _g = self.region_lock.write().await;
+        self.admit().await?;
+        let c = self
+            .peers
+            .iter()
+            .find(|p| p.node == node && p.state() == PeerState::InSync)
+            .and_then(|p| p.client_now())
+            .ok_or_else(|| IoError::Replication(TargetError::NoReplica(format!("{} on node {node}", self.name))))?;
+        // The bad copy answers EIO for its bad blocks, so the source is another one.
+        let good = self.read_source(e, off, len).await?;
+        match c.call(Op::Write, FLAG_FUA, self.vol.id, self.epoch, off, len as u32, Some(Bytes::copy_from_slice(good.bytes()))).await {
+            Ok(_) => Ok(()),
+            Err(err) if err.is_stale() => Err(self.fence()),
+            Err(err) => Err(IoError::Replication(err.into())),
+        }
+    }
+
     /// A read from the source of copies and comparisons: this node's replica when it is in sync,
     /// else the first in-sync peer that answers (the caller holds the region lock).
     pub(super) async fn read_source(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {

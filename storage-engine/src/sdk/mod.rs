@@ -184,6 +184,12 @@ impl pb::volume_service_server::VolumeService for Sdk {
         Ok(Response::new(pb::SnapshotListResponse { snapshots: snaps }))
     }
 
+    async fn repair_replica(&self, req: Request<pb::RepairReplicaRequest>) -> Result<Response<pb::RepairReplicaResponse>, Status> {
+        let r = req.into_inner();
+        self.engine.repair_replica(&r.volume, &r.node, r.offset, r.length).await?;
+        Ok(Response::new(pb::RepairReplicaResponse {}))
+    }
+
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::CloneVolumeResponse>, Status> {
         let r = req.into_inner();
         if let Some(mut c) = self.forward_to_target(&r.source).await? {
@@ -294,6 +300,55 @@ impl pb::cluster_service_server::ClusterService for Sdk {
     }
 }
 
+fn alert_pb(a: crate::alerts::Alert) -> pb::Alert {
+    pb::Alert {
+        id: a.id,
+        first_unix: a.first_unix,
+        last_unix: a.last_unix,
+        count: a.count,
+        severity: a.severity.as_str().into(),
+        kind: a.kind,
+        resource: a.resource,
+        node: a.node,
+        message: a.message,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::alert_service_server::AlertService for Sdk {
+    /// This node's alerts, and (unless `local_only`) every other online node's, oldest first.
+    async fn list(&self, req: Request<pb::ListAlertsRequest>) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let e = &self.engine;
+        let mut alerts: Vec<pb::Alert> = e.alerts.list().into_iter().map(alert_pb).collect();
+        let mut unreachable = Vec::new();
+        if !req.into_inner().local_only {
+            let nodes = nodes_pb(e).map_err(|err| Status::unavailable(err.to_string()))?;
+            let others = nodes.into_iter().filter(|n| n.id != e.node.id && n.status != "offline" && !n.sdk_address.is_empty());
+            let calls = others.map(|n| async move {
+                let url = if n.sdk_address.contains("://") { n.sdk_address.clone() } else { format!("http://{}", n.sdk_address) };
+                let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                    let mut c = pb::alert_service_client::AlertServiceClient::connect(url).await.map_err(|e| e.to_string())?;
+                    c.list(pb::ListAlertsRequest { local_only: true }).await.map_err(|s| s.message().to_string())
+                })
+                .await;
+                match r {
+                    Ok(Ok(resp)) => Ok(resp.into_inner().alerts),
+                    Ok(Err(why)) => Err(format!("{}: {why}", n.id)),
+                    Err(_) => Err(format!("{}: no answer within 5 s", n.id)),
+                }
+            });
+            for r in futures::future::join_all(calls).await {
+                match r {
+                    Ok(a) => alerts.extend(a),
+                    Err(why) => unreachable.push(why),
+                }
+            }
+        }
+        alerts.sort_by_key(|a| (a.last_unix, a.node.clone(), a.id));
+        Ok(Response::new(pb::ListAlertsResponse { alerts, unreachable }))
+    }
+}
+
 /// The tonic router with every SDK service.
 pub fn router(engine: Arc<Engine>) -> tonic::transport::server::Router {
     let sdk = Sdk { engine };
@@ -301,5 +356,6 @@ pub fn router(engine: Arc<Engine>) -> tonic::transport::server::Router {
         .add_service(pb::volume_service_server::VolumeServiceServer::new(sdk.clone()))
         .add_service(pb::pool_service_server::PoolServiceServer::new(sdk.clone()))
         .add_service(pb::node_service_server::NodeServiceServer::new(sdk.clone()))
-        .add_service(pb::cluster_service_server::ClusterServiceServer::new(sdk))
+        .add_service(pb::cluster_service_server::ClusterServiceServer::new(sdk.clone()))
+        .add_service(pb::alert_service_server::AlertServiceServer::new(sdk))
 }

@@ -3,7 +3,10 @@
 //! replica on this node at a bounded rate and verifies it. A mismatch raises an alert; on the
 //! volume's target it is repaired from an in-sync replica at once.
 
-use super::{Engine, IoError};
+use super::{Engine, IoError, Volume, VolumeError};
+use crate::alerts::Severity::{Alarm, Warning};
+use crate::replication::client::Client;
+use crate::replication::frame::Op;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,9 +80,15 @@ impl Engine {
                 let buf = self.buffer(len.next_multiple_of(crate::device::ALIGN as u64) as usize);
                 if let Err(IoError::Corrupt(bad)) = self.read_verified(&v, off, buf).await {
                     report.bad_blocks += bad.len() as u64;
-                    if let Some(t) = v.target().filter(|t| t.local && !t.peers.is_empty()) {
-                        if t.repair_read(self, off, len as usize).await.is_ok() {
-                            report.repaired_blocks += bad.len() as u64;
+                    match self.repair_here(&v, off, len as usize, &bad).await {
+                        Ok(()) => report.repaired_blocks += bad.len() as u64,
+                        Err(why) => {
+                            self.alerts.raise(
+                                Alarm,
+                                "ChecksumUnrepaired",
+                                &format!("volume/{}", v.name),
+                                format!("volume {}: {} block(s) failing their checksum on node {} could not be repaired: {why}", v.name, bad.len(), self.node.id),
+                            );
                         }
                     }
                 }
@@ -92,5 +101,81 @@ impl Engine {
             }
         }
         report
+    }
+
+    /// Rewrites the range `[off, off+len)` of this node's replica of `v` (which holds the bad
+    /// blocks `bad`) from a good copy: on the target, from an in-sync peer; elsewhere, by the
+    /// target (which keeps writes out meanwhile); for a detached volume, from another in-sync
+    /// replica directly (no writer exists; the fence keeps a new target out meanwhile).
+    async fn repair_here(&self, v: &Arc<Volume>, off: u64, len: usize, bad: &[u64]) -> Result<(), String> {
+        if let Some(t) = v.target().filter(|t| t.local) {
+            if t.peers.is_empty() {
+                return Err("the volume has no other replica".into());
+            }
+            return t.repair_read(self, off, len).await.map(|_| ()).map_err(|e| e.to_string());
+        }
+        let (meta, name) = (self.meta.clone(), v.name.clone());
+        let rec = tokio::task::spawn_blocking(move || meta.get_volume(&name))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .ok_or("the volume is gone")?;
+        let me = self.node.id.clone();
+        let source = if !rec.target.is_empty() && rec.target != me {
+            self.ask_target_to_repair(&rec.target, &v.name, off, len).await?;
+            format!("by its target, node {}", rec.target)
+        } else {
+            let _f = v.fence.read().await;
+            let epoch = v.epoch.load(std::sync::atomic::Ordering::Acquire);
+            let mut got = None;
+            for node in rec.in_sync.iter().filter(|n| **n != me) {
+                let (meta, n) = (self.meta.clone(), node.clone());
+                let Ok(Some(addr)) = tokio::task::spawn_blocking(move || super::replication_address(&*meta, &n)).await else { continue };
+                let Ok(c) = Client::connect(&addr, self.repl.timeout).await else { continue };
+                if let Ok(d) = c.call(Op::Read, 0, v.id, epoch, off, len as u32, None).await {
+                    if d.len() == len {
+                        got = Some((node.clone(), d));
+                        break;
+                    }
+                }
+            }
+            let (node, data) = got.ok_or("no other in-sync replica could supply the range")?;
+            let mut buf = self.buffer(len);
+            buf.copy_from_slice(&data);
+            self.write_local(v, off, buf, true).await.map_err(|e| e.to_string())?;
+            format!("from the replica on node {node}")
+        };
+        // Confirm: the range verifies now.
+        let buf = self.buffer(len.next_multiple_of(crate::device::ALIGN));
+        self.read_verified(v, off, buf).await.map_err(|e| format!("still failing after the rewrite: {e}"))?;
+        self.alerts.raise(
+            Warning,
+            "ChecksumRepaired",
+            &format!("volume/{}", v.name),
+            format!("volume {}: {} block(s) failing their checksum on node {} were rewritten {source} (volume offsets {})", v.name, bad.len(), me, super::offsets(bad)),
+        );
+        Ok(())
+    }
+
+    async fn ask_target_to_repair(&self, target: &str, name: &str, off: u64, len: usize) -> Result<(), String> {
+        use strata_api::v1 as pb;
+        let (meta, t) = (self.meta.clone(), target.to_string());
+        let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        let addr = nodes.into_iter().find(|(n, _)| n.id == t).map(|(n, _)| n.sdk_address).filter(|a| !a.is_empty()).ok_or_else(|| format!("target node {target} has no SDK address"))?;
+        let url = if addr.contains("://") { addr } else { format!("http://{addr}") };
+        let mut c = pb::volume_service_client::VolumeServiceClient::connect(url).await.map_err(|e| format!("target node {target}: {e}"))?;
+        let req = pb::RepairReplicaRequest { volume: name.into(), node: self.node.id.clone(), offset: off, length: len as u64 };
+        c.repair_replica(req).await.map_err(|s| format!("target node {target}: {}", s.message()))?;
+        Ok(())
+    }
+
+    /// On the volume's target: rewrites `[off, off+len)` on `node`'s replica from a good copy.
+    pub async fn repair_replica(&self, name: &str, node: &str, off: u64, len: u64) -> Result<(), VolumeError> {
+        let v = self.volume(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        let t = v.target().ok_or_else(|| VolumeError::FailedPrecondition(format!("volume {name} is not served by node {}", self.node.id)))?;
+        if len == 0 || len > 64 << 20 || off.checked_add(len).is_none_or(|end| end > v.size()) {
+            return Err(VolumeError::InvalidArgument(format!("range {off}+{len} is empty, longer than 64 MiB or past the volume's end")));
+        }
+        t.repair_peer(self, node, off, len as usize).await.map_err(|e| VolumeError::FailedPrecondition(e.to_string()))
     }
 }

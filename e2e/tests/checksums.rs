@@ -1,0 +1,109 @@
+//! Block checksums on real engines: bytes flipped directly in a pool's device file are caught
+//! on read. With a second replica the read still returns the right data and the bad block is
+//! rewritten from it; with one replica the read fails with EIO rather than return bad data.
+//! Either way an alert says so.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use strata_e2e::cluster::Cluster;
+use strata_e2e::nbd::Client;
+use strata_e2e::{pseudo_random, run};
+
+const MIB: u64 = 1 << 20;
+const EIO: u32 = 5;
+
+/// Byte offset in `dev` of the 4 KiB block holding `block` (4 KiB), if any.
+fn find_block(dev: &Path, block: &[u8]) -> Option<u64> {
+    let bytes = std::fs::read(dev).unwrap();
+    bytes.chunks(4096).position(|c| c == block).map(|i| i as u64 * 4096)
+}
+
+/// Flips one byte of the 4 KiB block at `at` in the device file `dev`.
+fn flip(dev: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(dev).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at + 123).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5A], at + 123).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn kinds(c: &Cluster, volume: &str) -> Vec<(String, String)> {
+    let resource = format!("volume/{volume}");
+    c.sdk(0).alerts().into_iter().filter(|a| a.resource == resource).map(|a| (a.node, a.kind)).collect()
+}
+
+fn stratactl() -> std::path::PathBuf {
+    strata_e2e::engine::engine_bin().with_file_name("stratactl")
+}
+
+#[test]
+fn a_flipped_block_on_a_single_replica_reads_as_eio_and_raises_an_alert() {
+    let c = Cluster::start(1, "128MiB");
+    c.sdk(0).create_full("one", 16 * MIB, 1, &[]).unwrap();
+    let data = pseudo_random(7, 64 * 1024);
+    let mut cl = Client::connect(&c.engines[0].nbd, "one").unwrap();
+    assert_eq!(cl.write(MIB, &data, strata_e2e::nbd::FLAG_FUA), 0);
+    let at = find_block(&c.engines[0].devices[0], &data[..4096]).expect("the written block is in the device file");
+    flip(&c.engines[0].devices[0], at);
+
+    assert_eq!(cl.read(MIB, 64 * 1024), Err(EIO), "bad data is never returned");
+    assert_eq!(cl.read(MIB, 4096), Err(EIO));
+    // The blocks around it are intact and still read.
+    assert_eq!(cl.read(MIB + 4096, 60 * 1024).unwrap(), data[4096..]);
+    assert_eq!(kinds(&c, "one"), vec![("node-1".to_string(), "ChecksumMismatch".to_string())], "one alert, counted up on every failed read");
+    let a = c.sdk(0).alerts().pop().unwrap();
+    assert!(a.count >= 2 && a.severity == "ALARM" && a.message.contains(&MIB.to_string()), "{a:?}");
+
+    // A new write of the block makes it good again.
+    assert_eq!(cl.write(MIB, &data[..4096], 0), 0);
+    assert_eq!(cl.read(MIB, 64 * 1024).unwrap(), data);
+
+    let out = run(std::process::Command::new(stratactl()).args(["--endpoint", &c.engines[0].sdk, "alerts", "show"]));
+    assert!(out.contains("ChecksumMismatch") && out.contains("volume/one") && out.contains("ALARM"), "{out}");
+}
+
+#[test]
+fn a_flipped_block_with_a_second_replica_is_repaired_from_it() {
+    let c = Cluster::start(2, "128MiB");
+    c.sdk(0).create_full("two", 16 * MIB, 2, &[]).unwrap();
+    let data = pseudo_random(9, 64 * 1024);
+    let mut cl = Client::connect(&c.engines[0].nbd, "two").unwrap();
+    assert_eq!(cl.write(2 * MIB, &data, strata_e2e::nbd::FLAG_FUA), 0);
+    let dev = &c.engines[0].devices[0];
+    let at = find_block(dev, &data[8192..12288]).expect("the written block is on node-1");
+    flip(dev, at);
+
+    assert_eq!(cl.read(2 * MIB, 64 * 1024).unwrap(), data, "the read returns the replica's copy");
+    let k = kinds(&c, "two");
+    assert!(k.contains(&("node-1".into(), "ChecksumMismatch".into())) && k.contains(&("node-1".into(), "ChecksumRepaired".into())), "{k:?}");
+    // The block on node-1 was rewritten: the device holds the right bytes again, and the next
+    // read needs no repair.
+    assert_eq!(find_block(dev, &data[8192..12288]), Some(at));
+    assert_eq!(cl.read(2 * MIB + 8192, 4096).unwrap(), data[8192..12288]);
+    assert_eq!(c.replica_differences(0, "two"), Vec::<String>::new());
+    let repaired = c.sdk(0).alerts().into_iter().filter(|a| a.kind == "ChecksumRepaired").map(|a| a.count).sum::<u64>();
+    assert_eq!(repaired, 1, "one repair");
+}
+
+#[test]
+fn the_scrub_finds_a_flipped_block_on_a_replica_that_serves_no_reads() {
+    // node-2's scrub runs every few seconds; node-1 (the target) holds the good copy.
+    let c = Cluster::start_with(2, "128MiB", &["--scrub-interval", "2", "--scrub-rate", "256MiB"]);
+    c.sdk(0).create_full("sc", 16 * MIB, 2, &[]).unwrap();
+    let data = pseudo_random(11, 64 * 1024);
+    let mut cl = Client::connect(&c.engines[0].nbd, "sc").unwrap();
+    assert_eq!(cl.write(3 * MIB, &data, strata_e2e::nbd::FLAG_FUA), 0);
+    let dev = &c.engines[1].devices[0];
+    let at = find_block(dev, &data[..4096]).expect("the written block is on node-2");
+    flip(dev, at);
+    let t0 = Instant::now();
+    while !kinds(&c, "sc").iter().any(|(n, k)| n == "node-2" && k == "ChecksumRepaired") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no repair on node-2: {:?}", kinds(&c, "sc"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(kinds(&c, "sc").contains(&("node-2".into(), "ChecksumMismatch".into())));
+    assert_eq!(find_block(dev, &data[..4096]), Some(at), "node-2's block was rewritten from node-1");
+    assert_eq!(c.replica_differences(0, "sc"), Vec::<String>::new());
+    assert_eq!(cl.read(3 * MIB, 64 * 1024).unwrap(), data);
+}
