@@ -33,6 +33,15 @@ fn kinds(c: &Cluster, volume: &str) -> Vec<(String, String)> {
     c.sdk(0).alerts().into_iter().filter(|a| a.resource == resource).map(|a| (a.node, a.kind)).collect()
 }
 
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn stratactl() -> std::path::PathBuf {
     strata_e2e::engine::engine_bin().with_file_name("stratactl")
 }
@@ -106,4 +115,33 @@ fn the_scrub_finds_a_flipped_block_on_a_replica_that_serves_no_reads() {
     assert_eq!(find_block(dev, &data[..4096]), Some(at), "node-2's block was rewritten from node-1");
     assert_eq!(c.replica_differences(0, "sc"), Vec::<String>::new());
     assert_eq!(cl.read(3 * MIB, 64 * 1024).unwrap(), data);
+}
+
+#[test]
+fn checksums_survive_kill9_restart_neither_failing_good_blocks_nor_missing_flips() {
+    let mut c = Cluster::start(1, "128MiB");
+    c.sdk(0).create_full("k", 16 * MIB, 1, &[]).unwrap();
+    let (a, b) = (pseudo_random(21, 256 * 1024), pseudo_random(22, 256 * 1024));
+    let mut cl = Client::connect(&c.engines[0].nbd, "k").unwrap();
+    assert_eq!(cl.write(0, &a, strata_e2e::nbd::FLAG_FUA), 0);
+    // The first extent's checksums settle (written, intent bit cleared) within seconds.
+    let t0 = Instant::now();
+    while !scrape(&c.engines[0].metrics).lines().any(|l| l.starts_with("strata_pool_unsettled_extents{") && l.ends_with(" 0")) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "checksums never settled");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Then a write whose checksums cannot have settled, and a crash.
+    assert_eq!(cl.write(4 * MIB, &b, strata_e2e::nbd::FLAG_FUA), 0);
+    drop(cl);
+    c.kill9(0);
+    // While the engine is down, bit rot in the settled extent.
+    let dev = c.engines[0].devices[0].clone();
+    let at = find_block(&dev, &a[4096..8192]).expect("block in the device file");
+    flip(&dev, at);
+    c.restart(0);
+    let mut cl = Client::connect(&c.engines[0].nbd, "k").unwrap();
+    assert_eq!(cl.read(4 * MIB, b.len() as u32).unwrap(), b, "the unsettled extent's checksums were recomputed from its data");
+    assert_eq!(cl.read(0, 4096).unwrap(), a[..4096]);
+    assert_eq!(cl.read(4096, 4096), Err(EIO), "the settled checksums on disk catch the flip made while the engine was down");
+    assert_eq!(kinds(&c, "k").len(), 1, "{:?}", kinds(&c, "k"));
 }

@@ -65,6 +65,9 @@ pub struct PoolSample {
     pub uuid: String,
     pub total: u64,
     pub used: u64,
+    /// Extents whose checksums on disk may be behind their data (written to disk within
+    /// seconds).
+    pub unsettled: u64,
 }
 
 type Gauge = (&'static str, &'static str, fn(&VolumeSample) -> u64);
@@ -77,6 +80,8 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
     let _ = writeln!(o, "strata_pool_capacity_bytes{{{p}}} {}", pool.total);
     let _ = writeln!(o, "# HELP strata_pool_used_bytes Bytes of extents allocated to volumes.\n# TYPE strata_pool_used_bytes gauge");
     let _ = writeln!(o, "strata_pool_used_bytes{{{p}}} {}", pool.used);
+    let _ = writeln!(o, "# HELP strata_pool_unsettled_extents Extents whose block checksums on disk may be behind their data.\n# TYPE strata_pool_unsettled_extents gauge");
+    let _ = writeln!(o, "strata_pool_unsettled_extents{{{p}}} {}", pool.unsettled);
     let gauges: [Gauge; 3] = [
         ("strata_volume_size_bytes", "Provisioned size of the volume.", |v| v.size),
         ("strata_volume_used_bytes", "Pool bytes allocated to the volume.", |v| v.used),
@@ -126,7 +131,7 @@ mod tests {
         s.read_latency.observe(Duration::from_micros(80));
         s.read_latency.observe(Duration::from_micros(3000));
         let text = render(
-            &PoolSample { uuid: "p".into(), total: 100, used: 10 },
+            &PoolSample { uuid: "p".into(), total: 100, used: 10, unsettled: 0 },
             &[VolumeSample { name: "v1", size: 5, used: 1, connections: 2, stats: &s }],
         );
         assert!(text.contains("strata_pool_capacity_bytes{pool=\"p\"} 100"));

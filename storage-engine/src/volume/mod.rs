@@ -274,7 +274,7 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), VolumeError>
     Ok(())
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -709,6 +709,6 @@ impl Engine {
             .iter()
             .map(|v| VolumeSample { name: &v.name, size: v.size(), used: self.pool.used_bytes_of(v.id), connections: v.connections(), stats: &v.stats })
             .collect();
-        render(&PoolSample { uuid: self.pool.uuid.to_string(), total: self.pool.total_bytes(), used: self.pool.used_bytes() }, &samples)
+        render(&PoolSample { uuid: self.pool.uuid.to_string(), total: self.pool.total_bytes(), used: self.pool.used_bytes(), unsettled: self.pool.unsettled_extents() as u64 }, &samples)
     }
 }

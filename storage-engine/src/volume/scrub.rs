@@ -51,12 +51,25 @@ impl Engine {
             return;
         }
         let e = self.clone();
+        // When the last pass started is kept in the data directory, so restarts neither skip
+        // passes nor start extra ones; a new node starts its clock now.
+        let stamp = self.repl.data_dir.join("scrub.last");
         tokio::spawn(async move {
+            let now = crate::volume::now_unix();
+            let last = std::fs::read_to_string(&stamp).ok().and_then(|s| s.trim().parse::<u64>().ok()).filter(|t| *t <= now);
+            if last.is_none() {
+                let _ = std::fs::write(&stamp, now.to_string());
+            }
+            let mut wait = Duration::from_secs((last.unwrap_or(now) + scrub.every.as_secs()).saturating_sub(now));
             loop {
+                tokio::time::sleep(wait).await;
+                if let Err(err) = std::fs::write(&stamp, crate::volume::now_unix().to_string()) {
+                    tracing::warn!(file = %stamp.display(), "cannot record the scrub's start: {err}");
+                }
                 let t0 = Instant::now();
                 let r = e.scrub_once(scrub.rate).await;
                 tracing::info!(extents = r.extents, bad = r.bad_blocks, repaired = r.repaired_blocks, secs = t0.elapsed().as_secs(), "scrub pass done");
-                tokio::time::sleep(scrub.every.saturating_sub(t0.elapsed()).max(Duration::from_secs(1))).await;
+                wait = scrub.every.saturating_sub(t0.elapsed()).max(Duration::from_secs(1));
             }
         });
     }
