@@ -66,6 +66,9 @@ fn volume_commands_with_tables_and_json() {
     assert_eq!(json(&e, &["cluster", "list"]).as_array().unwrap().len(), 1);
     let nodes = ok(&e, &["cluster", "list"]);
     assert!(nodes.contains("ZONE") && nodes.contains("REPLICATION"), "{nodes}");
+    assert_eq!(ok(&e, &["alerts", "show"]).trim(), "No alerts.");
+    let alerts = json(&e, &["alerts", "show"]);
+    assert_eq!((alerts["alerts"].as_array().unwrap().len(), alerts["unreachable"].as_array().unwrap().len()), (0, 0));
 }
 
 #[test]

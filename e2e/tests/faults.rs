@@ -138,7 +138,14 @@ fn takeover_fences_the_old_target() {
         let err = old_client.write(i * 4096, &stale, 0);
         assert_ne!(err, 0, "the fenced target acknowledged a write");
     }
-    assert!(Client::connect(&c.engines[0].nbd, "sb").is_err(), "the fenced target takes no new clients");
+    // Once it learned of the takeover (its refused writes may have failed on its lost lease
+    // before any replica told it of the newer epoch), it takes no new clients.
+    let t0 = std::time::Instant::now();
+    while Client::connect(&c.engines[0].nbd, "sb").is_ok() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the fenced target still takes new clients");
+        assert_ne!(old_client.write(0, &stale, 0), 0, "the fenced target acknowledged a write");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     w2.run(&mut h, 50, Duration::from_secs(30)).unwrap();
     // node-1's replica comes back through resync, and data equals the new target's history.
     settle_and_check(&c, 1, "sb", &mut w2, &h);
