@@ -453,9 +453,10 @@ impl Pool {
         Ok(())
     }
 
-    /// Whether the pool keeps block checksums (every device formatted by this version).
+    /// Whether any device of the pool keeps block checksums (formatted by this version; a
+    /// version-1 device keeps none).
     pub fn has_checksums(&self) -> bool {
-        self.devices.iter().all(|d| d.sums.is_some())
+        self.devices.iter().any(|d| d.sums.is_some())
     }
 
     fn sums(&self, p: PExt) -> Option<&csum::DeviceSums> {

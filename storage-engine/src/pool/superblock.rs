@@ -241,6 +241,26 @@ mod tests {
     }
 
     #[test]
+    fn version_1_superblocks_open_without_checksums() {
+        let sb = Superblock::layout(Uuid::new_v4(), 1 << 30, 1 << 20).unwrap();
+        assert!(sb.has_checksums());
+        assert!(sb.csum_offset + sb.extent_count * CSUM_SLOT <= sb.data_offset);
+        let mut b = sb.encode();
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[104..120].fill(0);
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        match Superblock::probe(&b) {
+            Probe::Strata(got) => assert!(!got.has_checksums() && got.data_offset == sb.data_offset),
+            other => panic!("{other:?}"),
+        }
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(Superblock::probe(&b), Probe::Corrupt(w) if w.contains("version 3")));
+    }
+
+    #[test]
     fn foreign_signatures_are_recognised() {
         let mut b = vec![0u8; PROBE_LEN];
         assert!(matches!(Superblock::probe(&b), Probe::Blank));
