@@ -50,10 +50,6 @@ pub struct Alerts {
     list: Mutex<VecDeque<Alert>>,
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 impl Alerts {
     /// Alerts kept in memory only.
     pub fn in_memory(node: &str) -> Alerts {
@@ -84,7 +80,7 @@ impl Alerts {
 
     /// Raises an alert (or counts up the same one raised within the last minute).
     pub fn raise(&self, severity: Severity, kind: &str, resource: &str, message: String) -> Alert {
-        let t = now();
+        let t = crate::volume::now_unix();
         let mut l = self.list.lock();
         let same = l.iter_mut().rev().find(|a| a.kind == kind && a.resource == resource && a.message == message && t.saturating_sub(a.last_unix) < COALESCE_SECS);
         let alert = match same {

@@ -53,10 +53,7 @@ struct Intent {
 
 pub struct DeviceSums {
     dev: Arc<dyn BlockIo>,
-    intent_offset: u64,
-    csum_offset: u64,
-    extent_size: u64,
-    data_offset: u64,
+    sb: Superblock,
     table: RwLock<HashMap<u32, ExtentSums>>,
     intent: Mutex<Intent>,
     /// Serialises bitmap writes (a writer that finds its bit already written skips its own).
@@ -72,11 +69,11 @@ pub struct LoadReport {
 
 impl DeviceSums {
     fn blocks(&self) -> usize {
-        (self.extent_size / BLOCK as u64) as usize
+        (self.sb.extent_size / BLOCK as u64) as usize
     }
 
     fn bitmap_len(&self) -> usize {
-        ((self.csum_offset - self.intent_offset) as usize).min(1 << 30)
+        ((self.sb.csum_offset - self.sb.intent_offset) as usize).min(1 << 30)
     }
 
     /// Loads the checksums of the mapped extents `mapped`, recomputing those of extents whose
@@ -85,20 +82,17 @@ impl DeviceSums {
     pub fn load(dev: Arc<dyn BlockIo>, sb: &Superblock, mapped: &[u32], read_only: bool) -> Result<(DeviceSums, LoadReport), String> {
         let s = DeviceSums {
             dev,
-            intent_offset: sb.intent_offset,
-            csum_offset: sb.csum_offset,
-            extent_size: sb.extent_size,
-            data_offset: sb.data_offset,
+            sb: sb.clone(),
             table: RwLock::new(HashMap::new()),
             intent: Mutex::new(Intent::default()),
             persist: Mutex::new(()),
         };
         let n = sb.extent_count.div_ceil(8).next_multiple_of(PAGE as u64) as usize;
         let mut bitmap = AlignedBuf::new(n.min(s.bitmap_len()));
-        s.dev.read_blocking(s.intent_offset, &mut bitmap).map_err(|e| format!("cannot read the checksum intent bitmap: {e}"))?;
+        s.dev.read_blocking(sb.intent_offset, &mut bitmap).map_err(|e| format!("cannot read the checksum intent bitmap: {e}"))?;
         let mut report = LoadReport::default();
         let mut slot = AlignedBuf::new(CSUM_SLOT as usize);
-        let mut data = AlignedBuf::new(s.extent_size as usize);
+        let mut data = AlignedBuf::new(sb.extent_size as usize);
         let mut table = HashMap::new();
         for &pext in mapped {
             let marked = bitmap.get(pext as usize / 8).is_some_and(|b| b & (1 << (pext % 8)) != 0);
@@ -119,7 +113,7 @@ impl DeviceSums {
         if !read_only && bitmap.iter().any(|b| *b != 0) {
             s.dev.sync_blocking().map_err(|e| format!("cannot sync recomputed checksums: {e}"))?;
             bitmap.fill(0);
-            s.dev.write_blocking(s.intent_offset, &bitmap).map_err(|e| format!("cannot clear the checksum intent bitmap: {e}"))?;
+            s.dev.write_blocking(sb.intent_offset, &bitmap).map_err(|e| format!("cannot clear the checksum intent bitmap: {e}"))?;
             s.dev.sync_blocking().map_err(|e| format!("cannot sync the checksum intent bitmap: {e}"))?;
         }
         s.intent.lock().disk = if read_only { bitmap.to_vec() } else { vec![0; bitmap.len()] };
@@ -133,7 +127,7 @@ impl DeviceSums {
         for (i, c) in sums.iter().enumerate() {
             slot[i * 4..i * 4 + 4].copy_from_slice(&c.load(Ordering::Acquire).to_le_bytes());
         }
-        self.dev.write_blocking(self.csum_offset + pext as u64 * CSUM_SLOT, &slot)
+        self.dev.write_blocking(self.sb.csum_slot_offset(pext), &slot)
     }
 
     /// A write to `pext` begins. True when its intent bit must be made durable first
@@ -176,7 +170,7 @@ impl DeviceSums {
             if w != d {
                 page.fill(0);
                 page[..w.len()].copy_from_slice(w);
-                self.dev.write_blocking(self.intent_offset + (n * PAGE) as u64, &page)?;
+                self.dev.write_blocking(self.sb.intent_offset + (n * PAGE) as u64, &page)?;
                 wrote = true;
             }
         }
@@ -285,10 +279,5 @@ impl DeviceSums {
     /// Extents whose intent bit is set in memory (for tests and status).
     pub fn dirty_extents(&self) -> usize {
         self.intent.lock().dirty.len()
-    }
-
-    /// Byte offset on the device of block `block` of extent `pext` (for tools and tests).
-    pub fn block_offset(&self, pext: u32, block: usize) -> u64 {
-        self.data_offset + pext as u64 * self.extent_size + (block * BLOCK) as u64
     }
 }

@@ -303,12 +303,7 @@ impl Pool {
             .intend(p)
             .and_then(|_| d.dev.zero_range_blocking(d.sb.extent_offset(pext), self.extent_size).map_err(PoolError::io("zeroing a new extent")))
             .and_then(|_| d.journal.commit(&[Entry::Map { vol, lext, pext }]));
-        if let Some(s) = &d.sums {
-            if res.is_ok() {
-                s.insert(pext, None);
-            }
-            s.end(pext);
-        }
+        self.end_new_extent(p, None, res.is_ok());
         if let Err(e) = res {
             a.free[dev].insert(pext);
             return Err(e);
@@ -337,12 +332,7 @@ impl Pool {
             d.dev.sync_blocking().map_err(PoolError::io("syncing a copied extent"))?;
             d.journal.commit(&[Entry::Move { vol, lext, from: old.pext, to: pext }])
         })();
-        if let Some(s) = &d.sums {
-            if res.is_ok() {
-                s.insert(pext, Some(old.pext));
-            }
-            s.end(pext);
-        }
+        self.end_new_extent(p, Some(old.pext), res.is_ok());
         if let Err(e) = res {
             a.free[i].insert(pext);
             return Err(e);
@@ -451,6 +441,17 @@ impl Pool {
             self.persist_intent(p).map_err(PoolError::io("writing the checksum intent bitmap"))?;
         }
         Ok(())
+    }
+
+    /// Ends the change `intend` began on a newly taken extent `p`; when it was mapped (`ok`),
+    /// its checksums are those of zeroes, or a copy of `from`'s.
+    fn end_new_extent(&self, p: PExt, from: Option<u32>, ok: bool) {
+        if let Some(s) = self.sums(p) {
+            if ok {
+                s.insert(p.pext, from);
+            }
+            s.end(p.pext);
+        }
     }
 
     /// Whether any device of the pool keeps block checksums (formatted by this version; a

@@ -80,16 +80,13 @@ impl Sdk {
         if rec.snapshot_of.is_some() || rec.target.is_empty() || rec.target == me {
             return Ok(None);
         }
-        let target = rec.target.clone();
-        let nodes = tokio::task::spawn_blocking(move || e.meta.list_nodes()).await.map_err(|e| Status::internal(e.to_string()))?.map_err(VolumeError::from)?;
-        let addr = nodes
-            .into_iter()
-            .find(|(n, _)| n.id == target)
-            .map(|(n, _)| n.sdk_address)
-            .filter(|a| !a.is_empty())
+        let (target, t) = (rec.target.clone(), rec.target);
+        let addr = tokio::task::spawn_blocking(move || crate::volume::sdk_endpoint(&*e.meta, &t))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(VolumeError::from)?
             .ok_or_else(|| Status::failed_precondition(format!("volume {name} is served by node {target}, whose SDK address is unknown")))?;
-        let url = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-        let c = pb::volume_service_client::VolumeServiceClient::connect(url)
+        let c = pb::volume_service_client::VolumeServiceClient::connect(addr.clone())
             .await
             .map_err(|e| Status::unavailable(format!("volume {name} is served by node {target}, whose engine ({addr}) cannot be reached: {e}")))?;
         Ok(Some(c))
@@ -325,7 +322,7 @@ impl pb::alert_service_server::AlertService for Sdk {
             let nodes = nodes_pb(e).map_err(|err| Status::unavailable(err.to_string()))?;
             let others = nodes.into_iter().filter(|n| n.id != e.node.id && n.status != "offline" && !n.sdk_address.is_empty());
             let calls = others.map(|n| async move {
-                let url = if n.sdk_address.contains("://") { n.sdk_address.clone() } else { format!("http://{}", n.sdk_address) };
+                let url = strata_api::endpoint_uri(&n.sdk_address);
                 let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
                     let mut c = pb::alert_service_client::AlertServiceClient::connect(url).await.map_err(|e| e.to_string())?;
                     c.list(pb::ListAlertsRequest { local_only: true }).await.map_err(|s| s.message().to_string())

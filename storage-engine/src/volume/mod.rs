@@ -197,6 +197,12 @@ pub struct NodeInfo {
     pub rack: String,
 }
 
+/// The SDK endpoint (a URI) node `node` registered, if the store knows the node and its
+/// address. Blocking.
+pub fn sdk_endpoint(meta: &dyn MetaStore, node: &str) -> Result<Option<String>, MetaError> {
+    Ok(meta.list_nodes()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.sdk_address).filter(|a| !a.is_empty()).map(|a| strata_api::endpoint_uri(&a)))
+}
+
 /// The replication address a node registered, if the store knows the node.
 pub fn replication_address(meta: &dyn MetaStore, node: &str) -> Option<String> {
     meta.list_nodes().ok()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.repl_address).filter(|a| !a.is_empty())

@@ -91,11 +91,16 @@ impl Engine {
         self.call_replica(node, Op::Drop, id, u64::MAX, 0).await
     }
 
-    /// One replication request (no payload) for volume id `id` to `node`'s engine.
-    pub(super) async fn call_replica(&self, node: &str, op: Op, id: u64, epoch: u64, arg: u64) -> Result<(), String> {
+    /// A replication connection to `node`'s engine.
+    pub(super) async fn replica_client(&self, node: &str) -> Result<Arc<Client>, String> {
         let (meta, n) = (self.meta.clone(), node.to_string());
         let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n)).await.ok().flatten().ok_or_else(|| format!("node {node} has no replication address"))?;
-        let c = Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())?;
+        Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())
+    }
+
+    /// One replication request (no payload) for volume id `id` to `node`'s engine.
+    pub(super) async fn call_replica(&self, node: &str, op: Op, id: u64, epoch: u64, arg: u64) -> Result<(), String> {
+        let c = self.replica_client(node).await?;
         c.call(op, 0, id, epoch, arg, 0, None).await.map(|_| ()).map_err(|e| e.to_string())
     }
 

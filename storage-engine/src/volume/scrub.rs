@@ -5,7 +5,6 @@
 
 use super::{Engine, IoError, Volume, VolumeError};
 use crate::alerts::Severity::{Alarm, Warning};
-use crate::replication::client::Client;
 use crate::replication::frame::Op;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,9 +141,7 @@ impl Engine {
             let epoch = v.epoch.load(std::sync::atomic::Ordering::Acquire);
             let mut got = None;
             for node in rec.in_sync.iter().filter(|n| **n != me) {
-                let (meta, n) = (self.meta.clone(), node.clone());
-                let Ok(Some(addr)) = tokio::task::spawn_blocking(move || super::replication_address(&*meta, &n)).await else { continue };
-                let Ok(c) = Client::connect(&addr, self.repl.timeout).await else { continue };
+                let Ok(c) = self.replica_client(node).await else { continue };
                 if let Ok(d) = c.call(Op::Read, 0, v.id, epoch, off, len as u32, None).await {
                     if d.len() == len {
                         got = Some((node.clone(), d));
@@ -173,9 +170,11 @@ impl Engine {
     async fn ask_target_to_repair(&self, target: &str, name: &str, off: u64, len: usize) -> Result<(), String> {
         use strata_api::v1 as pb;
         let (meta, t) = (self.meta.clone(), target.to_string());
-        let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        let addr = nodes.into_iter().find(|(n, _)| n.id == t).map(|(n, _)| n.sdk_address).filter(|a| !a.is_empty()).ok_or_else(|| format!("target node {target} has no SDK address"))?;
-        let url = if addr.contains("://") { addr } else { format!("http://{addr}") };
+        let url = tokio::task::spawn_blocking(move || super::sdk_endpoint(&*meta, &t))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("target node {target} has no SDK address"))?;
         let mut c = pb::volume_service_client::VolumeServiceClient::connect(url).await.map_err(|e| format!("target node {target}: {e}"))?;
         let req = pb::RepairReplicaRequest { volume: name.into(), node: self.node.id.clone(), offset: off, length: len as u64 };
         c.repair_replica(req).await.map_err(|s| format!("target node {target}: {}", s.message()))?;
