@@ -127,7 +127,7 @@ fn takeover_fences_the_old_target() {
     }
     let v = c.sdk(1).attach("sb", false).unwrap();
     assert_eq!(v.attached_node, "node-2");
-    assert_eq!(v.epoch, 2);
+    assert_eq!(v.epoch, 3, "created at 1, attached by the first NBD client at 2, taken over at 3");
     assert!(!v.in_sync_nodes.contains(&"node-1".to_string()), "the unreachable old target's replica is out of sync: {v:?}");
     let mut w2 = writer(&c, 1, "sb", 4);
     w2.run(&mut h, 100, Duration::from_secs(30)).unwrap();
@@ -181,7 +181,7 @@ fn split_brain_target_cut_from_etcd_and_one_replica_is_fenced() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let v = c.sdk(1).attach("sb", false).unwrap();
-    assert_eq!((v.attached_node.as_str(), v.epoch), ("node-2", 2));
+    assert_eq!((v.attached_node.as_str(), v.epoch), ("node-2", 3));
     assert!(!v.in_sync_nodes.contains(&"node-3".to_string()), "node-3 is unreachable: {v:?}");
     let mut w2 = writer(&c, 1, "sb", 22);
     w2.run(&mut h, 100, Duration::from_secs(30)).unwrap();

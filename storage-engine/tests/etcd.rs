@@ -125,11 +125,19 @@ fn each_engine_serves_only_the_volumes_in_its_own_pool() {
     let seen = b.sdk().inspect("on-a").unwrap();
     assert_eq!(seen.attached_node, "node-a");
     assert_eq!(seen.replica_nodes, vec!["node-a".to_string()]);
+    // Changes sent to node-b are forwarded to node-a, which serves the volume: a delete is
+    // refused there while a client is connected.
+    let held = common::nbd::Client::connect(&a.nbd, "on-a").unwrap();
     let err = b.sdk().delete("on-a", false).unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    assert!(err.message().contains("node-a"), "{}", err.message());
-    assert_eq!(b.sdk().resize("on-a", 32 << 20).unwrap_err().code(), tonic::Code::FailedPrecondition);
-    assert!(Command::new("nbdinfo").arg(b.uri("on-a")).output().unwrap().status.code() != Some(0), "node-b does not export node-a's volume");
+    assert!(err.message().contains("connected NBD client"), "{}", err.message());
+    b.sdk().resize("on-a", 32 << 20).unwrap();
+    assert_eq!(a.sdk().inspect("on-a").unwrap().spec.unwrap().size_bytes, 32 << 20);
+    let out = Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read 0 4k"]).arg(b.uri("on-a")).output().unwrap();
+    assert!(out.status.code() != Some(0), "node-b does not export node-a's volume");
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("attached on node node-a"), "the refusal says where the volume is: {why}");
+    drop(held);
     // After node-b restarts it still does not take the volume over.
     let mut b = b;
     b.restart();

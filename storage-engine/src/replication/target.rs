@@ -92,8 +92,6 @@ impl Peer {
 pub enum TargetError {
     #[error("volume {0} was taken over by another node (a newer epoch); this node no longer serves it")]
     Fenced(String),
-    #[error("the metadata store is unreachable; writes wait until it is back")]
-    MetaUnreachable,
     #[error("no in-sync replica of volume {0} is reachable")]
     NoReplica(String),
     #[error("replica: {0}")]
@@ -241,22 +239,31 @@ impl Target {
 
     /// Before serving I/O: not fenced, the store reachable, and after a lapse of this node's
     /// registration (another node may have taken over meanwhile) the record re-read.
+    ///
+    /// Fencing lives in the replicas (every leg, this node's included, refuses an epoch older
+    /// than the newest it has seen), so an unreachable store does not stop I/O: while it is
+    /// down the record is simply not re-read, and a takeover elsewhere still fences this target
+    /// through the replicas.
     async fn admit(&self) -> Result<(), IoError> {
-        if self.is_fenced() || self.vol.epoch.load(Ordering::Acquire) > self.epoch {
-            return Err(self.fence());
-        }
-        if !self.meta.reachable() {
-            return Err(IoError::Replication(TargetError::MetaUnreachable));
-        }
+        self.admit_local()?;
         let gen = self.meta.lease_generation();
-        if gen != self.lease_gen.load(Ordering::Acquire) {
+        if gen != self.lease_gen.load(Ordering::Acquire) && self.meta.reachable() {
             let (meta, name) = (self.meta.clone(), self.name.clone());
             let rec = tokio::task::spawn_blocking(move || meta.get_volume(&name)).await.map_err(std::io::Error::other)?;
             match rec {
                 Ok(Some(r)) if r.epoch == self.epoch && r.target == self.node => self.lease_gen.store(gen, Ordering::Release),
                 Ok(_) => return Err(self.fence()),
-                Err(_) => return Err(IoError::Replication(TargetError::MetaUnreachable)),
+                // Unreachable after all: checked again on the next request.
+                Err(_) => {}
             }
+        }
+        Ok(())
+    }
+
+    /// The epoch check of this node's own replica: refused once a newer target said hello here.
+    pub(crate) fn admit_local(&self) -> Result<(), IoError> {
+        if self.is_fenced() || self.vol.epoch.load(Ordering::Acquire) > self.epoch {
+            return Err(self.fence());
         }
         Ok(())
     }
@@ -445,12 +452,18 @@ impl Target {
         off: u64,
         len: u64,
     ) -> Result<(), IoError> {
+        // This node's replica is fenced like a remote one: the change runs under the volume's
+        // fence (shared), so a newer target's HELLO waits for it, and is refused once that HELLO
+        // raised the epoch.
         let local = async {
-            if self.local {
-                local.await
-            } else {
-                Ok(())
+            if !self.local {
+                return Ok(());
             }
+            let _f = self.vol.fence.read().await;
+            if !self.vol.admit_epoch(self.epoch) {
+                return Err(self.fence());
+            }
+            local.await
         };
         let (l, r) = tokio::join!(local, remote);
         let settled = self.settle(sent, r, off, len).await;

@@ -70,14 +70,43 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
     }
 }
 
+/// Marks a request one engine forwarded to another, which serves it itself (no second hop).
+const FORWARDED: &str = "x-strata-forwarded";
+
+/// How long the node that serves a volume may take to let it go in a clean handover.
+const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+type VolumeClient = pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>;
+
+/// `r` as a forwarded request.
+fn forwarded<T>(r: T) -> Request<T> {
+    let mut q = Request::new(r);
+    q.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    q
+}
+
+fn was_forwarded<T>(r: &Request<T>) -> bool {
+    r.metadata().contains_key(FORWARDED)
+}
+
 impl Sdk {
-    /// A volume attached on another node is snapshotted or cloned by that node (the write
-    /// barrier is there): a client to its engine's SDK, or None to do it here.
-    async fn forward_to_target(&self, name: &str) -> Result<Option<pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>>, Status> {
+    /// A change to a volume attached on another node is made by that node (its target holds
+    /// the write barrier and the clients): a client to its engine's SDK, or None to do it here
+    /// (detached, served here, or already forwarded once).
+    async fn forward_to_target<T>(&self, req: &Request<T>, name: &str) -> Result<Option<VolumeClient>, Status> {
+        if was_forwarded(req) {
+            return Ok(None);
+        }
         let e = self.engine.clone();
         let me = e.node.id.clone();
         let rec = self.engine.inspect(name)?.record;
         if rec.snapshot_of.is_some() || rec.target.is_empty() || rec.target == me {
+            return Ok(None);
+        }
+        // A target on a node that reads offline cannot answer: the engine's own rules apply
+        // here (a takeover, or a forced change).
+        let nodes = nodes_pb(&self.engine).map_err(|e| Status::unavailable(e.to_string()))?;
+        if nodes.iter().any(|n| n.id == rec.target && n.status == "offline") {
             return Ok(None);
         }
         let (target, t) = (rec.target.clone(), rec.target);
@@ -86,10 +115,47 @@ impl Sdk {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(VolumeError::from)?
             .ok_or_else(|| Status::failed_precondition(format!("volume {name} is served by node {target}, whose SDK address is unknown")))?;
-        let c = pb::volume_service_client::VolumeServiceClient::connect(addr.clone())
+        let ch = tonic::transport::Endpoint::from_shared(addr.clone())
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(std::time::Duration::from_secs(60));
+        let c = ch
+            .connect()
             .await
             .map_err(|e| Status::unavailable(format!("volume {name} is served by node {target}, whose engine ({addr}) cannot be reached: {e}")))?;
-        Ok(Some(c))
+        Ok(Some(VolumeClient::new(c)))
+    }
+
+    /// Before attaching here without force: a volume attached on another node that is up is
+    /// handed over cleanly when no client uses it there (that node detaches it: its target
+    /// stops, and the attach here starts a new epoch); in use there, it is refused. A node that
+    /// reads offline is left to the takeover rules of `Engine::attach`.
+    async fn hand_over<T>(&self, req: &Request<T>, name: &str) -> Result<(), Status> {
+        let owner = self.engine.inspect(name)?.record.target;
+        let unreachable = |why: &str| {
+            Status::failed_precondition(format!(
+                "volume {name} is attached on node {owner}, which reads online but cannot be asked to let it go ({why}); once the node reads offline an attach takes it over, or pass --force to take it over now"
+            ))
+        };
+        let mut c = match self.forward_to_target(req, name).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(unreachable(s.message())),
+        };
+        let ask = c.detach(forwarded(pb::DetachVolumeRequest { name: name.to_string(), force: false }));
+        let answer = tokio::time::timeout(HANDOVER_TIMEOUT, ask).await.map_err(|_| unreachable("no answer within 5 s"))?;
+        match answer {
+            Ok(_) => {
+                tracing::info!(volume = %name, from = %owner, "volume handed over: detached on its previous node");
+                Ok(())
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => Err(Status::failed_precondition(format!(
+                "volume {name} is in use on node {owner} ({}); stop its user there first, or pass --force to take it over",
+                s.message()
+            ))),
+            Err(s) => Err(Status::unavailable(format!("volume {name}: asking node {owner} to detach it failed: {}", s.message()))),
+        }
     }
 }
 
@@ -121,6 +187,9 @@ impl pb::volume_service_server::VolumeService for Sdk {
     }
 
     async fn update(&self, req: Request<pb::UpdateVolumeRequest>) -> Result<Response<pb::UpdateVolumeResponse>, Status> {
+        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().name).await? {
+            return c.update(forwarded(req.into_inner())).await;
+        }
         let r = req.into_inner();
         let size = (r.size_bytes != 0).then_some(r.size_bytes);
         let qos = crate::volume::QosUpdate {
@@ -134,12 +203,18 @@ impl pb::volume_service_server::VolumeService for Sdk {
     }
 
     async fn delete(&self, req: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().name).await? {
+            return c.delete(forwarded(req.into_inner())).await;
+        }
         let r = req.into_inner();
         self.engine.delete(&r.name, r.force).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
     async fn attach(&self, req: Request<pb::AttachVolumeRequest>) -> Result<Response<pb::AttachVolumeResponse>, Status> {
+        if !req.get_ref().force {
+            self.hand_over(&req, &req.get_ref().name).await?;
+        }
         let r = req.into_inner();
         let passphrase = (!r.passphrase.is_empty()).then_some(r.passphrase.as_slice());
         let v = self.engine.attach(&r.name, r.force, passphrase).await?;
@@ -147,7 +222,15 @@ impl pb::volume_service_server::VolumeService for Sdk {
     }
 
     async fn ha_update(&self, req: Request<pb::HaUpdateRequest>) -> Result<Response<pb::HaUpdateResponse>, Status> {
+        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().name).await? {
+            return c.ha_update(forwarded(req.into_inner())).await;
+        }
         let r = req.into_inner();
+        // Replicas change through a target (it rebuilds the new ones): a detached volume is
+        // attached here for that, and stays attached while they fill.
+        if self.engine.inspect(&r.name)?.record.target.is_empty() {
+            self.engine.attach(&r.name, false, None).await?;
+        }
         let node = (!r.node.is_empty()).then_some(r.node);
         let v = self.engine.ha_update(&r.name, r.repl, node).await?;
         Ok(Response::new(pb::HaUpdateResponse { volume: Some(to_pb(&self.engine, v)) }))
@@ -163,10 +246,10 @@ impl pb::volume_service_server::VolumeService for Sdk {
     }
 
     async fn snapshot_create(&self, req: Request<pb::SnapshotCreateRequest>) -> Result<Response<pb::SnapshotCreateResponse>, Status> {
-        let r = req.into_inner();
-        if let Some(mut c) = self.forward_to_target(&r.volume).await? {
-            return c.snapshot_create(r).await;
+        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().volume).await? {
+            return c.snapshot_create(forwarded(req.into_inner())).await;
         }
+        let r = req.into_inner();
         let v = self.engine.snapshot(&r.volume, &r.name, r.labels.into_iter().collect()).await?;
         Ok(Response::new(pb::SnapshotCreateResponse { snapshot: Some(to_pb(&self.engine, v)) }))
     }
@@ -188,15 +271,18 @@ impl pb::volume_service_server::VolumeService for Sdk {
     }
 
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::CloneVolumeResponse>, Status> {
-        let r = req.into_inner();
-        if let Some(mut c) = self.forward_to_target(&r.source).await? {
-            return c.clone_volume(r).await;
+        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().source).await? {
+            return c.clone_volume(forwarded(req.into_inner())).await;
         }
+        let r = req.into_inner();
         let v = self.engine.clone_volume(&r.source, &r.name, r.labels.into_iter().collect()).await?;
         Ok(Response::new(pb::CloneVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
     async fn restore(&self, req: Request<pb::RestoreVolumeRequest>) -> Result<Response<pb::RestoreVolumeResponse>, Status> {
+        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().name).await? {
+            return c.restore(forwarded(req.into_inner())).await;
+        }
         let r = req.into_inner();
         let v = self.engine.restore(&r.name, &r.snapshot).await?;
         Ok(Response::new(pb::RestoreVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))

@@ -12,7 +12,15 @@ impl Engine {
     /// Starts serving a replicated volume here: announces the epoch to its replicas and starts
     /// resync for the ones out of sync.
     /// `verify`: the previous target may have died with writes in flight; compare the replicas.
+    ///
+    /// Atomic: whatever served the volume here before stops first, and the volume is served
+    /// again only once the new target runs at the record's epoch; a failed start leaves it
+    /// unserved (there is no local-only write path).
     pub(super) async fn start_target(&self, handle: Arc<Volume>, rec: &VolumeRecord, verify: bool) -> Result<(), VolumeError> {
+        handle.served.store(false, Ordering::Release);
+        if let Some(old) = handle.target.write().take() {
+            old.close();
+        }
         let meta = self.meta.clone();
         let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
         let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
@@ -35,7 +43,7 @@ impl Engine {
         let meta = self.meta.clone();
         let Ok(Ok(all)) = tokio::task::spawn_blocking(move || meta.list_volumes()).await else { return };
         for rec in all.into_iter().map(|r| r.normalized(&me)) {
-            if rec.target != me || rec.replicas == [me.clone()] || rec.pending.is_some() {
+            if rec.target != me || rec.pending.is_some() || rec.snapshot_of.is_some() {
                 continue;
             }
             let Some(h) = self.volume(&rec.name) else { continue };
@@ -114,7 +122,7 @@ impl Engine {
         let next = self.meta.update_volume(&next)?.normalized(&me);
         let handle = {
             let mut vols = self.volumes.write();
-            let h = vols.entry(name.to_string()).or_insert_with(|| Arc::new(Self::handle(&next, &me))).clone();
+            let h = vols.entry(name.to_string()).or_insert_with(|| Arc::new(Self::handle(&next))).clone();
             h.epoch.fetch_max(next.epoch, Ordering::AcqRel);
             h.size.fetch_max(next.size, Ordering::AcqRel);
             h.deleted.store(false, Ordering::Release);
@@ -123,14 +131,7 @@ impl Engine {
         if let Some(k) = key {
             handle.set_key(k);
         }
-        if next.replicas == [me.clone()] {
-            handle.served.store(true, Ordering::Release);
-        } else {
-            if let Some(old) = handle.target.write().take() {
-                old.close();
-            }
-            self.start_target(handle, &next, !rec.clean).await?;
-        }
+        self.start_target(handle, &next, !rec.clean).await?;
         tracing::info!(volume = %name, epoch = next.epoch, previous = %rec.target, "volume attached here");
         let fresh = self.meta.get_volume(name)?.unwrap_or(next);
         self.info_of(fresh)
@@ -169,13 +170,51 @@ impl Engine {
         self.info_of(rec)
     }
 
-    /// Claims a volume for an NBD client (only where it is served).
+    /// Claims a volume for an NBD client (only where its target runs).
     pub fn connect(&self, name: &str) -> Option<Connection> {
         let v = self.volumes.read().get(name).cloned()?;
-        if v.is_deleted() || !v.is_served() || v.target().is_some_and(|t| t.is_fenced()) || (v.secure && !v.has_key()) {
+        let running = v.target().is_some_and(|t| !t.is_fenced() && !t.is_closed());
+        if v.is_deleted() || !v.is_served() || !running || (v.secure && !v.has_key()) {
             return None;
         }
         v.connections.fetch_add(1, Ordering::AcqRel);
         Some(Connection { volume: v })
+    }
+
+    /// Claims a volume for an NBD client opening it here: a detached volume is attached here
+    /// first (as `host attach` would); a volume served by another node is not taken from it.
+    /// The error says why the export cannot be opened.
+    pub async fn open(&self, name: &str) -> Result<Connection, String> {
+        if let Some(c) = self.connect(name) {
+            return Ok(c);
+        }
+        self.describe(name).await?;
+        self.attach(name, false, None).await.map_err(|e| e.to_string())?;
+        self.connect(name).ok_or_else(|| format!("volume {name} is attached here but not served (its target stopped); retry"))
+    }
+
+    /// The size of a volume an NBD client could open here (served here, or detached), or why
+    /// it cannot.
+    pub async fn describe(&self, name: &str) -> Result<u64, String> {
+        if let Some(v) = self.volume(name).filter(|v| v.is_served()) {
+            return Ok(v.size());
+        }
+        let rec = match self.meta_get(name).await {
+            Ok(Some(r)) => r.normalized(&self.node.id),
+            Ok(None) => return Err(format!("no volume named {name:?}")),
+            Err(e) => return Err(format!("volume {name}: {e}")),
+        };
+        if rec.snapshot_of.is_some() {
+            return Err(format!("{name} is a snapshot and is not served; clone it and open the clone"));
+        }
+        if !rec.target.is_empty() && rec.target != self.node.id {
+            return Err(format!("volume {name} is attached on node {}; open it there, or attach it here first (stratactl host attach {name})", rec.target));
+        }
+        Ok(rec.size)
+    }
+
+    async fn meta_get(&self, name: &str) -> Result<Option<VolumeRecord>, crate::meta::MetaError> {
+        let (meta, name) = (self.meta.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || meta.get_volume(&name)).await.map_err(|e| crate::meta::MetaError::Store(e.to_string()))?
     }
 }

@@ -32,6 +32,8 @@ pub enum IoError {
     ReadOnly(String),
     #[error("{} block(s) of 4 KiB fail their checksum, the first at byte {} of the volume", .0.len(), .0.first().copied().unwrap_or(0))]
     Corrupt(Vec<u64>),
+    #[error("volume {0} is not served by this node (detached, or moved to another node)")]
+    NotServed(String),
 }
 
 impl IoError {
@@ -203,16 +205,15 @@ impl Engine {
     /// A read of what the volume stores (ciphertext, for an encrypted volume): from this node's
     /// replica, or through the target from another node's.
     pub(super) async fn read_stored(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
-        match v.target() {
-            Some(t) if !t.local => t.read_remote(self, offset, len).await,
-            Some(t) if t.is_fenced() => Err(IoError::Replication(crate::replication::target::TargetError::Fenced(v.name.clone()))),
-            t => {
-                let r = self.read_local(v, offset, len).await;
-                match (r, t) {
-                    (Err(IoError::Corrupt(_)), Some(t)) if !t.peers.is_empty() => t.repair_read(self, offset, len).await,
-                    (r, _) => r,
-                }
-            }
+        // There is no local-only path: a volume is read only through its running target.
+        let t = v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?;
+        if !t.local {
+            return t.read_remote(self, offset, len).await;
+        }
+        t.admit_local()?;
+        match self.read_local(v, offset, len).await {
+            Err(IoError::Corrupt(_)) if !t.peers.is_empty() => t.repair_read(self, offset, len).await,
+            r => r,
         }
     }
 
@@ -382,13 +383,9 @@ impl Engine {
 
     /// Stores `data` (ciphertext, for an encrypted volume) through the target, or on this node.
     pub(super) async fn write_stored(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
-        match v.target() {
-            Some(t) => {
-                let a = aligned(offset, data.len() as u64);
-                t.write(self, offset, data, fua, a).await
-            }
-            None => self.write_local(v, offset, data, fua).await,
-        }
+        let t = v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?;
+        let a = aligned(offset, data.len() as u64);
+        t.write(self, offset, data, fua, a).await
     }
 
     /// A write to this node's replica.
@@ -425,10 +422,7 @@ impl Engine {
     /// FLUSH: every write completed before is durable on every device.
     pub async fn flush(&self, v: &Volume) -> Result<(), IoError> {
         v.stats.flush_ops.fetch_add(1, Relaxed);
-        match v.target() {
-            Some(t) => t.flush(self).await,
-            None => self.flush_local(v).await,
-        }
+        v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?.flush(self).await
     }
 
     /// FLUSH of this node's replica.
@@ -455,7 +449,7 @@ impl Engine {
         v.qos.admit(true, 0).await;
         let r = match v.target() {
             Some(t) => t.zero(self, offset, len, punch, fua).await,
-            None => self.zero_local(v, offset, len, punch, fua).await,
+            None => Err(IoError::NotServed(v.name.clone())),
         };
         self.data_changed(v);
         if r.is_err() {

@@ -315,7 +315,7 @@ impl Engine {
                 engine.forget_replica(rec)?;
                 continue;
             }
-            engine.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(rec, &me)));
+            engine.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(rec)));
         }
         // Replicas taken from this node while it was down (the record says so): free their data.
         for rec in all.iter().filter(|r| r.dropped.contains(&me) && !r.has_replica(&me)) {
@@ -388,11 +388,11 @@ impl Engine {
         self.self_ref.get().and_then(|w| w.upgrade())
     }
 
-    fn handle(rec: &VolumeRecord, me: &str) -> Volume {
+    fn handle(rec: &VolumeRecord) -> Volume {
         Volume {
             epoch: AtomicU64::new(rec.epoch),
-            // Replicated volumes are served once their target is running (`start_targets`).
-            served: AtomicBool::new(rec.target == me && rec.replicas == [me]),
+            // Served once its target runs here (`attach`, `start_targets`).
+            served: AtomicBool::new(false),
             target: RwLock::new(None),
             fence: tokio::sync::RwLock::new(()),
             secure: rec.secure.is_some(),
@@ -475,24 +475,23 @@ impl Engine {
             node: me.clone(),
             in_sync: replicas.clone(),
             replicas,
-            target: me.clone(),
+            // Created detached: the node where it is used attaches it (CSI NodeStage, `host
+            // attach`, or an NBD client opening it).
+            target: String::new(),
             epoch: 1,
-            clean: false,
+            clean: true,
             dropped: Vec::new(),
             secure: key.as_ref().map(|(params, _)| params.clone()),
             snapshot_of: None,
         };
         let rec = self.meta.create_volume(rec)?;
-        let handle = Arc::new(Self::handle(&rec, &me));
+        let handle = Arc::new(Self::handle(&rec));
         if let Some((_, k)) = key {
             handle.set_key(k);
         }
-        self.volumes.write().insert(rec.name.clone(), handle.clone());
-        if rec.replicas != [me.clone()] {
-            if let Err(e) = self.start_target(handle, &rec, false).await {
-                tracing::warn!(volume = %name, "created, but serving it failed: {e}");
-            }
-        }
+        // Kept here even without a local replica: it holds the key of an encrypted volume, so
+        // attaching here needs no passphrase again.
+        self.volumes.write().insert(rec.name.clone(), handle);
         tracing::info!(volume = %name, size, replicas = ?rec.replicas, "volume created");
         self.info_of(rec)
     }

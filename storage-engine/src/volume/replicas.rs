@@ -59,7 +59,7 @@ impl Engine {
             return None;
         }
         let mut vols = self.volumes.write();
-        Some(vols.entry(rec.name.clone()).or_insert_with(|| Arc::new(Self::handle(&rec, me))).clone())
+        Some(vols.entry(rec.name.clone()).or_insert_with(|| Arc::new(Self::handle(&rec))).clone())
     }
 
     /// The crc32c of each allocated extent of this node's replica of `name`, by logical extent.
@@ -242,14 +242,6 @@ impl Engine {
             Some(t) => Some(t.region_lock.write().await),
             None => None,
         };
-        if let Some(t) = &old {
-            t.close();
-        }
-        *handle.target.write() = None;
-        if rec.replicas == [self.node.id.clone()] {
-            handle.served.store(true, Ordering::Release);
-            return Ok(());
-        }
         self.start_target(handle, rec, false).await
     }
 }

@@ -35,12 +35,15 @@ where
         match opt {
             OPT_EXPORT_NAME => {
                 let name = parse_export_name(&payload)?;
-                return match engine.connect(&name) {
-                    Some(conn) => {
+                return match engine.open(&name).await {
+                    Ok(conn) => {
                         s.write_all(&export_name_reply(conn.volume.size(), EXPORT_FLAGS, client.no_zeroes)).await?;
                         Ok(Some((s, conn)))
                     }
-                    None => Ok(None),
+                    Err(why) => {
+                        tracing::info!(export = %name, "NBD_OPT_EXPORT_NAME refused: {why}");
+                        Ok(None)
+                    }
                 };
             }
             OPT_ABORT => {
@@ -59,17 +62,20 @@ where
             }
             OPT_INFO | OPT_GO => match parse_info_request(&payload) {
                 Err(e) => encode_option_reply(&mut out, opt, REP_ERR_INVALID, e.to_string().as_bytes()),
-                Ok(req) => match engine.connect(&req.name) {
-                    None => {
-                        let msg = format!("no volume named {:?} on this node", req.name);
+                // GO claims the volume (attaching a detached one here); INFO only describes it.
+                Ok(req) => match if opt == OPT_GO {
+                    engine.open(&req.name).await.map(|c| (c.volume.size(), Some(c)))
+                } else {
+                    engine.describe(&req.name).await.map(|size| (size, None))
+                } {
+                    Err(msg) => {
                         encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, msg.as_bytes());
                     }
-                    Some(conn) => {
-                        let v = &conn.volume;
-                        encode_option_reply(&mut out, opt, REP_INFO, &info_export(v.size(), EXPORT_FLAGS));
+                    Ok((size, conn)) => {
+                        encode_option_reply(&mut out, opt, REP_INFO, &info_export(size, EXPORT_FLAGS));
                         for r in &req.requests {
                             match *r {
-                                INFO_NAME => encode_option_reply(&mut out, opt, REP_INFO, &info_name(&v.name)),
+                                INFO_NAME => encode_option_reply(&mut out, opt, REP_INFO, &info_name(&req.name)),
                                 INFO_DESCRIPTION => {
                                     encode_option_reply(&mut out, opt, REP_INFO, &info_description("Strata volume"))
                                 }
@@ -81,10 +87,10 @@ where
                         }
                         encode_option_reply(&mut out, opt, REP_ACK, &[]);
                         s.write_all(&out).await?;
-                        if opt == OPT_GO {
+                        if let Some(conn) = conn {
                             return Ok(Some((s, conn)));
                         }
-                        continue; // OPT_INFO: `conn` drops, releasing the claim.
+                        continue;
                     }
                 },
             },
