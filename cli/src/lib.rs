@@ -468,6 +468,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         zones: a.zones,
                         racks: a.racks,
                         secure: a.secure,
+                        ..Default::default()
                     };
                     let passphrase = passphrase(&a.passphrase_file)?;
                     if a.secure && passphrase.is_empty() {

@@ -91,8 +91,11 @@ pub fn ensure_fuse(state: &Path, volume: &str, ep: &crate::fusedisk::Endpoint) -
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Reaped by init once it exits; the mount is what tracks it.
-    std::mem::forget(child);
+    // The mount is what tracks the helper; a thread waits for it so that it does not stay a
+    // zombie of this plugin once it exits (at unstage).
+    std::thread::Builder::new().name(format!("reap-{volume}")).spawn(move || {
+        let _ = child.wait();
+    })?;
     Ok(file)
 }
 

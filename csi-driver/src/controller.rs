@@ -15,6 +15,12 @@ pub const DEFAULT_SIZE: i64 = 1 << 30;
 const ALIGN: i64 = 4096;
 pub const ZONE_KEY: &str = "topology.kubernetes.io/zone";
 pub const RACK_KEY: &str = "strata.dev/rack";
+/// Every node plugin reports its node under this key (NodeGetInfo), so topology-aware
+/// provisioning works without zone or rack labels.
+pub const NODE_KEY: &str = "topology.strata.dev/node";
+/// The Strata cluster a node belongs to: a volume is usable from every node of its cluster,
+/// which is the accessible topology CreateVolume reports.
+pub const CLUSTER_KEY: &str = "topology.strata.dev/cluster";
 
 pub struct Controller {
     pub sdk: Sdk,
@@ -133,7 +139,9 @@ fn csi_volume(v: &pb::Volume, fs: &str) -> csi::Volume {
     let spec = v.spec.clone().unwrap_or_default();
     let mut ctx = HashMap::new();
     ctx.insert("repl".to_string(), spec.repl.to_string());
-    ctx.insert("fs".to_string(), fs.to_string());
+    if !fs.is_empty() {
+        ctx.insert("fs".to_string(), fs.to_string());
+    }
     csi::Volume { capacity_bytes: spec.size_bytes as i64, volume_id: v.name.clone(), volume_context: ctx, content_source: None, accessible_topology: vec![] }
 }
 
@@ -147,19 +155,21 @@ fn condition(v: &pb::Volume) -> csi::VolumeCondition {
     }
 }
 
-/// Zones and racks a topology requirement allows (requisite segments).
-fn topology_filters(req: Option<&csi::TopologyRequirement>) -> (Vec<String>, Vec<String>) {
-    let mut zones = Vec::new();
-    let mut racks = Vec::new();
-    for t in req.map(|r| r.requisite.as_slice()).unwrap_or_default() {
-        if let Some(z) = t.segments.get(ZONE_KEY) {
-            zones.push(z.clone());
-        }
-        if let Some(r) = t.segments.get(RACK_KEY) {
-            racks.push(r.clone());
-        }
-    }
-    (zones, racks)
+/// The node a topology requirement prefers (WaitForFirstConsumer: the node the scheduler
+/// selected), for the first replica and the target. Accessibility requirements say where the
+/// volume must be usable from, and a Strata volume is usable from every node, so they never
+/// restrict where the other replicas go (the StorageClass's `nodes`/`zones`/`racks` do).
+pub fn preferred_node(req: Option<&csi::TopologyRequirement>) -> Option<String> {
+    req?.preferred.iter().find_map(|t| t.segments.get(NODE_KEY).cloned())
+}
+
+/// The accessible topology of a new volume: its whole cluster, when the CO's topology carries
+/// the cluster key (every node of the cluster matches it, nodes added later included); none
+/// otherwise, which leaves the volume usable everywhere.
+fn accessible_topology(req: Option<&csi::TopologyRequirement>) -> Vec<csi::Topology> {
+    let Some(r) = req else { return vec![] };
+    let cluster = r.preferred.iter().chain(&r.requisite).find_map(|t| t.segments.get(CLUSTER_KEY).cloned());
+    cluster.map(|c| csi::Topology { segments: [(CLUSTER_KEY.to_string(), c)].into() }).into_iter().collect()
 }
 
 /// A page of sorted names: the token is the name to start from (stable under creations and
@@ -209,6 +219,7 @@ impl Controller {
         }
         let mut out = csi_volume(&v, &p.fs);
         out.content_source = Some(src.content());
+        out.accessible_topology = accessible_topology(r.accessibility_requirements.as_ref());
         Ok(out)
     }
 }
@@ -257,17 +268,11 @@ impl csi::controller_server::Controller for Controller {
             }
             let mut out = csi_volume(&v, &p.fs);
             out.content_source = source.as_ref().map(Source::content);
+            out.accessible_topology = accessible_topology(r.accessibility_requirements.as_ref());
             return Ok(Response::new(csi::CreateVolumeResponse { volume: Some(out) }));
         }
         if let Some(src) = source {
             return self.create_from(&r, &p, src).await.map(|v| Response::new(csi::CreateVolumeResponse { volume: Some(v) }));
-        }
-        let (mut zones, mut racks) = topology_filters(r.accessibility_requirements.as_ref());
-        if !p.zones.is_empty() {
-            zones = p.zones.clone();
-        }
-        if !p.racks.is_empty() {
-            racks = p.racks.clone();
         }
         let spec = pb::VolumeSpec {
             size_bytes: size as u64,
@@ -275,9 +280,10 @@ impl csi::controller_server::Controller for Controller {
             labels: p.labels.clone().into_iter().collect(),
             qos: Some(pb::QosLimits { rd_iops: p.rd_iops, wr_iops: p.wr_iops, rd_bw: p.rd_bw, wr_bw: p.wr_bw }),
             nodes: p.nodes.clone(),
-            zones,
-            racks,
+            zones: p.zones.clone(),
+            racks: p.racks.clone(),
             secure: p.secure,
+            preferred_node: preferred_node(r.accessibility_requirements.as_ref()).unwrap_or_default(),
         };
         let created = self.sdk.volumes().create(pb::CreateVolumeRequest { name: r.name.clone(), spec: Some(spec), passphrase }).await;
         let v = match created {
@@ -288,7 +294,9 @@ impl csi::controller_server::Controller for Controller {
             Err(s) if s.code() == Code::FailedPrecondition => return Err(Status::resource_exhausted(s.message().to_string())),
             Err(s) => return Err(map_sdk(s)),
         };
-        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(csi_volume(&v, &p.fs)) }))
+        let mut out = csi_volume(&v, &p.fs);
+        out.accessible_topology = accessible_topology(r.accessibility_requirements.as_ref());
+        Ok(Response::new(csi::CreateVolumeResponse { volume: Some(out) }))
     }
 
     async fn delete_volume(&self, req: Request<csi::DeleteVolumeRequest>) -> Result<Response<csi::DeleteVolumeResponse>, Status> {

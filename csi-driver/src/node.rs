@@ -6,7 +6,7 @@
 
 use crate::attach::{self, AttachError};
 use crate::kernelnbd;
-use crate::controller::{RACK_KEY, ZONE_KEY};
+use crate::controller::{CLUSTER_KEY, NODE_KEY, RACK_KEY, ZONE_KEY};
 use crate::sdk::Sdk;
 use crate::inflight::InFlight;
 use std::collections::HashMap;
@@ -61,6 +61,24 @@ fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: bool) -> Resu
     Ok(kernelnbd::device(i))
 }
 
+/// The filesystem to stage with: the StorageClass's `fs` (in the volume context) when it set
+/// one, since the provisioner fills the capability's fsType with its own default; else the
+/// capability's fsType; else ext4.
+pub fn stage_fs(class_fs: Option<&str>, cap_fs: &str) -> String {
+    match class_fs.filter(|f| !f.is_empty()) {
+        Some(f) => f.to_string(),
+        None if !cap_fs.is_empty() => cap_fs.to_string(),
+        None => "ext4".into(),
+    }
+}
+
+/// Whether a published volume path is a raw block volume: a block device node (bind-mounted
+/// device) or a plain file, as opposed to a directory with a filesystem mounted.
+pub fn is_block_path(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).map(|m| m.file_type().is_block_device() || m.is_file()).unwrap_or(false)
+}
+
 fn internal(e: AttachError) -> Status {
     Status::internal(e.to_string())
 }
@@ -113,7 +131,7 @@ impl csi::node_server::Node for Node {
             .attach(pb::AttachVolumeRequest { name: id.clone(), force: false, passphrase })
             .await
             .map_err(|s| if s.code() == Code::FailedPrecondition { Status::failed_precondition(s.message().to_string()) } else { s })?;
-        let fs = if fs.is_empty() { r.volume_context.get("fs").cloned().filter(|f| !f.is_empty()).unwrap_or_else(|| "ext4".into()) } else { fs };
+        let fs = stage_fs(r.volume_context.get("fs").map(String::as_str), &fs);
         let (state, ep, kernel) = (self.state_dir.clone(), self.nbd.clone(), self.kernel_nbd);
         blocking(move || {
             let dev = ensure_device(&state, &id, &ep, kernel)?;
@@ -275,7 +293,11 @@ impl csi::node_server::Node for Node {
         if let Some(want) = r.capacity_range.as_ref().map(|c| c.required_bytes).filter(|b| *b as u64 > size) {
             return Err(Status::failed_precondition(format!("volume {id} is {size} bytes, less than the {want} asked for: expand it through the controller first")));
         }
-        let block = matches!(r.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()), Some(csi::volume_capability::AccessType::Block(_))) || path.is_file();
+        let block = match r.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()) {
+            Some(csi::volume_capability::AccessType::Block(_)) => true,
+            Some(csi::volume_capability::AccessType::Mount(_)) => false,
+            None => is_block_path(&path),
+        };
         let mountpoint = if r.staging_target_path.is_empty() { path.clone() } else { PathBuf::from(&r.staging_target_path) };
         let state = self.state_dir.clone();
         let capacity = blocking(move || {
@@ -315,12 +337,13 @@ impl csi::node_server::Node for Node {
         Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities: caps }))
     }
 
-    /// The node id, and its zone and rack as the engine registered them (topology keys
-    /// `topology.kubernetes.io/zone` and `strata.dev/rack`).
+    /// The node id and its topology: always the node (`topology.strata.dev/node`) and the
+    /// cluster (`topology.strata.dev/cluster`), plus its zone and rack as the engine registered
+    /// them (`topology.kubernetes.io/zone`, `strata.dev/rack`).
     async fn node_get_info(&self, _: Request<csi::NodeGetInfoRequest>) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
-        let nodes = self.sdk.nodes().await.map_err(crate::sdk::unavailable)?;
-        let mut segments = HashMap::new();
-        if let Some(n) = nodes.iter().find(|n| n.id == self.node_id) {
+        let status = self.sdk.status().await.map_err(crate::sdk::unavailable)?;
+        let mut segments = HashMap::from([(NODE_KEY.to_string(), self.node_id.clone()), (CLUSTER_KEY.to_string(), status.cluster_id.clone())]);
+        if let Some(n) = status.nodes.iter().find(|n| n.id == self.node_id) {
             if !n.zone.is_empty() {
                 segments.insert(ZONE_KEY.to_string(), n.zone.clone());
             }
@@ -331,7 +354,7 @@ impl csi::node_server::Node for Node {
         Ok(Response::new(csi::NodeGetInfoResponse {
             node_id: self.node_id.clone(),
             max_volumes_per_node: self.max_volumes,
-            accessible_topology: (!segments.is_empty()).then_some(csi::Topology { segments }),
+            accessible_topology: Some(csi::Topology { segments }),
         }))
     }
 }

@@ -8,7 +8,9 @@ use strata_api::units::parse_size;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VolumeParams {
     pub repl: u32,
-    /// ext4 (default) or xfs.
+    /// ext4 or xfs (Portworx's `fs`); empty when the StorageClass does not say, and then the
+    /// CO's fsType decides (ext4 when it gives none). When set it wins over the CO's fsType,
+    /// which the provisioner fills with its own default.
     pub fs: String,
     pub io_profile: Option<String>,
     pub priority_io: Option<String>,
@@ -60,7 +62,7 @@ fn flag(key: &str, v: &str) -> Result<bool, ParamError> {
 }
 
 pub fn parse(params: &HashMap<String, String>) -> Result<VolumeParams, ParamError> {
-    let mut p = VolumeParams { repl: 1, fs: "ext4".into(), ..Default::default() };
+    let mut p = VolumeParams { repl: 1, ..Default::default() };
     let mut keys: Vec<&String> = params.keys().collect();
     keys.sort();
     for k in keys {

@@ -282,6 +282,163 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     }
 }
 
+fn topo(pairs: &[(&str, &str)]) -> csi::Topology {
+    csi::Topology { segments: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+}
+
+/// What a Kubernetes user does first: a PVC provisioned through the controller on node-1
+/// (WaitForFirstConsumer picked node-2), its pod on node-2, then moved to node-1 — with the
+/// kubelet's calls, on the operator's defaults (no zones, no racks).
+#[test]
+fn a_pvc_created_through_one_node_is_used_on_another_and_follows_its_pod() {
+    let c = Cluster::start(2, "2GiB");
+    let dir = strata_e2e::tempdir();
+    let ctl = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let n1 = node_plugin(&c, 0, dir.path());
+    let n2 = node_plugin(&c, 1, dir.path());
+    let mut cc = ControllerClient::new(ctl.ch.clone());
+
+    // NodeGetInfo always carries topology: the node and the cluster (no zone labels here).
+    let info = n2.rt.block_on(NodeClient::new(n2.ch.clone()).node_get_info(csi::NodeGetInfoRequest {})).unwrap().into_inner();
+    let seg = info.accessible_topology.expect("topology without zone or rack labels").segments;
+    assert_eq!(seg.get("topology.strata.dev/node").map(String::as_str), Some("node-2"));
+    let cluster = seg.get("topology.strata.dev/cluster").cloned().expect("cluster key");
+    assert!(!cluster.is_empty());
+
+    // The provisioner's request: the selected node preferred, every node requisite, its own
+    // default fsType (ext4) while the StorageClass says `fs: xfs`.
+    let all = vec![topo(&[("topology.strata.dev/node", "node-1"), ("topology.strata.dev/cluster", &cluster)]), topo(&[("topology.strata.dev/node", "node-2"), ("topology.strata.dev/cluster", &cluster)])];
+    let req = csi::CreateVolumeRequest {
+        name: "pvc-a".into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 320 * MIB, limit_bytes: 0 }),
+        volume_capabilities: vec![cap_fs(false, "ext4")],
+        parameters: [("repl".to_string(), "1".to_string()), ("fs".to_string(), "xfs".to_string())].into(),
+        accessibility_requirements: Some(csi::TopologyRequirement { requisite: all.clone(), preferred: vec![all[1].clone(), all[0].clone()] }),
+        ..Default::default()
+    };
+    let vol = ctl.rt.block_on(cc.create_volume(req)).unwrap().into_inner().volume.unwrap();
+    assert_eq!(vol.accessible_topology, vec![topo(&[("topology.strata.dev/cluster", &cluster)])], "usable from the whole cluster");
+    let v = c.sdk(0).inspect("pvc-a").unwrap();
+    assert_eq!(v.replica_nodes, vec!["node-2"], "the replica goes to the preferred node");
+    assert_eq!(v.attached_node, "", "creating does not attach");
+
+    // Pod on node-2: stage with the CO's ext4, and the StorageClass's xfs is what gets made.
+    let ctx = vol.volume_context.clone();
+    let stage_ctx = |n: &Csi, vol: &str, staging: &Path| {
+        n.rt.block_on(NodeClient::new(n.ch.clone()).node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: staging.to_string_lossy().into(),
+            volume_capability: Some(cap_fs(false, "ext4")),
+            volume_context: ctx.clone(),
+            ..Default::default()
+        }))
+        .map(|_| ())
+    };
+    let (st2, tg2) = (dir.path().join("st-2"), dir.path().join("pods/p2/mount"));
+    stage_ctx(&n2, "pvc-a", &st2).unwrap();
+    let dev = strata_csi::attach::mount_source(&st2).unwrap();
+    assert_eq!(strata_csi::attach::fs_type(&dev).unwrap().as_deref(), Some("xfs"), "the StorageClass's fs decides");
+    publish(&n2, "pvc-a", &st2, &tg2, false, false).unwrap();
+    std::fs::write(tg2.join("data.txt"), b"written on node-2").unwrap();
+    let stats = n2.rt.block_on(NodeClient::new(n2.ch.clone()).node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "pvc-a".into(), volume_path: tg2.to_string_lossy().into(), ..Default::default() })).unwrap().into_inner();
+    assert_eq!(stats.usage.len(), 2);
+    // In use on node-2: node-1 cannot take it without the pod leaving.
+    let (st1, tg1) = (dir.path().join("st-1"), dir.path().join("pods/p1/mount"));
+    let e = stage_ctx(&n1, "pvc-a", &st1).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("in use on node node-2"), "{}", e.message());
+    unpublish(&n2, "pvc-a", &tg2);
+    unstage(&n2, "pvc-a", &st2);
+
+    // The pod moves to node-1: its data is there.
+    stage_ctx(&n1, "pvc-a", &st1).unwrap();
+    publish(&n1, "pvc-a", &st1, &tg1, false, false).unwrap();
+    assert_eq!(std::fs::read(tg1.join("data.txt")).unwrap(), b"written on node-2");
+    std::fs::write(tg1.join("more.txt"), b"and on node-1").unwrap();
+    unpublish(&n1, "pvc-a", &tg1);
+    unstage(&n1, "pvc-a", &st1);
+
+    // Attached on node-1 with no client (say a `host attach` left behind): node-2 still gets
+    // it, by a clean handover (no --force).
+    c.sdk(0).attach("pvc-a", false).unwrap();
+    stage_ctx(&n2, "pvc-a", &st2).unwrap();
+    publish(&n2, "pvc-a", &st2, &tg2, false, false).unwrap();
+    assert_eq!(std::fs::read(tg2.join("more.txt")).unwrap(), b"and on node-1");
+    let v = c.sdk(0).inspect("pvc-a").unwrap();
+    assert_eq!(v.attached_node, "node-2");
+    unpublish(&n2, "pvc-a", &tg2);
+    unstage(&n2, "pvc-a", &st2);
+
+    // Raw block on node-2, grown, then NodeExpandVolume without a capability: the device file
+    // says it is a block volume (no resize2fs on it).
+    ctl.rt
+        .block_on(cc.create_volume(csi::CreateVolumeRequest {
+            name: "pvc-blk".into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 64 * MIB, limit_bytes: 0 }),
+            volume_capabilities: vec![cap(true)],
+            parameters: [("repl".to_string(), "2".to_string())].into(),
+            ..Default::default()
+        }))
+        .unwrap();
+    let (stb, tb) = (dir.path().join("st-b"), dir.path().join("pods/pb/dev"));
+    stage(&n2, "pvc-blk", &stb, true).unwrap();
+    publish(&n2, "pvc-blk", &stb, &tb, true, false).unwrap();
+    ctl.rt
+        .block_on(cc.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: "pvc-blk".into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 96 * MIB, limit_bytes: 0 }),
+            volume_capability: Some(cap(true)),
+            ..Default::default()
+        }))
+        .unwrap();
+    let grown = n2
+        .rt
+        .block_on(NodeClient::new(n2.ch.clone()).node_expand_volume(csi::NodeExpandVolumeRequest {
+            volume_id: "pvc-blk".into(),
+            volume_path: tb.to_string_lossy().into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: 96 * MIB, limit_bytes: 0 }),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 96 * MIB);
+    let mut f = std::fs::File::open(&tb).unwrap();
+    assert_eq!(f.seek(SeekFrom::End(0)).unwrap(), 96 * MIB as u64);
+    drop(f);
+    unpublish(&n2, "pvc-blk", &tb);
+    unstage(&n2, "pvc-blk", &stb);
+
+    // The controller (on node-1's engine) deletes a volume last attached on node-2 with no
+    // client there (forwarded to node-2), and one that is detached.
+    c.sdk(1).attach("pvc-blk", false).unwrap();
+    for v in ["pvc-a", "pvc-blk"] {
+        ctl.rt.block_on(cc.delete_volume(csi::DeleteVolumeRequest { volume_id: v.into(), ..Default::default() })).unwrap();
+    }
+    for i in 0..2 {
+        assert_eq!(c.sdk(i).pool().used_bytes, 0, "space returned on node-{}", i + 1);
+    }
+    // The FUSE helpers of unstaged volumes were reaped: no zombie children of the plugins.
+    for n in [&n1, &n2] {
+        let zombies = zombie_children(n.pid());
+        assert!(zombies.is_empty(), "zombie helpers of the node plugin: {zombies:?}");
+    }
+}
+
+/// Children of `pid` in state Z.
+fn zombie_children(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let f: Vec<&str> = rest.split(' ').collect();
+        if f.first() == Some(&"Z") && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(stat);
+        }
+    }
+    out
+}
+
 #[test]
 fn a_staged_volume_keeps_working_across_an_engine_restart() {
     let mut c = Cluster::start(1, "1GiB");

@@ -12,6 +12,12 @@ pub struct Csi {
     pub ch: Channel,
 }
 
+impl Csi {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Csi {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -167,7 +167,8 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let labels: BTreeMap<String, String> = spec.labels.into_iter().collect();
         let q = spec.qos.unwrap_or_default();
         let qos = crate::qos::Limits { rd_iops: q.rd_iops, wr_iops: q.wr_iops, rd_bw: q.rd_bw, wr_bw: q.wr_bw };
-        let placement = crate::volume::PlacementSpec { nodes: spec.nodes, zones: spec.zones, racks: spec.racks };
+        let prefer = (!spec.preferred_node.is_empty()).then_some(spec.preferred_node);
+        let placement = crate::volume::PlacementSpec { nodes: spec.nodes, zones: spec.zones, racks: spec.racks, prefer };
         if spec.secure && r.passphrase.is_empty() {
             return Err(Status::invalid_argument("an encrypted volume (secure) needs a passphrase or key file"));
         }

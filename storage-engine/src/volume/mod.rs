@@ -230,6 +230,8 @@ pub struct PlacementSpec {
     pub nodes: Vec<String>,
     pub zones: Vec<String>,
     pub racks: Vec<String>,
+    /// The node for the first replica when eligible (else this node).
+    pub prefer: Option<String>,
 }
 
 pub struct Engine {

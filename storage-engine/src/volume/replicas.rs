@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Engine {
-    /// Chooses the nodes for `repl` replicas (this node first when it is eligible), none of
+    /// Chooses the nodes for `repl` replicas (the preferred node, else this node, first when it
+    /// is eligible), none of
     /// them in `exclude` (the nodes that already hold one).
     pub(super) async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec, exclude: &[String]) -> Result<Vec<String>, VolumeError> {
         use crate::cluster::placement::{place, Candidate, Request};
@@ -26,7 +27,7 @@ impl Engine {
                 Candidate { online: state == crate::meta::NodeState::Online, zone: n.zone, rack: n.rack, capacity, provisioned, id: n.id }
             })
             .collect();
-        let req = Request { repl, size, nodes: spec.nodes.clone(), zones: spec.zones.clone(), racks: spec.racks.clone(), prefer: Some(me.clone()), exclude: exclude.to_vec() };
+        let req = Request { repl, size, nodes: spec.nodes.clone(), zones: spec.zones.clone(), racks: spec.racks.clone(), prefer: Some(spec.prefer.clone().unwrap_or_else(|| me.clone())), exclude: exclude.to_vec() };
         place(&cands, &req).map_err(|e| {
             let hint = if cands.len() < repl as usize { "; add nodes (engines on one etcd) or lower repl" } else { "" };
             VolumeError::FailedPrecondition(format!("{e}{hint}"))
