@@ -32,6 +32,18 @@ pub trait Cluster: Send + Sync {
     /// Pods bound to a node, in every namespace.
     async fn pods_on_node(&self, node: &str) -> Result<Vec<Pod>, String>;
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), String>;
+    /// Deletes a pod with no grace period (its node will never confirm the deletion).
+    async fn force_delete_pod(&self, namespace: &str, name: &str) -> Result<(), String>;
+    /// Deletes the VolumeAttachments of our driver on `node` for the given volume handles
+    /// (so the attach/detach controller does not wait for a dead node). Returns their names.
+    async fn delete_volume_attachments(&self, node: &str, handles: &[String]) -> Result<Vec<String>, String>;
+}
+
+/// The name of the one Event per pod and reason (updated with a count on repeats).
+pub fn event_name(pod: &str, reason: &str) -> String {
+    let mut name = format!("{pod}.strata-{}", reason.to_ascii_lowercase());
+    name.truncate(253);
+    name
 }
 
 pub struct Kube {
@@ -78,11 +90,34 @@ impl Cluster for Kube {
         Ok(out)
     }
 
+    /// One Event per pod and reason: created the first time, then updated (count, last time,
+    /// message) instead of a new Event per scheduling attempt.
     async fn record_event(&self, pod: &Pod, reason: &str, message: &str) -> Result<(), String> {
         let ns = if pod.metadata.namespace.is_empty() { "default".to_string() } else { pod.metadata.namespace.clone() };
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+        let name = event_name(&pod.metadata.name, reason);
+        let api: Api<core::Event> = Api::namespaced(self.client.clone(), &ns);
+        let uid = (!pod.metadata.uid.is_empty()).then(|| pod.metadata.uid.clone());
+        if let Some(mut ev) = api.get_opt(&name).await.map_err(|e| format!("reading event {ns}/{name}: {e}"))? {
+            if ev.involved_object.uid == uid {
+                ev.count = Some(ev.count.unwrap_or(1) + 1);
+            } else {
+                // A new pod of the same name (a StatefulSet's): its own count.
+                ev.involved_object.uid = uid;
+                ev.count = Some(1);
+                ev.first_timestamp = Some(now.clone());
+            }
+            ev.last_timestamp = Some(now);
+            ev.message = Some(message.into());
+            return match api.replace(&name, &PostParams::default(), &ev).await {
+                Ok(_) => Ok(()),
+                // Updated concurrently by another attempt: that one counted.
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(format!("updating event {ns}/{name}: {e}")),
+            };
+        }
         let ev = core::Event {
-            metadata: kube::api::ObjectMeta { generate_name: Some(format!("{}.", pod.metadata.name)), namespace: Some(ns.clone()), ..Default::default() },
+            metadata: kube::api::ObjectMeta { name: Some(name), namespace: Some(ns.clone()), ..Default::default() },
             involved_object: core::ObjectReference {
                 kind: Some("Pod".into()),
                 api_version: Some("v1".into()),
@@ -100,8 +135,11 @@ impl Cluster for Kube {
             count: Some(1),
             ..Default::default()
         };
-        let api: Api<core::Event> = Api::namespaced(self.client.clone(), &ns);
-        api.create(&PostParams::default(), &ev).await.map(|_| ()).map_err(|e| format!("recording event: {e}"))
+        match api.create(&PostParams::default(), &ev).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(format!("recording event: {e}")),
+        }
     }
 
     async fn pods_on_node(&self, node: &str) -> Result<Vec<Pod>, String> {
@@ -114,5 +152,39 @@ impl Cluster for Kube {
     async fn delete_pod(&self, namespace: &str, name: &str) -> Result<(), String> {
         let pods: Api<core::Pod> = Api::namespaced(self.client.clone(), namespace);
         pods.delete(name, &DeleteParams::default()).await.map(|_| ()).map_err(|e| format!("deleting pod {namespace}/{name}: {e}"))
+    }
+
+    async fn force_delete_pod(&self, namespace: &str, name: &str) -> Result<(), String> {
+        let pods: Api<core::Pod> = Api::namespaced(self.client.clone(), namespace);
+        match pods.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(format!("force-deleting pod {namespace}/{name}: {e}")),
+        }
+    }
+
+    async fn delete_volume_attachments(&self, node: &str, handles: &[String]) -> Result<Vec<String>, String> {
+        use k8s_openapi::api::storage::v1::VolumeAttachment;
+        let vas: Api<VolumeAttachment> = Api::all(self.client.clone());
+        let pvs: Api<core::PersistentVolume> = Api::all(self.client.clone());
+        let list = vas.list(&ListParams::default()).await.map_err(|e| format!("listing volume attachments: {e}"))?;
+        let mut deleted = Vec::new();
+        for va in list.items {
+            if va.spec.attacher != DRIVER || va.spec.node_name != node {
+                continue;
+            }
+            let Some(pv_name) = va.spec.source.persistent_volume_name.clone() else { continue };
+            let handle = pvs.get_opt(&pv_name).await.map_err(|e| format!("reading PV {pv_name}: {e}"))?.and_then(|pv| pv.spec).and_then(|s| s.csi).map(|c| c.volume_handle);
+            if !handle.is_some_and(|h| handles.contains(&h)) {
+                continue;
+            }
+            let name = va.metadata.name.clone().unwrap_or_default();
+            match vas.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => deleted.push(name),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(format!("deleting volume attachment {name}: {e}")),
+            }
+        }
+        Ok(deleted)
     }
 }

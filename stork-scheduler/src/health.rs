@@ -1,7 +1,10 @@
 //! Storage health monitor: moves pods off a node only when its storage is really gone — the
 //! engine is Offline in the metadata store AND its data port is unreachable — continuously for
 //! a grace period. A cycle in which the metadata store or the API server cannot be read decides
-//! nothing, so a control-plane blip never evicts anyone. Deletions are rate-limited.
+//! nothing, so a control-plane blip never evicts anyone. Deletions are rate-limited. A pod
+//! already terminating is not deleted again: its node will never confirm the deletion, so once
+//! it has been terminating for the grace period it is force-deleted and its volumes'
+//! VolumeAttachments on that node are removed (as STORK does), within the same per-round bound.
 
 use crate::cluster::Cluster;
 use crate::extender::Metrics;
@@ -52,6 +55,8 @@ pub struct Monitor {
     pub storage: Arc<dyn StorageView>,
     pub metrics: Arc<Metrics>,
     down_since: BTreeMap<String, Instant>,
+    /// Pods ("namespace/name/uid") on gone nodes first seen terminating at.
+    terminating_since: BTreeMap<String, Instant>,
 }
 
 /// Can we open a TCP connection to the node's data port?
@@ -61,10 +66,11 @@ pub async fn reachable(addr: &str, timeout: Duration) -> bool {
 
 impl Monitor {
     pub fn new(cfg: MonitorConfig, cluster: Arc<dyn Cluster>, storage: Arc<dyn StorageView>, metrics: Arc<Metrics>) -> Monitor {
-        Monitor { cfg, cluster, storage, metrics, down_since: BTreeMap::new() }
+        Monitor { cfg, cluster, storage, metrics, down_since: BTreeMap::new(), terminating_since: BTreeMap::new() }
     }
 
-    /// One round. Returns the pods deleted ("namespace/name").
+    /// One round. Returns the pods deleted ("namespace/name"; force-deleted ones as
+    /// "namespace/name (forced)").
     pub async fn tick(&mut self, now: Instant) -> Vec<String> {
         let nodes = match self.storage.nodes().await {
             Ok(n) => n,
@@ -81,6 +87,7 @@ impl Monitor {
         }
         let gone = decide(now, &mut self.down_since, &obs, self.cfg.grace);
         let mut deleted = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
         for node in gone {
             let pods = match self.cluster.pods_on_node(&node).await {
                 Ok(p) => p,
@@ -93,25 +100,53 @@ impl Monitor {
                 if deleted.len() >= self.cfg.max_evictions_per_cycle {
                     return deleted;
                 }
-                match self.cluster.pod_volumes(&pod).await {
-                    Ok(v) if !v.is_empty() => {}
+                let ns = if pod.metadata.namespace.is_empty() { "default" } else { &pod.metadata.namespace };
+                let key = format!("{ns}/{}/{}", pod.metadata.name, pod.metadata.uid);
+                if pod.metadata.deletion_timestamp.is_some() {
+                    seen.insert(key.clone());
+                    let since = *self.terminating_since.entry(key.clone()).or_insert(now);
+                    if now.duration_since(since) < self.cfg.grace {
+                        continue; // deleted already; the kubelet of a dead node never confirms it
+                    }
+                }
+                let volumes = match self.cluster.pod_volumes(&pod).await {
+                    Ok(v) if !v.is_empty() => v,
                     Ok(_) => continue,
                     Err(e) => {
                         tracing::info!("health monitor: cannot read volumes of pod {}: {e}", pod.metadata.name);
                         continue;
                     }
+                };
+                if pod.metadata.deletion_timestamp.is_some() {
+                    match self.cluster.force_delete_pod(ns, &pod.metadata.name).await {
+                        Ok(()) => {
+                            match self.cluster.delete_volume_attachments(&node, &volumes).await {
+                                Ok(vas) if !vas.is_empty() => tracing::warn!(node = %node, attachments = ?vas, "deleted volume attachments on a node whose storage is gone"),
+                                Ok(_) => {}
+                                Err(e) => tracing::warn!("health monitor: {e}"),
+                            }
+                            tracing::warn!(node = %node, pod = %pod.metadata.name, "storage gone on node: force-deleted a pod stuck terminating");
+                            self.metrics.evictions.fetch_add(1, Relaxed);
+                            deleted.push(format!("{ns}/{} (forced)", pod.metadata.name));
+                        }
+                        Err(e) => tracing::warn!("health monitor: {e}"),
+                    }
+                    continue;
                 }
-                let ns = if pod.metadata.namespace.is_empty() { "default" } else { &pod.metadata.namespace };
                 match self.cluster.delete_pod(ns, &pod.metadata.name).await {
                     Ok(()) => {
                         tracing::warn!(node = %node, pod = %pod.metadata.name, "storage gone on node: deleted pod so it reschedules");
                         self.metrics.evictions.fetch_add(1, Relaxed);
                         deleted.push(format!("{ns}/{}", pod.metadata.name));
+                        seen.insert(key.clone());
+                        self.terminating_since.insert(key, now);
                     }
                     Err(e) => tracing::warn!("health monitor: {e}"),
                 }
             }
         }
+        // Pods no longer seen terminating (gone, or their node came back) are forgotten.
+        self.terminating_since.retain(|k, _| seen.contains(k));
         deleted
     }
 

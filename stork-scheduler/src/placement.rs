@@ -10,8 +10,6 @@ const TIER_RACK: i64 = 7;
 const TIER_ZONE: i64 = 5;
 const TIER_REGION: i64 = 3;
 const TIER_ELSEWHERE: i64 = 0;
-/// Subtracted from a node whose Strata storage is down (the engine runs, its pool does not).
-pub const STORAGE_DOWN_PENALTY: i64 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Storage {
@@ -63,12 +61,13 @@ impl Preferences {
     }
 }
 
+/// The filter's answer. It fails closed, like STORK: a node that cannot serve the pod's data
+/// is in `failed` with the reason, and a volume with no online replica fails every node (never
+/// an extender error, which kube-scheduler may ignore).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FilterOutcome {
     pub passed: Vec<String>,
     pub failed: BTreeMap<String, String>,
-    /// Set when the pod cannot run anywhere (a volume has no online replica).
-    pub error: Option<String>,
 }
 
 /// One reason per volume none of whose replicas is on an online node.
@@ -93,7 +92,9 @@ pub fn filter(vols: &[VolumePlacement], nodes: &[Candidate], known: &[Candidate]
         let reason = match n.storage {
             Storage::Offline => Some("Strata is offline on this node".to_string()),
             Storage::NotRunning => Some("Strata is not running on this node".to_string()),
-            Storage::Online | Storage::StorageDown => None,
+            Storage::StorageDown => Some("Strata's storage is down on this node".to_string()),
+            Storage::Online if !unavailable.is_empty() => Some(unavailable.join("; ")),
+            Storage::Online => None,
         };
         let reason = reason.or_else(|| {
             if !prefs.prefer_local_only || prefs.disable_hyperconvergence {
@@ -109,9 +110,6 @@ pub fn filter(vols: &[VolumePlacement], nodes: &[Candidate], known: &[Candidate]
             }
             None => out.passed.push(n.name.clone()),
         }
-    }
-    if !unavailable.is_empty() {
-        out.error = Some(unavailable.join("; "));
     }
     out
 }
@@ -138,8 +136,9 @@ fn tier(node: &Candidate, replicas: &[&Candidate]) -> i64 {
 }
 
 /// Scores in 0..=MAX_SCORE: per volume the best tier of any replica relative to the node,
-/// averaged over volumes; StorageDown nodes lose [`STORAGE_DOWN_PENALTY`]. `known` holds every
-/// node the cluster knows (replicas may sit on nodes that are not candidates).
+/// averaged over volumes (replicas on nodes whose Strata is not online do not count); a node whose Strata is not online (offline, storage down, not
+/// running) scores 0. `known` holds every node the cluster knows (replicas may sit on nodes
+/// that are not candidates).
 pub fn score(vols: &[VolumePlacement], candidates: &[Candidate], known: &[Candidate], prefs: Preferences) -> Vec<(String, i64)> {
     candidates
         .iter()
@@ -150,13 +149,14 @@ pub fn score(vols: &[VolumePlacement], candidates: &[Candidate], known: &[Candid
                 let sum: i64 = vols
                     .iter()
                     .map(|v| {
-                        let reps: Vec<&Candidate> = v.replicas.iter().filter_map(|r| known.iter().find(|k| &k.name == r)).collect();
+                        // Only a replica that serves counts: being next to a dead one is worth nothing.
+                        let reps: Vec<&Candidate> = v.replicas.iter().filter_map(|r| known.iter().find(|k| &k.name == r && k.storage == Storage::Online)).collect();
                         tier(n, &reps)
                     })
                     .sum();
                 sum / vols.len() as i64
             };
-            let s = if n.storage == Storage::StorageDown { base - STORAGE_DOWN_PENALTY } else { base };
+            let s = if n.storage == Storage::Online { base } else { 0 };
             (n.name.clone(), s.clamp(0, MAX_SCORE))
         })
         .collect()
@@ -205,10 +205,12 @@ mod tests {
     }
 
     #[test]
-    fn storage_down_is_penalised_and_scores_stay_in_range() {
-        let s = scores(&[vol("v", &["f"])], Preferences::default());
-        assert_eq!(s["f"], 10 - STORAGE_DOWN_PENALTY, "replica there, but its storage is down");
-        assert_eq!(s["a"], 7, "a healthy node in the same rack beats it");
+    fn nodes_whose_strata_is_not_online_score_zero_and_scores_stay_in_range() {
+        let s = scores(&[vol("v", &["f", "g", "h"])], Preferences::default());
+        assert_eq!((s["f"], s["g"], s["h"]), (0, 0, 0), "replicas there, but storage down / offline / not running");
+        assert_eq!(s["a"], 0, "next to replicas that do not serve is worth nothing");
+        let s = scores(&[vol("v", &["f", "b"])], Preferences::default());
+        assert_eq!((s["f"], s["b"], s["a"]), (0, 10, 7), "the serving replica counts");
         assert!(s.values().all(|v| (0..=MAX_SCORE).contains(v)));
     }
 
@@ -227,28 +229,30 @@ mod tests {
         let c = cluster();
         let f = filter(&[], &c, &c, Preferences::default());
         assert_eq!(f.passed.len(), c.len());
-        assert!(f.failed.is_empty() && f.error.is_none());
+        assert!(f.failed.is_empty());
         assert!(score(&[], &c, &c, Preferences::default()).iter().all(|(_, s)| *s == 0));
     }
 
     #[test]
-    fn offline_and_not_running_nodes_are_filtered_with_reasons() {
+    fn offline_storage_down_and_not_running_nodes_are_filtered_with_reasons() {
         let f = filter(&[vol("v", &["a"])], &cluster(), &cluster(), Preferences::default());
         assert_eq!(f.failed["g"], "Strata is offline on this node");
         assert_eq!(f.failed["h"], "Strata is not running on this node");
-        assert!(f.passed.contains(&"f".to_string()), "StorageDown passes the filter (penalised in scoring)");
-        assert!(f.error.is_none());
+        assert_eq!(f.failed["f"], "Strata's storage is down on this node");
+        assert_eq!(f.passed, vec!["a", "b", "c", "d", "e"]);
     }
 
     #[test]
-    fn no_online_replica_is_an_error_that_names_the_volume() {
+    fn no_online_replica_fails_every_node_with_a_reason_naming_the_volume() {
         let f = filter(&[vol("pvc-1", &["g", "h"])], &cluster(), &cluster(), Preferences::default());
-        let e = f.error.expect("error");
+        assert!(f.passed.is_empty(), "fails closed: {:?}", f.passed);
+        assert_eq!(f.failed.len(), cluster().len());
+        let e = &f.failed["a"];
         assert!(e.contains("pvc-1") && e.contains("no online replica") && e.contains("g, h"), "{e}");
         // A replica on an online node outside the candidate list keeps the volume available.
         let candidates: Vec<Candidate> = cluster().into_iter().filter(|c| c.name != "a").collect();
         let f = filter(&[vol("pvc-2", &["a", "g"])], &candidates, &cluster(), Preferences::default());
-        assert!(f.error.is_none(), "{:?}", f.error);
+        assert_eq!(f.passed, vec!["b", "c", "d", "e"]);
     }
 
     #[test]

@@ -38,6 +38,12 @@ impl Cluster for FakeCluster {
     async fn delete_pod(&self, _ns: &str, _name: &str) -> Result<(), String> {
         Ok(())
     }
+    async fn force_delete_pod(&self, _ns: &str, _name: &str) -> Result<(), String> {
+        Ok(())
+    }
+    async fn delete_volume_attachments(&self, _node: &str, _handles: &[String]) -> Result<Vec<String>, String> {
+        Ok(vec![])
+    }
 }
 
 struct FakeStorage {
@@ -60,6 +66,11 @@ fn topo(zone: &str, rack: &str) -> Topology {
 }
 
 fn setup() -> (Arc<FakeCluster>, axum::Router) {
+    setup_with(&[("n1", "online"), ("n2", "online"), ("n3", "online"), ("n4", "offline")])
+}
+
+/// The pod's volume pvc-1111 has its replica on n1; Strata knows `nodes` in these states.
+fn setup_with(nodes: &[(&str, &str)]) -> (Arc<FakeCluster>, axum::Router) {
     let mut claims = BTreeMap::new();
     claims.insert("data-web-0".to_string(), "pvc-1111".to_string());
     let topology: BTreeMap<String, Topology> =
@@ -67,7 +78,7 @@ fn setup() -> (Arc<FakeCluster>, axum::Router) {
     let cluster = Arc::new(FakeCluster { claims, topology, events: Mutex::new(vec![]) });
     let node = |id: &str, status: &str| StorageNode { id: id.into(), status: status.into(), data_address: "127.0.0.1:1".into() };
     let storage = Arc::new(FakeStorage {
-        nodes: vec![node("n1", "online"), node("n2", "online"), node("n3", "online"), node("n4", "offline")],
+        nodes: nodes.iter().map(|(id, status)| node(id, status)).collect(),
         replicas: [("pvc-1111".to_string(), vec!["n1".to_string()])].into_iter().collect(),
     });
     let ext = Arc::new(Extender { cluster: cluster.clone(), storage, metrics: Arc::new(Metrics::default()) });
@@ -199,4 +210,64 @@ async fn malformed_requests_get_400_with_a_reason() {
     assert!(text.contains("strata_stork_bad_requests_total 10"), "{text}");
     let req = Request::post("/filters").body(Body::empty()).unwrap();
     assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::NOT_FOUND, "routes match exactly");
+}
+
+/// kube-scheduler skips an extender that answers with an Error when it is `ignorable`, and then
+/// binds pods to the dead node: the filter must fail the nodes instead, and prioritize must give
+/// the dead node nothing.
+#[tokio::test]
+async fn a_dead_replica_node_fails_closed_with_reasons_and_scores_zero() {
+    // The replica's engine is offline: no node can serve the data.
+    let (cluster, app) = setup_with(&[("n1", "offline"), ("n2", "online"), ("n3", "online"), ("n4", "storage_down")]);
+    let args = serde_json::json!({"Pod": pod_json("data-web-0", serde_json::json!({})), "Nodes": node_list()});
+    for _ in 0..3 {
+        let (st, body) = call(&app, "/filter", args.to_string()).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(r["Error"], "", "never an Error, which an ignorable extender's caller would skip");
+        assert!(r["Nodes"]["items"].as_array().unwrap().is_empty(), "{body}");
+        let failed = r["FailedNodes"].as_object().unwrap();
+        assert_eq!(failed.len(), 5, "{body}");
+        assert_eq!(failed["n1"], "Strata is offline on this node");
+        assert_eq!(failed["n4"], "Strata's storage is down on this node");
+        let why = failed["n2"].as_str().unwrap();
+        assert!(why.contains("pvc-1111") && why.contains("no online replica"), "{why}");
+    }
+    let (_, body) = call(&app, "/prioritize", args.to_string()).await;
+    let scores: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let s: BTreeMap<String, i64> = scores.iter().map(|h| (h["Host"].as_str().unwrap().to_string(), h["Score"].as_i64().unwrap())).collect();
+    assert_eq!(s["n1"], 0, "the dead replica node scores nothing");
+    assert_eq!(s["n4"], 0, "storage down scores nothing");
+    let ev = cluster.events.lock().unwrap().clone();
+    assert!(ev.iter().all(|(reason, _)| reason == "FailedScheduling" || reason == "NonOptimumScheduling"), "{ev:?}");
+    assert!(ev.iter().any(|(_, m)| m.contains("no online replica")), "{ev:?}");
+
+    // Only the replica's node has its storage down: it is filtered out, and with no other
+    // replica online so is every other node.
+    let (_, app) = setup_with(&[("n1", "storage_down"), ("n2", "online"), ("n3", "online")]);
+    let (_, body) = call(&app, "/filter", args.to_string()).await;
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["FailedNodes"]["n1"], "Strata's storage is down on this node");
+    assert!(r["Nodes"]["items"].as_array().unwrap().is_empty(), "its only replica is down: {body}");
+    let (_, body) = call(&app, "/prioritize", args.to_string()).await;
+    let scores: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(scores.iter().all(|h| h["Score"] == 0), "{body}");
+}
+
+#[tokio::test]
+async fn strata_unreachable_fails_every_node_for_a_pod_with_strata_volumes() {
+    let (cluster, app) = setup_with(&[("n1", "online")]);
+    // A claim bound to a volume Strata does not know: its placement cannot be read.
+    let mut claims = cluster.claims.clone();
+    claims.insert("lost".into(), "pvc-unknown".into());
+    let cluster = Arc::new(FakeCluster { claims, topology: cluster.topology.clone(), events: Mutex::new(vec![]) });
+    let storage = Arc::new(FakeStorage { nodes: vec![], replicas: BTreeMap::new() });
+    let app2 = router(Arc::new(Extender { cluster, storage, metrics: Arc::new(Metrics::default()) }));
+    drop(app);
+    let args = serde_json::json!({"Pod": pod_json("lost", serde_json::json!({})), "NodeNames": ["n1", "n2"]});
+    let (_, body) = call(&app2, "/filter", args.to_string()).await;
+    let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["Error"], "");
+    assert_eq!(r["NodeNames"], serde_json::json!([]));
+    assert!(r["FailedNodes"]["n1"].as_str().unwrap().contains("pvc-unknown"), "{body}");
 }

@@ -74,24 +74,40 @@ async fn pod_volumes_follow_pvc_to_pv_and_skip_unbound_and_foreign_claims() {
     assert_eq!(vols, vec!["pvc-1111".to_string()]);
 }
 
+/// Answers the next request with `status` and the request's own body; returns that body.
+async fn echo(handle: &mut ApiHandle, method: Method, path: &str, status: u16) -> serde_json::Value {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.expect("a request in time").expect("request");
+    assert_eq!(req.method(), method, "{}", req.uri());
+    assert_eq!(req.uri().path(), path);
+    let body = axum::body::to_bytes(axum::body::Body::new(req.into_body()), 1 << 20).await.unwrap();
+    send.send_response(Response::builder().status(status).body(Body::from(body.to_vec())).unwrap());
+    serde_json::from_slice(&body).unwrap()
+}
+
 #[tokio::test]
-async fn events_are_created_on_the_pod() {
+async fn one_event_per_pod_and_reason_counts_repeats() {
     let (client, mut api) = mock_client();
     let kube = Kube { client };
-    let p: Pod = serde_json::from_value(pod("shop", "web-0", &["data"])).unwrap();
+    let mut p: Pod = serde_json::from_value(pod("shop", "web-0", &["data"])).unwrap();
+    p.metadata.uid = "u-1".into();
     let server = tokio::spawn(async move {
-        let (req, send) = api.next_request().await.unwrap();
-        assert_eq!(req.method(), Method::POST);
-        assert_eq!(req.uri().path(), "/api/v1/namespaces/shop/events");
-        let body = axum::body::to_bytes(axum::body::Body::new(req.into_body()), 1 << 20).await.unwrap();
-        let ev: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let path = "/api/v1/namespaces/shop/events/web-0.strata-failedscheduling";
+        expect(&mut api, Method::GET, path, None, 404, not_found("event")).await;
+        let ev = echo(&mut api, Method::POST, "/api/v1/namespaces/shop/events", 201).await;
+        assert_eq!(ev["metadata"]["name"], "web-0.strata-failedscheduling");
         assert_eq!(ev["reason"], "FailedScheduling");
         assert_eq!(ev["involvedObject"]["name"], "web-0");
         assert_eq!(ev["involvedObject"]["kind"], "Pod");
+        assert_eq!(ev["count"], 1);
         assert!(ev["message"].as_str().unwrap().contains("pvc-1111"));
-        send.send_response(Response::builder().status(201).body(Body::from(body.to_vec())).unwrap());
+        // The second attempt updates the same Event.
+        expect(&mut api, Method::GET, path, None, 200, ev).await;
+        let ev = echo(&mut api, Method::PUT, path, 200).await;
+        assert_eq!(ev["count"], 2);
+        assert!(ev["message"].as_str().unwrap().contains("still"));
     });
     kube.record_event(&p, "FailedScheduling", "volume pvc-1111 has no online replica").await.unwrap();
+    kube.record_event(&p, "FailedScheduling", "volume pvc-1111 still has no online replica").await.unwrap();
     server.await.unwrap();
 }
 
@@ -153,6 +169,43 @@ async fn monitor_deletes_exactly_the_strata_pods_after_the_grace_period() {
     let mut api = server.await.unwrap();
     assert_eq!(deleted, vec!["shop/db-0".to_string()]);
     assert_eq!(metrics.evictions.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // The dead node's kubelet never confirms: the pod stays Terminating. It is not deleted
+    // again every round...
+    let terminating = || {
+        let mut p = pod("shop", "db-0", &["data"]);
+        p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [p]})
+    };
+    let server = tokio::spawn(async move {
+        expect(&mut api, Method::GET, "/api/v1/pods", Some("fieldSelector=spec.nodeName=n4"), 200, terminating()).await;
+        api
+    });
+    assert!(m.tick(t0 + Duration::from_secs(90)).await.is_empty(), "a terminating pod is not deleted again");
+    let mut api = server.await.unwrap();
+    // ...but once it has been terminating for the grace period it is force-deleted, and its
+    // volume's VolumeAttachment on the dead node goes too (not another node's, not another driver's).
+    let server = tokio::spawn(async move {
+        expect(&mut api, Method::GET, "/api/v1/pods", Some("fieldSelector=spec.nodeName=n4"), 200, terminating()).await;
+        expect(&mut api, Method::GET, "/api/v1/namespaces/shop/persistentvolumeclaims/data", None, 200, pvc("shop", "data", Some("pv-1"))).await;
+        expect(&mut api, Method::GET, "/api/v1/persistentvolumes/pv-1", None, 200, pv("pv-1", "csi.strata.dev", "pvc-1111")).await;
+        let (req, send) = api.next_request().await.unwrap();
+        assert_eq!((req.method(), req.uri().path()), (&Method::DELETE, "/api/v1/namespaces/shop/pods/db-0"));
+        let body = axum::body::to_bytes(axum::body::Body::new(req.into_body()), 1 << 20).await.unwrap();
+        let opts: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(opts["gracePeriodSeconds"], 0, "forced: {opts}");
+        send.send_response(Response::builder().status(200).body(Body::from(serde_json::to_vec(&pod("shop", "db-0", &["data"])).unwrap())).unwrap());
+        let va = |name: &str, node: &str, pv: &str, driver: &str| json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": name},
+            "spec": {"attacher": driver, "nodeName": node, "source": {"persistentVolumeName": pv}}});
+        let list = json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList", "metadata": {}, "items": [
+            va("csi-a", "n4", "pv-1", "csi.strata.dev"), va("csi-b", "n1", "pv-1", "csi.strata.dev"), va("csi-c", "n4", "pv-9", "other.csi")]});
+        expect(&mut api, Method::GET, "/apis/storage.k8s.io/v1/volumeattachments", None, 200, list).await;
+        expect(&mut api, Method::GET, "/api/v1/persistentvolumes/pv-1", None, 200, pv("pv-1", "csi.strata.dev", "pvc-1111")).await;
+        expect(&mut api, Method::DELETE, "/apis/storage.k8s.io/v1/volumeattachments/csi-a", None, 200, va("csi-a", "n4", "pv-1", "csi.strata.dev")).await;
+        api
+    });
+    let deleted = m.tick(t0 + Duration::from_secs(122)).await;
+    let mut api = server.await.unwrap();
+    assert_eq!(deleted, vec!["shop/db-0 (forced)".to_string()]);
     // The store blinks: no decision, no API call (the mock would see an unexpected request).
     storage.0.lock().unwrap().clear();
     assert!(m.tick(t0 + Duration::from_secs(120)).await.is_empty());

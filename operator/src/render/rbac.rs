@@ -43,7 +43,8 @@ fn accounts() -> Vec<(&'static str, &'static str, Vec<Value>, Vec<&'static str>)
             vec![
                 rule(&[""], &["pods"], &["get", "list", "watch", "delete"]),
                 rule(&[""], &["persistentvolumeclaims", "persistentvolumes", "nodes"], RO),
-                rule(&[""], &["events"], &["create", "patch"]),
+                rule(&[""], &["events"], &["get", "create", "update", "patch"]),
+                rule(&["storage.k8s.io"], &["volumeattachments"], &["get", "list", "delete"]),
             ],
             vec![],
         ),

@@ -11,7 +11,9 @@ const EXTENDER: &str = "stork";
 const SCHEDULER: &str = "scheduler";
 const PORT: u16 = 8099;
 
-/// The KubeSchedulerConfiguration of the `strata` profile.
+/// The KubeSchedulerConfiguration of the `strata` profile. The extender is not ignorable (as
+/// STORK ships it): it fails closed, so a pod is never bound to a node whose storage is dead
+/// because the extender could not be asked.
 pub fn scheduler_config(sc: &StorageCluster) -> String {
     format!(
         r#"apiVersion: kubescheduler.config.k8s.io/v1
@@ -29,7 +31,7 @@ extenders:
     weight: {weight}
     enableHTTPS: false
     nodeCacheCapable: false
-    ignorable: true
+    ignorable: false
 "#,
         ns = ns(sc),
         weight = sc.spec.stork.weight

@@ -46,19 +46,42 @@ fn storage_state(status: &str) -> Storage {
     }
 }
 
+/// Why a lookup failed: Kubernetes could not say which volumes the pod uses, or Strata could
+/// not say where they are (the pod uses Strata: the filter fails closed).
+enum LookupError {
+    Kube(String),
+    Strata(String),
+}
+
+impl std::fmt::Display for LookupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LookupError::Kube(e) | LookupError::Strata(e) => f.write_str(e),
+        }
+    }
+}
+
 impl Extender {
-    async fn lookup(&self, args: &ExtenderArgs) -> Result<Lookup, String> {
-        let handles = self.cluster.pod_volumes(&args.pod).await?;
+    async fn lookup(&self, args: &ExtenderArgs) -> Result<Lookup, LookupError> {
+        let handles = self.cluster.pod_volumes(&args.pod).await.map_err(LookupError::Kube)?;
         if handles.is_empty() {
             return Ok(Lookup { volumes: vec![], states: BTreeMap::new() });
         }
-        let nodes = self.storage.nodes().await?;
+        let nodes = self.storage.nodes().await.map_err(LookupError::Strata)?;
         let states = nodes.iter().map(|n| (n.id.clone(), storage_state(&n.status))).collect();
         let mut volumes = Vec::new();
         for h in handles {
-            volumes.push(VolumePlacement { replicas: self.storage.replicas(&h).await?, volume: h });
+            volumes.push(VolumePlacement { replicas: self.storage.replicas(&h).await.map_err(LookupError::Strata)?, volume: h });
         }
         Ok(Lookup { volumes, states })
+    }
+
+    /// The candidate node names of a request.
+    fn names(args: &ExtenderArgs) -> Vec<String> {
+        match &args.nodes {
+            Some(list) => list.items.iter().map(|n| n.metadata.name.clone()).collect(),
+            None => args.node_names.clone().unwrap_or_default(),
+        }
     }
 
     async fn candidates(&self, args: &ExtenderArgs, states: &BTreeMap<String, Storage>) -> Result<Vec<Candidate>, String> {
@@ -100,9 +123,22 @@ impl Extender {
         let prefs = Preferences::from_annotations(&args.pod.metadata.annotations);
         let lookup = match self.lookup(&args).await {
             Ok(l) => l,
-            Err(e) => {
+            Err(LookupError::Kube(e)) => {
                 self.metrics.lookup_errors.fetch_add(1, Relaxed);
                 return ExtenderFilterResult { error: format!("strata: {e}"), ..Default::default() };
+            }
+            Err(LookupError::Strata(e)) => {
+                // The pod uses Strata volumes whose state is unknown: no node is known to serve them.
+                self.metrics.lookup_errors.fetch_add(1, Relaxed);
+                let reason = format!("strata: cannot read where the pod's volumes are: {e}");
+                let _ = self.cluster.record_event(&args.pod, "FailedScheduling", &reason).await;
+                let failed = Self::names(&args).into_iter().map(|n| (n, reason.clone())).collect();
+                return ExtenderFilterResult {
+                    nodes: args.nodes.map(|_| NodeList { items: vec![] }),
+                    node_names: args.node_names.map(|_| vec![]),
+                    failed_nodes: failed,
+                    ..Default::default()
+                };
             }
         };
         if lookup.volumes.is_empty() {
@@ -120,10 +156,13 @@ impl Extender {
             .filter(|(n, _)| lookup.volumes.iter().any(|v| v.replicas.contains(n)))
             .map(|(n, r)| format!("{n}: {r}"))
             .collect();
-        let mut reasons: Vec<String> = out.error.iter().cloned().collect();
-        reasons.extend(replica_nodes_failed);
-        if !reasons.is_empty() {
-            let _ = self.cluster.record_event(&args.pod, "FailedScheduling", &format!("strata: cannot place the pod with its data: {}", reasons.join("; "))).await;
+        if out.passed.is_empty() {
+            let reasons: std::collections::BTreeSet<&str> = out.failed.values().map(String::as_str).collect();
+            let why = reasons.into_iter().collect::<Vec<_>>().join("; ");
+            let _ = self.cluster.record_event(&args.pod, "FailedScheduling", &format!("strata: no node can serve the pod's data: {why}")).await;
+        } else if !replica_nodes_failed.is_empty() {
+            let msg = format!("strata: nodes holding the pod's data cannot serve it: {}", replica_nodes_failed.join("; "));
+            let _ = self.cluster.record_event(&args.pod, "FailedScheduling", &msg).await;
         }
         let passed: std::collections::BTreeSet<&String> = out.passed.iter().collect();
         ExtenderFilterResult {
@@ -131,7 +170,7 @@ impl Extender {
             node_names: args.node_names.map(|_| out.passed.clone()),
             failed_nodes: out.failed,
             failed_and_unresolvable: BTreeMap::new(),
-            error: out.error.map(|e| format!("strata: {e}")).unwrap_or_default(),
+            error: String::new(),
         }
     }
 

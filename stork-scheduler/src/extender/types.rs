@@ -14,6 +14,9 @@ pub struct ObjectMeta {
     pub uid: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// Set once the pod is being deleted (RFC 3339).
+    #[serde(rename = "deletionTimestamp", skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
