@@ -58,8 +58,14 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
         all.push(FINALIZER.into());
         api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": all}}))).await?;
     }
+    let mut skipped = Vec::new();
     for obj in render::desired(&sc) {
-        apply(&ctx.client, &ns, &obj).await?;
+        match apply(&ctx.client, &ns, &obj).await {
+            // An optional object whose API the cluster does not serve (a ServiceMonitor without
+            // the Prometheus operator): skipped, and said in a condition.
+            Err(kube::Error::Api(e)) if e.code == 404 && render::optional(&obj) => skipped.push(format!("{} {}: the API {} is not served by this cluster", obj.api.kind, obj.name, obj.api.api_version)),
+            r => r?,
+        }
     }
     let pods = engine_pods(&ctx.client, &ns, &name).await?;
     let report = ctx.engines.report(&sc).await;
@@ -77,7 +83,8 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
             ctx.metrics.pods_replaced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    let status = status_of(&sc, &pods, &report, &step);
+    let mut status = status_of(&sc, &pods, &report, &step);
+    status.conditions.push(condition("OptionalObjects", skipped.is_empty(), if skipped.is_empty() { "Applied" } else { "APIMissing" }, skipped.join("; ")));
     let busy = status.phase != "Running";
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
     Ok(Action::requeue(if busy { REQUEUE_BUSY } else { REQUEUE }))
@@ -109,6 +116,7 @@ async fn engine_pods(client: &Client, ns: &str, instance: &str) -> Result<Vec<En
             EnginePod {
                 version: p.annotations().get("strata.dev/version").cloned().unwrap_or_default(),
                 node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+                terminating: p.metadata.deletion_timestamp.is_some(),
                 name: p.name_any(),
                 ready,
             }
@@ -154,7 +162,10 @@ pub fn status_of(sc: &StorageCluster, pods: &[EnginePod], report: &Result<crate:
     } else {
         "Running"
     };
-    StorageClusterStatus { phase: phase.into(), version: sc.version(), conditions, nodes }
+    // The version every engine runs: it changes only once the last one runs the new one.
+    let settled = !pods.is_empty() && pods.iter().all(|p| p.version == sc.version() && !p.terminating);
+    let version = if settled { sc.version() } else { sc.status.as_ref().map(|s| s.version.clone()).unwrap_or_default() };
+    StorageClusterStatus { phase: phase.into(), version, conditions, nodes }
 }
 
 /// Uninstall: deletes the cluster-scoped objects and, for UninstallAndWipe, runs the wipe

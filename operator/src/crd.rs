@@ -16,6 +16,9 @@ pub const FINALIZER: &str = "strata.dev/uninstall";
 #[kube(printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#)]
 #[kube(printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.version"}"#)]
 #[serde(rename_all = "camelCase")]
+// Every field below `spec.image` has a default (container-level `serde(default)` on the
+// nested structs), so a StorageCluster that names only some of a section's fields — as the Helm
+// chart's values do — passes the CRD's validation.
 pub struct StorageClusterSpec {
     /// Strata image (engine, CSI driver and extender share it), e.g. `ghcr.io/strata/strata:0.1.0`.
     pub image: String,
@@ -85,7 +88,7 @@ pub struct FileDevice {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Network {
     /// gRPC SDK port. Default 9020.
     pub sdk_port: u16,
@@ -115,7 +118,7 @@ pub struct Placement {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Csi {
     pub enabled: bool,
     #[serde(default)]
@@ -130,7 +133,7 @@ impl Default for Csi {
 
 /// The kubernetes-csi sidecars.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct CsiImages {
     pub provisioner: String,
     pub attacher: String,
@@ -154,7 +157,7 @@ impl Default for CsiImages {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Stork {
     pub enabled: bool,
     /// Extender weight in the scheduler profile. Default 5.
@@ -178,7 +181,7 @@ pub struct Monitoring {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct UpdateStrategy {
     /// `RollingUpdate` (the operator replaces engine pods itself, waiting for every volume to be
     /// back in sync between nodes) or `OnDelete` (you delete pods).

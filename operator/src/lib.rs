@@ -7,6 +7,7 @@ pub mod crd;
 pub mod metrics;
 pub mod render;
 pub mod status;
+pub mod uninstall;
 pub mod upgrade;
 
 /// The CRD as YAML, exactly as `crdgen` writes it into `charts/strata/crds/`.

@@ -15,9 +15,28 @@ struct Args {
     /// Watch StorageClusters in this namespace only. Default: all namespaces.
     #[arg(long, env = "STRATA_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
-    /// `/metrics` and `/healthz`. Default: 0.0.0.0:8080.
+    /// `/metrics` and `/healthz`.
     #[arg(long, env = "STRATA_OPERATOR_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     metrics_listen: std::net::SocketAddr,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Delete a StorageCluster and wait until the operator has finalized it (the chart's
+    /// pre-delete hook runs this, so `helm uninstall` removes everything in either order).
+    Uninstall {
+        /// The StorageCluster's name.
+        #[arg(long)]
+        name: String,
+        /// Its namespace.
+        #[arg(long, env = "POD_NAMESPACE")]
+        namespace: String,
+        /// Seconds to wait for the operator to finalize it.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
 }
 
 #[tokio::main]
@@ -25,6 +44,11 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into())).init();
     let args = Args::parse();
     let client = Client::try_default().await?;
+    if let Some(Cmd::Uninstall { name, namespace, timeout }) = args.cmd {
+        let t = std::time::Duration::from_secs(timeout);
+        strata_operator::uninstall::uninstall(client, &namespace, &name, t, std::time::Duration::from_secs(2)).await?;
+        return Ok(());
+    }
     let (clusters, daemonsets, deployments): (Api<StorageCluster>, Api<DaemonSet>, Api<Deployment>) = match &args.namespace {
         Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),

@@ -12,6 +12,8 @@ pub struct EnginePod {
     /// The `strata.dev/version` the pod was created with.
     pub version: String,
     pub ready: bool,
+    /// Being deleted (the DaemonSet has not replaced it yet): never deleted a second time.
+    pub terminating: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,14 +37,14 @@ pub struct VolumeSync {
 }
 
 pub fn next_step(pods: &[EnginePod], desired: &str, kind: UpdateKind, max_unavailable: u32, sync: &VolumeSync) -> Step {
-    let outdated: Vec<&EnginePod> = pods.iter().filter(|p| p.version != desired).collect();
+    let outdated: Vec<&EnginePod> = pods.iter().filter(|p| p.version != desired || p.terminating).collect();
     if outdated.is_empty() {
         return Step::Done;
     }
     if kind == UpdateKind::OnDelete {
         return Step::Manual(outdated.len());
     }
-    let unready: Vec<&EnginePod> = pods.iter().filter(|p| !p.ready).collect();
+    let unready: Vec<&EnginePod> = pods.iter().filter(|p| !p.ready || p.terminating).collect();
     let budget = (max_unavailable.max(1) as usize).saturating_sub(unready.len());
     if budget == 0 {
         return Step::Wait(format!("waiting for engine pod(s) {} to be ready", names(&unready)));
@@ -50,8 +52,9 @@ pub fn next_step(pods: &[EnginePod], desired: &str, kind: UpdateKind, max_unavai
     if !sync.not_in_sync.is_empty() {
         return Step::Wait(format!("waiting for volume(s) {} to be back in sync", sync.not_in_sync.join(", ")));
     }
-    // Unready outdated pods first (replacing them costs nothing), then by name for determinism.
-    let mut order = outdated;
+    // Unready outdated pods first (replacing them costs nothing), then by name for determinism;
+    // a pod already being deleted is waited for, not deleted again.
+    let mut order: Vec<&EnginePod> = outdated.into_iter().filter(|p| !p.terminating).collect();
     order.sort_by(|a, b| a.ready.cmp(&b.ready).then(a.name.cmp(&b.name)));
     Step::Replace(order.into_iter().take(budget).map(|p| p.name.clone()).collect())
 }
@@ -65,7 +68,21 @@ mod tests {
     use super::*;
 
     fn pod(name: &str, version: &str, ready: bool) -> EnginePod {
-        EnginePod { name: name.into(), node: format!("node-{name}"), version: version.into(), ready }
+        EnginePod { name: name.into(), node: format!("node-{name}"), version: version.into(), ready, terminating: false }
+    }
+
+    #[test]
+    fn a_pod_being_deleted_is_waited_for_not_deleted_again() {
+        let synced = VolumeSync { volumes: 1, not_in_sync: vec![] };
+        // a was deleted for the upgrade; the next pass still sees it (old version, terminating).
+        let mut a = pod("a", "1", true);
+        a.terminating = true;
+        let pods = vec![a.clone(), pod("b", "1", true)];
+        assert!(matches!(next_step(&pods, "2", UpdateKind::RollingUpdate, 1, &synced), Step::Wait(w) if w.contains("a")));
+        assert_eq!(next_step(&pods, "2", UpdateKind::RollingUpdate, 2, &synced), Step::Replace(vec!["b".into()]), "budget 2: one deleting, one more");
+        let mut new_a = pod("a", "2", true);
+        new_a.terminating = true;
+        assert!(matches!(next_step(&[new_a], "2", UpdateKind::RollingUpdate, 1, &synced), Step::Wait(_)), "not done while a pod is going away");
     }
 
     #[test]

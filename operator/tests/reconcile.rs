@@ -87,7 +87,9 @@ fn serve(mut handle: ApiHandle, calls: Vec<Call>) -> tokio::task::JoinHandle<Vec
             let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             let reply = if reply.is_null() { sent.clone() } else { reply };
             seen.push((path, sent));
-            send.send_response(Response::builder().status(200).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
+            // A Status reply with a code is answered with that HTTP status (404: API missing).
+            let code = if reply["kind"] == "Status" { reply["code"].as_u64().unwrap_or(200) as u16 } else { 200 };
+            send.send_response(Response::builder().status(code).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap());
         }
         // Nothing more may be asked.
         if let Ok(Some((req, _))) = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await {
@@ -134,7 +136,8 @@ async fn creates_everything_with_a_finalizer_and_reports_status() {
 async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "strata");
-    let sc = cluster("img:0.2.0", true);
+    let mut sc = cluster("img:0.2.0", true);
+    sc.status = Some(StorageClusterStatus { version: "0.1.0".into(), ..Default::default() });
     let mut calls = applies(&sc);
     calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.1.0", true), engine_pod("b", "0.1.0", true)])));
     calls.push(Call(Method::DELETE, "/api/v1/namespaces/strata/pods/a".into(), engine_pod("a", "0.1.0", true)));
@@ -150,6 +153,57 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     assert_eq!(ds.1["spec"]["template"]["spec"]["containers"][0]["image"], "img:0.2.0");
     let status = &seen.last().unwrap().1["status"];
     assert_eq!(status["phase"], "Upgrading");
+    assert_eq!(status["version"], "0.1.0", "the version changes only when every engine runs the new one");
+
+    // The next pass sees pod a still terminating (old version): it is not deleted again, and
+    // b waits for it.
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let mut going = engine_pod("a", "0.1.0", true);
+    going["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    let mut calls = applies(&sc);
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![going, engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    let c = ctx(client, report(&[]));
+    reconcile(Arc::new(sc.clone()), c.clone()).await.unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(c.metrics.pods_replaced.load(std::sync::atomic::Ordering::Relaxed), 0, "each pod is deleted once per upgrade");
+    assert_eq!(seen.last().unwrap().1["status"]["version"], "0.1.0");
+
+    // Both on the new version: now the status says so.
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let mut calls = applies(&sc);
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.2.0", true)])));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
+    let seen = server.await.unwrap();
+    assert_eq!(seen.last().unwrap().1["status"]["version"], "0.2.0");
+}
+
+#[tokio::test]
+async fn a_service_monitor_without_the_prometheus_api_is_skipped_with_a_condition() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let mut sc = cluster("img:0.1.0", true);
+    sc.spec.monitoring.service_monitor = true;
+    let missing = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
+    let mut calls: Vec<Call> = desired(&sc)
+        .iter()
+        .map(|o| Call(Method::PATCH, path_of(o), if o.api.kind == "ServiceMonitor" { missing.clone() } else { Value::Null }))
+        .collect();
+    assert!(desired(&sc).iter().any(|o| o.api.kind == "ServiceMonitor"));
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.1.0", true)])));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.expect("the reconcile goes on");
+    let seen = server.await.unwrap();
+    let status = &seen.last().unwrap().1["status"];
+    let cond = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "OptionalObjects").unwrap().clone();
+    assert_eq!(cond["status"], "False");
+    assert!(cond["message"].as_str().unwrap().contains("ServiceMonitor"), "{cond}");
 }
 
 #[tokio::test]
@@ -229,4 +283,33 @@ async fn uninstall_and_wipe_waits_for_every_node_to_wipe() {
     let server = serve(handle, calls);
     reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
     server.await.unwrap();
+}
+
+#[tokio::test]
+async fn uninstall_deletes_the_storage_cluster_and_waits_until_it_is_finalized() {
+    use strata_operator::uninstall::uninstall;
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "strata");
+    let sc = cluster("img:0.1.0", true);
+    let gone = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    // Deleted (the finalizer holds it), still there once, then gone.
+    let calls = vec![Call(Method::DELETE, SC_PATH.into(), sc_json(&sc)), Call(Method::GET, SC_PATH.into(), sc_json(&sc)), Call(Method::GET, SC_PATH.into(), gone.clone())];
+    let server = serve(handle, calls);
+    uninstall(client, "strata", "strata", Duration::from_secs(5), Duration::from_millis(10)).await.unwrap();
+    server.await.unwrap();
+    // Already deleted (StorageCluster removed before `helm uninstall`): nothing to wait for.
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let server = serve(handle, vec![Call(Method::DELETE, SC_PATH.into(), gone)]);
+    uninstall(kube::Client::new(svc, "strata"), "strata", "strata", Duration::from_secs(5), Duration::from_millis(10)).await.unwrap();
+    server.await.unwrap();
+    // Stuck (no operator to finalize it): a clear error after the timeout.
+    let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let answer = tokio::spawn(async move {
+        while let Ok(Some((_, send))) = tokio::time::timeout(Duration::from_secs(2), handle.next_request()).await {
+            send.send_response(Response::builder().status(200).body(Body::from(serde_json::to_vec(&sc_json(&cluster("img:0.1.0", true))).unwrap())).unwrap());
+        }
+    });
+    let e = uninstall(kube::Client::new(svc, "strata"), "strata", "strata", Duration::from_millis(100), Duration::from_millis(20)).await.unwrap_err();
+    assert!(e.to_string().contains("is the operator running"), "{e}");
+    answer.abort();
 }

@@ -1,11 +1,10 @@
 //! The engine DaemonSet (engine, CSI node plugin, node-driver-registrar, livenessprobe), the SDK
-//! Service, the PodDisruptionBudget and, when asked, a ServiceMonitor.
+//! Service and, when asked, a ServiceMonitor.
 
-use super::{image, labels, meta, selector, Object};
+use super::{data_dir, image, labels, meta, selector, Object};
 use crate::crd::StorageCluster;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::discovery::ApiResource;
 use serde_json::{json, Value};
 
@@ -21,9 +20,6 @@ pub(crate) fn etcd_endpoints(sc: &StorageCluster) -> Vec<String> {
     (0..3).map(|i| format!("http://strata-etcd-{i}.strata-etcd.{ns}.svc:2379")).collect()
 }
 
-fn data_dir(sc: &StorageCluster) -> String {
-    sc.spec.storage.data_dir.clone().unwrap_or_else(|| "/var/lib/strata".into())
-}
 
 fn engine_args(sc: &StorageCluster) -> Vec<String> {
     let n = &sc.spec.network;
@@ -149,11 +145,10 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
             ],
         },
     }));
-    let pdb = Object::typed::<PodDisruptionBudget>(json!({
-        "metadata": meta(sc, "strata-engine", ENGINE),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(ENGINE)}},
-    }));
-    let mut out = vec![ds, svc, pdb];
+    // No PodDisruptionBudget: a PDB over DaemonSet pods never allows a disruption (the
+    // disruption controller needs a scale subresource DaemonSets lack), and drains skip DaemonSet
+    // pods anyway. Engines leave a node through the operator's upgrade, one at a time.
+    let mut out = vec![ds, svc];
     if sc.spec.monitoring.service_monitor {
         out.push(service_monitor(sc));
     }

@@ -1,7 +1,13 @@
 //! The internal kvdb: a 3-member etcd StatefulSet and its headless Service, when the
 //! StorageCluster names no external endpoints.
+//!
+//! Its data lives on the nodes themselves (a host directory under the data directory), never on
+//! a PersistentVolume: the default StorageClass is Strata's own, and the metadata store cannot
+//! wait for the volumes it describes. The members run on distinct nodes (required
+//! anti-affinity). A member whose node is lost for good is replaced as any etcd member is
+//! (`etcdctl member remove`, then `member add` and a restart with `--initial-cluster-state=existing`).
 
-use super::{labels, meta, ns, selector, Object};
+use super::{data_dir, labels, meta, ns, selector, Object};
 use crate::crd::StorageCluster;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Service;
@@ -50,13 +56,14 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
                         "ports": [{"name": "client", "containerPort": 2379}, {"name": "peer", "containerPort": 2380}],
                         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/etcd"}],
                     }],
+                    "volumes": [{"name": "data", "hostPath": {"path": format!("{}/kvdb", data_dir(sc)), "type": "DirectoryOrCreate"}}],
+                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                        "labelSelector": {"matchLabels": selector(KVDB)},
+                        "topologyKey": "kubernetes.io/hostname",
+                    }]}},
                     "tolerations": sc.spec.placement.tolerations,
                 },
             },
-            "volumeClaimTemplates": [{
-                "metadata": {"name": "data"},
-                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}},
-            }],
         },
     }));
     vec![svc, sts]

@@ -140,3 +140,14 @@ fn storage_classes(sc: &StorageCluster) -> Vec<Object> {
 pub(crate) fn image(sc: &StorageCluster) -> String {
     sc.spec.image.clone()
 }
+
+/// The host directory of the engines' data (and of the internal kvdb's).
+pub fn data_dir(sc: &StorageCluster) -> String {
+    sc.spec.storage.data_dir.clone().unwrap_or_else(|| "/var/lib/strata".into())
+}
+
+/// Objects of APIs a cluster may not serve (the Prometheus operator's): when their API is
+/// missing they are skipped with a condition instead of stopping the reconcile.
+pub fn optional(obj: &Object) -> bool {
+    obj.api.group == "monitoring.coreos.com"
+}
