@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need, builds the workspace once, runs every test with nextest, then a
-# real `helm lint` of the chart (Helm's library through helm-sdkpy, in a venv).
+# real `helm lint` of the chart (Helm's library through helm-sdkpy, in a venv), then builds and
+# smoke-runs the container images (scripts/images.sh; STRATA_SKIP_IMAGES=1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
@@ -11,3 +12,5 @@ VENV=${STRATA_HELM_VENV:-/var/tmp/strata-helm-venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -c 'import helm_sdkpy' 2>/dev/null || "$VENV/bin/pip" install -q --ignore-requires-python helm-sdkpy
 "$VENV/bin/python" scripts/helm_lint.py charts/strata
+# Both container images, built from the binaries above and smoke-run on a real Docker Engine.
+[ "${STRATA_SKIP_IMAGES:-}" = 1 ] || ./scripts/images.sh
