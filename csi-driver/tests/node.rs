@@ -342,6 +342,9 @@ fn a_pvc_created_through_one_node_is_used_on_another_and_follows_its_pod() {
     std::fs::write(tg2.join("data.txt"), b"written on node-2").unwrap();
     let stats = n2.rt.block_on(NodeClient::new(n2.ch.clone()).node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "pvc-a".into(), volume_path: tg2.to_string_lossy().into(), ..Default::default() })).unwrap().into_inner();
     assert_eq!(stats.usage.len(), 2);
+    // Any engine reports the clients of the node that serves the volume.
+    assert!(c.sdk(0).inspect("pvc-a").unwrap().connections >= 1, "node-1's view counts node-2's NBD client");
+    assert!(c.sdk(0).list().iter().any(|v| v.name == "pvc-a" && v.connections >= 1));
     // In use on node-2: node-1 cannot take it without the pod leaving.
     let (st1, tg1) = (dir.path().join("st-1"), dir.path().join("pods/p1/mount"));
     let e = stage_ctx(&n1, "pvc-a", &st1).unwrap_err();

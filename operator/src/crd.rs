@@ -136,6 +136,7 @@ impl Default for Csi {
 #[serde(rename_all = "camelCase", default)]
 pub struct CsiImages {
     pub provisioner: String,
+    /// Not deployed: the CSIDriver has `attachRequired: false` (the node plugin attaches).
     pub attacher: String,
     pub resizer: String,
     pub snapshotter: String,

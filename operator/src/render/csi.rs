@@ -38,7 +38,6 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
                             "volumeMounts": [{"name": "socket-dir", "mountPath": "/csi"}],
                         },
                         sidecar("csi-provisioner", &img.provisioner, &[le, "--feature-gates=Topology=true", "--extra-create-metadata", "--default-fstype=ext4"]),
-                        sidecar("csi-attacher", &img.attacher, &[le]),
                         sidecar("csi-resizer", &img.resizer, &[le]),
                         sidecar("csi-snapshotter", &img.snapshotter, &[le]),
                         sidecar("liveness-probe", &img.livenessprobe, &["--health-port=9808"]),
@@ -51,7 +50,9 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
     let driver = Object::typed::<CSIDriver>(json!({
         "metadata": cluster_meta(sc, DRIVER, "csi"),
         "spec": {
-            "attachRequired": true,
+            // The node plugin attaches (NodeStageVolume): the engines decide by compare-and-swap
+            // which one node serves a volume, so no VolumeAttachment or csi-attacher is needed.
+            "attachRequired": false,
             "podInfoOnMount": false,
             "fsGroupPolicy": "File",
             "volumeLifecycleModes": ["Persistent"],

@@ -126,6 +126,44 @@ impl Sdk {
         Ok(Some(VolumeClient::new(c)))
     }
 
+    /// What only the node serving a volume knows — its NBD clients, its replicas' states, a
+    /// comparison in progress — taken from that node for volumes served elsewhere: one forwarded
+    /// list per serving node, at once. A node that does not answer within 2 s leaves this node's
+    /// view of its volumes (0 clients).
+    async fn fill_from_targets(&self, vols: &mut [pb::Volume]) {
+        let me = self.engine.node.id.clone();
+        let targets: std::collections::BTreeSet<String> = vols.iter().map(|v| v.attached_node.clone()).filter(|t| !t.is_empty() && *t != me).collect();
+        if targets.is_empty() {
+            return;
+        }
+        let Ok(nodes) = nodes_pb(&self.engine) else { return };
+        let calls = targets.into_iter().filter_map(|t| {
+            let n = nodes.iter().find(|n| n.id == t && n.status != "offline" && !n.sdk_address.is_empty())?;
+            let uri = strata_api::endpoint_uri(&n.sdk_address);
+            Some(async move {
+                let r = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                    let mut c = VolumeClient::connect(uri).await.ok()?;
+                    c.list(forwarded(pb::ListVolumesRequest {})).await.ok()
+                })
+                .await;
+                (t, r.ok().flatten().map(|r| r.into_inner().volumes))
+            })
+        });
+        for (node, answer) in futures::future::join_all(calls).await {
+            let Some(theirs) = answer else {
+                tracing::debug!(%node, "no answer about the volumes it serves");
+                continue;
+            };
+            for v in vols.iter_mut().filter(|v| v.attached_node == node) {
+                if let Some(t) = theirs.iter().find(|t| t.name == v.name && t.attached_node == node) {
+                    v.connections = t.connections;
+                    v.replica_status = t.replica_status.clone();
+                    v.verifying = t.verifying;
+                }
+            }
+        }
+    }
+
     /// Before attaching here without force: a volume attached on another node that is up is
     /// handed over cleanly when no client uses it there (that node detaches it: its target
     /// stops, and the attach here starts a new epoch); in use there, it is refused. A node that
@@ -177,14 +215,22 @@ impl pb::volume_service_server::VolumeService for Sdk {
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
-    async fn list(&self, _: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let vols = self.engine.list()?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
+    async fn list(&self, req: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let mut vols: Vec<pb::Volume> = self.engine.list()?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
+        if !was_forwarded(&req) {
+            self.fill_from_targets(&mut vols).await;
+        }
         Ok(Response::new(pb::ListVolumesResponse { volumes: vols }))
     }
 
     async fn inspect(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Response<pb::InspectVolumeResponse>, Status> {
+        let fwd = was_forwarded(&req);
         let v = self.engine.inspect(&req.into_inner().name)?;
-        Ok(Response::new(pb::InspectVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+        let mut vols = vec![to_pb(&self.engine, v)];
+        if !fwd {
+            self.fill_from_targets(&mut vols).await;
+        }
+        Ok(Response::new(pb::InspectVolumeResponse { volume: vols.pop() }))
     }
 
     async fn update(&self, req: Request<pb::UpdateVolumeRequest>) -> Result<Response<pb::UpdateVolumeResponse>, Status> {
