@@ -93,7 +93,8 @@ fn fio_nbd_engine_verifies_crc32c() {
     let dir = tempdir();
     let e = EngineProc::start(dir.path(), 1, "512MiB");
     e.sdk().create("fio", 128 * MIB).unwrap();
-    let out = run(Command::new("fio").args([
+    // fio writes its verify state into its working directory: the test's temp dir, not the tree.
+    let out = run(Command::new("fio").current_dir(dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", e.unix_uri("fio")),
