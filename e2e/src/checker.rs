@@ -3,8 +3,8 @@
 //! `verify` reads every block back and reports any block whose content is not the last
 //! acknowledged write to it (or a later write that was sent but never acknowledged).
 
-use crate::nbd::{Client, FLAG_FUA, WRITE};
-use std::collections::HashMap;
+use crate::nbd::{Client, FLAG_FUA, TRIM, WRITE, WRITE_ZEROES};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// A block, as the writer writes it: one stamp per block.
@@ -60,6 +60,8 @@ pub struct History {
     acked: HashMap<u64, u64>,
     unacked: HashMap<u64, Vec<u64>>,
     by_seq: HashMap<u64, (u64, u64)>,
+    /// Sequence numbers of TRIM / WRITE_ZEROES requests: their blocks read as zeroes after.
+    zeroes: HashSet<u64>,
     next_seq: u64,
     pub acked_writes: u64,
     pub failed_writes: u64,
@@ -96,7 +98,7 @@ impl History {
         let ok = match (seen, acked) {
             (Seen::Garbage, _) => false,
             (Seen::Zero, None) => true,
-            (Seen::Zero, Some(_)) => false,
+            (Seen::Zero, Some(a)) => self.zeroes.contains(&a) || maybe.iter().any(|s| self.zeroes.contains(s)),
             (Seen::Stamp(s), Some(a)) => s == a || (s > a && maybe.contains(&s)),
             (Seen::Stamp(s), None) => maybe.contains(&s),
         };
@@ -155,6 +157,74 @@ impl Writer {
     }
 }
 
+/// What a mixed writer's request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Write,
+    Trim,
+    WriteZeroes,
+}
+
+impl Writer {
+    /// Like `run`, with up to `depth` requests in flight at once, mixing WRITE (about 70%), TRIM
+    /// and WRITE_ZEROES (FUA on every `fua_every`th). Requests in flight never overlap, so each
+    /// block's acknowledgements come in order. Stops at the first failure (its request and the
+    /// ones still in flight stay unacknowledged) and returns how many were acknowledged.
+    pub fn run_mixed(&mut self, h: &mut History, count: u64, deadline: Duration, depth: usize) -> Result<u64, String> {
+        let t0 = Instant::now();
+        let (mut sent, mut done) = (0u64, 0u64);
+        let mut inflight: HashMap<u64, (u64, Op)> = HashMap::new();
+        let mut busy: HashSet<u64> = HashSet::new();
+        loop {
+            while inflight.len() < depth && sent < count && t0.elapsed() < deadline {
+                let off = self.next_offset();
+                if !busy.insert(off) {
+                    continue; // a request on this chunk is in flight: pick another
+                }
+                let op = match self.rng % 10 {
+                    0..=6 => Op::Write,
+                    7 => Op::Trim,
+                    _ => Op::WriteZeroes,
+                };
+                let seq = h.begin(off, self.chunk);
+                let flags = if seq.is_multiple_of(self.fua_every) { FLAG_FUA } else { 0 };
+                let r = match op {
+                    Op::Write => self.client.try_send(WRITE, flags, seq, off, self.chunk as u32, &stamp(off, seq, self.chunk as usize)),
+                    Op::Trim | Op::WriteZeroes => {
+                        h.zeroes.insert(seq);
+                        self.client.try_send(if op == Op::Trim { TRIM } else { WRITE_ZEROES }, flags, seq, off, self.chunk as u32, &[])
+                    }
+                };
+                if let Err(e) = r {
+                    h.failed_writes += 1;
+                    return Err(format!("send: {e}"));
+                }
+                inflight.insert(seq, (off, op));
+                sent += 1;
+            }
+            if inflight.is_empty() {
+                return Ok(done);
+            }
+            match self.client.reply() {
+                Ok((err, seq)) => {
+                    let Some((off, op)) = inflight.remove(&seq) else { return Err(format!("reply for unknown handle {seq}")) };
+                    busy.remove(&off);
+                    if err != 0 {
+                        h.failed_writes += 1;
+                        return Err(format!("{op:?} at {off} failed with error {err}"));
+                    }
+                    h.ack(off, self.chunk, seq);
+                    done += 1;
+                }
+                Err(e) => {
+                    h.failed_writes += 1;
+                    return Err(format!("reply: {e}"));
+                }
+            }
+        }
+    }
+}
+
 impl History {
     /// The writes begun so far (sequence numbers run from 1 without gaps).
     pub fn begun(&self) -> u64 {
@@ -188,6 +258,7 @@ pub fn verify_cut(client: &mut Client, h: &History, span: u64) -> Result<u64, Ve
         let want = writes.get(&b).and_then(|w| w.iter().rev().find(|q| **q <= cut)).copied();
         let ok = match (s, want) {
             (Seen::Zero, None) => true,
+            (Seen::Zero, Some(w)) => h.zeroes.contains(&w),
             (Seen::Stamp(q), Some(w)) => q == w,
             _ => false,
         };
@@ -254,5 +325,13 @@ mod tests {
         let s3 = h.begin(0, 4096);
         h.ack(0, 4096, s3);
         assert!(h.judge(0, &block(0, s1, 0, 8192)).is_some(), "an older acknowledged write is stale");
+        // A zeroing: zeroes are right after it is acknowledged, the data before it is not.
+        let z = h.begin(0, 4096);
+        h.zeroes.insert(z);
+        assert_eq!(h.judge(0, &vec![0; 4096]), None, "an unacknowledged zeroing may have landed");
+        assert_eq!(h.judge(0, &block(0, s3, 0, 4096)), None, "or not yet");
+        h.ack(0, 4096, z);
+        assert_eq!(h.judge(0, &vec![0; 4096]), None);
+        assert!(h.judge(0, &block(0, s3, 0, 4096)).is_some(), "data an acknowledged zeroing replaced came back");
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 pub struct EtcdProc {
     child: Child,
     pub url: String,
+    peer_url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -30,20 +31,11 @@ impl EtcdProc {
             let url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let _ = std::fs::remove_dir_all(dir.path().join("etcd"));
-            let mut child = Command::new("etcd")
-                .args(["--name", "t", "--data-dir"])
-                .arg(dir.path().join("etcd"))
-                .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &format!("t={peer_url}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("etcd (Debian package etcd-server) is installed");
+            let mut child = spawn(&dir, &url, &peer_url);
             let t0 = Instant::now();
             loop {
                 if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
-                    return EtcdProc { child, url, _dir: dir };
+                    return EtcdProc { child, url, peer_url, _dir: dir };
                 }
                 if child.try_wait().ok().flatten().is_some() {
                     break; // exited (a port was taken): try new ports
@@ -54,4 +46,34 @@ impl EtcdProc {
         }
         panic!("etcd exited at start five times (ports taken?)");
     }
+
+    /// Kills etcd (SIGKILL): every client loses it at once.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the killed etcd again, on the same ports and data.
+    pub fn restart(&mut self) {
+        self.child = spawn(&self._dir, &self.url, &self.peer_url);
+        let addr = self.url.trim_start_matches("http://").to_string();
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "etcd did not come back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn spawn(dir: &tempfile::TempDir, url: &str, peer_url: &str) -> Child {
+    Command::new("etcd")
+        .args(["--name", "t", "--data-dir"])
+        .arg(dir.path().join("etcd"))
+        .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+        .args(["--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url])
+        .args(["--initial-cluster", &format!("t={peer_url}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd (Debian package etcd-server) is installed")
 }

@@ -1,0 +1,144 @@
+//! Data safety where Strata once split the brain or failed writes (issue: forced attaches
+//! racing or following each other within a second, and an etcd outage). A writer at queue depth
+//! 16 mixes WRITE, TRIM and WRITE_ZEROES; afterwards every block is checked against its history
+//! (0 acknowledged writes lost) and the in-sync replicas must be identical.
+
+use std::time::{Duration, Instant};
+use strata_e2e::checker::{verify, History, Writer};
+use strata_e2e::cluster::Cluster;
+use strata_e2e::nbd::Client;
+use strata_e2e::sdk::Sdk;
+
+const MIB: u64 = 1 << 20;
+const SPAN: u64 = 16 * MIB;
+const DEPTH: usize = 16;
+
+fn writer(c: &Cluster, node: usize, vol: &str, seed: u64) -> Writer {
+    Writer::new(Client::connect(&c.engines[node].nbd, vol).expect("the target serves the volume"), SPAN, 16 * 1024, seed)
+}
+
+fn target(c: &Cluster, vol: &str) -> usize {
+    c.index(&c.sdk(0).inspect(vol).unwrap().attached_node)
+}
+
+fn settle_and_check(c: &Cluster, via: usize, vol: &str, w: &mut Writer, h: &History) {
+    c.wait_in_sync(via, vol, Duration::from_secs(120));
+    let bad = verify(&mut w.client, h, SPAN);
+    assert!(bad.is_empty(), "{} acknowledged writes lost or corrupted, first: {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert_eq!(c.replica_differences(via, vol), Vec::<String>::new(), "in-sync replicas differ");
+}
+
+/// Runs the writer on its own thread until it fails (its target was taken over) or has done
+/// `count` requests; the history comes back with it.
+fn write_in_background(mut w: Writer, mut h: History, count: u64) -> std::thread::JoinHandle<(Writer, History, Result<u64, String>)> {
+    std::thread::spawn(move || {
+        let r = w.run_mixed(&mut h, count, Duration::from_secs(20), DEPTH);
+        (w, h, r)
+    })
+}
+
+#[test]
+fn concurrent_forced_attaches_resolve_to_one_target_and_lose_nothing() {
+    const ROUNDS: usize = 20;
+    let c = Cluster::start(3, "256MiB");
+    c.sdk(0).create_full("v", SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, "v", 1);
+    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    let addrs: Vec<String> = c.engines.iter().map(|e| e.sdk.clone()).collect();
+    let mut takeovers = 0;
+    for round in 0..ROUNDS {
+        // Two or three nodes force an attach at the same instant while the writer goes on.
+        let contenders: Vec<usize> = if round % 2 == 0 { vec![round % 3, (round + 1) % 3] } else { vec![0, 1, 2] };
+        let before = target(&c, "v");
+        let bg = write_in_background(w, h, 2000);
+        std::thread::sleep(Duration::from_millis(50));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(contenders.len()));
+        let racers: Vec<_> = contenders
+            .iter()
+            .map(|&i| {
+                let (addr, barrier) = (addrs[i].clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let sdk = Sdk::new(&addr);
+                    barrier.wait();
+                    sdk.attach("v", true).map(|v| v.attached_node)
+                })
+            })
+            .collect();
+        let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(results.iter().any(|r| r.is_ok()), "round {round}: no attach succeeded: {results:?}");
+        let (w2, h2, r) = bg.join().unwrap();
+        h = h2;
+        let now = target(&c, "v");
+        if now != before {
+            takeovers += 1;
+            assert!(r.is_err(), "round {round}: the old target (node-{}) kept acknowledging after node-{} took over", before + 1, now + 1);
+        }
+        drop(w2);
+        // Exactly one node serves it now: the recorded target takes a writer, the others refuse.
+        for (i, e) in c.engines.iter().enumerate() {
+            let served = Client::connect(&e.nbd, "v").is_ok();
+            assert_eq!(served, i == now, "round {round}: node-{} serves the volume: {served} (target node-{})", i + 1, now + 1);
+        }
+        w = writer(&c, now, "v", 100 + round as u64);
+        w.run_mixed(&mut h, 200, Duration::from_secs(30), DEPTH).unwrap_or_else(|e| panic!("round {round}: the new target node-{} failed a write: {e}", now + 1));
+    }
+    eprintln!("{ROUNDS} attach races, {takeovers} takeovers; {} requests acknowledged, {} cut off", h.acked_writes, h.failed_writes);
+    assert!(takeovers >= ROUNDS / 2, "the races moved the target ({takeovers} times)");
+    let via = target(&c, "v");
+    settle_and_check(&c, via, "v", &mut w, &h);
+}
+
+#[test]
+fn back_to_back_forced_attaches_lose_nothing() {
+    const ROUNDS: usize = 20;
+    let c = Cluster::start(3, "256MiB");
+    c.sdk(0).create_full("b", SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, "b", 7);
+    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    let mut at = 0;
+    for round in 0..ROUNDS {
+        // The writer follows the target; the next node takes the volume over under it, well
+        // within a second of the previous takeover.
+        let next = (at + 1 + round % 2) % 3;
+        let bg = write_in_background(w, h, 5000);
+        std::thread::sleep(Duration::from_millis(100 + (round as u64 * 53) % 400));
+        let t0 = Instant::now();
+        let v = c.sdk(next).attach("b", true).unwrap_or_else(|e| panic!("round {round}: forced attach on node-{}: {e}", next + 1));
+        assert_eq!(v.attached_node, format!("node-{}", next + 1));
+        let (_, h2, r) = bg.join().unwrap();
+        h = h2;
+        assert!(r.is_err(), "round {round}: the old target kept acknowledging after the takeover");
+        at = next;
+        w = writer(&c, at, "b", 200 + round as u64);
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    eprintln!("{ROUNDS} back-to-back takeovers; {} requests acknowledged, {} cut off", h.acked_writes, h.failed_writes);
+    settle_and_check(&c, at, "b", &mut w, &h);
+}
+
+#[test]
+fn writes_go_on_through_an_etcd_outage() {
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let mut c = Cluster::start(3, "256MiB");
+    c.sdk(0).create_full("e", SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, "e", 3);
+    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    let before = h.acked_writes;
+    c.etcd.kill();
+    let t0 = Instant::now();
+    while t0.elapsed() < OUTAGE {
+        // Every replica stays in sync, so the target needs the store for nothing: no error.
+        w.run_mixed(&mut h, 2000, Duration::from_secs(5), DEPTH).unwrap_or_else(|e| panic!("a write failed {:?} into the etcd outage: {e}", t0.elapsed()));
+    }
+    let during = h.acked_writes - before;
+    c.etcd.restart();
+    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    eprintln!("{during} requests acknowledged during a {OUTAGE:?} etcd outage, {} failed", h.failed_writes);
+    assert!(during > 1000, "writes went on during the outage ({during})");
+    assert_eq!(h.failed_writes, 0);
+    settle_and_check(&c, 0, "e", &mut w, &h);
+}
