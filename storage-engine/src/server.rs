@@ -113,8 +113,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutting down: syncing devices");
-    engine.pool.sync_all().await?;
+    engine.shutdown().await?;
     Ok(())
 }
 
