@@ -42,7 +42,11 @@ impl Cluster {
     pub fn add(&mut self, etcd_url: &str, dev_size: &str, extra: &[&str]) -> usize {
         let d = crate::tempdir();
         let id = format!("node-{}", self.engines.len() + 1);
-        let mut args = vec!["--etcd", etcd_url, "--node-id", &id, "--node-ttl", NODE_TTL, "--replica-io-timeout", REPLICA_TIMEOUT];
+        let mut args = vec!["--etcd", etcd_url, "--node-id", &id, "--node-ttl", NODE_TTL];
+        // The cluster's short replica timeout, unless the test gives its own.
+        if !extra.contains(&"--replica-io-timeout") {
+            args.extend(["--replica-io-timeout", REPLICA_TIMEOUT]);
+        }
         args.extend_from_slice(extra);
         self.engines.push(EngineProc::start_with(d.path(), 1, dev_size, &args));
         self._dirs.push(d);

@@ -142,3 +142,54 @@ fn writes_go_on_through_an_etcd_outage() {
     assert_eq!(h.failed_writes, 0);
     settle_and_check(&c, 0, "e", &mut w, &h);
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim();
+    kb.parse::<u64>().unwrap() * 1024
+}
+
+/// Clients pushing 32 MiB writes as fast as they can, never reading a reply, while the writes
+/// cannot complete (the only other replica is paused, and the replica timeout is long): the
+/// engine stops reading them at the configured caps instead of holding every payload.
+#[test]
+fn clients_that_never_read_replies_stay_under_the_memory_cap() {
+    let c = Cluster::start_with(2, "1GiB", &["--nbd-conn-inflight", "32MiB", "--nbd-inflight", "64MiB", "--replica-io-timeout", "60"]);
+    c.sdk(0).create_full("hog", 512 * MIB, 2, &[]).unwrap();
+    drop(Client::connect(&c.engines[0].nbd, "hog").unwrap()); // attached on node-1
+    let pid = c.engines[0].pid().unwrap();
+    let base = rss_bytes(pid);
+    c.pause(1);
+    let payload = vec![0x5au8; 32 << 20];
+    let hogs: Vec<_> = (0..4u64)
+        .map(|i| {
+            let (addr, payload) = (c.engines[0].nbd.clone(), payload.clone());
+            std::thread::spawn(move || {
+                let mut cl = Client::connect(&addr, "hog").unwrap();
+                cl.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+                // Bounded: at most 16 writes of 32 MiB (512 MiB) per client.
+                let mut sent = 0u64;
+                for n in 0..16u64 {
+                    if cl.try_send(strata_e2e::nbd::WRITE, 0, n, ((n * 4 + i) % 16) * (32 << 20), payload.len() as u32, &payload).is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                (cl, sent)
+            })
+        })
+        .collect();
+    let held: Vec<_> = hogs.into_iter().map(|h| h.join().unwrap()).collect();
+    let grown = rss_bytes(pid).saturating_sub(base);
+    let sent: u64 = held.iter().map(|(_, s)| s).sum();
+    c.resume(1);
+    eprintln!("4 clients that read nothing got {sent} writes of 32 MiB onto the wire; engine RSS grew by {} MiB", grown >> 20);
+    assert!(sent < 16, "the engine stopped reading ({sent} of 64 writes taken)");
+    // Each connection may hold one request (4 x 32 MiB) beyond the 64 MiB engine-wide cap; slack
+    // for the allocator. Without the caps the engine took every write: 2 GiB.
+    assert!(grown < 320 * MIB, "engine RSS grew by {} MiB with --nbd-inflight 64MiB", grown >> 20);
+    drop(held);
+    // The engine serves on.
+    let mut cl = Client::connect(&c.engines[0].nbd, "hog").unwrap();
+    assert_eq!(cl.write(0, &[1u8; 4096], 0), 0);
+}

@@ -54,6 +54,21 @@ pub struct RunArgs {
     /// NBD over a unix socket at this path (created; a stale one is replaced). Default: none.
     #[arg(long, env = "STRATA_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,
+    /// Payload bytes (writes received, reads not yet sent) one NBD connection may hold before
+    /// the engine stops reading its requests (backpressure). Default: 64MiB.
+    #[arg(long, env = "STRATA_NBD_CONN_INFLIGHT", default_value = "64MiB", value_parser = size)]
+    pub nbd_conn_inflight: u64,
+    /// The same, for all NBD connections together; each connection may always have one
+    /// request. Default: 512MiB.
+    #[arg(long, env = "STRATA_NBD_INFLIGHT", default_value = "512MiB", value_parser = size)]
+    pub nbd_inflight: u64,
+    /// Seconds an NBD client may take to finish the handshake before it is disconnected.
+    /// Default: 10.
+    #[arg(long, env = "STRATA_NBD_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    pub nbd_handshake_timeout: u64,
+    /// NBD connections served at once; more are refused (closed at once). Default: 1024.
+    #[arg(long, env = "STRATA_NBD_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub nbd_max_connections: usize,
     /// gRPC SDK address. Default: 127.0.0.1:9020.
     #[arg(long, env = "STRATA_SDK_LISTEN", default_value = "127.0.0.1:9020")]
     pub sdk_listen: SocketAddr,

@@ -75,13 +75,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     engine.run_checksum_tasks(crate::volume::ScrubConfig { rate: args.scrub_rate, every: std::time::Duration::from_secs(args.scrub_interval.max(1)) });
     engine.start_targets().await;
 
-    tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone()));
+    let limits = crate::frontend::nbd::Limits::new(
+        args.nbd_conn_inflight,
+        args.nbd_inflight,
+        std::time::Duration::from_secs(args.nbd_handshake_timeout.max(1)),
+        args.nbd_max_connections.max(1),
+    );
+    tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone(), limits.clone()));
     if let Some(path) = &args.nbd_socket {
         if path.exists() {
             std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
         }
         let l = tokio::net::UnixListener::bind(path).with_context(|| format!("NBD socket {}", path.display()))?;
-        tokio::spawn(crate::frontend::nbd::serve_unix(l, engine.clone()));
+        tokio::spawn(crate::frontend::nbd::serve_unix(l, engine.clone(), limits.clone()));
     }
     let router = crate::sdk::router(engine.clone());
     tokio::spawn(async move {

@@ -6,6 +6,7 @@ mod common;
 use common::nbd::*;
 use common::*;
 use std::io::{Read, Write};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 const ERR_UNSUP: u32 = (1 << 31) + 1;
@@ -230,4 +231,30 @@ fn several_clients_at_once_on_tcp_and_unix() {
         assert!(t0.elapsed() < std::time::Duration::from_secs(10), "disconnected clients are released");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// A client that connects and never finishes the handshake is disconnected after
+/// `--nbd-handshake-timeout`, and the engine goes on serving.
+#[test]
+fn an_idle_handshake_is_cut_off() {
+    let dir = tempdir();
+    let e = EngineProc::start_with(dir.path(), 1, "256MiB", &["--nbd-handshake-timeout", "1"]);
+    e.sdk().create("v", 16 << 20).unwrap();
+    let mut s = std::net::TcpStream::connect(&e.nbd).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(err) => panic!("the engine did not close an idle handshake: {err}"),
+        }
+    }
+    assert_eq!(total, 18, "the greeting, then EOF");
+    assert!(t0.elapsed() < Duration::from_secs(5), "closed after about 1 s ({:?})", t0.elapsed());
+    let _ = s.write_all(b"late");
+    let mut c = common::nbd::Client::connect(&e.nbd, "v").unwrap();
+    assert_eq!(c.write(0, &[1u8; 4096], 0), 0);
 }

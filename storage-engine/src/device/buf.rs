@@ -10,6 +10,15 @@ pub const ALIGN: usize = 4096;
 const MIN_CLASS: u32 = 12; // 4 KiB
 const MAX_CLASS: u32 = 25; // 32 MiB
 const KEEP_PER_CLASS: usize = 64;
+/// Bytes of free buffers kept per size class: small classes keep [`KEEP_PER_CLASS`], large ones
+/// fewer (at least one), so the pool holds at most about 100 MiB once a burst of large requests
+/// has passed instead of 64 buffers of every size.
+const KEEP_BYTES_PER_CLASS: usize = 8 << 20;
+
+/// How many free buffers of size class `class` the pool keeps.
+fn keep(class: u32) -> usize {
+    (KEEP_BYTES_PER_CLASS >> class).clamp(1, KEEP_PER_CLASS)
+}
 
 /// A heap buffer aligned to [`ALIGN`], with a length inside its capacity.
 /// Dropping it returns the allocation to the pool it came from.
@@ -78,7 +87,7 @@ impl Drop for AlignedBuf {
             let class = class_of(self.cap);
             if self.cap == 1 << class {
                 let mut free = pool.free[(class - MIN_CLASS) as usize].lock();
-                if free.len() < KEEP_PER_CLASS {
+                if free.len() < keep(class) {
                     free.push(AlignedBuf { ptr: self.ptr, cap: self.cap, len: 0, pool: None });
                     return;
                 }
@@ -155,5 +164,22 @@ mod tests {
         assert_eq!(c.as_ptr(), p, "a freed buffer of the same class is reused");
         let big = pool.get(64 << 20);
         assert_eq!(big.len(), 64 << 20);
+    }
+
+    #[test]
+    fn the_pool_keeps_few_large_buffers() {
+        let pool = BufPool::new();
+        let kept = |len: usize| pool.inner.free[(class_of(len) - MIN_CLASS) as usize].lock().len();
+        let large: Vec<AlignedBuf> = (0..10).map(|_| pool.get(32 << 20)).collect();
+        let small: Vec<AlignedBuf> = (0..100).map(|_| pool.get(4096)).collect();
+        drop(large);
+        drop(small);
+        assert_eq!(kept(32 << 20), 1, "a burst of 32 MiB buffers leaves one behind");
+        assert_eq!(kept(4096), KEEP_PER_CLASS, "small buffers are kept as before");
+        assert_eq!(kept(1 << 20), 0);
+        let _ = pool.get(1 << 20);
+        let ones: Vec<AlignedBuf> = (0..20).map(|_| pool.get(1 << 20)).collect();
+        drop(ones);
+        assert_eq!(kept(1 << 20), 8, "8 MiB of 1 MiB buffers");
     }
 }

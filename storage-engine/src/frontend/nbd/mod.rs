@@ -5,7 +5,9 @@ pub mod handshake;
 pub mod transmit;
 
 use crate::volume::Engine;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -14,30 +16,71 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Requests in flight per connection before the reader waits.
 pub const MAX_INFLIGHT: usize = 256;
 
-async fn handle<S>(stream: S, engine: Arc<Engine>, peer: String)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    match handshake::conn::negotiate(stream, &engine).await {
-        Ok(Some((stream, conn))) => {
-            tracing::debug!(%peer, volume = %conn.volume.name, "nbd client attached");
-            transmit::conn::serve(stream, conn, engine).await;
-            tracing::debug!(%peer, "nbd client gone");
-        }
-        Ok(None) => tracing::debug!(%peer, "nbd negotiation ended without an export"),
-        Err(e) => tracing::info!(%peer, "nbd negotiation failed: {e}"),
+/// What NBD clients may hold of this engine: payload bytes per connection and in all, time to
+/// finish the handshake, connections at once. Memory stays bounded whatever a client does (a
+/// client that never reads its replies only stops being read).
+pub struct Limits {
+    pub conn_bytes: u64,
+    pub total_bytes: u64,
+    pub handshake: Duration,
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Payload bytes held by all connections now.
+    held: AtomicU64,
+}
+
+impl Limits {
+    pub fn new(conn_bytes: u64, total_bytes: u64, handshake: Duration, max_connections: usize) -> Arc<Limits> {
+        Arc::new(Limits { conn_bytes, total_bytes, handshake, connections: Arc::new(tokio::sync::Semaphore::new(max_connections)), held: AtomicU64::new(0) })
+    }
+
+    /// Whether a connection holding `mine` bytes may take another request: always when it holds
+    /// nothing, else while both its own and the engine-wide total are under their caps.
+    pub fn may_read(&self, mine: u64) -> bool {
+        mine == 0 || (mine < self.conn_bytes && self.held.load(Ordering::Acquire) < self.total_bytes)
+    }
+
+    pub fn charge(&self, n: u64) {
+        self.held.fetch_add(n, Ordering::AcqRel);
+    }
+
+    pub fn release(&self, n: u64) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
     }
 }
 
-pub async fn serve_tcp(listener: TcpListener, engine: Arc<Engine>) {
-    crate::server::accept_tcp(listener, "nbd", |s, peer| handle(s, engine.clone(), peer)).await
+async fn handle<S>(stream: S, engine: Arc<Engine>, limits: Arc<Limits>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(_slot) = limits.connections.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, "nbd connection refused: --nbd-max-connections reached");
+        return;
+    };
+    match tokio::time::timeout(limits.handshake, handshake::conn::negotiate(stream, &engine)).await {
+        Ok(Ok(Some((stream, conn)))) => {
+            tracing::debug!(%peer, volume = %conn.volume.name, "nbd client attached");
+            transmit::conn::serve(stream, conn, engine, limits.clone()).await;
+            tracing::debug!(%peer, "nbd client gone");
+        }
+        Ok(Ok(None)) => tracing::debug!(%peer, "nbd negotiation ended without an export"),
+        Ok(Err(e)) => tracing::info!(%peer, "nbd negotiation failed: {e}"),
+        Err(_) => tracing::info!(%peer, timeout = ?limits.handshake, "nbd client did not finish the handshake in time: disconnected"),
+    }
 }
 
-pub async fn serve_unix(listener: UnixListener, engine: Arc<Engine>) {
+pub async fn serve_tcp(listener: TcpListener, engine: Arc<Engine>, limits: Arc<Limits>) {
+    crate::server::accept_tcp(listener, "nbd", |s, peer| handle(s, engine.clone(), limits.clone(), peer)).await
+}
+
+pub async fn serve_unix(listener: UnixListener, engine: Arc<Engine>, limits: Arc<Limits>) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
-                tokio::spawn(handle(s, engine.clone(), "unix".into()));
+                tokio::spawn(handle(s, engine.clone(), limits.clone(), "unix".into()));
             }
             Err(e) => {
                 tracing::warn!("nbd accept failed: {e}");

@@ -8,7 +8,7 @@
 //! cannot deadlock us).
 
 use super::frame::*;
-use crate::frontend::nbd::{MAX_INFLIGHT, MAX_PAYLOAD};
+use crate::frontend::nbd::{Limits, MAX_INFLIGHT, MAX_PAYLOAD};
 use crate::device::AlignedBuf;
 use crate::volume::{Connection, Engine, IoError, ReadData};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -23,15 +23,17 @@ const READ_BUF: usize = 256 * 1024;
 const MAX_SLICES: usize = 32;
 
 /// A reply on its way out: header, optional read payload, and how much of both is written.
+/// `charge`: the payload bytes its request holds against the limits until it is sent.
 struct Out {
     header: [u8; 16],
     data: Option<ReadData>,
     written: usize,
+    charge: u64,
 }
 
 impl Out {
     fn new(handle: u64, error: u32, data: Option<ReadData>) -> Out {
-        Out { header: simple_reply(error, handle), data, written: 0 }
+        Out { header: simple_reply(error, handle), data, written: 0, charge: 0 }
     }
     fn len(&self) -> usize {
         16 + self.data.as_ref().map_or(0, |d| d.len)
@@ -49,10 +51,13 @@ struct Partial {
 
 /// Serves requests until the client disconnects (NBD_CMD_DISC or EOF) or breaks the protocol.
 /// Replies to requests already received are still sent before the socket closes.
-pub async fn serve<S>(stream: S, conn: Connection, engine: Arc<Engine>)
+pub async fn serve<S>(stream: S, conn: Connection, engine: Arc<Engine>, limits: Arc<Limits>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Payload bytes this connection holds: writes being received or applied, reads until their
+    // reply is sent. Reading stops while it is over the limits (backpressure, not growth).
+    let mut held: u64 = 0;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut rbuf = vec![0u8; READ_BUF];
     let (mut start, mut end) = (0usize, 0usize);
@@ -63,7 +68,7 @@ where
     let vol = conn.volume.clone();
     loop {
         // Turn buffered bytes into requests.
-        while !closing && work.len() + out.len() < MAX_INFLIGHT {
+        while !closing && work.len() + out.len() < MAX_INFLIGHT && (partial.is_some() || limits.may_read(held)) {
             if let Some(p) = &mut partial {
                 let n = (end - start).min(p.buf.len() - p.filled);
                 p.buf[p.filled..p.filled + n].copy_from_slice(&rbuf[start..start + n]);
@@ -89,14 +94,23 @@ where
                     break;
                 }
             };
+            let charge = payload_charge(&req);
             match req.cmd {
                 CMD_DISC => closing = true,
                 CMD_WRITE if req.len > MAX_PAYLOAD => {
                     tracing::warn!(volume = %vol.name, len = req.len, "closing nbd connection: write larger than the advertised maximum");
                     closing = true;
                 }
-                CMD_WRITE => partial = Some(Partial { req, buf: engine.buffer(req.len as usize), filled: 0 }),
-                _ => work.push(dispatch(&engine, &conn, req, None)),
+                CMD_WRITE => {
+                    held += charge;
+                    limits.charge(charge);
+                    partial = Some(Partial { req, buf: engine.buffer(req.len as usize), filled: 0 });
+                }
+                _ => {
+                    held += charge;
+                    limits.charge(charge);
+                    work.push(dispatch(&engine, &conn, req, None));
+                }
             }
         }
         if start == end {
@@ -110,7 +124,7 @@ where
         }
         // Replies waiting for the socket count too, so a client that does not read its replies
         // cannot make us queue without bound.
-        let reading = !closing && work.len() + out.len() < MAX_INFLIGHT;
+        let reading = !closing && work.len() + out.len() < MAX_INFLIGHT && (partial.is_some() || limits.may_read(held));
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
         let nslices = gather(&out, &mut slices);
         let direct = partial.is_some() && start == end;
@@ -123,7 +137,11 @@ where
             Some(reply) = work.next(), if !work.is_empty() => out.push_back(reply),
             r = wr.write_vectored(&slices[..nslices]), if nslices > 0 => match r {
                 Ok(0) | Err(_) => break,
-                Ok(n) => advance(&mut out, n),
+                Ok(n) => {
+                    let freed = advance(&mut out, n);
+                    held -= freed;
+                    limits.release(freed);
+                }
             },
             r = rd.read(into), if reading => match r {
                 Ok(0) | Err(_) => closing = true,
@@ -140,7 +158,29 @@ where
         }
     }
     let _ = wr.shutdown().await;
+    // What is still charged (requests cut off with the connection) goes back.
+    if let Some(p) = &partial {
+        held = held.saturating_sub(payload_charge(&p.req));
+        limits.release(payload_charge(&p.req));
+    }
+    let unsent: u64 = out.iter().map(|o| o.charge).sum();
+    limits.release(unsent);
+    held = held.saturating_sub(unsent);
+    // Requests still running hold their charge until they finish, here.
+    while let Some(o) = work.next().await {
+        limits.release(o.charge);
+        held = held.saturating_sub(o.charge);
+    }
+    debug_assert_eq!(held, 0, "every charged byte released");
     drop(conn);
+}
+
+/// The payload bytes a request holds: a write's data, a read's reply.
+fn payload_charge(req: &Request) -> u64 {
+    match req.cmd {
+        CMD_WRITE | CMD_READ => req.len as u64,
+        _ => 0,
+    }
 }
 
 /// Fills `slices` from the front of the queue (what is left of each reply).
@@ -163,44 +203,55 @@ fn gather<'a>(out: &'a VecDeque<Out>, slices: &mut [IoSlice<'a>; MAX_SLICES]) ->
     n
 }
 
-/// Marks `n` bytes as written, dropping finished replies (and their buffers).
-fn advance(out: &mut VecDeque<Out>, mut n: usize) {
+/// Marks `n` bytes as written, dropping finished replies (and their buffers); returns the
+/// payload charge the finished replies release.
+fn advance(out: &mut VecDeque<Out>, mut n: usize) -> u64 {
+    let mut freed = 0;
     while n > 0 {
         let front = out.front_mut().expect("wrote more than queued");
         let left = front.len() - front.written;
         if n >= left {
             n -= left;
+            freed += front.charge;
             out.pop_front();
         } else {
             front.written += n;
             n = 0;
         }
     }
+    freed
 }
 
 fn dispatch(engine: &Arc<Engine>, conn: &Connection, req: Request, payload: Option<AlignedBuf>) -> Work {
     let (engine, vol) = (engine.clone(), conn.volume.clone());
+    let charge = payload_charge(&req);
     Box::pin(async move {
-        let fua = req.flags & CMD_FLAG_FUA != 0;
-        let (off, len, h) = (req.offset, req.len as u64, req.handle);
-        let err = |r: Result<(), IoError>| r.err().map_or(0, |e| e.errno(true));
-        match req.cmd {
-            CMD_READ if req.len > MAX_PAYLOAD => Out::new(h, libc::EINVAL as u32, None),
-            CMD_READ => match engine.read(&vol, off, req.len as usize).await {
-                Ok(d) => Out::new(h, 0, Some(d)),
-                Err(e) => Out::new(h, e.errno(false), None),
-            },
-            CMD_WRITE => {
-                let buf = payload.expect("write payload");
-                Out::new(h, err(engine.write(&vol, off, buf, fua).await), None)
-            }
-            CMD_FLUSH => Out::new(h, err(engine.flush(&vol).await), None),
-            CMD_TRIM => Out::new(h, err(engine.trim(&vol, off, len, fua).await), None),
-            CMD_WRITE_ZEROES => {
-                let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
-                Out::new(h, err(engine.write_zeroes(&vol, off, len, no_hole, fua).await), None)
-            }
-            _ => Out::new(h, libc::EINVAL as u32, None),
-        }
+        let mut out = reply(&engine, &vol, req, payload).await;
+        out.charge = charge;
+        out
     })
+}
+
+async fn reply(engine: &Engine, vol: &Arc<crate::volume::Volume>, req: Request, payload: Option<AlignedBuf>) -> Out {
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let (off, len, h) = (req.offset, req.len as u64, req.handle);
+    let err = |r: Result<(), IoError>| r.err().map_or(0, |e| e.errno(true));
+    match req.cmd {
+        CMD_READ if req.len > MAX_PAYLOAD => Out::new(h, libc::EINVAL as u32, None),
+        CMD_READ => match engine.read(vol, off, req.len as usize).await {
+            Ok(d) => Out::new(h, 0, Some(d)),
+            Err(e) => Out::new(h, e.errno(false), None),
+        },
+        CMD_WRITE => {
+            let buf = payload.expect("write payload");
+            Out::new(h, err(engine.write(vol, off, buf, fua).await), None)
+        }
+        CMD_FLUSH => Out::new(h, err(engine.flush(vol).await), None),
+        CMD_TRIM => Out::new(h, err(engine.trim(vol, off, len, fua).await), None),
+        CMD_WRITE_ZEROES => {
+            let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+            Out::new(h, err(engine.write_zeroes(vol, off, len, no_hole, fua).await), None)
+        }
+        _ => Out::new(h, libc::EINVAL as u32, None),
+    }
 }
