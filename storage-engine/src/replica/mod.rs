@@ -15,6 +15,12 @@ pub enum Answer {
     Error(u32),
 }
 
+/// This machine's boot (the kernel's random boot id), read once.
+pub fn boot_id() -> &'static [u8] {
+    static ID: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| std::fs::read("/proc/sys/kernel/random/boot_id").map(|b| b.trim_ascii().to_vec()).unwrap_or_default())
+}
+
 impl Volume {
     /// Accepts `epoch` if it is not older than the newest seen, remembering it.
     pub fn admit_epoch(&self, epoch: u64) -> bool {
@@ -34,7 +40,9 @@ impl Engine {
                 return Answer::Error(frame::ESTALE);
             }
             v.grow_to(req.offset);
-            return Answer::Done;
+            // The node's boot: a target that finds it changed since its last hello knows writes
+            // not yet flushed may be gone from this replica.
+            return Answer::Bytes(boot_id().to_vec());
         }
         let _f = v.fence.read().await;
         if !v.admit_epoch(req.epoch) {

@@ -22,6 +22,7 @@ const PERSIST_EVERY: Duration = Duration::from_millis(250);
 /// Runs for the target's life.
 pub async fn run(engine: Arc<Engine>, t: Arc<Target>) {
     while !t.is_closed() && !t.is_fenced() {
+        t.reconnect_broken().await;
         for p in &t.peers {
             if p.state() != PeerState::OutOfSync || t.is_closed() {
                 continue;

@@ -1,6 +1,8 @@
 //! The replica side of the replication protocol: a reader that parses requests, a task per
 //! request (so a slow request never holds up the others), and a writer that sends replies in
-//! completion order.
+//! completion order. Bounded per connection: at most [`MAX_REQUESTS`] requests and
+//! [`MAX_BYTES`] of payload (writes received, reads answered) between being read and their
+//! reply being written; past that the reader waits (backpressure on the target).
 
 use super::frame::{self, Reply, REQUEST_LEN};
 use crate::replica::Answer;
@@ -9,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     crate::server::accept_tcp(listener, "replication", |s, peer| connection(s, engine.clone(), peer)).await
@@ -18,7 +20,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
 async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
     let (rd, mut wr) = s.into_split();
     let mut rd = tokio::io::BufReader::with_capacity(BATCH, rd);
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Answer)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Answer, Held)>();
     let writer = tokio::spawn(async move {
         // Replies that are ready together leave in one write.
         let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
@@ -38,6 +40,8 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
     });
     let mut volumes: HashMap<u64, Arc<Volume>> = HashMap::new();
     let mut hdr = [0u8; REQUEST_LEN];
+    let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
+    let bytes = Arc::new(Semaphore::new(MAX_BYTES / UNIT));
     loop {
         if rd.read_exact(&mut hdr).await.is_err() {
             break;
@@ -49,6 +53,11 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
                 break;
             }
         };
+        // What the request holds until its reply is written: a slot, and its payload or reply
+        // bytes (a request larger than the whole budget takes all of it).
+        let units = (req.payload_len().max(req.len as usize).div_ceil(UNIT)).min(MAX_BYTES / UNIT) as u32;
+        let (Ok(slot), Ok(budget)) = (slots.clone().acquire_owned().await, bytes.clone().acquire_many_owned(units).await) else { break };
+        let held = Held(slot, budget);
         let payload = if req.payload_len() > 0 {
             let mut buf = engine.buffer(req.payload_len());
             if rd.read_exact(&mut buf).await.is_err() {
@@ -87,7 +96,7 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
                 _ => 0,
             };
             let error = if let Answer::Error(e) = answer { e } else { 0 };
-            let _ = tx.send((Reply { error, handle: req.handle, len }, answer));
+            let _ = tx.send((Reply { error, handle: req.handle, len }, answer, held));
         });
     }
     drop(tx);
@@ -96,8 +105,16 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
 
 /// Bytes gathered into one socket read or write.
 const BATCH: usize = 256 * 1024;
+/// Requests of one connection between being read and their reply being written.
+pub const MAX_REQUESTS: usize = 512;
+/// Payload bytes of one connection in that state.
+pub const MAX_BYTES: usize = 128 << 20;
+const UNIT: usize = 4096;
 
-fn append(buf: &mut Vec<u8>, (reply, answer): (Reply, Answer)) {
+/// A request's share of its connection's bounds, released once its reply is written.
+struct Held(#[allow(dead_code)] OwnedSemaphorePermit, #[allow(dead_code)] OwnedSemaphorePermit);
+
+fn append(buf: &mut Vec<u8>, (reply, answer, _held): (Reply, Answer, Held)) {
     buf.extend_from_slice(&frame::encode_reply(&reply));
     match &answer {
         Answer::Data(d) => buf.extend_from_slice(d.bytes()),

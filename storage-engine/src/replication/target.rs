@@ -56,6 +56,9 @@ pub struct Peer {
     pub(super) offline_since: Mutex<Option<std::time::Instant>>,
     /// When a rebuild elsewhere was last asked for (asked again every 30 s until it happens).
     pub(super) replace_asked: Mutex<Option<std::time::Instant>>,
+    /// The replica node's boot id at the last hello: a different one on reconnect means the
+    /// node rebooted, and writes it acknowledged before its last flush may be gone.
+    boot: Mutex<Option<Vec<u8>>>,
 }
 
 impl Peer {
@@ -169,6 +172,7 @@ impl Target {
                 copied: AtomicU64::new(0),
                 offline_since: Mutex::new(None),
                 replace_asked: Mutex::new(None),
+                boot: Mutex::new(None),
             }));
         }
         let lease_gen = AtomicU64::new(meta.lease_generation());
@@ -217,9 +221,60 @@ impl Target {
     pub(super) async fn connect(&self, p: &Peer, size: u64) -> Result<(), TargetError> {
         let addr = p.addr.lock().clone();
         let c = Client::connect(&addr, self.timeout).await?;
-        c.call(Op::Hello, 0, self.vol.id, self.epoch, size, 0, None).await?;
+        let boot = c.call(Op::Hello, 0, self.vol.id, self.epoch, size, 0, None).await?;
+        *p.boot.lock() = Some(boot);
         p.set_client(c);
         Ok(())
+    }
+
+    /// Re-establishes the connection of an in-sync peer whose connection broke (its engine
+    /// restarted) before a write needs it, so an idle volume's replica stays in sync across a
+    /// peer restart. A peer whose node rebooted meanwhile may have lost writes it had not
+    /// flushed: it leaves the in-sync set for a full rebuild instead.
+    pub(super) async fn reconnect_broken(&self) {
+        for p in &self.peers {
+            let broken = p.client_now().is_none_or(|c| c.is_broken());
+            if p.state() != PeerState::InSync || !broken || self.is_closed() || self.is_fenced() {
+                continue;
+            }
+            let before = p.boot.lock().clone();
+            // A restarted engine may listen elsewhere: its address as it registered it.
+            let (meta, node) = (self.meta.clone(), p.node.clone());
+            if let Ok(Some(a)) = tokio::task::spawn_blocking(move || crate::volume::replication_address(&*meta, &node)).await {
+                *p.addr.lock() = a;
+            }
+            let addr = p.addr.lock().clone();
+            let c = match Client::connect(&addr, self.timeout).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(volume = %self.name, replica = %p.node, "reconnect failed: {e}");
+                    continue;
+                }
+            };
+            match c.call(Op::Hello, 0, self.vol.id, self.epoch, self.vol.size(), 0, None).await {
+                // A write that found the old connection broken meanwhile took the peer out of
+                // sync: then resync brings it back, not this.
+                Ok(_) if p.state() != PeerState::InSync => {}
+                Ok(boot) if before.as_ref().is_none_or(|b| *b == boot) => {
+                    p.set_client(c);
+                    tracing::info!(volume = %self.name, replica = %p.node, "replica connection re-established");
+                }
+                Ok(boot) => {
+                    *p.boot.lock() = Some(boot);
+                    tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted: writes it had not flushed may be lost; rebuilding it");
+                    p.full_rebuild.store(true, Ordering::Release);
+                    let p2 = p.clone();
+                    let _ = tokio::task::spawn_blocking(move || p2.dirty.set_lost()).await;
+                    if let Err(e) = self.peer_failed(p, None).await {
+                        tracing::warn!(volume = %self.name, replica = %p.node, "recording the rebooted replica out of sync: {e}");
+                    }
+                }
+                Err(e) if e.is_stale() => {
+                    self.fence();
+                }
+                Err(e) => tracing::debug!(volume = %self.name, replica = %p.node, "hello on reconnect failed: {e}"),
+            }
+        }
     }
 
     pub fn close(&self) {
