@@ -140,6 +140,16 @@ fn writes_go_on_through_an_etcd_outage() {
     eprintln!("{during} requests acknowledged during a {OUTAGE:?} etcd outage, {} failed", h.failed_writes);
     assert!(during > 1000, "writes went on during the outage ({during})");
     assert_eq!(h.failed_writes, 0);
+    // The operator hears of it: an alert when it started and one when it ended (with its length).
+    let t0 = Instant::now();
+    loop {
+        let kinds: Vec<String> = c.sdk(0).alerts().into_iter().filter(|a| a.node == "node-1").map(|a| a.kind).collect();
+        if kinds.iter().any(|k| k == "MetadataStoreUnreachable") && kinds.iter().any(|k| k == "MetadataStoreReachable") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no outage alerts: {kinds:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     settle_and_check(&c, 0, "e", &mut w, &h);
 }
 
@@ -216,4 +226,49 @@ fn an_idle_volume_keeps_its_replicas_in_sync_across_a_replica_restart() {
     }
     assert_eq!(h.failed_writes, 0);
     settle_and_check(&c, 0, "idle", &mut w, &h);
+}
+
+/// What an operator must see when a node goes away and comes back: the volume reads `degraded`,
+/// alerts say which replica is out of sync and which node is offline, then that both are back.
+/// A pool past 85% raises `PoolNearFull`.
+#[test]
+fn a_lost_node_shows_as_degraded_volumes_and_alerts() {
+    let mut c = Cluster::start(3, "256MiB");
+    c.sdk(0).create_full("d", SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, "d", 13);
+    w.run_mixed(&mut h, 200, Duration::from_secs(30), DEPTH).unwrap();
+    assert_eq!(c.sdk(1).inspect("d").unwrap().state, "available");
+    c.kill9(2);
+    w.run_mixed(&mut h, 200, Duration::from_secs(30), DEPTH).unwrap();
+    let alerts = |c: &Cluster| c.sdk(0).alerts().into_iter().map(|a| (a.kind, a.resource)).collect::<Vec<_>>();
+    let wait_for = |c: &Cluster, want: &[(&str, &str)]| {
+        let t0 = Instant::now();
+        loop {
+            let got = alerts(c);
+            if want.iter().all(|(k, r)| got.iter().any(|(gk, gr)| gk == k && gr == r)) {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "alerts {want:?} not raised: {got:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let v = c.sdk(1).inspect("d").unwrap();
+    assert_eq!(v.state, "degraded", "{v:?}");
+    assert!(c.sdk(0).list().iter().any(|v| v.name == "d" && v.state == "degraded"));
+    wait_for(&c, &[("ReplicaOutOfSync", "volume/d"), ("NodeOffline", "node/node-3")]);
+    c.engines[2].spawn().unwrap();
+    c.wait_in_sync(0, "d", Duration::from_secs(60));
+    assert_eq!(c.sdk(0).inspect("d").unwrap().state, "available");
+    wait_for(&c, &[("ReplicaInSync", "volume/d"), ("NodeOnline", "node/node-3")]);
+    settle_and_check(&c, 0, "d", &mut w, &h);
+
+    // Fill node-2's pool past 85%.
+    c.sdk(1).create_spec("fill", strata_api::v1::VolumeSpec { size_bytes: 240 * MIB, repl: 1, nodes: vec!["node-2".into()], ..Default::default() }).unwrap();
+    let mut f = Client::connect(&c.engines[1].nbd, "fill").unwrap();
+    let chunk = vec![0x77u8; 4 * MIB as usize];
+    for i in 0..56 {
+        assert_eq!(f.write(i * 4 * MIB, &chunk, 0), 0);
+    }
+    wait_for(&c, &[("PoolNearFull", "node/node-2")]);
 }

@@ -146,12 +146,71 @@ where
 
 /// Tells the metadata store when this node's pool fails (StorageDown) or recovers, and keeps the
 /// node record's usage figure current (for placement views, capacity and `cluster list`).
+/// Pool usage at which `PoolNearFull` is raised.
+const NEAR_FULL: f64 = 0.85;
+
+/// Watches what an operator must hear about, every 2 s: this pool's usage (near full at 85%,
+/// full), the metadata store's reachability (logged at warn once per outage, with its duration,
+/// and an alert), and — on the online node with the lowest id, so the alert is raised once —
+/// other nodes going offline and coming back.
 async fn report_storage_health(engine: Arc<Engine>) {
+    use crate::alerts::Severity::{Alarm, Notify, Warning};
     let mut reported = true;
     let mut used = u64::MAX;
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    let mut fill = 0u8; // 0 fine, 1 near full, 2 full
+    let mut unreachable_since: Option<std::time::Instant> = None;
+    let mut offline: Option<std::collections::BTreeSet<String>> = None;
     loop {
         tick.tick().await;
+        let (total, now_used) = (engine.pool.total_bytes(), engine.pool.used_bytes());
+        let level = if total > 0 && now_used >= total { 2 } else if total > 0 && now_used as f64 >= total as f64 * NEAR_FULL { 1 } else { 0 };
+        if level != fill {
+            let resource = format!("node/{}", engine.node.id);
+            let pct = if total > 0 { now_used * 100 / total } else { 0 };
+            match level {
+                2 => {
+                    engine.alerts.raise(Alarm, "PoolFull", &resource, format!("the pool of node {} is full ({pct}% of {} used): writes to new extents fail", engine.node.id, strata_api::units::format_size(total)));
+                }
+                1 => {
+                    engine.alerts.raise(Warning, "PoolNearFull", &resource, format!("the pool of node {} is {pct}% full (of {}); add a drive or move volumes", engine.node.id, strata_api::units::format_size(total)));
+                }
+                _ => {
+                    engine.alerts.raise(Notify, "PoolUsageNormal", &resource, format!("the pool of node {} is below {}% full again ({pct}%)", engine.node.id, (NEAR_FULL * 100.0) as u32));
+                }
+            }
+            fill = level;
+        }
+        match (engine.meta.reachable(), unreachable_since) {
+            (false, None) => {
+                tracing::warn!("the metadata store is unreachable: I/O goes on, volume changes wait for it");
+                engine.alerts.raise(Warning, "MetadataStoreUnreachable", &format!("node/{}", engine.node.id), format!("node {} cannot reach the metadata store", engine.node.id));
+                unreachable_since = Some(std::time::Instant::now());
+            }
+            (true, Some(since)) => {
+                tracing::warn!(outage = ?since.elapsed(), "the metadata store is reachable again");
+                engine.alerts.raise(Notify, "MetadataStoreReachable", &format!("node/{}", engine.node.id), format!("node {} reaches the metadata store again after {:?}", engine.node.id, since.elapsed()));
+                unreachable_since = None;
+            }
+            _ => {}
+        }
+        if unreachable_since.is_none() {
+            let e = engine.clone();
+            if let Ok(Ok(nodes)) = tokio::task::spawn_blocking(move || e.meta.list_nodes()).await {
+                let me = &engine.node.id;
+                let now_off: std::collections::BTreeSet<String> = nodes.iter().filter(|(_, s)| *s == crate::meta::NodeState::Offline).map(|(n, _)| n.id.clone()).collect();
+                let speaker = nodes.iter().filter(|(_, s)| *s != crate::meta::NodeState::Offline).map(|(n, _)| &n.id).min() == Some(me);
+                if let (Some(before), true) = (&offline, speaker) {
+                    for n in now_off.difference(before) {
+                        engine.alerts.raise(Alarm, "NodeOffline", &format!("node/{n}"), format!("node {n} is offline (its engine stopped renewing its lease); its replicas are out of sync"));
+                    }
+                    for n in before.difference(&now_off) {
+                        engine.alerts.raise(Notify, "NodeOnline", &format!("node/{n}"), format!("node {n} is online again"));
+                    }
+                }
+                offline = Some(now_off);
+            }
+        }
         let e = engine.clone();
         match tokio::task::spawn_blocking(move || e.report_usage(used)).await {
             Ok(Ok(now)) => used = now,

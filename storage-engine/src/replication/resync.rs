@@ -19,16 +19,45 @@ use std::time::{Duration, Instant};
 const POLL: Duration = Duration::from_secs(1);
 const PERSIST_EVERY: Duration = Duration::from_millis(250);
 
+/// Raises the replica alerts an operator must see: out of sync (the volume is degraded) once
+/// per departure, and back in sync.
+fn alert_replica(engine: &Engine, t: &Target, p: &Peer, alerted: &mut std::collections::HashSet<String>) {
+    use crate::alerts::Severity::{Notify, Warning};
+    let resource = format!("volume/{}", t.name);
+    match p.state() {
+        PeerState::InSync => {
+            if alerted.remove(&p.node) {
+                engine.alerts.raise(Notify, "ReplicaInSync", &resource, format!("volume {}: the replica on node {} is back in sync", t.name, p.node));
+            }
+        }
+        _ => {
+            if alerted.insert(p.node.clone()) {
+                engine.alerts.raise(
+                    Warning,
+                    "ReplicaOutOfSync",
+                    &resource,
+                    format!("volume {} is degraded: the replica on node {} is out of sync (it resyncs when reachable)", t.name, p.node),
+                );
+            }
+        }
+    }
+}
+
 /// Runs for the target's life.
 pub async fn run(engine: Arc<Engine>, t: Arc<Target>) {
+    let mut alerted = std::collections::HashSet::new();
     while !t.is_closed() && !t.is_fenced() {
         t.reconnect_broken().await;
         for p in &t.peers {
+            alert_replica(&engine, &t, p, &mut alerted);
             if p.state() != PeerState::OutOfSync || t.is_closed() {
                 continue;
             }
             match resync(&engine, &t, p).await {
-                Ok(()) => tracing::info!(volume = %t.name, replica = %p.node, copied = p.copied.load(Ordering::Relaxed), "replica back in sync"),
+                Ok(()) => {
+                    tracing::info!(volume = %t.name, replica = %p.node, copied = p.copied.load(Ordering::Relaxed), "replica back in sync");
+                    alert_replica(&engine, &t, p, &mut alerted);
+                }
                 Err(e) => {
                     tracing::debug!(volume = %t.name, replica = %p.node, "resync not possible now: {e}");
                     if p.state() == PeerState::CatchingUp {

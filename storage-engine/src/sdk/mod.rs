@@ -48,6 +48,8 @@ fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
         used_bytes: v.used_bytes,
         created_unix: r.created_unix,
         state: match &r.pending {
+            // A replica out of sync: the data has fewer copies than `repl` says until resync.
+            None if r.in_sync.len() < r.replicas.len() => "degraded",
             None => "available",
             Some(crate::meta::PendingOp::Delete) => "deleting",
             Some(crate::meta::PendingOp::Create) => "creating",
