@@ -317,6 +317,8 @@ impl Journal {
                 }
             }
         }
+        // Whether any block of this generation (valid or not) follows block `k`.
+        let any_after = |k: usize| (k + 1..blocks).any(|l| matches!(decode(&uuid, block(h, l)), Decoded::Valid(hd, _) if hd.gen == gen) || matches!(decode(&uuid, block(h, l)), Decoded::Corrupt(g) if g == gen));
         let mut map = DeviceMap::new();
         let mut k = 1usize;
         while k < blocks {
@@ -326,8 +328,22 @@ impl Journal {
                     apply(&mut map, &entries, sb.extent_count)
                         .map_err(|e| format!("journal block {k} of generation {gen}: {e}"))?;
                 }
+                // The last record block torn by a crash (power loss mid-write): its batch was never
+                // synced, so never acknowledged; the log ends before it, as write-ahead logs do.
+                Decoded::Corrupt(g) if g == gen && k > total as usize && !any_after(k) => {
+                    tracing::warn!(
+                        block = k,
+                        generation = gen,
+                        device = %sb.device_uuid,
+                        "journal: the last block fails its checksum: a write cut off by a crash (its batch was never acknowledged), so the log is truncated before it; if the node did not crash, the mappings of that last batch are lost: run `strata-engine check`"
+                    );
+                    break;
+                }
                 Decoded::Corrupt(g) if g == gen => {
-                    return Err(format!("journal block {k} of generation {gen} is corrupted (checksum mismatch)"));
+                    return Err(format!(
+                        "journal block {k} of generation {gen} (byte {} of the device) is corrupted (checksum mismatch) with records after it: the extent mappings in it and after it would be lost; run `strata-engine check` and restore this device's replicas from another node",
+                        sb.journal_offset + (h * half + k * BLOCK) as u64
+                    ));
                 }
                 _ if k <= total as usize => {
                     return Err(format!("journal checkpoint block {k} of generation {gen} is missing or corrupted"));
@@ -524,6 +540,32 @@ mod tests {
             d.write_blocking(rec, &b).unwrap();
         }
         assert_eq!(Journal::open(d, &sb).unwrap().1.len(), 3);
+    }
+
+    #[test]
+    fn a_torn_last_block_is_truncated_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, sb) = dev(dir.path(), "a");
+        let j = Journal::format(d.clone(), &sb).unwrap();
+        for p in 0..3 {
+            j.commit(&[Entry::Map { vol: 1, lext: p as u64, pext: p }]).unwrap();
+        }
+        drop(j);
+        // Power loss tore the last record block (3): only part of its 4 KiB reached the disk.
+        let last = sb.journal_offset + sb.journal_len / 2 + 3 * JOURNAL_BLOCK;
+        let mut b = AlignedBuf::new(BLOCK);
+        d.read_blocking(last, &mut b).unwrap();
+        b[2048..].fill(0);
+        b[100] ^= 0x01;
+        d.write_blocking(last, &b).unwrap();
+        let (j, map) = Journal::open(d.clone(), &sb).expect("a torn tail does not take the pool offline");
+        assert_eq!(map.len(), 2, "the torn batch (never acknowledged) is dropped, the others kept");
+        assert!(!map.contains_key(&2));
+        // The log goes on from there, and replays.
+        j.commit(&[Entry::Map { vol: 1, lext: 9, pext: 9 }]).unwrap();
+        drop(j);
+        let map = Journal::open(d, &sb).unwrap().1;
+        assert_eq!(map.keys().copied().collect::<Vec<_>>(), vec![0, 1, 9]);
     }
 
     #[test]
