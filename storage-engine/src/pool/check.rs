@@ -29,6 +29,11 @@ impl CheckReport {
 /// leaked to volumes that no longer exist and extents mapped past a volume's end.
 pub fn check(devs: Vec<(String, Arc<dyn BlockIo>)>, expected: Option<PoolRecord>, volumes: Option<&HashMap<u64, KnownVolume>>) -> CheckReport {
     let mut report = CheckReport { devices: devs.len(), ..Default::default() };
+    for (path, dev) in &devs {
+        if let Some(why) = super::primary_damage(dev.as_ref()) {
+            report.problems.push(format!("device {path}: {why}"));
+        }
+    }
     let spec = OpenSpec { expected, force_format: false, extent_size: DEFAULT_EXTENT_SIZE, check_only: true };
     let pool = match Pool::open(devs, &spec) {
         Ok(p) => p,

@@ -148,7 +148,23 @@ impl Pool {
             let len = (PROBE_LEN.next_multiple_of(4096) as u64).min(dev.size() / 4096 * 4096) as usize;
             let mut head = AlignedBuf::new(len);
             dev.read_blocking(0, &mut head).map_err(|e| PoolError::Corrupt { device: path.clone(), why: format!("cannot read the superblock: {e}") })?;
-            probes.push(Superblock::probe(&head));
+            let probe = match Superblock::probe(&head) {
+                // The primary copy is damaged: the backup in the last 4 KiB may be good.
+                Probe::Corrupt(why) => match read_backup(dev.as_ref()) {
+                    Some(sb) => {
+                        if spec.check_only {
+                            tracing::warn!(device = %path, "the primary superblock is corrupted ({why}); the backup copy is good");
+                        } else {
+                            tracing::warn!(device = %path, "the primary superblock is corrupted ({why}); rewritten from the backup copy");
+                            write_superblock(dev.as_ref(), &sb, 0)?;
+                        }
+                        Probe::Strata(sb)
+                    }
+                    None => Probe::Corrupt(why),
+                },
+                p => p,
+            };
+            probes.push(probe);
         }
         let pool_uuid = spec
             .expected
@@ -172,6 +188,11 @@ impl Pool {
                         return Err(PoolError::Corrupt { device: path, why: format!("extent size {} differs from the pool's {extent_size}", sb.extent_size) });
                     }
                     let (journal, _) = Journal::open(dev.clone(), &sb).map_err(|why| PoolError::Corrupt { device: path.clone(), why })?;
+                    // Keep the backup copy current (older pools get one where their last
+                    // extent leaves room).
+                    if !spec.check_only && sb.has_backup_room() && read_backup(dev.as_ref()).as_ref() != Some(&sb) {
+                        write_superblock(dev.as_ref(), &sb, superblock::backup_offset(sb.device_size))?;
+                    }
                     PoolDevice { path, dev, sb, journal, sums: None }
                 }
                 _ if may_format => format_device(path, dev, pool_uuid, extent_size)?,
@@ -595,11 +616,45 @@ fn format_device(path: String, dev: Arc<dyn BlockIo>, pool: Uuid, extent_size: u
     let journal = Journal::format(dev.clone(), &sb)?;
     dev.zero_range_blocking(sb.intent_offset, sb.csum_offset - sb.intent_offset).map_err(PoolError::io("zeroing the checksum intent bitmap"))?;
     let (sums, _) = csum::DeviceSums::load(dev.clone(), &sb, &[], false).map_err(|why| PoolError::Corrupt { device: path.clone(), why })?;
+    write_superblock(dev.as_ref(), &sb, superblock::backup_offset(sb.device_size))?;
+    write_superblock(dev.as_ref(), &sb, 0)?;
+    Ok(PoolDevice { path, dev, sb, journal, sums: Some(sums) })
+}
+
+/// Writes and syncs a copy of `sb` at `at` (0: the primary; the backup offset).
+fn write_superblock(dev: &dyn BlockIo, sb: &Superblock, at: u64) -> Result<(), PoolError> {
     let mut block = AlignedBuf::new(superblock::SB_SIZE);
     block.copy_from_slice(&sb.encode());
-    dev.write_blocking(0, &block).map_err(PoolError::io("writing the superblock"))?;
-    dev.sync_blocking().map_err(PoolError::io("syncing the superblock"))?;
-    Ok(PoolDevice { path, dev, sb, journal, sums: Some(sums) })
+    dev.write_blocking(at, &block).map_err(PoolError::io("writing the superblock"))?;
+    dev.sync_blocking().map_err(PoolError::io("syncing the superblock"))
+}
+
+/// What is wrong with a device's superblock copies that the other copy can fix, if anything.
+pub(super) fn primary_damage(dev: &dyn BlockIo) -> Option<String> {
+    let mut head = AlignedBuf::new(superblock::SB_SIZE);
+    dev.read_blocking(0, &mut head).ok()?;
+    match (Superblock::probe(&head), read_backup(dev)) {
+        (Probe::Corrupt(why), Some(_)) => Some(format!("the primary superblock is corrupted ({why}); the backup copy is good (starting the engine rewrites the primary from it)")),
+        (Probe::Strata(sb), backup) if sb.has_backup_room() && backup.as_ref() != Some(&sb) => {
+            Some("the backup superblock (last 4 KiB) is missing or damaged; starting the engine rewrites it".into())
+        }
+        _ => None,
+    }
+}
+
+/// The backup superblock in the device's last 4 KiB, when it is valid and its layout leaves it
+/// outside the data.
+fn read_backup(dev: &dyn BlockIo) -> Option<Superblock> {
+    let at = superblock::backup_offset(dev.size());
+    if at == 0 {
+        return None;
+    }
+    let mut block = AlignedBuf::new(superblock::SB_SIZE);
+    dev.read_blocking(at, &mut block).ok()?;
+    match Superblock::probe(&block) {
+        Probe::Strata(sb) if sb.has_backup_room() && superblock::backup_offset(sb.device_size) == at => Some(sb),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,10 @@
 //!                                                           4092 crc32c of bytes 0..4092
 //! ```
 //!
+//! A second copy lives in the device's last 4 KiB ([`backup_offset`]), which new layouts keep
+//! out of the data area (older pools use it when their last extent leaves it free): a bit flip in
+//! one copy is repaired from the other at open.
+//!
 //! Version 2 adds block checksums: after the journal, the intent bitmap (one bit per extent:
 //! "its checksums on disk may be behind its data") and one 4 KiB checksum slot per extent
 //! (a crc32c per 4 KiB block), then the data. Version-1 devices open without checksums.
@@ -73,7 +77,7 @@ impl Superblock {
         let intent_offset = SB_SIZE as u64 + journal_len;
         let csum_offset = intent_offset + max_extents.div_ceil(8).next_multiple_of(4096);
         let data_offset = (csum_offset + max_extents * CSUM_SLOT).next_multiple_of(extent_size);
-        let min = data_offset + MIN_EXTENTS * extent_size;
+        let min = data_offset + MIN_EXTENTS * extent_size + SB_SIZE as u64;
         if device_size < min {
             return Err(PoolError::TooSmall { size: device_size, min });
         }
@@ -85,7 +89,8 @@ impl Superblock {
             journal_offset: SB_SIZE as u64,
             journal_len,
             data_offset,
-            extent_count: (device_size - data_offset) / extent_size,
+            // The last 4 KiB holds the backup superblock.
+            extent_count: (backup_offset(device_size) - data_offset) / extent_size,
             created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             intent_offset,
             csum_offset,
@@ -173,6 +178,11 @@ impl Superblock {
         Ok(sb)
     }
 
+    /// Whether the device's last 4 KiB lies outside the data area (room for the backup copy).
+    pub fn has_backup_room(&self) -> bool {
+        self.data_offset + self.extent_count * self.extent_size <= backup_offset(self.device_size)
+    }
+
     /// Whether this device keeps block checksums (version 2).
     pub fn has_checksums(&self) -> bool {
         self.csum_offset != 0
@@ -187,6 +197,12 @@ impl Superblock {
     pub fn extent_offset(&self, pext: u32) -> u64 {
         self.data_offset + pext as u64 * self.extent_size
     }
+}
+
+/// Where the backup copy of the superblock lives on a device of `device_size` bytes: its last
+/// whole 4 KiB.
+pub fn backup_offset(device_size: u64) -> u64 {
+    (device_size / SB_SIZE as u64 * SB_SIZE as u64).saturating_sub(SB_SIZE as u64)
 }
 
 /// A device needs this many data extents at least.
