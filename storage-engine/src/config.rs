@@ -120,6 +120,11 @@ pub struct RunArgs {
     /// nodes one thread beats two, because cross-thread wake-ups cost more than they give.
     #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
+    /// Test only: keep device writes in memory until a flush, so that killing the engine acts as
+    /// a power cut on its disks (and every start counts as a reboot for the replication
+    /// protocol). Never use it on a real node.
+    #[arg(long, env = "STRATA_SIMULATE_VOLATILE_CACHE", hide = true)]
+    pub simulate_volatile_cache: bool,
     /// Once listening, write the bound addresses here as JSON (for scripts and tests).
     #[arg(long, env = "STRATA_READY_FILE")]
     pub ready_file: Option<PathBuf>,

@@ -14,11 +14,14 @@ use std::sync::Arc;
 /// How long a device held by a dying process may stay locked before we give up.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn open_devices(paths: &[PathBuf], opts: &OpenOptions) -> anyhow::Result<Vec<(String, Arc<dyn BlockIo>)>> {
+fn open_devices(paths: &[PathBuf], opts: &OpenOptions, volatile: bool) -> anyhow::Result<Vec<(String, Arc<dyn BlockIo>)>> {
     let mut out = Vec::new();
     for p in paths {
-        let dev = FileDevice::open(p, opts).with_context(|| format!("device {}", p.display()))?;
-        out.push((p.display().to_string(), Arc::new(dev) as Arc<dyn BlockIo>));
+        let mut dev: Arc<dyn BlockIo> = Arc::new(FileDevice::open(p, opts).with_context(|| format!("device {}", p.display()))?);
+        if volatile {
+            dev = Arc::new(crate::device::volatile::VolatileCache::new(dev));
+        }
+        out.push((p.display().to_string(), dev));
     }
     Ok(out)
 }
@@ -34,7 +37,11 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
         Arc::new(crate::meta::etcd::Etcd::connect_with_ttl(&args.etcd, &node.id, args.node_ttl)?)
     };
     let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false, lock_wait: LOCK_WAIT };
-    let devs = open_devices(&args.devices, &opts)?;
+    if args.simulate_volatile_cache {
+        crate::replica::simulate_reboot_on_every_start();
+        tracing::warn!("test mode: device writes stay in memory until flushed (--simulate-volatile-cache); kill -9 acts as a power cut");
+    }
+    let devs = open_devices(&args.devices, &opts, args.simulate_volatile_cache)?;
     let spec = OpenSpec { expected: meta.get_pool()?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
     let pool = Pool::open(devs, &spec)?;
     let node_id = node.id.clone();
@@ -254,7 +261,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
 /// `strata-engine check`: returns whether the pool is clean.
 pub fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
     let opts = OpenOptions { create_size: None, io_engine: IoEngine::Sync, read_only: true, lock_wait: LOCK_WAIT };
-    let devs = open_devices(&args.devices, &opts)?;
+    let devs = open_devices(&args.devices, &opts, false)?;
     let (expected, volumes) = match &args.data_dir {
         Some(dir) => {
             let meta = Embedded::open(dir).with_context(|| format!("metadata store in {} (is the engine still running?)", dir.display()))?;

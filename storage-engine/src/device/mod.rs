@@ -6,6 +6,7 @@
 mod buf;
 mod file;
 mod uring;
+pub mod volatile;
 
 pub use buf::{AlignedBuf, BufPool, ALIGN};
 pub use file::{FileDevice, IoEngine, OpenOptions};

@@ -15,10 +15,16 @@ pub enum Answer {
     Error(u32),
 }
 
+static BOOT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
 /// This machine's boot (the kernel's random boot id), read once.
 pub fn boot_id() -> &'static [u8] {
-    static ID: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-    ID.get_or_init(|| std::fs::read("/proc/sys/kernel/random/boot_id").map(|b| b.trim_ascii().to_vec()).unwrap_or_default())
+    BOOT.get_or_init(|| std::fs::read("/proc/sys/kernel/random/boot_id").map(|b| b.trim_ascii().to_vec()).unwrap_or_default())
+}
+
+/// Under `--simulate-volatile-cache` every engine start is a power cycle: its own boot id.
+pub fn simulate_reboot_on_every_start() {
+    let _ = BOOT.set(format!("simulated-{}-{}", std::process::id(), crate::volume::now_unix()).into_bytes());
 }
 
 impl Volume {
