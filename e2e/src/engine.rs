@@ -163,8 +163,13 @@ impl EngineProc {
 
     /// `strata-engine check` on this engine's devices and data dir (the engine must be stopped).
     pub fn check(&self) -> (bool, String) {
+        self.check_with(&[])
+    }
+
+    /// `strata-engine check` of this engine's devices with `extra` arguments (`--repair`).
+    pub fn check_with(&self, extra: &[&str]) -> (bool, String) {
         let mut c = Command::new(engine_bin());
-        c.arg("check").arg("--data-dir").arg(self.dir.join("data"));
+        c.arg("check").args(extra).arg("--data-dir").arg(self.dir.join("data"));
         for d in &self.devices {
             c.arg("--device").arg(d);
         }

@@ -141,6 +141,13 @@ pub struct CheckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Fix what can be fixed on this node alone, then check again and say what was done: a
+    /// damaged superblock copy is rewritten from the other, a torn journal tail is dropped,
+    /// checksums left unsettled by a crash are recomputed from their data and written. Blocks
+    /// failing their checksum are repaired from another node's replica by the running engine
+    /// (reads, scrub), not here. Run with the engine stopped.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 /// The runtime's worker count for `--worker-threads` (0 = auto).

@@ -134,6 +134,9 @@ pub struct Pool {
     maps: RwLock<Maps>,
     /// Extents mapped per volume (kept beside `map` so usage needs no scan).
     per_volume: Mutex<HashMap<u64, u64>>,
+    /// Extents whose intent bit was set at open (a crash left their checksums unsettled): their
+    /// checksums were recomputed from their data.
+    pub unsettled_at_open: usize,
     alloc: Mutex<Alloc>,
 }
 
@@ -220,11 +223,13 @@ impl Pool {
 
         let mut maps = Maps::default();
         let mut free = Vec::new();
+        let mut unsettled_at_open = 0;
         for (i, d) in devices.iter_mut().enumerate() {
             let dm = d.journal_map();
             if d.sb.has_checksums() {
                 let mapped: Vec<u32> = dm.keys().copied().collect();
                 let (sums, report) = csum::DeviceSums::load(d.dev.clone(), &d.sb, &mapped, spec.check_only).map_err(|why| PoolError::Corrupt { device: d.path.clone(), why })?;
+                unsettled_at_open += report.recomputed as usize;
                 if report.recomputed > 0 {
                     tracing::info!(device = %d.path, extents = report.recomputed, "recomputed the checksums of extents written before an unclean stop");
                 }
@@ -264,6 +269,7 @@ impl Pool {
             maps: RwLock::new(maps),
             per_volume: Mutex::new(per_volume),
             alloc: Mutex::new(Alloc { free, cursor: 0 }),
+            unsettled_at_open,
         })
     }
 
