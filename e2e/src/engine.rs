@@ -168,8 +168,17 @@ impl EngineProc {
 
     /// `strata-engine check` of this engine's devices with `extra` arguments (`--repair`).
     pub fn check_with(&self, extra: &[&str]) -> (bool, String) {
+        let data = self.dir.join("data");
+        let mut args = vec!["--data-dir", data.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.check_with_store(&args)
+    }
+
+    /// `strata-engine check` of this engine's devices with exactly `args` besides the devices
+    /// (`--etcd URL --node-id ID` instead of the embedded store).
+    pub fn check_with_store(&self, args: &[&str]) -> (bool, String) {
         let mut c = Command::new(engine_bin());
-        c.arg("check").args(extra).arg("--data-dir").arg(self.dir.join("data"));
+        c.arg("check").args(args);
         for d in &self.devices {
             c.arg("--device").arg(d);
         }

@@ -225,3 +225,31 @@ fn flips_in_a_checksum_slot_and_the_intent_bitmap() {
     assert_eq!(cl.write(4096, &a[4096..8192], 0), 0, "rewriting the block makes it good");
     assert_eq!(cl.read(0, a.len() as u32).unwrap(), a);
 }
+
+/// `check --etcd` on a node of a multi-node cluster: its extents against the records in etcd —
+/// clean while the node holds its replica; once the replica was removed while the node was down,
+/// the left-over extents are named.
+#[test]
+fn check_against_etcd_records() {
+    let mut c = Cluster::start(2, "128MiB");
+    c.sdk(0).create_full("x", 16 * MIB, 2, &[]).unwrap();
+    let mut cl = Client::connect(&c.engines[0].nbd, "x").unwrap();
+    assert_eq!(cl.write(0, &pseudo_random(51, 256 * 1024), strata_e2e::nbd::FLAG_FUA), 0);
+    drop(cl);
+    c.wait_in_sync(0, "x", Duration::from_secs(30));
+    c.engines[1].stop();
+    let url = c.etcd.url.clone();
+    let check = |c: &Cluster| c.engines[1].check_with_store(&["--etcd", &url, "--node-id", "node-2"]);
+    let (clean, report) = check(&c);
+    assert!(clean, "{report}");
+    assert!(report.contains("block(s) verified"), "{report}");
+    // The replica on node-2 is removed while node-2 is down: its extents there are left over.
+    c.sdk(0).ha_update("x", 1, Some("node-2")).unwrap();
+    let (clean, report) = check(&c);
+    assert!(!clean && report.contains("does not list this node as a replica"), "{report}");
+    // The engine frees them when it starts.
+    c.engines[1].spawn().unwrap();
+    c.engines[1].stop();
+    let (clean, report) = check(&c);
+    assert!(clean, "{report}");
+}

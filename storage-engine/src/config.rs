@@ -138,6 +138,13 @@ pub struct CheckArgs {
     /// The engine's data directory, to also check extents against the volumes it knows.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Check extents against the volume records in etcd instead (URL[,URL]).
+    #[arg(long, value_delimiter = ',', conflicts_with = "data_dir")]
+    pub etcd: Vec<String>,
+    /// With --etcd: this node's id, to find its pool record and check that every volume with
+    /// extents here lists this node as a replica.
+    #[arg(long, requires = "etcd")]
+    pub node_id: Option<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

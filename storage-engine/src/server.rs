@@ -287,14 +287,28 @@ fn repair(args: &CheckArgs, expected: Option<crate::pool::PoolRecord>) -> anyhow
 pub fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
     let opts = OpenOptions { create_size: None, io_engine: IoEngine::Sync, read_only: true, lock_wait: LOCK_WAIT };
     let devs = open_devices(&args.devices, &opts, false)?;
-    let (expected, volumes) = match &args.data_dir {
-        Some(dir) => {
+    let known = |records: Vec<crate::meta::VolumeRecord>, node: Option<&str>| -> HashMap<u64, KnownVolume> {
+        records
+            .into_iter()
+            .map(|v| {
+                let replica_here = node.map(|n| v.clone().normalized(n).has_replica(n));
+                (v.id, KnownVolume { name: v.name, size: v.size, replica_here })
+            })
+            .collect()
+    };
+    let (expected, volumes) = match (&args.data_dir, args.etcd.is_empty()) {
+        (Some(dir), _) => {
             let meta = Embedded::open(dir).with_context(|| format!("metadata store in {} (is the engine still running?)", dir.display()))?;
-            let vols: HashMap<u64, KnownVolume> =
-                meta.list_volumes()?.into_iter().map(|v| (v.id, KnownVolume { name: v.name, size: v.size })).collect();
-            (meta.get_pool()?, Some(vols))
+            (meta.get_pool()?, Some(known(meta.list_volumes()?, None)))
         }
-        None => (None, None),
+        (None, false) => {
+            // Reads only: the records of every volume, and this node's pool record.
+            let node = args.node_id.clone().unwrap_or_default();
+            let meta = crate::meta::etcd::Etcd::connect(&args.etcd, &node).with_context(|| format!("etcd at {}", args.etcd.join(",")))?;
+            let pool = if node.is_empty() { None } else { meta.get_pool()? };
+            (pool, Some(known(meta.list_volumes()?, args.node_id.as_deref())))
+        }
+        (None, true) => (None, None),
     };
     let mut report = check(devs, expected.clone(), volumes.as_ref());
     let mut repaired = Vec::new();

@@ -11,6 +11,8 @@ use std::sync::Arc;
 pub struct KnownVolume {
     pub name: String,
     pub size: u64,
+    /// Whether the record lists this node as holding a replica (None: not known, no node id).
+    pub replica_here: Option<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +68,10 @@ pub fn check(devs: Vec<(String, Arc<dyn BlockIo>)>, expected: Option<PoolRecord>
                 Some(v) if *lext * pool.extent_size >= v.size => report.problems.push(format!(
                     "extent {place} is mapped at logical extent {lext} of volume {}, past its size of {} bytes",
                     v.name, v.size
+                )),
+                Some(v) if v.replica_here == Some(false) => report.problems.push(format!(
+                    "extent {place} belongs to volume {}, whose record does not list this node as a replica (left over from a removed replica: the engine frees it at start)",
+                    v.name
                 )),
                 Some(_) => {}
             }
