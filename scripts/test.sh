@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# The tree stays clean: formatted (rustfmt.toml) and free of clippy warnings.
+cargo fmt --all --check
 cargo build --workspace --all-targets
+cargo clippy --workspace --all-targets -- -D warnings
 cargo nextest run --workspace --profile ci "$@"
 VENV=${STRATA_HELM_VENV:-/var/tmp/strata-helm-venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

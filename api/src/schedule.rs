@@ -146,13 +146,21 @@ pub fn next_after(every: Every, t: u64) -> u64 {
         }
         Every::Daily { at } => {
             let c = t / DAY * DAY + secs(at);
-            if c > t { c } else { c + DAY }
+            if c > t {
+                c
+            } else {
+                c + DAY
+            }
         }
         Every::Weekly { weekday, at } => {
             let day = t / DAY;
             let today = (day + 4) % 7; // 1970-01-01 was a Thursday
             let c = (day + (weekday as u64 + 7 - today) % 7) * DAY + secs(at);
-            if c > t { c } else { c + 7 * DAY }
+            if c > t {
+                c
+            } else {
+                c + 7 * DAY
+            }
         }
         Every::Monthly { day, at } => {
             let (mut y, mut m) = year_month((t / DAY) as i64);
@@ -263,7 +271,7 @@ mod tests {
     fn a_plan_takes_what_is_due_and_deletes_beyond_keep() {
         let p = parse("periodic=60,2; daily=12:30,1").unwrap();
         let t0 = 1_795_000_000 / 3600 * 3600; // on the hour
-        // Nothing due right after creation.
+                                              // Nothing due right after creation.
         assert_eq!(plan("v", &p, t0 + 10, &[], t0 + 100), Plan::default());
         // An hour later the periodic policy fires once.
         let pl = plan("v", &p, t0 + 10, &[], t0 + 3600 + 5);
@@ -341,7 +349,10 @@ mod tests {
         let nov30 = days_from_civil(2026, 11, 30) as u64 * 86_400 + 2 * 3600;
         assert_eq!(next_after(Every::Monthly { day: 31, at: at(2, 0) }, t), nov30);
         assert_eq!(next_after(Every::Monthly { day: 31, at: at(2, 0) }, nov30), days_from_civil(2026, 12, 31) as u64 * 86_400 + 2 * 3600);
-        assert_eq!(next_after(Every::Monthly { day: 29, at: at(0, 0) }, days_from_civil(2027, 2, 1) as u64 * 86_400), days_from_civil(2027, 2, 28) as u64 * 86_400);
+        assert_eq!(
+            next_after(Every::Monthly { day: 29, at: at(0, 0) }, days_from_civil(2027, 2, 1) as u64 * 86_400),
+            days_from_civil(2027, 2, 28) as u64 * 86_400
+        );
     }
 
     #[test]

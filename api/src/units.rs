@@ -26,9 +26,7 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     if s.starts_with('-') {
         return Err(SizeError::Negative(input.to_string()));
     }
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     if num.is_empty() || num.chars().filter(|c| *c == '.').count() > 1 || num == "." {
         return Err(SizeError::NotANumber(input.to_string()));
@@ -49,7 +47,8 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     if let Some((int, frac)) = num.split_once('.') {
         let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| SizeError::Overflow(input.to_string()))? };
         let frac_digits = frac.len().min(9) as u32;
-        let frac_val: u64 = if frac.is_empty() { 0 } else { frac[..frac_digits as usize].parse().map_err(|_| SizeError::NotANumber(input.to_string()))? };
+        let frac_val: u64 =
+            if frac.is_empty() { 0 } else { frac[..frac_digits as usize].parse().map_err(|_| SizeError::NotANumber(input.to_string()))? };
         let whole = int.checked_mul(mult).ok_or_else(|| SizeError::Overflow(input.to_string()))?;
         let part = (frac_val as u128 * mult as u128 / 10u128.pow(frac_digits)) as u64;
         whole.checked_add(part).ok_or_else(|| SizeError::Overflow(input.to_string()))

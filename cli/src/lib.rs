@@ -372,7 +372,11 @@ fn print_volume(v: &pb::Volume) {
     print!("{}", t.render());
 }
 
-async fn snapshot_cmd(c: &mut pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>, cmd: SnapshotCmd, json: bool) -> anyhow::Result<()> {
+async fn snapshot_cmd(
+    c: &mut pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>,
+    cmd: SnapshotCmd,
+    json: bool,
+) -> anyhow::Result<()> {
     match cmd {
         SnapshotCmd::Create { volume, name, labels } => {
             let req = pb::SnapshotCreateRequest { volume, name, labels: labels.into_iter().collect() };
@@ -384,7 +388,8 @@ async fn snapshot_cmd(c: &mut pb::volume_service_client::VolumeServiceClient<ton
             }
         }
         SnapshotCmd::List { volume } => {
-            let snaps = c.snapshot_list(pb::SnapshotListRequest { volume: volume.unwrap_or_default() }).await.map_err(status_err)?.into_inner().snapshots;
+            let snaps =
+                c.snapshot_list(pb::SnapshotListRequest { volume: volume.unwrap_or_default() }).await.map_err(status_err)?.into_inner().snapshots;
             if json {
                 println!("{}", serde_json::Value::Array(snaps.iter().map(volume_json).collect()));
             } else {
@@ -426,13 +431,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match cli.command {
         Cmd::Status => {
-            let s = pb::cluster_service_client::ClusterServiceClient::new(ch).status(pb::ClusterStatusRequest {}).await.map_err(status_err)?.into_inner();
+            let s =
+                pb::cluster_service_client::ClusterServiceClient::new(ch).status(pb::ClusterStatusRequest {}).await.map_err(status_err)?.into_inner();
             if json {
-                println!("{}", json!({
-                    "cluster_id": s.cluster_id, "status": s.status, "version": s.version, "metadata_store": s.metadata_store,
-                    "total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "volume_count": s.volume_count,
-                    "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
-                }));
+                println!(
+                    "{}",
+                    json!({
+                        "cluster_id": s.cluster_id, "status": s.status, "version": s.version, "metadata_store": s.metadata_store,
+                        "total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "volume_count": s.volume_count,
+                        "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
+                    })
+                );
             } else {
                 println!("Status: {}", s.status);
                 println!("Cluster ID: {}", s.cluster_id);
@@ -516,7 +525,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 VolumeCmd::Update(a) => {
                     let q = &a.qos;
-                    let qos_given = q.io_throttle_rd_iops.is_some() || q.io_throttle_wr_iops.is_some() || q.io_throttle_rd_bw.is_some() || q.io_throttle_wr_bw.is_some();
+                    let qos_given = q.io_throttle_rd_iops.is_some()
+                        || q.io_throttle_wr_iops.is_some()
+                        || q.io_throttle_rd_bw.is_some()
+                        || q.io_throttle_wr_bw.is_some();
                     if a.size.is_none() && a.labels.is_empty() && !qos_given && a.snap_schedule.is_none() {
                         bail!("nothing to update: pass --size, --label key=value, --snap-schedule and/or --io-throttle-*");
                     }
@@ -548,7 +560,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     if json {
                         println!("{}", volume_json(&v));
                     } else {
-                        println!("Volume {}: replicas on {} (in sync: {}); new replicas fill in the background (volume inspect shows progress)", v.name, v.replica_nodes.join(","), v.in_sync_nodes.join(","));
+                        println!(
+                            "Volume {}: replicas on {} (in sync: {}); new replicas fill in the background (volume inspect shows progress)",
+                            v.name,
+                            v.replica_nodes.join(","),
+                            v.in_sync_nodes.join(",")
+                        );
                     }
                 }
                 VolumeCmd::Delete { name, force } => {
@@ -586,8 +603,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     let passphrase = passphrase(&passphrase_file)?;
                     let ch = match node {
                         Some(id) => {
-                            let nodes = pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
-                            let n = nodes.iter().find(|n| n.id == id).ok_or_else(|| anyhow!("node {id} is not in the cluster; see stratactl cluster list"))?;
+                            let nodes = pb::node_service_client::NodeServiceClient::new(ch)
+                                .list(pb::ListNodesRequest {})
+                                .await
+                                .map_err(status_err)?
+                                .into_inner()
+                                .nodes;
+                            let n = nodes
+                                .iter()
+                                .find(|n| n.id == id)
+                                .ok_or_else(|| anyhow!("node {id} is not in the cluster; see stratactl cluster list"))?;
                             connect(&format!("http://{}", n.sdk_address)).await?
                         }
                         None => ch,
@@ -610,7 +635,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Cluster(ClusterCmd::List) => {
-            let nodes = pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
+            let nodes =
+                pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
             if json {
                 println!("{}", serde_json::Value::Array(nodes.iter().map(node_json).collect()));
             } else {
@@ -618,13 +644,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Alerts(AlertsCmd::Show) => {
-            let r = pb::alert_service_client::AlertServiceClient::new(ch).list(pb::ListAlertsRequest { local_only: false }).await.map_err(status_err)?.into_inner();
+            let r = pb::alert_service_client::AlertServiceClient::new(ch)
+                .list(pb::ListAlertsRequest { local_only: false })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if json {
                 let v: Vec<_> = r
                     .alerts
                     .iter()
-                    .map(|a| json!({"id": a.id, "node": a.node, "severity": a.severity, "kind": a.kind, "resource": a.resource,
-                                    "first_unix": a.first_unix, "last_unix": a.last_unix, "count": a.count, "message": a.message}))
+                    .map(|a| {
+                        json!({"id": a.id, "node": a.node, "severity": a.severity, "kind": a.kind, "resource": a.resource,
+                                    "first_unix": a.first_unix, "last_unix": a.last_unix, "count": a.count, "message": a.message})
+                    })
                     .collect();
                 println!("{}", json!({"alerts": v, "unreachable": r.unreachable}));
             } else {
@@ -651,22 +683,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Service(ServiceCmd::Pool(PoolCmd::Show)) => {
-            let pools = pb::pool_service_client::PoolServiceClient::new(ch).list(pb::ListPoolsRequest {}).await.map_err(status_err)?.into_inner().pools;
+            let pools =
+                pb::pool_service_client::PoolServiceClient::new(ch).list(pb::ListPoolsRequest {}).await.map_err(status_err)?.into_inner().pools;
             if json {
                 let v: Vec<_> = pools
                     .iter()
-                    .map(|p| json!({
-                        "uuid": p.uuid, "extent_size": p.extent_size, "total_bytes": p.total_bytes, "used_bytes": p.used_bytes,
-                        "devices": p.devices.iter().map(|d| json!({
-                            "uuid": d.uuid, "path": d.path, "size_bytes": d.size_bytes, "total_extents": d.total_extents,
-                            "free_extents": d.free_extents, "kind": d.kind, "io_engine": d.io_engine, "direct_io": d.direct_io,
-                        })).collect::<Vec<_>>(),
-                    }))
+                    .map(|p| {
+                        json!({
+                            "uuid": p.uuid, "extent_size": p.extent_size, "total_bytes": p.total_bytes, "used_bytes": p.used_bytes,
+                            "devices": p.devices.iter().map(|d| json!({
+                                "uuid": d.uuid, "path": d.path, "size_bytes": d.size_bytes, "total_extents": d.total_extents,
+                                "free_extents": d.free_extents, "kind": d.kind, "io_engine": d.io_engine, "direct_io": d.direct_io,
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 for p in &pools {
-                    println!("Pool {}: {} used of {}, extent size {}", p.uuid, format_size(p.used_bytes), format_size(p.total_bytes), format_size(p.extent_size));
+                    println!(
+                        "Pool {}: {} used of {}, extent size {}",
+                        p.uuid,
+                        format_size(p.used_bytes),
+                        format_size(p.total_bytes),
+                        format_size(p.extent_size)
+                    );
                     let mut t = Table::new(&["DEVICE", "KIND", "SIZE", "EXTENTS", "FREE", "IO", "O_DIRECT", "UUID"]);
                     for d in &p.devices {
                         t.row(vec![

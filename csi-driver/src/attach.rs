@@ -84,7 +84,10 @@ pub fn ensure_fuse(state: &Path, volume: &str, ep: &crate::fusedisk::Endpoint) -
     while !(is_mounted(&dir) && file.exists()) {
         if let Ok(Some(status)) = child.try_wait() {
             let why = std::fs::read_to_string(state.join(format!("{volume}.fuse.log"))).unwrap_or_default();
-            return Err(AttachError::Command { cmd: "strata-csi fuse-disk".into(), out: format!("exited ({status}): {}", why.lines().last().unwrap_or("")) });
+            return Err(AttachError::Command {
+                cmd: "strata-csi fuse-disk".into(),
+                out: format!("exited ({status}): {}", why.lines().last().unwrap_or("")),
+            });
         }
         if t0.elapsed() > Duration::from_secs(15) {
             return Err(AttachError::Timeout(format!("the FUSE view {} did not appear within 15 s", file.display())));
@@ -109,9 +112,10 @@ pub fn grow_fs(dev: &str, fs: &str, mountpoint: &Path) -> Result<(), AttachError
     match fs {
         "xfs" => run("xfs_growfs", &[&mountpoint.to_string_lossy()]).map(|_| ()),
         _ => run("resize2fs", &[dev]).map(|_| ()).map_err(|e| match e {
-            AttachError::Command { cmd, out } if out.contains("Permission denied") => {
-                AttachError::Command { cmd, out: format!("{out} (growing a mounted ext4 needs CAP_SYS_RESOURCE: give it to the node plugin's container)") }
-            }
+            AttachError::Command { cmd, out } if out.contains("Permission denied") => AttachError::Command {
+                cmd,
+                out: format!("{out} (growing a mounted ext4 needs CAP_SYS_RESOURCE: give it to the node plugin's container)"),
+            },
             other => other,
         }),
     }

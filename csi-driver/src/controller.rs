@@ -1,9 +1,9 @@
 //! CSI Controller over the engine SDK: volumes by name (the CO's name is the volume id), with
 //! every idempotency and error-code rule of the spec that applies to what we support.
 
+use crate::inflight::InFlight;
 use crate::params::{self, VolumeParams};
 use crate::sdk::Sdk;
-use crate::inflight::InFlight;
 use std::collections::HashMap;
 use strata_api::csi::controller_service_capability::{rpc, Rpc, Type as CapType};
 use strata_api::csi::{self, volume_capability::access_mode::Mode};
@@ -66,7 +66,13 @@ pub fn size_for(range: Option<&csi::CapacityRange>) -> Result<i64, Status> {
     if lim > 0 && req > lim {
         return Err(Status::invalid_argument(format!("capacity_range: required_bytes {req} exceeds limit_bytes {lim}")));
     }
-    let want = if req > 0 { req } else if lim > 0 { lim.min(DEFAULT_SIZE) } else { DEFAULT_SIZE };
+    let want = if req > 0 {
+        req
+    } else if lim > 0 {
+        lim.min(DEFAULT_SIZE)
+    } else {
+        DEFAULT_SIZE
+    };
     let size = (want + ALIGN - 1) / ALIGN * ALIGN;
     if lim > 0 && size > lim {
         return Err(Status::out_of_range(format!("the smallest size Strata can give ({size} bytes, 4 KiB units) exceeds limit_bytes {lim}")));
@@ -101,7 +107,9 @@ impl Source {
         use csi::volume_content_source::Type;
         match s.and_then(|s| s.r#type.as_ref()) {
             None => Ok(None),
-            Some(Type::Snapshot(s)) if s.snapshot_id.is_empty() => Err(Status::invalid_argument("volume_content_source.snapshot.snapshot_id is required")),
+            Some(Type::Snapshot(s)) if s.snapshot_id.is_empty() => {
+                Err(Status::invalid_argument("volume_content_source.snapshot.snapshot_id is required"))
+            }
             Some(Type::Volume(v)) if v.volume_id.is_empty() => Err(Status::invalid_argument("volume_content_source.volume.volume_id is required")),
             Some(Type::Snapshot(s)) => Ok(Some(Source::Snapshot(s.snapshot_id.clone()))),
             Some(Type::Volume(v)) => Ok(Some(Source::Volume(v.volume_id.clone()))),
@@ -142,7 +150,13 @@ fn csi_volume(v: &pb::Volume, fs: &str) -> csi::Volume {
     if !fs.is_empty() {
         ctx.insert("fs".to_string(), fs.to_string());
     }
-    csi::Volume { capacity_bytes: spec.size_bytes as i64, volume_id: v.name.clone(), volume_context: ctx, content_source: None, accessible_topology: vec![] }
+    csi::Volume {
+        capacity_bytes: spec.size_bytes as i64,
+        volume_id: v.name.clone(),
+        volume_context: ctx,
+        content_source: None,
+        accessible_topology: vec![],
+    }
 }
 
 fn condition(v: &pb::Volume) -> csi::VolumeCondition {
@@ -151,7 +165,10 @@ fn condition(v: &pb::Volume) -> csi::VolumeCondition {
         csi::VolumeCondition { abnormal: false, message: format!("{} replica(s) in sync", v.in_sync_nodes.len()) }
     } else {
         let list: Vec<&str> = behind.iter().map(|s| s.as_str()).collect();
-        csi::VolumeCondition { abnormal: true, message: format!("replica(s) out of sync: {}{}", list.join(","), if v.verifying { "; replicas being compared" } else { "" }) }
+        csi::VolumeCondition {
+            abnormal: true,
+            message: format!("replica(s) out of sync: {}{}", list.join(","), if v.verifying { "; replicas being compared" } else { "" }),
+        }
     }
 }
 
@@ -191,7 +208,12 @@ fn page_of(names: &[&str], token: &str, max_entries: i32) -> Result<(usize, usiz
 impl Controller {
     /// Grows a (detached, just made) volume to `size`.
     async fn grow(&self, name: &str, size: i64) -> Result<pb::Volume, Status> {
-        let grown = self.sdk.volumes().update(pb::UpdateVolumeRequest { name: name.to_string(), size_bytes: size as u64, ..Default::default() }).await.map_err(map_sdk)?;
+        let grown = self
+            .sdk
+            .volumes()
+            .update(pb::UpdateVolumeRequest { name: name.to_string(), size_bytes: size as u64, ..Default::default() })
+            .await
+            .map_err(map_sdk)?;
         grown.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))
     }
 
@@ -244,7 +266,11 @@ impl csi::controller_server::Controller for Controller {
         let size = size_for(r.capacity_range.as_ref())?;
         let source = Source::of(r.volume_content_source.as_ref())?;
         let passphrase = if p.secure {
-            let s = r.secrets.get("passphrase").or_else(|| r.secrets.values().next()).ok_or_else(|| Status::invalid_argument("secure: an encrypted volume needs a secret with a passphrase (key `passphrase`)"))?;
+            let s = r
+                .secrets
+                .get("passphrase")
+                .or_else(|| r.secrets.values().next())
+                .ok_or_else(|| Status::invalid_argument("secure: an encrypted volume needs a secret with a passphrase (key `passphrase`)"))?;
             s.as_bytes().to_vec()
         } else {
             Vec::new()
@@ -256,7 +282,11 @@ impl csi::controller_server::Controller for Controller {
             // size failed earlier is grown now.
             let repl_differs = source.is_none() && spec.repl != p.repl;
             let want = size_for(r.capacity_range.as_ref())?;
-            if source.is_some() && v.snapshot_of.is_empty() && (spec.size_bytes as i64) < want && r.capacity_range.as_ref().is_some_and(|c| c.required_bytes > 0) {
+            if source.is_some()
+                && v.snapshot_of.is_empty()
+                && (spec.size_bytes as i64) < want
+                && r.capacity_range.as_ref().is_some_and(|c| c.required_bytes > 0)
+            {
                 v = self.grow(&r.name, want).await?;
                 spec = v.spec.clone().unwrap_or_default();
             }
@@ -289,7 +319,9 @@ impl csi::controller_server::Controller for Controller {
         let v = match created {
             Ok(resp) => resp.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))?,
             // Created meanwhile by someone else: answer as for an existing one.
-            Err(s) if s.code() == Code::AlreadyExists => self.sdk.inspect(&r.name).await.map_err(map_sdk)?.ok_or_else(|| Status::aborted("volume vanished while being created; retry"))?,
+            Err(s) if s.code() == Code::AlreadyExists => {
+                self.sdk.inspect(&r.name).await.map_err(map_sdk)?.ok_or_else(|| Status::aborted("volume vanished while being created; retry"))?
+            }
             // Placement: not enough nodes for repl is a capacity problem for the CO.
             Err(s) if s.code() == Code::FailedPrecondition => return Err(Status::resource_exhausted(s.message().to_string())),
             Err(s) => return Err(map_sdk(s)),
@@ -316,15 +348,24 @@ impl csi::controller_server::Controller for Controller {
         }
     }
 
-    async fn controller_publish_volume(&self, _: Request<csi::ControllerPublishVolumeRequest>) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
+    async fn controller_publish_volume(
+        &self,
+        _: Request<csi::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
         Err(Status::unimplemented("Strata attaches on the node (NodeStageVolume); PUBLISH_UNPUBLISH_VOLUME is not offered"))
     }
 
-    async fn controller_unpublish_volume(&self, _: Request<csi::ControllerUnpublishVolumeRequest>) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<csi::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
         Err(Status::unimplemented("Strata attaches on the node (NodeStageVolume); PUBLISH_UNPUBLISH_VOLUME is not offered"))
     }
 
-    async fn validate_volume_capabilities(&self, req: Request<csi::ValidateVolumeCapabilitiesRequest>) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<csi::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<csi::ValidateVolumeCapabilitiesResponse>, Status> {
         let r = req.into_inner();
         if r.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
@@ -393,7 +434,10 @@ impl csi::controller_server::Controller for Controller {
         }))
     }
 
-    async fn controller_get_capabilities(&self, _: Request<csi::ControllerGetCapabilitiesRequest>) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<csi::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::ControllerGetCapabilitiesResponse>, Status> {
         let caps = [
             rpc::Type::CreateDeleteVolume,
             rpc::Type::ListVolumes,
@@ -405,9 +449,9 @@ impl csi::controller_server::Controller for Controller {
             rpc::Type::ListSnapshots,
             rpc::Type::CloneVolume,
         ]
-            .into_iter()
-            .map(|t| csi::ControllerServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) })
-            .collect();
+        .into_iter()
+        .map(|t| csi::ControllerServiceCapability { r#type: Some(CapType::Rpc(Rpc { r#type: t as i32 })) })
+        .collect();
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse { capabilities: caps }))
     }
 
@@ -464,7 +508,9 @@ impl csi::controller_server::Controller for Controller {
             return Err(Status::invalid_argument("max_entries must not be negative"));
         }
         let mut snaps = self.sdk.volumes().snapshot_list(pb::SnapshotListRequest::default()).await.map_err(map_sdk)?.into_inner().snapshots;
-        snaps.retain(|s| (r.snapshot_id.is_empty() || s.name == r.snapshot_id) && (r.source_volume_id.is_empty() || s.snapshot_of == r.source_volume_id));
+        snaps.retain(|s| {
+            (r.snapshot_id.is_empty() || s.name == r.snapshot_id) && (r.source_volume_id.is_empty() || s.snapshot_of == r.source_volume_id)
+        });
         snaps.sort_by(|a, b| a.name.cmp(&b.name));
         let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
         let (start, n) = page_of(&names, &r.starting_token, r.max_entries)?;
@@ -473,7 +519,10 @@ impl csi::controller_server::Controller for Controller {
         Ok(Response::new(csi::ListSnapshotsResponse { entries, next_token }))
     }
 
-    async fn controller_expand_volume(&self, req: Request<csi::ControllerExpandVolumeRequest>) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
+    async fn controller_expand_volume(
+        &self,
+        req: Request<csi::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<csi::ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         if r.volume_id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
@@ -481,7 +530,12 @@ impl csi::controller_server::Controller for Controller {
         let range = r.capacity_range.ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
         let size = size_for(Some(&range))?;
         let _busy = self.inflight.begin(&r.volume_id)?;
-        let v = self.sdk.inspect(&r.volume_id).await.map_err(map_sdk)?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let v = self
+            .sdk
+            .inspect(&r.volume_id)
+            .await
+            .map_err(map_sdk)?
+            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
         let block = matches!(r.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()), Some(csi::volume_capability::AccessType::Block(_)));
         let current = v.spec.as_ref().map_or(0, |s| s.size_bytes) as i64;
         if current >= size {
@@ -500,7 +554,10 @@ impl csi::controller_server::Controller for Controller {
         Ok(Response::new(csi::ControllerExpandVolumeResponse { capacity_bytes, node_expansion_required: !block }))
     }
 
-    async fn controller_get_volume(&self, req: Request<csi::ControllerGetVolumeRequest>) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
+    async fn controller_get_volume(
+        &self,
+        req: Request<csi::ControllerGetVolumeRequest>,
+    ) -> Result<Response<csi::ControllerGetVolumeResponse>, Status> {
         let id = req.into_inner().volume_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));

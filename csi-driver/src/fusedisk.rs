@@ -8,7 +8,9 @@
 //! The NBD client is minimal and blocking: fixed newstyle handshake, NBD_OPT_GO, simple
 //! replies, one request at a time (the FUSE session is single-threaded).
 
-use fuser::{FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request};
+use fuser::{
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+};
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -296,7 +298,18 @@ impl Filesystem for Disk {
         reply.data(&buf);
     }
 
-    fn write(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, offset: i64, data: &[u8], _wf: u32, _flags: i32, _lock: Option<u64>, reply: ReplyWrite) {
+    fn write(
+        &mut self,
+        _: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        offset: i64,
+        data: &[u8],
+        _wf: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: ReplyWrite,
+    ) {
         let off = offset.max(0) as u64;
         if off + data.len() as u64 > self.size {
             return reply.error(libc::ENOSPC);
@@ -339,7 +352,14 @@ impl Filesystem for Disk {
 pub fn serve(ep: Endpoint, export: &str, mountpoint: &Path) -> anyhow::Result<()> {
     let conn = NbdConn::connect(&ep, export).map_err(|e| anyhow::anyhow!("connecting to export {export}: {e}"))?;
     let disk = Disk { ep, export: export.to_string(), size: conn.size, conn: Some(conn), gave_up: false };
-    let opts = [MountOption::FSName(format!("strata:{export}")), MountOption::Subtype("strata".into()), MountOption::RW, MountOption::NoExec, MountOption::NoSuid, MountOption::NoDev];
+    let opts = [
+        MountOption::FSName(format!("strata:{export}")),
+        MountOption::Subtype("strata".into()),
+        MountOption::RW,
+        MountOption::NoExec,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
     fuser::mount2(disk, mountpoint, &opts)?;
     Ok(())
 }

@@ -48,7 +48,9 @@ impl Genl {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         sa.nl_family = libc::AF_NETLINK as u16;
-        let r = unsafe { libc::bind(fd.as_raw_fd(), &sa as *const libc::sockaddr_nl as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32) };
+        let r = unsafe {
+            libc::bind(fd.as_raw_fd(), &sa as *const libc::sockaddr_nl as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32)
+        };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -100,7 +102,8 @@ impl Genl {
 pub fn connect(ep: &Endpoint, export: &str) -> io::Result<u32> {
     let mut g = Genl::open()?;
     let conn = NbdConn::connect(ep, export)?;
-    let c = nl::Connect { index: None, size: conn.size, block_size: 4096, timeout_secs: 30, server_flags: conn.flags as u64, fds: vec![conn.fd as u32] };
+    let c =
+        nl::Connect { index: None, size: conn.size, block_size: 4096, timeout_secs: 30, server_flags: conn.flags as u64, fds: vec![conn.fd as u32] };
     let family = g.family;
     let reply = g.call(|seq| nl::connect(family, seq, &c))?;
     // The kernel holds its own reference to the socket now.

@@ -214,7 +214,14 @@ mod tests {
         // Sockets: two items, each with one fd.
         let items = attrs(a[4].1).unwrap();
         assert_eq!(items.len(), 2);
-        let fds: Vec<u32> = items.iter().map(|(_, p)| { let inner = attrs(p).unwrap(); assert_eq!(inner[0].0, NBD_SOCK_FD); u32::from_ne_bytes(inner[0].1.try_into().unwrap()) }).collect();
+        let fds: Vec<u32> = items
+            .iter()
+            .map(|(_, p)| {
+                let inner = attrs(p).unwrap();
+                assert_eq!(inner[0].0, NBD_SOCK_FD);
+                u32::from_ne_bytes(inner[0].1.try_into().unwrap())
+            })
+            .collect();
         assert_eq!(fds, vec![5, 6]);
         assert_ne!(u16_at(&m, 20 + 4 * 12 + 2) & NLA_F_NESTED, 0, "the sockets attribute is marked nested");
         assert!(m.len().is_multiple_of(4));

@@ -5,10 +5,10 @@
 //! repeated: each step looks at the system first.
 
 use crate::attach::{self, AttachError};
-use crate::kernelnbd;
 use crate::controller::{CLUSTER_KEY, NODE_KEY, RACK_KEY, ZONE_KEY};
-use crate::sdk::Sdk;
 use crate::inflight::InFlight;
+use crate::kernelnbd;
+use crate::sdk::Sdk;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use strata_api::csi::node_service_capability::{rpc, Rpc, Type as CapType};
@@ -43,7 +43,9 @@ fn staged_device(state: &Path, id: &str) -> Result<String, Status> {
     if let Some(i) = nbd_index(state, id) {
         return Ok(kernelnbd::device(i));
     }
-    attach::find_loop(&attach::fuse_dir(state, id).join("disk")).map_err(internal)?.ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))
+    attach::find_loop(&attach::fuse_dir(state, id).join("disk"))
+        .map_err(internal)?
+        .ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))
 }
 
 /// Makes the volume a block device here: kernel NBD (remembered in the state directory) or
@@ -57,7 +59,9 @@ fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: bool) -> Resu
         return Ok(kernelnbd::device(i));
     }
     let i = kernelnbd::connect(ep, id).map_err(|e| Status::internal(format!("kernel NBD connect of {id}: {e}")))?;
-    std::fs::create_dir_all(state).and_then(|_| std::fs::write(kernelnbd::index_file(state, id), i.to_string())).map_err(|e| Status::internal(e.to_string()))?;
+    std::fs::create_dir_all(state)
+        .and_then(|_| std::fs::write(kernelnbd::index_file(state, id), i.to_string()))
+        .map_err(|e| Status::internal(e.to_string()))?;
     Ok(kernelnbd::device(i))
 }
 
@@ -126,11 +130,13 @@ impl csi::node_server::Node for Node {
         self.volume(&id).await?;
         // This node becomes the volume's target (a no-op when it already is).
         let passphrase = r.secrets.get("passphrase").map(|s| s.as_bytes().to_vec()).unwrap_or_default();
-        self.sdk
-            .volumes()
-            .attach(pb::AttachVolumeRequest { name: id.clone(), force: false, passphrase })
-            .await
-            .map_err(|s| if s.code() == Code::FailedPrecondition { Status::failed_precondition(s.message().to_string()) } else { s })?;
+        self.sdk.volumes().attach(pb::AttachVolumeRequest { name: id.clone(), force: false, passphrase }).await.map_err(|s| {
+            if s.code() == Code::FailedPrecondition {
+                Status::failed_precondition(s.message().to_string())
+            } else {
+                s
+            }
+        })?;
         let fs = stage_fs(r.volume_context.get("fs").map(String::as_str), &fs);
         let (state, ep, kernel) = (self.state_dir.clone(), self.nbd.clone(), self.kernel_nbd);
         blocking(move || {
@@ -187,7 +193,9 @@ impl csi::node_server::Node for Node {
             match self.sdk.volumes().detach(pb::DetachVolumeRequest { name: id.clone(), force: false }).await {
                 Ok(_) => break,
                 Err(s) if s.code() == Code::NotFound => break,
-                Err(s) if s.code() == Code::FailedPrecondition && s.message().contains("connected") => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                Err(s) if s.code() == Code::FailedPrecondition && s.message().contains("connected") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                }
                 // Served by another node now: nothing to detach here.
                 Err(s) if s.code() == Code::FailedPrecondition => break,
                 Err(s) => return Err(crate::sdk::unavailable(s)),
@@ -234,7 +242,10 @@ impl csi::node_server::Node for Node {
         Ok(Response::new(csi::NodePublishVolumeResponse {}))
     }
 
-    async fn node_unpublish_volume(&self, req: Request<csi::NodeUnpublishVolumeRequest>) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let target = PathBuf::from(required(&r.target_path, "target_path")?);
@@ -291,7 +302,9 @@ impl csi::node_server::Node for Node {
         let v = self.volume(&id).await?;
         let size = v.spec.as_ref().map_or(0, |s| s.size_bytes);
         if let Some(want) = r.capacity_range.as_ref().map(|c| c.required_bytes).filter(|b| *b as u64 > size) {
-            return Err(Status::failed_precondition(format!("volume {id} is {size} bytes, less than the {want} asked for: expand it through the controller first")));
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is {size} bytes, less than the {want} asked for: expand it through the controller first"
+            )));
         }
         let block = match r.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()) {
             Some(csi::volume_capability::AccessType::Block(_)) => true,

@@ -154,7 +154,18 @@ mod tests {
         assert_eq!(p.labels["app"], "pg");
         assert_eq!(p.labels["k8s_pvc_name"], "data-pg-0");
         assert_eq!(p.labels["io_profile"], "db");
-        for (k, v) in [("repl", "4"), ("repl", "two"), ("fs", "btrfs"), ("io_profile", "fast"), ("priority_io", "urgent"), ("secure", "maybe"), ("io_throttle_rd_iops", "-1"), ("snap_schedule", "hourly=5"), ("labels", "novalue"), ("color", "blue")] {
+        for (k, v) in [
+            ("repl", "4"),
+            ("repl", "two"),
+            ("fs", "btrfs"),
+            ("io_profile", "fast"),
+            ("priority_io", "urgent"),
+            ("secure", "maybe"),
+            ("io_throttle_rd_iops", "-1"),
+            ("snap_schedule", "hourly=5"),
+            ("labels", "novalue"),
+            ("color", "blue"),
+        ] {
             let e = parse(&m(&[(k, v)])).unwrap_err();
             assert_eq!(e.key, k, "{e}");
         }

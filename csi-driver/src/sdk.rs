@@ -23,7 +23,10 @@ impl Sdk {
     /// A lazily connected channel: the driver starts even while the engine is not up yet
     /// (Probe says not ready until it answers).
     pub fn lazy(addr: &str) -> anyhow::Result<Sdk> {
-        let ch = Channel::from_shared(uri(addr))?.connect_timeout(std::time::Duration::from_secs(3)).timeout(std::time::Duration::from_secs(60)).connect_lazy();
+        let ch = Channel::from_shared(uri(addr))?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(std::time::Duration::from_secs(60))
+            .connect_lazy();
         Ok(Sdk { ch })
     }
 

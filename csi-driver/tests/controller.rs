@@ -49,7 +49,12 @@ fn controller_lifecycle_idempotency_and_errors() {
     assert_eq!(caps.len(), 3, "controller service, accessibility constraints, online expansion");
 
     // Create (repl 2), twice: the same volume.
-    let a = rt.block_on(ctl.create_volume(create_req("pvc-a", GIB, &[("repl", "2"), ("io_profile", "db"), ("csi.storage.k8s.io/pvc/name", "data")]))).unwrap().into_inner().volume.unwrap();
+    let a = rt
+        .block_on(ctl.create_volume(create_req("pvc-a", GIB, &[("repl", "2"), ("io_profile", "db"), ("csi.storage.k8s.io/pvc/name", "data")])))
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!((a.volume_id.as_str(), a.capacity_bytes), ("pvc-a", GIB));
     assert_eq!(a.volume_context["repl"], "2");
     let again = rt.block_on(ctl.create_volume(create_req("pvc-a", GIB, &[("repl", "2")]))).unwrap().into_inner().volume.unwrap();
@@ -86,9 +91,22 @@ fn controller_lifecycle_idempotency_and_errors() {
 
     // Validate, get, list with pagination.
     let caps = vec![mount_cap(Mode::SingleNodeWriter)];
-    let ok = rt.block_on(ctl.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest { volume_id: "pvc-a".into(), volume_capabilities: caps.clone(), ..Default::default() })).unwrap().into_inner();
+    let ok = rt
+        .block_on(ctl.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: "pvc-a".into(),
+            volume_capabilities: caps.clone(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
     assert!(ok.confirmed.is_some());
-    let e = rt.block_on(ctl.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest { volume_id: "nope".into(), volume_capabilities: caps, ..Default::default() })).unwrap_err();
+    let e = rt
+        .block_on(ctl.validate_volume_capabilities(csi::ValidateVolumeCapabilitiesRequest {
+            volume_id: "nope".into(),
+            volume_capabilities: caps,
+            ..Default::default()
+        }))
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     let g = rt.block_on(ctl.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: "pvc-a".into() })).unwrap().into_inner();
     assert!(!g.status.unwrap().volume_condition.unwrap().abnormal);
@@ -119,11 +137,22 @@ fn controller_lifecycle_idempotency_and_errors() {
         assert_eq!(x.capacity_bytes, 2 * GIB);
         assert!(x.node_expansion_required);
     }
-    let e = rt.block_on(ctl.controller_expand_volume(csi::ControllerExpandVolumeRequest { volume_id: "nope".into(), capacity_range: Some(csi::CapacityRange { required_bytes: GIB, limit_bytes: 0 }), ..Default::default() })).unwrap_err();
+    let e = rt
+        .block_on(ctl.controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: "nope".into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: GIB, limit_bytes: 0 }),
+            ..Default::default()
+        }))
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
     // Unsupported RPCs say so.
-    assert_eq!(rt.block_on(ctl.controller_publish_volume(csi::ControllerPublishVolumeRequest { volume_id: "pvc-a".into(), ..Default::default() })).unwrap_err().code(), Code::Unimplemented);
+    assert_eq!(
+        rt.block_on(ctl.controller_publish_volume(csi::ControllerPublishVolumeRequest { volume_id: "pvc-a".into(), ..Default::default() }))
+            .unwrap_err()
+            .code(),
+        Code::Unimplemented
+    );
 
     // Delete, twice; and a volume that never existed.
     for n in ["pvc-a", "pvc-a", "pvc-b", "pvc-c", "never"] {
@@ -143,7 +172,9 @@ fn concurrent_creates_of_one_name_make_one_volume() {
     let results: Vec<Result<String, Code>> = d.rt.block_on(async {
         let calls = (0..8).map(|_| {
             let mut ctl = ControllerClient::new(d.ch.clone());
-            async move { ctl.create_volume(create_req("same", 64 * MIB, &[])).await.map(|r| r.into_inner().volume.unwrap().volume_id).map_err(|s| s.code()) }
+            async move {
+                ctl.create_volume(create_req("same", 64 * MIB, &[])).await.map(|r| r.into_inner().volume.unwrap().volume_id).map_err(|s| s.code())
+            }
         });
         futures::future::join_all(calls).await
     });
@@ -237,7 +268,8 @@ fn snapshots_and_volumes_from_snapshots_or_volumes() {
 
     // A bigger volume from the snapshot, twice: one volume with the snapshot's data.
     for _ in 0..2 {
-        let v = rt.block_on(ctl.create_volume(from_source("pvc-from-snap", 128 * MIB, snapshot_source("snap-1")))).unwrap().into_inner().volume.unwrap();
+        let v =
+            rt.block_on(ctl.create_volume(from_source("pvc-from-snap", 128 * MIB, snapshot_source("snap-1")))).unwrap().into_inner().volume.unwrap();
         assert_eq!(v.capacity_bytes, 128 * MIB);
         assert_eq!(v.content_source.unwrap().r#type, Some(snapshot_source("snap-1")));
     }
@@ -255,7 +287,14 @@ fn snapshots_and_volumes_from_snapshots_or_volumes() {
         (from_source("pvc-small", 32 * MIB, snapshot_source("snap-1")), Code::OutOfRange),
         (from_source("pvc-x", 64 * MIB, snapshot_source("nope")), Code::NotFound),
         (from_source("pvc-x", 64 * MIB, snapshot_source("pvc-s")), Code::NotFound),
-        (from_source("pvc-x", 64 * MIB, csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: "snap-1".into() })), Code::NotFound),
+        (
+            from_source(
+                "pvc-x",
+                64 * MIB,
+                csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: "snap-1".into() }),
+            ),
+            Code::NotFound,
+        ),
         (from_source("snap-2", 64 * MIB, vsrc), Code::AlreadyExists),
     ] {
         let e = rt.block_on(ctl.create_volume(req)).unwrap_err();

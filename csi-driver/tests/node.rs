@@ -25,7 +25,11 @@ fn cap(block: bool) -> csi::VolumeCapability {
 
 fn cap_fs(block: bool, fs: &str) -> csi::VolumeCapability {
     csi::VolumeCapability {
-        access_type: Some(if block { AccessType::Block(BlockVolume {}) } else { AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() }) }),
+        access_type: Some(if block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume { fs_type: fs.into(), ..Default::default() })
+        }),
         access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
     }
 }
@@ -67,12 +71,16 @@ fn publish(n: &Csi, vol: &str, staging: &Path, target: &Path, block: bool, reado
 
 fn unpublish(n: &Csi, vol: &str, target: &Path) {
     let mut c = NodeClient::new(n.ch.clone());
-    n.rt.block_on(c.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: target.to_string_lossy().into() })).unwrap();
+    n.rt.block_on(c.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.into(), target_path: target.to_string_lossy().into() }))
+        .unwrap();
 }
 
 fn unstage(n: &Csi, vol: &str, staging: &Path) {
     let mut c = NodeClient::new(n.ch.clone());
-    n.rt.block_on(c.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: staging.to_string_lossy().into() })).unwrap();
+    n.rt.block_on(
+        c.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.into(), staging_target_path: staging.to_string_lossy().into() }),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -109,7 +117,14 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     assert_eq!(stage(&n1, "", &st, false).unwrap_err().code(), Code::InvalidArgument);
     assert_eq!(stage(&n1, "fsvol", Path::new(""), false).unwrap_err().code(), Code::InvalidArgument);
     let mut raw = NodeClient::new(n1.ch.clone());
-    let e = n1.rt.block_on(raw.node_stage_volume(csi::NodeStageVolumeRequest { volume_id: "fsvol".into(), staging_target_path: st.to_string_lossy().into(), ..Default::default() })).unwrap_err();
+    let e = n1
+        .rt
+        .block_on(raw.node_stage_volume(csi::NodeStageVolumeRequest {
+            volume_id: "fsvol".into(),
+            staging_target_path: st.to_string_lossy().into(),
+            ..Default::default()
+        }))
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "missing capability");
     assert_eq!(stage(&n1, "nope", &st, false).unwrap_err().code(), Code::NotFound);
     assert_eq!(publish(&n1, "fsvol", &st, Path::new(""), false, false).unwrap_err().code(), Code::InvalidArgument);
@@ -122,7 +137,15 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     std::fs::write(tg.join("hello.txt"), b"written on node-1").unwrap();
     std::fs::create_dir(tg.join("dir")).unwrap();
     std::fs::write(tg.join("dir/big.bin"), vec![0x5au8; 3 << 20]).unwrap();
-    let stats = n1.rt.block_on(nc.node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "fsvol".into(), volume_path: tg.to_string_lossy().into(), ..Default::default() })).unwrap().into_inner();
+    let stats = n1
+        .rt
+        .block_on(nc.node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "fsvol".into(),
+            volume_path: tg.to_string_lossy().into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
     assert_eq!(stats.usage.len(), 2, "bytes and inodes");
     assert!(stats.usage[0].used >= 3 << 20, "{:?}", stats.usage);
     let cond = stats.volume_condition.unwrap();
@@ -151,7 +174,12 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     // Expand while mounted (xfs: growing a mounted ext4 needs CAP_SYS_RESOURCE, which this
     // machine's root lacks — then the error says so): the controller grows the volume, the node
     // its device and filesystem.
-    let caps_resource = std::fs::read_to_string("/proc/self/status").unwrap().lines().find_map(|l| l.strip_prefix("CapEff:")).map(|h| u64::from_str_radix(h.trim(), 16).unwrap() & (1 << 24) != 0).unwrap();
+    let caps_resource = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap() & (1 << 24) != 0)
+        .unwrap();
     grow("fsvol", 512 * MIB, false);
     match node_expand(&n1, "fsvol", &tg, &st, 512 * MIB, false) {
         Ok(r) => assert!(caps_resource && r.into_inner().capacity_bytes == 512 * MIB),
@@ -171,7 +199,15 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     stage_fs(&n1, "xfsvol", &stx, false, "xfs").unwrap();
     publish(&n1, "xfsvol", &stx, &tgx, false, false).unwrap();
     std::fs::write(tgx.join("hello.txt"), b"on xfs").unwrap();
-    let xstats = |n: &Csi| n.rt.block_on(NodeClient::new(n.ch.clone()).node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "xfsvol".into(), volume_path: tgx.to_string_lossy().into(), ..Default::default() })).unwrap().into_inner();
+    let xstats = |n: &Csi| {
+        n.rt.block_on(NodeClient::new(n.ch.clone()).node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "xfsvol".into(),
+            volume_path: tgx.to_string_lossy().into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+    };
     let total_before = xstats(&n1).usage[0].total;
     grow("xfsvol", 640 * MIB, false);
     for _ in 0..2 {
@@ -219,7 +255,17 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
         std::fs::File::open(path.parent().unwrap()).unwrap().sync_all().unwrap();
     };
     durable(&tg2.join("before.txt"), b"before the snapshot");
-    let snap = ctl.rt.block_on(cc.clone().create_snapshot(csi::CreateSnapshotRequest { name: "snap-fs".into(), source_volume_id: "fsvol".into(), ..Default::default() })).unwrap().into_inner().snapshot.unwrap();
+    let snap = ctl
+        .rt
+        .block_on(cc.clone().create_snapshot(csi::CreateSnapshotRequest {
+            name: "snap-fs".into(),
+            source_volume_id: "fsvol".into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
     assert!(snap.ready_to_use);
     durable(&tg2.join("after.txt"), b"after the snapshot");
     let mut from_snap = csi::CreateVolumeRequest {
@@ -307,7 +353,10 @@ fn a_pvc_created_through_one_node_is_used_on_another_and_follows_its_pod() {
 
     // The provisioner's request: the selected node preferred, every node requisite, its own
     // default fsType (ext4) while the StorageClass says `fs: xfs`.
-    let all = vec![topo(&[("topology.strata.dev/node", "node-1"), ("topology.strata.dev/cluster", &cluster)]), topo(&[("topology.strata.dev/node", "node-2"), ("topology.strata.dev/cluster", &cluster)])];
+    let all = vec![
+        topo(&[("topology.strata.dev/node", "node-1"), ("topology.strata.dev/cluster", &cluster)]),
+        topo(&[("topology.strata.dev/node", "node-2"), ("topology.strata.dev/cluster", &cluster)]),
+    ];
     let req = csi::CreateVolumeRequest {
         name: "pvc-a".into(),
         capacity_range: Some(csi::CapacityRange { required_bytes: 320 * MIB, limit_bytes: 0 }),
@@ -340,7 +389,15 @@ fn a_pvc_created_through_one_node_is_used_on_another_and_follows_its_pod() {
     assert_eq!(strata_csi::attach::fs_type(&dev).unwrap().as_deref(), Some("xfs"), "the StorageClass's fs decides");
     publish(&n2, "pvc-a", &st2, &tg2, false, false).unwrap();
     std::fs::write(tg2.join("data.txt"), b"written on node-2").unwrap();
-    let stats = n2.rt.block_on(NodeClient::new(n2.ch.clone()).node_get_volume_stats(csi::NodeGetVolumeStatsRequest { volume_id: "pvc-a".into(), volume_path: tg2.to_string_lossy().into(), ..Default::default() })).unwrap().into_inner();
+    let stats = n2
+        .rt
+        .block_on(NodeClient::new(n2.ch.clone()).node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+            volume_id: "pvc-a".into(),
+            volume_path: tg2.to_string_lossy().into(),
+            ..Default::default()
+        }))
+        .unwrap()
+        .into_inner();
     assert_eq!(stats.usage.len(), 2);
     // Any engine reports the clients of the node that serves the volume.
     assert!(c.sdk(0).inspect("pvc-a").unwrap().connections >= 1, "node-1's view counts node-2's NBD client");
@@ -511,6 +568,7 @@ fn kernel_nbd_attach_needs_the_nbd_module() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let _ = child.kill();
+        let _ = child.wait();
     } else {
         let out = child.wait_with_output().unwrap();
         assert!(!out.status.success());

@@ -24,7 +24,8 @@ impl Proxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         l.set_nonblocking(true).unwrap();
-        let (cut, era, conns, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
+        let (cut, era, conns, stop) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
         let (c2, e2, k2, s2, up) = (cut.clone(), era.clone(), conns.clone(), stop.clone(), upstream.to_string());
         std::thread::spawn(move || {
             while !s2.load(Ordering::Acquire) {

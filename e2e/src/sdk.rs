@@ -76,7 +76,9 @@ impl Sdk {
     /// Attach with an encrypted volume's passphrase (empty: none).
     pub fn attach_with(&self, name: &str, force: bool, passphrase: &[u8]) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        self.rt.block_on(c.attach(pb::AttachVolumeRequest { name: name.into(), force, passphrase: passphrase.to_vec() })).map(|r| r.into_inner().volume.unwrap())
+        self.rt
+            .block_on(c.attach(pb::AttachVolumeRequest { name: name.into(), force, passphrase: passphrase.to_vec() }))
+            .map(|r| r.into_inner().volume.unwrap())
     }
 
     pub fn snapshot(&self, volume: &str, name: &str) -> Result<pb::Volume, tonic::Status> {
@@ -99,7 +101,9 @@ impl Sdk {
 
     pub fn restore(&self, volume: &str, snapshot: &str) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        self.rt.block_on(c.restore(pb::RestoreVolumeRequest { name: volume.into(), snapshot: snapshot.into() })).map(|r| r.into_inner().volume.unwrap())
+        self.rt
+            .block_on(c.restore(pb::RestoreVolumeRequest { name: volume.into(), snapshot: snapshot.into() }))
+            .map(|r| r.into_inner().volume.unwrap())
     }
 
     pub fn detach(&self, name: &str, force: bool) -> Result<pb::Volume, tonic::Status> {

@@ -34,17 +34,24 @@ fn repl3_volume_is_written_to_every_replica_and_deleted_everywhere() {
         assert!(t0.elapsed() < Duration::from_secs(10), "usage not reported: {:?}", c.sdk(0).nodes());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let out = run(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0x5a 0 8M", "-c", "read -P 0x33 40M 1M"]).arg(c.engines[0].uri("r3")));
+    let out =
+        run(Command::new("qemu-io").args(["-f", "raw", "-r", "-c", "read -P 0x5a 0 8M", "-c", "read -P 0x33 40M 1M"]).arg(c.engines[0].uri("r3")));
     assert!(!out.contains("fail"), "{out}");
     // Only the target serves the export.
     assert!(Client::connect(&c.engines[1].nbd, "r3").is_err());
 
     // Placement errors are clear and create nothing.
-    let e = c.sdk(0).create_spec("pinned", pb::VolumeSpec { size_bytes: MIB, repl: 3, nodes: vec!["node-1".into(), "node-2".into()], ..Default::default() }).unwrap_err();
+    let e = c
+        .sdk(0)
+        .create_spec("pinned", pb::VolumeSpec { size_bytes: MIB, repl: 3, nodes: vec!["node-1".into(), "node-2".into()], ..Default::default() })
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("repl 3") && e.message().contains("node-3 not in the requested nodes"), "{}", e.message());
     assert_eq!(c.sdk(0).inspect("pinned").unwrap_err().code(), Code::NotFound);
-    let v = c.sdk(1).create_spec("on23", pb::VolumeSpec { size_bytes: MIB, repl: 2, nodes: vec!["node-2".into(), "node-3".into()], ..Default::default() }).unwrap();
+    let v = c
+        .sdk(1)
+        .create_spec("on23", pb::VolumeSpec { size_bytes: MIB, repl: 2, nodes: vec!["node-2".into(), "node-3".into()], ..Default::default() })
+        .unwrap();
     assert_eq!(v.replica_nodes, vec!["node-2", "node-3"]);
 
     // Deleting frees the space on every replica node.

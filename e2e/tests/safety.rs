@@ -3,6 +3,8 @@
 //! 16 mixes WRITE, TRIM and WRITE_ZEROES; afterwards every block is checked against its history
 //! (0 acknowledged writes lost) and the in-sync replicas must be identical.
 
+#![allow(clippy::result_large_err)]
+
 use std::time::{Duration, Instant};
 use strata_e2e::checker::{verify, History, Writer};
 use strata_e2e::cluster::Cluster;
@@ -85,7 +87,8 @@ fn concurrent_forced_attaches_resolve_to_one_target_and_lose_nothing() {
             assert_eq!(served, i == now, "round {round}: node-{} serves the volume: {served} (target node-{})", i + 1, now + 1);
         }
         w = writer(&c, now, "v", 100 + round as u64);
-        w.run_mixed(&mut h, 200, Duration::from_secs(30), DEPTH).unwrap_or_else(|e| panic!("round {round}: the new target node-{} failed a write: {e}", now + 1));
+        w.run_mixed(&mut h, 200, Duration::from_secs(30), DEPTH)
+            .unwrap_or_else(|e| panic!("round {round}: the new target node-{} failed a write: {e}", now + 1));
     }
     eprintln!("{ROUNDS} attach races, {takeovers} takeovers; {} requests acknowledged, {} cut off", h.acked_writes, h.failed_writes);
     assert_eq!(takeovers, ROUNDS);
@@ -136,7 +139,8 @@ fn writes_go_on_through_an_etcd_outage() {
     let t0 = Instant::now();
     while t0.elapsed() < OUTAGE {
         // Every replica stays in sync, so the target needs the store for nothing: no error.
-        w.run_mixed(&mut h, 2000, Duration::from_secs(5), DEPTH).unwrap_or_else(|e| panic!("a write failed {:?} into the etcd outage: {e}", t0.elapsed()));
+        w.run_mixed(&mut h, 2000, Duration::from_secs(5), DEPTH)
+            .unwrap_or_else(|e| panic!("a write failed {:?} into the etcd outage: {e}", t0.elapsed()));
     }
     let during = h.acked_writes - before;
     c.etcd.restart();
@@ -268,7 +272,9 @@ fn a_lost_node_shows_as_degraded_volumes_and_alerts() {
     settle_and_check(&c, 0, "d", &mut w, &h);
 
     // Fill node-2's pool past 85%.
-    c.sdk(1).create_spec("fill", strata_api::v1::VolumeSpec { size_bytes: 240 * MIB, repl: 1, nodes: vec!["node-2".into()], ..Default::default() }).unwrap();
+    c.sdk(1)
+        .create_spec("fill", strata_api::v1::VolumeSpec { size_bytes: 240 * MIB, repl: 1, nodes: vec!["node-2".into()], ..Default::default() })
+        .unwrap();
     let mut f = Client::connect(&c.engines[1].nbd, "fill").unwrap();
     let chunk = vec![0x77u8; 4 * MIB as usize];
     for i in 0..56 {

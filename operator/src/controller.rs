@@ -63,7 +63,9 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
         match apply(&ctx.client, &ns, &obj).await {
             // An optional object whose API the cluster does not serve (a ServiceMonitor without
             // the Prometheus operator): skipped, and said in a condition.
-            Err(kube::Error::Api(e)) if e.code == 404 && render::optional(&obj) => skipped.push(format!("{} {}: the API {} is not served by this cluster", obj.api.kind, obj.name, obj.api.api_version)),
+            Err(kube::Error::Api(e)) if e.code == 404 && render::optional(&obj) => {
+                skipped.push(format!("{} {}: the API {} is not served by this cluster", obj.api.kind, obj.name, obj.api.api_version))
+            }
             r => r?,
         }
     }
@@ -84,7 +86,12 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
         }
     }
     let mut status = status_of(&sc, &pods, &report, &step);
-    status.conditions.push(condition("OptionalObjects", skipped.is_empty(), if skipped.is_empty() { "Applied" } else { "APIMissing" }, skipped.join("; ")));
+    status.conditions.push(condition(
+        "OptionalObjects",
+        skipped.is_empty(),
+        if skipped.is_empty() { "Applied" } else { "APIMissing" },
+        skipped.join("; "),
+    ));
     let busy = status.phase != "Running";
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
     Ok(Action::requeue(if busy { REQUEUE_BUSY } else { REQUEUE }))
@@ -98,7 +105,8 @@ pub fn error_policy(_sc: Arc<StorageCluster>, err: &Error, ctx: Arc<Context>) ->
 
 /// Server-side apply of one object with the operator's field manager.
 async fn apply(client: &Client, ns: &str, obj: &Object) -> Result<(), kube::Error> {
-    let api: Api<DynamicObject> = if obj.namespaced { Api::namespaced_with(client.clone(), ns, &obj.api) } else { Api::all_with(client.clone(), &obj.api) };
+    let api: Api<DynamicObject> =
+        if obj.namespaced { Api::namespaced_with(client.clone(), ns, &obj.api) } else { Api::all_with(client.clone(), &obj.api) };
     api.patch(&obj.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&obj.body)).await?;
     Ok(())
 }
@@ -112,7 +120,8 @@ async fn engine_pods(client: &Client, ns: &str, instance: &str) -> Result<Vec<En
         .items
         .into_iter()
         .map(|p| {
-            let ready = p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let ready =
+                p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
             EnginePod {
                 version: p.annotations().get("strata.dev/version").cloned().unwrap_or_default(),
                 node: p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
@@ -131,10 +140,16 @@ fn condition(kind: &str, ok: bool, reason: &str, message: String) -> Condition {
 /// Status from the engine pods, the engines' report and the upgrade step.
 pub fn status_of(sc: &StorageCluster, pods: &[EnginePod], report: &Result<crate::status::EngineReport, String>, step: &Step) -> StorageClusterStatus {
     let ready = pods.iter().filter(|p| p.ready).count();
-    let mut conditions = vec![condition("EnginesReady", !pods.is_empty() && ready == pods.len(), "Pods", format!("{ready} of {} engine pods ready", pods.len()))];
+    let mut conditions =
+        vec![condition("EnginesReady", !pods.is_empty() && ready == pods.len(), "Pods", format!("{ready} of {} engine pods ready", pods.len()))];
     let (nodes, reachable) = match report {
         Ok(r) => {
-            conditions.push(condition("EngineStatus", true, "Reported", format!("{} volume(s), {} not in sync", r.sync.volumes, r.sync.not_in_sync.len())));
+            conditions.push(condition(
+                "EngineStatus",
+                true,
+                "Reported",
+                format!("{} volume(s), {} not in sync", r.sync.volumes, r.sync.not_in_sync.len()),
+            ));
             (r.nodes.clone(), true)
         }
         Err(e) => {
@@ -151,7 +166,12 @@ pub fn status_of(sc: &StorageCluster, pods: &[EnginePod], report: &Result<crate:
     };
     conditions.push(condition("Upgraded", ok, reason, msg));
     if sc.spec.storage.use_all {
-        conditions.push(condition("StorageConfig", false, "UseAllUnsupported", "storage.useAll is not supported by this engine version: list devices or files".into()));
+        conditions.push(condition(
+            "StorageConfig",
+            false,
+            "UseAllUnsupported",
+            "storage.useAll is not supported by this engine version: list devices or files".into(),
+        ));
     }
     let phase = if pods.is_empty() || ready == 0 {
         "Initializing"

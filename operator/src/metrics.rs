@@ -27,10 +27,13 @@ impl Metrics {
 pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     use axum::{routing::get, Router};
     let app = Router::new()
-        .route("/metrics", get(move || {
-            let m = metrics.clone();
-            async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
-        }))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+            }),
+        )
         .route("/healthz", get(|| async { "ok\n" }));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!("metrics server stopped: {e}");

@@ -30,18 +30,27 @@ impl EngineStatus for Sdk {
             .connect()
             .await
             .map_err(|e| format!("engine SDK at {addr}: {e}"))?;
-        let status = pb::cluster_service_client::ClusterServiceClient::new(ch.clone()).status(pb::ClusterStatusRequest {}).await.map_err(|e| e.message().to_string())?.into_inner();
-        let vols = pb::volume_service_client::VolumeServiceClient::new(ch).list(pb::ListVolumesRequest {}).await.map_err(|e| e.message().to_string())?.into_inner().volumes;
-        Ok(EngineReport { nodes: status.nodes.into_iter().map(|n| NodeStatus { id: n.id, state: n.status, version: n.version }).collect(), sync: sync_of(&vols) })
+        let status = pb::cluster_service_client::ClusterServiceClient::new(ch.clone())
+            .status(pb::ClusterStatusRequest {})
+            .await
+            .map_err(|e| e.message().to_string())?
+            .into_inner();
+        let vols = pb::volume_service_client::VolumeServiceClient::new(ch)
+            .list(pb::ListVolumesRequest {})
+            .await
+            .map_err(|e| e.message().to_string())?
+            .into_inner()
+            .volumes;
+        Ok(EngineReport {
+            nodes: status.nodes.into_iter().map(|n| NodeStatus { id: n.id, state: n.status, version: n.version }).collect(),
+            sync: sync_of(&vols),
+        })
     }
 }
 
 /// Which volumes are not fully in sync (a replica out, or the replicas being compared).
 pub fn sync_of(vols: &[pb::Volume]) -> VolumeSync {
-    let not_in_sync = vols
-        .iter()
-        .filter(|v| v.verifying || v.replica_nodes.iter().any(|n| !v.in_sync_nodes.contains(n)))
-        .map(|v| v.name.clone())
-        .collect();
+    let not_in_sync =
+        vols.iter().filter(|v| v.verifying || v.replica_nodes.iter().any(|n| !v.in_sync_nodes.contains(n))).map(|v| v.name.clone()).collect();
     VolumeSync { volumes: vols.len(), not_in_sync }
 }

@@ -99,6 +99,10 @@ mod tests {
         let done = vec![pod("a", "2", true), pod("b", "2", false)];
         assert_eq!(next_step(&done, "2", UpdateKind::RollingUpdate, 1, &resyncing), Step::Done);
         let broken_old = vec![pod("a", "1", true), pod("b", "1", false)];
-        assert_eq!(next_step(&broken_old, "2", UpdateKind::RollingUpdate, 2, &synced), Step::Replace(vec!["b".into()]), "an unready old pod goes first");
+        assert_eq!(
+            next_step(&broken_old, "2", UpdateKind::RollingUpdate, 2, &synced),
+            Step::Replace(vec!["b".into()]),
+            "an unready old pod goes first"
+        );
     }
 }

@@ -101,7 +101,9 @@ fn rendered_spec(values: &Value) -> Value {
     let lines: Vec<&str> = template.lines().collect();
     let mut sections = 0;
     for w in lines.windows(2) {
-        let (Some(key), Some(src)) = (w[0].strip_prefix("  ").and_then(|l| l.strip_suffix(':')), w[1].trim().strip_prefix("{{- toYaml $sc.")) else { continue };
+        let (Some(key), Some(src)) = (w[0].strip_prefix("  ").and_then(|l| l.strip_suffix(':')), w[1].trim().strip_prefix("{{- toYaml $sc.")) else {
+            continue;
+        };
         let src = src.split_whitespace().next().unwrap();
         assert_eq!(key, src, "the template copies values.storageCluster.{src} into spec.{key}");
         spec.insert(key.into(), sc[src].clone());
@@ -133,7 +135,13 @@ fn the_schema_check_refuses_what_the_api_server_refuses() {
     let bad = serde_json::json!({"stork": {"enabled": "yes"}, "network": {"sdkPort": 70000}, "updateStrategy": {"type": "Sometimes"}, "bogus": 1});
     validate(&schema, &bad, "spec", &mut errors);
     let all = errors.join("\n");
-    for want in ["spec.image: Required value", "spec.stork.enabled: expected boolean", "spec.network.sdkPort: 70000 is above", "spec.updateStrategy.type", "spec.bogus: unknown field"] {
+    for want in [
+        "spec.image: Required value",
+        "spec.stork.enabled: expected boolean",
+        "spec.network.sdkPort: 70000 is above",
+        "spec.updateStrategy.type",
+        "spec.bogus: unknown field",
+    ] {
         assert!(all.contains(want), "{want} missing from:\n{all}");
     }
     // A section given with only some fields (as the chart does) needs no others.
@@ -151,7 +159,11 @@ fn the_internal_etcd_keeps_its_data_on_the_nodes_not_on_strata_volumes() {
     let objs = desired(&sc);
     let sts = objs.iter().find(|o| o.api.kind == "StatefulSet" && o.name == "strata-etcd").expect("the internal etcd on the chart's defaults");
     let body = &sts.body;
-    assert!(body["spec"].get("volumeClaimTemplates").is_none(), "no PersistentVolumeClaim (the default StorageClass is Strata's own): {}", body["spec"]);
+    assert!(
+        body["spec"].get("volumeClaimTemplates").is_none(),
+        "no PersistentVolumeClaim (the default StorageClass is Strata's own): {}",
+        body["spec"]
+    );
     let vols = body["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
     let data = vols.iter().find(|v| v["name"] == "data").unwrap();
     assert_eq!(data["hostPath"]["path"], "/var/lib/strata/kvdb");

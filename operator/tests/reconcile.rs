@@ -26,7 +26,10 @@ impl EngineStatus for Fake {
 
 fn report(not_in_sync: &[&str]) -> Result<EngineReport, String> {
     Ok(EngineReport {
-        nodes: vec![NodeStatus { id: "n1".into(), state: "online".into(), version: "0.1.0".into() }, NodeStatus { id: "n2".into(), state: "online".into(), version: "0.1.0".into() }],
+        nodes: vec![
+            NodeStatus { id: "n1".into(), state: "online".into(), version: "0.1.0".into() },
+            NodeStatus { id: "n2".into(), state: "online".into(), version: "0.1.0".into() },
+        ],
         sync: VolumeSync { volumes: 2, not_in_sync: not_in_sync.iter().map(|s| s.to_string()).collect() },
     })
 }
@@ -36,7 +39,11 @@ fn cluster(image: &str, finalizer: bool) -> StorageCluster {
         image: image.into(),
         kvdb: Kvdb { endpoints: vec!["http://etcd:2379".into()], ..Default::default() },
         storage: Storage { files: vec![FileDevice { name: "d0".into(), size: "1GiB".into() }], ..Default::default() },
-        storage_classes: vec![StorageClassSpec { name: "strata-repl2".into(), parameters: [("repl".to_string(), "2".to_string())].into(), ..Default::default() }],
+        storage_classes: vec![StorageClassSpec {
+            name: "strata-repl2".into(),
+            parameters: [("repl".to_string(), "2".to_string())].into(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let mut sc = StorageCluster::new("strata", spec);
@@ -78,7 +85,10 @@ fn serve(mut handle: ApiHandle, calls: Vec<Call>) -> tokio::task::JoinHandle<Vec
     tokio::spawn(async move {
         let mut seen = Vec::new();
         for Call(method, path, reply) in calls {
-            let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.unwrap_or_else(|_| panic!("no request; expected {method} {path}")).expect("request");
+            let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+                .await
+                .unwrap_or_else(|_| panic!("no request; expected {method} {path}"))
+                .expect("request");
             assert_eq!((req.method().clone(), req.uri().path().to_string()), (method.clone(), path.clone()), "unexpected call");
             if req.method() == Method::PATCH && req.uri().query().unwrap_or_default().contains("fieldManager=strata-operator") {
                 assert!(req.uri().query().unwrap().contains("force=true"), "server-side apply forces our field manager");
@@ -119,7 +129,11 @@ async fn creates_everything_with_a_finalizer_and_reports_status() {
     let sc = cluster("img:0.1.0", false);
     let mut calls = vec![Call(Method::PATCH, SC_PATH.into(), sc_json(&sc))];
     calls.extend(applies(&sc));
-    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.1.0", true), engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(
+        Method::GET,
+        "/api/v1/namespaces/strata/pods".into(),
+        pod_list(vec![engine_pod("a", "0.1.0", true), engine_pod("b", "0.1.0", true)]),
+    ));
     calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
     let server = serve(handle, calls);
     reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
@@ -139,7 +153,11 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     let mut sc = cluster("img:0.2.0", true);
     sc.status = Some(StorageClusterStatus { version: "0.1.0".into(), ..Default::default() });
     let mut calls = applies(&sc);
-    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.1.0", true), engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(
+        Method::GET,
+        "/api/v1/namespaces/strata/pods".into(),
+        pod_list(vec![engine_pod("a", "0.1.0", true), engine_pod("b", "0.1.0", true)]),
+    ));
     calls.push(Call(Method::DELETE, "/api/v1/namespaces/strata/pods/a".into(), engine_pod("a", "0.1.0", true)));
     calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
     let server = serve(handle, calls);
@@ -175,7 +193,11 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "strata");
     let mut calls = applies(&sc);
-    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.2.0", true)])));
+    calls.push(Call(
+        Method::GET,
+        "/api/v1/namespaces/strata/pods".into(),
+        pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.2.0", true)]),
+    ));
     calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
     let server = serve(handle, calls);
     reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
@@ -213,7 +235,11 @@ async fn the_upgrade_waits_while_a_volume_resyncs() {
     let sc = cluster("img:0.2.0", true);
     let mut calls = applies(&sc);
     // Node a was upgraded and is back; b still runs 0.1.0, but volume db is resyncing: no delete.
-    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(
+        Method::GET,
+        "/api/v1/namespaces/strata/pods".into(),
+        pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)]),
+    ));
     calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
     let server = serve(handle, calls);
     reconcile(Arc::new(sc.clone()), ctx(client, report(&["db"]))).await.unwrap();
@@ -226,7 +252,11 @@ async fn the_upgrade_waits_while_a_volume_resyncs() {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(svc, "strata");
     let mut calls = applies(&sc);
-    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)])));
+    calls.push(Call(
+        Method::GET,
+        "/api/v1/namespaces/strata/pods".into(),
+        pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)]),
+    ));
     calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
     let server = serve(handle, calls);
     reconcile(Arc::new(sc.clone()), ctx(client, Err("engine SDK unreachable".into()))).await.unwrap();
@@ -260,9 +290,12 @@ async fn uninstall_and_wipe_waits_for_every_node_to_wipe() {
     sc.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
     let status_ok = json!({"apiVersion": "v1", "kind": "Status", "status": "Success"});
     let ds_path = "/apis/apps/v1/namespaces/strata/daemonsets";
-    let wipe = |ready: i32| json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "strata-wipe", "namespace": "strata"},
-        "spec": {"selector": {}, "template": {}}, "status": {"desiredNumberScheduled": 2, "numberReady": ready, "currentNumberScheduled": 2, "numberMisscheduled": 0}});
-    let cluster_deletes = || -> Vec<Call> { desired(&sc).iter().filter(|o| !o.namespaced).map(|o| Call(Method::DELETE, path_of(o), status_ok.clone())).collect() };
+    let wipe = |ready: i32| {
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "strata-wipe", "namespace": "strata"},
+        "spec": {"selector": {}, "template": {}}, "status": {"desiredNumberScheduled": 2, "numberReady": ready, "currentNumberScheduled": 2, "numberMisscheduled": 0}})
+    };
+    let cluster_deletes =
+        || -> Vec<Call> { desired(&sc).iter().filter(|o| !o.namespaced).map(|o| Call(Method::DELETE, path_of(o), status_ok.clone())).collect() };
     // First pass: one node still wiping: the finalizer stays.
     let mut calls = cluster_deletes();
     calls.push(Call(Method::DELETE, format!("{ds_path}/strata-engine"), status_ok.clone()));
@@ -293,7 +326,11 @@ async fn uninstall_deletes_the_storage_cluster_and_waits_until_it_is_finalized()
     let sc = cluster("img:0.1.0", true);
     let gone = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
     // Deleted (the finalizer holds it), still there once, then gone.
-    let calls = vec![Call(Method::DELETE, SC_PATH.into(), sc_json(&sc)), Call(Method::GET, SC_PATH.into(), sc_json(&sc)), Call(Method::GET, SC_PATH.into(), gone.clone())];
+    let calls = vec![
+        Call(Method::DELETE, SC_PATH.into(), sc_json(&sc)),
+        Call(Method::GET, SC_PATH.into(), sc_json(&sc)),
+        Call(Method::GET, SC_PATH.into(), gone.clone()),
+    ];
     let server = serve(handle, calls);
     uninstall(client, "strata", "strata", Duration::from_secs(5), Duration::from_millis(10)).await.unwrap();
     server.await.unwrap();
@@ -306,7 +343,9 @@ async fn uninstall_deletes_the_storage_cluster_and_waits_until_it_is_finalized()
     let (svc, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
     let answer = tokio::spawn(async move {
         while let Ok(Some((_, send))) = tokio::time::timeout(Duration::from_secs(2), handle.next_request()).await {
-            send.send_response(Response::builder().status(200).body(Body::from(serde_json::to_vec(&sc_json(&cluster("img:0.1.0", true))).unwrap())).unwrap());
+            send.send_response(
+                Response::builder().status(200).body(Body::from(serde_json::to_vec(&sc_json(&cluster("img:0.1.0", true))).unwrap())).unwrap(),
+            );
         }
     });
     let e = uninstall(kube::Client::new(svc, "strata"), "strata", "strata", Duration::from_millis(100), Duration::from_millis(20)).await.unwrap_err();

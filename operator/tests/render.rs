@@ -43,7 +43,11 @@ fn specs() -> Vec<(&'static str, StorageCluster)> {
                 "prod",
                 StorageClusterSpec {
                     kvdb: Kvdb { endpoints: vec!["http://kvdb:2379".into()], ..Default::default() },
-                    storage: Storage { devices: vec!["/dev/vdb".into(), "/dev/vdc".into()], data_dir: Some("/srv/strata".into()), ..Default::default() },
+                    storage: Storage {
+                        devices: vec!["/dev/vdb".into(), "/dev/vdc".into()],
+                        data_dir: Some("/srv/strata".into()),
+                        ..Default::default()
+                    },
                     csi: Csi { enabled: false, ..Default::default() },
                     update_strategy: UpdateStrategy { kind: UpdateKind::OnDelete, max_unavailable: 1 },
                     delete_strategy: DeleteStrategy { kind: DeleteKind::UninstallAndWipe },
@@ -118,7 +122,14 @@ fn engine_arguments_follow_the_spec() {
     let (_, sc) = specs().remove(2);
     let ds = desired(&sc).into_iter().find(|o| o.kind() == "DaemonSet").unwrap();
     let args: Vec<String> = serde_json::from_value(ds.body["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap();
-    for want in ["--etcd=http://kvdb:2379", "--device=/dev/vdb", "--device=/dev/vdc", "--data-dir=/srv/strata", "--node-id=$(NODE_NAME)", "--advertise=$(NODE_IP):9022"] {
+    for want in [
+        "--etcd=http://kvdb:2379",
+        "--device=/dev/vdb",
+        "--device=/dev/vdc",
+        "--data-dir=/srv/strata",
+        "--node-id=$(NODE_NAME)",
+        "--advertise=$(NODE_IP):9022",
+    ] {
         assert!(args.iter().any(|a| a == want), "{want} missing from {args:?}");
     }
     assert_eq!(ds.body["spec"]["updateStrategy"]["type"], "OnDelete", "the operator drives engine rollouts");

@@ -82,7 +82,10 @@ impl Alerts {
     pub fn raise(&self, severity: Severity, kind: &str, resource: &str, message: String) -> Alert {
         let t = crate::volume::now_unix();
         let mut l = self.list.lock();
-        let same = l.iter_mut().rev().find(|a| a.kind == kind && a.resource == resource && a.message == message && t.saturating_sub(a.last_unix) < COALESCE_SECS);
+        let same = l
+            .iter_mut()
+            .rev()
+            .find(|a| a.kind == kind && a.resource == resource && a.message == message && t.saturating_sub(a.last_unix) < COALESCE_SECS);
         let alert = match same {
             Some(a) => {
                 a.count += 1;
@@ -91,7 +94,17 @@ impl Alerts {
             }
             None => {
                 let id = l.back().map(|a| a.id + 1).unwrap_or(1);
-                let a = Alert { id, first_unix: t, last_unix: t, count: 1, severity, kind: kind.into(), resource: resource.into(), node: self.node.clone(), message };
+                let a = Alert {
+                    id,
+                    first_unix: t,
+                    last_unix: t,
+                    count: 1,
+                    severity,
+                    kind: kind.into(),
+                    resource: resource.into(),
+                    node: self.node.clone(),
+                    message,
+                };
                 l.push_back(a.clone());
                 while l.len() > KEEP {
                     l.pop_front();

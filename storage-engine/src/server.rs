@@ -79,7 +79,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::replication::server::serve(repl, engine.clone()));
     engine.run_replacements();
     engine.run_schedules(std::time::Duration::from_secs(10));
-    engine.run_checksum_tasks(crate::volume::ScrubConfig { rate: args.scrub_rate, every: std::time::Duration::from_secs(args.scrub_interval.max(1)) });
+    engine
+        .run_checksum_tasks(crate::volume::ScrubConfig { rate: args.scrub_rate, every: std::time::Duration::from_secs(args.scrub_interval.max(1)) });
     engine.start_targets().await;
 
     let limits = crate::frontend::nbd::Limits::new(
@@ -171,19 +172,48 @@ async fn report_storage_health(engine: Arc<Engine>) {
     loop {
         tick.tick().await;
         let (total, now_used) = (engine.pool.total_bytes(), engine.pool.used_bytes());
-        let level = if total > 0 && now_used >= total { 2 } else if total > 0 && now_used as f64 >= total as f64 * NEAR_FULL { 1 } else { 0 };
+        let level = if total > 0 && now_used >= total {
+            2
+        } else if total > 0 && now_used as f64 >= total as f64 * NEAR_FULL {
+            1
+        } else {
+            0
+        };
         if level != fill {
             let resource = format!("node/{}", engine.node.id);
-            let pct = if total > 0 { now_used * 100 / total } else { 0 };
+            let pct = (now_used * 100).checked_div(total).unwrap_or(0);
             match level {
                 2 => {
-                    engine.alerts.raise(Alarm, "PoolFull", &resource, format!("the pool of node {} is full ({pct}% of {} used): writes to new extents fail", engine.node.id, strata_api::units::format_size(total)));
+                    engine.alerts.raise(
+                        Alarm,
+                        "PoolFull",
+                        &resource,
+                        format!(
+                            "the pool of node {} is full ({pct}% of {} used): writes to new extents fail",
+                            engine.node.id,
+                            strata_api::units::format_size(total)
+                        ),
+                    );
                 }
                 1 => {
-                    engine.alerts.raise(Warning, "PoolNearFull", &resource, format!("the pool of node {} is {pct}% full (of {}); add a drive or move volumes", engine.node.id, strata_api::units::format_size(total)));
+                    engine.alerts.raise(
+                        Warning,
+                        "PoolNearFull",
+                        &resource,
+                        format!(
+                            "the pool of node {} is {pct}% full (of {}); add a drive or move volumes",
+                            engine.node.id,
+                            strata_api::units::format_size(total)
+                        ),
+                    );
                 }
                 _ => {
-                    engine.alerts.raise(Notify, "PoolUsageNormal", &resource, format!("the pool of node {} is below {}% full again ({pct}%)", engine.node.id, (NEAR_FULL * 100.0) as u32));
+                    engine.alerts.raise(
+                        Notify,
+                        "PoolUsageNormal",
+                        &resource,
+                        format!("the pool of node {} is below {}% full again ({pct}%)", engine.node.id, (NEAR_FULL * 100.0) as u32),
+                    );
                 }
             }
             fill = level;
@@ -191,12 +221,22 @@ async fn report_storage_health(engine: Arc<Engine>) {
         match (engine.meta.reachable(), unreachable_since) {
             (false, None) => {
                 tracing::warn!("the metadata store is unreachable: I/O goes on, volume changes wait for it");
-                engine.alerts.raise(Warning, "MetadataStoreUnreachable", &format!("node/{}", engine.node.id), format!("node {} cannot reach the metadata store", engine.node.id));
+                engine.alerts.raise(
+                    Warning,
+                    "MetadataStoreUnreachable",
+                    &format!("node/{}", engine.node.id),
+                    format!("node {} cannot reach the metadata store", engine.node.id),
+                );
                 unreachable_since = Some(std::time::Instant::now());
             }
             (true, Some(since)) => {
                 tracing::warn!(outage = ?since.elapsed(), "the metadata store is reachable again");
-                engine.alerts.raise(Notify, "MetadataStoreReachable", &format!("node/{}", engine.node.id), format!("node {} reaches the metadata store again after {:?}", engine.node.id, since.elapsed()));
+                engine.alerts.raise(
+                    Notify,
+                    "MetadataStoreReachable",
+                    &format!("node/{}", engine.node.id),
+                    format!("node {} reaches the metadata store again after {:?}", engine.node.id, since.elapsed()),
+                );
                 unreachable_since = None;
             }
             _ => {}
@@ -205,11 +245,17 @@ async fn report_storage_health(engine: Arc<Engine>) {
             let e = engine.clone();
             if let Ok(Ok(nodes)) = tokio::task::spawn_blocking(move || e.meta.list_nodes()).await {
                 let me = &engine.node.id;
-                let now_off: std::collections::BTreeSet<String> = nodes.iter().filter(|(_, s)| *s == crate::meta::NodeState::Offline).map(|(n, _)| n.id.clone()).collect();
+                let now_off: std::collections::BTreeSet<String> =
+                    nodes.iter().filter(|(_, s)| *s == crate::meta::NodeState::Offline).map(|(n, _)| n.id.clone()).collect();
                 let speaker = nodes.iter().filter(|(_, s)| *s != crate::meta::NodeState::Offline).map(|(n, _)| &n.id).min() == Some(me);
                 if let (Some(before), true) = (&offline, speaker) {
                     for n in now_off.difference(before) {
-                        engine.alerts.raise(Alarm, "NodeOffline", &format!("node/{n}"), format!("node {n} is offline (its engine stopped renewing its lease); its replicas are out of sync"));
+                        engine.alerts.raise(
+                            Alarm,
+                            "NodeOffline",
+                            &format!("node/{n}"),
+                            format!("node {n} is offline (its engine stopped renewing its lease); its replicas are out of sync"),
+                        );
                     }
                     for n in before.difference(&now_off) {
                         engine.alerts.raise(Notify, "NodeOnline", &format!("node/{n}"), format!("node {n} is online again"));
@@ -327,7 +373,10 @@ pub fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
         for r in &repaired {
             println!("REPAIRED: {r}");
         }
-        println!("checked {} device(s), {} mapped extent(s), {} block(s) verified against their checksums", report.devices, report.mapped_extents, report.verified_blocks);
+        println!(
+            "checked {} device(s), {} mapped extent(s), {} block(s) verified against their checksums",
+            report.devices, report.mapped_extents, report.verified_blocks
+        );
         if report.unsettled_extents > 0 {
             println!(
                 "NOTE: {} extent(s) were written just before an unclean stop: their checksums are recomputed from their data at the next start (or now with --repair), so they were not verified",

@@ -63,7 +63,9 @@ fn load(addr: String, seed: u64, mut model: HashMap<u64, Block>, next_seq: &mut 
                 busy.extend(blocks.iter().copied());
                 let fua = rng.next().is_multiple_of(2);
                 let idx = blocks.iter().map(|b| (*b, issue(&mut model, *b, 0))).collect();
-                if c.try_send(TRIM, if fua { FLAG_FUA } else { 0 }, seq, e * EXTENT_BLOCKS * BS as u64, (EXTENT_BLOCKS as usize * BS) as u32, &[]).is_err() {
+                if c.try_send(TRIM, if fua { FLAG_FUA } else { 0 }, seq, e * EXTENT_BLOCKS * BS as u64, (EXTENT_BLOCKS as usize * BS) as u32, &[])
+                    .is_err()
+                {
                     return model;
                 }
                 pending.insert(seq, (idx, fua));

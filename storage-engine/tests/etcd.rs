@@ -152,7 +152,15 @@ fn a_node_whose_storage_fails_reads_storage_down_until_it_recovers() {
     use strata_engine::meta::{NodeRecord, NodeState};
     let e = etcd();
     let s = Etcd::connect_with_ttl(std::slice::from_ref(&e.url), "node-s", 2).unwrap();
-    let n = NodeRecord { id: "node-s".into(), hostname: "h".into(), sdk_address: "a".into(), nbd_address: "b".into(), total_bytes: 1, version: "v".into(), ..Default::default() };
+    let n = NodeRecord {
+        id: "node-s".into(),
+        hostname: "h".into(),
+        sdk_address: "a".into(),
+        nbd_address: "b".into(),
+        total_bytes: 1,
+        version: "v".into(),
+        ..Default::default()
+    };
     s.register_node(&n).unwrap();
     let state = |s: &Etcd| s.list_nodes().unwrap().into_iter().find(|(r, _)| r.id == "node-s").unwrap().1;
     assert_eq!(state(&s), NodeState::Online);

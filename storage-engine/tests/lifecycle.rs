@@ -53,7 +53,9 @@ fn restart_keeps_volumes_and_data_and_uses_both_devices() {
     let mut names: Vec<String> = sdk.list().into_iter().map(|v| v.name).collect();
     names.sort();
     assert_eq!(names, vec!["keep".to_string(), "other".to_string()]);
-    let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x5c 0 8M", "-c", "read -P 0x77 40M 1M", "-c", "read -P 0 9M 1M"]).arg(e.uri("keep")));
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x5c 0 8M", "-c", "read -P 0x77 40M 1M", "-c", "read -P 0 9M 1M"])
+        .arg(e.uri("keep")));
     assert!(!out.contains("verification failed"), "{out}");
     let after = sdk.pool();
     assert_eq!(before.uuid, after.uuid);

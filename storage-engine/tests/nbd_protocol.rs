@@ -221,7 +221,9 @@ fn several_clients_at_once_on_tcp_and_unix() {
             })
         })
         .collect();
-    let out = run(std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x42 16M 1M", "-c", "read -P 0x42 16M 1M"]).arg(e.unix_uri("vol")));
+    let out = run(std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x42 16M 1M", "-c", "read -P 0x42 16M 1M"])
+        .arg(e.unix_uri("vol")));
     assert!(!out.contains("verification failed"));
     for t in threads {
         t.join().unwrap();

@@ -12,7 +12,16 @@ const MIB: u64 = 1 << 20;
 /// Runs fio for `secs` against the volume; returns (read IOPS, write IOPS, read B/s, write B/s).
 fn fio(e: &EngineProc, vol: &str, args: &[&str], secs: u32) -> (f64, f64, f64, f64) {
     let out = run(Command::new("fio")
-        .args(["--name=qos", "--ioengine=nbd", &format!("--uri={}", e.unix_uri(vol)), "--size=128M", "--time_based", &format!("--runtime={secs}"), "--ramp_time=1", "--output-format=json"])
+        .args([
+            "--name=qos",
+            "--ioengine=nbd",
+            &format!("--uri={}", e.unix_uri(vol)),
+            "--size=128M",
+            "--time_based",
+            &format!("--runtime={secs}"),
+            "--ramp_time=1",
+            "--output-format=json",
+        ])
         .args(args));
     let v: serde_json::Value = serde_json::from_str(&out[out.find('{').expect("fio json")..]).expect("fio json parses");
     let j = &v["jobs"][0];

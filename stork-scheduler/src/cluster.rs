@@ -174,7 +174,13 @@ impl Cluster for Kube {
                 continue;
             }
             let Some(pv_name) = va.spec.source.persistent_volume_name.clone() else { continue };
-            let handle = pvs.get_opt(&pv_name).await.map_err(|e| format!("reading PV {pv_name}: {e}"))?.and_then(|pv| pv.spec).and_then(|s| s.csi).map(|c| c.volume_handle);
+            let handle = pvs
+                .get_opt(&pv_name)
+                .await
+                .map_err(|e| format!("reading PV {pv_name}: {e}"))?
+                .and_then(|pv| pv.spec)
+                .and_then(|s| s.csi)
+                .map(|c| c.volume_handle);
             if !handle.is_some_and(|h| handles.contains(&h)) {
                 continue;
             }

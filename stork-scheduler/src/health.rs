@@ -121,7 +121,9 @@ impl Monitor {
                     match self.cluster.force_delete_pod(ns, &pod.metadata.name).await {
                         Ok(()) => {
                             match self.cluster.delete_volume_attachments(&node, &volumes).await {
-                                Ok(vas) if !vas.is_empty() => tracing::warn!(node = %node, attachments = ?vas, "deleted volume attachments on a node whose storage is gone"),
+                                Ok(vas) if !vas.is_empty() => {
+                                    tracing::warn!(node = %node, attachments = ?vas, "deleted volume attachments on a node whose storage is gone")
+                                }
                                 Ok(_) => {}
                                 Err(e) => tracing::warn!("health monitor: {e}"),
                             }

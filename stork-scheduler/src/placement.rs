@@ -53,9 +53,7 @@ impl Preferences {
     /// Reads the pod annotations (`strata.dev/...` or STORK's `stork.libopenstorage.org/...`).
     pub fn from_annotations(a: &BTreeMap<String, String>) -> Preferences {
         let flag = |key: &str| {
-            ["strata.dev/", "stork.libopenstorage.org/"]
-                .iter()
-                .any(|p| a.get(&format!("{p}{key}")).is_some_and(|v| v.eq_ignore_ascii_case("true")))
+            ["strata.dev/", "stork.libopenstorage.org/"].iter().any(|p| a.get(&format!("{p}{key}")).is_some_and(|v| v.eq_ignore_ascii_case("true")))
         };
         Preferences { prefer_local_only: flag("preferLocalNodeOnly"), disable_hyperconvergence: flag("disableHyperconvergence") }
     }
@@ -100,9 +98,7 @@ pub fn filter(vols: &[VolumePlacement], nodes: &[Candidate], known: &[Candidate]
             if !prefs.prefer_local_only || prefs.disable_hyperconvergence {
                 return None;
             }
-            vols.iter()
-                .find(|v| !v.replicas.contains(&n.name))
-                .map(|v| format!("preferLocalNodeOnly: node holds no replica of volume {}", v.volume))
+            vols.iter().find(|v| !v.replicas.contains(&n.name)).map(|v| format!("preferLocalNodeOnly: node holds no replica of volume {}", v.volume))
         });
         match reason {
             Some(r) => {
@@ -150,7 +146,8 @@ pub fn score(vols: &[VolumePlacement], candidates: &[Candidate], known: &[Candid
                     .iter()
                     .map(|v| {
                         // Only a replica that serves counts: being next to a dead one is worth nothing.
-                        let reps: Vec<&Candidate> = v.replicas.iter().filter_map(|r| known.iter().find(|k| &k.name == r && k.storage == Storage::Online)).collect();
+                        let reps: Vec<&Candidate> =
+                            v.replicas.iter().filter_map(|r| known.iter().find(|k| &k.name == r && k.storage == Storage::Online)).collect();
                         tier(n, &reps)
                     })
                     .sum();

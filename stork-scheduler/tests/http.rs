@@ -74,7 +74,10 @@ fn setup_with(nodes: &[(&str, &str)]) -> (Arc<FakeCluster>, axum::Router) {
     let mut claims = BTreeMap::new();
     claims.insert("data-web-0".to_string(), "pvc-1111".to_string());
     let topology: BTreeMap<String, Topology> =
-        [("n1", topo("z1", "k1")), ("n2", topo("z1", "k1")), ("n3", topo("z2", "k2")), ("n4", topo("z1", "k1"))].into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+        [("n1", topo("z1", "k1")), ("n2", topo("z1", "k1")), ("n3", topo("z2", "k2")), ("n4", topo("z1", "k1"))]
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect();
     let cluster = Arc::new(FakeCluster { claims, topology, events: Mutex::new(vec![]) });
     let node = |id: &str, status: &str| StorageNode { id: id.into(), status: status.into(), data_address: "127.0.0.1:1".into() };
     let storage = Arc::new(FakeStorage {
@@ -99,14 +102,16 @@ fn pod_json(claim: &str, annotations: serde_json::Value) -> serde_json::Value {
 }
 
 fn node_list() -> serde_json::Value {
-    let n = |name: &str, zone: &str, rack: &str| serde_json::json!({
-        "metadata": {"name": name, "labels": {
-            "kubernetes.io/hostname": name,
-            "topology.kubernetes.io/region": "r1",
-            "topology.kubernetes.io/zone": zone,
-            "strata.dev/rack": rack}},
-        "status": {"conditions": [{"type": "Ready", "status": "True"}]}
-    });
+    let n = |name: &str, zone: &str, rack: &str| {
+        serde_json::json!({
+            "metadata": {"name": name, "labels": {
+                "kubernetes.io/hostname": name,
+                "topology.kubernetes.io/region": "r1",
+                "topology.kubernetes.io/zone": zone,
+                "strata.dev/rack": rack}},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}
+        })
+    };
     serde_json::json!({"metadata": {"resourceVersion": "1"}, "items": [n("n1", "z1", "k1"), n("n2", "z1", "k1"), n("n3", "z2", "k2"), n("n4", "z1", "k1"), n("n5", "z1", "k1")]})
 }
 
@@ -179,7 +184,8 @@ async fn events_explain_why_a_pod_is_not_with_its_data() {
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].0, "NonOptimumScheduling");
     assert!(ev[0].1.contains("pvc-1111") && ev[0].1.contains("n1"), "{:?}", ev[0]);
-    let local = serde_json::json!({"Pod": pod_json("data-web-0", serde_json::json!({"strata.dev/preferLocalNodeOnly": "true"})), "NodeNames": ["n1", "n2"]});
+    let local =
+        serde_json::json!({"Pod": pod_json("data-web-0", serde_json::json!({"strata.dev/preferLocalNodeOnly": "true"})), "NodeNames": ["n1", "n2"]});
     let (_, body) = call(&app, "/filter", local.to_string()).await;
     let r: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(r["NodeNames"], serde_json::json!(["n1"]));

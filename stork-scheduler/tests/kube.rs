@@ -194,13 +194,16 @@ async fn monitor_deletes_exactly_the_strata_pods_after_the_grace_period() {
         let opts: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(opts["gracePeriodSeconds"], 0, "forced: {opts}");
         send.send_response(Response::builder().status(200).body(Body::from(serde_json::to_vec(&pod("shop", "db-0", &["data"])).unwrap())).unwrap());
-        let va = |name: &str, node: &str, pv: &str, driver: &str| json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": name},
-            "spec": {"attacher": driver, "nodeName": node, "source": {"persistentVolumeName": pv}}});
+        let va = |name: &str, node: &str, pv: &str, driver: &str| {
+            json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": name},
+            "spec": {"attacher": driver, "nodeName": node, "source": {"persistentVolumeName": pv}}})
+        };
         let list = json!({"apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachmentList", "metadata": {}, "items": [
             va("csi-a", "n4", "pv-1", "csi.strata.dev"), va("csi-b", "n1", "pv-1", "csi.strata.dev"), va("csi-c", "n4", "pv-9", "other.csi")]});
         expect(&mut api, Method::GET, "/apis/storage.k8s.io/v1/volumeattachments", None, 200, list).await;
         expect(&mut api, Method::GET, "/api/v1/persistentvolumes/pv-1", None, 200, pv("pv-1", "csi.strata.dev", "pvc-1111")).await;
-        expect(&mut api, Method::DELETE, "/apis/storage.k8s.io/v1/volumeattachments/csi-a", None, 200, va("csi-a", "n4", "pv-1", "csi.strata.dev")).await;
+        expect(&mut api, Method::DELETE, "/apis/storage.k8s.io/v1/volumeattachments/csi-a", None, 200, va("csi-a", "n4", "pv-1", "csi.strata.dev"))
+            .await;
         api
     });
     let deleted = m.tick(t0 + Duration::from_secs(122)).await;

@@ -56,4 +56,3 @@ pub fn start_csi(dir: &Path, mode: &str, sdk: &str, extra: &[&str]) -> Csi {
         .unwrap();
     Csi { child, rt, ch }
 }
-

@@ -20,7 +20,6 @@ pub(crate) fn etcd_endpoints(sc: &StorageCluster) -> Vec<String> {
     (0..3).map(|i| format!("http://strata-etcd-{i}.strata-etcd.{ns}.svc:2379")).collect()
 }
 
-
 fn engine_args(sc: &StorageCluster) -> Vec<String> {
     let n = &sc.spec.network;
     let dir = data_dir(sc);
@@ -73,10 +72,8 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
             {"name": "data", "mountPath": dir},
         ],
     })];
-    let mut volumes = vec![
-        json!({"name": "dev", "hostPath": {"path": "/dev"}}),
-        json!({"name": "data", "hostPath": {"path": dir, "type": "DirectoryOrCreate"}}),
-    ];
+    let mut volumes =
+        vec![json!({"name": "dev", "hostPath": {"path": "/dev"}}), json!({"name": "data", "hostPath": {"path": dir, "type": "DirectoryOrCreate"}})];
     if sc.spec.csi.enabled {
         let img = &sc.spec.csi.images;
         containers.push(json!({

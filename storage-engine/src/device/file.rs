@@ -52,16 +52,10 @@ impl FileDevice {
         if !exists {
             match opts.create_size {
                 Some(size) if !opts.read_only => {
-                    let f = File::create_new(path)
-                        .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", path.display())))?;
+                    let f = File::create_new(path).map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", path.display())))?;
                     f.set_len(size)?;
                 }
-                _ => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("device {} does not exist", path.display()),
-                    ))
-                }
+                _ => return Err(io::Error::new(io::ErrorKind::NotFound, format!("device {} does not exist", path.display()))),
             }
         }
         let open = |direct: bool| {
@@ -84,10 +78,7 @@ impl FileDevice {
         // SAFETY: flock on a valid fd.
         while unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
             if t0.elapsed() >= opts.lock_wait {
-                return Err(io::Error::new(
-                    io::ErrorKind::WouldBlock,
-                    format!("device {} is in use by another process (locked)", path.display()),
-                ));
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, format!("device {} is in use by another process (locked)", path.display())));
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
@@ -185,10 +176,7 @@ impl BlockIo for FileDevice {
             if unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) } == 0 {
                 return Ok(());
             }
-        } else if self
-            .fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
-            .is_ok()
-        {
+        } else if self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok() {
             return Ok(());
         }
         // Fallback: write zeroes.

@@ -70,7 +70,13 @@ impl Uring {
     }
 
     /// Reads or writes `buf[range]` at `offset`, resubmitting short transfers.
-    pub fn rw(&self, write: bool, offset: u64, buf: AlignedBuf, range: Range<usize>) -> impl std::future::Future<Output = BufResult> + Send + 'static {
+    pub fn rw(
+        &self,
+        write: bool,
+        offset: u64,
+        buf: AlignedBuf,
+        range: Range<usize>,
+    ) -> impl std::future::Future<Output = BufResult> + Send + 'static {
         let inner = self.inner.clone();
         async move {
             let mut buf = buf;

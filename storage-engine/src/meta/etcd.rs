@@ -8,10 +8,10 @@
 //! never on the data path.
 
 use super::{MetaError, MetaStore, NodeRecord, NodeState, VolumeRecord};
-use std::sync::Arc;
 use crate::pool::PoolRecord;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const PREFIX: &str = "/strata/v1/";
@@ -53,12 +53,7 @@ impl Etcd {
     }
 
     pub fn connect_with_ttl(endpoints: &[String], node: &str, ttl: i64) -> Result<Etcd, MetaError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("strata-etcd")
-            .enable_all()
-            .build()
-            .map_err(err)?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("strata-etcd").enable_all().build().map_err(err)?;
         let eps = endpoints.to_vec();
         let client = Self::wait(&rt, async move {
             let opts = etcd_client::ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
@@ -72,9 +67,7 @@ impl Etcd {
         let id = uuid::Uuid::new_v4().to_string();
         let k = key("cluster_id");
         s.run(async move {
-            let txn = Txn::new()
-                .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(k, id, None)]);
+            let txn = Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(k, id, None)]);
             c.txn(txn).await
         })
         .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", s.endpoints.join(","))))?;
@@ -91,7 +84,9 @@ impl Etcd {
 
     /// Runs an etcd call on the store's runtime and waits for it (bounded by the client timeout).
     fn run<T: Send + 'static>(&self, fut: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static) -> Result<T, MetaError> {
-        Self::wait(self.rt.as_ref().expect("runtime until drop"), async move { tokio::time::timeout(TIMEOUT * 2, fut).await }).map_err(|_| err("timed out"))?.map_err(err)
+        Self::wait(self.rt.as_ref().expect("runtime until drop"), async move { tokio::time::timeout(TIMEOUT * 2, fut).await })
+            .map_err(|_| err("timed out"))?
+            .map_err(err)
     }
 
     fn get(&self, k: String) -> Result<Option<Vec<u8>>, MetaError> {

@@ -26,7 +26,9 @@ pub enum PendingOp {
     /// A snapshot or clone whose extents are being shared: undone (freed) if left behind.
     Create,
     /// The volume's data is being replaced by this snapshot's: run the restore again if left.
-    Restore { snapshot: String },
+    Restore {
+        snapshot: String,
+    },
 }
 
 impl PendingOp {

@@ -80,13 +80,8 @@ impl DeviceSums {
     /// intent bit is set. With `read_only` nothing is written (the recomputed ones stay in
     /// memory only).
     pub fn load(dev: Arc<dyn BlockIo>, sb: &Superblock, mapped: &[u32], read_only: bool) -> Result<(DeviceSums, LoadReport), String> {
-        let s = DeviceSums {
-            dev,
-            sb: sb.clone(),
-            table: RwLock::new(HashMap::new()),
-            intent: Mutex::new(Intent::default()),
-            persist: Mutex::new(()),
-        };
+        let s =
+            DeviceSums { dev, sb: sb.clone(), table: RwLock::new(HashMap::new()), intent: Mutex::new(Intent::default()), persist: Mutex::new(()) };
         let n = sb.extent_count.div_ceil(8).next_multiple_of(PAGE as u64) as usize;
         let mut bitmap = AlignedBuf::new(n.min(s.bitmap_len()));
         s.dev.read_blocking(sb.intent_offset, &mut bitmap).map_err(|e| format!("cannot read the checksum intent bitmap: {e}"))?;
@@ -97,7 +92,9 @@ impl DeviceSums {
         for &pext in mapped {
             let marked = bitmap.get(pext as usize / 8).is_some_and(|b| b & (1 << (pext % 8)) != 0);
             let sums: Vec<u32> = if marked {
-                s.dev.read_blocking(sb.extent_offset(pext), &mut data).map_err(|e| format!("cannot read extent {pext} to recompute its checksums: {e}"))?;
+                s.dev
+                    .read_blocking(sb.extent_offset(pext), &mut data)
+                    .map_err(|e| format!("cannot read extent {pext} to recompute its checksums: {e}"))?;
                 report.recomputed += 1;
                 data.chunks(BLOCK).map(crc32c::crc32c).collect()
             } else {

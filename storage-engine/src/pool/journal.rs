@@ -193,7 +193,10 @@ pub fn apply(map: &mut DeviceMap, entries: &[Entry], extent_count: u64) -> Resul
     };
     let release = |map: &mut DeviceMap, vol: u64, lext: u64, pext: u32| {
         let owners = map.get_mut(&pext).ok_or_else(|| format!("extent {pext} freed while not mapped"))?;
-        let at = owners.iter().position(|o| *o == (vol, lext)).ok_or_else(|| format!("extent {pext} released by volume {vol} extent {lext}, which does not own it"))?;
+        let at = owners
+            .iter()
+            .position(|o| *o == (vol, lext))
+            .ok_or_else(|| format!("extent {pext} released by volume {vol} extent {lext}, which does not own it"))?;
         owners.swap_remove(at);
         if owners.is_empty() {
             map.remove(&pext);
@@ -284,8 +287,7 @@ impl Journal {
         let half = (sb.journal_len / 2) as usize;
         let mut halves = [AlignedBuf::new(half), AlignedBuf::new(half)];
         for (i, h) in halves.iter_mut().enumerate() {
-            dev.read_blocking(sb.journal_offset + i as u64 * half as u64, h)
-                .map_err(|e| format!("reading the journal: {e}"))?;
+            dev.read_blocking(sb.journal_offset + i as u64 * half as u64, h).map_err(|e| format!("reading the journal: {e}"))?;
         }
         let uuid = sb.device_uuid;
         let block = |h: usize, k: usize| &halves[h][k * BLOCK..(k + 1) * BLOCK];
@@ -293,10 +295,9 @@ impl Journal {
         let mut corrupt_heads = Vec::new();
         for h in 0..2 {
             match decode(&uuid, block(h, 0)) {
-                Decoded::Valid(hd, _) if hd.kind == KIND_CKPT && hd.seq == 0 && hd.gen % 2 == h as u64
-                    && best.is_none_or(|(g, _)| hd.gen > g) => {
-                        best = Some((hd.gen, hd.total));
-                    }
+                Decoded::Valid(hd, _) if hd.kind == KIND_CKPT && hd.seq == 0 && hd.gen % 2 == h as u64 && best.is_none_or(|(g, _)| hd.gen > g) => {
+                    best = Some((hd.gen, hd.total));
+                }
                 Decoded::Corrupt(g) => corrupt_heads.push(g),
                 _ => {}
             }
@@ -318,15 +319,19 @@ impl Journal {
             }
         }
         // Whether any block of this generation (valid or not) follows block `k`.
-        let any_after = |k: usize| (k + 1..blocks).any(|l| matches!(decode(&uuid, block(h, l)), Decoded::Valid(hd, _) if hd.gen == gen) || matches!(decode(&uuid, block(h, l)), Decoded::Corrupt(g) if g == gen));
+        let any_after = |k: usize| {
+            (k + 1..blocks).any(|l| {
+                matches!(decode(&uuid, block(h, l)), Decoded::Valid(hd, _) if hd.gen == gen)
+                    || matches!(decode(&uuid, block(h, l)), Decoded::Corrupt(g) if g == gen)
+            })
+        };
         let mut map = DeviceMap::new();
         let mut k = 1usize;
         while k < blocks {
             let want_kind = if k <= total as usize { KIND_CKPT } else { KIND_REC };
             match decode(&uuid, block(h, k)) {
                 Decoded::Valid(hd, entries) if hd.gen == gen && hd.seq == k as u64 && hd.kind == want_kind => {
-                    apply(&mut map, &entries, sb.extent_count)
-                        .map_err(|e| format!("journal block {k} of generation {gen}: {e}"))?;
+                    apply(&mut map, &entries, sb.extent_count).map_err(|e| format!("journal block {k} of generation {gen}: {e}"))?;
                 }
                 // The last record block torn by a crash (power loss mid-write): its batch was never
                 // synced, so never acknowledged; the log ends before it, as write-ahead logs do.
@@ -359,9 +364,7 @@ impl Journal {
                         "journal block {k} of generation {gen} is unreadable but block {later} after it is valid: the log is corrupted"
                     ))
                 }
-                Decoded::Corrupt(g) if g == gen => {
-                    return Err(format!("journal block {later} of generation {gen} is corrupted (checksum mismatch)"))
-                }
+                Decoded::Corrupt(g) if g == gen => return Err(format!("journal block {later} of generation {gen} is corrupted (checksum mismatch)")),
                 _ => {}
             }
         }
@@ -415,9 +418,7 @@ impl Journal {
         for chunk in chunks {
             let (gen, seq) = (w.gen, w.next_seq);
             encode(&self.uuid, gen, seq, KIND_REC, 0, chunk, &mut w.block);
-            self.dev
-                .write_blocking(base + seq * JOURNAL_BLOCK, &w.block)
-                .map_err(PoolError::io("writing the journal"))?;
+            self.dev.write_blocking(base + seq * JOURNAL_BLOCK, &w.block).map_err(PoolError::io("writing the journal"))?;
             w.next_seq += 1;
         }
         self.dev.sync_blocking().map_err(PoolError::io("syncing the journal"))
@@ -429,7 +430,13 @@ impl Journal {
             .map
             .iter()
             .flat_map(|(p, owners)| {
-                owners.iter().enumerate().map(|(i, (v, l))| if i == 0 { Entry::Map { vol: *v, lext: *l, pext: *p } } else { Entry::Share { vol: *v, lext: *l, pext: *p } })
+                owners.iter().enumerate().map(|(i, (v, l))| {
+                    if i == 0 {
+                        Entry::Map { vol: *v, lext: *l, pext: *p }
+                    } else {
+                        Entry::Share { vol: *v, lext: *l, pext: *p }
+                    }
+                })
             })
             .collect();
         let chunks = blocks(&all);
@@ -574,7 +581,8 @@ mod tests {
         let (d, sb) = dev(dir.path(), "a");
         let j = Journal::format(d.clone(), &sb).unwrap();
         j.commit(&[Entry::Map { vol: 1, lext: 0, pext: 0 }, Entry::Map { vol: 1, lext: 1, pext: 1 }]).unwrap();
-        j.commit(&[Entry::Share { vol: 2, lext: 0, pext: 0 }, Entry::Share { vol: 2, lext: 1, pext: 1 }, Entry::Share { vol: 3, lext: 1, pext: 1 }]).unwrap();
+        j.commit(&[Entry::Share { vol: 2, lext: 0, pext: 0 }, Entry::Share { vol: 2, lext: 1, pext: 1 }, Entry::Share { vol: 3, lext: 1, pext: 1 }])
+            .unwrap();
         // Copy-on-write of volume 1's extent 1 to extent 5.
         j.commit(&[Entry::Move { vol: 1, lext: 1, from: 1, to: 5 }]).unwrap();
         let mut expect = DeviceMap::new();

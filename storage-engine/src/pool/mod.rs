@@ -48,7 +48,9 @@ pub enum PoolError {
     NoSpace,
     #[error("device {device} has no free extent for a copy-on-write of a shared extent; free space or delete snapshots")]
     NoSpaceForCopy { device: String },
-    #[error("device {device} cannot record {more} more shared extents (it holds {have} of at most {max} extent references); delete snapshots or clones")]
+    #[error(
+        "device {device} cannot record {more} more shared extents (it holds {have} of at most {max} extent references); delete snapshots or clones"
+    )]
     TooManyReferences { device: String, have: u64, more: u64, max: u64 },
 }
 
@@ -150,7 +152,8 @@ impl Pool {
         for (path, dev) in &devs {
             let len = (PROBE_LEN.next_multiple_of(4096) as u64).min(dev.size() / 4096 * 4096) as usize;
             let mut head = AlignedBuf::new(len);
-            dev.read_blocking(0, &mut head).map_err(|e| PoolError::Corrupt { device: path.clone(), why: format!("cannot read the superblock: {e}") })?;
+            dev.read_blocking(0, &mut head)
+                .map_err(|e| PoolError::Corrupt { device: path.clone(), why: format!("cannot read the superblock: {e}") })?;
             let probe = match Superblock::probe(&head) {
                 // The primary copy is damaged: the backup in the last 4 KiB may be good.
                 Probe::Corrupt(why) => match read_backup(dev.as_ref()) {
@@ -188,7 +191,10 @@ impl Pool {
             let pd = match probe {
                 Probe::Strata(sb) if sb.pool_uuid == pool_uuid => {
                     if sb.extent_size != extent_size {
-                        return Err(PoolError::Corrupt { device: path, why: format!("extent size {} differs from the pool's {extent_size}", sb.extent_size) });
+                        return Err(PoolError::Corrupt {
+                            device: path,
+                            why: format!("extent size {} differs from the pool's {extent_size}", sb.extent_size),
+                        });
                     }
                     let (journal, _) = Journal::open(dev.clone(), &sb).map_err(|why| PoolError::Corrupt { device: path.clone(), why })?;
                     // Keep the backup copy current (older pools get one where their last
@@ -228,7 +234,8 @@ impl Pool {
             let dm = d.journal_map();
             if d.sb.has_checksums() {
                 let mapped: Vec<u32> = dm.keys().copied().collect();
-                let (sums, report) = csum::DeviceSums::load(d.dev.clone(), &d.sb, &mapped, spec.check_only).map_err(|why| PoolError::Corrupt { device: d.path.clone(), why })?;
+                let (sums, report) = csum::DeviceSums::load(d.dev.clone(), &d.sb, &mapped, spec.check_only)
+                    .map_err(|why| PoolError::Corrupt { device: d.path.clone(), why })?;
                 unsettled_at_open += report.recomputed as usize;
                 if report.recomputed > 0 {
                     tracing::info!(device = %d.path, extents = report.recomputed, "recomputed the checksums of extents written before an unclean stop");
@@ -615,7 +622,9 @@ impl PoolDevice {
 
 fn format_device(path: String, dev: Arc<dyn BlockIo>, pool: Uuid, extent_size: u64) -> Result<PoolDevice, PoolError> {
     let sb = Superblock::layout(pool, dev.size(), extent_size).map_err(|e| match e {
-        PoolError::TooSmall { size, min } => PoolError::Invalid(format!("device {path} of {size} bytes is too small: a pool device needs at least {min} bytes")),
+        PoolError::TooSmall { size, min } => {
+            PoolError::Invalid(format!("device {path} of {size} bytes is too small: a pool device needs at least {min} bytes"))
+        }
         other => other,
     })?;
     tracing::info!(device = %path, pool = %pool, extents = sb.extent_count, "formatting device");
@@ -640,7 +649,9 @@ pub(super) fn primary_damage(dev: &dyn BlockIo) -> Option<String> {
     let mut head = AlignedBuf::new(superblock::SB_SIZE);
     dev.read_blocking(0, &mut head).ok()?;
     match (Superblock::probe(&head), read_backup(dev)) {
-        (Probe::Corrupt(why), Some(_)) => Some(format!("the primary superblock is corrupted ({why}); the backup copy is good (starting the engine rewrites the primary from it)")),
+        (Probe::Corrupt(why), Some(_)) => {
+            Some(format!("the primary superblock is corrupted ({why}); the backup copy is good (starting the engine rewrites the primary from it)"))
+        }
         (Probe::Strata(sb), backup) if sb.has_backup_room() && backup.as_ref() != Some(&sb) => {
             Some("the backup superblock (last 4 KiB) is missing or damaged; starting the engine rewrites it".into())
         }

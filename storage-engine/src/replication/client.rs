@@ -122,7 +122,16 @@ impl Client {
     /// Sends one request and waits for its reply (data for READ and EXTENTS). The arguments are
     /// the request frame's fields.
     #[allow(clippy::too_many_arguments)]
-    pub async fn call(&self, op: Op, flags: u8, volume: u64, epoch: u64, offset: u64, len: u32, payload: Option<Bytes>) -> Result<Vec<u8>, CallError> {
+    pub async fn call(
+        &self,
+        op: Op,
+        flags: u8,
+        volume: u64,
+        epoch: u64,
+        offset: u64,
+        len: u32,
+        payload: Option<Bytes>,
+    ) -> Result<Vec<u8>, CallError> {
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
         let req = Request { op, flags, handle, volume, epoch, offset, len };
         let (wtx, wrx) = oneshot::channel();

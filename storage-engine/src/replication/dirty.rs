@@ -54,7 +54,10 @@ impl DirtyLog {
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => return Err(e),
         };
-        Ok((DirtyLog { path, inner: Mutex::new(Inner { on_disk: regions.clone(), regions, inflight: Default::default(), file: None, lost: false }) }, existed))
+        Ok((
+            DirtyLog { path, inner: Mutex::new(Inner { on_disk: regions.clone(), regions, inflight: Default::default(), file: None, lost: false }) },
+            existed,
+        ))
     }
 
     fn file(inner: &mut Inner, path: &Path) -> io::Result<()> {

@@ -9,7 +9,7 @@
 
 use super::dirty::REGION;
 use super::frame::Op;
-use super::target::{PeerState, Target, TargetError, Peer};
+use super::target::{Peer, PeerState, Target, TargetError};
 use crate::volume::Engine;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -78,7 +78,8 @@ async fn watch_offline(e: &Arc<Engine>, t: &Arc<Target>, p: &Arc<Peer>) {
         return;
     }
     let (meta, node) = (e.meta.clone(), p.node.clone());
-    let state = tokio::task::spawn_blocking(move || meta.list_nodes().ok()?.into_iter().find(|(n, _)| n.id == node).map(|(_, s)| s)).await.ok().flatten();
+    let state =
+        tokio::task::spawn_blocking(move || meta.list_nodes().ok()?.into_iter().find(|(n, _)| n.id == node).map(|(_, s)| s)).await.ok().flatten();
     let offline = matches!(state, Some(crate::meta::NodeState::Offline));
     let due = {
         let mut since = p.offline_since.lock();

@@ -7,9 +7,9 @@
 use super::client::{CallError, Client};
 use super::dirty::DirtyLog;
 use super::frame::{Op, FLAG_FUA, FLAG_NO_HOLE};
+use crate::alerts::Severity::{Alarm, Warning};
 use crate::device::AlignedBuf;
 use crate::meta::{MetaError, MetaStore, VolumeRecord};
-use crate::alerts::Severity::{Alarm, Warning};
 use crate::volume::{Engine, IoError, ReadBuf, ReadData, Volume};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -156,7 +156,8 @@ impl Target {
         // A stale replica on this node is resynced like a remote one (over loopback).
         let stale_here = rec.has_replica(me) && !rec.is_in_sync(me);
         for n in rec.replicas.iter().filter(|n| *n != me || stale_here) {
-            let (dirty, existed) = DirtyLog::open(DirtyLog::path_for(&cfg.data_dir, rec.id, n)).map_err(|e| TargetError::Meta(MetaError::Store(e.to_string())))?;
+            let (dirty, existed) =
+                DirtyLog::open(DirtyLog::path_for(&cfg.data_dir, rec.id, n)).map_err(|e| TargetError::Meta(MetaError::Store(e.to_string())))?;
             let in_sync = rec.is_in_sync(n);
             if !in_sync && !existed {
                 dirty.set_lost().map_err(|e| TargetError::Meta(MetaError::Store(e.to_string())))?;
@@ -601,7 +602,13 @@ impl Target {
             Warning,
             "ChecksumRepaired",
             &resource,
-            format!("volume {}: {} block(s) failing their checksum on node {} were rewritten from an in-sync replica (volume offsets {})", self.name, bad.len(), self.node, crate::volume::offsets(&bad)),
+            format!(
+                "volume {}: {} block(s) failing their checksum on node {} were rewritten from an in-sync replica (volume offsets {})",
+                self.name,
+                bad.len(),
+                self.node,
+                crate::volume::offsets(&bad)
+            ),
         );
         Ok(ReadData { buf: good.buf, start: good.start + (off - a0) as usize, len })
     }

@@ -134,7 +134,8 @@ impl Sdk {
     /// view of its volumes (0 clients).
     async fn fill_from_targets(&self, vols: &mut [pb::Volume]) {
         let me = self.engine.node.id.clone();
-        let targets: std::collections::BTreeSet<String> = vols.iter().map(|v| v.attached_node.clone()).filter(|t| !t.is_empty() && *t != me).collect();
+        let targets: std::collections::BTreeSet<String> =
+            vols.iter().map(|v| v.attached_node.clone()).filter(|t| !t.is_empty() && *t != me).collect();
         if targets.is_empty() {
             return;
         }

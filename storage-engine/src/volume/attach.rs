@@ -88,11 +88,15 @@ impl Engine {
         let key = match (&rec.secure, passphrase) {
             (Some(params), Some(p)) => {
                 let (p, params) = (p.to_vec(), params.clone());
-                let k = tokio::task::spawn_blocking(move || crate::crypt::VolumeKey::open(&p, &params)).await.map_err(|e| VolumeError::Meta(e.to_string()))?;
+                let k = tokio::task::spawn_blocking(move || crate::crypt::VolumeKey::open(&p, &params))
+                    .await
+                    .map_err(|e| VolumeError::Meta(e.to_string()))?;
                 Some(k.map_err(|e| VolumeError::InvalidArgument(format!("volume {name}: {e}")))?)
             }
             (Some(_), None) if !self.volume(name).is_some_and(|v| v.has_key()) => {
-                return Err(VolumeError::FailedPrecondition(format!("volume {name} is encrypted: attach it with its passphrase (--passphrase-file)")));
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "volume {name} is encrypted: attach it with its passphrase (--passphrase-file)"
+                )));
             }
             _ => None,
         };
@@ -152,7 +156,9 @@ impl Engine {
             let n = v.connections();
             busy = n > 0;
             if n > 0 && !force {
-                return Err(VolumeError::FailedPrecondition(format!("volume {name} has {n} connected NBD client(s); disconnect them or detach with --force")));
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "volume {name} has {n} connected NBD client(s); disconnect them or detach with --force"
+                )));
             }
             v.served.store(false, Ordering::Release);
             if let Some(t) = v.target.write().take() {
@@ -247,7 +253,10 @@ impl Engine {
             return Err(format!("{name} is a snapshot and is not served; clone it and open the clone"));
         }
         if !rec.target.is_empty() && rec.target != self.node.id {
-            return Err(format!("volume {name} is attached on node {}; open it there, or attach it here first (stratactl host attach {name})", rec.target));
+            return Err(format!(
+                "volume {name} is attached on node {}; open it there, or attach it here first (stratactl host attach {name})",
+                rec.target
+            ));
         }
         Ok(rec.size)
     }

@@ -3,16 +3,16 @@
 //! unaligned writes and zeroing/freeing take it exclusively (read-modify-write, unmap).
 
 use super::{Engine, Volume};
+use crate::alerts::Severity::Alarm;
 use crate::device::{AlignedBuf, ALIGN};
 use crate::pool::{PExt, Pool, PoolError};
 use futures::FutureExt;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::io;
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Instant;
-use crate::alerts::Severity::Alarm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
@@ -258,7 +258,13 @@ impl Engine {
                     Alarm,
                     "ChecksumMismatch",
                     &format!("volume/{}", v.name),
-                    format!("volume {}: {} block(s) of 4 KiB on node {} fail their checksum (volume offsets {})", v.name, bad.len(), self.node.id, offsets(bad)),
+                    format!(
+                        "volume {}: {} block(s) of 4 KiB on node {} fail their checksum (volume offsets {})",
+                        v.name,
+                        bad.len(),
+                        self.node.id,
+                        offsets(bad)
+                    ),
                 );
             }
         }
@@ -343,14 +349,8 @@ impl Engine {
         if t.1 {
             return Ok(self.pool.sync_all().await?);
         }
-        let futs: Vec<_> = self
-            .pool
-            .devices()
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i < 64 && t.0 & (1 << i) != 0)
-            .map(|(_, d)| d.dev.sync())
-            .collect();
+        let futs: Vec<_> =
+            self.pool.devices().iter().enumerate().filter(|(i, _)| *i < 64 && t.0 & (1 << i) != 0).map(|(_, d)| d.dev.sync()).collect();
         for r in futures::future::join_all(futs).await {
             r?;
         }

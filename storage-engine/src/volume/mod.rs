@@ -5,8 +5,8 @@ mod attach;
 mod io;
 pub mod readahead;
 mod replicas;
-mod secure;
 mod scrub;
+mod secure;
 mod snapshots;
 
 pub use io::{offsets, IoError, ReadBuf, ReadData};
@@ -200,7 +200,13 @@ pub struct NodeInfo {
 /// The SDK endpoint (a URI) node `node` registered, if the store knows the node and its
 /// address. Blocking.
 pub fn sdk_endpoint(meta: &dyn MetaStore, node: &str) -> Result<Option<String>, MetaError> {
-    Ok(meta.list_nodes()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.sdk_address).filter(|a| !a.is_empty()).map(|a| strata_api::endpoint_uri(&a)))
+    Ok(meta
+        .list_nodes()?
+        .into_iter()
+        .find(|(n, _)| n.id == node)
+        .map(|(n, _)| n.sdk_address)
+        .filter(|a| !a.is_empty())
+        .map(|a| strata_api::endpoint_uri(&a)))
 }
 
 /// The replication address a node registered, if the store knows the node.
@@ -301,7 +307,12 @@ impl Engine {
             lifecycle: tokio::sync::Mutex::new(()),
             readahead_window: readahead::WINDOW,
             readahead_held: Arc::new(AtomicU64::new(0)),
-            repl: TargetConfig { timeout: std::time::Duration::from_secs(5), resync_rate: 0, replica_timeout: std::time::Duration::ZERO, data_dir: std::path::PathBuf::from(".") },
+            repl: TargetConfig {
+                timeout: std::time::Duration::from_secs(5),
+                resync_rate: 0,
+                replica_timeout: std::time::Duration::ZERO,
+                data_dir: std::path::PathBuf::from("."),
+            },
             self_ref: std::sync::OnceLock::new(),
             replacements: parking_lot::Mutex::new(None),
             alerts: crate::alerts::Alerts::in_memory(&node_id),
@@ -451,7 +462,8 @@ impl Engine {
             // Key derivation is deliberately slow: off the I/O threads.
             Some(p) => {
                 let p = p.to_vec();
-                let k = tokio::task::spawn_blocking(move || crate::crypt::VolumeKey::create(&p)).await.map_err(|e| VolumeError::Meta(e.to_string()))?;
+                let k =
+                    tokio::task::spawn_blocking(move || crate::crypt::VolumeKey::create(&p)).await.map_err(|e| VolumeError::Meta(e.to_string()))?;
                 Some(k.map_err(|e| VolumeError::InvalidArgument(e.to_string()))?)
             }
             None => None,
@@ -532,7 +544,11 @@ impl Engine {
         if r.target == self.node.id {
             return Ok(());
         }
-        let at = if r.target.is_empty() { format!("is not attached; attach it (stratactl host attach {}) or use node {}", r.name, r.node) } else { format!("is served by node {}", r.target) };
+        let at = if r.target.is_empty() {
+            format!("is not attached; attach it (stratactl host attach {}) or use node {}", r.name, r.node)
+        } else {
+            format!("is served by node {}", r.target)
+        };
         Err(VolumeError::FailedPrecondition(format!("volume {} {at}; manage it through that node's engine (this is {})", r.name, self.node.id)))
     }
 
@@ -552,7 +568,9 @@ impl Engine {
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         if let Some(of) = &rec.snapshot_of {
-            return Err(VolumeError::FailedPrecondition(format!("{name} is a snapshot of {of} and cannot be changed; clone it for a writable volume")));
+            return Err(VolumeError::FailedPrecondition(format!(
+                "{name} is a snapshot of {of} and cannot be changed; clone it for a writable volume"
+            )));
         }
         // A detached volume has no writer: its record alone changes (a new target announces
         // the size to the replicas when it starts).
@@ -714,8 +732,22 @@ impl Engine {
         let vols = self.loaded_volumes();
         let samples: Vec<VolumeSample> = vols
             .iter()
-            .map(|v| VolumeSample { name: &v.name, size: v.size(), used: self.pool.used_bytes_of(v.id), connections: v.connections(), stats: &v.stats })
+            .map(|v| VolumeSample {
+                name: &v.name,
+                size: v.size(),
+                used: self.pool.used_bytes_of(v.id),
+                connections: v.connections(),
+                stats: &v.stats,
+            })
             .collect();
-        render(&PoolSample { uuid: self.pool.uuid.to_string(), total: self.pool.total_bytes(), used: self.pool.used_bytes(), unsettled: self.pool.unsettled_extents() as u64 }, &samples)
+        render(
+            &PoolSample {
+                uuid: self.pool.uuid.to_string(),
+                total: self.pool.total_bytes(),
+                used: self.pool.used_bytes(),
+                unsettled: self.pool.unsettled_extents() as u64,
+            },
+            &samples,
+        )
     }
 }

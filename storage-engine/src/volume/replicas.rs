@@ -27,7 +27,15 @@ impl Engine {
                 Candidate { online: state == crate::meta::NodeState::Online, zone: n.zone, rack: n.rack, capacity, provisioned, id: n.id }
             })
             .collect();
-        let req = Request { repl, size, nodes: spec.nodes.clone(), zones: spec.zones.clone(), racks: spec.racks.clone(), prefer: Some(spec.prefer.clone().unwrap_or_else(|| me.clone())), exclude: exclude.to_vec() };
+        let req = Request {
+            repl,
+            size,
+            nodes: spec.nodes.clone(),
+            zones: spec.zones.clone(),
+            racks: spec.racks.clone(),
+            prefer: Some(spec.prefer.clone().unwrap_or_else(|| me.clone())),
+            exclude: exclude.to_vec(),
+        };
         place(&cands, &req).map_err(|e| {
             let hint = if cands.len() < repl as usize { "; add nodes (engines on one etcd) or lower repl" } else { "" };
             VolumeError::FailedPrecondition(format!("{e}{hint}"))
@@ -95,7 +103,11 @@ impl Engine {
     /// A replication connection to `node`'s engine.
     pub(super) async fn replica_client(&self, node: &str) -> Result<Arc<Client>, String> {
         let (meta, n) = (self.meta.clone(), node.to_string());
-        let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n)).await.ok().flatten().ok_or_else(|| format!("node {node} has no replication address"))?;
+        let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n))
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| format!("node {node} has no replication address"))?;
         Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())
     }
 
@@ -147,7 +159,10 @@ impl Engine {
         if repl > cur {
             let spec = PlacementSpec { nodes: node.into_iter().collect(), ..Default::default() };
             let added = self.place_replicas(repl - cur, rec.size, &spec, &rec.replicas).await.map_err(|e| match e {
-                VolumeError::FailedPrecondition(why) => VolumeError::FailedPrecondition(format!("cannot raise volume {name} to repl {repl}: another {} replica(s) needed; {why}", repl - cur)),
+                VolumeError::FailedPrecondition(why) => VolumeError::FailedPrecondition(format!(
+                    "cannot raise volume {name} to repl {repl}: another {} replica(s) needed; {why}",
+                    repl - cur
+                )),
                 other => other,
             })?;
             // A node that gets a replica back rebuilds it in full; its old data is not "to free".
@@ -159,7 +174,10 @@ impl Engine {
                     return Err(VolumeError::InvalidArgument(format!("with --node {n}, remove one replica at a time (repl {})", cur - 1)));
                 }
                 Some(n) if !rec.has_replica(&n) => {
-                    return Err(VolumeError::InvalidArgument(format!("node {n} holds no replica of volume {name} (replicas: {})", rec.replicas.join(","))));
+                    return Err(VolumeError::InvalidArgument(format!(
+                        "node {n} holds no replica of volume {name} (replicas: {})",
+                        rec.replicas.join(",")
+                    )));
                 }
                 Some(n) => vec![n],
                 None => {
@@ -180,7 +198,9 @@ impl Engine {
             }
         } else if let Some(n) = node {
             if !rec.has_replica(&n) {
-                return Err(VolumeError::InvalidArgument(format!("volume {name} already has {repl} replica(s); to move one to {n}, raise repl first and then lower it")));
+                return Err(VolumeError::InvalidArgument(format!(
+                    "volume {name} already has {repl} replica(s); to move one to {n}, raise repl first and then lower it"
+                )));
             }
         }
         next.repl = repl;

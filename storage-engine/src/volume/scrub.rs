@@ -67,7 +67,13 @@ impl Engine {
                 }
                 let t0 = Instant::now();
                 let r = e.scrub_once(scrub.rate).await;
-                tracing::info!(extents = r.extents, bad = r.bad_blocks, repaired = r.repaired_blocks, secs = t0.elapsed().as_secs(), "scrub pass done");
+                tracing::info!(
+                    extents = r.extents,
+                    bad = r.bad_blocks,
+                    repaired = r.repaired_blocks,
+                    secs = t0.elapsed().as_secs(),
+                    "scrub pass done"
+                );
                 wait = scrub.every.saturating_sub(t0.elapsed()).max(Duration::from_secs(1));
             }
         });
@@ -99,7 +105,12 @@ impl Engine {
                                 Alarm,
                                 "ChecksumUnrepaired",
                                 &format!("volume/{}", v.name),
-                                format!("volume {}: {} block(s) failing their checksum on node {} could not be repaired: {why}", v.name, bad.len(), self.node.id),
+                                format!(
+                                    "volume {}: {} block(s) failing their checksum on node {} could not be repaired: {why}",
+                                    v.name,
+                                    bad.len(),
+                                    self.node.id
+                                ),
                             );
                         }
                     }
@@ -162,7 +173,13 @@ impl Engine {
             Warning,
             "ChecksumRepaired",
             &format!("volume/{}", v.name),
-            format!("volume {}: {} block(s) failing their checksum on node {} were rewritten {source} (volume offsets {})", v.name, bad.len(), me, super::offsets(bad)),
+            format!(
+                "volume {}: {} block(s) failing their checksum on node {} were rewritten {source} (volume offsets {})",
+                v.name,
+                bad.len(),
+                me,
+                super::offsets(bad)
+            ),
         );
         Ok(())
     }

@@ -148,7 +148,11 @@ impl Engine {
                     Ok(_) => "no replica could share its extents (see the engines' logs)".into(),
                 };
                 self.undo_copy(&rec).await;
-                return Err(VolumeError::FailedPrecondition(format!("{} {name} of {} failed: {why}", if snapshot { "snapshot" } else { "clone" }, src.name)));
+                return Err(VolumeError::FailedPrecondition(format!(
+                    "{} {name} of {} failed: {why}",
+                    if snapshot { "snapshot" } else { "clone" },
+                    src.name
+                )));
             }
         };
         let mut done = rec.clone();

@@ -90,7 +90,11 @@ impl Extender {
             return Ok(list
                 .items
                 .iter()
-                .map(|n| Candidate { name: n.metadata.name.clone(), topology: topology_from_labels(&n.metadata.labels), storage: state(&n.metadata.name) })
+                .map(|n| Candidate {
+                    name: n.metadata.name.clone(),
+                    topology: topology_from_labels(&n.metadata.labels),
+                    storage: state(&n.metadata.name),
+                })
                 .collect());
         }
         let names = args.node_names.clone().unwrap_or_default();
@@ -102,13 +106,8 @@ impl Extender {
     /// candidate list).
     async fn known(&self, candidates: &[Candidate], lookup: &Lookup) -> Vec<Candidate> {
         let mut known = candidates.to_vec();
-        let missing: Vec<String> = lookup
-            .volumes
-            .iter()
-            .flat_map(|v| v.replicas.iter())
-            .filter(|r| !known.iter().any(|k| &k.name == *r))
-            .cloned()
-            .collect();
+        let missing: Vec<String> =
+            lookup.volumes.iter().flat_map(|v| v.replicas.iter()).filter(|r| !known.iter().any(|k| &k.name == *r)).cloned().collect();
         if !missing.is_empty() {
             let topo = self.cluster.node_topology(&missing).await.unwrap_or_default();
             for m in missing {
@@ -150,12 +149,8 @@ impl Extender {
         };
         let all = self.known(&candidates, &lookup).await;
         let out = placement::filter(&lookup.volumes, &candidates, &all, prefs);
-        let replica_nodes_failed: Vec<String> = out
-            .failed
-            .iter()
-            .filter(|(n, _)| lookup.volumes.iter().any(|v| v.replicas.contains(n)))
-            .map(|(n, r)| format!("{n}: {r}"))
-            .collect();
+        let replica_nodes_failed: Vec<String> =
+            out.failed.iter().filter(|(n, _)| lookup.volumes.iter().any(|v| v.replicas.contains(n))).map(|(n, r)| format!("{n}: {r}")).collect();
         if out.passed.is_empty() {
             let reasons: std::collections::BTreeSet<&str> = out.failed.values().map(String::as_str).collect();
             let why = reasons.into_iter().collect::<Vec<_>>().join("; ");

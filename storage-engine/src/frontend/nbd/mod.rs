@@ -30,7 +30,13 @@ pub struct Limits {
 
 impl Limits {
     pub fn new(conn_bytes: u64, total_bytes: u64, handshake: Duration, max_connections: usize) -> Arc<Limits> {
-        Arc::new(Limits { conn_bytes, total_bytes, handshake, connections: Arc::new(tokio::sync::Semaphore::new(max_connections)), held: AtomicU64::new(0) })
+        Arc::new(Limits {
+            conn_bytes,
+            total_bytes,
+            handshake,
+            connections: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            held: AtomicU64::new(0),
+        })
     }
 
     /// Whether a connection holding `mine` bytes may take another request: always when it holds

@@ -76,12 +76,8 @@ where
                         for r in &req.requests {
                             match *r {
                                 INFO_NAME => encode_option_reply(&mut out, opt, REP_INFO, &info_name(&req.name)),
-                                INFO_DESCRIPTION => {
-                                    encode_option_reply(&mut out, opt, REP_INFO, &info_description("Strata volume"))
-                                }
-                                INFO_BLOCK_SIZE => {
-                                    encode_option_reply(&mut out, opt, REP_INFO, &info_block_size(1, 4096, MAX_PAYLOAD))
-                                }
+                                INFO_DESCRIPTION => encode_option_reply(&mut out, opt, REP_INFO, &info_description("Strata volume")),
+                                INFO_BLOCK_SIZE => encode_option_reply(&mut out, opt, REP_INFO, &info_block_size(1, 4096, MAX_PAYLOAD)),
                                 _ => {}
                             }
                         }

@@ -8,8 +8,8 @@
 //! cannot deadlock us).
 
 use super::frame::*;
-use crate::frontend::nbd::{Limits, MAX_INFLIGHT, MAX_PAYLOAD};
 use crate::device::AlignedBuf;
+use crate::frontend::nbd::{Limits, MAX_INFLIGHT, MAX_PAYLOAD};
 use crate::volume::{Connection, Engine, IoError, ReadData};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::VecDeque;
