@@ -122,6 +122,19 @@ fn ctx(client: kube::Client, r: Result<EngineReport, String>) -> Arc<Context> {
     Arc::new(Context { client, engines: Arc::new(Fake(r)), metrics: Default::default() })
 }
 
+/// One reconcile of a settled StorageCluster (finalizer on) that finds `pods` and no upgrade
+/// to make: every apply, the pod list, the status. Returns the bodies sent and the context.
+async fn settled_pass(sc: &StorageCluster, pods: Vec<Value>, r: Result<EngineReport, String>) -> (Vec<(String, Value)>, Arc<Context>) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let mut calls = applies(sc);
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(pods)));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(sc)));
+    let server = serve(handle, calls);
+    let c = ctx(kube::Client::new(svc, "strata"), r);
+    reconcile(Arc::new(sc.clone()), c.clone()).await.unwrap();
+    (server.await.unwrap(), c)
+}
+
 #[tokio::test]
 async fn creates_everything_with_a_finalizer_and_reports_status() {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
@@ -175,33 +188,14 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
 
     // The next pass sees pod a still terminating (old version): it is not deleted again, and
     // b waits for it.
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "strata");
     let mut going = engine_pod("a", "0.1.0", true);
     going["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-    let mut calls = applies(&sc);
-    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![going, engine_pod("b", "0.1.0", true)])));
-    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
-    let server = serve(handle, calls);
-    let c = ctx(client, report(&[]));
-    reconcile(Arc::new(sc.clone()), c.clone()).await.unwrap();
-    let seen = server.await.unwrap();
+    let (seen, c) = settled_pass(&sc, vec![going, engine_pod("b", "0.1.0", true)], report(&[])).await;
     assert_eq!(c.metrics.pods_replaced.load(std::sync::atomic::Ordering::Relaxed), 0, "each pod is deleted once per upgrade");
     assert_eq!(seen.last().unwrap().1["status"]["version"], "0.1.0");
 
     // Both on the new version: now the status says so.
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "strata");
-    let mut calls = applies(&sc);
-    calls.push(Call(
-        Method::GET,
-        "/api/v1/namespaces/strata/pods".into(),
-        pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.2.0", true)]),
-    ));
-    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
-    let server = serve(handle, calls);
-    reconcile(Arc::new(sc.clone()), ctx(client, report(&[]))).await.unwrap();
-    let seen = server.await.unwrap();
+    let (seen, _) = settled_pass(&sc, vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.2.0", true)], report(&[])).await;
     assert_eq!(seen.last().unwrap().1["status"]["version"], "0.2.0");
 }
 
@@ -230,37 +224,16 @@ async fn a_service_monitor_without_the_prometheus_api_is_skipped_with_a_conditio
 
 #[tokio::test]
 async fn the_upgrade_waits_while_a_volume_resyncs() {
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "strata");
     let sc = cluster("img:0.2.0", true);
-    let mut calls = applies(&sc);
+    let pods = || vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)];
     // Node a was upgraded and is back; b still runs 0.1.0, but volume db is resyncing: no delete.
-    calls.push(Call(
-        Method::GET,
-        "/api/v1/namespaces/strata/pods".into(),
-        pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)]),
-    ));
-    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
-    let server = serve(handle, calls);
-    reconcile(Arc::new(sc.clone()), ctx(client, report(&["db"]))).await.unwrap();
-    let seen = server.await.unwrap();
+    let (seen, _) = settled_pass(&sc, pods(), report(&["db"])).await;
     let status = &seen.last().unwrap().1["status"];
     let upgraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Upgraded").unwrap();
     assert_eq!(upgraded["reason"], "Waiting");
     assert!(upgraded["message"].as_str().unwrap().contains("db"), "{upgraded}");
     // Engines unreachable: no upgrade either, and status says why.
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "strata");
-    let mut calls = applies(&sc);
-    calls.push(Call(
-        Method::GET,
-        "/api/v1/namespaces/strata/pods".into(),
-        pod_list(vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.1.0", true)]),
-    ));
-    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
-    let server = serve(handle, calls);
-    reconcile(Arc::new(sc.clone()), ctx(client, Err("engine SDK unreachable".into()))).await.unwrap();
-    let seen = server.await.unwrap();
+    let (seen, _) = settled_pass(&sc, pods(), Err("engine SDK unreachable".into())).await;
     let status = &seen.last().unwrap().1["status"];
     assert!(status["conditions"].to_string().contains("engine SDK unreachable"));
 }

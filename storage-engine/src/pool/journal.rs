@@ -525,15 +525,20 @@ mod tests {
         assert_eq!(map, expect);
     }
 
-    #[test]
-    fn a_flipped_byte_in_a_live_block_is_detected() {
-        let dir = tempfile::tempdir().unwrap();
-        let (d, sb) = dev(dir.path(), "a");
+    /// A journal with three single-entry record blocks (1, 2, 3) in generation 1 (half 1).
+    fn three_records(dir: &std::path::Path) -> (Arc<dyn BlockIo>, Superblock) {
+        let (d, sb) = dev(dir, "a");
         let j = Journal::format(d.clone(), &sb).unwrap();
         for p in 0..3 {
             j.commit(&[Entry::Map { vol: 1, lext: p as u64, pext: p }]).unwrap();
         }
-        drop(j);
+        (d, sb)
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_live_block_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, sb) = three_records(dir.path());
         // Generation 1 lives in half 1; its records are blocks 1.. (empty checkpoint body).
         let rec = sb.journal_offset + sb.journal_len / 2 + 2 * JOURNAL_BLOCK;
         for at in [rec + 60, rec] {
@@ -552,12 +557,7 @@ mod tests {
     #[test]
     fn a_torn_last_block_is_truncated_and_the_log_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let (d, sb) = dev(dir.path(), "a");
-        let j = Journal::format(d.clone(), &sb).unwrap();
-        for p in 0..3 {
-            j.commit(&[Entry::Map { vol: 1, lext: p as u64, pext: p }]).unwrap();
-        }
-        drop(j);
+        let (d, sb) = three_records(dir.path());
         // Power loss tore the last record block (3): only part of its 4 KiB reached the disk.
         let last = sb.journal_offset + sb.journal_len / 2 + 3 * JOURNAL_BLOCK;
         let mut b = AlignedBuf::new(BLOCK);
