@@ -38,7 +38,7 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
     };
     let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false, lock_wait: LOCK_WAIT };
     if args.simulate_volatile_cache {
-        crate::replica::simulate_reboot_on_every_start();
+        crate::replica::new_boot_id();
         tracing::warn!("test mode: device writes stay in memory until flushed (--simulate-volatile-cache); kill -9 acts as a power cut");
     }
     let devs = open_devices(&args.devices, &opts, args.simulate_volatile_cache)?;
@@ -48,6 +48,7 @@ pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>
     let mut engine = Engine::new(Arc::new(pool), meta, node)?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     engine.alerts = crate::alerts::Alerts::open(&node_id, args.data_dir.join("alerts.jsonl"));
+    engine.distrust_local_replicas_if_salvaged()?;
     engine.readahead_window = args.readahead;
     engine.repl = crate::replication::target::TargetConfig {
         timeout: std::time::Duration::from_secs(args.replica_io_timeout.max(1)),
@@ -312,8 +313,8 @@ fn repair(args: &CheckArgs, expected: Option<crate::pool::PoolRecord>) -> anyhow
     let opts = OpenOptions { create_size: None, io_engine: IoEngine::Sync, read_only: false, lock_wait: LOCK_WAIT };
     let devs = open_devices(&args.devices, &opts, false)?;
     let spec = OpenSpec { expected, force_format: false, extent_size: crate::pool::DEFAULT_EXTENT_SIZE, check_only: false };
+    let mut done = crate::pool::salvage_journals(&devs)?;
     let pool = Pool::open(devs, &spec).context("opening the pool to repair it")?;
-    let mut done = Vec::new();
     let unsettled = pool.unsettled_at_open + pool.unsettled_extents();
     for _ in 0..50 {
         pool.settle_checksums()?;

@@ -372,6 +372,53 @@ impl Journal {
         Ok((j, map))
     }
 
+    /// `check --repair` of a journal that `open` refuses: keeps every mapping that a readable
+    /// block of the newest generation with a valid checkpoint header still holds, skipping the
+    /// damaged blocks (and any whose entries contradict the rest), and writes the result as a
+    /// new checkpoint. Returns the journal and what was lost; the mappings of the skipped blocks
+    /// are gone, so the device's replicas must be rebuilt from other nodes.
+    pub fn salvage(dev: Arc<dyn BlockIo>, sb: &Superblock) -> Result<(Journal, Vec<String>), String> {
+        let half = (sb.journal_len / 2) as usize;
+        let mut halves = [AlignedBuf::new(half), AlignedBuf::new(half)];
+        for (i, h) in halves.iter_mut().enumerate() {
+            dev.read_blocking(sb.journal_offset + i as u64 * half as u64, h).map_err(|e| format!("reading the journal: {e}"))?;
+        }
+        let uuid = sb.device_uuid;
+        let block = |h: usize, k: usize| &halves[h][k * BLOCK..(k + 1) * BLOCK];
+        let best = (0..2)
+            .filter_map(|h| match decode(&uuid, block(h, 0)) {
+                Decoded::Valid(hd, _) if hd.kind == KIND_CKPT && hd.seq == 0 && hd.gen % 2 == h as u64 => Some((hd.gen, hd.total)),
+                _ => None,
+            })
+            .max();
+        let Some((gen, total)) = best else {
+            return Err("journal has no valid checkpoint header in either half: nothing to salvage".into());
+        };
+        let h = (gen % 2) as usize;
+        let mut map = DeviceMap::new();
+        let mut lost = Vec::new();
+        for k in 1..half / BLOCK {
+            let what = if k <= total as usize { "checkpoint" } else { "record" };
+            match decode(&uuid, block(h, k)) {
+                Decoded::Valid(hd, entries) if hd.gen == gen && hd.seq == k as u64 => {
+                    let mut next = map.clone();
+                    match apply(&mut next, &entries, sb.extent_count) {
+                        Ok(()) => map = next,
+                        Err(e) => lost.push(format!("{what} block {k} ({} mapping(s)) contradicts the others: {e}", entries.len())),
+                    }
+                }
+                Decoded::Corrupt(g) if g == gen => lost.push(format!("{what} block {k} fails its checksum: its mappings are lost")),
+                _ if k <= total as usize => lost.push(format!("checkpoint block {k} is missing: its mappings are lost")),
+                _ => {}
+            }
+        }
+        let j = Journal::new(dev, sb, gen, 1, map);
+        let mut w = j.writer.lock();
+        j.checkpoint(&mut w, gen + 1).map_err(|e| format!("writing the salvaged map: {e}"))?;
+        drop(w);
+        Ok((j, lost))
+    }
+
     /// Makes `entries` durable (group commit: one writer at a time takes everything pending).
     pub fn commit(&self, entries: &[Entry]) -> Result<(), PoolError> {
         if entries.is_empty() {
@@ -573,6 +620,24 @@ mod tests {
         drop(j);
         let map = Journal::open(d, &sb).unwrap().1;
         assert_eq!(map.keys().copied().collect::<Vec<_>>(), vec![0, 1, 9]);
+    }
+
+    #[test]
+    fn salvage_keeps_the_readable_blocks_around_a_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, sb) = three_records(dir.path());
+        let middle = sb.journal_offset + sb.journal_len / 2 + 2 * JOURNAL_BLOCK;
+        let mut b = AlignedBuf::new(BLOCK);
+        d.read_blocking(middle, &mut b).unwrap();
+        b[200] ^= 0x08;
+        d.write_blocking(middle, &b).unwrap();
+        assert!(Journal::open(d.clone(), &sb).is_err(), "open refuses damage in the middle");
+        let (_, lost) = Journal::salvage(d.clone(), &sb).unwrap();
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert!(lost[0].contains("record block 2"), "{lost:?}");
+        // The salvaged map is a new checkpoint: the journal opens, with blocks 1 and 3's mappings.
+        let map = Journal::open(d, &sb).unwrap().1;
+        assert_eq!(map.keys().copied().collect::<Vec<_>>(), vec![0, 2]);
     }
 
     #[test]

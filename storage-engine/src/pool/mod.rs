@@ -280,6 +280,27 @@ impl Pool {
         })
     }
 
+    /// A device's journal was salvaged with mappings lost (`check --repair`): this node's
+    /// replicas may miss data until they are rebuilt.
+    pub fn replicas_suspect(&self) -> bool {
+        self.devices.iter().any(|d| d.sb.flags & superblock::FLAG_REPLICAS_SUSPECT != 0)
+    }
+
+    /// Clears the suspect flag once the replicas were taken out of the in-sync sets.
+    pub fn clear_suspect(&self) -> Result<(), PoolError> {
+        for d in &self.devices {
+            if d.sb.flags & superblock::FLAG_REPLICAS_SUSPECT != 0 {
+                let mut sb = d.sb.clone();
+                sb.flags &= !superblock::FLAG_REPLICAS_SUSPECT;
+                if sb.has_backup_room() {
+                    write_superblock(d.dev.as_ref(), &sb, superblock::backup_offset(sb.device_size))?;
+                }
+                write_superblock(d.dev.as_ref(), &sb, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// False once any device's journal has failed.
     pub fn healthy(&self) -> bool {
         !self.devices.iter().any(|d| d.journal.failed())
@@ -642,6 +663,36 @@ fn write_superblock(dev: &dyn BlockIo, sb: &Superblock, at: u64) -> Result<(), P
     block.copy_from_slice(&sb.encode());
     dev.write_blocking(at, &block).map_err(PoolError::io("writing the superblock"))?;
     dev.sync_blocking().map_err(PoolError::io("syncing the superblock"))
+}
+
+/// `check --repair`: salvages the journal of every device whose journal `open` refuses
+/// (`Journal::salvage`), and marks such a device's replicas as suspect in its superblock (the
+/// engine has them rebuilt from other nodes). Returns what was done and lost.
+pub fn salvage_journals(devs: &[(String, Arc<dyn BlockIo>)]) -> Result<Vec<String>, PoolError> {
+    let mut done = Vec::new();
+    for (path, dev) in devs {
+        let mut head = AlignedBuf::new(superblock::SB_SIZE);
+        dev.read_blocking(0, &mut head).map_err(PoolError::io("reading the superblock"))?;
+        let mut sb = match Superblock::probe(&head) {
+            Probe::Strata(sb) => sb,
+            _ => match read_backup(dev.as_ref()) {
+                Some(sb) => sb,
+                None => continue,
+            },
+        };
+        let Err(why) = Journal::open(dev.clone(), &sb) else { continue };
+        let (_, lost) = Journal::salvage(dev.clone(), &sb).map_err(|why| PoolError::Corrupt { device: path.clone(), why })?;
+        sb.flags |= superblock::FLAG_REPLICAS_SUSPECT;
+        if sb.has_backup_room() {
+            write_superblock(dev.as_ref(), &sb, superblock::backup_offset(sb.device_size))?;
+        }
+        write_superblock(dev.as_ref(), &sb, 0)?;
+        done.push(format!(
+            "device {path}: the journal was refused ({why}); salvaged into a new checkpoint with every readable mapping; lost: {}. This device's replicas are rebuilt from other nodes when the engine starts",
+            if lost.is_empty() { "nothing".to_string() } else { lost.join("; ") }
+        ));
+    }
+    Ok(done)
 }
 
 /// What is wrong with a device's superblock copies that the other copy can fix, if anything.

@@ -3,7 +3,7 @@
 //! ```text
 //! 0     magic "STRATAPL"          48  extent_size u64       80  data_offset u64
 //! 8     version u32               56  device_size u64       88  extent_count u64
-//! 12    flags u32 (0)             64  journal_offset u64    96  created_unix u64
+//! 12    flags u32                 64  journal_offset u64    96  created_unix u64
 //! 16    pool_uuid [16]            72  journal_len u64       104 intent_offset u64 (v2)
 //! 32    device_uuid [16]                                    112 csum_offset u64 (v2)
 //!                                                           4092 crc32c of bytes 0..4092
@@ -42,7 +42,14 @@ pub struct Superblock {
     pub intent_offset: u64,
     /// Checksum slots (0: a version-1 device without checksums).
     pub csum_offset: u64,
+    /// [`FLAG_REPLICAS_SUSPECT`] or 0.
+    pub flags: u32,
 }
+
+/// Set by `check --repair` after it salvaged a damaged journal: mappings were lost, so this
+/// device's replicas may miss data. The engine takes its replicas out of the in-sync sets (they
+/// are rebuilt from other nodes) before serving anything, then clears the flag.
+pub const FLAG_REPLICAS_SUSPECT: u32 = 1;
 
 /// What the first 4 KiB of a device turned out to be.
 #[derive(Debug)]
@@ -94,6 +101,7 @@ impl Superblock {
             created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             intent_offset,
             csum_offset,
+            flags: 0,
         })
     }
 
@@ -101,6 +109,7 @@ impl Superblock {
         let mut b = [0u8; SB_SIZE];
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.flags.to_le_bytes());
         b[16..32].copy_from_slice(self.pool_uuid.as_bytes());
         b[32..48].copy_from_slice(self.device_uuid.as_bytes());
         let fields = [
@@ -162,6 +171,7 @@ impl Superblock {
             created_unix: u(6),
             intent_offset: if version >= 2 { u(7) } else { 0 },
             csum_offset: if version >= 2 { u(8) } else { 0 },
+            flags: u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")),
         };
         let sane = sb.extent_size.is_power_of_two()
             && sb.journal_offset >= SB_SIZE as u64

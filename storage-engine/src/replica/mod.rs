@@ -22,9 +22,11 @@ pub fn boot_id() -> &'static [u8] {
     BOOT.get_or_init(|| std::fs::read("/proc/sys/kernel/random/boot_id").map(|b| b.trim_ascii().to_vec()).unwrap_or_default())
 }
 
-/// Under `--simulate-volatile-cache` every engine start is a power cycle: its own boot id.
-pub fn simulate_reboot_on_every_start() {
-    let _ = BOOT.set(format!("simulated-{}-{}", std::process::id(), crate::volume::now_unix()).into_bytes());
+/// A boot id of this engine run's own, so targets treat this node as rebooted (its replicas may
+/// miss writes: they are rebuilt). Used under `--simulate-volatile-cache` (every start is a
+/// power cycle) and after `check --repair` salvaged a journal. Call before serving.
+pub fn new_boot_id() {
+    let _ = BOOT.set(format!("fresh-{}-{}", std::process::id(), crate::volume::now_unix()).into_bytes());
 }
 
 impl Volume {

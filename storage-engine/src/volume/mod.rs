@@ -344,6 +344,44 @@ impl Engine {
         Ok(engine)
     }
 
+    /// After `check --repair` salvaged a journal with mappings lost, this node's replicas may
+    /// miss data: each leaves its volume's in-sync set (the target rebuilds it from the others;
+    /// this run's fresh boot id tells targets that reconnect), and a volume with no other in-sync
+    /// replica raises an alarm, as its lost blocks read as zeroes. Blocking; before serving.
+    pub fn distrust_local_replicas_if_salvaged(&self) -> Result<(), VolumeError> {
+        if !self.pool.replicas_suspect() {
+            return Ok(());
+        }
+        crate::replica::new_boot_id();
+        let me = self.node.id.clone();
+        let all: Vec<VolumeRecord> = self.meta.list_volumes()?.into_iter().map(|r| r.normalized(&me)).collect();
+        for rec in all.iter().filter(|r| r.has_replica(&me) && r.is_in_sync(&me) && r.snapshot_of.is_none()) {
+            if rec.in_sync.len() < 2 {
+                self.alerts.raise(
+                    crate::alerts::Severity::Alarm,
+                    "ReplicaDataLost",
+                    &format!("volume/{}", rec.name),
+                    format!("volume {}: this node's journal lost extent mappings (salvaged by check --repair) and no other in-sync replica holds the data: blocks of the lost extents read as zeroes", rec.name),
+                );
+                continue;
+            }
+            for _ in 0..20 {
+                let Some(mut cur) = self.meta.get_volume(&rec.name)?.map(|r| r.normalized(&me)) else { break };
+                cur.in_sync.retain(|n| n != &me);
+                match self.meta.update_volume(&cur) {
+                    Err(MetaError::Conflict(_)) => continue,
+                    r => {
+                        r?;
+                        break;
+                    }
+                }
+            }
+            tracing::warn!(volume = %rec.name, "this node's replica may miss data (its journal was salvaged): out of the in-sync set until rebuilt");
+        }
+        self.pool.clear_suspect()?;
+        Ok(())
+    }
+
     fn node_record(node: &NodeInfo, pool: &Pool) -> crate::meta::NodeRecord {
         crate::meta::NodeRecord {
             id: node.id.clone(),
