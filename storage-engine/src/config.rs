@@ -69,6 +69,14 @@ pub struct RunArgs {
     /// NBD connections served at once; more are refused (closed at once). Default: 1024.
     #[arg(long, env = "STRATA_NBD_MAX_CONNECTIONS", default_value_t = 1024)]
     pub nbd_max_connections: usize,
+    /// Requests one replication connection may hold between reading them and writing their
+    /// replies; past that the replica stops reading it (backpressure). Default: 512.
+    #[arg(long, env = "STRATA_REPL_MAX_REQUESTS", default_value_t = 512)]
+    pub repl_max_requests: usize,
+    /// Payload bytes (writes received, reads answered) one replication connection may hold in
+    /// that state. Default: 128MiB.
+    #[arg(long, env = "STRATA_REPL_INFLIGHT", default_value = "128MiB", value_parser = size)]
+    pub repl_inflight: u64,
     /// gRPC SDK address. Default: 127.0.0.1:9020.
     #[arg(long, env = "STRATA_SDK_LISTEN", default_value = "127.0.0.1:9020")]
     pub sdk_listen: SocketAddr,

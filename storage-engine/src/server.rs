@@ -77,7 +77,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let a = args.clone();
     let engine = tokio::task::spawn_blocking(move || open_engine(&a, node)).await??;
-    tokio::spawn(crate::replication::server::serve(repl, engine.clone()));
+    let bounds = crate::replication::server::Bounds { requests: args.repl_max_requests, bytes: args.repl_inflight as usize };
+    tokio::spawn(crate::replication::server::serve(repl, engine.clone(), bounds));
     engine.run_replacements();
     engine.run_schedules(std::time::Duration::from_secs(10));
     engine

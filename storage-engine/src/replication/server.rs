@@ -1,8 +1,9 @@
 //! The replica side of the replication protocol: a reader that parses requests, a task per
 //! request (so a slow request never holds up the others), and a writer that sends replies in
-//! completion order. Bounded per connection: at most [`MAX_REQUESTS`] requests and
-//! [`MAX_BYTES`] of payload (writes received, reads answered) between being read and their
-//! reply being written; past that the reader waits (backpressure on the target).
+//! completion order. Bounded per connection ([`Bounds`]: `--repl-max-requests`,
+//! `--repl-inflight`): requests and payload bytes (writes received, reads answered) between
+//! being read and their reply being written; past that the reader waits (backpressure on the
+//! target).
 
 use super::frame::{self, Reply, REQUEST_LEN};
 use crate::replica::Answer;
@@ -13,11 +14,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
-    crate::server::accept_tcp(listener, "replication", |s, peer| connection(s, engine.clone(), peer)).await
+/// What one replication connection may hold between reading a request and writing its reply.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub requests: usize,
+    pub bytes: usize,
 }
 
-async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>, bounds: Bounds) {
+    crate::server::accept_tcp(listener, "replication", |s, peer| connection(s, engine.clone(), peer, bounds)).await
+}
+
+async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String, bounds: Bounds) {
     let (rd, mut wr) = s.into_split();
     let mut rd = tokio::io::BufReader::with_capacity(BATCH, rd);
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Answer, Held)>();
@@ -40,8 +48,9 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
     });
     let mut volumes: HashMap<u64, Arc<Volume>> = HashMap::new();
     let mut hdr = [0u8; REQUEST_LEN];
-    let slots = Arc::new(Semaphore::new(MAX_REQUESTS));
-    let bytes = Arc::new(Semaphore::new(MAX_BYTES / UNIT));
+    let max_units = (bounds.bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS);
+    let slots = Arc::new(Semaphore::new(bounds.requests.max(1)));
+    let bytes = Arc::new(Semaphore::new(max_units));
     loop {
         if rd.read_exact(&mut hdr).await.is_err() {
             break;
@@ -55,7 +64,7 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
         };
         // What the request holds until its reply is written: a slot, and its payload or reply
         // bytes (a request larger than the whole budget takes all of it).
-        let units = (req.payload_len().max(req.len as usize).div_ceil(UNIT)).min(MAX_BYTES / UNIT) as u32;
+        let units = (req.payload_len().max(req.len as usize).div_ceil(UNIT)).min(max_units) as u32;
         let (Ok(slot), Ok(budget)) = (slots.clone().acquire_owned().await, bytes.clone().acquire_many_owned(units).await) else { break };
         let held = Held(slot, budget);
         let payload = if req.payload_len() > 0 {
@@ -105,10 +114,7 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String) {
 
 /// Bytes gathered into one socket read or write.
 const BATCH: usize = 256 * 1024;
-/// Requests of one connection between being read and their reply being written.
-pub const MAX_REQUESTS: usize = 512;
-/// Payload bytes of one connection in that state.
-pub const MAX_BYTES: usize = 128 << 20;
+/// Accounting unit of the payload bound.
 const UNIT: usize = 4096;
 
 /// A request's share of its connection's bounds, released once its reply is written.
