@@ -39,17 +39,24 @@ fn write_in_background(mut w: Writer, mut h: History, deadline: Duration) -> std
     })
 }
 
+/// Three engines, a repl=3 volume `vol` attached on node-1, and a writer that has already
+/// written a little to it.
+fn start_writing(vol: &str, seed: u64) -> (Cluster, History, Writer) {
+    let c = Cluster::start(3, "256MiB");
+    c.sdk(0).create_full(vol, SPAN, 3, &[]).unwrap();
+    let mut h = History::default();
+    let mut w = writer(&c, 0, vol, seed);
+    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    (c, h, w)
+}
+
 /// How long a writer under a takeover may go on: the takeover must fence it well before.
 const FENCED_WITHIN: Duration = Duration::from_secs(30);
 
 #[test]
 fn concurrent_forced_attaches_resolve_to_one_target_and_lose_nothing() {
     const ROUNDS: usize = 20;
-    let c = Cluster::start(3, "256MiB");
-    c.sdk(0).create_full("v", SPAN, 3, &[]).unwrap();
-    let mut h = History::default();
-    let mut w = writer(&c, 0, "v", 1);
-    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    let (c, mut h, mut w) = start_writing("v", 1);
     let addrs: Vec<String> = c.engines.iter().map(|e| e.sdk.clone()).collect();
     let mut takeovers = 0;
     for round in 0..ROUNDS {
@@ -99,11 +106,7 @@ fn concurrent_forced_attaches_resolve_to_one_target_and_lose_nothing() {
 #[test]
 fn back_to_back_forced_attaches_lose_nothing() {
     const ROUNDS: usize = 20;
-    let c = Cluster::start(3, "256MiB");
-    c.sdk(0).create_full("b", SPAN, 3, &[]).unwrap();
-    let mut h = History::default();
-    let mut w = writer(&c, 0, "b", 7);
-    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    let (c, mut h, mut w) = start_writing("b", 7);
     let mut at = 0;
     for round in 0..ROUNDS {
         // The writer follows the target; the next node takes the volume over under it, well
@@ -129,11 +132,7 @@ fn back_to_back_forced_attaches_lose_nothing() {
 #[test]
 fn writes_go_on_through_an_etcd_outage() {
     const OUTAGE: Duration = Duration::from_secs(60);
-    let mut c = Cluster::start(3, "256MiB");
-    c.sdk(0).create_full("e", SPAN, 3, &[]).unwrap();
-    let mut h = History::default();
-    let mut w = writer(&c, 0, "e", 3);
-    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    let (mut c, mut h, mut w) = start_writing("e", 3);
     let before = h.acked_writes;
     c.etcd.kill();
     let t0 = Instant::now();
@@ -217,11 +216,7 @@ fn clients_that_never_read_replies_stay_under_the_memory_cap() {
 /// every replica in sync (no resync), with nothing lost.
 #[test]
 fn an_idle_volume_keeps_its_replicas_in_sync_across_a_replica_restart() {
-    let mut c = Cluster::start(3, "256MiB");
-    c.sdk(0).create_full("idle", SPAN, 3, &[]).unwrap();
-    let mut h = History::default();
-    let mut w = writer(&c, 0, "idle", 9);
-    w.run_mixed(&mut h, 300, Duration::from_secs(30), DEPTH).unwrap();
+    let (mut c, mut h, mut w) = start_writing("idle", 9);
     c.wait_in_sync(0, "idle", Duration::from_secs(30));
     for victim in [1, 2] {
         c.restart(victim);
@@ -241,11 +236,7 @@ fn an_idle_volume_keeps_its_replicas_in_sync_across_a_replica_restart() {
 /// A pool past 85% raises `PoolNearFull`.
 #[test]
 fn a_lost_node_shows_as_degraded_volumes_and_alerts() {
-    let mut c = Cluster::start(3, "256MiB");
-    c.sdk(0).create_full("d", SPAN, 3, &[]).unwrap();
-    let mut h = History::default();
-    let mut w = writer(&c, 0, "d", 13);
-    w.run_mixed(&mut h, 200, Duration::from_secs(30), DEPTH).unwrap();
+    let (mut c, mut h, mut w) = start_writing("d", 13);
     assert_eq!(c.sdk(1).inspect("d").unwrap().state, "available");
     c.kill9(2);
     w.run_mixed(&mut h, 200, Duration::from_secs(30), DEPTH).unwrap();

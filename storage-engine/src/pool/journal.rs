@@ -284,11 +284,7 @@ impl Journal {
 
     /// Replays the journal. Returns the journal ready for appends and the device's extent map.
     pub fn open(dev: Arc<dyn BlockIo>, sb: &Superblock) -> Result<(Journal, DeviceMap), String> {
-        let half = (sb.journal_len / 2) as usize;
-        let mut halves = [AlignedBuf::new(half), AlignedBuf::new(half)];
-        for (i, h) in halves.iter_mut().enumerate() {
-            dev.read_blocking(sb.journal_offset + i as u64 * half as u64, h).map_err(|e| format!("reading the journal: {e}"))?;
-        }
+        let (half, halves) = read_halves(dev.as_ref(), sb)?;
         let uuid = sb.device_uuid;
         let block = |h: usize, k: usize| &halves[h][k * BLOCK..(k + 1) * BLOCK];
         let mut best: Option<(u64, u32)> = None;
@@ -378,11 +374,7 @@ impl Journal {
     /// new checkpoint. Returns the journal and what was lost; the mappings of the skipped blocks
     /// are gone, so the device's replicas must be rebuilt from other nodes.
     pub fn salvage(dev: Arc<dyn BlockIo>, sb: &Superblock) -> Result<(Journal, Vec<String>), String> {
-        let half = (sb.journal_len / 2) as usize;
-        let mut halves = [AlignedBuf::new(half), AlignedBuf::new(half)];
-        for (i, h) in halves.iter_mut().enumerate() {
-            dev.read_blocking(sb.journal_offset + i as u64 * half as u64, h).map_err(|e| format!("reading the journal: {e}"))?;
-        }
+        let (half, halves) = read_halves(dev.as_ref(), sb)?;
         let uuid = sb.device_uuid;
         let block = |h: usize, k: usize| &halves[h][k * BLOCK..(k + 1) * BLOCK];
         let best = (0..2)
@@ -529,6 +521,16 @@ impl Journal {
     }
 }
 
+/// Both halves of the journal region, and a half's length in bytes.
+fn read_halves(dev: &dyn BlockIo, sb: &Superblock) -> Result<(usize, [AlignedBuf; 2]), String> {
+    let half = (sb.journal_len / 2) as usize;
+    let mut halves = [AlignedBuf::new(half), AlignedBuf::new(half)];
+    for (i, h) in halves.iter_mut().enumerate() {
+        dev.read_blocking(sb.journal_offset + i as u64 * half as u64, h).map_err(|e| format!("reading the journal: {e}"))?;
+    }
+    Ok((half, halves))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,6 +584,15 @@ mod tests {
         (d, sb)
     }
 
+    /// Changes record block `k` of generation 1 (half 1) on the device with `f`.
+    fn damage(d: &Arc<dyn BlockIo>, sb: &Superblock, k: u64, f: impl FnOnce(&mut [u8])) {
+        let at = sb.journal_offset + sb.journal_len / 2 + k * JOURNAL_BLOCK;
+        let mut b = AlignedBuf::new(BLOCK);
+        d.read_blocking(at, &mut b).unwrap();
+        f(&mut b);
+        d.write_blocking(at, &b).unwrap();
+    }
+
     #[test]
     fn a_flipped_byte_in_a_live_block_is_detected() {
         let dir = tempfile::tempdir().unwrap();
@@ -606,12 +617,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (d, sb) = three_records(dir.path());
         // Power loss tore the last record block (3): only part of its 4 KiB reached the disk.
-        let last = sb.journal_offset + sb.journal_len / 2 + 3 * JOURNAL_BLOCK;
-        let mut b = AlignedBuf::new(BLOCK);
-        d.read_blocking(last, &mut b).unwrap();
-        b[2048..].fill(0);
-        b[100] ^= 0x01;
-        d.write_blocking(last, &b).unwrap();
+        damage(&d, &sb, 3, |b| {
+            b[2048..].fill(0);
+            b[100] ^= 0x01;
+        });
         let (j, map) = Journal::open(d.clone(), &sb).expect("a torn tail does not take the pool offline");
         assert_eq!(map.len(), 2, "the torn batch (never acknowledged) is dropped, the others kept");
         assert!(!map.contains_key(&2));
@@ -626,11 +635,7 @@ mod tests {
     fn salvage_keeps_the_readable_blocks_around_a_damaged_one() {
         let dir = tempfile::tempdir().unwrap();
         let (d, sb) = three_records(dir.path());
-        let middle = sb.journal_offset + sb.journal_len / 2 + 2 * JOURNAL_BLOCK;
-        let mut b = AlignedBuf::new(BLOCK);
-        d.read_blocking(middle, &mut b).unwrap();
-        b[200] ^= 0x08;
-        d.write_blocking(middle, &b).unwrap();
+        damage(&d, &sb, 2, |b| b[200] ^= 0x08);
         assert!(Journal::open(d.clone(), &sb).is_err(), "open refuses damage in the middle");
         let (_, lost) = Journal::salvage(d.clone(), &sb).unwrap();
         assert_eq!(lost.len(), 1, "{lost:?}");

@@ -219,19 +219,11 @@ impl Target {
     }
 
     /// Connects to a peer and announces this target's epoch and the volume size.
-    pub(super) async fn connect(&self, p: &Arc<Peer>, size: u64) -> Result<(), TargetError> {
+    pub(super) async fn connect(&self, p: &Peer, size: u64) -> Result<(), TargetError> {
         let addr = p.addr.lock().clone();
         let c = Client::connect(&addr, self.timeout).await?;
         let boot = c.call(Op::Hello, 0, self.vol.id, self.epoch, size, 0, None).await?;
-        let before = p.boot.lock().replace(boot.clone());
-        if before.is_some_and(|b| b != boot) && p.state() != PeerState::InSync {
-            // Rebooted (or its journal salvaged) since this target last saw it: what it holds
-            // may lack more than the regions recorded as missed, so all of it is copied.
-            tracing::warn!(volume = %self.name, replica = %p.node, "replica node restarted with a new boot: rebuilding it in full");
-            p.full_rebuild.store(true, Ordering::Release);
-            let p2 = p.clone();
-            let _ = tokio::task::spawn_blocking(move || p2.dirty.set_lost()).await;
-        }
+        *p.boot.lock() = Some(boot);
         p.set_client(c);
         Ok(())
     }
