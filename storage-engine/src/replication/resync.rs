@@ -139,6 +139,10 @@ async fn resync(e: &Engine, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError
             }
         }
     }
+    // What resync copied is durable on the replica before it counts as in sync (the copies are
+    // written without FUA).
+    let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
+    c.call(Op::Flush, 0, t.vol.id, t.epoch, 0, 0, None).await?;
     let _w = t.region_lock.write().await;
     if p.state() != PeerState::CatchingUp || !p.dirty.is_empty() {
         return Err(TargetError::NoReplica(format!("{} (replica {} fell behind again)", t.name, p.node)));
