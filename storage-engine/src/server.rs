@@ -317,12 +317,7 @@ fn repair(args: &CheckArgs, expected: Option<crate::pool::PoolRecord>) -> anyhow
     let mut done = crate::pool::salvage_journals(&devs)?;
     let pool = Pool::open(devs, &spec).context("opening the pool to repair it")?;
     let unsettled = pool.unsettled_at_open + pool.unsettled_extents();
-    for _ in 0..50 {
-        pool.settle_checksums()?;
-        if pool.unsettled_extents() == 0 {
-            break;
-        }
-    }
+    pool.settle_all_checksums()?;
     for d in pool.devices() {
         d.dev.sync_blocking()?;
     }

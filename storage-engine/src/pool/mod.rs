@@ -292,10 +292,7 @@ impl Pool {
             if d.sb.flags & superblock::FLAG_REPLICAS_SUSPECT != 0 {
                 let mut sb = d.sb.clone();
                 sb.flags &= !superblock::FLAG_REPLICAS_SUSPECT;
-                if sb.has_backup_room() {
-                    write_superblock(d.dev.as_ref(), &sb, superblock::backup_offset(sb.device_size))?;
-                }
-                write_superblock(d.dev.as_ref(), &sb, 0)?;
+                write_superblocks(d.dev.as_ref(), &sb)?;
             }
         }
         Ok(())
@@ -574,6 +571,19 @@ impl Pool {
         Ok(n)
     }
 
+    /// Settles every checksum it can (a pass settles the extents idle since the one before, so a
+    /// few passes settle all while no write comes in). Blocking. Returns the extents left.
+    pub fn settle_all_checksums(&self) -> io::Result<usize> {
+        for _ in 0..50 {
+            self.settle_checksums()?;
+            if self.unsettled_extents() == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(self.unsettled_extents())
+    }
+
     /// Extents whose checksums may be behind their data on disk.
     pub fn unsettled_extents(&self) -> usize {
         self.devices.iter().filter_map(|d| d.sums.as_ref()).map(|s| s.dirty_extents()).sum()
@@ -652,9 +662,16 @@ fn format_device(path: String, dev: Arc<dyn BlockIo>, pool: Uuid, extent_size: u
     let journal = Journal::format(dev.clone(), &sb)?;
     dev.zero_range_blocking(sb.intent_offset, sb.csum_offset - sb.intent_offset).map_err(PoolError::io("zeroing the checksum intent bitmap"))?;
     let (sums, _) = csum::DeviceSums::load(dev.clone(), &sb, &[], false).map_err(|why| PoolError::Corrupt { device: path.clone(), why })?;
-    write_superblock(dev.as_ref(), &sb, superblock::backup_offset(sb.device_size))?;
-    write_superblock(dev.as_ref(), &sb, 0)?;
+    write_superblocks(dev.as_ref(), &sb)?;
     Ok(PoolDevice { path, dev, sb, journal, sums: Some(sums) })
+}
+
+/// Writes both copies of `sb` (the backup first, where its layout leaves room for one).
+fn write_superblocks(dev: &dyn BlockIo, sb: &Superblock) -> Result<(), PoolError> {
+    if sb.has_backup_room() {
+        write_superblock(dev, sb, superblock::backup_offset(sb.device_size))?;
+    }
+    write_superblock(dev, sb, 0)
 }
 
 /// Writes and syncs a copy of `sb` at `at` (0: the primary; the backup offset).
@@ -683,10 +700,7 @@ pub fn salvage_journals(devs: &[(String, Arc<dyn BlockIo>)]) -> Result<Vec<Strin
         let Err(why) = Journal::open(dev.clone(), &sb) else { continue };
         let (_, lost) = Journal::salvage(dev.clone(), &sb).map_err(|why| PoolError::Corrupt { device: path.clone(), why })?;
         sb.flags |= superblock::FLAG_REPLICAS_SUSPECT;
-        if sb.has_backup_room() {
-            write_superblock(dev.as_ref(), &sb, superblock::backup_offset(sb.device_size))?;
-        }
-        write_superblock(dev.as_ref(), &sb, 0)?;
+        write_superblocks(dev.as_ref(), &sb)?;
         done.push(format!(
             "device {path}: the journal was refused ({why}); salvaged into a new checkpoint with every readable mapping; lost: {}. This device's replicas are rebuilt from other nodes when the engine starts",
             if lost.is_empty() { "nothing".to_string() } else { lost.join("; ") }

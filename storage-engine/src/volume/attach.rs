@@ -17,10 +17,7 @@ impl Engine {
     /// again only once the new target runs at the record's epoch; a failed start leaves it
     /// unserved (there is no local-only write path).
     pub(super) async fn start_target(&self, handle: Arc<Volume>, rec: &VolumeRecord, verify: bool) -> Result<(), VolumeError> {
-        handle.served.store(false, Ordering::Release);
-        if let Some(old) = handle.target.write().take() {
-            old.close();
-        }
+        handle.stop_serving();
         let meta = self.meta.clone();
         let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
         let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
@@ -160,10 +157,7 @@ impl Engine {
                     "volume {name} has {n} connected NBD client(s); disconnect them or detach with --force"
                 )));
             }
-            v.served.store(false, Ordering::Release);
-            if let Some(t) = v.target.write().take() {
-                t.close();
-            }
+            v.stop_serving();
             if !rec.has_replica(&me) {
                 self.volumes.write().remove(name);
             }
@@ -183,10 +177,7 @@ impl Engine {
     pub async fn shutdown(&self) -> std::io::Result<()> {
         tracing::info!("shutting down: no more I/O, syncing devices, settling checksums");
         for v in self.loaded_volumes() {
-            v.served.store(false, Ordering::Release);
-            if let Some(t) = v.target.write().take() {
-                t.close();
-            }
+            v.stop_serving();
         }
         // Requests already admitted finish: wait (bounded) for the volumes' I/O to drain.
         for v in self.loaded_volumes() {
@@ -194,19 +185,7 @@ impl Engine {
         }
         self.pool.sync_all().await?;
         let pool = self.pool.clone();
-        let left = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
-            // A pass settles the extents idle since the one before: a few passes settle all.
-            for _ in 0..50 {
-                pool.settle_checksums()?;
-                if pool.unsettled_extents() == 0 {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            Ok(pool.unsettled_extents())
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+        let left = tokio::task::spawn_blocking(move || pool.settle_all_checksums()).await.map_err(std::io::Error::other)??;
         if left > 0 {
             tracing::warn!(extents = left, "stopped with extents whose checksums are recomputed at the next start");
         } else {

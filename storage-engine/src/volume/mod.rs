@@ -115,6 +115,14 @@ impl Volume {
     pub fn is_served(&self) -> bool {
         self.served.load(Ordering::Acquire)
     }
+
+    /// No more NBD clients here, and the target (if any) stops.
+    pub(super) fn stop_serving(&self) {
+        self.served.store(false, Ordering::Release);
+        if let Some(t) = self.target.write().take() {
+            t.close();
+        }
+    }
     /// A replica learns a grown size from its target.
     pub fn grow_to(&self, size: u64) {
         self.size.fetch_max(size, Ordering::AcqRel);
