@@ -219,23 +219,11 @@ impl Target {
     }
 
     /// Connects to a peer and announces this target's epoch and the volume size.
-    pub(super) async fn connect(&self, p: &Arc<Peer>, size: u64) -> Result<(), TargetError> {
+    pub(super) async fn connect(&self, p: &Peer, size: u64) -> Result<(), TargetError> {
         let addr = p.addr.lock().clone();
         let c = Client::connect(&addr, self.timeout).await?;
         let boot = c.call(Op::Hello, 0, self.vol.id, self.epoch, size, 0, None).await?;
-        let before = p.boot.lock().replace(boot.clone());
-        if before.is_some_and(|b| b != boot) && p.state() != PeerState::InSync {
-            // Rebooted (or its journal salvaged) since this target last saw it: it may lack more
-            // than the regions recorded as missed (writes it had not flushed), so all of it is
-            // copied.
-            tracing::warn!(volume = %self.name, replica = %p.node, "replica node came back with a new boot: rebuilding it in full");
-            p.full_rebuild.store(true, Ordering::Release);
-            let p2 = p.clone();
-            tokio::task::spawn_blocking(move || p2.dirty.set_lost())
-                .await
-                .map_err(|e| MetaError::Store(e.to_string()))?
-                .map_err(|e| MetaError::Store(format!("recording a full rebuild: {e}")))?;
-        }
+        *p.boot.lock() = Some(boot);
         p.set_client(c);
         Ok(())
     }
