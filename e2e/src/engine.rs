@@ -59,6 +59,11 @@ impl EngineProc {
         }
     }
 
+    /// What every run of this engine wrote to its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default()
+    }
+
     pub fn command(&self) -> Command {
         let mut c = Command::new(engine_bin());
         c.arg("--data-dir").arg(self.dir.join("data"));
@@ -82,7 +87,8 @@ impl EngineProc {
     pub fn spawn(&mut self) -> Result<(), String> {
         let ready = self.dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
-        let log = std::fs::File::create(self.dir.join("engine.log")).unwrap();
+        // Appended across restarts, so a test can read what every run of this engine said.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("engine.log")).unwrap();
         let mut child = self.command().stdout(Stdio::null()).stderr(log).spawn().expect("spawn strata-engine");
         let t0 = Instant::now();
         loop {

@@ -314,5 +314,10 @@ fn power_cuts_lose_no_acknowledged_durable_write() {
         c.wait_in_sync(0, "p", Duration::from_secs(120));
     }
     eprintln!("{ROUNDS} power cuts; {} durable requests acknowledged, {} cut off", h.acked_writes, h.failed_writes);
+    // A replica that lost power is rebuilt in full when it comes back (its unflushed writes,
+    // resync copies among them, may be gone), and the rebuilt copies must check out below.
+    let rebuilds = c.engines[0].log().matches("replica node rebooted").count();
+    eprintln!("{rebuilds} rebooted replicas seen by the target");
+    assert!(rebuilds >= 1, "the target noticed no replica coming back from a power cut");
     settle_and_check(&c, 0, "p", &mut w, &h);
 }

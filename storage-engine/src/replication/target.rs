@@ -84,6 +84,19 @@ impl Peer {
     pub(super) fn client_now(&self) -> Option<Arc<Client>> {
         self.client()
     }
+    /// Remembers the boot id a hello answered; true when it differs from the one before (the
+    /// node rebooted in between).
+    pub(super) fn rebooted(&self, boot: &[u8]) -> bool {
+        self.boot.lock().replace(boot.to_vec()).is_some_and(|before| before != boot)
+    }
+
+    /// No record of what this peer misses can be trusted: the next resync rebuilds it in full.
+    pub(super) async fn lose_record(self: &Arc<Self>) -> std::io::Result<()> {
+        self.full_rebuild.store(true, Ordering::Release);
+        let p = self.clone();
+        tokio::task::spawn_blocking(move || p.dirty.set_lost()).await.map_err(std::io::Error::other)?
+    }
+
     /// Back in the in-sync set (recorded in the metadata store by the caller).
     pub(super) fn mark_in_sync(&self) {
         self.out_recorded.store(false, Ordering::Release);
@@ -218,12 +231,17 @@ impl Target {
         Ok(t)
     }
 
-    /// Connects to a peer and announces this target's epoch and the volume size.
-    pub(super) async fn connect(&self, p: &Peer, size: u64) -> Result<(), TargetError> {
+    /// Connects to a peer and announces this target's epoch and the volume size. A peer whose
+    /// node rebooted since its last hello (a power cut may have taken writes it acknowledged
+    /// but had not flushed, its resync copies among them) is due a full rebuild.
+    pub(super) async fn connect(&self, p: &Arc<Peer>, size: u64) -> Result<(), TargetError> {
         let addr = p.addr.lock().clone();
         let c = Client::connect(&addr, self.timeout).await?;
         let boot = c.call(Op::Hello, 0, self.vol.id, self.epoch, size, 0, None).await?;
-        *p.boot.lock() = Some(boot);
+        if p.rebooted(&boot) {
+            tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted (seen at resync): writes it had not flushed may be lost; rebuilding it in full");
+            p.lose_record().await.map_err(|e| TargetError::Meta(MetaError::Store(format!("dropping the dirty record: {e}"))))?;
+        }
         p.set_client(c);
         Ok(())
     }
@@ -238,7 +256,6 @@ impl Target {
             if p.state() != PeerState::InSync || !broken || self.is_closed() || self.is_fenced() {
                 continue;
             }
-            let before = p.boot.lock().clone();
             // A restarted engine may listen elsewhere: its address as it registered it.
             let (meta, node) = (self.meta.clone(), p.node.clone());
             if let Ok(Some(a)) = tokio::task::spawn_blocking(move || crate::volume::replication_address(&*meta, &node)).await {
@@ -256,16 +273,15 @@ impl Target {
                 // A write that found the old connection broken meanwhile took the peer out of
                 // sync: then resync brings it back, not this.
                 Ok(_) if p.state() != PeerState::InSync => {}
-                Ok(boot) if before.as_ref().is_none_or(|b| *b == boot) => {
+                Ok(boot) if !p.rebooted(&boot) => {
                     p.set_client(c);
                     tracing::info!(volume = %self.name, replica = %p.node, "replica connection re-established");
                 }
-                Ok(boot) => {
-                    *p.boot.lock() = Some(boot);
+                Ok(_) => {
                     tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted: writes it had not flushed may be lost; rebuilding it");
-                    p.full_rebuild.store(true, Ordering::Release);
-                    let p2 = p.clone();
-                    let _ = tokio::task::spawn_blocking(move || p2.dirty.set_lost()).await;
+                    if let Err(e) = p.lose_record().await {
+                        tracing::warn!(volume = %self.name, replica = %p.node, "dropping the dirty record of the rebooted replica: {e}");
+                    }
                     if let Err(e) = self.peer_failed(p, None).await {
                         tracing::warn!(volume = %self.name, replica = %p.node, "recording the rebooted replica out of sync: {e}");
                     }
