@@ -80,7 +80,7 @@ impl Alerts {
 
     /// Raises an alert (or counts up the same one raised within the last minute).
     pub fn raise(&self, severity: Severity, kind: &str, resource: &str, message: String) -> Alert {
-        let t = crate::volume::now_unix();
+        let t = crate::clock::now_unix();
         let mut l = self.list.lock();
         let same = l
             .iter_mut()

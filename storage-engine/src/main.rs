@@ -20,7 +20,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         .init();
     match cli.command {
         Some(Command::Check(args)) => {
-            if !strata_engine::server::run_check(&args)? {
+            if !strata_engine::server::run_check(&args).await? {
                 std::process::exit(1);
             }
             Ok(())

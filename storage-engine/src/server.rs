@@ -27,28 +27,29 @@ fn open_devices(paths: &[PathBuf], opts: &OpenOptions, volatile: bool) -> anyhow
 }
 
 /// Opens the pool and the metadata store; returns the engine ready to serve.
-pub fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>> {
+pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>> {
     if args.devices.is_empty() {
         bail!("no devices: pass at least one --device PATH (a block device, or a file that is created with --device-size)");
     }
     let meta: Arc<dyn MetaStore> = if args.etcd.is_empty() {
         Arc::new(Embedded::open(&args.data_dir).with_context(|| format!("metadata store in {}", args.data_dir.display()))?)
     } else {
-        Arc::new(crate::meta::etcd::Etcd::connect_with_ttl(&args.etcd, &node.id, args.node_ttl)?)
+        Arc::new(crate::meta::etcd::Etcd::connect_with_ttl(&args.etcd, &node.id, args.node_ttl).await?)
     };
     let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false, lock_wait: LOCK_WAIT };
     if args.simulate_volatile_cache {
         crate::replica::new_boot_id();
         tracing::warn!("test mode: device writes stay in memory until flushed (--simulate-volatile-cache); kill -9 acts as a power cut");
     }
-    let devs = open_devices(&args.devices, &opts, args.simulate_volatile_cache)?;
-    let spec = OpenSpec { expected: meta.get_pool()?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
-    let pool = Pool::open(devs, &spec)?;
+    let spec = OpenSpec { expected: meta.get_pool().await?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
+    // Opening devices and replaying the journal block: off the runtime threads.
+    let (paths, simulate) = (args.devices.clone(), args.simulate_volatile_cache);
+    let pool = tokio::task::spawn_blocking(move || Pool::open(open_devices(&paths, &opts, simulate)?, &spec).map_err(anyhow::Error::from)).await??;
     let node_id = node.id.clone();
-    let mut engine = Engine::new(Arc::new(pool), meta, node)?;
+    let mut engine = Engine::new(Arc::new(pool), meta, node).await?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     engine.alerts = crate::alerts::Alerts::open(&node_id, args.data_dir.join("alerts.jsonl"));
-    engine.distrust_local_replicas_if_salvaged()?;
+    engine.distrust_local_replicas_if_salvaged().await?;
     engine.readahead_window = args.readahead;
     engine.repl = crate::replication::target::TargetConfig {
         timeout: std::time::Duration::from_secs(args.replica_io_timeout.max(1)),
@@ -75,8 +76,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         zone: args.zone.clone(),
         rack: args.rack.clone(),
     };
-    let a = args.clone();
-    let engine = tokio::task::spawn_blocking(move || open_engine(&a, node)).await??;
+    let engine = open_engine(&args, node).await?;
     let bounds = crate::replication::server::Bounds { requests: args.repl_max_requests, bytes: args.repl_inflight as usize };
     tokio::spawn(crate::replication::server::serve(repl, engine.clone(), bounds));
     engine.run_replacements();
@@ -131,27 +131,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     engine.shutdown().await?;
     Ok(())
-}
-
-/// Accepts TCP connections for the life of the engine, handing each (with Nagle off) to a task
-/// of its own; a failed accept is logged and retried shortly.
-pub async fn accept_tcp<F, Fut>(listener: tokio::net::TcpListener, what: &'static str, mut handle: F)
-where
-    F: FnMut(tokio::net::TcpStream, String) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        match listener.accept().await {
-            Ok((s, peer)) => {
-                let _ = s.set_nodelay(true);
-                tokio::spawn(handle(s, peer.to_string()));
-            }
-            Err(e) => {
-                tracing::warn!("{what} accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 /// Tells the metadata store when this node's pool fails (StorageDown) or recovers, and keeps the
@@ -244,8 +223,7 @@ async fn report_storage_health(engine: Arc<Engine>) {
             _ => {}
         }
         if unreachable_since.is_none() {
-            let e = engine.clone();
-            if let Ok(Ok(nodes)) = tokio::task::spawn_blocking(move || e.meta.list_nodes()).await {
+            if let Ok(nodes) = engine.meta.list_nodes().await {
                 let me = &engine.node.id;
                 let now_off: std::collections::BTreeSet<String> =
                     nodes.iter().filter(|(_, s)| *s == crate::meta::NodeState::Offline).map(|(n, _)| n.id.clone()).collect();
@@ -266,21 +244,17 @@ async fn report_storage_health(engine: Arc<Engine>) {
                 offline = Some(now_off);
             }
         }
-        let e = engine.clone();
-        match tokio::task::spawn_blocking(move || e.report_usage(used)).await {
-            Ok(Ok(now)) => used = now,
-            Ok(Err(err)) => tracing::debug!("cannot report usage: {err}"),
+        match engine.report_usage(used).await {
+            Ok(now) => used = now,
             Err(err) => tracing::debug!("cannot report usage: {err}"),
         }
         let ok = engine.pool.healthy();
         if ok != reported {
-            let e = engine.clone();
-            match tokio::task::spawn_blocking(move || e.meta.set_storage_ok(ok)).await {
-                Ok(Ok(())) => {
+            match engine.meta.set_storage_ok(ok).await {
+                Ok(()) => {
                     tracing::warn!(storage_ok = ok, "reported this node's storage state");
                     reported = ok;
                 }
-                Ok(Err(err)) => tracing::warn!("cannot report storage state: {err}"),
                 Err(err) => tracing::warn!("cannot report storage state: {err}"),
             }
         }
@@ -327,7 +301,7 @@ fn repair(args: &CheckArgs, expected: Option<crate::pool::PoolRecord>) -> anyhow
     Ok(done)
 }
 
-pub fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
+pub async fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
     let opts = OpenOptions { create_size: None, io_engine: IoEngine::Sync, read_only: true, lock_wait: LOCK_WAIT };
     let devs = open_devices(&args.devices, &opts, false)?;
     let known = |records: Vec<crate::meta::VolumeRecord>, node: Option<&str>| -> HashMap<u64, KnownVolume> {
@@ -342,14 +316,14 @@ pub fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
     let (expected, volumes) = match (&args.data_dir, args.etcd.is_empty()) {
         (Some(dir), _) => {
             let meta = Embedded::open(dir).with_context(|| format!("metadata store in {} (is the engine still running?)", dir.display()))?;
-            (meta.get_pool()?, Some(known(meta.list_volumes()?, None)))
+            (meta.get_pool().await?, Some(known(meta.list_volumes().await?, None)))
         }
         (None, false) => {
             // Reads only: the records of every volume, and this node's pool record.
             let node = args.node_id.clone().unwrap_or_default();
-            let meta = crate::meta::etcd::Etcd::connect(&args.etcd, &node).with_context(|| format!("etcd at {}", args.etcd.join(",")))?;
-            let pool = if node.is_empty() { None } else { meta.get_pool()? };
-            (pool, Some(known(meta.list_volumes()?, args.node_id.as_deref())))
+            let meta = crate::meta::etcd::Etcd::connect(&args.etcd, &node).await.with_context(|| format!("etcd at {}", args.etcd.join(",")))?;
+            let pool = if node.is_empty() { None } else { meta.get_pool().await? };
+            (pool, Some(known(meta.list_volumes().await?, args.node_id.as_deref())))
         }
         (None, true) => (None, None),
     };

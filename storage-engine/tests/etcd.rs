@@ -16,42 +16,42 @@ fn rec(name: &str) -> VolumeRecord {
     VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, ..Default::default() }
 }
 
-#[test]
-fn volume_records_are_created_once_and_changed_only_by_compare_and_swap() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_records_are_created_once_and_changed_only_by_compare_and_swap() {
     let e = etcd();
-    let s = Etcd::connect(std::slice::from_ref(&e.url), "node-a").unwrap();
-    let a = s.create_volume(rec("a")).unwrap();
-    let b = s.create_volume(rec("b")).unwrap();
+    let s = Etcd::connect(std::slice::from_ref(&e.url), "node-a").await.unwrap();
+    let (a, b) = strata_engine::meta::contract::volumes_are_created_once_and_updated_by_revision(&s).await;
     assert!(b.id > a.id);
-    assert!(matches!(s.create_volume(rec("a")), Err(MetaError::AlreadyExists(_))));
-    let mut grown = a.clone();
-    grown.size *= 2;
-    let stored = s.update_volume(&grown).unwrap();
-    assert_eq!(stored.revision, a.revision + 1);
-    assert!(matches!(s.update_volume(&grown), Err(MetaError::Conflict(_))), "a stale revision is refused");
     // A second store (another engine) sees the same records and cluster id.
-    let s2 = Etcd::connect(std::slice::from_ref(&e.url), "node-b").unwrap();
-    assert_eq!(s2.get_volume("a").unwrap().unwrap().size, 2 << 30);
-    assert_eq!(s.cluster_id().unwrap(), s2.cluster_id().unwrap());
-    assert!(!s.cluster_id().unwrap().is_empty());
-    // Concurrent creations from both stores never share an id.
+    let s2 = Etcd::connect(std::slice::from_ref(&e.url), "node-b").await.unwrap();
+    assert_eq!(s2.get_volume("a").await.unwrap().unwrap().size, 2 << 30);
+    assert_eq!(s.cluster_id().await.unwrap(), s2.cluster_id().await.unwrap());
+    assert!(!s.cluster_id().await.unwrap().is_empty());
+    // Concurrent creations from two stores never share an id.
     let h: Vec<_> = (0..2)
         .map(|i| {
             let url = e.url.clone();
-            std::thread::spawn(move || {
-                let s = Etcd::connect(&[url], "n").unwrap();
-                (0..10).map(|j| s.create_volume(rec(&format!("c{i}-{j}"))).unwrap().id).collect::<Vec<u64>>()
+            tokio::spawn(async move {
+                let s = Etcd::connect(&[url], "n").await.unwrap();
+                let mut ids = Vec::new();
+                for j in 0..10 {
+                    ids.push(s.create_volume(rec(&format!("c{i}-{j}"))).await.unwrap().id);
+                }
+                ids
             })
         })
         .collect();
-    let mut ids: Vec<u64> = h.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut ids: Vec<u64> = Vec::new();
+    for t in h {
+        ids.extend(t.await.unwrap());
+    }
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 20);
-    s.remove_volume("b").unwrap();
-    assert!(matches!(s.remove_volume("b"), Err(MetaError::NotFound(_))));
-    assert_eq!(s.list_volumes().unwrap().len(), 21);
-    assert!(s.get_pool().unwrap().is_none(), "pool records are per node");
+    s.remove_volume("b").await.unwrap();
+    assert!(matches!(s.remove_volume("b").await, Err(MetaError::NotFound(_))));
+    assert_eq!(s.list_volumes().await.unwrap().len(), 21);
+    assert!(s.get_pool().await.unwrap().is_none(), "pool records are per node");
 }
 
 #[test]
@@ -66,8 +66,12 @@ fn an_engine_on_etcd_keeps_its_volumes_across_restarts() {
     let out = run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 0 1M"]).arg(eng.uri("kept")));
     assert!(!out.contains("verification failed"), "{out}");
     // The record really is in etcd, not in the data dir.
-    let s = Etcd::connect(std::slice::from_ref(&e.url), "probe").unwrap();
-    assert_eq!(s.get_volume("kept").unwrap().unwrap().size, 32 << 20);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let kept = rt.block_on(async {
+        let s = Etcd::connect(std::slice::from_ref(&e.url), "probe").await.unwrap();
+        s.get_volume("kept").await.unwrap().unwrap()
+    });
+    assert_eq!(kept.size, 32 << 20);
     assert!(!dir.path().join("data/strata-meta.redb").exists());
 }
 
@@ -147,11 +151,11 @@ fn each_engine_serves_only_the_volumes_in_its_own_pool() {
     a.sdk().delete("on-a", true).unwrap(); // qemu-io just left; its connection may still be closing
 }
 
-#[test]
-fn a_node_whose_storage_fails_reads_storage_down_until_it_recovers() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_storage_fails_reads_storage_down_until_it_recovers() {
     use strata_engine::meta::{NodeRecord, NodeState};
     let e = etcd();
-    let s = Etcd::connect_with_ttl(std::slice::from_ref(&e.url), "node-s", 2).unwrap();
+    let s = Etcd::connect_with_ttl(std::slice::from_ref(&e.url), "node-s", 2).await.unwrap();
     let n = NodeRecord {
         id: "node-s".into(),
         hostname: "h".into(),
@@ -161,20 +165,22 @@ fn a_node_whose_storage_fails_reads_storage_down_until_it_recovers() {
         version: "v".into(),
         ..Default::default()
     };
-    s.register_node(&n).unwrap();
-    let state = |s: &Etcd| s.list_nodes().unwrap().into_iter().find(|(r, _)| r.id == "node-s").unwrap().1;
-    assert_eq!(state(&s), NodeState::Online);
-    s.set_storage_ok(false).unwrap();
-    let other = Etcd::connect(std::slice::from_ref(&e.url), "node-t").unwrap();
-    assert_eq!(state(&other), NodeState::StorageDown, "seen from another node");
-    std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(state(&other), NodeState::StorageDown, "the state survives lease renewals");
-    s.set_storage_ok(true).unwrap();
-    assert_eq!(state(&other), NodeState::Online);
+    s.register_node(&n).await.unwrap();
+    async fn state(s: &Etcd) -> NodeState {
+        s.list_nodes().await.unwrap().into_iter().find(|(r, _)| r.id == "node-s").unwrap().1
+    }
+    assert_eq!(state(&s).await, NodeState::Online);
+    s.set_storage_ok(false).await.unwrap();
+    let other = Etcd::connect(std::slice::from_ref(&e.url), "node-t").await.unwrap();
+    assert_eq!(state(&other).await, NodeState::StorageDown, "seen from another node");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(state(&other).await, NodeState::StorageDown, "the state survives lease renewals");
+    s.set_storage_ok(true).await.unwrap();
+    assert_eq!(state(&other).await, NodeState::Online);
     drop(s);
     let t0 = Instant::now();
-    while state(&other) != NodeState::Offline {
+    while state(&other).await != NodeState::Offline {
         assert!(t0.elapsed() < Duration::from_secs(15), "the lease of a closed store expires");
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -134,7 +134,8 @@ fn check_finds_extents_leaked_by_a_lost_volume_record() {
     {
         use strata_engine::meta::MetaStore;
         let meta = strata_engine::meta::embedded::Embedded::open(&dir.path().join("data")).unwrap();
-        meta.remove_volume("leak").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(meta.remove_volume("leak")).unwrap();
     }
     let (clean, report) = e.check();
     assert!(!clean);

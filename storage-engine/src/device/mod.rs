@@ -5,6 +5,7 @@
 
 mod buf;
 mod file;
+pub mod mem;
 mod uring;
 pub mod volatile;
 

@@ -1,4 +1,5 @@
-//! Embedded metadata store: redb in the engine's data directory.
+//! Embedded metadata store: redb in the engine's data directory. redb's calls block (they
+//! read and fsync the file), so every one runs on tokio's blocking pool, through `blocking`.
 
 use super::{MetaError, MetaStore, NodeRecord, NodeState, VolumeRecord};
 use crate::pool::PoolRecord;
@@ -9,7 +10,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 
 pub struct Embedded {
-    db: Database,
+    db: std::sync::Arc<Database>,
     node: parking_lot::Mutex<Option<NodeRecord>>,
     storage_ok: std::sync::atomic::AtomicBool,
 }
@@ -33,131 +34,165 @@ impl Embedded {
             }
         }
         tx.commit().map_err(err)?;
-        Ok(Embedded { db, node: parking_lot::Mutex::new(None), storage_ok: std::sync::atomic::AtomicBool::new(true) })
+        Ok(Embedded { db: std::sync::Arc::new(db), node: parking_lot::Mutex::new(None), storage_ok: std::sync::atomic::AtomicBool::new(true) })
     }
 
-    fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let t = tx.open_table(META).map_err(err)?;
-        Ok(t.get(key).map_err(err)?.map(|v| v.value().to_vec()))
+    /// Runs a redb call on the blocking pool: the one place this store blocks.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Database) -> Result<T, MetaError> + Send + 'static) -> Result<T, MetaError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(err)?
     }
 }
 
+fn get_meta(db: &Database, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+    let tx = db.begin_read().map_err(err)?;
+    let t = tx.open_table(META).map_err(err)?;
+    Ok(t.get(key).map_err(err)?.map(|v| v.value().to_vec()))
+}
+
+#[async_trait::async_trait]
 impl MetaStore for Embedded {
-    fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError> {
-        self.get_meta("pool")?.map(|b| serde_json::from_slice(&b).map_err(err)).transpose()
+    async fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError> {
+        self.blocking(|db| get_meta(db, "pool")?.map(|b| serde_json::from_slice(&b).map_err(err)).transpose()).await
     }
 
-    fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        {
-            let mut t = tx.open_table(META).map_err(err)?;
-            let bytes = serde_json::to_vec(rec).map_err(err)?;
-            t.insert("pool", bytes.as_slice()).map_err(err)?;
-        }
-        tx.commit().map_err(err)
+    async fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError> {
+        let bytes = serde_json::to_vec(rec).map_err(err)?;
+        self.blocking(move |db| put_pool(db, &bytes)).await
     }
 
-    fn create_volume(&self, mut rec: VolumeRecord) -> Result<VolumeRecord, MetaError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        {
-            let mut meta = tx.open_table(META).map_err(err)?;
-            let mut vols = tx.open_table(VOLUMES).map_err(err)?;
-            if vols.get(rec.name.as_str()).map_err(err)?.is_some() {
-                return Err(MetaError::AlreadyExists(rec.name));
-            }
-            let next = match meta.get("next_volume_id").map_err(err)? {
-                Some(v) => u64::from_le_bytes(v.value().try_into().map_err(err)?),
-                None => 1,
-            };
-            meta.insert("next_volume_id", next.wrapping_add(1).to_le_bytes().as_slice()).map_err(err)?;
-            rec.id = next;
-            rec.revision = 1;
-            let bytes = serde_json::to_vec(&rec).map_err(err)?;
-            vols.insert(rec.name.as_str(), bytes.as_slice()).map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
-        Ok(rec)
+    async fn create_volume(&self, rec: VolumeRecord) -> Result<VolumeRecord, MetaError> {
+        self.blocking(move |db| create_volume(db, rec)).await
     }
 
-    fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let t = tx.open_table(VOLUMES).map_err(err)?;
-        let v = t.get(name).map_err(err)?;
-        v.map(|b| serde_json::from_slice(b.value()).map_err(err)).transpose()
+    async fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError> {
+        let name = name.to_string();
+        self.blocking(move |db| get_volume(db, &name)).await
     }
 
-    fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
-        let tx = self.db.begin_read().map_err(err)?;
-        let t = tx.open_table(VOLUMES).map_err(err)?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(err)? {
-            let (_, v) = item.map_err(err)?;
-            out.push(serde_json::from_slice(v.value()).map_err(err)?);
-        }
-        Ok(out)
+    async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        self.blocking(list_volumes).await
     }
 
-    fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        let mut next = rec.clone();
-        {
-            let mut t = tx.open_table(VOLUMES).map_err(err)?;
-            let stored: VolumeRecord = match t.get(rec.name.as_str()).map_err(err)? {
-                Some(b) => serde_json::from_slice(b.value()).map_err(err)?,
-                None => return Err(MetaError::NotFound(rec.name.clone())),
-            };
-            if stored.revision != rec.revision || stored.id != rec.id {
-                return Err(MetaError::Conflict(rec.name.clone()));
-            }
-            next.revision += 1;
-            let bytes = serde_json::to_vec(&next).map_err(err)?;
-            t.insert(rec.name.as_str(), bytes.as_slice()).map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
-        Ok(next)
+    async fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {
+        let rec = rec.clone();
+        self.blocking(move |db| update_volume(db, &rec)).await
     }
 
-    fn remove_volume(&self, name: &str) -> Result<(), MetaError> {
-        let tx = self.db.begin_write().map_err(err)?;
-        {
-            let mut t = tx.open_table(VOLUMES).map_err(err)?;
-            if t.remove(name).map_err(err)?.is_none() {
-                return Err(MetaError::NotFound(name.to_string()));
-            }
-        }
-        tx.commit().map_err(err)
+    async fn remove_volume(&self, name: &str) -> Result<(), MetaError> {
+        let name = name.to_string();
+        self.blocking(move |db| remove_volume(db, &name)).await
     }
 
-    fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+    async fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
         *self.node.lock() = Some(node.clone());
         Ok(())
     }
 
-    fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+    async fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
         *self.node.lock() = Some(node.clone());
         Ok(())
     }
 
     /// One node: this one, alive while the store is open.
-    fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
+    async fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
         let state = if self.storage_ok.load(std::sync::atomic::Ordering::Acquire) { NodeState::Online } else { NodeState::StorageDown };
         Ok(self.node.lock().clone().into_iter().map(|n| (n, state)).collect())
     }
 
-    fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError> {
+    async fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError> {
         self.storage_ok.store(ok, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
-    fn cluster_id(&self) -> Result<String, MetaError> {
-        let v = self.get_meta("cluster_id")?.unwrap_or_default();
+    async fn cluster_id(&self) -> Result<String, MetaError> {
+        let v = self.blocking(|db| get_meta(db, "cluster_id")).await?.unwrap_or_default();
         Ok(String::from_utf8_lossy(&v).into_owned())
     }
 
     fn kind(&self) -> &'static str {
         "embedded (redb)"
     }
+}
+
+fn put_pool(db: &Database, bytes: &[u8]) -> Result<(), MetaError> {
+    let tx = db.begin_write().map_err(err)?;
+    {
+        let mut t = tx.open_table(META).map_err(err)?;
+        t.insert("pool", bytes).map_err(err)?;
+    }
+    tx.commit().map_err(err)
+}
+
+fn create_volume(db: &Database, mut rec: VolumeRecord) -> Result<VolumeRecord, MetaError> {
+    let tx = db.begin_write().map_err(err)?;
+    {
+        let mut meta = tx.open_table(META).map_err(err)?;
+        let mut vols = tx.open_table(VOLUMES).map_err(err)?;
+        if vols.get(rec.name.as_str()).map_err(err)?.is_some() {
+            return Err(MetaError::AlreadyExists(rec.name));
+        }
+        let next = match meta.get("next_volume_id").map_err(err)? {
+            Some(v) => u64::from_le_bytes(v.value().try_into().map_err(err)?),
+            None => 1,
+        };
+        meta.insert("next_volume_id", next.wrapping_add(1).to_le_bytes().as_slice()).map_err(err)?;
+        rec.id = next;
+        rec.revision = 1;
+        let bytes = serde_json::to_vec(&rec).map_err(err)?;
+        vols.insert(rec.name.as_str(), bytes.as_slice()).map_err(err)?;
+    }
+    tx.commit().map_err(err)?;
+    Ok(rec)
+}
+
+fn get_volume(db: &Database, name: &str) -> Result<Option<VolumeRecord>, MetaError> {
+    let tx = db.begin_read().map_err(err)?;
+    let t = tx.open_table(VOLUMES).map_err(err)?;
+    let v = t.get(name).map_err(err)?;
+    v.map(|b| serde_json::from_slice(b.value()).map_err(err)).transpose()
+}
+
+fn list_volumes(db: &Database) -> Result<Vec<VolumeRecord>, MetaError> {
+    let tx = db.begin_read().map_err(err)?;
+    let t = tx.open_table(VOLUMES).map_err(err)?;
+    let mut out = Vec::new();
+    for item in t.iter().map_err(err)? {
+        let (_, v) = item.map_err(err)?;
+        out.push(serde_json::from_slice(v.value()).map_err(err)?);
+    }
+    Ok(out)
+}
+
+fn update_volume(db: &Database, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {
+    let tx = db.begin_write().map_err(err)?;
+    let mut next = rec.clone();
+    {
+        let mut t = tx.open_table(VOLUMES).map_err(err)?;
+        let stored: VolumeRecord = match t.get(rec.name.as_str()).map_err(err)? {
+            Some(b) => serde_json::from_slice(b.value()).map_err(err)?,
+            None => return Err(MetaError::NotFound(rec.name.clone())),
+        };
+        if stored.revision != rec.revision || stored.id != rec.id {
+            return Err(MetaError::Conflict(rec.name.clone()));
+        }
+        next.revision += 1;
+        let bytes = serde_json::to_vec(&next).map_err(err)?;
+        t.insert(rec.name.as_str(), bytes.as_slice()).map_err(err)?;
+    }
+    tx.commit().map_err(err)?;
+    Ok(next)
+}
+
+fn remove_volume(db: &Database, name: &str) -> Result<(), MetaError> {
+    let tx = db.begin_write().map_err(err)?;
+    {
+        let mut t = tx.open_table(VOLUMES).map_err(err)?;
+        if t.remove(name).map_err(err)?.is_none() {
+            return Err(MetaError::NotFound(name.to_string()));
+        }
+    }
+    tx.commit().map_err(err)
 }
 
 #[cfg(test)]
@@ -168,24 +203,16 @@ mod tests {
         VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, ..Default::default() }
     }
 
-    #[test]
-    fn volumes_are_created_once_and_updated_by_revision() {
+    #[tokio::test]
+    async fn volumes_are_created_once_and_updated_by_revision() {
         let dir = tempfile::tempdir().unwrap();
         let s = Embedded::open(dir.path()).unwrap();
-        let a = s.create_volume(rec("a")).unwrap();
-        let b = s.create_volume(rec("b")).unwrap();
-        assert_ne!(a.id, b.id);
-        assert!(matches!(s.create_volume(rec("a")), Err(MetaError::AlreadyExists(_))));
-        let mut grown = a.clone();
-        grown.size *= 2;
-        let stored = s.update_volume(&grown).unwrap();
-        assert_eq!(stored.revision, a.revision + 1);
-        assert!(matches!(s.update_volume(&grown), Err(MetaError::Conflict(_))), "stale revision refused");
+        let (a, b) = crate::meta::contract::volumes_are_created_once_and_updated_by_revision(&s).await;
         drop(s);
         let s = Embedded::open(dir.path()).unwrap();
-        assert_eq!(s.get_volume("a").unwrap().unwrap().size, 2 << 30);
-        s.remove_volume("a").unwrap();
-        assert_eq!(s.list_volumes().unwrap().len(), 1);
-        assert!(s.create_volume(rec("c")).unwrap().id > b.id, "ids are never reused");
+        assert_eq!(s.get_volume("a").await.unwrap().unwrap().size, 2 << 30, "kept across a reopen");
+        s.remove_volume("a").await.unwrap();
+        assert_eq!(s.list_volumes().await.unwrap().len(), 1);
+        assert!(s.create_volume(rec("c")).await.unwrap().id > b.id.max(a.id), "ids are never reused");
     }
 }

@@ -3,9 +3,8 @@
 //! compare-and-swap transaction: creation requires the key to be absent, an update requires the
 //! stored record to be exactly the one the caller read (its revision is part of it).
 //!
-//! The store trait is synchronous; calls run on a small runtime of the store's own and the
-//! caller waits for the answer. These are control-plane calls (create, update, delete, list),
-//! never on the data path.
+//! Calls go through etcd's async client on the caller's runtime, each bounded by a timeout.
+//! These are control-plane calls (create, update, delete, list), never on the data path.
 
 use super::{MetaError, MetaStore, NodeRecord, NodeState, VolumeRecord};
 use crate::pool::PoolRecord;
@@ -24,15 +23,14 @@ pub struct Etcd {
     ttl: i64,
     /// This node's lease and the state its alive key carries (shared with the renewal task).
     live: Arc<parking_lot::Mutex<Live>>,
-    /// Taken in Drop: a runtime must be shut down in the background when dropped from async code.
-    rt: Option<tokio::runtime::Runtime>,
-    endpoints: Vec<String>,
+    /// The lease renewal task (from `register_node`), stopped with the store.
+    renewal: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+        if let Some(t) = self.renewal.lock().take() {
+            t.abort();
         }
     }
 }
@@ -45,54 +43,43 @@ fn key(rest: &str) -> String {
     format!("{PREFIX}{rest}")
 }
 
+/// An etcd call, bounded (the client's own timeout covers one request; this covers retries).
+async fn bounded<T>(fut: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, MetaError> {
+    tokio::time::timeout(TIMEOUT * 2, fut).await.map_err(|_| err("timed out"))?.map_err(err)
+}
+
 impl Etcd {
     /// Connects to etcd (`http://host:port`, comma-separated for several). `node` names this
     /// engine's pool record.
-    pub fn connect(endpoints: &[String], node: &str) -> Result<Etcd, MetaError> {
-        Self::connect_with_ttl(endpoints, node, 10)
+    pub async fn connect(endpoints: &[String], node: &str) -> Result<Etcd, MetaError> {
+        Self::connect_with_ttl(endpoints, node, 10).await
     }
 
-    pub fn connect_with_ttl(endpoints: &[String], node: &str, ttl: i64) -> Result<Etcd, MetaError> {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("strata-etcd").enable_all().build().map_err(err)?;
-        let eps = endpoints.to_vec();
-        let client = Self::wait(&rt, async move {
-            let opts = etcd_client::ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
-            Client::connect(eps, Some(opts)).await
-        })
-        .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", endpoints.join(","))))?;
+    pub async fn connect_with_ttl(endpoints: &[String], node: &str, ttl: i64) -> Result<Etcd, MetaError> {
+        let at = |e: MetaError| MetaError::Store(format!("etcd at {}: {e}", endpoints.join(",")));
+        let opts = etcd_client::ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
+        let client = bounded(Client::connect(endpoints.to_vec(), Some(opts))).await.map_err(at)?;
         let live = Arc::new(parking_lot::Mutex::new(Live { lease: 0, state: NodeState::Online, renewed: std::time::Instant::now(), generation: 0 }));
-        let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), live, rt: Some(rt), endpoints: endpoints.to_vec() };
+        let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), live, renewal: parking_lot::Mutex::new(None) };
         // Fail now, with the endpoint in the message, if etcd does not answer.
-        let mut c = s.client.clone();
         let id = uuid::Uuid::new_v4().to_string();
         let k = key("cluster_id");
-        s.run(async move {
-            let txn = Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(k, id, None)]);
-            c.txn(txn).await
-        })
-        .map_err(|e| MetaError::Store(format!("etcd at {}: {e}", s.endpoints.join(","))))?;
+        let txn = Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(k, id, None)]);
+        bounded(s.client.clone().txn(txn)).await.map_err(at)?;
         Ok(s)
     }
 
-    fn wait<T: Send + 'static>(rt: &tokio::runtime::Runtime, fut: impl Future<Output = T> + Send + 'static) -> T {
-        let (tx, rx) = std::sync::mpsc::channel();
-        rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().expect("etcd runtime alive")
-    }
-
-    /// Runs an etcd call on the store's runtime and waits for it (bounded by the client timeout).
-    fn run<T: Send + 'static>(&self, fut: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static) -> Result<T, MetaError> {
-        Self::wait(self.rt.as_ref().expect("runtime until drop"), async move { tokio::time::timeout(TIMEOUT * 2, fut).await })
-            .map_err(|_| err("timed out"))?
-            .map_err(err)
-    }
-
-    fn get(&self, k: String) -> Result<Option<Vec<u8>>, MetaError> {
-        let mut c = self.client.clone();
-        let resp = self.run(async move { c.get(k, None).await })?;
+    async fn get(&self, k: String) -> Result<Option<Vec<u8>>, MetaError> {
+        let resp = bounded(self.client.clone().get(k, None)).await?;
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<bool, MetaError> {
+        Ok(bounded(self.client.clone().txn(txn)).await?.succeeded())
+    }
+
+    async fn put(&self, k: String, v: impl Into<Vec<u8>>, opts: Option<etcd_client::PutOptions>) -> Result<(), MetaError> {
+        bounded(self.client.clone().put(k, v, opts)).await.map(|_| ())
     }
 }
 
@@ -139,22 +126,21 @@ async fn keep_alive(mut c: Client, alive: String, ttl: i64, live: Arc<parking_lo
     }
 }
 
+#[async_trait::async_trait]
 impl MetaStore for Etcd {
-    fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError> {
-        self.get(key(&format!("pools/{}", self.node)))?.map(|b| serde_json::from_slice(&b).map_err(err)).transpose()
+    async fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError> {
+        self.get(key(&format!("pools/{}", self.node))).await?.map(|b| serde_json::from_slice(&b).map_err(err)).transpose()
     }
 
-    fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError> {
-        let mut c = self.client.clone();
-        let (k, v) = (key(&format!("pools/{}", self.node)), serde_json::to_vec(rec).map_err(err)?);
-        self.run(async move { c.put(k, v, None).await }).map(|_| ())
+    async fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError> {
+        self.put(key(&format!("pools/{}", self.node)), serde_json::to_vec(rec).map_err(err)?, None).await
     }
 
-    fn create_volume(&self, mut rec: VolumeRecord) -> Result<VolumeRecord, MetaError> {
+    async fn create_volume(&self, mut rec: VolumeRecord) -> Result<VolumeRecord, MetaError> {
         // Take the next id by compare-and-swap on the counter.
         let id = loop {
             let counter = key("next_volume_id");
-            let cur = self.get(counter.clone())?;
+            let cur = self.get(counter.clone()).await?;
             let next: u64 = match &cur {
                 Some(b) => String::from_utf8_lossy(b).parse().map_err(err)?,
                 None => 1,
@@ -163,9 +149,7 @@ impl MetaStore for Etcd {
                 Some(b) => Compare::value(counter.clone(), CompareOp::Equal, b),
                 None => Compare::create_revision(counter.clone(), CompareOp::Equal, 0),
             };
-            let mut c = self.client.clone();
-            let txn = Txn::new().when([cmp]).and_then([TxnOp::put(counter, (next + 1).to_string(), None)]);
-            if self.run(async move { c.txn(txn).await })?.succeeded() {
+            if self.txn(Txn::new().when([cmp]).and_then([TxnOp::put(counter, (next + 1).to_string(), None)])).await? {
                 break next;
             }
         };
@@ -173,28 +157,24 @@ impl MetaStore for Etcd {
         rec.revision = 1;
         let k = key(&format!("volumes/{}", rec.name));
         let v = serde_json::to_vec(&rec).map_err(err)?;
-        let mut c = self.client.clone();
-        let txn = Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(k, v, None)]);
-        if !self.run(async move { c.txn(txn).await })?.succeeded() {
+        if !self.txn(Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(k, v, None)])).await? {
             return Err(MetaError::AlreadyExists(rec.name));
         }
         Ok(rec)
     }
 
-    fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError> {
-        self.get(key(&format!("volumes/{name}")))?.map(|b| serde_json::from_slice(&b).map_err(err)).transpose()
+    async fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError> {
+        self.get(key(&format!("volumes/{name}"))).await?.map(|b| serde_json::from_slice(&b).map_err(err)).transpose()
     }
 
-    fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
-        let mut c = self.client.clone();
-        let k = key("volumes/");
-        let resp = self.run(async move { c.get(k, Some(GetOptions::new().with_prefix())).await })?;
+    async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        let resp = bounded(self.client.clone().get(key("volumes/"), Some(GetOptions::new().with_prefix()))).await?;
         resp.kvs().iter().map(|kv| serde_json::from_slice(kv.value()).map_err(err)).collect()
     }
 
-    fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {
+    async fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {
         let k = key(&format!("volumes/{}", rec.name));
-        let Some(stored) = self.get(k.clone())? else { return Err(MetaError::NotFound(rec.name.clone())) };
+        let Some(stored) = self.get(k.clone()).await? else { return Err(MetaError::NotFound(rec.name.clone())) };
         let current: VolumeRecord = serde_json::from_slice(&stored).map_err(err)?;
         if current.revision != rec.revision || current.id != rec.id {
             return Err(MetaError::Conflict(rec.name.clone()));
@@ -202,72 +182,56 @@ impl MetaStore for Etcd {
         let mut next = rec.clone();
         next.revision += 1;
         let v = serde_json::to_vec(&next).map_err(err)?;
-        let mut c = self.client.clone();
-        let txn = Txn::new().when([Compare::value(k.clone(), CompareOp::Equal, stored)]).and_then([TxnOp::put(k, v, None)]);
-        if !self.run(async move { c.txn(txn).await })?.succeeded() {
+        if !self.txn(Txn::new().when([Compare::value(k.clone(), CompareOp::Equal, stored)]).and_then([TxnOp::put(k, v, None)])).await? {
             return Err(MetaError::Conflict(rec.name.clone()));
         }
         Ok(next)
     }
 
-    fn remove_volume(&self, name: &str) -> Result<(), MetaError> {
-        let mut c = self.client.clone();
-        let k = key(&format!("volumes/{name}"));
-        let resp = self.run(async move { c.delete(k, None).await })?;
+    async fn remove_volume(&self, name: &str) -> Result<(), MetaError> {
+        let resp = bounded(self.client.clone().delete(key(&format!("volumes/{name}")), None)).await?;
         if resp.deleted() == 0 {
             return Err(MetaError::NotFound(name.to_string()));
         }
         Ok(())
     }
 
-    fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
-        let mut c = self.client.clone();
-        let (k, v) = (key(&format!("nodes/{}", node.id)), serde_json::to_vec(node).map_err(err)?);
-        self.run(async move { c.put(k, v, None).await })?;
+    async fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+        self.put(key(&format!("nodes/{}", node.id)), serde_json::to_vec(node).map_err(err)?, None).await?;
         let alive = key(&format!("alive/{}", node.id));
-        let ttl = self.ttl;
         // The first lease is granted here so registration fails loudly; renewal runs for the
         // store's life and re-grants after an outage.
-        let mut c = self.client.clone();
-        let k = alive.clone();
         let state = self.live.lock().state;
-        let lease = self.run(async move {
-            let l = c.lease_grant(ttl, None).await?;
-            c.put(k, state.as_str(), Some(etcd_client::PutOptions::new().with_lease(l.id()))).await?;
-            Ok(l.id())
-        })?;
+        let lease = bounded(self.client.clone().lease_grant(self.ttl, None)).await?.id();
+        self.put(alive.clone(), state.as_str(), Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
         {
             let mut live = self.live.lock();
             live.lease = lease;
             live.renewed = std::time::Instant::now();
         }
-        let client = self.client.clone();
-        self.rt.as_ref().expect("runtime until drop").spawn(keep_alive(client, alive, ttl, self.live.clone()));
+        let task = tokio::spawn(keep_alive(self.client.clone(), alive, self.ttl, self.live.clone()));
+        if let Some(old) = self.renewal.lock().replace(task) {
+            old.abort();
+        }
         Ok(())
     }
 
-    fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
-        let mut c = self.client.clone();
-        let (k, v) = (key(&format!("nodes/{}", node.id)), serde_json::to_vec(node).map_err(err)?);
-        self.run(async move { c.put(k, v, None).await }).map(|_| ())
+    async fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
+        self.put(key(&format!("nodes/{}", node.id)), serde_json::to_vec(node).map_err(err)?, None).await
     }
 
-    fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError> {
+    async fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError> {
         let (lease, state) = {
             let mut l = self.live.lock();
             l.state = if ok { NodeState::Online } else { NodeState::StorageDown };
             (l.lease, l.state)
         };
-        let mut c = self.client.clone();
-        let k = key(&format!("alive/{}", self.node));
-        self.run(async move { c.put(k, state.as_str(), Some(etcd_client::PutOptions::new().with_lease(lease))).await }).map(|_| ())
+        self.put(key(&format!("alive/{}", self.node)), state.as_str(), Some(etcd_client::PutOptions::new().with_lease(lease))).await
     }
 
-    fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
-        let (mut c, mut c2) = (self.client.clone(), self.client.clone());
-        let (nk, ak) = (key("nodes/"), key("alive/"));
-        let nodes = self.run(async move { c.get(nk, Some(GetOptions::new().with_prefix())).await })?;
-        let alive = self.run(async move { c2.get(ak, Some(GetOptions::new().with_prefix())).await })?;
+    async fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
+        let nodes = bounded(self.client.clone().get(key("nodes/"), Some(GetOptions::new().with_prefix()))).await?;
+        let alive = bounded(self.client.clone().get(key("alive/"), Some(GetOptions::new().with_prefix()))).await?;
         let alive: std::collections::HashMap<String, NodeState> = alive
             .kvs()
             .iter()
@@ -288,8 +252,8 @@ impl MetaStore for Etcd {
             .collect()
     }
 
-    fn cluster_id(&self) -> Result<String, MetaError> {
-        Ok(self.get(key("cluster_id"))?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
+    async fn cluster_id(&self) -> Result<String, MetaError> {
+        Ok(self.get(key("cluster_id")).await?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
     }
 
     fn kind(&self) -> &'static str {

@@ -1,7 +1,10 @@
-//! The metadata store behind one trait: `embedded` (redb, one node). Callers share it by `&self`.
+//! The metadata store behind one async trait: `embedded` (redb, one node), `etcd` (many nodes)
+//! and `mem` (in memory, for tests, with injectable conflicts and outages). Callers share it by
+//! `&self`.
 
 pub mod embedded;
 pub mod etcd;
+pub mod mem;
 
 use crate::pool::PoolRecord;
 use std::collections::BTreeMap;
@@ -154,26 +157,30 @@ impl NodeState {
     }
 }
 
+/// The cluster metadata store. Every call is async and none blocks a runtime thread: etcd is
+/// reached through its async client, redb runs on the blocking pool (in one place,
+/// `embedded::Embedded::blocking`), the in-memory store answers at once.
+#[async_trait::async_trait]
 pub trait MetaStore: Send + Sync {
     /// Registers this node and keeps it alive (in etcd: a key bound to a lease that the store
     /// keeps renewing; when the engine dies the lease expires and the node reads as offline).
-    fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
+    async fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
     /// Rewrites this node's record (after `register_node`), e.g. with new usage figures.
-    fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
+    async fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
     /// Every node ever registered, with its state now.
-    fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError>;
+    async fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError>;
     /// Reports whether this node's storage works (after `register_node`).
-    fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError>;
-    fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError>;
-    fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError>;
+    async fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError>;
+    async fn get_pool(&self) -> Result<Option<PoolRecord>, MetaError>;
+    async fn put_pool(&self, rec: &PoolRecord) -> Result<(), MetaError>;
     /// Creates a volume, assigning its id. Fails with AlreadyExists on a taken name.
-    fn create_volume(&self, rec: VolumeRecord) -> Result<VolumeRecord, MetaError>;
-    fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError>;
-    fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError>;
+    async fn create_volume(&self, rec: VolumeRecord) -> Result<VolumeRecord, MetaError>;
+    async fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError>;
+    async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError>;
     /// Replaces a volume record if its stored revision equals `rec.revision`; bumps the revision.
-    fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError>;
-    fn remove_volume(&self, name: &str) -> Result<(), MetaError>;
-    fn cluster_id(&self) -> Result<String, MetaError>;
+    async fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError>;
+    async fn remove_volume(&self, name: &str) -> Result<(), MetaError>;
+    async fn cluster_id(&self) -> Result<String, MetaError>;
     fn kind(&self) -> &'static str;
     /// Whether this node's registration is fresh: a target that cannot reach the store must
     /// stop acknowledging writes before another node can take its volumes over.
@@ -184,5 +191,35 @@ pub trait MetaStore: Send + Sync {
     /// taken volumes over meanwhile, so targets re-read their records before acknowledging more.
     fn lease_generation(&self) -> u64 {
         0
+    }
+}
+
+/// The behaviour every store must have, run against each of them by their tests (the etcd
+/// one's among the integration tests).
+#[doc(hidden)]
+pub mod contract {
+    use super::*;
+
+    pub fn rec(name: &str) -> VolumeRecord {
+        VolumeRecord { id: 0, name: name.into(), size: 1 << 30, repl: 1, ..Default::default() }
+    }
+
+    /// Creates `a` and `b`, grows `a` to 2 GiB by compare-and-swap; returns both as created.
+    pub async fn volumes_are_created_once_and_updated_by_revision(s: &dyn MetaStore) -> (VolumeRecord, VolumeRecord) {
+        let a = s.create_volume(rec("a")).await.unwrap();
+        let b = s.create_volume(rec("b")).await.unwrap();
+        assert_ne!(a.id, b.id);
+        assert!(matches!(s.create_volume(rec("a")).await, Err(MetaError::AlreadyExists(_))));
+        let mut grown = a.clone();
+        grown.size *= 2;
+        let stored = s.update_volume(&grown).await.unwrap();
+        assert_eq!(stored.revision, a.revision + 1);
+        assert!(matches!(s.update_volume(&grown).await, Err(MetaError::Conflict(_))), "stale revision refused");
+        assert_eq!(s.get_volume("a").await.unwrap().unwrap().size, 2 << 30);
+        assert!(matches!(s.remove_volume("nope").await, Err(MetaError::NotFound(_))));
+        let mut gone = b.clone();
+        gone.name = "nope".into();
+        assert!(matches!(s.update_volume(&gone).await, Err(MetaError::NotFound(_))));
+        (a, b)
     }
 }

@@ -26,13 +26,18 @@ pub fn boot_id() -> &'static [u8] {
 /// miss writes: they are rebuilt). Used under `--simulate-volatile-cache` (every start is a
 /// power cycle) and after `check --repair` salvaged a journal. Call before serving.
 pub fn new_boot_id() {
-    let _ = BOOT.set(format!("fresh-{}-{}", std::process::id(), crate::volume::now_unix()).into_bytes());
+    let _ = BOOT.set(format!("fresh-{}-{}", std::process::id(), crate::clock::now_unix()).into_bytes());
 }
 
 impl Volume {
     /// Accepts `epoch` if it is not older than the newest seen, remembering it.
     pub fn admit_epoch(&self, epoch: u64) -> bool {
         self.epoch.fetch_max(epoch, Ordering::AcqRel) <= epoch
+    }
+
+    /// The newest epoch this replica has seen (it refuses requests of older ones).
+    pub fn newest_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 }
 

@@ -77,9 +77,8 @@ async fn watch_offline(e: &Arc<Engine>, t: &Arc<Target>, p: &Arc<Peer>) {
     if t.replica_timeout.is_zero() {
         return;
     }
-    let (meta, node) = (e.meta.clone(), p.node.clone());
-    let state =
-        tokio::task::spawn_blocking(move || meta.list_nodes().ok()?.into_iter().find(|(n, _)| n.id == node).map(|(_, s)| s)).await.ok().flatten();
+    let nodes = e.meta.list_nodes().await.unwrap_or_default();
+    let state = nodes.into_iter().find(|(n, _)| n.id == p.node).map(|(_, s)| s);
     let offline = matches!(state, Some(crate::meta::NodeState::Offline));
     let due = {
         let mut since = p.offline_since.lock();
@@ -100,9 +99,7 @@ async fn watch_offline(e: &Arc<Engine>, t: &Arc<Target>, p: &Arc<Peer>) {
 }
 
 async fn resync(e: &Engine, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
-    let (meta, node) = (e.meta.clone(), p.node.clone());
-    let addr = tokio::task::spawn_blocking(move || crate::volume::replication_address(&*meta, &node)).await.ok().flatten();
-    if let Some(addr) = addr {
+    if let Some(addr) = crate::volume::replication_address(&*e.meta, &p.node).await {
         *p.addr.lock() = addr;
     }
     t.connect(p, t.vol.size()).await?;

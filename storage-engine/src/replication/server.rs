@@ -22,7 +22,7 @@ pub struct Bounds {
 }
 
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>, bounds: Bounds) {
-    crate::server::accept_tcp(listener, "replication", |s, peer| connection(s, engine.clone(), peer, bounds)).await
+    crate::net::accept_tcp(listener, "replication", |s, peer| connection(s, engine.clone(), peer, bounds)).await
 }
 
 async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String, bounds: Bounds) {
@@ -79,9 +79,7 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String, bounds: Bou
         let vol = match volumes.get(&req.volume) {
             Some(v) => Some(v.clone()),
             None => {
-                let e = engine.clone();
-                let id = req.volume;
-                let v = tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten();
+                let v = engine.replica_volume(req.volume).await;
                 if let Some(v) = &v {
                     volumes.insert(req.volume, v.clone());
                 }

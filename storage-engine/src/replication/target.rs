@@ -257,8 +257,7 @@ impl Target {
                 continue;
             }
             // A restarted engine may listen elsewhere: its address as it registered it.
-            let (meta, node) = (self.meta.clone(), p.node.clone());
-            if let Ok(Some(a)) = tokio::task::spawn_blocking(move || crate::volume::replication_address(&*meta, &node)).await {
+            if let Some(a) = crate::volume::replication_address(&*self.meta, &p.node).await {
                 *p.addr.lock() = a;
             }
             let addr = p.addr.lock().clone();
@@ -320,9 +319,7 @@ impl Target {
         self.admit_local()?;
         let gen = self.meta.lease_generation();
         if gen != self.lease_gen.load(Ordering::Acquire) && self.meta.reachable() {
-            let (meta, name) = (self.meta.clone(), self.name.clone());
-            let rec = tokio::task::spawn_blocking(move || meta.get_volume(&name)).await.map_err(std::io::Error::other)?;
-            match rec {
+            match self.meta.get_volume(&self.name).await {
                 Ok(Some(r)) if r.epoch == self.epoch && r.target == self.node => self.lease_gen.store(gen, Ordering::Release),
                 Ok(_) => return Err(self.fence()),
                 // Unreachable after all: checked again on the next request.
@@ -404,23 +401,21 @@ impl Target {
     /// Compare-and-swap on the volume record, retried on conflicts; refused when the record's
     /// epoch moved on (another target took over).
     pub(super) async fn change_record(&self, f: impl Fn(&mut VolumeRecord) + Send + 'static) -> Result<VolumeRecord, TargetError> {
-        let (meta, name, epoch) = (self.meta.clone(), self.name.clone(), self.epoch);
-        let r = tokio::task::spawn_blocking(move || {
+        let r = async {
             for _ in 0..20 {
-                let mut rec = meta.get_volume(&name)?.ok_or_else(|| MetaError::NotFound(name.clone()))?;
-                if rec.epoch != epoch {
+                let mut rec = self.meta.get_volume(&self.name).await?.ok_or_else(|| MetaError::NotFound(self.name.clone()))?;
+                if rec.epoch != self.epoch {
                     return Ok(Err(()));
                 }
                 f(&mut rec);
-                match meta.update_volume(&rec) {
+                match self.meta.update_volume(&rec).await {
                     Err(MetaError::Conflict(_)) => continue,
                     r => return r.map(Ok),
                 }
             }
-            Err(MetaError::Conflict(name.clone()))
-        })
-        .await
-        .map_err(|e| MetaError::Store(e.to_string()))??;
+            Err(MetaError::Conflict(self.name.clone()))
+        }
+        .await?;
         r.map_err(|_| {
             self.fenced.store(true, Ordering::Release);
             TargetError::Fenced(self.name.clone())

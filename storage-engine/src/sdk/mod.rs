@@ -6,7 +6,7 @@ use std::sync::Arc;
 use strata_api::v1 as pb;
 use tonic::{Request, Response, Status};
 
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use crate::VERSION;
 
 impl From<VolumeError> for Status {
     fn from(e: VolumeError) -> Status {
@@ -101,20 +101,19 @@ impl Sdk {
         }
         let e = self.engine.clone();
         let me = e.node.id.clone();
-        let rec = self.engine.inspect(name)?.record;
+        let rec = self.engine.inspect(name).await?.record;
         if rec.snapshot_of.is_some() || rec.target.is_empty() || rec.target == me {
             return Ok(None);
         }
         // A target on a node that reads offline cannot answer: the engine's own rules apply
         // here (a takeover, or a forced change).
-        let nodes = nodes_pb(&self.engine).map_err(|e| Status::unavailable(e.to_string()))?;
+        let nodes = nodes_pb(&self.engine).await.map_err(|e| Status::unavailable(e.to_string()))?;
         if nodes.iter().any(|n| n.id == rec.target && n.status == "offline") {
             return Ok(None);
         }
         let (target, t) = (rec.target.clone(), rec.target);
-        let addr = tokio::task::spawn_blocking(move || crate::volume::sdk_endpoint(&*e.meta, &t))
+        let addr = crate::volume::sdk_endpoint(&*e.meta, &t)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(VolumeError::from)?
             .ok_or_else(|| Status::failed_precondition(format!("volume {name} is served by node {target}, whose SDK address is unknown")))?;
         let ch = tonic::transport::Endpoint::from_shared(addr.clone())
@@ -139,7 +138,7 @@ impl Sdk {
         if targets.is_empty() {
             return;
         }
-        let Ok(nodes) = nodes_pb(&self.engine) else { return };
+        let Ok(nodes) = nodes_pb(&self.engine).await else { return };
         let calls = targets.into_iter().filter_map(|t| {
             let n = nodes.iter().find(|n| n.id == t && n.status != "offline" && !n.sdk_address.is_empty())?;
             let uri = strata_api::endpoint_uri(&n.sdk_address);
@@ -172,7 +171,7 @@ impl Sdk {
     /// stops, and the attach here starts a new epoch); in use there, it is refused. A node that
     /// reads offline is left to the takeover rules of `Engine::attach`.
     async fn hand_over<T>(&self, req: &Request<T>, name: &str) -> Result<(), Status> {
-        let owner = self.engine.inspect(name)?.record.target;
+        let owner = self.engine.inspect(name).await?.record.target;
         let unreachable = |why: &str| {
             Status::failed_precondition(format!(
                 "volume {name} is attached on node {owner}, which reads online but cannot be asked to let it go ({why}); once the node reads offline an attach takes it over, or pass --force to take it over now"
@@ -219,7 +218,7 @@ impl pb::volume_service_server::VolumeService for Sdk {
     }
 
     async fn list(&self, req: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let mut vols: Vec<pb::Volume> = self.engine.list()?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
+        let mut vols: Vec<pb::Volume> = self.engine.list().await?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
         if !was_forwarded(&req) {
             self.fill_from_targets(&mut vols).await;
         }
@@ -228,7 +227,7 @@ impl pb::volume_service_server::VolumeService for Sdk {
 
     async fn inspect(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Response<pb::InspectVolumeResponse>, Status> {
         let fwd = was_forwarded(&req);
-        let v = self.engine.inspect(&req.into_inner().name)?;
+        let v = self.engine.inspect(&req.into_inner().name).await?;
         let mut vols = vec![to_pb(&self.engine, v)];
         if !fwd {
             self.fill_from_targets(&mut vols).await;
@@ -278,7 +277,7 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let r = req.into_inner();
         // Replicas change through a target (it rebuilds the new ones): a detached volume is
         // attached here for that, and stays attached while they fill.
-        if self.engine.inspect(&r.name)?.record.target.is_empty() {
+        if self.engine.inspect(&r.name).await?.record.target.is_empty() {
             self.engine.attach(&r.name, false, None).await?;
         }
         let node = (!r.node.is_empty()).then_some(r.node);
@@ -308,9 +307,9 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let r = req.into_inner();
         let volume = (!r.volume.is_empty()).then_some(r.volume.as_str());
         if let Some(v) = volume {
-            self.engine.inspect(v)?;
+            self.engine.inspect(v).await?;
         }
-        let snaps = self.engine.snapshots(volume)?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
+        let snaps = self.engine.snapshots(volume).await?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
         Ok(Response::new(pb::SnapshotListResponse { snapshots: snaps }))
     }
 
@@ -381,8 +380,8 @@ impl pb::pool_service_server::PoolService for Sdk {
 }
 
 /// Every registered node: this one with live figures, the others as the store has them.
-fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
-    let nodes = engine.meta.list_nodes()?;
+async fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
+    let nodes = engine.meta.list_nodes().await?;
     Ok(nodes
         .into_iter()
         .map(|(n, state)| {
@@ -407,7 +406,7 @@ fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
 #[tonic::async_trait]
 impl pb::node_service_server::NodeService for Sdk {
     async fn list(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let nodes = nodes_pb(&self.engine).map_err(|e| Status::unavailable(e.to_string()))?;
+        let nodes = nodes_pb(&self.engine).await.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 }
@@ -416,9 +415,9 @@ impl pb::node_service_server::NodeService for Sdk {
 impl pb::cluster_service_server::ClusterService for Sdk {
     async fn status(&self, _: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let e = &self.engine;
-        let cluster_id = e.meta.cluster_id().map_err(|err| Status::unavailable(err.to_string()))?;
-        let volume_count = e.list()?.len() as u32;
-        let nodes = nodes_pb(e).map_err(|err| Status::unavailable(err.to_string()))?;
+        let cluster_id = e.meta.cluster_id().await.map_err(|err| Status::unavailable(err.to_string()))?;
+        let volume_count = e.list().await?.len() as u32;
+        let nodes = nodes_pb(e).await.map_err(|err| Status::unavailable(err.to_string()))?;
         let status = if nodes.iter().all(|n| n.status == "online") { "ok" } else { "degraded" };
         Ok(Response::new(pb::ClusterStatusResponse {
             cluster_id,
@@ -455,7 +454,7 @@ impl pb::alert_service_server::AlertService for Sdk {
         let mut alerts: Vec<pb::Alert> = e.alerts.list().into_iter().map(alert_pb).collect();
         let mut unreachable = Vec::new();
         if !req.into_inner().local_only {
-            let nodes = nodes_pb(e).map_err(|err| Status::unavailable(err.to_string()))?;
+            let nodes = nodes_pb(e).await.map_err(|err| Status::unavailable(err.to_string()))?;
             let others = nodes.into_iter().filter(|n| n.id != e.node.id && n.status != "offline" && !n.sdk_address.is_empty());
             let calls = others.map(|n| async move {
                 let url = strata_api::endpoint_uri(&n.sdk_address);

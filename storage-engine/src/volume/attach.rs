@@ -18,8 +18,7 @@ impl Engine {
     /// unserved (there is no local-only write path).
     pub(super) async fn start_target(&self, handle: Arc<Volume>, rec: &VolumeRecord, verify: bool) -> Result<(), VolumeError> {
         handle.stop_serving();
-        let meta = self.meta.clone();
-        let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
+        let nodes = self.meta.list_nodes().await?;
         let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
         let me = self.node.id.clone();
         let t = Target::start(handle.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl, verify).await?;
@@ -37,8 +36,7 @@ impl Engine {
     /// Starts serving the replicated volumes whose target is this node (after a restart).
     pub async fn start_targets(&self) {
         let me = self.node.id.clone();
-        let meta = self.meta.clone();
-        let Ok(Ok(all)) = tokio::task::spawn_blocking(move || meta.list_volumes()).await else { return };
+        let Ok(all) = self.meta.list_volumes().await else { return };
         for rec in all.into_iter().map(|r| r.normalized(&me)) {
             if rec.target != me || rec.pending.is_some() || rec.snapshot_of.is_some() {
                 continue;
@@ -48,15 +46,10 @@ impl Engine {
             let mut next = rec.clone();
             next.epoch += 1;
             next.clean = false;
-            let meta = self.meta.clone();
-            let rec = match tokio::task::spawn_blocking(move || meta.update_volume(&next)).await {
-                Ok(Ok(r)) => r.normalized(&me),
-                Ok(Err(e)) => {
-                    tracing::error!(volume = %rec.name, "cannot serve the volume: recording the new epoch: {e}");
-                    continue;
-                }
+            let rec = match self.meta.update_volume(&next).await {
+                Ok(r) => r.normalized(&me),
                 Err(e) => {
-                    tracing::error!(volume = %rec.name, "cannot serve the volume: {e}");
+                    tracing::error!(volume = %rec.name, "cannot serve the volume: recording the new epoch: {e}");
                     continue;
                 }
             };
@@ -73,7 +66,7 @@ impl Engine {
     pub async fn attach(&self, name: &str, force: bool, passphrase: Option<&[u8]>) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
-        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        let rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
         if let Some(op) = &rec.pending {
             return Err(VolumeError::FailedPrecondition(op.describe(name)));
         }
@@ -104,8 +97,7 @@ impl Engine {
             return self.info_of(rec);
         }
         if !rec.target.is_empty() && rec.target != me && !force {
-            let meta = self.meta.clone();
-            let nodes = tokio::task::spawn_blocking(move || meta.list_nodes()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
+            let nodes = self.meta.list_nodes().await?;
             if nodes.iter().any(|(n, s)| n.id == rec.target && *s != crate::meta::NodeState::Offline) {
                 return Err(VolumeError::FailedPrecondition(format!(
                     "volume {name} is attached on node {}, which is up; detach it there first, or pass --force to take it over",
@@ -120,7 +112,7 @@ impl Engine {
         next.target = me.clone();
         next.epoch += 1;
         next.clean = false;
-        let next = self.meta.update_volume(&next)?.normalized(&me);
+        let next = self.meta.update_volume(&next).await?.normalized(&me);
         let handle = {
             let mut vols = self.volumes.write();
             let h = vols.entry(name.to_string()).or_insert_with(|| Arc::new(Self::handle(&next))).clone();
@@ -134,7 +126,7 @@ impl Engine {
         }
         self.start_target(handle, &next, !rec.clean).await?;
         tracing::info!(volume = %name, epoch = next.epoch, previous = %rec.target, "volume attached here");
-        let fresh = self.meta.get_volume(name)?.unwrap_or(next);
+        let fresh = self.meta.get_volume(name).await?.unwrap_or(next);
         self.info_of(fresh)
     }
 
@@ -143,7 +135,7 @@ impl Engine {
     pub async fn detach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
-        let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        let mut rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
         if rec.target.is_empty() {
             return self.info_of(rec);
         }
@@ -165,7 +157,7 @@ impl Engine {
         rec.target.clear();
         // With clients cut off (force) a write may have been in flight: the next target compares.
         rec.clean = !busy;
-        let rec = self.meta.update_volume(&rec)?;
+        let rec = self.meta.update_volume(&rec).await?;
         tracing::info!(volume = %name, "volume detached");
         self.info_of(rec)
     }
@@ -223,7 +215,7 @@ impl Engine {
         if let Some(v) = self.volume(name).filter(|v| v.is_served()) {
             return Ok(v.size());
         }
-        let rec = match self.meta_get(name).await {
+        let rec = match self.meta.get_volume(name).await {
             Ok(Some(r)) => r.normalized(&self.node.id),
             Ok(None) => return Err(format!("no volume named {name:?}")),
             Err(e) => return Err(format!("volume {name}: {e}")),
@@ -238,10 +230,5 @@ impl Engine {
             ));
         }
         Ok(rec.size)
-    }
-
-    async fn meta_get(&self, name: &str) -> Result<Option<VolumeRecord>, crate::meta::MetaError> {
-        let (meta, name) = (self.meta.clone(), name.to_string());
-        tokio::task::spawn_blocking(move || meta.get_volume(&name)).await.map_err(|e| crate::meta::MetaError::Store(e.to_string()))?
     }
 }

@@ -384,6 +384,9 @@ impl Engine {
     /// Stores `data` (ciphertext, for an encrypted volume) through the target, or on this node.
     pub(super) async fn write_stored(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
         let t = v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?;
+        // A request no replica can take is refused here, before it reaches any: else a client's
+        // bad request would fail the remote legs and throw healthy replicas out of sync.
+        self.check_write(v, offset, data.len() as u64)?;
         let a = aligned(offset, data.len() as u64);
         t.write(self, offset, data, fua, a).await
     }
@@ -447,9 +450,11 @@ impl Engine {
 
     async fn zero(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         v.qos.admit(true, 0).await;
-        let r = match v.target() {
-            Some(t) => t.zero(self, offset, len, punch, fua).await,
-            None => Err(IoError::NotServed(v.name.clone())),
+        // Refused before it reaches any replica (see `write_stored`).
+        let r = match (v.target(), self.check_write(v, offset, len)) {
+            (_, Err(e)) => Err(e),
+            (Some(t), Ok(())) => t.zero(self, offset, len, punch, fua).await,
+            (None, Ok(())) => Err(IoError::NotServed(v.name.clone())),
         };
         self.data_changed(v);
         if r.is_err() {

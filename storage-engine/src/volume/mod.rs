@@ -206,10 +206,11 @@ pub struct NodeInfo {
 }
 
 /// The SDK endpoint (a URI) node `node` registered, if the store knows the node and its
-/// address. Blocking.
-pub fn sdk_endpoint(meta: &dyn MetaStore, node: &str) -> Result<Option<String>, MetaError> {
+/// address.
+pub async fn sdk_endpoint(meta: &dyn MetaStore, node: &str) -> Result<Option<String>, MetaError> {
     Ok(meta
-        .list_nodes()?
+        .list_nodes()
+        .await?
         .into_iter()
         .find(|(n, _)| n.id == node)
         .map(|(n, _)| n.sdk_address)
@@ -218,19 +219,19 @@ pub fn sdk_endpoint(meta: &dyn MetaStore, node: &str) -> Result<Option<String>, 
 }
 
 /// The replication address a node registered, if the store knows the node.
-pub fn replication_address(meta: &dyn MetaStore, node: &str) -> Option<String> {
-    meta.list_nodes().ok()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.repl_address).filter(|a| !a.is_empty())
+pub async fn replication_address(meta: &dyn MetaStore, node: &str) -> Option<String> {
+    meta.list_nodes().await.ok()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.repl_address).filter(|a| !a.is_empty())
 }
 
-/// Takes `node` off a volume's `dropped` list once it freed the data. Blocking.
-pub(crate) fn forget_dropped(meta: &dyn MetaStore, name: &str, node: &str) -> Result<(), VolumeError> {
+/// Takes `node` off a volume's `dropped` list once it freed the data.
+pub(crate) async fn forget_dropped(meta: &dyn MetaStore, name: &str, node: &str) -> Result<(), VolumeError> {
     for _ in 0..20 {
-        let Some(mut rec) = meta.get_volume(name)? else { return Ok(()) };
+        let Some(mut rec) = meta.get_volume(name).await? else { return Ok(()) };
         if !rec.dropped.iter().any(|n| n == node) {
             return Ok(());
         }
         rec.dropped.retain(|n| n != node);
-        match meta.update_volume(&rec) {
+        match meta.update_volume(&rec).await {
             Err(MetaError::Conflict(_)) => continue,
             r => return r.map(|_| ()).map_err(Into::into),
         }
@@ -296,15 +297,11 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), VolumeError>
     Ok(())
 }
 
-pub(crate) fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 impl Engine {
     /// Loads volumes, finishes interrupted deletes and reports extents that belong to no volume.
-    pub fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo) -> Result<Engine, VolumeError> {
-        meta.put_pool(&pool.record())?;
-        meta.register_node(&Self::node_record(&node, &pool))?;
+    pub async fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo) -> Result<Engine, VolumeError> {
+        meta.put_pool(&pool.record()).await?;
+        meta.register_node(&Self::node_record(&node, &pool)).await?;
         let node_id = node.id.clone();
         let engine = Engine {
             pool,
@@ -327,13 +324,13 @@ impl Engine {
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();
-        let all: Vec<VolumeRecord> = engine.meta.list_volumes()?.into_iter().map(|r| r.normalized(&me)).collect();
+        let all: Vec<VolumeRecord> = engine.meta.list_volumes().await?.into_iter().map(|r| r.normalized(&me)).collect();
         let records: Vec<&VolumeRecord> = all.iter().filter(|r| r.has_replica(&me) || r.target == me).collect();
         for rec in records.iter().copied() {
             if matches!(rec.pending, Some(PendingOp::Delete | PendingOp::Create)) {
                 tracing::info!(volume = %rec.name, "finishing an interrupted delete (or undoing an interrupted snapshot or clone)");
                 engine.free_local(rec.id)?;
-                engine.forget_replica(rec)?;
+                engine.forget_replica(rec).await?;
                 continue;
             }
             engine.volumes.write().insert(rec.name.clone(), Arc::new(Self::handle(rec)));
@@ -342,7 +339,7 @@ impl Engine {
         for rec in all.iter().filter(|r| r.dropped.contains(&me) && !r.has_replica(&me)) {
             tracing::info!(volume = %rec.name, "freeing a replica this node no longer holds");
             engine.free_local(rec.id)?;
-            forget_dropped(&*engine.meta, &rec.name, &me)?;
+            forget_dropped(&*engine.meta, &rec.name, &me).await?;
         }
         let known: std::collections::HashSet<u64> = records.iter().map(|r| r.id).collect();
         let leaked = engine.pool.all_mappings().iter().filter(|((v, _), _)| !known.contains(v)).count();
@@ -355,14 +352,14 @@ impl Engine {
     /// After `check --repair` salvaged a journal with mappings lost, this node's replicas may
     /// miss data: each leaves its volume's in-sync set (the target rebuilds it from the others;
     /// this run's fresh boot id tells targets that reconnect), and a volume with no other in-sync
-    /// replica raises an alarm, as its lost blocks read as zeroes. Blocking; before serving.
-    pub fn distrust_local_replicas_if_salvaged(&self) -> Result<(), VolumeError> {
+    /// replica raises an alarm, as its lost blocks read as zeroes. Before serving.
+    pub async fn distrust_local_replicas_if_salvaged(&self) -> Result<(), VolumeError> {
         if !self.pool.replicas_suspect() {
             return Ok(());
         }
         crate::replica::new_boot_id();
         let me = self.node.id.clone();
-        let all: Vec<VolumeRecord> = self.meta.list_volumes()?.into_iter().map(|r| r.normalized(&me)).collect();
+        let all: Vec<VolumeRecord> = self.meta.list_volumes().await?.into_iter().map(|r| r.normalized(&me)).collect();
         for rec in all.iter().filter(|r| r.has_replica(&me) && r.is_in_sync(&me) && r.snapshot_of.is_none()) {
             if rec.in_sync.len() < 2 {
                 self.alerts.raise(
@@ -374,9 +371,9 @@ impl Engine {
                 continue;
             }
             for _ in 0..20 {
-                let Some(mut cur) = self.meta.get_volume(&rec.name)?.map(|r| r.normalized(&me)) else { break };
+                let Some(mut cur) = self.meta.get_volume(&rec.name).await?.map(|r| r.normalized(&me)) else { break };
                 cur.in_sync.retain(|n| n != &me);
-                match self.meta.update_volume(&cur) {
+                match self.meta.update_volume(&cur).await {
                     Err(MetaError::Conflict(_)) => continue,
                     r => {
                         r?;
@@ -398,7 +395,7 @@ impl Engine {
             nbd_address: node.nbd_address.clone(),
             total_bytes: pool.total_bytes(),
             used_bytes: pool.used_bytes(),
-            version: crate::sdk::VERSION.into(),
+            version: crate::VERSION.into(),
             repl_address: node.repl_address.clone(),
             zone: node.zone.clone(),
             rack: node.rack.clone(),
@@ -406,11 +403,11 @@ impl Engine {
     }
 
     /// Publishes this node's usage in its record when it changed since `last`; returns what was
-    /// published. Blocking.
-    pub fn report_usage(&self, last: u64) -> Result<u64, MetaError> {
+    /// published.
+    pub async fn report_usage(&self, last: u64) -> Result<u64, MetaError> {
         let rec = Self::node_record(&self.node, &self.pool);
         if rec.used_bytes != last {
-            self.meta.update_node(&rec)?;
+            self.meta.update_node(&rec).await?;
         }
         Ok(rec.used_bytes)
     }
@@ -528,7 +525,7 @@ impl Engine {
             size,
             repl,
             labels,
-            created_unix: now_unix(),
+            created_unix: crate::clock::now_unix(),
             revision: 0,
             pending: None,
             qos,
@@ -544,7 +541,7 @@ impl Engine {
             secure: key.as_ref().map(|(params, _)| params.clone()),
             snapshot_of: None,
         };
-        let rec = self.meta.create_volume(rec)?;
+        let rec = self.meta.create_volume(rec).await?;
         let handle = Arc::new(Self::handle(&rec));
         if let Some((_, k)) = key {
             handle.set_key(k);
@@ -598,21 +595,21 @@ impl Engine {
         Err(VolumeError::FailedPrecondition(format!("volume {} {at}; manage it through that node's engine (this is {})", r.name, self.node.id)))
     }
 
-    pub fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
-        let mut out: Vec<VolumeInfo> = self.meta.list_volumes()?.into_iter().map(|r| self.info_of(r)).collect::<Result<_, _>>()?;
+    pub async fn list(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
+        let mut out: Vec<VolumeInfo> = self.meta.list_volumes().await?.into_iter().map(|r| self.info_of(r)).collect::<Result<_, _>>()?;
         out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         Ok(out)
     }
 
-    pub fn inspect(&self, name: &str) -> Result<VolumeInfo, VolumeError> {
-        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+    pub async fn inspect(&self, name: &str) -> Result<VolumeInfo, VolumeError> {
+        let rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         self.info_of(rec)
     }
 
     /// Grows a volume (online, or detached) and/or changes labels. Shrinking is refused.
     pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>, qos: QosUpdate) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
-        let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        let mut rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         if let Some(of) = &rec.snapshot_of {
             return Err(VolumeError::FailedPrecondition(format!(
                 "{name} is a snapshot of {of} and cannot be changed; clone it for a writable volume"
@@ -647,7 +644,7 @@ impl Engine {
         validate_labels(&rec.labels)?;
         snapshots::validate_schedule(&rec.labels)?;
         qos.apply(&mut rec.qos);
-        let rec = self.meta.update_volume(&rec)?;
+        let rec = self.meta.update_volume(&rec).await?;
         let handle = self.volumes.read().get(name).cloned();
         if let Some(v) = handle {
             if let Some(t) = v.target() {
@@ -670,22 +667,22 @@ impl Engine {
     }
 
     /// After this node freed its replica of a volume being deleted: takes the node off the
-    /// record, and removes the record when no replica is left. Blocking.
-    fn forget_replica(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
+    /// record, and removes the record when no replica is left.
+    async fn forget_replica(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
         let me = &self.node.id;
         let mut rec = rec.clone();
         for _ in 0..20 {
             rec.replicas.retain(|n| n != me);
             rec.in_sync.retain(|n| n != me);
             if rec.replicas.is_empty() {
-                return match self.meta.remove_volume(&rec.name) {
+                return match self.meta.remove_volume(&rec.name).await {
                     Err(MetaError::NotFound(_)) => Ok(()),
                     r => Ok(r?),
                 };
             }
-            match self.meta.update_volume(&rec) {
+            match self.meta.update_volume(&rec).await {
                 Err(MetaError::Conflict(_)) => {
-                    rec = match self.meta.get_volume(&rec.name)? {
+                    rec = match self.meta.get_volume(&rec.name).await? {
                         Some(r) => r.normalized(me),
                         None => return Ok(()),
                     };
@@ -703,7 +700,7 @@ impl Engine {
     pub async fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
-        let mut rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        let mut rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
         if !rec.target.is_empty() && rec.target != me && !force {
             return Err(VolumeError::FailedPrecondition(format!(
                 "volume {name} is attached on node {}; detach it there first (stratactl host detach {name}) or delete with --force",
@@ -721,7 +718,7 @@ impl Engine {
         }
         if rec.pending.is_none() {
             rec.pending = Some(PendingOp::Delete);
-            rec = self.meta.update_volume(&rec)?.normalized(&me);
+            rec = self.meta.update_volume(&rec).await?.normalized(&me);
         }
         let _io = match &handle {
             Some(v) => {
@@ -740,7 +737,7 @@ impl Engine {
                 Ok(()) => {
                     rec.replicas.retain(|n| n != &node);
                     rec.in_sync.retain(|n| n != &node);
-                    rec = self.meta.update_volume(&rec)?.normalized(&me);
+                    rec = self.meta.update_volume(&rec).await?.normalized(&me);
                 }
                 Err(e) => tracing::warn!(volume = %name, %node, "replica not freed now (freed when the node is back): {e}"),
             }
@@ -751,7 +748,7 @@ impl Engine {
             .await
             .map_err(|e| VolumeError::Meta(e.to_string()))??;
         if local || rec.replicas.is_empty() {
-            self.forget_replica(&rec)?;
+            self.forget_replica(&rec).await?;
         }
         self.volumes.write().remove(name);
         tracing::info!(volume = %name, "volume deleted");

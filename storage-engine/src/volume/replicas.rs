@@ -2,7 +2,7 @@
 //! replica's data, per-extent checksums.
 
 use super::{replication_address, Engine, PlacementSpec, Volume, VolumeError, VolumeInfo, MAX_REPL};
-use crate::meta::{MetaError, VolumeRecord};
+use crate::meta::VolumeRecord;
 use crate::replication::client::Client;
 use crate::replication::frame::Op;
 use std::sync::atomic::Ordering;
@@ -14,10 +14,7 @@ impl Engine {
     /// them in `exclude` (the nodes that already hold one).
     pub(super) async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec, exclude: &[String]) -> Result<Vec<String>, VolumeError> {
         use crate::cluster::placement::{place, Candidate, Request};
-        let meta = self.meta.clone();
-        let (nodes, vols) = tokio::task::spawn_blocking(move || Ok::<_, MetaError>((meta.list_nodes()?, meta.list_volumes()?)))
-            .await
-            .map_err(|e| VolumeError::Meta(e.to_string()))??;
+        let (nodes, vols) = (self.meta.list_nodes().await?, self.meta.list_volumes().await?);
         let me = &self.node.id;
         let cands: Vec<Candidate> = nodes
             .into_iter()
@@ -56,13 +53,13 @@ impl Engine {
     }
 
     /// The handle of a volume with a replica here, loading it from the metadata store when it
-    /// was created after this engine started. Blocking.
-    pub fn replica_volume(&self, id: u64) -> Option<Arc<Volume>> {
+    /// was created after this engine started.
+    pub async fn replica_volume(&self, id: u64) -> Option<Arc<Volume>> {
         if let Some(v) = self.volumes.read().values().find(|v| v.id == id) {
             return Some(v.clone());
         }
         let me = &self.node.id;
-        let rec = self.meta.list_volumes().ok()?.into_iter().map(|r| r.normalized(me)).find(|r| r.id == id)?;
+        let rec = self.meta.list_volumes().await.ok()?.into_iter().map(|r| r.normalized(me)).find(|r| r.id == id)?;
         // A restore runs on a volume marked as being restored.
         if !rec.has_replica(me) || !matches!(rec.pending, None | Some(crate::meta::PendingOp::Restore { .. })) {
             return None;
@@ -73,9 +70,9 @@ impl Engine {
 
     /// The crc32c of each allocated extent of this node's replica of `name`, by logical extent.
     pub async fn extent_checksums(&self, name: &str) -> Result<Vec<(u64, u32)>, VolumeError> {
-        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
+        let rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         let v = self
-            .local_replica(rec.id)
+            .replica_volume(rec.id)
             .await
             .ok_or_else(|| VolumeError::FailedPrecondition(format!("node {} holds no replica of volume {name}", self.node.id)))?;
         let es = self.pool.extent_size;
@@ -102,12 +99,7 @@ impl Engine {
 
     /// A replication connection to `node`'s engine.
     pub(super) async fn replica_client(&self, node: &str) -> Result<Arc<Client>, String> {
-        let (meta, n) = (self.meta.clone(), node.to_string());
-        let addr = tokio::task::spawn_blocking(move || replication_address(&*meta, &n))
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| format!("node {node} has no replication address"))?;
+        let addr = replication_address(&*self.meta, node).await.ok_or_else(|| format!("node {node} has no replication address"))?;
         Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())
     }
 
@@ -130,13 +122,6 @@ impl Engine {
         }
     }
 
-    /// This node's handle of volume id `id`, loaded from the store when needed (None when no
-    /// replica of it is here).
-    pub(super) async fn local_replica(&self, id: u64) -> Option<Arc<Volume>> {
-        let e = self.myself()?;
-        tokio::task::spawn_blocking(move || e.replica_volume(id)).await.ok().flatten()
-    }
-
     /// Changes the number of replicas online (`stratactl volume ha-update`). Growing places the
     /// new replicas (on `node` if given) and a thin full rebuild fills them while I/O goes on;
     /// they count as in sync once it is done. Shrinking removes `node`, else an out-of-sync
@@ -148,7 +133,7 @@ impl Engine {
         }
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
-        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        let rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
         self.must_be_target(&rec)?;
         if let Some(op) = &rec.pending {
             return Err(VolumeError::FailedPrecondition(op.describe(name)));
@@ -204,7 +189,7 @@ impl Engine {
             }
         }
         next.repl = repl;
-        let next = self.meta.update_volume(&next)?.normalized(&me);
+        let next = self.meta.update_volume(&next).await?.normalized(&me);
         self.retarget(&next).await?;
         for n in &removed {
             self.remove_replica_data(n, &next).await;
@@ -218,7 +203,7 @@ impl Engine {
     pub async fn replace_replica(&self, name: &str, dead: &str) -> Result<Vec<String>, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
-        let rec = self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
+        let rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&me);
         self.must_be_target(&rec)?;
         if !rec.has_replica(dead) || rec.is_in_sync(dead) || rec.pending.is_some() {
             return Ok(rec.replicas);
@@ -228,7 +213,7 @@ impl Engine {
         next.replicas.retain(|n| n != dead);
         next.replicas.extend(added.iter().cloned());
         next.dropped.push(dead.to_string());
-        let next = self.meta.update_volume(&next)?.normalized(&me);
+        let next = self.meta.update_volume(&next).await?.normalized(&me);
         self.retarget(&next).await?;
         self.remove_replica_data(dead, &next).await;
         tracing::warn!(volume = %name, %dead, new = ?added, "replica rebuilt elsewhere: its node stayed offline past --replica-timeout");
@@ -251,8 +236,7 @@ impl Engine {
     }
 
     async fn forget_node_dropped(&self, name: &str, node: &str) -> Result<(), VolumeError> {
-        let (meta, name, node) = (self.meta.clone(), name.to_string(), node.to_string());
-        tokio::task::spawn_blocking(move || super::forget_dropped(&*meta, &name, &node)).await.map_err(|e| VolumeError::Meta(e.to_string()))?
+        super::forget_dropped(&*self.meta, name, node).await
     }
 
     /// Serves `rec` with a new replica set: in-flight I/O on the old target drains first.

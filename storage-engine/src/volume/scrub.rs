@@ -54,7 +54,7 @@ impl Engine {
         // passes nor start extra ones; a new node starts its clock now.
         let stamp = self.repl.data_dir.join("scrub.last");
         tokio::spawn(async move {
-            let now = crate::volume::now_unix();
+            let now = crate::clock::now_unix();
             let last = std::fs::read_to_string(&stamp).ok().and_then(|s| s.trim().parse::<u64>().ok()).filter(|t| *t <= now);
             if last.is_none() {
                 let _ = std::fs::write(&stamp, now.to_string());
@@ -62,7 +62,7 @@ impl Engine {
             let mut wait = Duration::from_secs((last.unwrap_or(now) + scrub.every.as_secs()).saturating_sub(now));
             loop {
                 tokio::time::sleep(wait).await;
-                if let Err(err) = std::fs::write(&stamp, crate::volume::now_unix().to_string()) {
+                if let Err(err) = std::fs::write(&stamp, crate::clock::now_unix().to_string()) {
                     tracing::warn!(file = %stamp.display(), "cannot record the scrub's start: {err}");
                 }
                 let t0 = Instant::now();
@@ -137,12 +137,7 @@ impl Engine {
             }
             return t.repair_read(self, off, len).await.map(|_| ()).map_err(|e| e.to_string());
         }
-        let (meta, name) = (self.meta.clone(), v.name.clone());
-        let rec = tokio::task::spawn_blocking(move || meta.get_volume(&name))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?
-            .ok_or("the volume is gone")?;
+        let rec = self.meta.get_volume(&v.name).await.map_err(|e| e.to_string())?.ok_or("the volume is gone")?;
         let me = self.node.id.clone();
         let source = if !rec.target.is_empty() && rec.target != me {
             self.ask_target_to_repair(&rec.target, &v.name, off, len).await?;
@@ -186,10 +181,8 @@ impl Engine {
 
     async fn ask_target_to_repair(&self, target: &str, name: &str, off: u64, len: usize) -> Result<(), String> {
         use strata_api::v1 as pb;
-        let (meta, t) = (self.meta.clone(), target.to_string());
-        let url = tokio::task::spawn_blocking(move || super::sdk_endpoint(&*meta, &t))
+        let url = super::sdk_endpoint(&*self.meta, target)
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("target node {target} has no SDK address"))?;
         let mut c = pb::volume_service_client::VolumeServiceClient::connect(url).await.map_err(|e| format!("target node {target}: {e}"))?;

@@ -4,7 +4,8 @@
 //! detached volume's data with a snapshot's on every replica. Nothing is copied: later writes
 //! copy the extents they change (`Pool::allocate`).
 
-use super::{now_unix, validate_labels, validate_name, Engine, VolumeError, VolumeInfo};
+use super::{validate_labels, validate_name, Engine, VolumeError, VolumeInfo};
+use crate::clock::now_unix;
 use crate::meta::{MetaError, PendingOp, VolumeRecord};
 use crate::replication::frame::Op;
 use std::collections::BTreeMap;
@@ -28,7 +29,7 @@ impl Engine {
     /// Takes a crash-consistent snapshot `name` of volume `volume`: on every in-sync replica,
     /// at one point of the write stream when the volume is attached here.
     pub async fn snapshot(&self, volume: &str, name: &str, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
-        let src = self.record(volume)?;
+        let src = self.record(volume).await?;
         if src.snapshot_of.is_some() {
             return Err(VolumeError::InvalidArgument(format!("{volume} is a snapshot; clone it first to snapshot the clone")));
         }
@@ -39,7 +40,7 @@ impl Engine {
     /// volume at this instant). The clone lives on the source's in-sync replica nodes and is
     /// left detached (attach it where it is used).
     pub async fn clone_volume(&self, source: &str, name: &str, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
-        let src = self.record(source)?;
+        let src = self.record(source).await?;
         self.copy_of(&src, name, labels, false).await
     }
 
@@ -48,8 +49,8 @@ impl Engine {
     pub async fn restore(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
-        let rec = self.record(volume)?;
-        let snap = self.record(snapshot)?;
+        let rec = self.record(volume).await?;
+        let snap = self.record(snapshot).await?;
         if snap.snapshot_of.as_deref() != Some(volume) {
             return Err(VolumeError::InvalidArgument(match &snap.snapshot_of {
                 Some(of) => format!("{snapshot} is a snapshot of volume {of}, not of {volume}"),
@@ -84,7 +85,7 @@ impl Engine {
         }
         let mut next = rec.clone();
         next.pending = Some(PendingOp::Restore { snapshot: snapshot.to_string() });
-        let next = self.meta.update_volume(&next)?.normalized(&me);
+        let next = self.meta.update_volume(&next).await?.normalized(&me);
         let results = self.on_replicas(&next, &next.replicas, Op::Restore, snap.id).await;
         let failed: Vec<String> = results.iter().filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{n}: {e}"))).collect();
         if !failed.is_empty() {
@@ -94,17 +95,17 @@ impl Engine {
             )));
         }
         // Every replica now holds exactly the snapshot's data.
-        let mut done = self.record(volume)?;
+        let mut done = self.record(volume).await?;
         done.pending = None;
         done.in_sync = done.replicas.clone();
         done.clean = true;
-        let done = self.meta.update_volume(&done)?;
+        let done = self.meta.update_volume(&done).await?;
         tracing::info!(volume, snapshot, "volume restored from snapshot");
         self.info_of(done)
     }
 
-    fn record(&self, name: &str) -> Result<VolumeRecord, VolumeError> {
-        Ok(self.meta.get_volume(name)?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&self.node.id))
+    async fn record(&self, name: &str) -> Result<VolumeRecord, VolumeError> {
+        Ok(self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&self.node.id))
     }
 
     /// A new record sharing `src`'s extents: a snapshot (read-only) or a clone.
@@ -112,7 +113,7 @@ impl Engine {
         validate_name(name)?;
         validate_labels(&labels)?;
         let _g = self.lifecycle.lock().await;
-        let src = self.record(&src.name)?;
+        let src = self.record(&src.name).await?;
         if let Some(op) = &src.pending {
             return Err(VolumeError::FailedPrecondition(op.describe(&src.name)));
         }
@@ -139,7 +140,7 @@ impl Engine {
             secure: src.secure.clone(),
             snapshot_of: snapshot.then(|| src.name.clone()),
         };
-        let rec = self.meta.create_volume(rec)?;
+        let rec = self.meta.create_volume(rec).await?;
         let holders = match self.share_into(&src, rec.id).await {
             Ok(h) if !h.is_empty() => h,
             other => {
@@ -162,7 +163,7 @@ impl Engine {
             done.in_sync = holders.clone();
             done.repl = holders.len() as u32;
             done.node = holders[0].clone();
-            match self.meta.update_volume(&done) {
+            match self.meta.update_volume(&done).await {
                 Ok(r) => {
                     tracing::info!(source = %src.name, %name, snapshot, holders = ?holders, "extents shared");
                     // A node that failed part-way frees what it may have shared.
@@ -173,7 +174,7 @@ impl Engine {
                     }
                     return self.info_of(r);
                 }
-                Err(MetaError::Conflict(_)) => done = self.record(name)?,
+                Err(MetaError::Conflict(_)) => done = self.record(name).await?,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -215,7 +216,7 @@ impl Engine {
         let mut out = Vec::new();
         for n in nodes {
             let r = if *n == self.node.id {
-                match self.local_replica(rec.id).await {
+                match self.replica_volume(rec.id).await {
                     Some(v) if op == Op::Share => self.share_local(&v, arg).await.map_err(|e| e.to_string()),
                     Some(v) => self.restore_local(&v, arg).await.map_err(|e| e.to_string()),
                     None => Err(format!("this node holds no replica of {}", rec.name)),
@@ -236,7 +237,7 @@ impl Engine {
                 return;
             }
         }
-        if let Err(e) = self.meta.remove_volume(&rec.name) {
+        if let Err(e) = self.meta.remove_volume(&rec.name).await {
             tracing::warn!(volume = %rec.name, "undoing a failed snapshot or clone: {e}");
         }
     }
@@ -257,8 +258,7 @@ impl Engine {
     /// each policy's KEEP.
     pub async fn schedules_once(&self, now: u64) {
         let me = self.node.id.clone();
-        let meta = self.meta.clone();
-        let Ok(Ok(all)) = tokio::task::spawn_blocking(move || meta.list_volumes()).await else { return };
+        let Ok(all) = self.meta.list_volumes().await else { return };
         let all: Vec<VolumeRecord> = all.into_iter().map(|r| r.normalized(&me)).collect();
         for rec in &all {
             let Some(sched) = rec.labels.get(SCHEDULE_LABEL) else { continue };
@@ -296,10 +296,11 @@ impl Engine {
     }
 
     /// Snapshots, of one volume or of all, oldest first.
-    pub fn snapshots(&self, volume: Option<&str>) -> Result<Vec<VolumeInfo>, VolumeError> {
+    pub async fn snapshots(&self, volume: Option<&str>) -> Result<Vec<VolumeInfo>, VolumeError> {
         let mut out: Vec<VolumeInfo> = self
             .meta
-            .list_volumes()?
+            .list_volumes()
+            .await?
             .into_iter()
             .filter(|r| r.snapshot_of.is_some() && volume.is_none_or(|v| r.snapshot_of.as_deref() == Some(v)))
             .map(|r| self.info_of(r))

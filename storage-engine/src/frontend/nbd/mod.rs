@@ -79,7 +79,7 @@ where
 }
 
 pub async fn serve_tcp(listener: TcpListener, engine: Arc<Engine>, limits: Arc<Limits>) {
-    crate::server::accept_tcp(listener, "nbd", |s, peer| handle(s, engine.clone(), limits.clone(), peer)).await
+    crate::net::accept_tcp(listener, "nbd", |s, peer| handle(s, engine.clone(), limits.clone(), peer)).await
 }
 
 pub async fn serve_unix(listener: UnixListener, engine: Arc<Engine>, limits: Arc<Limits>) {

@@ -1,0 +1,443 @@
+//! The target's membership rules, attach and the volume lifecycle, in process: engines on
+//! in-memory devices sharing an in-memory store (`strata_engine::testing`), with faults
+//! injected by the tests. Each runs in milliseconds.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use strata_engine::meta::MetaStore;
+use strata_engine::testing::TestCluster;
+use strata_engine::volume::{Engine, IoError, PlacementSpec, QosUpdate, VolumeError};
+
+const MIB: u64 = 1 << 20;
+
+async fn create(e: &Engine, name: &str, repl: u32) -> Result<strata_engine::volume::VolumeInfo, VolumeError> {
+    e.create(name, 16 * MIB, repl, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await
+}
+
+/// Writes `len` bytes of `byte` at `off` through the volume's target on `e`.
+async fn write(e: &Engine, name: &str, off: u64, len: usize, byte: u8) -> Result<(), IoError> {
+    let v = e.volume(name).expect("a handle");
+    let mut b = e.buffer(len);
+    b.fill(byte);
+    e.write(&v, off, b, false).await
+}
+
+async fn read(e: &Engine, name: &str, off: u64, len: usize) -> Result<Vec<u8>, IoError> {
+    let v = e.volume(name).expect("a handle");
+    Ok(e.read(&v, off, len).await?.bytes().to_vec())
+}
+
+async fn record(c: &TestCluster, name: &str) -> strata_engine::meta::VolumeRecord {
+    c.store.get_volume(name).await.unwrap().expect("the record")
+}
+
+fn in_sync_sorted(r: &strata_engine::meta::VolumeRecord) -> Vec<String> {
+    let mut v = r.in_sync.clone();
+    v.sort();
+    v
+}
+
+// ---- lifecycle ----
+
+#[tokio::test]
+async fn a_created_volume_is_detached_clean_at_epoch_one() {
+    let c = TestCluster::start(1).await;
+    let info = create(c.engine(0), "v", 1).await.unwrap();
+    let r = record(&c, "v").await;
+    assert_eq!((r.target.as_str(), r.epoch, r.clean), ("", 1, true));
+    assert_eq!(r.replicas, vec!["node-1".to_string()]);
+    assert_eq!(info.record.size, 16 * MIB);
+    assert!(c.engine(0).connect("v").is_none(), "not served until attached");
+}
+
+#[tokio::test]
+async fn bad_names_repl_and_sizes_are_refused_with_the_reason() {
+    let c = TestCluster::start(1).await;
+    let e = c.engine(0);
+    let bad_name = e.create("-x", MIB, 1, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await;
+    assert!(matches!(&bad_name, Err(VolumeError::InvalidArgument(m)) if m.contains("invalid")), "{bad_name:?}");
+    let repl = e.create("r", MIB, 4, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await;
+    assert!(matches!(&repl, Err(VolumeError::InvalidArgument(m)) if m.contains("repl 4")), "{repl:?}");
+    let zero = e.create("z", 0, 1, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await;
+    assert!(matches!(zero, Err(VolumeError::InvalidArgument(_))));
+    let huge = e.create("h", 1 << 40, 1, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await;
+    assert!(matches!(&huge, Err(VolumeError::ResourceExhausted(m)) if m.contains("capacity")), "{huge:?}");
+    assert!(c.store.list_volumes().await.unwrap().is_empty(), "nothing recorded");
+}
+
+#[tokio::test]
+async fn a_taken_name_is_refused() {
+    let c = TestCluster::start(1).await;
+    create(c.engine(0), "v", 1).await.unwrap();
+    assert!(matches!(create(c.engine(0), "v", 1).await, Err(VolumeError::AlreadyExists(_))));
+}
+
+#[tokio::test]
+async fn more_replicas_than_nodes_is_refused() {
+    let c = TestCluster::start(2).await;
+    let r = create(c.engine(0), "v", 3).await;
+    assert!(r.is_err(), "3 replicas on 2 nodes: {r:?}");
+    assert!(c.store.get_volume("v").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn replicas_go_to_distinct_nodes() {
+    let c = TestCluster::start(3).await;
+    let info = create(c.engine(0), "v", 3).await.unwrap();
+    let mut nodes = info.record.replicas.clone();
+    nodes.sort();
+    assert_eq!(nodes, ["node-1", "node-2", "node-3"]);
+    assert_eq!(in_sync_sorted(&info.record), nodes);
+}
+
+#[tokio::test]
+async fn a_volume_grows_but_never_shrinks() {
+    let c = TestCluster::start(1).await;
+    let e = c.engine(0);
+    create(e, "v", 1).await.unwrap();
+    let grown = e.update("v", Some(32 * MIB), BTreeMap::new(), QosUpdate::default()).await.unwrap();
+    assert_eq!(grown.record.size, 32 * MIB);
+    let shrink = e.update("v", Some(8 * MIB), BTreeMap::new(), QosUpdate::default()).await;
+    assert!(matches!(&shrink, Err(VolumeError::FailedPrecondition(m)) if m.contains("only grow")), "{shrink:?}");
+    assert_eq!(record(&c, "v").await.size, 32 * MIB);
+}
+
+#[tokio::test]
+async fn a_grown_attached_volume_takes_writes_past_its_old_end_on_every_replica() {
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    create(e, "v", 2).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    assert!(write(e, "v", 20 * MIB, 4096, 1).await.is_err(), "past the end");
+    e.update("v", Some(32 * MIB), BTreeMap::new(), QosUpdate::default()).await.unwrap();
+    write(e, "v", 20 * MIB, 4096, 1).await.unwrap();
+    assert_eq!(in_sync_sorted(&record(&c, "v").await), ["node-1", "node-2"], "the replica took it too");
+}
+
+#[tokio::test]
+async fn deleting_a_volume_frees_its_extents_on_every_replica() {
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    create(e, "v", 2).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    write(e, "v", 0, 2 * MIB as usize, 9).await.unwrap();
+    let used: Vec<u64> = c.nodes.iter().map(|n| n.engine.pool.used_bytes()).collect();
+    assert!(used.iter().all(|u| *u >= 2 * MIB), "{used:?}");
+    e.delete("v", false).await.unwrap();
+    assert!(c.store.get_volume("v").await.unwrap().is_none());
+    for n in &c.nodes {
+        assert_eq!(n.engine.pool.used_bytes(), 0, "{} freed its replica", n.engine.node.id);
+    }
+}
+
+#[tokio::test]
+async fn a_volume_with_a_connected_client_is_deleted_only_with_force() {
+    let c = TestCluster::start(1).await;
+    let e = c.engine(0);
+    create(e, "v", 1).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    let client = e.connect("v").expect("served");
+    let r = e.delete("v", false).await;
+    assert!(matches!(&r, Err(VolumeError::FailedPrecondition(m)) if m.contains("connected NBD client")), "{r:?}");
+    e.delete("v", true).await.unwrap();
+    drop(client);
+    assert!(c.store.get_volume("v").await.unwrap().is_none());
+}
+
+// ---- attach ----
+
+#[tokio::test]
+async fn attach_takes_a_new_epoch_and_serves_what_was_written() {
+    let c = TestCluster::start(1).await;
+    let e = c.engine(0);
+    create(e, "v", 1).await.unwrap();
+    let info = e.attach("v", false, None).await.unwrap();
+    assert_eq!((info.record.target.as_str(), info.record.epoch), ("node-1", 2));
+    write(e, "v", 4096, 8192, 0x5a).await.unwrap();
+    assert!(read(e, "v", 4096, 8192).await.unwrap().iter().all(|b| *b == 0x5a));
+    assert!(read(e, "v", 0, 4096).await.unwrap().iter().all(|b| *b == 0), "never written reads as zeroes");
+}
+
+#[tokio::test]
+async fn attaching_again_where_it_is_served_changes_nothing() {
+    let c = TestCluster::start(1).await;
+    let e = c.engine(0);
+    create(e, "v", 1).await.unwrap();
+    let first = e.attach("v", false, None).await.unwrap();
+    let again = e.attach("v", false, None).await.unwrap();
+    assert_eq!(first.record.epoch, again.record.epoch);
+}
+
+#[tokio::test]
+async fn a_volume_served_on_an_online_node_is_not_taken_without_force() {
+    let c = TestCluster::start(2).await;
+    create(c.engine(0), "v", 2).await.unwrap();
+    c.engine(0).attach("v", false, None).await.unwrap();
+    let r = c.engine(1).attach("v", false, None).await;
+    assert!(matches!(&r, Err(VolumeError::FailedPrecondition(m)) if m.contains("attached on node node-1")), "{r:?}");
+    assert_eq!(record(&c, "v").await.target, "node-1");
+    write(c.engine(0), "v", 0, 4096, 1).await.expect("node-1 still serves");
+}
+
+#[tokio::test]
+async fn a_forced_takeover_fences_the_old_target() {
+    let c = TestCluster::start(2).await;
+    let (a, b) = (c.engine(0), c.engine(1));
+    create(a, "v", 2).await.unwrap();
+    a.attach("v", false, None).await.unwrap();
+    write(a, "v", 0, 4096, 1).await.unwrap();
+    let taken = b.attach("v", true, None).await.unwrap();
+    assert_eq!((taken.record.target.as_str(), taken.record.epoch), ("node-2", 3));
+    let stale = write(a, "v", 0, 4096, 2).await;
+    assert!(stale.is_err(), "the old target's write is refused: {stale:?}");
+    assert!(a.connect("v").is_none(), "the fenced target serves no new client");
+    assert!(read(b, "v", 0, 4096).await.unwrap().iter().all(|x| *x == 1), "the fenced write never landed");
+    write(b, "v", 0, 4096, 3).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_volume_on_a_node_that_reads_offline_is_taken_over_without_force() {
+    let c = TestCluster::start(2).await;
+    create(c.engine(0), "v", 2).await.unwrap();
+    c.engine(0).attach("v", false, None).await.unwrap();
+    c.store.set_offline("node-1", true);
+    let info = c.engine(1).attach("v", false, None).await.unwrap();
+    assert_eq!(info.record.target, "node-2");
+    assert!(!info.record.clean, "the old target may have died mid-write");
+}
+
+#[tokio::test]
+async fn concurrent_forced_attaches_leave_exactly_one_target() {
+    for _ in 0..5 {
+        let c = TestCluster::start(3).await;
+        create(c.engine(0), "v", 3).await.unwrap();
+        let (r1, r2, r3) =
+            tokio::join!(c.engine(0).attach("v", true, None), c.engine(1).attach("v", true, None), c.engine(2).attach("v", true, None));
+        assert!(r1.is_ok() || r2.is_ok() || r3.is_ok(), "{r1:?} {r2:?} {r3:?}");
+        let rec = record(&c, "v").await;
+        let writable: Vec<usize> = {
+            let mut w = Vec::new();
+            for i in 0..3 {
+                if c.engine(i).volume("v").is_some() && write(c.engine(i), "v", 0, 4096, i as u8 + 1).await.is_ok() {
+                    w.push(i);
+                }
+            }
+            w
+        };
+        assert_eq!(writable.len(), 1, "exactly one node acknowledges writes: {writable:?}");
+        assert_eq!(c.engine(writable[0]).node.id, rec.target, "the one the record names");
+    }
+}
+
+#[tokio::test]
+async fn a_conflicting_change_of_the_record_fails_attach_and_leaves_it_unserved() {
+    let c = TestCluster::start(1).await;
+    let e = c.engine(0);
+    create(e, "v", 1).await.unwrap();
+    c.store.inject_conflicts(1);
+    let r = e.attach("v", false, None).await;
+    assert!(matches!(&r, Err(VolumeError::Aborted(m)) if m.contains("retry")), "{r:?}");
+    assert!(e.connect("v").is_none());
+    assert_eq!(record(&c, "v").await.target, "");
+    e.attach("v", false, None).await.expect("a retry succeeds");
+}
+
+#[tokio::test]
+async fn detach_with_a_client_needs_force_and_then_marks_the_record_unclean() {
+    let c = TestCluster::start(1).await;
+    let e = c.engine(0);
+    create(e, "v", 1).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    let client = e.connect("v").unwrap();
+    assert!(matches!(e.detach("v", false).await, Err(VolumeError::FailedPrecondition(_))));
+    let r = e.detach("v", true).await.unwrap();
+    assert_eq!((r.record.target.as_str(), r.record.clean), ("", false));
+    drop(client);
+    assert!(e.connect("v").is_none());
+}
+
+#[tokio::test]
+async fn a_clean_detach_lets_another_node_attach_without_force() {
+    let c = TestCluster::start(2).await;
+    create(c.engine(0), "v", 2).await.unwrap();
+    c.engine(0).attach("v", false, None).await.unwrap();
+    write(c.engine(0), "v", 0, 4096, 7).await.unwrap();
+    let r = c.engine(0).detach("v", false).await.unwrap();
+    assert!(r.record.clean);
+    c.engine(1).attach("v", false, None).await.unwrap();
+    assert!(read(c.engine(1), "v", 0, 4096).await.unwrap().iter().all(|b| *b == 7));
+}
+
+#[tokio::test]
+async fn detach_is_refused_on_a_node_that_does_not_serve_the_volume() {
+    let c = TestCluster::start(2).await;
+    create(c.engine(0), "v", 2).await.unwrap();
+    c.engine(0).attach("v", false, None).await.unwrap();
+    let r = c.engine(1).detach("v", false).await;
+    assert!(matches!(&r, Err(VolumeError::FailedPrecondition(m)) if m.contains("served by node node-1")), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_snapshot_is_never_attached() {
+    let c = TestCluster::start(1).await;
+    let e = c.engine(0);
+    create(e, "v", 1).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    e.snapshot("v", "s", BTreeMap::new()).await.unwrap();
+    let r = e.attach("s", false, None).await;
+    assert!(matches!(&r, Err(VolumeError::FailedPrecondition(m)) if m.contains("snapshot")), "{r:?}");
+}
+
+// ---- membership ----
+
+#[tokio::test]
+async fn a_replica_that_fails_a_write_leaves_the_in_sync_set_before_the_ack() {
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    create(e, "v", 2).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    write(e, "v", 0, 4096, 1).await.unwrap();
+    c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
+    write(e, "v", 4096, 4096, 2).await.expect("acknowledged by the replica left in sync");
+    let r = record(&c, "v").await;
+    assert_eq!(r.in_sync, vec!["node-1".to_string()], "recorded out before the ack");
+    let info = e.inspect("v").await.unwrap();
+    let peer = info.replicas.iter().find(|p| p.node == "node-2").unwrap();
+    assert_eq!(peer.state, "out_of_sync");
+    assert!(peer.dirty_bytes > 0, "the missed region is recorded");
+}
+
+#[tokio::test]
+async fn writes_go_on_through_a_store_outage_while_membership_is_unchanged() {
+    let c = TestCluster::start(3).await;
+    let e = c.engine(0);
+    create(e, "v", 3).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    c.store.set_down(true);
+    for i in 0..50u64 {
+        write(e, "v", i * 4096, 4096, i as u8).await.expect("no store needed");
+    }
+    assert!(read(e, "v", 49 * 4096, 4096).await.unwrap().iter().all(|b| *b == 49));
+    c.store.set_down(false);
+    assert_eq!(in_sync_sorted(&record(&c, "v").await), ["node-1", "node-2", "node-3"]);
+}
+
+#[tokio::test]
+async fn a_membership_change_during_a_store_outage_fails_the_write() {
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    create(e, "v", 2).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    c.store.set_down(true);
+    c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
+    let r = write(e, "v", 0, 4096, 1).await;
+    assert!(r.is_err(), "not acknowledged: the failed replica cannot be recorded out: {r:?}");
+    c.store.set_down(false);
+    assert_eq!(in_sync_sorted(&record(&c, "v").await), ["node-1", "node-2"], "the record was never changed");
+}
+
+#[tokio::test]
+async fn with_no_replica_left_a_write_fails() {
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    // repl=1 placed on this node: its device failing fails the write (nothing to fail over to).
+    create(e, "v", 1).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    c.nodes[0].faults.fail_writes.store(true, Ordering::Release);
+    assert!(write(e, "v", 0, 4096, 1).await.is_err());
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_makes_the_target_reread_the_record_and_stop_when_taken_over() {
+    let c = TestCluster::start(2).await;
+    let (a, b) = (c.engine(0), c.engine(1));
+    create(a, "v", 1).await.unwrap();
+    a.attach("v", false, None).await.unwrap();
+    // Another node took the record over while this node's lease had lapsed (no HELLO reached
+    // this replica, as in a partition), then this node renews its lease.
+    let mut r = record(&c, "v").await;
+    r.target = "node-2".into();
+    r.epoch += 1;
+    c.store.update_volume(&r).await.unwrap();
+    write(a, "v", 0, 4096, 1).await.expect("the lease is still this node's: the record is not re-read");
+    c.nodes[0].store.lapse_lease();
+    let w = write(a, "v", 0, 4096, 2).await;
+    assert!(w.is_err(), "after a lapse the target re-reads the record and finds itself replaced: {w:?}");
+    assert!(b.volume("v").is_none() || b.connect("v").is_none());
+}
+
+#[tokio::test]
+async fn a_newer_target_fences_every_replica_of_the_old_one() {
+    let c = TestCluster::start(3).await;
+    let (a, b) = (c.engine(0), c.engine(1));
+    create(a, "v", 3).await.unwrap();
+    a.attach("v", false, None).await.unwrap();
+    b.attach("v", true, None).await.unwrap();
+    for (i, e) in [a, c.engine(2)].into_iter().enumerate() {
+        if let Some(v) = e.volume("v") {
+            assert_eq!(v.newest_epoch(), 3, "replica {i} has seen the new epoch");
+        }
+    }
+    assert!(write(a, "v", 0, 4096, 1).await.is_err());
+}
+
+#[tokio::test]
+async fn a_flush_reaches_every_in_sync_replica() {
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    create(e, "v", 2).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    write(e, "v", 0, 4096, 1).await.unwrap();
+    let v = e.volume("v").unwrap();
+    e.flush(&v).await.unwrap();
+    // A replica whose device cannot sync leaves the set instead of the flush lying.
+    c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
+    e.flush(&v).await.unwrap();
+    assert_eq!(record(&c, "v").await.in_sync, vec!["node-1".to_string()]);
+}
+
+#[tokio::test]
+async fn writes_reach_every_replica_byte_for_byte() {
+    let c = TestCluster::start(3).await;
+    let e = c.engine(0);
+    create(e, "v", 3).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    for i in 0..8u64 {
+        write(e, "v", i * 65536 + 512 * i, 4096 + 512 * i as usize, 0x10 + i as u8).await.unwrap();
+    }
+    let sums: Vec<Vec<(u64, u32)>> = {
+        let mut s = Vec::new();
+        for n in &c.nodes {
+            s.push(n.engine.extent_checksums("v").await.unwrap());
+        }
+        s
+    };
+    assert!(!sums[0].is_empty());
+    assert!(sums.iter().all(|s| *s == sums[0]), "replicas identical: {sums:?}");
+}
+
+#[tokio::test]
+async fn the_store_is_not_asked_on_the_write_path() {
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    create(e, "v", 2).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    write(e, "v", 0, 4096, 1).await.unwrap();
+    let before = c.store.calls();
+    for i in 0..20u64 {
+        write(e, "v", i * 4096, 4096, 2).await.unwrap();
+    }
+    assert_eq!(c.store.calls(), before, "writes with unchanged membership make no store call");
+}
+
+#[tokio::test]
+async fn engines_share_one_record_per_volume() {
+    let c = TestCluster::start(2).await;
+    create(c.engine(0), "v", 2).await.unwrap();
+    let seen = c.engine(1).inspect("v").await.unwrap();
+    assert_eq!(seen.record.replicas.len(), 2);
+    let listed: Vec<String> = c.engine(1).list().await.unwrap().into_iter().map(|v| v.record.name).collect();
+    assert_eq!(listed, ["v"]);
+    let _ = Arc::clone(c.engine(1));
+}
