@@ -35,7 +35,14 @@ impl EtcdProc {
             let t0 = Instant::now();
             loop {
                 if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
-                    return EtcdProc { child, url, peer_url, _dir: dir };
+                    // Another test's etcd may have bound the same port a moment earlier (both
+                    // picked it while it was free): then ours exits on its failed bind, and the
+                    // port answers for the other one until that test ends. Ours must live on.
+                    std::thread::sleep(Duration::from_millis(300));
+                    if child.try_wait().ok().flatten().is_none() {
+                        return EtcdProc { child, url, peer_url, _dir: dir };
+                    }
+                    break;
                 }
                 if child.try_wait().ok().flatten().is_some() {
                     break; // exited (a port was taken): try new ports

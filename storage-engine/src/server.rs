@@ -46,11 +46,11 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<E
     let (paths, simulate) = (args.devices.clone(), args.simulate_volatile_cache);
     let pool = tokio::task::spawn_blocking(move || Pool::open(open_devices(&paths, &opts, simulate)?, &spec).map_err(anyhow::Error::from)).await??;
     let node_id = node.id.clone();
-    let mut engine = Engine::new(Arc::new(pool), meta, node).await?;
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
-    engine.alerts = crate::alerts::Alerts::open(&node_id, args.data_dir.join("alerts.jsonl"));
+    let alerts = crate::alerts::Alerts::open(&node_id, args.data_dir.join("alerts.jsonl"));
+    let mut engine = Engine::new(Arc::new(pool), meta, node, alerts).await?;
     engine.distrust_local_replicas_if_salvaged().await?;
-    engine.readahead_window = args.readahead;
+    engine.local.readahead_window.store(args.readahead, std::sync::atomic::Ordering::Relaxed);
     engine.repl = crate::replication::target::TargetConfig {
         timeout: std::time::Duration::from_secs(args.replica_io_timeout.max(1)),
         resync_rate: args.resync_rate,

@@ -70,7 +70,8 @@ impl TestNode {
         let spec = OpenSpec { expected: None, force_format: false, extent_size: 1 << 20, check_only: false };
         let devs: Vec<(String, Arc<dyn BlockIo>)> = vec![(format!("mem:{id}"), dev)];
         let pool = Pool::open(devs, &spec).expect("a new pool on a memory device");
-        let mut engine = Engine::new(Arc::new(pool), Arc::new(store.clone()), node).await.expect("engine");
+        let alerts = crate::alerts::Alerts::in_memory(id);
+        let mut engine = Engine::new(Arc::new(pool), Arc::new(store.clone()), node, alerts).await.expect("engine");
         let data_dir = std::env::temp_dir().join(format!("strata-test-{}-{id}", uuid::Uuid::new_v4()));
         engine.repl.data_dir = data_dir.clone();
         engine.repl.timeout = Duration::from_secs(1);

@@ -194,6 +194,24 @@ pub trait MetaStore: Send + Sync {
     }
 }
 
+/// The SDK endpoint (a URI) node `node` registered, if the store knows the node and its
+/// address.
+pub async fn sdk_endpoint(meta: &dyn MetaStore, node: &str) -> Result<Option<String>, MetaError> {
+    Ok(meta
+        .list_nodes()
+        .await?
+        .into_iter()
+        .find(|(n, _)| n.id == node)
+        .map(|(n, _)| n.sdk_address)
+        .filter(|a| !a.is_empty())
+        .map(|a| strata_api::endpoint_uri(&a)))
+}
+
+/// The replication address a node registered, if the store knows the node.
+pub async fn replication_address(meta: &dyn MetaStore, node: &str) -> Option<String> {
+    meta.list_nodes().await.ok()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.repl_address).filter(|a| !a.is_empty())
+}
+
 /// The behaviour every store must have, run against each of them by their tests (the etcd
 /// one's among the integration tests).
 #[doc(hidden)]

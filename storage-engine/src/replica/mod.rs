@@ -1,19 +1,20 @@
-//! One volume's data in this node's pool, as a replica: the requests a target sends over the
-//! replication protocol, each checked against the volume's epoch first. A request from an older
-//! epoch than the newest seen is refused (`ESTALE`): its sender was fenced by a takeover.
+//! One volume's data in this node's pool, as a replica: reads, writes, flushes, trims and
+//! zeroing (`io`), each refused once a newer epoch was seen here, so a fenced target's requests
+//! cannot land. No metadata store and no networking: the target (`replication`) and the served
+//! volume (`volume`) sit above.
 
-use crate::device::AlignedBuf;
-use crate::replication::frame::{self, Op, Request, FLAG_FUA, FLAG_NO_HOLE};
-use crate::volume::{Engine, IoError, ReadData, Volume};
-use std::sync::atomic::Ordering;
+mod error;
+mod io;
+pub mod readahead;
 
-/// A replica's answer: an errno (0 = success) and, for READ and EXTENTS, data.
-pub enum Answer {
-    Done,
-    Data(ReadData),
-    Bytes(Vec<u8>),
-    Error(u32),
-}
+pub use error::{offsets, IoError, ReadBuf, ReadData};
+pub use io::aligned;
+
+use crate::alerts::Alerts;
+use crate::device::{AlignedBuf, BufPool};
+use crate::pool::Pool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 static BOOT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
 
@@ -29,7 +30,41 @@ pub fn new_boot_id() {
     let _ = BOOT.set(format!("fresh-{}-{}", std::process::id(), crate::clock::now_unix()).into_bytes());
 }
 
-impl Volume {
+/// One volume's replica on this node: its size, I/O lock, epoch fence and readahead.
+pub struct Replica {
+    pub id: u64,
+    pub name: String,
+    pub(crate) size: AtomicU64,
+    /// Shared by ordinary I/O; exclusive for read-modify-write and for freeing extents.
+    pub(crate) io_lock: tokio::sync::RwLock<()>,
+    pub(crate) deleted: AtomicBool,
+    /// Bumped after every completed write, trim or zeroing (readahead coherence).
+    pub(crate) write_gen: AtomicU64,
+    pub(crate) readahead: readahead::Readahead,
+    /// The newest epoch seen for this volume (requests of older ones are refused).
+    pub(crate) epoch: AtomicU64,
+    /// Replica requests hold it shared, a new target's HELLO exclusively.
+    pub(crate) fence: tokio::sync::RwLock<()>,
+    /// A snapshot: writes are refused.
+    pub read_only: bool,
+}
+
+impl Replica {
+    pub fn new(id: u64, name: &str, size: u64, epoch: u64, read_only: bool) -> Replica {
+        Replica {
+            id,
+            name: name.to_string(),
+            size: AtomicU64::new(size),
+            io_lock: tokio::sync::RwLock::new(()),
+            deleted: AtomicBool::new(false),
+            write_gen: AtomicU64::new(0),
+            readahead: Default::default(),
+            epoch: AtomicU64::new(epoch),
+            fence: tokio::sync::RwLock::new(()),
+            read_only,
+        }
+    }
+
     /// Accepts `epoch` if it is not older than the newest seen, remembering it.
     pub fn admit_epoch(&self, epoch: u64) -> bool {
         self.epoch.fetch_max(epoch, Ordering::AcqRel) <= epoch
@@ -39,66 +74,49 @@ impl Volume {
     pub fn newest_epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
+
+    /// A replica learns a grown size from its target.
+    pub fn grow_to(&self, size: u64) {
+        self.size.fetch_max(size, Ordering::AcqRel);
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
 }
 
-impl Engine {
-    /// Serves one replication request for volume `v` (already looked up by id).
-    pub async fn replica_request(&self, v: &std::sync::Arc<Volume>, req: &Request, payload: Option<AlignedBuf>) -> Answer {
-        // HELLO raises the epoch with every request of older epochs drained (the fence is held
-        // exclusively); any other request checks the epoch and runs under the fence shared, so
-        // none of a fenced target's requests can land after a newer target said hello.
-        if req.op == Op::Hello {
-            let _f = v.fence.write().await;
-            if !v.admit_epoch(req.epoch) {
-                return Answer::Error(frame::ESTALE);
-            }
-            v.grow_to(req.offset);
-            // The node's boot: a target that finds it changed since its last hello knows writes
-            // not yet flushed may be gone from this replica.
-            return Answer::Bytes(boot_id().to_vec());
+/// This node's replicas' shared data path: the pool, I/O buffers, readahead budget, and the
+/// alerts a failed checksum raises.
+pub struct Local {
+    pub pool: Arc<Pool>,
+    bufs: BufPool,
+    pub alerts: Arc<Alerts>,
+    /// This node's id (for alert texts).
+    node: String,
+    /// Bytes read ahead of a sequential reader (0 = off).
+    pub readahead_window: AtomicU64,
+    /// Readahead bytes held by all volumes (bounded by `readahead::GLOBAL_LIMIT`).
+    readahead_held: Arc<AtomicU64>,
+}
+
+impl Local {
+    pub fn new(pool: Arc<Pool>, alerts: Arc<Alerts>, node: &str) -> Local {
+        Local {
+            pool,
+            bufs: BufPool::new(),
+            alerts,
+            node: node.to_string(),
+            readahead_window: AtomicU64::new(readahead::WINDOW),
+            readahead_held: Arc::new(AtomicU64::new(0)),
         }
-        let _f = v.fence.read().await;
-        if !v.admit_epoch(req.epoch) {
-            return Answer::Error(frame::ESTALE);
-        }
-        let fua = req.flags & FLAG_FUA != 0;
-        let done = |r: Result<(), IoError>| match r {
-            Ok(()) => Answer::Done,
-            Err(e) => Answer::Error(e.errno(true)),
-        };
-        match req.op {
-            Op::Hello => Answer::Done,
-            Op::Read => match self.read_local(v, req.offset, req.len as usize).await {
-                Ok(d) => Answer::Data(d),
-                Err(e) => Answer::Error(e.errno(false)),
-            },
-            Op::Write => match payload {
-                Some(buf) => done(self.write_local(v, req.offset, buf, fua).await),
-                None => Answer::Error(libc::EINVAL as u32),
-            },
-            Op::Flush => done(self.flush_local(v).await),
-            Op::Trim => done(self.zero_local(v, req.offset, req.len as u64, true, fua).await),
-            Op::WriteZeroes => done(self.zero_local(v, req.offset, req.len as u64, req.flags & FLAG_NO_HOLE == 0, fua).await),
-            Op::Extents => {
-                let mut out = Vec::new();
-                for l in self.pool.volume_extents(v.id) {
-                    out.extend_from_slice(&l.to_be_bytes());
-                }
-                Answer::Bytes(out)
-            }
-            Op::Checksum => match self.read_local(v, req.offset, req.len as usize).await {
-                Ok(d) => Answer::Bytes(crc32c::crc32c(d.bytes()).to_be_bytes().to_vec()),
-                Err(e) => Answer::Error(e.errno(false)),
-            },
-            Op::Share => done(self.share_local(v, req.offset).await),
-            Op::Restore => done(self.restore_local(v, req.offset).await),
-            Op::Drop => match self.drop_replica(v.id).await {
-                Ok(()) => Answer::Done,
-                Err(e) => {
-                    tracing::warn!(volume = v.id, "dropping replica data failed: {e}");
-                    Answer::Error(libc::EIO as u32)
-                }
-            },
-        }
+    }
+
+    /// A pooled buffer (for a write payload or a read).
+    pub fn buffer(&self, len: usize) -> AlignedBuf {
+        self.bufs.get(len)
     }
 }

@@ -10,3 +10,22 @@ pub mod reconcile;
 pub mod resync;
 pub mod server;
 pub mod target;
+
+use crate::replica::Local;
+use std::sync::Arc;
+
+/// What a target's background work (resync, reconcile) needs from its node: the local data
+/// path (reads of the source, alerts) and where to ask for a replica to be rebuilt elsewhere.
+pub struct Host {
+    pub local: Arc<Local>,
+    /// (volume, node) pairs whose replica should be rebuilt on another node.
+    pub replacements: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+}
+
+impl Host {
+    pub(crate) fn request_replacement(&self, name: &str, node: &str) {
+        if let Some(tx) = &self.replacements {
+            let _ = tx.send((name.to_string(), node.to_string()));
+        }
+    }
+}

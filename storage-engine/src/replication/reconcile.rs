@@ -8,12 +8,12 @@
 
 use super::frame::Op;
 use super::target::{PeerState, Target, TargetError};
-use crate::volume::Engine;
+use super::Host;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub async fn run(e: Arc<Engine>, t: Arc<Target>) {
+pub async fn run(e: Arc<Host>, t: Arc<Target>) {
     match reconcile(&e, &t).await {
         Ok(repaired) => {
             if repaired > 0 {
@@ -28,13 +28,13 @@ pub async fn run(e: Arc<Engine>, t: Arc<Target>) {
 }
 
 /// The crc32c of `[off, off+len)` on the source.
-async fn source_sum(e: &Engine, t: &Target, off: u64, len: usize) -> Result<u32, TargetError> {
-    let d = t.read_source(e, off, len).await.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
+async fn source_sum(e: &Host, t: &Target, off: u64, len: usize) -> Result<u32, TargetError> {
+    let d = t.read_source(&e.local, off, len).await.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
     Ok(crc32c::crc32c(d.bytes()))
 }
 
-async fn reconcile(e: &Engine, t: &Target) -> Result<u64, TargetError> {
-    let mut extents: BTreeSet<u64> = e.pool.volume_extents(t.vol.id).into_iter().collect();
+async fn reconcile(e: &Host, t: &Target) -> Result<u64, TargetError> {
+    let mut extents: BTreeSet<u64> = e.local.pool.volume_extents(t.vol.id).into_iter().collect();
     for p in t.peers.iter().filter(|p| p.state() == PeerState::InSync) {
         if let Some(c) = p.client_now() {
             match c.call(Op::Extents, 0, t.vol.id, t.epoch, 0, 0, None).await {
@@ -44,7 +44,7 @@ async fn reconcile(e: &Engine, t: &Target) -> Result<u64, TargetError> {
             }
         }
     }
-    let es = e.pool.extent_size;
+    let es = e.local.pool.extent_size;
     let mut repaired = 0;
     for x in extents {
         if t.is_closed() || t.is_fenced() {
@@ -74,7 +74,7 @@ async fn reconcile(e: &Engine, t: &Target) -> Result<u64, TargetError> {
                 continue;
             }
             if data.is_none() {
-                let d = t.read_source(e, off, len).await;
+                let d = t.read_source(&e.local, off, len).await;
                 let d = d.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
                 data = Some(bytes::Bytes::copy_from_slice(d.bytes()));
             }

@@ -10,7 +10,7 @@
 use super::dirty::REGION;
 use super::frame::Op;
 use super::target::{Peer, PeerState, Target, TargetError};
-use crate::volume::Engine;
+use super::Host;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,18 +21,23 @@ const PERSIST_EVERY: Duration = Duration::from_millis(250);
 
 /// Raises the replica alerts an operator must see: out of sync (the volume is degraded) once
 /// per departure, and back in sync.
-fn alert_replica(engine: &Engine, t: &Target, p: &Peer, alerted: &mut std::collections::HashSet<String>) {
+fn alert_replica(engine: &Host, t: &Target, p: &Peer, alerted: &mut std::collections::HashSet<String>) {
     use crate::alerts::Severity::{Notify, Warning};
     let resource = format!("volume/{}", t.name);
     match p.state() {
         PeerState::InSync => {
             if alerted.remove(&p.node) {
-                engine.alerts.raise(Notify, "ReplicaInSync", &resource, format!("volume {}: the replica on node {} is back in sync", t.name, p.node));
+                engine.local.alerts.raise(
+                    Notify,
+                    "ReplicaInSync",
+                    &resource,
+                    format!("volume {}: the replica on node {} is back in sync", t.name, p.node),
+                );
             }
         }
         _ => {
             if alerted.insert(p.node.clone()) {
-                engine.alerts.raise(
+                engine.local.alerts.raise(
                     Warning,
                     "ReplicaOutOfSync",
                     &resource,
@@ -44,7 +49,7 @@ fn alert_replica(engine: &Engine, t: &Target, p: &Peer, alerted: &mut std::colle
 }
 
 /// Runs for the target's life.
-pub async fn run(engine: Arc<Engine>, t: Arc<Target>) {
+pub async fn run(engine: Arc<Host>, t: Arc<Target>) {
     let mut alerted = std::collections::HashSet::new();
     while !t.is_closed() && !t.is_fenced() {
         t.reconnect_broken().await;
@@ -73,11 +78,11 @@ pub async fn run(engine: Arc<Engine>, t: Arc<Target>) {
 }
 
 /// Rebuilds the replica elsewhere once its node has been offline for `--replica-timeout`.
-async fn watch_offline(e: &Arc<Engine>, t: &Arc<Target>, p: &Arc<Peer>) {
+async fn watch_offline(e: &Arc<Host>, t: &Arc<Target>, p: &Arc<Peer>) {
     if t.replica_timeout.is_zero() {
         return;
     }
-    let nodes = e.meta.list_nodes().await.unwrap_or_default();
+    let nodes = t.meta.list_nodes().await.unwrap_or_default();
     let state = nodes.into_iter().find(|(n, _)| n.id == p.node).map(|(_, s)| s);
     let offline = matches!(state, Some(crate::meta::NodeState::Offline));
     let due = {
@@ -98,8 +103,8 @@ async fn watch_offline(e: &Arc<Engine>, t: &Arc<Target>, p: &Arc<Peer>) {
     }
 }
 
-async fn resync(e: &Engine, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
-    if let Some(addr) = crate::volume::replication_address(&*e.meta, &p.node).await {
+async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
+    if let Some(addr) = crate::meta::replication_address(&*t.meta, &p.node).await {
         *p.addr.lock() = addr;
     }
     t.connect(p, t.vol.size()).await?;
@@ -167,12 +172,12 @@ async fn persist(p: &Arc<Peer>) -> Result<(), TargetError> {
 }
 
 /// Records every extent allocated on the source or on the replica as missed.
-async fn plan_full_rebuild(e: &Engine, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
+async fn plan_full_rebuild(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
     let theirs = c.call(Op::Extents, 0, t.vol.id, t.epoch, 0, 0, None).await?;
     let mut extents: std::collections::BTreeSet<u64> = theirs.chunks_exact(8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))).collect();
-    extents.extend(e.pool.volume_extents(t.vol.id));
-    let es = e.pool.extent_size;
+    extents.extend(e.local.pool.volume_extents(t.vol.id));
+    let es = e.local.pool.extent_size;
     let size = t.vol.size();
     let p2 = p.clone();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -192,7 +197,7 @@ async fn plan_full_rebuild(e: &Engine, t: &Target, p: &Arc<Peer>) -> Result<(), 
 }
 
 /// Copies one region from the source (this node's replica, else an in-sync peer).
-async fn copy_region(e: &Engine, t: &Target, p: &Arc<Peer>, region: u64) -> Result<(), TargetError> {
+async fn copy_region(e: &Host, t: &Target, p: &Arc<Peer>, region: u64) -> Result<(), TargetError> {
     let _w = t.region_lock.write().await;
     if p.state() != PeerState::CatchingUp {
         return Err(TargetError::NoReplica(format!("{} (replica {} failed during resync)", t.name, p.node)));
@@ -204,7 +209,7 @@ async fn copy_region(e: &Engine, t: &Target, p: &Arc<Peer>, region: u64) -> Resu
         return Ok(());
     }
     let len = REGION.min(size - off) as usize;
-    let data = t.read_source(e, off, len).await;
+    let data = t.read_source(&e.local, off, len).await;
     let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
     let bytes = data.bytes();

@@ -5,9 +5,9 @@
 //! being read and their reply being written; past that the reader waits (backpressure on the
 //! target).
 
-use super::frame::{self, Reply, REQUEST_LEN};
-use crate::replica::Answer;
-use crate::volume::{Engine, Volume};
+use super::frame::{self, Op, Reply, Request, FLAG_FUA, FLAG_NO_HOLE, REQUEST_LEN};
+use crate::device::AlignedBuf;
+use crate::replica::{boot_id, IoError, Local, ReadData, Replica};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,11 +21,31 @@ pub struct Bounds {
     pub bytes: usize,
 }
 
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>, bounds: Bounds) {
-    crate::net::accept_tcp(listener, "replication", |s, peer| connection(s, engine.clone(), peer, bounds)).await
+/// This node's replicas, as the replication server needs them (the volume layer has them).
+#[async_trait::async_trait]
+pub trait Replicas: Send + Sync + 'static {
+    /// The data path every replica here shares.
+    fn local(&self) -> &Local;
+    /// The replica of volume id `id` on this node, loaded from the store when it was created
+    /// after this engine started; None when no replica of it is here.
+    async fn replica(&self, id: u64) -> Option<Arc<Replica>>;
+    /// Frees this node's replica of volume id `id` (and forgets its handle).
+    async fn drop_replica(&self, id: u64) -> Result<(), String>;
 }
 
-async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String, bounds: Bounds) {
+pub async fn serve(listener: TcpListener, replicas: Arc<dyn Replicas>, bounds: Bounds) {
+    crate::net::accept_tcp(listener, "replication", |s, peer| connection(s, replicas.clone(), peer, bounds)).await
+}
+
+/// A replica's answer: an errno (0 = success) and, for READ and EXTENTS, data.
+pub enum Answer {
+    Done,
+    Data(ReadData),
+    Bytes(Vec<u8>),
+    Error(u32),
+}
+
+async fn connection(s: TcpStream, engine: Arc<dyn Replicas>, peer: String, bounds: Bounds) {
     let (rd, mut wr) = s.into_split();
     let mut rd = tokio::io::BufReader::with_capacity(BATCH, rd);
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Answer, Held)>();
@@ -46,7 +66,7 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String, bounds: Bou
             }
         }
     });
-    let mut volumes: HashMap<u64, Arc<Volume>> = HashMap::new();
+    let mut volumes: HashMap<u64, Arc<Replica>> = HashMap::new();
     let mut hdr = [0u8; REQUEST_LEN];
     let max_units = (bounds.bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS);
     let slots = Arc::new(Semaphore::new(bounds.requests.max(1)));
@@ -68,7 +88,7 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String, bounds: Bou
         let (Ok(slot), Ok(budget)) = (slots.clone().acquire_owned().await, bytes.clone().acquire_many_owned(units).await) else { break };
         let held = Held(slot, budget);
         let payload = if req.payload_len() > 0 {
-            let mut buf = engine.buffer(req.payload_len());
+            let mut buf = engine.local().buffer(req.payload_len());
             if rd.read_exact(&mut buf).await.is_err() {
                 break;
             }
@@ -79,7 +99,7 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String, bounds: Bou
         let vol = match volumes.get(&req.volume) {
             Some(v) => Some(v.clone()),
             None => {
-                let v = engine.replica_volume(req.volume).await;
+                let v = engine.replica(req.volume).await;
                 if let Some(v) = &v {
                     volumes.insert(req.volume, v.clone());
                 }
@@ -89,7 +109,7 @@ async fn connection(s: TcpStream, engine: Arc<Engine>, peer: String, bounds: Bou
         let (engine, tx) = (engine.clone(), tx.clone());
         tokio::spawn(async move {
             let answer = match vol {
-                Some(v) => engine.replica_request(&v, &req, payload).await,
+                Some(v) => answer(&*engine, &v, &req, payload).await,
                 // Nothing is loaded for it; whatever extents it may still have go.
                 None if req.op == frame::Op::Drop => match engine.drop_replica(req.volume).await {
                     Ok(()) => Answer::Done,
@@ -124,5 +144,66 @@ fn append(buf: &mut Vec<u8>, (reply, answer, _held): (Reply, Answer, Held)) {
         Answer::Data(d) => buf.extend_from_slice(d.bytes()),
         Answer::Bytes(b) => buf.extend_from_slice(b),
         _ => {}
+    }
+}
+
+/// Serves one replication request for replica `v` (already looked up by id).
+async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, req: &Request, payload: Option<AlignedBuf>) -> Answer {
+    let l = replicas.local();
+    // HELLO raises the epoch with every request of older epochs drained (the fence is held
+    // exclusively); any other request checks the epoch and runs under the fence shared, so
+    // none of a fenced target's requests can land after a newer target said hello.
+    if req.op == Op::Hello {
+        let _f = v.fence.write().await;
+        if !v.admit_epoch(req.epoch) {
+            return Answer::Error(frame::ESTALE);
+        }
+        v.grow_to(req.offset);
+        // The node's boot: a target that finds it changed since its last hello knows writes
+        // not yet flushed may be gone from this replica.
+        return Answer::Bytes(boot_id().to_vec());
+    }
+    let _f = v.fence.read().await;
+    if !v.admit_epoch(req.epoch) {
+        return Answer::Error(frame::ESTALE);
+    }
+    let fua = req.flags & FLAG_FUA != 0;
+    let done = |r: Result<(), IoError>| match r {
+        Ok(()) => Answer::Done,
+        Err(e) => Answer::Error(e.errno(true)),
+    };
+    match req.op {
+        Op::Hello => Answer::Done,
+        Op::Read => match l.read_local(v, req.offset, req.len as usize).await {
+            Ok(d) => Answer::Data(d),
+            Err(e) => Answer::Error(e.errno(false)),
+        },
+        Op::Write => match payload {
+            Some(buf) => done(l.write_local(v, req.offset, buf, fua).await),
+            None => Answer::Error(libc::EINVAL as u32),
+        },
+        Op::Flush => done(l.flush_local(v).await),
+        Op::Trim => done(l.zero_local(v, req.offset, req.len as u64, true, fua).await),
+        Op::WriteZeroes => done(l.zero_local(v, req.offset, req.len as u64, req.flags & FLAG_NO_HOLE == 0, fua).await),
+        Op::Extents => {
+            let mut out = Vec::new();
+            for l in l.pool.volume_extents(v.id) {
+                out.extend_from_slice(&l.to_be_bytes());
+            }
+            Answer::Bytes(out)
+        }
+        Op::Checksum => match l.read_local(v, req.offset, req.len as usize).await {
+            Ok(d) => Answer::Bytes(crc32c::crc32c(d.bytes()).to_be_bytes().to_vec()),
+            Err(e) => Answer::Error(e.errno(false)),
+        },
+        Op::Share => done(l.share_local(v, req.offset).await),
+        Op::Restore => done(l.restore_local(v, req.offset).await),
+        Op::Drop => match replicas.drop_replica(v.id).await {
+            Ok(()) => Answer::Done,
+            Err(e) => {
+                tracing::warn!(volume = v.id, "dropping replica data failed: {e}");
+                Answer::Error(libc::EIO as u32)
+            }
+        },
     }
 }

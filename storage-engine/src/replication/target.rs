@@ -10,7 +10,7 @@ use super::frame::{Op, FLAG_FUA, FLAG_NO_HOLE};
 use crate::alerts::Severity::{Alarm, Warning};
 use crate::device::AlignedBuf;
 use crate::meta::{MetaError, MetaStore, VolumeRecord};
-use crate::volume::{Engine, IoError, ReadBuf, ReadData, Volume};
+use crate::replica::{IoError, Local, ReadBuf, ReadData, Replica};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -104,6 +104,12 @@ impl Peer {
     }
 }
 
+impl From<TargetError> for IoError {
+    fn from(e: TargetError) -> IoError {
+        IoError::Replication(Box::new(e))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     #[error("volume {0} was taken over by another node (a newer epoch); this node no longer serves it")]
@@ -117,14 +123,14 @@ pub enum TargetError {
 }
 
 pub struct Target {
-    pub vol: Arc<Volume>,
+    pub vol: Arc<Replica>,
     pub name: String,
     pub epoch: u64,
     pub node: String,
     /// This node holds an in-sync replica (reads are served from it).
     pub local: bool,
     pub peers: Vec<Arc<Peer>>,
-    meta: Arc<dyn MetaStore>,
+    pub(super) meta: Arc<dyn MetaStore>,
     /// Serialises membership changes in the metadata store.
     membership: tokio::sync::Mutex<()>,
     /// Shared by I/O; exclusive while resync copies a region or an unaligned write is applied
@@ -157,7 +163,7 @@ impl Target {
     /// `verify`: the previous target stopped uncleanly, so the replicas must be compared
     /// (`reconcile`, started by the caller).
     pub async fn start(
-        vol: Arc<Volume>,
+        vol: Arc<Replica>,
         rec: &VolumeRecord,
         me: &str,
         addrs: &std::collections::HashMap<String, String>,
@@ -257,7 +263,7 @@ impl Target {
                 continue;
             }
             // A restarted engine may listen elsewhere: its address as it registered it.
-            if let Some(a) = crate::volume::replication_address(&*self.meta, &p.node).await {
+            if let Some(a) = crate::meta::replication_address(&*self.meta, &p.node).await {
                 *p.addr.lock() = a;
             }
             let addr = p.addr.lock().clone();
@@ -341,7 +347,7 @@ impl Target {
         if !self.fenced.swap(true, Ordering::AcqRel) {
             tracing::error!(volume = %self.name, epoch = self.epoch, "fenced: a replica has seen a newer epoch; no more I/O is served here");
         }
-        IoError::Replication(TargetError::Fenced(self.name.clone()))
+        IoError::from(TargetError::Fenced(self.name.clone()))
     }
 
     /// Peers that receive writes now, with their connections.
@@ -461,13 +467,13 @@ impl Target {
                 Err(e) if e.is_stale() => stale = true,
                 Err(e) => {
                     tracing::warn!(volume = %self.name, replica = %p.node, "replica write failed: {e}");
-                    self.peer_failed(p, Some((off, len))).await.map_err(IoError::Replication)?;
+                    self.peer_failed(p, Some((off, len))).await.map_err(IoError::from)?;
                 }
             }
         }
         for p in &self.peers {
             if !sent.iter().any(|(s, _, _)| Arc::ptr_eq(s, p)) {
-                self.record_out(p).await.map_err(IoError::Replication)?;
+                self.record_out(p).await.map_err(IoError::from)?;
             }
         }
         if stale {
@@ -498,7 +504,7 @@ impl Target {
         futures::future::join_all(calls).await
     }
 
-    pub async fn write(&self, e: &Engine, off: u64, data: AlignedBuf, fua: bool, aligned: bool) -> Result<(), IoError> {
+    pub async fn write(&self, l: &Local, off: u64, data: AlignedBuf, fua: bool, aligned: bool) -> Result<(), IoError> {
         let _g = if aligned { Guard::Shared(self.region_lock.read().await) } else { Guard::Exclusive(self.region_lock.write().await) };
         self.admit().await?;
         let len = data.len() as u64;
@@ -506,7 +512,7 @@ impl Target {
         let payload = (!sent.is_empty()).then(|| Bytes::copy_from_slice(&data));
         let flags = if fua { FLAG_FUA } else { 0 };
         let remote = self.fan_out(&sent, Op::Write, flags, off, len as u32, payload);
-        self.both(&sent, e.write_local(&self.vol, off, data, fua), remote, off, len).await
+        self.both(&sent, l.write_local(&self.vol, off, data, fua), remote, off, len).await
     }
 
     /// Runs a change on this node's replica (when it holds one) and on the peers together, then
@@ -539,7 +545,7 @@ impl Target {
         settled
     }
 
-    pub async fn zero(&self, e: &Engine, off: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
+    pub async fn zero(&self, l: &Local, off: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         let _g = self.region_lock.write().await;
         self.admit().await?;
         let sent = self.prepare(off, len).await?;
@@ -559,31 +565,31 @@ impl Target {
             }
             out
         };
-        self.both(&sent, e.zero_local(&self.vol, off, len, punch, fua), remote, off, len).await
+        self.both(&sent, l.zero_local(&self.vol, off, len, punch, fua), remote, off, len).await
     }
 
-    pub async fn flush(&self, e: &Engine) -> Result<(), IoError> {
+    pub async fn flush(&self, l: &Local) -> Result<(), IoError> {
         let _g = self.region_lock.read().await;
         self.admit().await?;
         let sent = self.active();
         let remote = self.fan_out(&sent, Op::Flush, 0, 0, 0, None);
-        self.both(&sent, e.flush_local(&self.vol), remote, 0, 0).await
+        self.both(&sent, l.flush_local(&self.vol), remote, 0, 0).await
     }
 
     /// Reads from an in-sync replica on another node (when this node holds none).
-    pub async fn read_remote(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
+    pub async fn read_remote(&self, l: &Local, off: u64, len: usize) -> Result<ReadData, IoError> {
         let _g = self.region_lock.read().await;
         self.admit().await?;
-        self.read_peers(e, off, len).await
+        self.read_peers(l, off, len).await
     }
 
     /// Serves a read whose blocks on this node failed their checksum: with no change in flight
     /// anywhere (region lock held exclusively), the blocks still bad here are fetched from an
     /// in-sync peer (which verifies its own checksums) and rewritten on this node.
-    pub async fn repair_read(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
+    pub async fn repair_read(&self, l: &Local, off: u64, len: usize) -> Result<ReadData, IoError> {
         let _g = self.region_lock.write().await;
         self.admit().await?;
-        let bad = match e.read_local(&self.vol, off, len).await {
+        let bad = match l.read_local(&self.vol, off, len).await {
             Err(IoError::Corrupt(bad)) => bad,
             other => return other,
         };
@@ -591,10 +597,10 @@ impl Target {
         let a0 = off - off % block;
         let span = ((off + len as u64).next_multiple_of(block) - a0) as usize;
         let resource = format!("volume/{}", self.name);
-        let good = match self.read_peers(e, a0, span).await {
+        let good = match self.read_peers(l, a0, span).await {
             Ok(d) => d,
             Err(err) => {
-                e.alerts.raise(
+                l.alerts.raise(
                     Alarm,
                     "ChecksumUnrepaired",
                     &resource,
@@ -605,11 +611,11 @@ impl Target {
         };
         for b in &bad {
             let at = (b - a0) as usize;
-            let mut buf = e.buffer(block as usize);
+            let mut buf = l.buffer(block as usize);
             buf.copy_from_slice(&good.bytes()[at..at + block as usize]);
-            e.write_local(&self.vol, *b, buf, true).await?;
+            l.write_local(&self.vol, *b, buf, true).await?;
         }
-        e.alerts.raise(
+        l.alerts.raise(
             Warning,
             "ChecksumRepaired",
             &resource,
@@ -618,7 +624,7 @@ impl Target {
                 self.name,
                 bad.len(),
                 self.node,
-                crate::volume::offsets(&bad)
+                crate::replica::offsets(&bad)
             ),
         );
         Ok(ReadData { buf: good.buf, start: good.start + (off - a0) as usize, len })
@@ -626,7 +632,7 @@ impl Target {
 
     /// Rewrites `[off, off+len)` on peer `node` (whose copy failed its checksums) from a good
     /// copy, with no change in flight anywhere.
-    pub async fn repair_peer(&self, e: &Engine, node: &str, off: u64, len: usize) -> Result<(), IoError> {
+    pub async fn repair_peer(&self, l: &Local, node: &str, off: u64, len: usize) -> Result<(), IoError> {
         let _g = self.region_lock.write().await;
         self.admit().await?;
         let c = self
@@ -634,33 +640,33 @@ impl Target {
             .iter()
             .find(|p| p.node == node && p.state() == PeerState::InSync)
             .and_then(|p| p.client_now())
-            .ok_or_else(|| IoError::Replication(TargetError::NoReplica(format!("{} on node {node}", self.name))))?;
+            .ok_or_else(|| IoError::from(TargetError::NoReplica(format!("{} on node {node}", self.name))))?;
         // The bad copy answers EIO for its bad blocks, so the source is another one.
-        let good = self.read_source(e, off, len).await?;
+        let good = self.read_source(l, off, len).await?;
         match c.call(Op::Write, FLAG_FUA, self.vol.id, self.epoch, off, len as u32, Some(Bytes::copy_from_slice(good.bytes()))).await {
             Ok(_) => Ok(()),
             Err(err) if err.is_stale() => Err(self.fence()),
-            Err(err) => Err(IoError::Replication(err.into())),
+            Err(err) => Err(IoError::from(TargetError::from(err))),
         }
     }
 
     /// A read from the source of copies and comparisons: this node's replica when it is in sync,
     /// else the first in-sync peer that answers (the caller holds the region lock).
-    pub(super) async fn read_source(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
+    pub(super) async fn read_source(&self, l: &Local, off: u64, len: usize) -> Result<ReadData, IoError> {
         if self.local {
-            e.read_local(&self.vol, off, len).await
+            l.read_local(&self.vol, off, len).await
         } else {
-            self.read_peers(e, off, len).await
+            self.read_peers(l, off, len).await
         }
     }
 
     /// A read from the first in-sync peer that answers (the caller holds the region lock).
-    pub(super) async fn read_peers(&self, e: &Engine, off: u64, len: usize) -> Result<ReadData, IoError> {
+    pub(super) async fn read_peers(&self, l: &Local, off: u64, len: usize) -> Result<ReadData, IoError> {
         for (p, c, _) in self.active() {
             let (Some(c), PeerState::InSync) = (c, p.state()) else { continue };
             match c.call(Op::Read, 0, self.vol.id, self.epoch, off, len as u32, None).await {
                 Ok(data) if data.len() == len => {
-                    let mut buf = e.buffer(len);
+                    let mut buf = l.buffer(len);
                     buf.copy_from_slice(&data);
                     return Ok(ReadData { buf: ReadBuf::Owned(buf), start: 0, len });
                 }
@@ -669,20 +675,20 @@ impl Target {
                 Err(err) => tracing::warn!(volume = %self.name, replica = %p.node, "read from replica failed: {err}"),
             }
         }
-        Err(IoError::Replication(TargetError::NoReplica(self.name.clone())))
+        Err(IoError::from(TargetError::NoReplica(self.name.clone())))
     }
 
     /// Shares the volume's extents with volume id `dst` on this node and every in-sync replica
     /// at one point of the write stream: no change is in flight anywhere meanwhile, so every
     /// copy holds the same acknowledged writes (a crash-consistent snapshot). Returns the nodes
     /// that hold the copy.
-    pub async fn share_at_barrier(&self, e: &Engine, dst: u64) -> Result<Vec<String>, IoError> {
+    pub async fn share_at_barrier(&self, l: &Local, dst: u64) -> Result<Vec<String>, IoError> {
         let _g = self.region_lock.write().await;
         self.admit().await?;
         let sent: Vec<Leg> = self.active().into_iter().filter(|(p, _, _)| p.state() == PeerState::InSync).collect();
         let local = async {
             if self.local {
-                Some(e.share_local(&self.vol, dst).await)
+                Some(l.share_local(&self.vol, dst).await)
             } else {
                 None
             }

@@ -112,7 +112,7 @@ impl Sdk {
             return Ok(None);
         }
         let (target, t) = (rec.target.clone(), rec.target);
-        let addr = crate::volume::sdk_endpoint(&*e.meta, &t)
+        let addr = crate::meta::sdk_endpoint(&*e.meta, &t)
             .await
             .map_err(VolumeError::from)?
             .ok_or_else(|| Status::failed_precondition(format!("volume {name} is served by node {target}, whose SDK address is unknown")))?;

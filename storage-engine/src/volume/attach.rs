@@ -21,15 +21,14 @@ impl Engine {
         let nodes = self.meta.list_nodes().await?;
         let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
         let me = self.node.id.clone();
-        let t = Target::start(handle.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl, verify).await?;
+        let t = Target::start(handle.replica.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl, verify).await?;
         *handle.target.write() = Some(t.clone());
         handle.served.store(true, Ordering::Release);
-        if let Some(engine) = self.myself() {
-            if verify {
-                tokio::spawn(crate::replication::reconcile::run(engine.clone(), t.clone()));
-            }
-            tokio::spawn(crate::replication::resync::run(engine, t));
+        let host = Arc::new(crate::replication::Host { local: self.local.clone(), replacements: self.replacements.lock().clone() });
+        if verify {
+            tokio::spawn(crate::replication::reconcile::run(host.clone(), t.clone()));
         }
+        tokio::spawn(crate::replication::resync::run(host, t));
         Ok(())
     }
 

@@ -1,184 +1,18 @@
-//! The single-replica data path: volume offsets to extents, extents to device I/O.
-//! Aligned requests (4 KiB) take the volume's I/O lock shared and go straight to the device;
-//! unaligned writes and zeroing/freeing take it exclusively (read-modify-write, unmap).
+//! A served volume's I/O as its clients see it: QoS, statistics and encryption around the
+//! target, which sends each change to every in-sync replica (this node's through
+//! `replica::Local`).
 
 use super::{Engine, Volume};
-use crate::alerts::Severity::Alarm;
-use crate::device::{AlignedBuf, ALIGN};
-use crate::pool::{PExt, Pool, PoolError};
-use futures::FutureExt;
-use std::io;
-use std::ops::Range;
-use std::sync::atomic::Ordering;
+use crate::device::AlignedBuf;
+use crate::replica::{aligned, IoError, ReadData};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-#[derive(Debug, thiserror::Error)]
-pub enum IoError {
-    #[error("request at {offset} of {len} bytes reaches past the volume's end ({size} bytes)")]
-    OutOfRange { offset: u64, len: u64, size: u64 },
-    #[error("the volume was deleted")]
-    Deleted,
-    #[error("device I/O failed: {0}")]
-    Io(#[from] io::Error),
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-    #[error(transparent)]
-    Replication(#[from] crate::replication::target::TargetError),
-    #[error("volume {0} is encrypted and its key is not loaded: attach it with its passphrase")]
-    Locked(String),
-    #[error("volume {0} is a snapshot and cannot be written; clone it for a writable copy")]
-    ReadOnly(String),
-    #[error("{} block(s) of 4 KiB fail their checksum, the first at byte {} of the volume", .0.len(), .0.first().copied().unwrap_or(0))]
-    Corrupt(Vec<u64>),
-    #[error("volume {0} is not served by this node (detached, or moved to another node)")]
-    NotServed(String),
-}
-
-impl IoError {
-    /// The NBD error (an errno value) for this failure.
-    pub fn errno(&self, write: bool) -> u32 {
-        match self {
-            IoError::OutOfRange { .. } if write => libc::ENOSPC as u32,
-            IoError::OutOfRange { .. } => libc::EINVAL as u32,
-            IoError::Pool(PoolError::NoSpace) => libc::ENOSPC as u32,
-            IoError::Deleted => libc::ESHUTDOWN as u32,
-            IoError::Locked(_) => libc::EACCES as u32,
-            IoError::ReadOnly(_) => libc::EPERM as u32,
-            _ => libc::EIO as u32,
-        }
-    }
-}
-
-/// A read's buffer: its own, or a readahead chunk shared with nobody else by then.
-pub enum ReadBuf {
-    Owned(AlignedBuf),
-    Shared(Arc<super::readahead::Chunked>),
-}
-
-/// Read result: `buf[start..start + len]` holds the data.
-pub struct ReadData {
-    pub buf: ReadBuf,
-    pub start: usize,
-    pub len: usize,
-}
-
-impl ReadData {
-    pub fn bytes(&self) -> &[u8] {
-        let all: &[u8] = match &self.buf {
-            ReadBuf::Owned(b) => b,
-            ReadBuf::Shared(b) => b,
-        };
-        &all[self.start..self.start + self.len]
-    }
-}
-
-/// Reads `buf[range]` from the volume's extents at `offset` (aligned) and verifies every block's
-/// checksum; unmapped extents read as zeroes. Blocks that fail their checksum make the result
-/// `Corrupt` (with their volume offsets) after the whole range was read.
-async fn read_extents(pool: &Pool, vol: u64, offset: u64, mut buf: AlignedBuf, range: Range<usize>) -> (Result<(), IoError>, AlignedBuf) {
-    let es = pool.extent_size;
-    let (mut pos, mut r) = (offset, range.start);
-    let mut bad = Vec::new();
-    while r < range.end {
-        let within = pos % es;
-        let n = ((es - within) as usize).min(range.end - r);
-        match pool.lookup(vol, pos / es) {
-            Some(p) => {
-                let (res, b) = pool.device(p).read_at(pool.offset_of(p) + within, buf, r..r + n).await;
-                buf = b;
-                if let Err(e) = res {
-                    return (Err(e.into()), buf);
-                }
-                bad.extend(pool.verify(p, within, &buf[r..r + n]).into_iter().map(|b| pos + b));
-            }
-            None => buf[r..r + n].fill(0),
-        }
-        pos += n as u64;
-        r += n;
-    }
-    if !bad.is_empty() {
-        return (Err(IoError::Corrupt(bad)), buf);
-    }
-    (Ok(()), buf)
-}
-
-/// Up to 8 volume offsets, for messages.
-pub fn offsets(bad: &[u64]) -> String {
-    let mut s = bad.iter().take(8).map(|o| o.to_string()).collect::<Vec<_>>().join(", ");
-    if bad.len() > 8 {
-        s.push_str(", ...");
-    }
-    s
-}
-
-pub(super) fn aligned(off: u64, len: u64) -> bool {
-    off.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN as u64)
-}
-
-/// Devices touched by a request, as a bit set (device index < 64) or "all".
-#[derive(Default)]
-struct Touched(u64, bool);
-impl Touched {
-    fn add(&mut self, p: PExt) {
-        if p.dev < 64 {
-            self.0 |= 1 << p.dev;
-        } else {
-            self.1 = true;
-        }
-    }
-}
-
 impl Engine {
     /// A pooled buffer for an incoming write payload.
     pub fn buffer(&self, len: usize) -> AlignedBuf {
-        self.bufs.get(len)
-    }
-
-    fn check(&self, v: &Volume, offset: u64, len: u64) -> Result<(), IoError> {
-        if v.is_deleted() {
-            return Err(IoError::Deleted);
-        }
-        let size = v.size();
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            _ => Err(IoError::OutOfRange { offset, len, size }),
-        }
-    }
-
-    fn check_write(&self, v: &Volume, offset: u64, len: u64) -> Result<(), IoError> {
-        if v.read_only {
-            return Err(IoError::ReadOnly(v.name.clone()));
-        }
-        self.check(v, offset, len)
-    }
-
-    /// Shares every extent of `v` with volume id `dst` (a snapshot or clone of this replica),
-    /// with this replica's I/O to `v` drained.
-    pub(crate) async fn share_local(&self, v: &Volume, dst: u64) -> Result<(), IoError> {
-        let _g = v.io_lock.write().await;
-        let (pool, id) = (self.pool.clone(), v.id);
-        tokio::task::spawn_blocking(move || pool.share(id, dst)).await.map_err(io::Error::other)??;
-        Ok(())
-    }
-
-    /// Replaces this replica's data of `v` with snapshot `snap`'s (shared extents).
-    pub(crate) async fn restore_local(&self, v: &Volume, snap: u64) -> Result<(), IoError> {
-        if v.read_only {
-            return Err(IoError::ReadOnly(v.name.clone()));
-        }
-        let _g = v.io_lock.write().await;
-        let (pool, id) = (self.pool.clone(), v.id);
-        let r = tokio::task::spawn_blocking(move || {
-            pool.free(id, &pool.volume_extents(id))?;
-            pool.share(snap, id)
-        })
-        .await
-        .map_err(io::Error::other)?;
-        self.data_changed(v);
-        r?;
-        Ok(())
+        self.local.buffer(len)
     }
 
     pub async fn read(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
@@ -208,153 +42,13 @@ impl Engine {
         // There is no local-only path: a volume is read only through its running target.
         let t = v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?;
         if !t.local {
-            return t.read_remote(self, offset, len).await;
+            return t.read_remote(&self.local, offset, len).await;
         }
         t.admit_local()?;
-        match self.read_local(v, offset, len).await {
-            Err(IoError::Corrupt(_)) if !t.peers.is_empty() => t.repair_read(self, offset, len).await,
+        match self.local.read_local(&v.replica, offset, len).await {
+            Err(IoError::Corrupt(_)) if !t.peers.is_empty() => t.repair_read(&self.local, offset, len).await,
             r => r,
         }
-    }
-
-    /// A read from this node's replica.
-    pub(crate) async fn read_local(&self, v: &Arc<Volume>, offset: u64, len: usize) -> Result<ReadData, IoError> {
-        self.check(v, offset, len as u64)?;
-        if aligned(offset, len as u64) {
-            let gen = v.write_gen.load(Ordering::Acquire);
-            let (hit, ahead) = v.readahead.on_read(offset, len, gen, v.size(), self.readahead_window);
-            for (o, l) in ahead {
-                self.prefetch(v, o, l, gen);
-            }
-            if let Some(chunk) = hit {
-                if let Some(buf) = chunk.await {
-                    if v.write_gen.load(Ordering::Acquire) == gen {
-                        return Ok(ReadData { buf: ReadBuf::Shared(buf), start: 0, len });
-                    }
-                }
-            }
-        }
-        let a0 = offset - offset % ALIGN as u64;
-        let a1 = (offset + len as u64).next_multiple_of(ALIGN as u64);
-        let span = (a1 - a0) as usize;
-        let buf = self.read_verified(v, a0, self.bufs.get(span)).await?;
-        Ok(ReadData { buf: ReadBuf::Owned(buf), start: (offset - a0) as usize, len })
-    }
-
-    /// Fills `buf` from this replica at `a0` (aligned), every block verified against its
-    /// checksum. A block that fails is read again with no write in flight (a racing write can
-    /// make block and checksum disagree for a moment); if it still fails, an alert is raised
-    /// and the result is `Corrupt`.
-    pub(crate) async fn read_verified(&self, v: &Volume, a0: u64, buf: AlignedBuf) -> Result<AlignedBuf, IoError> {
-        let span = buf.len();
-        let g = v.io_lock.read().await;
-        let (mut res, mut buf) = read_extents(&self.pool, v.id, a0, buf, 0..span).await;
-        drop(g);
-        if let Err(IoError::Corrupt(_)) = res {
-            let _g = v.io_lock.write().await;
-            (res, buf) = read_extents(&self.pool, v.id, a0, buf, 0..span).await;
-            if let Err(IoError::Corrupt(bad)) = &res {
-                self.alerts.raise(
-                    Alarm,
-                    "ChecksumMismatch",
-                    &format!("volume/{}", v.name),
-                    format!(
-                        "volume {}: {} block(s) of 4 KiB on node {} fail their checksum (volume offsets {})",
-                        v.name,
-                        bad.len(),
-                        self.node.id,
-                        offsets(bad)
-                    ),
-                );
-            }
-        }
-        res.map(|_| buf)
-    }
-
-    /// Starts reading `[offset, offset+len)` ahead of a sequential stream.
-    fn prefetch(&self, v: &Arc<Volume>, offset: u64, len: usize, gen: u64) {
-        let Some(wrap) = super::readahead::reserve(&self.readahead_held, len) else { return };
-        let (pool, vol, buf) = (self.pool.clone(), v.clone(), self.bufs.get(len));
-        let task = tokio::spawn(async move {
-            let _g = vol.io_lock.read().await;
-            let (res, buf) = read_extents(&pool, vol.id, offset, buf, 0..len).await;
-            let chunk = wrap(buf);
-            res.ok().map(|_| Arc::new(chunk))
-        });
-        let data = async move { task.await.ok().flatten() }.boxed().shared();
-        v.readahead.insert(offset, len, gen, data);
-    }
-
-    /// After any change to a volume's data: readahead taken before it must not be served.
-    fn data_changed(&self, v: &Volume) {
-        v.write_gen.fetch_add(1, Ordering::AcqRel);
-        v.readahead.clear();
-    }
-
-    /// The extent a write to `lext` goes to (allocated, or copied when a snapshot shares it).
-    async fn place(&self, v: &Volume, lext: u64) -> Result<PExt, IoError> {
-        if let Some(p) = self.pool.lookup_writable(v.id, lext) {
-            return Ok(p);
-        }
-        let pool = self.pool.clone();
-        let id = v.id;
-        let p = tokio::task::spawn_blocking(move || pool.allocate(id, lext)).await.map_err(io::Error::other)??;
-        Ok(p)
-    }
-
-    /// Begins a change of extent `p` (its checksum intent made durable when needed); the caller
-    /// ends it with `pool.end_write(p)` once it recorded the new checksums. On error it is ended.
-    async fn begin_change(&self, p: PExt) -> Result<(), IoError> {
-        if self.pool.begin_write(p) {
-            let pool = self.pool.clone();
-            let r = tokio::task::spawn_blocking(move || pool.persist_intent(p)).await.map_err(io::Error::other).and_then(|r| r);
-            if let Err(e) = r {
-                self.pool.end_write(p);
-                return Err(e.into());
-            }
-        }
-        Ok(())
-    }
-
-    async fn write_aligned(&self, v: &Volume, offset: u64, mut buf: AlignedBuf, touched: &mut Touched) -> (Result<(), IoError>, AlignedBuf) {
-        let es = self.pool.extent_size;
-        let (mut pos, mut r, end) = (offset, 0usize, buf.len());
-        while r < end {
-            let within = pos % es;
-            let n = ((es - within) as usize).min(end - r);
-            let p = match self.place(v, pos / es).await {
-                Ok(p) => p,
-                Err(e) => return (Err(e), buf),
-            };
-            touched.add(p);
-            if let Err(e) = self.begin_change(p).await {
-                return (Err(e), buf);
-            }
-            let (res, b) = self.pool.device(p).write_at(self.pool.offset_of(p) + within, buf, r..r + n).await;
-            buf = b;
-            if res.is_ok() {
-                self.pool.record_sums(p, within, &buf[r..r + n]);
-            }
-            self.pool.end_write(p);
-            if let Err(e) = res {
-                return (Err(e.into()), buf);
-            }
-            pos += n as u64;
-            r += n;
-        }
-        (Ok(()), buf)
-    }
-
-    async fn sync_touched(&self, t: &Touched) -> Result<(), IoError> {
-        if t.1 {
-            return Ok(self.pool.sync_all().await?);
-        }
-        let futs: Vec<_> =
-            self.pool.devices().iter().enumerate().filter(|(i, _)| *i < 64 && t.0 & (1 << i) != 0).map(|(_, d)| d.dev.sync()).collect();
-        for r in futures::future::join_all(futs).await {
-            r?;
-        }
-        Ok(())
     }
 
     /// Writes `data` at `offset`; with `fua` it is durable before this returns.
@@ -367,7 +61,7 @@ impl Engine {
             Ok(None) => self.write_stored(v, offset, data, fua).await,
             Err(e) => Err(e),
         };
-        self.data_changed(v);
+        self.local.data_changed(v);
         v.stats.write_latency.observe(t0.elapsed());
         match &r {
             Ok(_) => {
@@ -386,54 +80,15 @@ impl Engine {
         let t = v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?;
         // A request no replica can take is refused here, before it reaches any: else a client's
         // bad request would fail the remote legs and throw healthy replicas out of sync.
-        self.check_write(v, offset, data.len() as u64)?;
+        self.local.check_write(v, offset, data.len() as u64)?;
         let a = aligned(offset, data.len() as u64);
-        t.write(self, offset, data, fua, a).await
-    }
-
-    /// A write to this node's replica.
-    pub(crate) async fn write_local(&self, v: &Volume, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
-        let len = data.len() as u64;
-        self.check_write(v, offset, len)?;
-        let mut touched = Touched::default();
-        if aligned(offset, len) {
-            let _g = v.io_lock.read().await;
-            self.write_aligned(v, offset, data, &mut touched).await.0?;
-        } else {
-            let _g = v.io_lock.write().await;
-            self.rmw(v, offset, len, |dst| dst.copy_from_slice(&data), &mut touched).await?;
-        }
-        if fua {
-            self.sync_touched(&touched).await?;
-        }
-        Ok(())
-    }
-
-    /// Read-modify-write of the 4 KiB-aligned span around `[offset, offset+len)`. The caller
-    /// holds the volume's I/O lock exclusively.
-    async fn rmw(&self, v: &Volume, offset: u64, len: u64, f: impl FnOnce(&mut [u8]), touched: &mut Touched) -> Result<(), IoError> {
-        let a0 = offset - offset % ALIGN as u64;
-        let a1 = (offset + len).next_multiple_of(ALIGN as u64);
-        let span = (a1 - a0) as usize;
-        let (res, mut buf) = read_extents(&self.pool, v.id, a0, self.bufs.get(span), 0..span).await;
-        res?;
-        let s = (offset - a0) as usize;
-        f(&mut buf[s..s + len as usize]);
-        self.write_aligned(v, a0, buf, touched).await.0
+        t.write(&self.local, offset, data, fua, a).await
     }
 
     /// FLUSH: every write completed before is durable on every device.
     pub async fn flush(&self, v: &Volume) -> Result<(), IoError> {
         v.stats.flush_ops.fetch_add(1, Relaxed);
-        v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?.flush(self).await
-    }
-
-    /// FLUSH of this node's replica.
-    pub(crate) async fn flush_local(&self, v: &Volume) -> Result<(), IoError> {
-        if v.is_deleted() {
-            return Err(IoError::Deleted);
-        }
-        Ok(self.pool.sync_all().await?)
+        v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?.flush(&self.local).await
     }
 
     /// TRIM: the range reads as zeroes afterwards; whole extents go back to the pool.
@@ -451,63 +106,15 @@ impl Engine {
     async fn zero(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         v.qos.admit(true, 0).await;
         // Refused before it reaches any replica (see `write_stored`).
-        let r = match (v.target(), self.check_write(v, offset, len)) {
+        let r = match (v.target(), self.local.check_write(v, offset, len)) {
             (_, Err(e)) => Err(e),
-            (Some(t), Ok(())) => t.zero(self, offset, len, punch, fua).await,
+            (Some(t), Ok(())) => t.zero(&self.local, offset, len, punch, fua).await,
             (None, Ok(())) => Err(IoError::NotServed(v.name.clone())),
         };
-        self.data_changed(v);
+        self.local.data_changed(v);
         if r.is_err() {
             v.stats.errors.fetch_add(1, Relaxed);
         }
         r
-    }
-
-    /// Zeroing (or unmapping) on this node's replica.
-    pub(crate) async fn zero_local(&self, v: &Volume, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
-        self.check_write(v, offset, len)?;
-        let _g = v.io_lock.write().await;
-        let es = self.pool.extent_size;
-        let mut touched = Touched::default();
-        let mut to_free = Vec::new();
-        let (mut pos, end) = (offset, offset + len);
-        while pos < end {
-            let lext = pos / es;
-            let within = pos % es;
-            let n = (es - within).min(end - pos);
-            let mapped = self.pool.lookup(v.id, lext);
-            let whole = within == 0 && n == es;
-            match (mapped, whole, punch) {
-                (Some(_), true, true) => to_free.push(lext),
-                (None, _, true) => {}
-                (None, true, false) => {
-                    touched.add(self.place(v, lext).await?); // new extents are zeroed
-                }
-                (Some(_), _, _) if aligned(within, n) => {
-                    let p = self.place(v, lext).await?; // a shared extent is copied first
-                    touched.add(p);
-                    let dev = self.pool.device(p).clone();
-                    let at = self.pool.offset_of(p) + within;
-                    self.begin_change(p).await?;
-                    let r = tokio::task::spawn_blocking(move || dev.zero_range_blocking(at, n)).await.map_err(io::Error::other).and_then(|r| r);
-                    if r.is_ok() {
-                        self.pool.record_zeroes(p, within, n);
-                    }
-                    self.pool.end_write(p);
-                    r?;
-                }
-                _ => self.rmw(v, pos, n, |d| d.fill(0), &mut touched).await?,
-            }
-            pos += n;
-        }
-        if !to_free.is_empty() {
-            let pool = self.pool.clone();
-            let id = v.id;
-            tokio::task::spawn_blocking(move || pool.free(id, &to_free)).await.map_err(io::Error::other)??;
-        }
-        if fua {
-            self.sync_touched(&touched).await?;
-        }
-        Ok(())
     }
 }

@@ -3,16 +3,14 @@
 
 mod attach;
 mod io;
-pub mod readahead;
 mod replicas;
 mod scrub;
 mod secure;
 mod snapshots;
 
-pub use io::{offsets, IoError, ReadBuf, ReadData};
+pub use crate::replica::{offsets, IoError, ReadBuf, ReadData, Replica};
 pub use scrub::{ScrubConfig, ScrubReport};
 
-use crate::device::BufPool;
 use crate::meta::{MetaError, MetaStore, PendingOp, VolumeRecord};
 use crate::metrics::VolumeStats;
 use crate::pool::{Pool, PoolError};
@@ -20,7 +18,7 @@ use crate::qos::{Limits, Throttle};
 use crate::replication::target::{Target, TargetConfig};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// Volume sizes are rounded up to this.
@@ -60,35 +58,30 @@ impl From<MetaError> for VolumeError {
     }
 }
 
-/// A volume being served.
+/// A volume being served (or known) here: this node's replica of it, and what serving it
+/// takes (the target, NBD clients, QoS, statistics, the encryption key).
 pub struct Volume {
-    pub id: u64,
-    pub name: String,
-    size: AtomicU64,
-    /// Shared by ordinary I/O; exclusive for read-modify-write and for freeing extents.
-    io_lock: tokio::sync::RwLock<()>,
+    /// The data side (size, I/O lock, epoch fence); `Volume` derefs to it.
+    pub replica: Arc<Replica>,
     connections: AtomicU32,
-    deleted: AtomicBool,
-    /// Bumped after every completed write, trim or zeroing (readahead coherence).
-    write_gen: AtomicU64,
-    readahead: readahead::Readahead,
     pub qos: Throttle,
     pub stats: VolumeStats,
-    /// The newest epoch seen for this volume (replicas refuse older ones).
-    pub(crate) epoch: AtomicU64,
     /// This node serves the volume's NBD export.
     served: AtomicBool,
     /// Set while this node is the target of a volume with replicas on other nodes.
     target: RwLock<Option<Arc<Target>>>,
-    /// Replica requests hold it shared, a new target's HELLO exclusively (see `replica`).
-    pub(crate) fence: tokio::sync::RwLock<()>,
     /// Encrypted at rest: I/O needs the key, loaded from the passphrase at create or attach.
     pub secure: bool,
-    /// A snapshot: writes are refused.
-    pub read_only: bool,
     key: RwLock<Option<Arc<crate::crypt::VolumeKey>>>,
     /// Serialises the read-modify-write of unaligned writes to an encrypted volume.
     secure_rmw: tokio::sync::Mutex<()>,
+}
+
+impl std::ops::Deref for Volume {
+    type Target = Replica;
+    fn deref(&self) -> &Replica {
+        &self.replica
+    }
 }
 
 impl Volume {
@@ -123,18 +116,8 @@ impl Volume {
             t.close();
         }
     }
-    /// A replica learns a grown size from its target.
-    pub fn grow_to(&self, size: u64) {
-        self.size.fetch_max(size, Ordering::AcqRel);
-    }
-    pub fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
-    }
     pub fn connections(&self) -> u32 {
         self.connections.load(Ordering::Acquire)
-    }
-    pub fn is_deleted(&self) -> bool {
-        self.deleted.load(Ordering::Acquire)
     }
 }
 
@@ -205,24 +188,6 @@ pub struct NodeInfo {
     pub rack: String,
 }
 
-/// The SDK endpoint (a URI) node `node` registered, if the store knows the node and its
-/// address.
-pub async fn sdk_endpoint(meta: &dyn MetaStore, node: &str) -> Result<Option<String>, MetaError> {
-    Ok(meta
-        .list_nodes()
-        .await?
-        .into_iter()
-        .find(|(n, _)| n.id == node)
-        .map(|(n, _)| n.sdk_address)
-        .filter(|a| !a.is_empty())
-        .map(|a| strata_api::endpoint_uri(&a)))
-}
-
-/// The replication address a node registered, if the store knows the node.
-pub async fn replication_address(meta: &dyn MetaStore, node: &str) -> Option<String> {
-    meta.list_nodes().await.ok()?.into_iter().find(|(n, _)| n.id == node).map(|(n, _)| n.repl_address).filter(|a| !a.is_empty())
-}
-
 /// Takes `node` off a volume's `dropped` list once it freed the data.
 pub(crate) async fn forget_dropped(meta: &dyn MetaStore, name: &str, node: &str) -> Result<(), VolumeError> {
     for _ in 0..20 {
@@ -254,21 +219,16 @@ pub struct Engine {
     pub meta: Arc<dyn MetaStore>,
     pub node: NodeInfo,
     volumes: RwLock<HashMap<String, Arc<Volume>>>,
-    bufs: BufPool,
+    /// This node's replicas' data path.
+    pub local: Arc<crate::replica::Local>,
     /// Serialises lifecycle changes (create/update/delete) so checks and updates do not race.
     lifecycle: tokio::sync::Mutex<()>,
-    /// Bytes read ahead of a sequential reader (0 = off).
-    pub readahead_window: u64,
-    /// Readahead bytes held by all volumes (bounded by `readahead::GLOBAL_LIMIT`).
-    readahead_held: Arc<AtomicU64>,
     /// Replication settings (replica timeout, resync rate, where dirty-region records live).
     pub repl: TargetConfig,
-    /// The engine's own `Arc`, for tasks it spawns (set by `into_shared`).
-    self_ref: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Replicas to rebuild elsewhere (volume, dead node), served by `run_replacements`.
     replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
     /// Alerts this node raised (`stratactl alerts show`).
-    pub alerts: crate::alerts::Alerts,
+    pub alerts: Arc<crate::alerts::Alerts>,
 }
 
 fn validate_name(name: &str) -> Result<(), VolumeError> {
@@ -299,28 +259,25 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), VolumeError>
 
 impl Engine {
     /// Loads volumes, finishes interrupted deletes and reports extents that belong to no volume.
-    pub async fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo) -> Result<Engine, VolumeError> {
+    pub async fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo, alerts: crate::alerts::Alerts) -> Result<Engine, VolumeError> {
         meta.put_pool(&pool.record()).await?;
         meta.register_node(&Self::node_record(&node, &pool)).await?;
-        let node_id = node.id.clone();
+        let alerts = Arc::new(alerts);
         let engine = Engine {
+            local: Arc::new(crate::replica::Local::new(pool.clone(), alerts.clone(), &node.id)),
             pool,
             meta,
             node,
             volumes: RwLock::new(HashMap::new()),
-            bufs: BufPool::new(),
             lifecycle: tokio::sync::Mutex::new(()),
-            readahead_window: readahead::WINDOW,
-            readahead_held: Arc::new(AtomicU64::new(0)),
             repl: TargetConfig {
                 timeout: std::time::Duration::from_secs(5),
                 resync_rate: 0,
                 replica_timeout: std::time::Duration::ZERO,
                 data_dir: std::path::PathBuf::from("."),
             },
-            self_ref: std::sync::OnceLock::new(),
             replacements: parking_lot::Mutex::new(None),
-            alerts: crate::alerts::Alerts::in_memory(&node_id),
+            alerts,
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();
@@ -412,11 +369,9 @@ impl Engine {
         Ok(rec.used_bytes)
     }
 
-    /// Shares the engine; tasks it spawns (resync) hold it from then on.
+    /// Shares the engine (the servers and background tasks hold it).
     pub fn into_shared(self) -> Arc<Engine> {
-        let e = Arc::new(self);
-        let _ = e.self_ref.set(Arc::downgrade(&e));
-        e
+        Arc::new(self)
     }
 
     /// Serves replacement requests (from targets whose replica's node stayed offline) one at a
@@ -434,35 +389,16 @@ impl Engine {
         });
     }
 
-    pub(crate) fn request_replacement(&self, name: &str, node: &str) {
-        if let Some(tx) = &*self.replacements.lock() {
-            let _ = tx.send((name.to_string(), node.to_string()));
-        }
-    }
-
-    fn myself(&self) -> Option<Arc<Engine>> {
-        self.self_ref.get().and_then(|w| w.upgrade())
-    }
-
     fn handle(rec: &VolumeRecord) -> Volume {
         Volume {
-            epoch: AtomicU64::new(rec.epoch),
+            replica: Arc::new(Replica::new(rec.id, &rec.name, rec.size, rec.epoch, rec.snapshot_of.is_some())),
             // Served once its target runs here (`attach`, `start_targets`).
             served: AtomicBool::new(false),
             target: RwLock::new(None),
-            fence: tokio::sync::RwLock::new(()),
             secure: rec.secure.is_some(),
-            read_only: rec.snapshot_of.is_some(),
             key: RwLock::new(None),
             secure_rmw: tokio::sync::Mutex::new(()),
-            id: rec.id,
-            name: rec.name.clone(),
-            size: AtomicU64::new(rec.size),
-            io_lock: tokio::sync::RwLock::new(()),
             connections: AtomicU32::new(0),
-            deleted: AtomicBool::new(false),
-            write_gen: AtomicU64::new(0),
-            readahead: Default::default(),
             qos: Throttle::new(rec.qos),
             stats: VolumeStats::default(),
         }

@@ -1,7 +1,8 @@
 //! A volume's replicas: placement at creation, the handles of replicas held here, dropping a
 //! replica's data, per-extent checksums.
 
-use super::{replication_address, Engine, PlacementSpec, Volume, VolumeError, VolumeInfo, MAX_REPL};
+use super::{Engine, PlacementSpec, Volume, VolumeError, VolumeInfo, MAX_REPL};
+use crate::meta::replication_address;
 use crate::meta::VolumeRecord;
 use crate::replication::client::Client;
 use crate::replication::frame::Op;
@@ -40,7 +41,7 @@ impl Engine {
     }
 
     /// A replica's data for a deleted volume: freed on its target's request.
-    pub(crate) async fn drop_replica(&self, id: u64) -> Result<(), VolumeError> {
+    pub(crate) async fn free_replica(&self, id: u64) -> Result<(), VolumeError> {
         let handle = self.volumes.read().values().find(|v| v.id == id).cloned();
         if let Some(v) = &handle {
             v.deleted.store(true, Ordering::Release);
@@ -85,7 +86,11 @@ impl Engine {
             if len == 0 {
                 continue;
             }
-            let d = self.read_local(&v, off, len).await.map_err(|err| VolumeError::FailedPrecondition(format!("reading extent {l}: {err}")))?;
+            let d = self
+                .local
+                .read_local(&v.replica, off, len)
+                .await
+                .map_err(|err| VolumeError::FailedPrecondition(format!("reading extent {l}: {err}")))?;
             out.push((l, crc32c::crc32c(d.bytes())));
         }
         Ok(out)
@@ -248,5 +253,20 @@ impl Engine {
             None => None,
         };
         self.start_target(handle, rec, false).await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::replication::server::Replicas for Engine {
+    fn local(&self) -> &crate::replica::Local {
+        &self.local
+    }
+
+    async fn replica(&self, id: u64) -> Option<Arc<crate::replica::Replica>> {
+        self.replica_volume(id).await.map(|v| v.replica.clone())
+    }
+
+    async fn drop_replica(&self, id: u64) -> Result<(), String> {
+        self.free_replica(id).await.map_err(|e| e.to_string())
     }
 }

@@ -96,7 +96,7 @@ impl Engine {
                 }
                 report.extents += 1;
                 let buf = self.buffer(len.next_multiple_of(crate::device::ALIGN as u64) as usize);
-                if let Err(IoError::Corrupt(bad)) = self.read_verified(&v, off, buf).await {
+                if let Err(IoError::Corrupt(bad)) = self.local.read_verified(&v, off, buf).await {
                     report.bad_blocks += bad.len() as u64;
                     match self.repair_here(&v, off, len as usize, &bad).await {
                         Ok(()) => report.repaired_blocks += bad.len() as u64,
@@ -135,7 +135,7 @@ impl Engine {
             if t.peers.is_empty() {
                 return Err("the volume has no other replica".into());
             }
-            return t.repair_read(self, off, len).await.map(|_| ()).map_err(|e| e.to_string());
+            return t.repair_read(&self.local, off, len).await.map(|_| ()).map_err(|e| e.to_string());
         }
         let rec = self.meta.get_volume(&v.name).await.map_err(|e| e.to_string())?.ok_or("the volume is gone")?;
         let me = self.node.id.clone();
@@ -158,12 +158,12 @@ impl Engine {
             let (node, data) = got.ok_or("no other in-sync replica could supply the range")?;
             let mut buf = self.buffer(len);
             buf.copy_from_slice(&data);
-            self.write_local(v, off, buf, true).await.map_err(|e| e.to_string())?;
+            self.local.write_local(v, off, buf, true).await.map_err(|e| e.to_string())?;
             format!("from the replica on node {node}")
         };
         // Confirm: the range verifies now.
         let buf = self.buffer(len.next_multiple_of(crate::device::ALIGN));
-        self.read_verified(v, off, buf).await.map_err(|e| format!("still failing after the rewrite: {e}"))?;
+        self.local.read_verified(v, off, buf).await.map_err(|e| format!("still failing after the rewrite: {e}"))?;
         self.alerts.raise(
             Warning,
             "ChecksumRepaired",
@@ -181,7 +181,7 @@ impl Engine {
 
     async fn ask_target_to_repair(&self, target: &str, name: &str, off: u64, len: usize) -> Result<(), String> {
         use strata_api::v1 as pb;
-        let url = super::sdk_endpoint(&*self.meta, target)
+        let url = crate::meta::sdk_endpoint(&*self.meta, target)
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("target node {target} has no SDK address"))?;
@@ -198,6 +198,6 @@ impl Engine {
         if len == 0 || len > 64 << 20 || off.checked_add(len).is_none_or(|end| end > v.size()) {
             return Err(VolumeError::InvalidArgument(format!("range {off}+{len} is empty, longer than 64 MiB or past the volume's end")));
         }
-        t.repair_peer(self, node, off, len as usize).await.map_err(|e| VolumeError::FailedPrecondition(e.to_string()))
+        t.repair_peer(&self.local, node, off, len as usize).await.map_err(|e| VolumeError::FailedPrecondition(e.to_string()))
     }
 }

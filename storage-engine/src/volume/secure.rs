@@ -2,10 +2,10 @@
 //! and writes are widened to whole 4 KiB sectors; an unaligned write is a read-modify-write of
 //! its sectors, serialised per volume.
 
-use super::io::aligned;
 use super::{Engine, IoError, ReadBuf, ReadData, Volume};
 use crate::crypt::{VolumeKey, SECTOR};
 use crate::device::AlignedBuf;
+use crate::replica::aligned;
 use std::sync::Arc;
 
 const S: u64 = SECTOR as u64;

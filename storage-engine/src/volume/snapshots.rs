@@ -195,7 +195,7 @@ impl Engine {
             }
             let handle = self.volume(&src.name).ok_or_else(|| VolumeError::NotFound(src.name.clone()))?;
             if let Some(t) = handle.target() {
-                return t.share_at_barrier(self, dst).await.map_err(|e| VolumeError::FailedPrecondition(e.to_string()));
+                return t.share_at_barrier(&self.local, dst).await.map_err(|e| VolumeError::FailedPrecondition(e.to_string()));
             }
             if src.replicas != [me.clone()] {
                 return Err(VolumeError::FailedPrecondition(format!("volume {} is not being served yet; retry in a moment", src.name)));
@@ -217,8 +217,8 @@ impl Engine {
         for n in nodes {
             let r = if *n == self.node.id {
                 match self.replica_volume(rec.id).await {
-                    Some(v) if op == Op::Share => self.share_local(&v, arg).await.map_err(|e| e.to_string()),
-                    Some(v) => self.restore_local(&v, arg).await.map_err(|e| e.to_string()),
+                    Some(v) if op == Op::Share => self.local.share_local(&v, arg).await.map_err(|e| e.to_string()),
+                    Some(v) => self.local.restore_local(&v, arg).await.map_err(|e| e.to_string()),
                     None => Err(format!("this node holds no replica of {}", rec.name)),
                 }
             } else {
