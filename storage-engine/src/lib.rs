@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod crypt;
 pub mod device;
+pub mod failpoint;
 pub mod frontend;
 pub mod meta;
 pub mod metrics;

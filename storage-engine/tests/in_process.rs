@@ -441,3 +441,57 @@ async fn engines_share_one_record_per_volume() {
     assert_eq!(listed, ["v"]);
     let _ = Arc::clone(c.engine(1));
 }
+
+// ---- crash and race points (failpoints) ----
+
+#[tokio::test]
+async fn a_local_write_of_the_old_target_that_arrives_after_a_takeover_is_refused() {
+    let _f = fail::FailScenario::setup();
+    let c = TestCluster::start(2).await;
+    let (a, b) = (c.engine(0).clone(), c.engine(1).clone());
+    create(&a, "v", 2).await.unwrap();
+    a.attach("v", false, None).await.unwrap();
+    write(&a, "v", 0, 4096, 1).await.unwrap();
+    // The old target's write reaches the replicas late: after the new target's HELLO (and
+    // after the comparison of replicas that an unclean takeover starts).
+    fail::cfg("target.local_leg", "1*return(delay:300)").unwrap();
+    fail::cfg("target.remote_legs", "1*return(delay:300)").unwrap();
+    let late = tokio::spawn({
+        let a = a.clone();
+        async move { write(&a, "v", 0, 4096, 2).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    b.attach("v", true, None).await.unwrap();
+    let r = late.await.unwrap();
+    assert!(r.is_err(), "the fenced target's write is not acknowledged: {r:?}");
+    assert_eq!(a.extent_checksums("v").await.unwrap(), b.extent_checksums("v").await.unwrap(), "and it landed on neither replica");
+    assert!(read(&b, "v", 0, 4096).await.unwrap().iter().all(|x| *x == 1));
+}
+
+#[tokio::test]
+async fn a_target_that_fails_right_after_recording_a_replica_out_acknowledges_nothing() {
+    let _f = fail::FailScenario::setup();
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    create(e, "v", 2).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
+    fail::cfg("membership.after_cas", "1*return(error)").unwrap();
+    let r = write(e, "v", 0, 4096, 1).await;
+    assert!(r.is_err(), "not acknowledged: {r:?}");
+    assert_eq!(record(&c, "v").await.in_sync, vec!["node-1".to_string()], "the replica is out in the record all the same");
+    write(e, "v", 0, 4096, 1).await.expect("the next write goes to the replica left");
+}
+
+#[tokio::test]
+async fn a_compare_and_swap_that_cannot_be_made_fails_the_write_and_changes_nothing() {
+    let _f = fail::FailScenario::setup();
+    let c = TestCluster::start(2).await;
+    let e = c.engine(0);
+    create(e, "v", 2).await.unwrap();
+    e.attach("v", false, None).await.unwrap();
+    c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
+    fail::cfg("membership.before_cas", "1*return(error)").unwrap();
+    assert!(write(e, "v", 0, 4096, 1).await.is_err());
+    assert_eq!(in_sync_sorted(&record(&c, "v").await), ["node-1", "node-2"]);
+}

@@ -11,7 +11,7 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     // `cluster` holds only pure decisions (placement) today: a leaf any layer may ask. When it
     // gains the node-lifecycle work that drives volumes, it moves up and placement stays here.
-    &["clock", "net", "cluster"],
+    &["clock", "net", "cluster", "failpoint"],
     &["crypt", "qos", "metrics", "alerts"],
     &["device"],
     &["pool"],

@@ -433,7 +433,9 @@ impl Journal {
             let mut p = self.pending.lock();
             (std::mem::take(&mut p.entries), p.last_ticket)
         };
-        let res = self.write_batch(&mut w, &batch);
+        let res = self
+            .write_batch(&mut w, &batch)
+            .and_then(|_| crate::failpoint::point_blocking("journal.after_write").map_err(|e| PoolError::io("writing the journal")(e.into())));
         match res {
             Ok(()) => {
                 self.committed.store(upto, Ordering::Release);

@@ -211,6 +211,7 @@ async fn copy_region(e: &Host, t: &Target, p: &Arc<Peer>, region: u64) -> Result
     let len = REGION.min(size - off) as usize;
     let data = t.read_source(&e.local, off, len).await;
     let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
+    crate::failpoint::point("resync.copy").await.map_err(|e| TargetError::NoReplica(format!("{}: {e}", t.name)))?;
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
     let bytes = data.bytes();
     let r = if bytes.iter().all(|b| *b == 0) {

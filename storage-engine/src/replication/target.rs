@@ -407,6 +407,7 @@ impl Target {
     /// Compare-and-swap on the volume record, retried on conflicts; refused when the record's
     /// epoch moved on (another target took over).
     pub(super) async fn change_record(&self, f: impl Fn(&mut VolumeRecord) + Send + 'static) -> Result<VolumeRecord, TargetError> {
+        let injected = |e: crate::failpoint::Injected| MetaError::Store(e.to_string());
         let r = async {
             for _ in 0..20 {
                 let mut rec = self.meta.get_volume(&self.name).await?.ok_or_else(|| MetaError::NotFound(self.name.clone()))?;
@@ -414,9 +415,13 @@ impl Target {
                     return Ok(Err(()));
                 }
                 f(&mut rec);
+                crate::failpoint::point("membership.before_cas").await.map_err(injected)?;
                 match self.meta.update_volume(&rec).await {
                     Err(MetaError::Conflict(_)) => continue,
-                    r => return r.map(Ok),
+                    r => {
+                        crate::failpoint::point("membership.after_cas").await.map_err(injected)?;
+                        return r.map(Ok);
+                    }
                 }
             }
             Err(MetaError::Conflict(self.name.clone()))
@@ -532,11 +537,18 @@ impl Target {
             if !self.local {
                 return Ok(());
             }
+            crate::failpoint::point("target.local_leg").await.map_err(std::io::Error::from)?;
             let _f = self.vol.fence.read().await;
             if !self.vol.admit_epoch(self.epoch) {
                 return Err(self.fence());
             }
             local.await
+        };
+        let remote = async {
+            if let Err(e) = crate::failpoint::point("target.remote_legs").await {
+                return sent.iter().map(|(p, _, _)| Err(CallError::Broken(format!("{} ({e})", p.node)))).collect();
+            }
+            remote.await
         };
         let (l, r) = tokio::join!(local, remote);
         let settled = self.settle(sent, r, off, len).await;
