@@ -18,6 +18,17 @@
 //! | `membership.before_cas` / `membership.after_cas` | around the compare-and-swap of the in-sync set |
 //! | `resync.copy` | resync read a region from the source and has not written it to the replica |
 
+/// Reads `FAILPOINTS` from the environment (a daemon calls this once at start; tests use
+/// `fail::cfg`). Without the feature it does nothing and the points stay empty.
+pub fn configure_from_env() {
+    #[cfg(feature = "failpoints")]
+    if std::env::var_os("FAILPOINTS").is_some() {
+        // The scenario lives as long as the process.
+        std::mem::forget(fail::FailScenario::setup());
+        tracing::warn!("failpoints configured from FAILPOINTS: this build injects faults");
+    }
+}
+
 /// What a configured point asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hit {

@@ -61,6 +61,7 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<E
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    crate::failpoint::configure_from_env();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into());
     let nbd = tokio::net::TcpListener::bind(args.nbd_listen).await.with_context(|| format!("NBD listen {}", args.nbd_listen))?;
     let sdk = tokio::net::TcpListener::bind(args.sdk_listen).await.with_context(|| format!("SDK listen {}", args.sdk_listen))?;

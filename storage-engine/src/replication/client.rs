@@ -2,7 +2,7 @@
 //! writer task puts them on the socket in order, a reader task matches replies to callers by
 //! handle. A broken connection fails every pending call; the target then drops the client.
 
-use super::frame::{self, Op, Reply, Request, REPLY_LEN};
+use super::frame::{self, Command, Reply, REPLY_LEN};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -119,21 +119,15 @@ impl Client {
         self.broken.load(Ordering::Acquire)
     }
 
-    /// Sends one request and waits for its reply (data for READ and EXTENTS). The arguments are
-    /// the request frame's fields.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn call(
-        &self,
-        op: Op,
-        flags: u8,
-        volume: u64,
-        epoch: u64,
-        offset: u64,
-        len: u32,
-        payload: Option<Bytes>,
-    ) -> Result<Vec<u8>, CallError> {
+    /// Sends one request for volume id `volume` at `epoch` and waits for its reply (data for
+    /// READ, EXTENTS, CHECKSUM and HELLO).
+    pub async fn call(&self, volume: u64, epoch: u64, cmd: Command) -> Result<Vec<u8>, CallError> {
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
-        let req = Request { op, flags, handle, volume, epoch, offset, len };
+        let req = cmd.header(handle, volume, epoch);
+        let payload = match cmd {
+            Command::Write { data, .. } => Some(data),
+            _ => None,
+        };
         let (wtx, wrx) = oneshot::channel();
         self.pending.lock().insert(handle, wtx);
         if self.is_broken() || self.tx.send(Outgoing { header: frame::encode_request(&req), payload }).is_err() {

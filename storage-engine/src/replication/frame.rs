@@ -93,6 +93,110 @@ impl Request {
     }
 }
 
+/// A replication request as its sender means it: one variant per operation, with named fields
+/// (on the wire several share the header's `offset` and `len`, see [`Command::header`]). `P` is
+/// WRITE's payload: `Bytes` on the sending side, the receive buffer on the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command<P = bytes::Bytes> {
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: P,
+        fua: bool,
+    },
+    Flush,
+    /// Unmaps the range (whole extents go back to the pool); it reads as zeroes.
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    /// Zeroes the range; `keep_allocated` keeps whole extents mapped instead of freeing them.
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        keep_allocated: bool,
+    },
+    /// Announces the sender as target at the request's epoch, and the volume's size; fences
+    /// every older epoch on the replica. The reply is the replica node's boot id.
+    Hello {
+        size: u64,
+    },
+    /// The replica's allocated logical extents (u64 each), for a thin full rebuild.
+    Extents,
+    /// Frees the replica's data of a deleted volume.
+    Drop,
+    /// The crc32c (u32) of `len` bytes at `offset` of the replica.
+    Checksum {
+        offset: u64,
+        len: u32,
+    },
+    /// Shares every extent of the volume with volume id `into` (a snapshot or a clone).
+    Share {
+        into: u64,
+    },
+    /// Replaces the volume's data with snapshot id `from`'s (shared extents).
+    Restore {
+        from: u64,
+    },
+}
+
+impl<P: AsRef<[u8]>> Command<P> {
+    /// The request header that carries this command.
+    pub fn header(&self, handle: u64, volume: u64, epoch: u64) -> Request {
+        let fua = |f: bool| if f { FLAG_FUA } else { 0 };
+        let (op, flags, offset, len) = match self {
+            Command::Read { offset, len } => (Op::Read, 0, *offset, *len),
+            Command::Write { offset, data, fua: f } => (Op::Write, fua(*f), *offset, data.as_ref().len() as u32),
+            Command::Flush => (Op::Flush, 0, 0, 0),
+            Command::Trim { offset, len, fua: f } => (Op::Trim, fua(*f), *offset, *len),
+            Command::WriteZeroes { offset, len, fua: f, keep_allocated } => {
+                (Op::WriteZeroes, fua(*f) | if *keep_allocated { FLAG_NO_HOLE } else { 0 }, *offset, *len)
+            }
+            Command::Hello { size } => (Op::Hello, 0, *size, 0),
+            Command::Extents => (Op::Extents, 0, 0, 0),
+            Command::Drop => (Op::Drop, 0, 0, 0),
+            Command::Checksum { offset, len } => (Op::Checksum, 0, *offset, *len),
+            Command::Share { into } => (Op::Share, 0, *into, 0),
+            Command::Restore { from } => (Op::Restore, 0, *from, 0),
+        };
+        Request { op, flags, handle, volume, epoch, offset, len }
+    }
+
+    /// The payload that follows the header (WRITE's data).
+    pub fn payload(&self) -> Option<&P> {
+        match self {
+            Command::Write { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+}
+
+impl<P> Command<P> {
+    /// The command a parsed request carries; `payload` is WRITE's data (read after the
+    /// header). None for a WRITE without its payload.
+    pub fn from_request(r: &Request, payload: Option<P>) -> Option<Command<P>> {
+        let fua = r.flags & FLAG_FUA != 0;
+        Some(match r.op {
+            Op::Read => Command::Read { offset: r.offset, len: r.len },
+            Op::Write => Command::Write { offset: r.offset, data: payload?, fua },
+            Op::Flush => Command::Flush,
+            Op::Trim => Command::Trim { offset: r.offset, len: r.len, fua },
+            Op::WriteZeroes => Command::WriteZeroes { offset: r.offset, len: r.len, fua, keep_allocated: r.flags & FLAG_NO_HOLE != 0 },
+            Op::Hello => Command::Hello { size: r.offset },
+            Op::Extents => Command::Extents,
+            Op::Drop => Command::Drop,
+            Op::Checksum => Command::Checksum { offset: r.offset, len: r.len },
+            Op::Share => Command::Share { into: r.offset },
+            Op::Restore => Command::Restore { from: r.offset },
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reply {
     pub error: u32,
@@ -195,6 +299,35 @@ mod tests {
             let r = Request { op: Op::from_u8(op).unwrap(), flags, handle, volume, epoch, offset, len };
             prop_assert_eq!(parse_request(&encode_request(&r)), Ok(r));
         }
+    }
+
+    #[test]
+    fn every_command_round_trips_through_its_header() {
+        let data = bytes::Bytes::from(vec![7u8; 8192]);
+        let all = [
+            Command::Read { offset: 4096, len: 512 },
+            Command::Write { offset: 8192, data: data.clone(), fua: true },
+            Command::Write { offset: 0, data: data.clone(), fua: false },
+            Command::Flush,
+            Command::Trim { offset: 1 << 20, len: 1 << 30, fua: false },
+            Command::WriteZeroes { offset: 0, len: 65536, fua: true, keep_allocated: true },
+            Command::WriteZeroes { offset: 0, len: 65536, fua: false, keep_allocated: false },
+            Command::Hello { size: 16 << 30 },
+            Command::Extents,
+            Command::Drop,
+            Command::Checksum { offset: 4096, len: 4096 },
+            Command::Share { into: 42 },
+            Command::Restore { from: 43 },
+        ];
+        for c in all {
+            let h = c.header(9, 2, 3);
+            let parsed = parse_request(&encode_request(&h)).unwrap();
+            assert_eq!((parsed.handle, parsed.volume, parsed.epoch), (9, 2, 3));
+            assert_eq!(parsed.payload_len(), c.payload().map_or(0, |d| d.len()), "{c:?}");
+            assert_eq!(Command::from_request(&parsed, c.payload().cloned()), Some(c.clone()));
+        }
+        let w = Command::Write { offset: 0, data: data.clone(), fua: false }.header(1, 1, 1);
+        assert_eq!(Command::<bytes::Bytes>::from_request(&w, None), None, "a WRITE needs its payload");
     }
 
     #[test]

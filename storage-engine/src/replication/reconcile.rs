@@ -6,7 +6,7 @@
 //! cannot slip between the comparison and the copy. I/O continues meanwhile (reads come from
 //! the source).
 
-use super::frame::Op;
+use super::frame::Command;
 use super::target::{PeerState, Target, TargetError};
 use super::Host;
 use std::collections::BTreeSet;
@@ -37,7 +37,7 @@ async fn reconcile(e: &Host, t: &Target) -> Result<u64, TargetError> {
     let mut extents: BTreeSet<u64> = e.local.pool.volume_extents(t.vol.id).into_iter().collect();
     for p in t.peers.iter().filter(|p| p.state() == PeerState::InSync) {
         if let Some(c) = p.client_now() {
-            match c.call(Op::Extents, 0, t.vol.id, t.epoch, 0, 0, None).await {
+            match c.call(t.vol.id, t.epoch, Command::Extents).await {
                 Ok(b) => extents.extend(b.chunks_exact(8).map(|x| u64::from_be_bytes(x.try_into().expect("8 bytes")))),
                 Err(err) if err.is_stale() => return Err(TargetError::Fenced(t.name.clone())),
                 Err(err) => t.peer_failed(p, None).await.map(|_| tracing::warn!(volume = %t.name, replica = %p.node, "{err}"))?,
@@ -61,7 +61,7 @@ async fn reconcile(e: &Host, t: &Target) -> Result<u64, TargetError> {
         let mut data: Option<bytes::Bytes> = None;
         for p in t.peers.iter().filter(|p| p.state() == PeerState::InSync) {
             let Some(c) = p.client_now() else { continue };
-            let got = match c.call(Op::Checksum, 0, t.vol.id, t.epoch, off, len as u32, None).await {
+            let got = match c.call(t.vol.id, t.epoch, Command::Checksum { offset: off, len: len as u32 }).await {
                 Ok(b) if b.len() == 4 => u32::from_be_bytes(b[..4].try_into().expect("4 bytes")),
                 Ok(_) => want ^ 1,
                 Err(err) if err.is_stale() => return Err(TargetError::Fenced(t.name.clone())),
@@ -73,12 +73,15 @@ async fn reconcile(e: &Host, t: &Target) -> Result<u64, TargetError> {
             if got == want {
                 continue;
             }
-            if data.is_none() {
-                let d = t.read_source(&e.local, off, len).await;
-                let d = d.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
-                data = Some(bytes::Bytes::copy_from_slice(d.bytes()));
-            }
-            let r = c.call(Op::Write, 0, t.vol.id, t.epoch, off, len as u32, data.clone()).await;
+            let payload = match &data {
+                Some(d) => d.clone(),
+                None => {
+                    let d = t.read_source(&e.local, off, len).await;
+                    let d = d.map_err(|err| TargetError::NoReplica(format!("{}: {err}", t.name)))?;
+                    data.insert(bytes::Bytes::copy_from_slice(d.bytes())).clone()
+                }
+            };
+            let r = c.call(t.vol.id, t.epoch, Command::Write { offset: off, data: payload, fua: false }).await;
             match r {
                 Ok(_) => repaired += 1,
                 Err(err) if err.is_stale() => return Err(TargetError::Fenced(t.name.clone())),

@@ -8,7 +8,7 @@
 //! the in-sync set by compare-and-swap, with I/O held for that moment.
 
 use super::dirty::REGION;
-use super::frame::Op;
+use super::frame::Command;
 use super::target::{Peer, PeerState, Target, TargetError};
 use super::Host;
 use std::sync::atomic::Ordering;
@@ -144,7 +144,7 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
     // What resync copied is durable on the replica before it counts as in sync (the copies are
     // written without FUA).
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
-    c.call(Op::Flush, 0, t.vol.id, t.epoch, 0, 0, None).await?;
+    c.call(t.vol.id, t.epoch, Command::Flush).await?;
     let _w = t.region_lock.write().await;
     if p.state() != PeerState::CatchingUp || !p.dirty.is_empty() {
         return Err(TargetError::NoReplica(format!("{} (replica {} fell behind again)", t.name, p.node)));
@@ -174,7 +174,7 @@ async fn persist(p: &Arc<Peer>) -> Result<(), TargetError> {
 /// Records every extent allocated on the source or on the replica as missed.
 async fn plan_full_rebuild(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
-    let theirs = c.call(Op::Extents, 0, t.vol.id, t.epoch, 0, 0, None).await?;
+    let theirs = c.call(t.vol.id, t.epoch, Command::Extents).await?;
     let mut extents: std::collections::BTreeSet<u64> = theirs.chunks_exact(8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))).collect();
     extents.extend(e.local.pool.volume_extents(t.vol.id));
     let es = e.local.pool.extent_size;
@@ -215,9 +215,9 @@ async fn copy_region(e: &Host, t: &Target, p: &Arc<Peer>, region: u64) -> Result
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
     let bytes = data.bytes();
     let r = if bytes.iter().all(|b| *b == 0) {
-        c.call(Op::WriteZeroes, 0, t.vol.id, t.epoch, off, len as u32, None).await
+        c.call(t.vol.id, t.epoch, Command::WriteZeroes { offset: off, len: len as u32, fua: false, keep_allocated: false }).await
     } else {
-        c.call(Op::Write, 0, t.vol.id, t.epoch, off, len as u32, Some(bytes::Bytes::copy_from_slice(bytes))).await
+        c.call(t.vol.id, t.epoch, Command::Write { offset: off, data: bytes::Bytes::copy_from_slice(bytes), fua: false }).await
     };
     r?;
     p.dirty.clear(region);

@@ -5,7 +5,7 @@
 //! being read and their reply being written; past that the reader waits (backpressure on the
 //! target).
 
-use super::frame::{self, Op, Reply, Request, FLAG_FUA, FLAG_NO_HOLE, REQUEST_LEN};
+use super::frame::{self, Command, Reply, REQUEST_LEN};
 use crate::device::AlignedBuf;
 use crate::replica::{boot_id, IoError, Local, ReadData, Replica};
 use std::collections::HashMap;
@@ -109,7 +109,10 @@ async fn connection(s: TcpStream, engine: Arc<dyn Replicas>, peer: String, bound
         let (engine, tx) = (engine.clone(), tx.clone());
         tokio::spawn(async move {
             let answer = match vol {
-                Some(v) => answer(&*engine, &v, &req, payload).await,
+                Some(v) => match Command::from_request(&req, payload) {
+                    Some(cmd) => answer(&*engine, &v, req.epoch, cmd).await,
+                    None => Answer::Error(libc::EINVAL as u32),
+                },
                 // Nothing is loaded for it; whatever extents it may still have go.
                 None if req.op == frame::Op::Drop => match engine.drop_replica(req.volume).await {
                     Ok(()) => Answer::Done,
@@ -147,58 +150,54 @@ fn append(buf: &mut Vec<u8>, (reply, answer, _held): (Reply, Answer, Held)) {
     }
 }
 
-/// Serves one replication request for replica `v` (already looked up by id).
-async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, req: &Request, payload: Option<AlignedBuf>) -> Answer {
+/// Serves one replication request, `cmd` at `epoch`, for replica `v` (already looked up by id).
+async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, epoch: u64, cmd: Command<AlignedBuf>) -> Answer {
     let l = replicas.local();
     // HELLO raises the epoch with every request of older epochs drained (the fence is held
     // exclusively); any other request checks the epoch and runs under the fence shared, so
     // none of a fenced target's requests can land after a newer target said hello.
-    if req.op == Op::Hello {
+    if let Command::Hello { size } = cmd {
         let _f = v.fence.write().await;
-        if !v.admit_epoch(req.epoch) {
+        if !v.admit_epoch(epoch) {
             return Answer::Error(frame::ESTALE);
         }
-        v.grow_to(req.offset);
+        v.grow_to(size);
         // The node's boot: a target that finds it changed since its last hello knows writes
         // not yet flushed may be gone from this replica.
         return Answer::Bytes(boot_id().to_vec());
     }
     let _f = v.fence.read().await;
-    if !v.admit_epoch(req.epoch) {
+    if !v.admit_epoch(epoch) {
         return Answer::Error(frame::ESTALE);
     }
-    let fua = req.flags & FLAG_FUA != 0;
     let done = |r: Result<(), IoError>| match r {
         Ok(()) => Answer::Done,
         Err(e) => Answer::Error(e.errno(true)),
     };
-    match req.op {
-        Op::Hello => Answer::Done,
-        Op::Read => match l.read_local(v, req.offset, req.len as usize).await {
+    match cmd {
+        Command::Hello { .. } => Answer::Done,
+        Command::Read { offset, len } => match l.read_local(v, offset, len as usize).await {
             Ok(d) => Answer::Data(d),
             Err(e) => Answer::Error(e.errno(false)),
         },
-        Op::Write => match payload {
-            Some(buf) => done(l.write_local(v, req.offset, buf, fua).await),
-            None => Answer::Error(libc::EINVAL as u32),
-        },
-        Op::Flush => done(l.flush_local(v).await),
-        Op::Trim => done(l.zero_local(v, req.offset, req.len as u64, true, fua).await),
-        Op::WriteZeroes => done(l.zero_local(v, req.offset, req.len as u64, req.flags & FLAG_NO_HOLE == 0, fua).await),
-        Op::Extents => {
+        Command::Write { offset, data, fua } => done(l.write_local(v, offset, data, fua).await),
+        Command::Flush => done(l.flush_local(v).await),
+        Command::Trim { offset, len, fua } => done(l.zero_local(v, offset, len as u64, true, fua).await),
+        Command::WriteZeroes { offset, len, fua, keep_allocated } => done(l.zero_local(v, offset, len as u64, !keep_allocated, fua).await),
+        Command::Extents => {
             let mut out = Vec::new();
             for l in l.pool.volume_extents(v.id) {
                 out.extend_from_slice(&l.to_be_bytes());
             }
             Answer::Bytes(out)
         }
-        Op::Checksum => match l.read_local(v, req.offset, req.len as usize).await {
+        Command::Checksum { offset, len } => match l.read_local(v, offset, len as usize).await {
             Ok(d) => Answer::Bytes(crc32c::crc32c(d.bytes()).to_be_bytes().to_vec()),
             Err(e) => Answer::Error(e.errno(false)),
         },
-        Op::Share => done(l.share_local(v, req.offset).await),
-        Op::Restore => done(l.restore_local(v, req.offset).await),
-        Op::Drop => match replicas.drop_replica(v.id).await {
+        Command::Share { into } => done(l.share_local(v, into).await),
+        Command::Restore { from } => done(l.restore_local(v, from).await),
+        Command::Drop => match replicas.drop_replica(v.id).await {
             Ok(()) => Answer::Done,
             Err(e) => {
                 tracing::warn!(volume = v.id, "dropping replica data failed: {e}");

@@ -6,7 +6,7 @@
 
 use super::client::{CallError, Client};
 use super::dirty::DirtyLog;
-use super::frame::{Op, FLAG_FUA, FLAG_NO_HOLE};
+use super::frame::Command;
 use crate::alerts::Severity::{Alarm, Warning};
 use crate::device::AlignedBuf;
 use crate::meta::{MetaError, MetaStore, VolumeRecord};
@@ -243,7 +243,7 @@ impl Target {
     pub(super) async fn connect(&self, p: &Arc<Peer>, size: u64) -> Result<(), TargetError> {
         let addr = p.addr.lock().clone();
         let c = Client::connect(&addr, self.timeout).await?;
-        let boot = c.call(Op::Hello, 0, self.vol.id, self.epoch, size, 0, None).await?;
+        let boot = c.call(self.vol.id, self.epoch, Command::Hello { size }).await?;
         if p.rebooted(&boot) {
             tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted (seen at resync): writes it had not flushed may be lost; rebuilding it in full");
             p.lose_record().await.map_err(|e| TargetError::Meta(MetaError::Store(format!("dropping the dirty record: {e}"))))?;
@@ -274,7 +274,7 @@ impl Target {
                     continue;
                 }
             };
-            match c.call(Op::Hello, 0, self.vol.id, self.epoch, self.vol.size(), 0, None).await {
+            match c.call(self.vol.id, self.epoch, Command::Hello { size: self.vol.size() }).await {
                 // A write that found the old connection broken meanwhile took the peer out of
                 // sync: then resync brings it back, not this.
                 Ok(_) if p.state() != PeerState::InSync => {}
@@ -496,12 +496,13 @@ impl Target {
         }
     }
 
-    async fn fan_out(&self, sent: &[Leg], op: Op, flags: u8, off: u64, len: u32, payload: Option<Bytes>) -> Vec<Result<Vec<u8>, CallError>> {
+    /// Sends `cmd` to every leg in `sent` at once (a WRITE's payload is shared, not copied).
+    async fn fan_out(&self, sent: &[Leg], cmd: Command) -> Vec<Result<Vec<u8>, CallError>> {
         let calls = sent.iter().map(|(p, c, _)| {
-            let payload = payload.clone();
+            let cmd = cmd.clone();
             async move {
                 match c {
-                    Some(c) => c.call(op, flags, self.vol.id, self.epoch, off, len, payload).await,
+                    Some(c) => c.call(self.vol.id, self.epoch, cmd).await,
                     None => Err(CallError::Broken(p.node.clone())),
                 }
             }
@@ -515,8 +516,12 @@ impl Target {
         let len = data.len() as u64;
         let sent = self.prepare(off, len).await?;
         let payload = (!sent.is_empty()).then(|| Bytes::copy_from_slice(&data));
-        let flags = if fua { FLAG_FUA } else { 0 };
-        let remote = self.fan_out(&sent, Op::Write, flags, off, len as u32, payload);
+        let remote = async {
+            match payload {
+                Some(data) => self.fan_out(&sent, Command::Write { offset: off, data, fua }).await,
+                None => Vec::new(),
+            }
+        };
         self.both(&sent, l.write_local(&self.vol, off, data, fua), remote, off, len).await
     }
 
@@ -561,14 +566,15 @@ impl Target {
         let _g = self.region_lock.write().await;
         self.admit().await?;
         let sent = self.prepare(off, len).await?;
-        let flags = if fua { FLAG_FUA } else { 0 } | if punch { 0 } else { FLAG_NO_HOLE };
         // The protocol's length is 32 bits: large ranges go in pieces.
         let remote = async {
             let mut out: Vec<Result<Vec<u8>, CallError>> = sent.iter().map(|_| Ok(Vec::new())).collect();
             let mut pos = off;
             while pos < off + len {
                 let n = (off + len - pos).min(1 << 30);
-                for (slot, r) in out.iter_mut().zip(self.fan_out(&sent, Op::WriteZeroes, flags, pos, n as u32, None).await) {
+                for (slot, r) in
+                    out.iter_mut().zip(self.fan_out(&sent, Command::WriteZeroes { offset: pos, len: n as u32, fua, keep_allocated: !punch }).await)
+                {
                     if slot.is_ok() {
                         *slot = r;
                     }
@@ -584,7 +590,7 @@ impl Target {
         let _g = self.region_lock.read().await;
         self.admit().await?;
         let sent = self.active();
-        let remote = self.fan_out(&sent, Op::Flush, 0, 0, 0, None);
+        let remote = self.fan_out(&sent, Command::Flush);
         self.both(&sent, l.flush_local(&self.vol), remote, 0, 0).await
     }
 
@@ -655,7 +661,7 @@ impl Target {
             .ok_or_else(|| IoError::from(TargetError::NoReplica(format!("{} on node {node}", self.name))))?;
         // The bad copy answers EIO for its bad blocks, so the source is another one.
         let good = self.read_source(l, off, len).await?;
-        match c.call(Op::Write, FLAG_FUA, self.vol.id, self.epoch, off, len as u32, Some(Bytes::copy_from_slice(good.bytes()))).await {
+        match c.call(self.vol.id, self.epoch, Command::Write { offset: off, data: Bytes::copy_from_slice(good.bytes()), fua: true }).await {
             Ok(_) => Ok(()),
             Err(err) if err.is_stale() => Err(self.fence()),
             Err(err) => Err(IoError::from(TargetError::from(err))),
@@ -676,7 +682,7 @@ impl Target {
     pub(super) async fn read_peers(&self, l: &Local, off: u64, len: usize) -> Result<ReadData, IoError> {
         for (p, c, _) in self.active() {
             let (Some(c), PeerState::InSync) = (c, p.state()) else { continue };
-            match c.call(Op::Read, 0, self.vol.id, self.epoch, off, len as u32, None).await {
+            match c.call(self.vol.id, self.epoch, Command::Read { offset: off, len: len as u32 }).await {
                 Ok(data) if data.len() == len => {
                     let mut buf = l.buffer(len);
                     buf.copy_from_slice(&data);
@@ -705,7 +711,7 @@ impl Target {
                 None
             }
         };
-        let (l, r) = tokio::join!(local, self.fan_out(&sent, Op::Share, 0, dst, 0, None));
+        let (l, r) = tokio::join!(local, self.fan_out(&sent, Command::Share { into: dst }));
         let mut holders = Vec::new();
         match l {
             Some(Ok(())) => holders.push(self.node.clone()),
@@ -725,7 +731,7 @@ impl Target {
     /// Tells the replicas the volume's new size (after a grow).
     pub async fn announce_size(&self, size: u64) -> Result<(), IoError> {
         let sent = self.active();
-        let r = self.fan_out(&sent, Op::Hello, 0, size, 0, None).await;
+        let r = self.fan_out(&sent, Command::Hello { size }).await;
         self.settle(&sent, r, 0, 0).await
     }
 }

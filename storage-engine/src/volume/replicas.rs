@@ -5,7 +5,7 @@ use super::{Engine, PlacementSpec, Volume, VolumeError, VolumeInfo, MAX_REPL};
 use crate::meta::replication_address;
 use crate::meta::VolumeRecord;
 use crate::replication::client::Client;
-use crate::replication::frame::Op;
+use crate::replication::frame::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -99,7 +99,7 @@ impl Engine {
     /// Frees a volume's replica on another node over the replication protocol.
     pub(super) async fn drop_remote(&self, node: &str, id: u64) -> Result<(), String> {
         // The highest epoch: a drop is never refused as stale.
-        self.call_replica(node, Op::Drop, id, u64::MAX, 0).await
+        self.call_replica(node, id, u64::MAX, Command::Drop).await
     }
 
     /// A replication connection to `node`'s engine.
@@ -109,9 +109,9 @@ impl Engine {
     }
 
     /// One replication request (no payload) for volume id `id` to `node`'s engine.
-    pub(super) async fn call_replica(&self, node: &str, op: Op, id: u64, epoch: u64, arg: u64) -> Result<(), String> {
+    pub(super) async fn call_replica(&self, node: &str, id: u64, epoch: u64, cmd: Command) -> Result<(), String> {
         let c = self.replica_client(node).await?;
-        c.call(op, 0, id, epoch, arg, 0, None).await.map(|_| ()).map_err(|e| e.to_string())
+        c.call(id, epoch, cmd).await.map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// Frees volume id `id`'s extents on `node`: here directly, elsewhere with a DROP.

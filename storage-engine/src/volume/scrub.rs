@@ -5,7 +5,7 @@
 
 use super::{Engine, IoError, Volume, VolumeError};
 use crate::alerts::Severity::{Alarm, Warning};
-use crate::replication::frame::Op;
+use crate::replication::frame::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -148,7 +148,7 @@ impl Engine {
             let mut got = None;
             for node in rec.in_sync.iter().filter(|n| **n != me) {
                 let Ok(c) = self.replica_client(node).await else { continue };
-                if let Ok(d) = c.call(Op::Read, 0, v.id, epoch, off, len as u32, None).await {
+                if let Ok(d) = c.call(v.id, epoch, Command::Read { offset: off, len: len as u32 }).await {
                     if d.len() == len {
                         got = Some((node.clone(), d));
                         break;

@@ -7,7 +7,7 @@
 use super::{validate_labels, validate_name, Engine, VolumeError, VolumeInfo};
 use crate::clock::now_unix;
 use crate::meta::{MetaError, PendingOp, VolumeRecord};
-use crate::replication::frame::Op;
+use crate::replication::frame::{Command, Op};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -213,6 +213,7 @@ impl Engine {
     /// Runs SHARE or RESTORE (with `arg`) for `rec` on each of `nodes`: here directly, on other
     /// nodes over the replication protocol at the record's epoch.
     async fn on_replicas(&self, rec: &VolumeRecord, nodes: &[String], op: Op, arg: u64) -> Vec<(String, Result<(), String>)> {
+        let cmd = if op == Op::Share { Command::Share { into: arg } } else { Command::Restore { from: arg } };
         let mut out = Vec::new();
         for n in nodes {
             let r = if *n == self.node.id {
@@ -222,7 +223,7 @@ impl Engine {
                     None => Err(format!("this node holds no replica of {}", rec.name)),
                 }
             } else {
-                self.call_replica(n, op, rec.id, rec.epoch, arg).await
+                self.call_replica(n, rec.id, rec.epoch, cmd.clone()).await
             };
             out.push((n.clone(), r));
         }
