@@ -10,6 +10,11 @@ command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 cargo fmt --all --check
 cargo build --workspace --all-targets
 cargo clippy --workspace --all-targets -- -D warnings
+# One version each of the RPC stack (etcd-client is held at the release that shares our tonic).
+if dup=$(cargo tree --workspace -d -e normal --locked 2>/dev/null | grep -E '^(tonic|prost|axum) v'); then
+  echo "more than one version of: $dup" >&2
+  exit 1
+fi
 cargo nextest run --workspace --profile ci "$@"
 VENV=${STRATA_HELM_VENV:-/var/tmp/strata-helm-venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
