@@ -7,12 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use strata_engine::meta::MetaStore;
 use strata_engine::testing::TestCluster;
-use strata_engine::volume::{Engine, IoError, PlacementSpec, QosUpdate, VolumeError};
+use strata_engine::volume::{CreateSpec, Engine, IoError, QosUpdate, VolumeError};
 
 const MIB: u64 = 1 << 20;
 
 async fn create(e: &Engine, name: &str, repl: u32) -> Result<strata_engine::volume::VolumeInfo, VolumeError> {
-    e.create(name, 16 * MIB, repl, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await
+    e.create(CreateSpec { name, size: 16 * MIB, repl, ..Default::default() }).await
 }
 
 /// Writes `len` bytes of `byte` at `off` through the volume's target on `e`.
@@ -55,13 +55,13 @@ async fn a_created_volume_is_detached_clean_at_epoch_one() {
 async fn bad_names_repl_and_sizes_are_refused_with_the_reason() {
     let c = TestCluster::start(1).await;
     let e = c.engine(0);
-    let bad_name = e.create("-x", MIB, 1, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await;
+    let bad_name = e.create(CreateSpec { name: "-x", size: MIB, repl: 1, ..Default::default() }).await;
     assert!(matches!(&bad_name, Err(VolumeError::InvalidArgument(m)) if m.contains("invalid")), "{bad_name:?}");
-    let repl = e.create("r", MIB, 4, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await;
+    let repl = e.create(CreateSpec { name: "r", size: MIB, repl: 4, ..Default::default() }).await;
     assert!(matches!(&repl, Err(VolumeError::InvalidArgument(m)) if m.contains("repl 4")), "{repl:?}");
-    let zero = e.create("z", 0, 1, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await;
+    let zero = e.create(CreateSpec { name: "z", size: 0, repl: 1, ..Default::default() }).await;
     assert!(matches!(zero, Err(VolumeError::InvalidArgument(_))));
-    let huge = e.create("h", 1 << 40, 1, BTreeMap::new(), Default::default(), PlacementSpec::default(), None).await;
+    let huge = e.create(CreateSpec { name: "h", size: 1 << 40, repl: 1, ..Default::default() }).await;
     assert!(matches!(&huge, Err(VolumeError::ResourceExhausted(m)) if m.contains("capacity")), "{huge:?}");
     assert!(c.store.list_volumes().await.unwrap().is_empty(), "nothing recorded");
 }

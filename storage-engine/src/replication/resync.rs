@@ -9,7 +9,7 @@
 
 use super::dirty::REGION;
 use super::frame::Command;
-use super::target::{Peer, PeerState, Target, TargetError};
+use super::target::{dirty_blocking, Peer, PeerState, Target, TargetError};
 use super::Host;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -164,11 +164,7 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
 
 async fn persist(p: &Arc<Peer>) -> Result<(), TargetError> {
     let p2 = p.clone();
-    tokio::task::spawn_blocking(move || p2.dirty.persist())
-        .await
-        .map_err(|e| crate::meta::MetaError::Store(e.to_string()))?
-        .map_err(|e| crate::meta::MetaError::Store(format!("recording resync progress: {e}")))?;
-    Ok(())
+    dirty_blocking("recording resync progress", move || p2.dirty.persist()).await
 }
 
 /// Records every extent allocated on the source or on the replica as missed.
@@ -180,7 +176,7 @@ async fn plan_full_rebuild(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), Ta
     let es = e.local.pool.extent_size;
     let size = t.vol.size();
     let p2 = p.clone();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+    dirty_blocking("recording the rebuild plan", move || {
         for x in extents {
             let off = x * es;
             if off < size {
@@ -189,9 +185,7 @@ async fn plan_full_rebuild(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), Ta
         }
         p2.dirty.persist()
     })
-    .await
-    .map_err(|e| crate::meta::MetaError::Store(e.to_string()))?
-    .map_err(|e| crate::meta::MetaError::Store(format!("recording the rebuild plan: {e}")))?;
+    .await?;
     p.full_rebuild.store(false, Ordering::Release);
     Ok(())
 }

@@ -120,6 +120,24 @@ pub enum TargetError {
     Call(#[from] CallError),
     #[error("metadata: {0}")]
     Meta(#[from] MetaError),
+    /// The record of regions a replica missed (in the data directory) could not be kept.
+    #[error("{what} (dirty-region record): {source}")]
+    DirtyLog { what: &'static str, source: std::io::Error },
+}
+
+impl TargetError {
+    /// Maps a failure of the dirty-region record while doing `what`.
+    pub(super) fn dirty(what: &'static str) -> impl FnOnce(std::io::Error) -> TargetError {
+        move |source| TargetError::DirtyLog { what, source }
+    }
+}
+
+/// Runs a blocking dirty-record step on the blocking pool.
+pub(super) async fn dirty_blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, TargetError> {
+    tokio::task::spawn_blocking(f).await.map_err(std::io::Error::other).and_then(|r| r).map_err(TargetError::dirty(what))
 }
 
 pub struct Target {
@@ -175,11 +193,10 @@ impl Target {
         // A stale replica on this node is resynced like a remote one (over loopback).
         let stale_here = rec.has_replica(me) && !rec.is_in_sync(me);
         for n in rec.replicas.iter().filter(|n| *n != me || stale_here) {
-            let (dirty, existed) =
-                DirtyLog::open(DirtyLog::path_for(&cfg.data_dir, rec.id, n)).map_err(|e| TargetError::Meta(MetaError::Store(e.to_string())))?;
+            let (dirty, existed) = DirtyLog::open(DirtyLog::path_for(&cfg.data_dir, rec.id, n)).map_err(TargetError::dirty("opening"))?;
             let in_sync = rec.is_in_sync(n);
             if !in_sync && !existed {
-                dirty.set_lost().map_err(|e| TargetError::Meta(MetaError::Store(e.to_string())))?;
+                dirty.set_lost().map_err(TargetError::dirty("dropping"))?;
             }
             peers.push(Arc::new(Peer {
                 node: n.clone(),
@@ -246,7 +263,7 @@ impl Target {
         let boot = c.call(self.vol.id, self.epoch, Command::Hello { size }).await?;
         if p.rebooted(&boot) {
             tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted (seen at resync): writes it had not flushed may be lost; rebuilding it in full");
-            p.lose_record().await.map_err(|e| TargetError::Meta(MetaError::Store(format!("dropping the dirty record: {e}"))))?;
+            p.lose_record().await.map_err(TargetError::dirty("dropping"))?;
         }
         p.set_client(c);
         Ok(())
@@ -370,7 +387,7 @@ impl Target {
         if unverified {
             p.full_rebuild.store(true, Ordering::Release);
         }
-        tokio::task::spawn_blocking(move || {
+        dirty_blocking("recording missed regions", move || {
             if unverified {
                 return p2.dirty.set_lost();
             }
@@ -380,9 +397,7 @@ impl Target {
                 None => Ok(()),
             }
         })
-        .await
-        .map_err(|e| MetaError::Store(e.to_string()))?
-        .map_err(|e| MetaError::Store(format!("recording missed regions: {e}")))?;
+        .await?;
         self.record_out(p).await
     }
 
@@ -456,7 +471,9 @@ impl Target {
             }
         }
         if !pending.is_empty() {
-            tokio::task::spawn_blocking(move || pending.iter().try_for_each(|(p, e)| p.dirty.append(e))).await.map_err(std::io::Error::other)??;
+            dirty_blocking("recording missed regions", move || pending.iter().try_for_each(|(p, e)| p.dirty.append(e)))
+                .await
+                .map_err(IoError::from)?;
         }
         Ok(sent)
     }

@@ -1,6 +1,6 @@
 //! The gRPC SDK server: volumes, pools, nodes and cluster status over tonic.
 
-use crate::volume::{Engine, VolumeError, VolumeInfo};
+use crate::volume::{CreateSpec, Engine, VolumeError, VolumeInfo};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use strata_api::v1 as pb;
@@ -213,7 +213,7 @@ impl pb::volume_service_server::VolumeService for Sdk {
             return Err(Status::invalid_argument("an encrypted volume (secure) needs a passphrase or key file"));
         }
         let passphrase = (spec.secure || !r.passphrase.is_empty()).then_some(r.passphrase.as_slice());
-        let v = self.engine.create(&r.name, spec.size_bytes, spec.repl, labels, qos, placement, passphrase).await?;
+        let v = self.engine.create(CreateSpec { name: &r.name, size: spec.size_bytes, repl: spec.repl, labels, qos, placement, passphrase }).await?;
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 

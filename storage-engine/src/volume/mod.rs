@@ -204,6 +204,21 @@ pub(crate) async fn forget_dropped(meta: &dyn MetaStore, name: &str, node: &str)
     Err(VolumeError::Aborted(format!("volume {name} was changed concurrently; retry")))
 }
 
+/// A volume to create: the SDK request's fields.
+#[derive(Debug, Clone, Default)]
+pub struct CreateSpec<'a> {
+    pub name: &'a str,
+    /// Bytes (rounded up to 4 KiB).
+    pub size: u64,
+    /// Replicas, 1 to `MAX_REPL` (0 means 1).
+    pub repl: u32,
+    pub labels: BTreeMap<String, String>,
+    pub qos: Limits,
+    pub placement: PlacementSpec,
+    /// Encrypt at rest under a key derived from this passphrase.
+    pub passphrase: Option<&'a [u8]>,
+}
+
 /// Placement filters of a new volume (Portworx's `nodes`, `zones`, `racks`).
 #[derive(Debug, Clone, Default)]
 pub struct PlacementSpec {
@@ -420,20 +435,11 @@ impl Engine {
         Ok(size)
     }
 
-    /// Creates a volume; with `passphrase` it is encrypted at rest (AES-256-XTS) under a key
-    /// derived from it, held in memory here (the store keeps only a salt and a check value).
-    /// The arguments are the SDK request's fields, one each.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn create(
-        &self,
-        name: &str,
-        size: u64,
-        repl: u32,
-        labels: BTreeMap<String, String>,
-        qos: Limits,
-        placement: PlacementSpec,
-        passphrase: Option<&[u8]>,
-    ) -> Result<VolumeInfo, VolumeError> {
+    /// Creates a volume (detached: it is attached where it is used); with a passphrase it is
+    /// encrypted at rest (AES-256-XTS) under a key derived from it, held in memory here (the
+    /// store keeps only a salt and a check value).
+    pub async fn create(&self, spec: CreateSpec<'_>) -> Result<VolumeInfo, VolumeError> {
+        let CreateSpec { name, size, repl, labels, qos, placement, passphrase } = spec;
         validate_name(name)?;
         validate_labels(&labels)?;
         snapshots::validate_schedule(&labels)?;
