@@ -1,6 +1,7 @@
 //! Strata SDK: the gRPC API every component uses to talk to a storage engine,
 //! plus the small units shared by the engine and its clients.
 
+pub mod logging;
 pub mod schedule;
 pub mod units;
 

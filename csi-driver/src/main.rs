@@ -3,7 +3,7 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into())).init();
+    strata_api::logging::init();
     // The node plugin's FUSE helper (one process per staged volume).
     if std::env::args().nth(1).as_deref() == Some("fuse-disk") {
         let a = strata_csi::FuseDiskArgs::parse_from(std::env::args().skip(1));

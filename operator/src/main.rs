@@ -41,7 +41,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into())).init();
+    strata_api::logging::init();
     let args = Args::parse();
     let client = Client::try_default().await?;
     if let Some(Cmd::Uninstall { name, namespace, timeout }) = args.cmd {

@@ -13,11 +13,7 @@ fn main() {
 }
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    strata_api::logging::init();
     match cli.command {
         Some(Command::Check(args)) => {
             if !strata_engine::server::run_check(&args).await? {

@@ -4,10 +4,7 @@ use strata_stork::{cluster::Kube, config::Config, extender, health, storage::Sdk
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    strata_api::logging::init();
     if let Err(e) = run(Config::parse()).await {
         eprintln!("error: {e:#}");
         std::process::exit(2);

@@ -34,7 +34,11 @@ pub trait Replicas: Send + Sync + 'static {
 }
 
 pub async fn serve(listener: TcpListener, replicas: Arc<dyn Replicas>, bounds: Bounds) {
-    crate::net::accept_tcp(listener, "replication", |s, peer| connection(s, replicas.clone(), peer, bounds)).await
+    crate::net::accept_tcp(listener, "replication", |s, peer| {
+        let span = tracing::info_span!("replication", %peer);
+        tracing::Instrument::instrument(connection(s, replicas.clone(), peer, bounds), span)
+    })
+    .await
 }
 
 /// A replica's answer: an errno (0 = success) and, for READ and EXTENTS, data.

@@ -7,6 +7,7 @@ use crate::replication::target::Target;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tracing::Instrument;
 
 impl Engine {
     /// Starts serving a replicated volume here: announces the epoch to its replicas and starts
@@ -25,10 +26,11 @@ impl Engine {
         *handle.target.write() = Some(t.clone());
         handle.served.store(true, Ordering::Release);
         let host = Arc::new(crate::replication::Host { local: self.local.clone(), replacements: self.replacements.lock().clone() });
+        let span = tracing::info_span!("target", volume = %rec.name, node = %me, epoch = rec.epoch);
         if verify {
-            tokio::spawn(crate::replication::reconcile::run(host.clone(), t.clone()));
+            tokio::spawn(crate::replication::reconcile::run(host.clone(), t.clone()).instrument(span.clone()));
         }
-        tokio::spawn(crate::replication::resync::run(host, t));
+        tokio::spawn(crate::replication::resync::run(host, t).instrument(span));
         Ok(())
     }
 
@@ -62,6 +64,7 @@ impl Engine {
     /// Makes this node the volume's target: records it with a new epoch (fencing the previous
     /// target, whose writes every replica refuses from then on) and starts serving. Moving a
     /// volume away from an online target that did not detach needs `force`.
+    #[tracing::instrument(name = "attach", skip_all, fields(volume = %name, node = %self.node.id, force))]
     pub async fn attach(&self, name: &str, force: bool, passphrase: Option<&[u8]>) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();
@@ -131,6 +134,7 @@ impl Engine {
 
     /// Stops serving a volume here and records it as detached. Refused while clients are
     /// connected unless `force`.
+    #[tracing::instrument(name = "detach", skip_all, fields(volume = %name, node = %self.node.id, force))]
     pub async fn detach(&self, name: &str, force: bool) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();

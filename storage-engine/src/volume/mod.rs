@@ -438,6 +438,7 @@ impl Engine {
     /// Creates a volume (detached: it is attached where it is used); with a passphrase it is
     /// encrypted at rest (AES-256-XTS) under a key derived from it, held in memory here (the
     /// store keeps only a salt and a check value).
+    #[tracing::instrument(name = "create", skip_all, fields(volume = %spec.name, node = %self.node.id, repl = spec.repl))]
     pub async fn create(&self, spec: CreateSpec<'_>) -> Result<VolumeInfo, VolumeError> {
         let CreateSpec { name, size, repl, labels, qos, placement, passphrase } = spec;
         validate_name(name)?;
@@ -549,6 +550,7 @@ impl Engine {
     }
 
     /// Grows a volume (online, or detached) and/or changes labels. Shrinking is refused.
+    #[tracing::instrument(name = "update", skip_all, fields(volume = %name, node = %self.node.id))]
     pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>, qos: QosUpdate) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
@@ -639,6 +641,7 @@ impl Engine {
     /// (this node's directly, other nodes' over the replication protocol), then the record goes.
     /// A replica on a node that is down is freed when that node's engine starts again; until
     /// then the volume reads as "deleting". Refused while clients are connected unless `force`.
+    #[tracing::instrument(name = "delete", skip_all, fields(volume = %name, node = %self.node.id, force))]
     pub async fn delete(&self, name: &str, force: bool) -> Result<(), VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();

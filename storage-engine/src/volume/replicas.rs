@@ -132,6 +132,7 @@ impl Engine {
     /// they count as in sync once it is done. Shrinking removes `node`, else an out-of-sync
     /// replica, else the last one that is not on this node, and frees its data. Only the target
     /// changes replicas, and never below one in-sync replica.
+    #[tracing::instrument(name = "ha_update", skip_all, fields(volume = %name, node = %self.node.id, repl))]
     pub async fn ha_update(&self, name: &str, repl: u32, node: Option<String>) -> Result<VolumeInfo, VolumeError> {
         if !(1..=MAX_REPL).contains(&repl) {
             return Err(VolumeError::InvalidArgument(format!("repl {repl} is out of range: use 1 to {MAX_REPL}")));

@@ -28,6 +28,7 @@ pub(super) fn validate_schedule(labels: &BTreeMap<String, String>) -> Result<(),
 impl Engine {
     /// Takes a crash-consistent snapshot `name` of volume `volume`: on every in-sync replica,
     /// at one point of the write stream when the volume is attached here.
+    #[tracing::instrument(name = "snapshot", skip_all, fields(volume = %volume, snapshot = %name, node = %self.node.id))]
     pub async fn snapshot(&self, volume: &str, name: &str, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
         let src = self.record(volume).await?;
         if src.snapshot_of.is_some() {
@@ -39,6 +40,7 @@ impl Engine {
     /// Creates the writable volume `name` sharing every extent of `source` (a snapshot, or a
     /// volume at this instant). The clone lives on the source's in-sync replica nodes and is
     /// left detached (attach it where it is used).
+    #[tracing::instrument(name = "clone", skip_all, fields(volume = %source, clone = %name, node = %self.node.id))]
     pub async fn clone_volume(&self, source: &str, name: &str, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
         let src = self.record(source).await?;
         self.copy_of(&src, name, labels, false).await
@@ -46,6 +48,7 @@ impl Engine {
 
     /// Replaces volume `volume`'s data with snapshot `snapshot`'s on every replica. The volume
     /// must not be in use: detached, or (one replica on this node) without NBD clients.
+    #[tracing::instrument(name = "restore", skip_all, fields(volume = %volume, snapshot = %snapshot, node = %self.node.id))]
     pub async fn restore(&self, volume: &str, snapshot: &str) -> Result<VolumeInfo, VolumeError> {
         let _g = self.lifecycle.lock().await;
         let me = self.node.id.clone();

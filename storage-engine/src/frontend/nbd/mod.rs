@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tracing::Instrument;
 
 /// Largest READ/WRITE payload we accept (advertised as the maximum block size).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -68,9 +69,15 @@ where
     };
     match tokio::time::timeout(limits.handshake, handshake::conn::negotiate(stream, &engine)).await {
         Ok(Ok(Some((stream, conn)))) => {
-            tracing::debug!(%peer, volume = %conn.volume.name, "nbd client attached");
-            transmit::conn::serve(stream, conn, engine, limits.clone()).await;
-            tracing::debug!(%peer, "nbd client gone");
+            // Every event of this client's session carries the volume and node.
+            let span = tracing::info_span!("nbd", volume = %conn.volume.name, node = %engine.node.id, %peer);
+            async {
+                tracing::debug!("nbd client attached");
+                transmit::conn::serve(stream, conn, engine.clone(), limits.clone()).await;
+                tracing::debug!("nbd client gone");
+            }
+            .instrument(span)
+            .await;
         }
         Ok(Ok(None)) => tracing::debug!(%peer, "nbd negotiation ended without an export"),
         Ok(Err(e)) => tracing::info!(%peer, "nbd negotiation failed: {e}"),
