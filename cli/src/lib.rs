@@ -1,14 +1,13 @@
 //! stratactl: pxctl-style command line over the Strata SDK.
 
+mod render;
 mod table;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
 use std::collections::HashMap;
 use strata_api::units::{format_size, parse_size};
 use strata_api::v1 as pb;
-use table::Table;
 use tonic::transport::Channel;
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -284,94 +283,6 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!("{code}: {}", s.message())
 }
 
-fn volume_json(v: &pb::Volume) -> serde_json::Value {
-    let spec = v.spec.clone().unwrap_or_default();
-    json!({
-        "id": v.id.to_string(),
-        "name": v.name,
-        "size_bytes": spec.size_bytes,
-        "repl": spec.repl,
-        "labels": spec.labels,
-        "qos": spec.qos.map(|q| json!({"io_throttle_rd_iops": q.rd_iops, "io_throttle_wr_iops": q.wr_iops, "io_throttle_rd_bw": q.rd_bw, "io_throttle_wr_bw": q.wr_bw})),
-        "used_bytes": v.used_bytes,
-        "state": v.state,
-        "connections": v.connections,
-        "attached_node": v.attached_node,
-        "secure": v.spec.as_ref().is_some_and(|s| s.secure),
-        "replica_nodes": v.replica_nodes,
-        "in_sync_nodes": v.in_sync_nodes,
-        "epoch": v.epoch,
-        "replica_status": v.replica_status.iter().map(|r| json!({
-            "node": r.node, "state": r.state, "dirty_bytes": r.dirty_bytes, "copied_bytes": r.copied_bytes,
-        })).collect::<Vec<_>>(),
-        "pool_uuid": v.pool_uuid,
-        "created_unix": v.created_unix,
-        "snapshot_of": (!v.snapshot_of.is_empty()).then_some(&v.snapshot_of),
-    })
-}
-
-fn labels_text(l: &HashMap<String, String>) -> String {
-    let mut v: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    v.sort();
-    v.join(",")
-}
-
-fn qos_text(q: Option<&pb::QosLimits>) -> String {
-    let Some(q) = q else { return "unlimited".into() };
-    let mut parts = Vec::new();
-    if q.rd_iops > 0 {
-        parts.push(format!("read {} IOPS", q.rd_iops));
-    }
-    if q.wr_iops > 0 {
-        parts.push(format!("write {} IOPS", q.wr_iops));
-    }
-    if q.rd_bw > 0 {
-        parts.push(format!("read {}/s", format_size(q.rd_bw)));
-    }
-    if q.wr_bw > 0 {
-        parts.push(format!("write {}/s", format_size(q.wr_bw)));
-    }
-    if parts.is_empty() {
-        "unlimited".into()
-    } else {
-        parts.join(", ")
-    }
-}
-
-fn print_volume(v: &pb::Volume) {
-    let spec = v.spec.clone().unwrap_or_default();
-    let mut t = Table::new(&["FIELD", "VALUE"]);
-    for (k, val) in [
-        ("Name", v.name.clone()),
-        ("ID", v.id.to_string()),
-        ("Size", format_size(spec.size_bytes)),
-        ("Used", format_size(v.used_bytes)),
-        ("Replicas", spec.repl.to_string()),
-        ("State", v.state.clone()),
-        ("Attached on", if v.attached_node.is_empty() { "(detached)".into() } else { v.attached_node.clone() }),
-        ("Epoch", v.epoch.to_string()),
-        ("Replica nodes", v.replica_nodes.join(",")),
-        ("In sync", v.in_sync_nodes.join(",")),
-        ("Verifying replicas", if v.verifying { "yes (after an unclean change of target)".into() } else { "no".into() }),
-        ("NBD clients", v.connections.to_string()),
-        ("Labels", labels_text(&spec.labels)),
-        ("QoS", qos_text(spec.qos.as_ref())),
-        ("Encrypted", if spec.secure { "yes (AES-256-XTS)".into() } else { "no".into() }),
-        ("Pool", v.pool_uuid.clone()),
-        ("Snapshot of", if v.snapshot_of.is_empty() { "-".into() } else { v.snapshot_of.clone() }),
-    ] {
-        t.row(vec![k.into(), val]);
-    }
-    for r in &v.replica_status {
-        let mut line = r.state.clone();
-        if r.dirty_bytes > 0 || r.copied_bytes > 0 {
-            line += &format!(" ({} to copy, {} copied)", format_size(r.dirty_bytes), format_size(r.copied_bytes));
-        }
-        t.row(vec![format!("Replica {}", r.node), line]);
-    }
-    print!("{}", t.render());
-}
-
 async fn snapshot_cmd(
     c: &mut pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>,
     cmd: SnapshotCmd,
@@ -381,34 +292,15 @@ async fn snapshot_cmd(
         SnapshotCmd::Create { volume, name, labels } => {
             let req = pb::SnapshotCreateRequest { volume, name, labels: labels.into_iter().collect() };
             let v = c.snapshot_create(req).await.map_err(status_err)?.into_inner().snapshot.ok_or_else(|| anyhow!("engine returned no snapshot"))?;
-            if json {
-                println!("{}", volume_json(&v));
-            } else {
-                println!("Snapshot {} of {} created on {}", v.name, v.snapshot_of, v.in_sync_nodes.join(","));
-            }
+            print!(
+                "{}",
+                render::volume_done(&v, json, |v| format!("Snapshot {} of {} created on {}", v.name, v.snapshot_of, v.in_sync_nodes.join(",")))
+            );
         }
         SnapshotCmd::List { volume } => {
             let snaps =
                 c.snapshot_list(pb::SnapshotListRequest { volume: volume.unwrap_or_default() }).await.map_err(status_err)?.into_inner().snapshots;
-            if json {
-                println!("{}", serde_json::Value::Array(snaps.iter().map(volume_json).collect()));
-            } else {
-                let mut t = Table::new(&["ID", "NAME", "VOLUME", "SIZE", "CREATED", "NODES", "STATE", "LABELS"]);
-                for v in &snaps {
-                    let spec = v.spec.clone().unwrap_or_default();
-                    t.row(vec![
-                        v.id.to_string(),
-                        v.name.clone(),
-                        v.snapshot_of.clone(),
-                        format_size(spec.size_bytes),
-                        strata_api::schedule::format_unix(v.created_unix),
-                        v.in_sync_nodes.join(","),
-                        v.state.clone(),
-                        labels_text(&spec.labels),
-                    ]);
-                }
-                print!("{}", t.render());
-            }
+            print!("{}", render::snapshot_list(&snaps, json));
         }
         SnapshotCmd::Delete { name } => {
             let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner().volume;
@@ -416,11 +308,7 @@ async fn snapshot_cmd(
                 bail!("{name} is a volume, not a snapshot; delete volumes with `stratactl volume delete {name}`");
             }
             c.delete(pb::DeleteVolumeRequest { name: name.clone(), force: false }).await.map_err(status_err)?;
-            if json {
-                println!("{}", json!({"deleted": name}));
-            } else {
-                println!("Snapshot {name} deleted.");
-            }
+            print!("{}", render::deleted(&name, json, &format!("Snapshot {name} deleted.")));
         }
     }
     Ok(())
@@ -433,25 +321,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status => {
             let s =
                 pb::cluster_service_client::ClusterServiceClient::new(ch).status(pb::ClusterStatusRequest {}).await.map_err(status_err)?.into_inner();
-            if json {
-                println!(
-                    "{}",
-                    json!({
-                        "cluster_id": s.cluster_id, "status": s.status, "version": s.version, "metadata_store": s.metadata_store,
-                        "total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "volume_count": s.volume_count,
-                        "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
-                    })
-                );
-            } else {
-                println!("Status: {}", s.status);
-                println!("Cluster ID: {}", s.cluster_id);
-                println!("Metadata store: {}", s.metadata_store);
-                println!("Version: {}", s.version);
-                println!("Capacity: {} used of {}", format_size(s.used_bytes), format_size(s.total_bytes));
-                println!("Volumes: {}", s.volume_count);
-                println!();
-                print!("{}", nodes_table(&s.nodes));
-            }
+            print!("{}", render::status(&s, json));
         }
         Cmd::Volume(cmd) => {
             let mut c = pb::volume_service_client::VolumeServiceClient::new(ch);
@@ -485,43 +355,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                     let v = c.create(pb::CreateVolumeRequest { name: a.name, spec: Some(spec), passphrase }).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
-                    if json {
-                        println!("{}", volume_json(&v));
-                    } else {
-                        println!("Volume successfully created: {} ({})", v.name, v.id);
-                    }
+                    print!("{}", render::volume_done(&v, json, |v| format!("Volume successfully created: {} ({})", v.name, v.id)));
                 }
                 VolumeCmd::List => {
                     let mut vols = c.list(pb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
                     vols.retain(|v| v.snapshot_of.is_empty());
-                    if json {
-                        println!("{}", serde_json::Value::Array(vols.iter().map(volume_json).collect()));
-                    } else {
-                        let mut t = Table::new(&["ID", "NAME", "SIZE", "USED", "HA", "STATE", "CLIENTS", "LABELS"]);
-                        for v in &vols {
-                            let spec = v.spec.clone().unwrap_or_default();
-                            t.row(vec![
-                                v.id.to_string(),
-                                v.name.clone(),
-                                format_size(spec.size_bytes),
-                                format_size(v.used_bytes),
-                                spec.repl.to_string(),
-                                v.state.clone(),
-                                v.connections.to_string(),
-                                labels_text(&spec.labels),
-                            ]);
-                        }
-                        print!("{}", t.render());
-                    }
+                    print!("{}", render::volume_list(&vols, json));
                 }
                 VolumeCmd::Inspect { name } => {
                     let v = c.inspect(pb::InspectVolumeRequest { name }).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
-                    if json {
-                        println!("{}", volume_json(&v));
-                    } else {
-                        print_volume(&v);
-                    }
+                    print!("{}", render::volume_inspect(&v, json));
                 }
                 VolumeCmd::Update(a) => {
                     let q = &a.qos;
@@ -547,53 +391,51 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     let v = c.update(req).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
-                    if json {
-                        println!("{}", volume_json(&v));
-                    } else {
-                        println!("Volume {} updated: size {}", v.name, format_size(v.spec.unwrap_or_default().size_bytes));
-                    }
+                    print!(
+                        "{}",
+                        render::volume_done(&v, json, |v| format!(
+                            "Volume {} updated: size {}",
+                            v.name,
+                            format_size(v.spec.clone().unwrap_or_default().size_bytes)
+                        ))
+                    );
                 }
                 VolumeCmd::HaUpdate { name, repl, node } => {
                     let req = pb::HaUpdateRequest { name, repl, node: node.unwrap_or_default() };
                     let v = c.ha_update(req).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
-                    if json {
-                        println!("{}", volume_json(&v));
-                    } else {
-                        println!(
+                    print!(
+                        "{}",
+                        render::volume_done(&v, json, |v| format!(
                             "Volume {}: replicas on {} (in sync: {}); new replicas fill in the background (volume inspect shows progress)",
                             v.name,
                             v.replica_nodes.join(","),
                             v.in_sync_nodes.join(",")
-                        );
-                    }
+                        ))
+                    );
                 }
                 VolumeCmd::Delete { name, force } => {
                     c.delete(pb::DeleteVolumeRequest { name: name.clone(), force }).await.map_err(status_err)?;
-                    if json {
-                        println!("{}", json!({"deleted": name}));
-                    } else {
-                        println!("Volume {name} successfully deleted.");
-                    }
+                    print!("{}", render::deleted(&name, json, &format!("Volume {name} successfully deleted.")));
                 }
                 VolumeCmd::Snapshot(cmd) => snapshot_cmd(&mut c, cmd, json).await?,
                 VolumeCmd::Clone { source, name, labels } => {
                     let req = pb::CloneVolumeRequest { source, name, labels: labels.into_iter().collect() };
                     let v = c.clone_volume(req).await.map_err(status_err)?.into_inner().volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
-                    if json {
-                        println!("{}", volume_json(&v));
-                    } else {
-                        println!("Volume {} cloned on {} (detached: stratactl host attach {})", v.name, v.replica_nodes.join(","), v.name);
-                    }
+                    print!(
+                        "{}",
+                        render::volume_done(&v, json, |v| format!(
+                            "Volume {} cloned on {} (detached: stratactl host attach {})",
+                            v.name,
+                            v.replica_nodes.join(","),
+                            v.name
+                        ))
+                    );
                 }
                 VolumeCmd::Restore { name, snapshot } => {
                     let req = pb::RestoreVolumeRequest { name, snapshot: snapshot.clone() };
                     let v = c.restore(req).await.map_err(status_err)?.into_inner().volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
-                    if json {
-                        println!("{}", volume_json(&v));
-                    } else {
-                        println!("Volume {} restored from snapshot {snapshot}", v.name);
-                    }
+                    print!("{}", render::volume_done(&v, json, |v| format!("Volume {} restored from snapshot {snapshot}", v.name)));
                 }
             }
         }
@@ -626,22 +468,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             let v = v.ok_or_else(|| anyhow!("engine returned no volume"))?;
-            if json {
-                println!("{}", volume_json(&v));
-            } else if v.attached_node.is_empty() {
-                println!("Volume {name} detached.");
-            } else {
-                println!("Volume {name} attached on node {} (epoch {}).", v.attached_node, v.epoch);
-            }
+            print!("{}", render::attachment(&name, &v, json));
         }
         Cmd::Cluster(ClusterCmd::List) => {
             let nodes =
                 pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
-            if json {
-                println!("{}", serde_json::Value::Array(nodes.iter().map(node_json).collect()));
-            } else {
-                print!("{}", nodes_table(&nodes));
-            }
+            print!("{}", render::nodes(&nodes, json));
         }
         Cmd::Alerts(AlertsCmd::Show) => {
             let r = pb::alert_service_client::AlertServiceClient::new(ch)
@@ -649,108 +481,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            if json {
-                let v: Vec<_> = r
-                    .alerts
-                    .iter()
-                    .map(|a| {
-                        json!({"id": a.id, "node": a.node, "severity": a.severity, "kind": a.kind, "resource": a.resource,
-                                    "first_unix": a.first_unix, "last_unix": a.last_unix, "count": a.count, "message": a.message})
-                    })
-                    .collect();
-                println!("{}", json!({"alerts": v, "unreachable": r.unreachable}));
-            } else {
-                if r.alerts.is_empty() {
-                    println!("No alerts.");
-                } else {
-                    let mut t = Table::new(&["TIME", "NODE", "SEVERITY", "KIND", "RESOURCE", "COUNT", "MESSAGE"]);
-                    for a in &r.alerts {
-                        t.row(vec![
-                            strata_api::schedule::format_unix(a.last_unix),
-                            a.node.clone(),
-                            a.severity.clone(),
-                            a.kind.clone(),
-                            a.resource.clone(),
-                            a.count.to_string(),
-                            a.message.clone(),
-                        ]);
-                    }
-                    print!("{}", t.render());
-                }
-                for u in &r.unreachable {
-                    eprintln!("warning: alerts of node {u} are missing");
-                }
+            let (out, warnings) = render::alerts(&r, json);
+            print!("{out}");
+            for w in warnings {
+                eprintln!("{w}");
             }
         }
         Cmd::Service(ServiceCmd::Pool(PoolCmd::Show)) => {
             let pools =
                 pb::pool_service_client::PoolServiceClient::new(ch).list(pb::ListPoolsRequest {}).await.map_err(status_err)?.into_inner().pools;
-            if json {
-                let v: Vec<_> = pools
-                    .iter()
-                    .map(|p| {
-                        json!({
-                            "uuid": p.uuid, "extent_size": p.extent_size, "total_bytes": p.total_bytes, "used_bytes": p.used_bytes,
-                            "devices": p.devices.iter().map(|d| json!({
-                                "uuid": d.uuid, "path": d.path, "size_bytes": d.size_bytes, "total_extents": d.total_extents,
-                                "free_extents": d.free_extents, "kind": d.kind, "io_engine": d.io_engine, "direct_io": d.direct_io,
-                            })).collect::<Vec<_>>(),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(v));
-            } else {
-                for p in &pools {
-                    println!(
-                        "Pool {}: {} used of {}, extent size {}",
-                        p.uuid,
-                        format_size(p.used_bytes),
-                        format_size(p.total_bytes),
-                        format_size(p.extent_size)
-                    );
-                    let mut t = Table::new(&["DEVICE", "KIND", "SIZE", "EXTENTS", "FREE", "IO", "O_DIRECT", "UUID"]);
-                    for d in &p.devices {
-                        t.row(vec![
-                            d.path.clone(),
-                            d.kind.clone(),
-                            format_size(d.size_bytes),
-                            d.total_extents.to_string(),
-                            d.free_extents.to_string(),
-                            d.io_engine.clone(),
-                            if d.direct_io { "yes".into() } else { "no".into() },
-                            d.uuid.clone(),
-                        ]);
-                    }
-                    print!("{}", t.render());
-                }
-            }
+            print!("{}", render::pools(&pools, json));
         }
     }
     Ok(())
-}
-
-fn node_json(n: &pb::Node) -> serde_json::Value {
-    json!({"id": n.id, "hostname": n.hostname, "status": n.status, "sdk_address": n.sdk_address, "nbd_address": n.nbd_address,
-           "repl_address": n.repl_address, "zone": n.zone, "rack": n.rack,
-           "total_bytes": n.total_bytes, "used_bytes": n.used_bytes, "version": n.version})
-}
-
-fn nodes_table(nodes: &[pb::Node]) -> String {
-    let mut t = Table::new(&["ID", "HOSTNAME", "STATUS", "CAPACITY", "USED", "ZONE", "RACK", "SDK", "REPLICATION", "VERSION"]);
-    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
-    for n in nodes {
-        t.row(vec![
-            n.id.clone(),
-            n.hostname.clone(),
-            n.status.clone(),
-            format_size(n.total_bytes),
-            format_size(n.used_bytes),
-            or_dash(&n.zone),
-            or_dash(&n.rack),
-            n.sdk_address.clone(),
-            or_dash(&n.repl_address),
-            n.version.clone(),
-        ]);
-    }
-    t.render()
 }

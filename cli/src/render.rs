@@ -1,0 +1,420 @@
+//! What stratactl prints: pure functions from the SDK's answers to text (pxctl-style tables and
+//! messages) or JSON (`--json`), each returning the whole output, so they are tested without an
+//! engine. `run` parses, calls the SDK, then prints what these return.
+
+use crate::table::Table;
+use serde_json::json;
+use std::collections::HashMap;
+use strata_api::units::format_size;
+use strata_api::v1 as pb;
+
+/// JSON output: one document and a newline.
+fn doc(v: serde_json::Value) -> String {
+    format!("{v}\n")
+}
+
+pub fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    let spec = v.spec.clone().unwrap_or_default();
+    json!({
+        "id": v.id.to_string(),
+        "name": v.name,
+        "size_bytes": spec.size_bytes,
+        "repl": spec.repl,
+        "labels": spec.labels,
+        "qos": spec.qos.map(|q| json!({"io_throttle_rd_iops": q.rd_iops, "io_throttle_wr_iops": q.wr_iops, "io_throttle_rd_bw": q.rd_bw, "io_throttle_wr_bw": q.wr_bw})),
+        "used_bytes": v.used_bytes,
+        "state": v.state,
+        "connections": v.connections,
+        "attached_node": v.attached_node,
+        "secure": v.spec.as_ref().is_some_and(|s| s.secure),
+        "replica_nodes": v.replica_nodes,
+        "in_sync_nodes": v.in_sync_nodes,
+        "epoch": v.epoch,
+        "replica_status": v.replica_status.iter().map(|r| json!({
+            "node": r.node, "state": r.state, "dirty_bytes": r.dirty_bytes, "copied_bytes": r.copied_bytes,
+        })).collect::<Vec<_>>(),
+        "pool_uuid": v.pool_uuid,
+        "created_unix": v.created_unix,
+        "snapshot_of": (!v.snapshot_of.is_empty()).then_some(&v.snapshot_of),
+    })
+}
+
+pub fn labels_text(l: &HashMap<String, String>) -> String {
+    let mut v: Vec<String> = l.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.sort();
+    v.join(",")
+}
+
+fn qos_text(q: Option<&pb::QosLimits>) -> String {
+    let Some(q) = q else { return "unlimited".into() };
+    let mut parts = Vec::new();
+    if q.rd_iops > 0 {
+        parts.push(format!("read {} IOPS", q.rd_iops));
+    }
+    if q.wr_iops > 0 {
+        parts.push(format!("write {} IOPS", q.wr_iops));
+    }
+    if q.rd_bw > 0 {
+        parts.push(format!("read {}/s", format_size(q.rd_bw)));
+    }
+    if q.wr_bw > 0 {
+        parts.push(format!("write {}/s", format_size(q.wr_bw)));
+    }
+    if parts.is_empty() {
+        "unlimited".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// `volume inspect`: every field of one volume, and each replica's state.
+fn volume_fields(v: &pb::Volume) -> String {
+    let spec = v.spec.clone().unwrap_or_default();
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, val) in [
+        ("Name", v.name.clone()),
+        ("ID", v.id.to_string()),
+        ("Size", format_size(spec.size_bytes)),
+        ("Used", format_size(v.used_bytes)),
+        ("Replicas", spec.repl.to_string()),
+        ("State", v.state.clone()),
+        ("Attached on", if v.attached_node.is_empty() { "(detached)".into() } else { v.attached_node.clone() }),
+        ("Epoch", v.epoch.to_string()),
+        ("Replica nodes", v.replica_nodes.join(",")),
+        ("In sync", v.in_sync_nodes.join(",")),
+        ("Verifying replicas", if v.verifying { "yes (after an unclean change of target)".into() } else { "no".into() }),
+        ("NBD clients", v.connections.to_string()),
+        ("Labels", labels_text(&spec.labels)),
+        ("QoS", qos_text(spec.qos.as_ref())),
+        ("Encrypted", if spec.secure { "yes (AES-256-XTS)".into() } else { "no".into() }),
+        ("Pool", v.pool_uuid.clone()),
+        ("Snapshot of", if v.snapshot_of.is_empty() { "-".into() } else { v.snapshot_of.clone() }),
+    ] {
+        t.row(vec![k.into(), val]);
+    }
+    for r in &v.replica_status {
+        let mut line = r.state.clone();
+        if r.dirty_bytes > 0 || r.copied_bytes > 0 {
+            line += &format!(" ({} to copy, {} copied)", format_size(r.dirty_bytes), format_size(r.copied_bytes));
+        }
+        t.row(vec![format!("Replica {}", r.node), line]);
+    }
+    t.render()
+}
+
+fn node_json(n: &pb::Node) -> serde_json::Value {
+    json!({"id": n.id, "hostname": n.hostname, "status": n.status, "sdk_address": n.sdk_address, "nbd_address": n.nbd_address,
+           "repl_address": n.repl_address, "zone": n.zone, "rack": n.rack,
+           "total_bytes": n.total_bytes, "used_bytes": n.used_bytes, "version": n.version})
+}
+
+fn nodes_table(nodes: &[pb::Node]) -> String {
+    let mut t = Table::new(&["ID", "HOSTNAME", "STATUS", "CAPACITY", "USED", "ZONE", "RACK", "SDK", "REPLICATION", "VERSION"]);
+    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    for n in nodes {
+        t.row(vec![
+            n.id.clone(),
+            n.hostname.clone(),
+            n.status.clone(),
+            format_size(n.total_bytes),
+            format_size(n.used_bytes),
+            or_dash(&n.zone),
+            or_dash(&n.rack),
+            n.sdk_address.clone(),
+            or_dash(&n.repl_address),
+            n.version.clone(),
+        ]);
+    }
+    t.render()
+}
+
+/// `status`.
+pub fn status(s: &pb::ClusterStatusResponse, json: bool) -> String {
+    if json {
+        return doc(json!({
+            "cluster_id": s.cluster_id, "status": s.status, "version": s.version, "metadata_store": s.metadata_store,
+            "total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "volume_count": s.volume_count,
+            "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
+        }));
+    }
+    format!(
+        "Status: {}\nCluster ID: {}\nMetadata store: {}\nVersion: {}\nCapacity: {} used of {}\nVolumes: {}\n\n{}",
+        s.status,
+        s.cluster_id,
+        s.metadata_store,
+        s.version,
+        format_size(s.used_bytes),
+        format_size(s.total_bytes),
+        s.volume_count,
+        nodes_table(&s.nodes)
+    )
+}
+
+/// `cluster list`.
+pub fn nodes(nodes: &[pb::Node], json: bool) -> String {
+    if json {
+        return doc(serde_json::Value::Array(nodes.iter().map(node_json).collect()));
+    }
+    nodes_table(nodes)
+}
+
+/// `volume list` (snapshots are left out by the caller).
+pub fn volume_list(vols: &[pb::Volume], json: bool) -> String {
+    if json {
+        return doc(serde_json::Value::Array(vols.iter().map(volume_json).collect()));
+    }
+    let mut t = Table::new(&["ID", "NAME", "SIZE", "USED", "HA", "STATE", "CLIENTS", "LABELS"]);
+    for v in vols {
+        let spec = v.spec.clone().unwrap_or_default();
+        t.row(vec![
+            v.id.to_string(),
+            v.name.clone(),
+            format_size(spec.size_bytes),
+            format_size(v.used_bytes),
+            spec.repl.to_string(),
+            v.state.clone(),
+            v.connections.to_string(),
+            labels_text(&spec.labels),
+        ]);
+    }
+    t.render()
+}
+
+/// `volume inspect`.
+pub fn volume_inspect(v: &pb::Volume, json: bool) -> String {
+    if json {
+        return doc(volume_json(v));
+    }
+    volume_fields(v)
+}
+
+/// A command that answers with one volume: its JSON, or the one-line `message`.
+pub fn volume_done(v: &pb::Volume, json: bool, message: impl FnOnce(&pb::Volume) -> String) -> String {
+    if json {
+        return doc(volume_json(v));
+    }
+    format!("{}\n", message(v))
+}
+
+/// `volume delete` and `snapshot delete`: `message` is the text line.
+pub fn deleted(name: &str, json: bool, message: &str) -> String {
+    if json {
+        return doc(json!({ "deleted": name }));
+    }
+    format!("{message}\n")
+}
+
+/// `volume snapshot list`.
+pub fn snapshot_list(snaps: &[pb::Volume], json: bool) -> String {
+    if json {
+        return doc(serde_json::Value::Array(snaps.iter().map(volume_json).collect()));
+    }
+    let mut t = Table::new(&["ID", "NAME", "VOLUME", "SIZE", "CREATED", "NODES", "STATE", "LABELS"]);
+    for v in snaps {
+        let spec = v.spec.clone().unwrap_or_default();
+        t.row(vec![
+            v.id.to_string(),
+            v.name.clone(),
+            v.snapshot_of.clone(),
+            format_size(spec.size_bytes),
+            strata_api::schedule::format_unix(v.created_unix),
+            v.in_sync_nodes.join(","),
+            v.state.clone(),
+            labels_text(&spec.labels),
+        ]);
+    }
+    t.render()
+}
+
+/// `host attach` and `host detach`.
+pub fn attachment(name: &str, v: &pb::Volume, json: bool) -> String {
+    if json {
+        return doc(volume_json(v));
+    }
+    if v.attached_node.is_empty() {
+        format!("Volume {name} detached.\n")
+    } else {
+        format!("Volume {name} attached on node {} (epoch {}).\n", v.attached_node, v.epoch)
+    }
+}
+
+/// `alerts show`: the output, and warnings for stderr (nodes whose alerts are missing).
+pub fn alerts(r: &pb::ListAlertsResponse, json: bool) -> (String, Vec<String>) {
+    if json {
+        let v: Vec<_> = r
+            .alerts
+            .iter()
+            .map(|a| {
+                json!({"id": a.id, "node": a.node, "severity": a.severity, "kind": a.kind, "resource": a.resource,
+                            "first_unix": a.first_unix, "last_unix": a.last_unix, "count": a.count, "message": a.message})
+            })
+            .collect();
+        return (doc(json!({"alerts": v, "unreachable": r.unreachable})), Vec::new());
+    }
+    let out = if r.alerts.is_empty() {
+        "No alerts.\n".to_string()
+    } else {
+        let mut t = Table::new(&["TIME", "NODE", "SEVERITY", "KIND", "RESOURCE", "COUNT", "MESSAGE"]);
+        for a in &r.alerts {
+            t.row(vec![
+                strata_api::schedule::format_unix(a.last_unix),
+                a.node.clone(),
+                a.severity.clone(),
+                a.kind.clone(),
+                a.resource.clone(),
+                a.count.to_string(),
+                a.message.clone(),
+            ]);
+        }
+        t.render()
+    };
+    (out, r.unreachable.iter().map(|u| format!("warning: alerts of node {u} are missing")).collect())
+}
+
+/// `service pool show`.
+pub fn pools(pools: &[pb::Pool], json: bool) -> String {
+    if json {
+        let v: Vec<_> = pools
+            .iter()
+            .map(|p| {
+                json!({
+                    "uuid": p.uuid, "extent_size": p.extent_size, "total_bytes": p.total_bytes, "used_bytes": p.used_bytes,
+                    "devices": p.devices.iter().map(|d| json!({
+                        "uuid": d.uuid, "path": d.path, "size_bytes": d.size_bytes, "total_extents": d.total_extents,
+                        "free_extents": d.free_extents, "kind": d.kind, "io_engine": d.io_engine, "direct_io": d.direct_io,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        return doc(serde_json::Value::Array(v));
+    }
+    let mut out = String::new();
+    for p in pools {
+        out += &format!(
+            "Pool {}: {} used of {}, extent size {}\n",
+            p.uuid,
+            format_size(p.used_bytes),
+            format_size(p.total_bytes),
+            format_size(p.extent_size)
+        );
+        let mut t = Table::new(&["DEVICE", "KIND", "SIZE", "EXTENTS", "FREE", "IO", "O_DIRECT", "UUID"]);
+        for d in &p.devices {
+            t.row(vec![
+                d.path.clone(),
+                d.kind.clone(),
+                format_size(d.size_bytes),
+                d.total_extents.to_string(),
+                d.free_extents.to_string(),
+                d.io_engine.clone(),
+                if d.direct_io { "yes".into() } else { "no".into() },
+                d.uuid.clone(),
+            ]);
+        }
+        out += &t.render();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(name: &str) -> pb::Volume {
+        pb::Volume {
+            id: 7,
+            name: name.into(),
+            spec: Some(pb::VolumeSpec {
+                size_bytes: 10 << 20,
+                repl: 2,
+                labels: [("tier".to_string(), "gold".to_string()), ("app".to_string(), "db".to_string())].into(),
+                qos: Some(pb::QosLimits { rd_iops: 100, wr_bw: 1 << 20, ..Default::default() }),
+                ..Default::default()
+            }),
+            state: "degraded".into(),
+            attached_node: "n1".into(),
+            epoch: 4,
+            replica_nodes: vec!["n1".into(), "n2".into()],
+            in_sync_nodes: vec!["n1".into()],
+            replica_status: vec![pb::ReplicaStatus { node: "n2".into(), state: "resyncing".into(), dirty_bytes: 1 << 20, copied_bytes: 0 }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_volume_list_lines_up_and_sorts_labels() {
+        let out = volume_list(&[vol("a"), vol("bbbbbbbb")], false);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        let col = lines[0].find("SIZE").unwrap();
+        assert!(lines[1..].iter().all(|l| l[col..].starts_with("10 MiB")), "{out}");
+        assert!(out.contains("app=db,tier=gold") && out.contains("degraded"), "{out}");
+    }
+
+    #[test]
+    fn inspect_names_every_field_and_each_replicas_progress() {
+        let out = volume_inspect(&vol("a"), false);
+        for want in
+            ["Attached on", "n1", "Epoch", "4", "In sync", "read 100 IOPS, write 1 MiB/s", "Replica n2", "resyncing (1 MiB to copy, 0 B copied)"]
+        {
+            assert!(out.contains(want), "{want:?} missing in\n{out}");
+        }
+        let mut detached = vol("a");
+        detached.attached_node.clear();
+        detached.spec.as_mut().unwrap().qos = None;
+        let out = volume_inspect(&detached, false);
+        assert!(out.contains("(detached)") && out.contains("unlimited"), "{out}");
+    }
+
+    #[test]
+    fn json_is_one_document_with_the_fields_scripts_read() {
+        let v: serde_json::Value = serde_json::from_str(&volume_inspect(&vol("a"), true)).unwrap();
+        assert_eq!((v["name"].as_str(), v["size_bytes"].as_u64(), v["repl"].as_u64()), (Some("a"), Some(10 << 20), Some(2)));
+        assert_eq!(v["replica_status"][0]["state"], "resyncing");
+        assert!(v["snapshot_of"].is_null(), "only snapshots name their volume");
+        let list: serde_json::Value = serde_json::from_str(&volume_list(&[vol("a"), vol("b")], true)).unwrap();
+        assert_eq!(list.as_array().map(|a| a.len()), Some(2));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&deleted("x", true, "gone")).unwrap()["deleted"], "x");
+    }
+
+    #[test]
+    fn messages_say_what_happened() {
+        assert_eq!(deleted("x", false, "Snapshot x deleted."), "Snapshot x deleted.\n");
+        assert_eq!(attachment("v", &vol("v"), false), "Volume v attached on node n1 (epoch 4).\n");
+        let mut d = vol("v");
+        d.attached_node.clear();
+        assert_eq!(attachment("v", &d, false), "Volume v detached.\n");
+        assert_eq!(volume_done(&vol("v"), false, |v| format!("done {}", v.name)), "done v\n");
+    }
+
+    #[test]
+    fn status_shows_capacity_and_every_node() {
+        let s = pb::ClusterStatusResponse {
+            status: "ok".into(),
+            cluster_id: "c1".into(),
+            total_bytes: 3 << 30,
+            used_bytes: 16 << 20,
+            volume_count: 2,
+            nodes: vec![
+                pb::Node { id: "n1".into(), status: "online".into(), ..Default::default() },
+                pb::Node { id: "n2".into(), status: "offline".into(), ..Default::default() },
+            ],
+            ..Default::default()
+        };
+        let out = status(&s, false);
+        assert!(out.starts_with("Status: ok\n") && out.contains("Capacity: 16 MiB used of 3 GiB") && out.contains("Volumes: 2"), "{out}");
+        assert!(out.contains("n1") && out.contains("offline"), "{out}");
+        let j: serde_json::Value = serde_json::from_str(&status(&s, true)).unwrap();
+        assert_eq!(j["nodes"][1]["status"], "offline");
+    }
+
+    #[test]
+    fn alerts_warn_about_nodes_that_did_not_answer() {
+        let r = pb::ListAlertsResponse { alerts: vec![], unreachable: vec!["n3".into()] };
+        let (out, warn) = alerts(&r, false);
+        assert_eq!(out, "No alerts.\n");
+        assert_eq!(warn, ["warning: alerts of node n3 are missing"]);
+        let (j, warn) = alerts(&r, true);
+        assert!(warn.is_empty());
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&j).unwrap()["unreachable"][0], "n3");
+    }
+}
