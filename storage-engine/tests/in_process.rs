@@ -28,6 +28,14 @@ async fn read(e: &Engine, name: &str, off: u64, len: usize) -> Result<Vec<u8>, I
     Ok(e.read(&v, off, len).await?.bytes().to_vec())
 }
 
+/// `nodes` engines with volume "v" (16 MiB, `repl` replicas) created and attached on the first.
+async fn attached(nodes: usize, repl: u32) -> TestCluster {
+    let c = TestCluster::start(nodes).await;
+    create(c.engine(0), "v", repl).await.unwrap();
+    c.engine(0).attach("v", false, None).await.unwrap();
+    c
+}
+
 async fn record(c: &TestCluster, name: &str) -> strata_engine::meta::VolumeRecord {
     c.store.get_volume(name).await.unwrap().expect("the record")
 }
@@ -105,10 +113,8 @@ async fn a_volume_grows_but_never_shrinks() {
 
 #[tokio::test]
 async fn a_grown_attached_volume_takes_writes_past_its_old_end_on_every_replica() {
-    let c = TestCluster::start(2).await;
+    let c = attached(2, 2).await;
     let e = c.engine(0);
-    create(e, "v", 2).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     assert!(write(e, "v", 20 * MIB, 4096, 1).await.is_err(), "past the end");
     e.update("v", Some(32 * MIB), BTreeMap::new(), QosUpdate::default()).await.unwrap();
     write(e, "v", 20 * MIB, 4096, 1).await.unwrap();
@@ -117,10 +123,8 @@ async fn a_grown_attached_volume_takes_writes_past_its_old_end_on_every_replica(
 
 #[tokio::test]
 async fn deleting_a_volume_frees_its_extents_on_every_replica() {
-    let c = TestCluster::start(2).await;
+    let c = attached(2, 2).await;
     let e = c.engine(0);
-    create(e, "v", 2).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     write(e, "v", 0, 2 * MIB as usize, 9).await.unwrap();
     let used: Vec<u64> = c.nodes.iter().map(|n| n.engine.pool.used_bytes()).collect();
     assert!(used.iter().all(|u| *u >= 2 * MIB), "{used:?}");
@@ -133,10 +137,8 @@ async fn deleting_a_volume_frees_its_extents_on_every_replica() {
 
 #[tokio::test]
 async fn a_volume_with_a_connected_client_is_deleted_only_with_force() {
-    let c = TestCluster::start(1).await;
+    let c = attached(1, 1).await;
     let e = c.engine(0);
-    create(e, "v", 1).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     let client = e.connect("v").expect("served");
     let r = e.delete("v", false).await;
     assert!(matches!(&r, Err(VolumeError::FailedPrecondition(m)) if m.contains("connected NBD client")), "{r:?}");
@@ -245,10 +247,8 @@ async fn a_conflicting_change_of_the_record_fails_attach_and_leaves_it_unserved(
 
 #[tokio::test]
 async fn detach_with_a_client_needs_force_and_then_marks_the_record_unclean() {
-    let c = TestCluster::start(1).await;
+    let c = attached(1, 1).await;
     let e = c.engine(0);
-    create(e, "v", 1).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     let client = e.connect("v").unwrap();
     assert!(matches!(e.detach("v", false).await, Err(VolumeError::FailedPrecondition(_))));
     let r = e.detach("v", true).await.unwrap();
@@ -280,10 +280,8 @@ async fn detach_is_refused_on_a_node_that_does_not_serve_the_volume() {
 
 #[tokio::test]
 async fn a_snapshot_is_never_attached() {
-    let c = TestCluster::start(1).await;
+    let c = attached(1, 1).await;
     let e = c.engine(0);
-    create(e, "v", 1).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     e.snapshot("v", "s", BTreeMap::new()).await.unwrap();
     let r = e.attach("s", false, None).await;
     assert!(matches!(&r, Err(VolumeError::FailedPrecondition(m)) if m.contains("snapshot")), "{r:?}");
@@ -293,10 +291,8 @@ async fn a_snapshot_is_never_attached() {
 
 #[tokio::test]
 async fn a_replica_that_fails_a_write_leaves_the_in_sync_set_before_the_ack() {
-    let c = TestCluster::start(2).await;
+    let c = attached(2, 2).await;
     let e = c.engine(0);
-    create(e, "v", 2).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     write(e, "v", 0, 4096, 1).await.unwrap();
     c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
     write(e, "v", 4096, 4096, 2).await.expect("acknowledged by the replica left in sync");
@@ -310,10 +306,8 @@ async fn a_replica_that_fails_a_write_leaves_the_in_sync_set_before_the_ack() {
 
 #[tokio::test]
 async fn writes_go_on_through_a_store_outage_while_membership_is_unchanged() {
-    let c = TestCluster::start(3).await;
+    let c = attached(3, 3).await;
     let e = c.engine(0);
-    create(e, "v", 3).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     c.store.set_down(true);
     for i in 0..50u64 {
         write(e, "v", i * 4096, 4096, i as u8).await.expect("no store needed");
@@ -325,10 +319,8 @@ async fn writes_go_on_through_a_store_outage_while_membership_is_unchanged() {
 
 #[tokio::test]
 async fn a_membership_change_during_a_store_outage_fails_the_write() {
-    let c = TestCluster::start(2).await;
+    let c = attached(2, 2).await;
     let e = c.engine(0);
-    create(e, "v", 2).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     c.store.set_down(true);
     c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
     let r = write(e, "v", 0, 4096, 1).await;
@@ -384,10 +376,8 @@ async fn a_newer_target_fences_every_replica_of_the_old_one() {
 
 #[tokio::test]
 async fn a_flush_reaches_every_in_sync_replica() {
-    let c = TestCluster::start(2).await;
+    let c = attached(2, 2).await;
     let e = c.engine(0);
-    create(e, "v", 2).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     write(e, "v", 0, 4096, 1).await.unwrap();
     let v = e.volume("v").unwrap();
     e.flush(&v).await.unwrap();
@@ -399,10 +389,8 @@ async fn a_flush_reaches_every_in_sync_replica() {
 
 #[tokio::test]
 async fn writes_reach_every_replica_byte_for_byte() {
-    let c = TestCluster::start(3).await;
+    let c = attached(3, 3).await;
     let e = c.engine(0);
-    create(e, "v", 3).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     for i in 0..8u64 {
         write(e, "v", i * 65536 + 512 * i, 4096 + 512 * i as usize, 0x10 + i as u8).await.unwrap();
     }
@@ -419,10 +407,8 @@ async fn writes_reach_every_replica_byte_for_byte() {
 
 #[tokio::test]
 async fn the_store_is_not_asked_on_the_write_path() {
-    let c = TestCluster::start(2).await;
+    let c = attached(2, 2).await;
     let e = c.engine(0);
-    create(e, "v", 2).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     write(e, "v", 0, 4096, 1).await.unwrap();
     let before = c.store.calls();
     for i in 0..20u64 {
@@ -471,10 +457,8 @@ async fn a_local_write_of_the_old_target_that_arrives_after_a_takeover_is_refuse
 #[tokio::test]
 async fn a_target_that_fails_right_after_recording_a_replica_out_acknowledges_nothing() {
     let _f = fail::FailScenario::setup();
-    let c = TestCluster::start(2).await;
+    let c = attached(2, 2).await;
     let e = c.engine(0);
-    create(e, "v", 2).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
     fail::cfg("membership.after_cas", "1*return(error)").unwrap();
     let r = write(e, "v", 0, 4096, 1).await;
@@ -486,10 +470,8 @@ async fn a_target_that_fails_right_after_recording_a_replica_out_acknowledges_no
 #[tokio::test]
 async fn a_compare_and_swap_that_cannot_be_made_fails_the_write_and_changes_nothing() {
     let _f = fail::FailScenario::setup();
-    let c = TestCluster::start(2).await;
+    let c = attached(2, 2).await;
     let e = c.engine(0);
-    create(e, "v", 2).await.unwrap();
-    e.attach("v", false, None).await.unwrap();
     c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
     fail::cfg("membership.before_cas", "1*return(error)").unwrap();
     assert!(write(e, "v", 0, 4096, 1).await.is_err());
