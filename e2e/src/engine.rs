@@ -22,6 +22,8 @@ pub struct EngineProc {
     pub dir: PathBuf,
     pub devices: Vec<PathBuf>,
     pub extra: Vec<String>,
+    /// Environment of the next start (e.g. `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     pub sdk: String,
     pub nbd: String,
@@ -50,6 +52,7 @@ impl EngineProc {
             dir: dir.to_path_buf(),
             devices,
             extra: std::iter::once(format!("--device-size={size}")).chain(extra.iter().map(|s| s.to_string())).collect(),
+            env: Vec::new(),
             child: None,
             sdk: String::new(),
             nbd: String::new(),
@@ -80,6 +83,7 @@ impl EngineProc {
         c.arg("--ready-file").arg(self.dir.join("ready.json"));
         c.args(&self.extra);
         c.env("STRATA_LOG", std::env::var("STRATA_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -111,6 +115,20 @@ impl EngineProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits (at most `timeout`) for the engine to exit by itself; its status, or None if it
+    /// still runs (it is then left running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     pub fn kill9(&mut self) {
