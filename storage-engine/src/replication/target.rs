@@ -91,10 +91,10 @@ impl Peer {
     }
 
     /// No record of what this peer misses can be trusted: the next resync rebuilds it in full.
-    pub(super) async fn lose_record(self: &Arc<Self>) -> std::io::Result<()> {
+    pub(super) async fn lose_record(self: &Arc<Self>) -> Result<(), TargetError> {
         self.full_rebuild.store(true, Ordering::Release);
         let p = self.clone();
-        tokio::task::spawn_blocking(move || p.dirty.set_lost()).await.map_err(std::io::Error::other)?
+        dirty_blocking("dropping", move || p.dirty.set_lost()).await
     }
 
     /// Back in the in-sync set (recorded in the metadata store by the caller).
@@ -263,7 +263,7 @@ impl Target {
         let boot = c.call(self.vol.id, self.epoch, Command::Hello { size }).await?;
         if p.rebooted(&boot) {
             tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted (seen at resync): writes it had not flushed may be lost; rebuilding it in full");
-            p.lose_record().await.map_err(TargetError::dirty("dropping"))?;
+            p.lose_record().await?;
         }
         p.set_client(c);
         Ok(())
@@ -302,7 +302,7 @@ impl Target {
                 Ok(_) => {
                     tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted: writes it had not flushed may be lost; rebuilding it");
                     if let Err(e) = p.lose_record().await {
-                        tracing::warn!(volume = %self.name, replica = %p.node, "dropping the dirty record of the rebooted replica: {e}");
+                        tracing::warn!(volume = %self.name, replica = %p.node, "rebooted replica: {e}");
                     }
                     if let Err(e) = self.peer_failed(p, None).await {
                         tracing::warn!(volume = %self.name, replica = %p.node, "recording the rebooted replica out of sync: {e}");
