@@ -477,3 +477,31 @@ async fn a_compare_and_swap_that_cannot_be_made_fails_the_write_and_changes_noth
     assert!(write(e, "v", 0, 4096, 1).await.is_err());
     assert_eq!(in_sync_sorted(&record(&c, "v").await), ["node-1", "node-2"]);
 }
+
+#[tokio::test]
+async fn a_replica_the_record_asks_to_rebuild_is_rebuilt_in_full_not_from_the_dirty_log() {
+    let c = attached(2, 2).await;
+    let e = c.engine(0);
+    for x in 0..4u64 {
+        write(e, "v", x * MIB, 4096, 1).await.unwrap();
+    }
+    c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
+    write(e, "v", 0, 4096, 2).await.unwrap();
+    // Its node salvaged a journal meanwhile: the record asks for a full rebuild, though this
+    // target's record of what the replica missed holds one 64 KiB region.
+    let mut r = record(&c, "v").await;
+    assert_eq!(r.in_sync, vec!["node-1".to_string()]);
+    r.rebuild = vec!["node-2".into()];
+    c.store.update_volume(&r).await.unwrap();
+    c.nodes[1].faults.fail_writes.store(false, Ordering::Release);
+    let t0 = std::time::Instant::now();
+    while record(&c, "v").await.in_sync.len() < 2 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "the replica never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let info = e.inspect("v").await.unwrap();
+    let copied = info.replicas.iter().find(|p| p.node == "node-2").unwrap().copied_bytes;
+    assert!(copied >= 4 * MIB, "every allocated extent was copied, not just the logged region: {copied} bytes");
+    assert!(record(&c, "v").await.rebuild.is_empty(), "the request is cleared with the return to the in-sync set");
+    assert_eq!(c.engine(0).extent_checksums("v").await.unwrap(), c.engine(1).extent_checksums("v").await.unwrap());
+}

@@ -82,6 +82,11 @@ pub struct VolumeRecord {
     /// flight, so a new target need not compare the replicas first.
     #[serde(default)]
     pub clean: bool,
+    /// Nodes whose replica must be rebuilt in full before it counts as in sync again, whatever
+    /// record of missed regions a target holds (its journal was salvaged: mappings may be gone).
+    /// A node leaves this list in the compare-and-swap that puts it back in sync.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rebuild: Vec<String>,
     /// Nodes that lost their replica (ha-update, rebuild elsewhere) and have not freed its data
     /// yet: each frees it (at once, or when its engine starts) and takes itself off this list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

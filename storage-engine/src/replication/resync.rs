@@ -108,6 +108,15 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
         *p.addr.lock() = addr;
     }
     t.connect(p, t.vol.size()).await?;
+    // The record may have asked for a full rebuild of this replica since this target started
+    // (its node salvaged a journal): what this target recorded as missed is not enough then.
+    if !p.planned_full.load(Ordering::Acquire) {
+        let rec = t.meta.get_volume(&t.name).await?;
+        if rec.is_some_and(|r| r.rebuild.contains(&p.node)) && !p.full_rebuild.load(Ordering::Acquire) {
+            tracing::warn!(volume = %t.name, replica = %p.node, "the record asks for a full rebuild of this replica (its journal was salvaged)");
+            p.lose_record().await?;
+        }
+    }
     if p.full_rebuild.load(Ordering::Acquire) {
         plan_full_rebuild(e, t, p).await?;
     }
@@ -154,9 +163,13 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
         if !r.in_sync.contains(&node) && r.replicas.contains(&node) {
             r.in_sync.push(node.clone());
         }
+        if r.replicas.contains(&node) {
+            r.rebuild.retain(|n| n != &node);
+        }
     })
     .await?;
     p.mark_in_sync();
+    p.planned_full.store(false, Ordering::Release);
     let p2 = p.clone();
     let _ = tokio::task::spawn_blocking(move || p2.dirty.remove()).await;
     Ok(())
@@ -187,6 +200,7 @@ async fn plan_full_rebuild(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), Ta
     })
     .await?;
     p.full_rebuild.store(false, Ordering::Release);
+    p.planned_full.store(true, Ordering::Release);
     Ok(())
 }
 

@@ -50,6 +50,9 @@ pub struct Peer {
     pub dirty: DirtyLog,
     /// No dirty record survived: the next resync copies every allocated extent.
     pub full_rebuild: AtomicBool,
+    /// This target planned a full rebuild of the peer (every allocated extent recorded as
+    /// missed): a rebuild the record asks for is under way or done.
+    pub(super) planned_full: AtomicBool,
     /// Bytes copied by resync so far (this target's lifetime).
     pub copied: AtomicU64,
     /// Since when the peer's node reads offline (for `--replica-timeout`).
@@ -195,7 +198,11 @@ impl Target {
         for n in rec.replicas.iter().filter(|n| *n != me || stale_here) {
             let (dirty, existed) = DirtyLog::open(DirtyLog::path_for(&cfg.data_dir, rec.id, n)).map_err(TargetError::dirty("opening"))?;
             let in_sync = rec.is_in_sync(n);
-            if !in_sync && !existed {
+            // A replica the record says to rebuild (its journal was salvaged) is rebuilt in full
+            // even where this node kept a record of what it missed.
+            let rebuild = rec.rebuild.contains(n) && !in_sync;
+            let lost = !in_sync && (!existed || rebuild);
+            if lost {
                 dirty.set_lost().map_err(TargetError::dirty("dropping"))?;
             }
             peers.push(Arc::new(Peer {
@@ -205,7 +212,8 @@ impl Target {
                 out_recorded: AtomicBool::new(!in_sync),
                 client: Mutex::new(None),
                 dirty,
-                full_rebuild: AtomicBool::new(!in_sync && !existed),
+                full_rebuild: AtomicBool::new(lost),
+                planned_full: AtomicBool::new(false),
                 copied: AtomicU64::new(0),
                 offline_since: Mutex::new(None),
                 replace_asked: Mutex::new(None),

@@ -345,6 +345,9 @@ impl Engine {
             for _ in 0..20 {
                 let Some(mut cur) = self.meta.get_volume(&rec.name).await?.map(|r| r.normalized(&me)) else { break };
                 cur.in_sync.retain(|n| n != &me);
+                if !cur.rebuild.contains(&me) {
+                    cur.rebuild.push(me.clone());
+                }
                 match self.meta.update_volume(&cur).await {
                     Err(MetaError::Conflict(_)) => continue,
                     r => {
@@ -481,6 +484,7 @@ impl Engine {
             epoch: 1,
             clean: true,
             dropped: Vec::new(),
+            rebuild: Vec::new(),
             secure: key.as_ref().map(|(params, _)| params.clone()),
             snapshot_of: None,
         };

@@ -101,6 +101,8 @@ impl Engine {
         let mut done = self.record(volume).await?;
         done.pending = None;
         done.in_sync = done.replicas.clone();
+        // Every replica now holds the snapshot's data, whatever it held before.
+        done.rebuild.clear();
         done.clean = true;
         let done = self.meta.update_volume(&done).await?;
         tracing::info!(volume, snapshot, "volume restored from snapshot");
@@ -140,6 +142,7 @@ impl Engine {
             epoch: 0,
             clean: true,
             dropped: Vec::new(),
+            rebuild: Vec::new(),
             secure: src.secure.clone(),
             snapshot_of: snapshot.then(|| src.name.clone()),
         };
