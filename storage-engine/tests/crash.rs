@@ -152,6 +152,35 @@ fn verify(addr: &str, model: &HashMap<u64, Block>) -> usize {
     checked
 }
 
+/// One crash under load: the load runs against `e` while `crash` brings the engine down (and
+/// sets up its next start); then `check` must be clean, the engine restarts, every block must
+/// hold what was acknowledged, and the model restarts from what is on disk.
+fn crash_round(
+    e: &mut EngineProc,
+    model: &mut HashMap<u64, Block>,
+    next_seq: &mut u64,
+    seed: u64,
+    load_for: Duration,
+    crash: impl FnOnce(&mut EngineProc),
+    what: &str,
+) {
+    let (addr, m, mut seq) = (e.nbd.clone(), std::mem::take(model), *next_seq);
+    let deadline = Instant::now() + load_for;
+    let gen = std::thread::spawn(move || {
+        let m = load(addr, seed, m, &mut seq, deadline);
+        (m, seq)
+    });
+    crash(e);
+    (*model, *next_seq) = gen.join().expect("load thread");
+    let (clean, report) = e.check();
+    assert!(clean, "check after {what}: {report}");
+    e.spawn().expect("engine restarts after the crash");
+    assert_eq!(verify(&e.nbd, model) as u64, BLOCKS);
+    // Once an outcome is read back, it is the state the next round builds on: what a block
+    // held is what it now holds durably.
+    rebase(&e.nbd, model);
+}
+
 #[test]
 fn kill_dash_nine_during_load_loses_no_acknowledged_durable_write() {
     let dir = tempdir();
@@ -163,29 +192,13 @@ fn kill_dash_nine_during_load_loses_no_acknowledged_durable_write() {
     let mut kills = 0;
     let mut rng = Rng(0x5eed);
     while kills < 20 && started.elapsed() < Duration::from_secs(240) {
-        let addr = e.nbd.clone();
-        let m = std::mem::take(&mut model);
-        let seed = rng.next();
-        let mut seq = next_seq;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let gen = std::thread::spawn(move || {
-            let m = load(addr, seed, m, &mut seq, deadline);
-            (m, seq)
-        });
-        std::thread::sleep(Duration::from_millis(80 + rng.next() % 300));
-        e.kill9();
+        let (seed, after) = (rng.next(), Duration::from_millis(80 + rng.next() % 300));
         kills += 1;
-        let (m, seq) = gen.join().expect("load thread");
-        model = m;
-        next_seq = seq;
-        // Once an outcome is read back, it is the state the next round builds on: what a
-        // block held is what it now holds durably.
-        let (clean, report) = e.check();
-        assert!(clean, "check after kill {kills}: {report}");
-        e.spawn().expect("engine restarts after kill -9");
-        let checked = verify(&e.nbd, &model);
-        assert_eq!(checked as u64, BLOCKS);
-        rebase(&e.nbd, &mut model);
+        let kill = |e: &mut EngineProc| {
+            std::thread::sleep(after);
+            e.kill9();
+        };
+        crash_round(&mut e, &mut model, &mut next_seq, seed, Duration::from_secs(5), kill, &format!("kill {kills}"));
     }
     assert!(kills >= 20, "only {kills} kills in the time bound");
     assert!(next_seq > 1000, "the load really ran ({next_seq} requests)");
@@ -223,23 +236,12 @@ fn a_crash_between_journal_write_and_apply_loses_no_acknowledged_durable_write()
         e.stop();
         e.env = vec![("FAILPOINTS".into(), format!("journal.after_write={skip}*off->1*return(exit)"))];
         e.spawn().expect("engine starts with the failpoint");
-        let (addr, seed, m) = (e.nbd.clone(), rng.next(), std::mem::take(&mut model));
-        let mut seq = next_seq;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let gen = std::thread::spawn(move || {
-            let m = load(addr, seed, m, &mut seq, deadline);
-            (m, seq)
-        });
-        let status = e.wait_exit(Duration::from_secs(30));
-        let (m, seq) = gen.join().expect("load thread");
-        (model, next_seq) = (m, seq);
-        assert_eq!(status.and_then(|s| s.code()), Some(86), "round {round}: the engine exited at the failpoint");
-        let (clean, report) = e.check();
-        assert!(clean, "check after the crash in round {round}: {report}");
-        e.env.clear();
-        e.spawn().expect("engine restarts");
-        assert_eq!(verify(&e.nbd, &model) as u64, BLOCKS);
-        rebase(&e.nbd, &mut model);
+        let exit_at_failpoint = |e: &mut EngineProc| {
+            let status = e.wait_exit(Duration::from_secs(30));
+            assert_eq!(status.and_then(|s| s.code()), Some(86), "round {round}: the engine exited at the failpoint");
+            e.env.clear();
+        };
+        crash_round(&mut e, &mut model, &mut next_seq, rng.next(), Duration::from_secs(20), exit_at_failpoint, &format!("round {round}"));
     }
     assert!(next_seq > 100, "the load really ran ({next_seq} requests)");
 }
