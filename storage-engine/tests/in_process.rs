@@ -191,6 +191,7 @@ async fn a_forced_takeover_fences_the_old_target() {
     write(a, "v", 0, 4096, 1).await.unwrap();
     let taken = b.attach("v", true, None).await.unwrap();
     assert_eq!((taken.record.target.as_str(), taken.record.epoch), ("node-2", 3));
+    assert!(a.connect("v").is_none(), "the old target takes no new client, before any I/O told it");
     let stale = write(a, "v", 0, 4096, 2).await;
     assert!(stale.is_err(), "the old target's write is refused: {stale:?}");
     assert!(a.connect("v").is_none(), "the fenced target serves no new client");

@@ -192,7 +192,9 @@ impl Engine {
     /// Claims a volume for an NBD client (only where its target runs).
     pub fn connect(&self, name: &str) -> Option<Connection> {
         let v = self.volumes.read().get(name).cloned()?;
-        let running = v.target().is_some_and(|t| !t.is_fenced() && !t.is_closed());
+        // A target whose own replica has seen a newer epoch was taken over (it learns that on
+        // its next request; a new client is refused now, not after its first I/O).
+        let running = v.target().is_some_and(|t| !t.is_closed() && t.admit_local().is_ok());
         if v.is_deleted() || !v.is_served() || !running || (v.secure && !v.has_key()) {
             return None;
         }

@@ -9,6 +9,23 @@ use crate::replication::frame::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// Why a request to one replica of a volume (on this node or another) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("node {0} has no replication address")]
+    NoAddress(String),
+    #[error(transparent)]
+    Call(#[from] crate::replication::client::CallError),
+    #[error(transparent)]
+    Io(#[from] crate::replica::IoError),
+    #[error(transparent)]
+    Pool(#[from] crate::pool::PoolError),
+    #[error("this node holds no replica of {0}")]
+    NotHere(String),
+    #[error("{0}")]
+    Task(String),
+}
+
 impl Engine {
     /// Chooses the nodes for `repl` replicas (the preferred node, else this node, first when it
     /// is eligible), none of
@@ -97,34 +114,32 @@ impl Engine {
     }
 
     /// Frees a volume's replica on another node over the replication protocol.
-    pub(super) async fn drop_remote(&self, node: &str, id: u64) -> Result<(), String> {
+    pub(super) async fn drop_remote(&self, node: &str, id: u64) -> Result<(), ReplicaError> {
         // The highest epoch: a drop is never refused as stale.
         self.call_replica(node, id, u64::MAX, Command::Drop).await
     }
 
     /// A replication connection to `node`'s engine.
-    pub(super) async fn replica_client(&self, node: &str) -> Result<Arc<Client>, String> {
-        let addr = replication_address(&*self.meta, node).await.ok_or_else(|| format!("node {node} has no replication address"))?;
-        Client::connect(&addr, self.repl.timeout).await.map_err(|e| e.to_string())
+    pub(super) async fn replica_client(&self, node: &str) -> Result<Arc<Client>, ReplicaError> {
+        let addr = replication_address(&*self.meta, node).await.ok_or_else(|| ReplicaError::NoAddress(node.to_string()))?;
+        Ok(Client::connect(&addr, self.repl.timeout).await?)
     }
 
     /// One replication request (no payload) for volume id `id` to `node`'s engine.
-    pub(super) async fn call_replica(&self, node: &str, id: u64, epoch: u64, cmd: Command) -> Result<(), String> {
+    pub(super) async fn call_replica(&self, node: &str, id: u64, epoch: u64, cmd: Command) -> Result<(), ReplicaError> {
         let c = self.replica_client(node).await?;
-        c.call(id, epoch, cmd).await.map(|_| ()).map_err(|e| e.to_string())
+        c.call(id, epoch, cmd).await?;
+        Ok(())
     }
 
     /// Frees volume id `id`'s extents on `node`: here directly, elsewhere with a DROP.
-    pub(super) async fn free_on(&self, node: &str, id: u64) -> Result<(), String> {
+    pub(super) async fn free_on(&self, node: &str, id: u64) -> Result<(), ReplicaError> {
         if node != self.node.id {
             return self.drop_remote(node, id).await;
         }
         let pool = self.pool.clone();
-        match tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
-        }
+        tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await.map_err(|e| ReplicaError::Task(e.to_string()))??;
+        Ok(())
     }
 
     /// Changes the number of replicas online (`stratactl volume ha-update`). Growing places the

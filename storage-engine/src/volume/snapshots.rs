@@ -4,10 +4,11 @@
 //! detached volume's data with a snapshot's on every replica. Nothing is copied: later writes
 //! copy the extents they change (`Pool::allocate`).
 
+use super::replicas::ReplicaError;
 use super::{validate_labels, validate_name, Engine, VolumeError, VolumeInfo};
 use crate::clock::now_unix;
 use crate::meta::{MetaError, PendingOp, VolumeRecord};
-use crate::replication::frame::{Command, Op};
+use crate::replication::frame::Command;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -23,6 +24,15 @@ pub(super) fn validate_schedule(labels: &BTreeMap<String, String>) -> Result<(),
         Some(s) => strata_api::schedule::parse(s).map(|_| ()).map_err(|e| VolumeError::InvalidArgument(format!("snap_schedule: {e}"))),
         None => Ok(()),
     }
+}
+
+/// What `on_replicas` runs on every replica of a volume.
+#[derive(Debug, Clone, Copy)]
+enum Sharing {
+    /// Share the volume's extents with volume id `into` (a snapshot or clone).
+    Share { into: u64 },
+    /// Replace the volume's data with snapshot id `from`'s.
+    Restore { from: u64 },
 }
 
 impl Engine {
@@ -89,7 +99,7 @@ impl Engine {
         let mut next = rec.clone();
         next.pending = Some(PendingOp::Restore { snapshot: snapshot.to_string() });
         let next = self.meta.update_volume(&next).await?.normalized(&me);
-        let results = self.on_replicas(&next, &next.replicas, Op::Restore, snap.id).await;
+        let results = self.on_replicas(&next, &next.replicas, Sharing::Restore { from: snap.id }).await;
         let failed: Vec<String> = results.iter().filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{n}: {e}"))).collect();
         if !failed.is_empty() {
             return Err(VolumeError::FailedPrecondition(format!(
@@ -207,7 +217,7 @@ impl Engine {
                 return Err(VolumeError::FailedPrecondition(format!("volume {} is not being served yet; retry in a moment", src.name)));
             }
         }
-        let results = self.on_replicas(src, &src.in_sync, Op::Share, dst).await;
+        let results = self.on_replicas(src, &src.in_sync, Sharing::Share { into: dst }).await;
         for (n, r) in &results {
             if let Err(e) = r {
                 tracing::warn!(volume = %src.name, node = %n, "sharing extents failed: {e}");
@@ -216,20 +226,23 @@ impl Engine {
         Ok(results.into_iter().filter(|(_, r)| r.is_ok()).map(|(n, _)| n).collect())
     }
 
-    /// Runs SHARE or RESTORE (with `arg`) for `rec` on each of `nodes`: here directly, on other
-    /// nodes over the replication protocol at the record's epoch.
-    async fn on_replicas(&self, rec: &VolumeRecord, nodes: &[String], op: Op, arg: u64) -> Vec<(String, Result<(), String>)> {
-        let cmd = if op == Op::Share { Command::Share { into: arg } } else { Command::Restore { from: arg } };
+    /// Runs `cmd` (SHARE or RESTORE) for `rec` on each of `nodes`: here directly, on other nodes
+    /// over the replication protocol at the record's epoch.
+    async fn on_replicas(&self, rec: &VolumeRecord, nodes: &[String], op: Sharing) -> Vec<(String, Result<(), ReplicaError>)> {
         let mut out = Vec::new();
         for n in nodes {
             let r = if *n == self.node.id {
-                match self.replica_volume(rec.id).await {
-                    Some(v) if op == Op::Share => self.local.share_local(&v, arg).await.map_err(|e| e.to_string()),
-                    Some(v) => self.local.restore_local(&v, arg).await.map_err(|e| e.to_string()),
-                    None => Err(format!("this node holds no replica of {}", rec.name)),
+                match (self.replica_volume(rec.id).await, op) {
+                    (Some(v), Sharing::Share { into }) => self.local.share_local(&v, into).await.map_err(ReplicaError::from),
+                    (Some(v), Sharing::Restore { from }) => self.local.restore_local(&v, from).await.map_err(ReplicaError::from),
+                    (None, _) => Err(ReplicaError::NotHere(rec.name.clone())),
                 }
             } else {
-                self.call_replica(n, rec.id, rec.epoch, cmd.clone()).await
+                let cmd = match op {
+                    Sharing::Share { into } => Command::Share { into },
+                    Sharing::Restore { from } => Command::Restore { from },
+                };
+                self.call_replica(n, rec.id, rec.epoch, cmd).await
             };
             out.push((n.clone(), r));
         }
