@@ -301,7 +301,7 @@ impl Engine {
         for rec in records.iter().copied() {
             if matches!(rec.pending, Some(PendingOp::Delete | PendingOp::Create)) {
                 tracing::info!(volume = %rec.name, "finishing an interrupted delete (or undoing an interrupted snapshot or clone)");
-                engine.free_local(rec.id)?;
+                engine.free_local(rec.id).await?;
                 engine.forget_replica(rec).await?;
                 continue;
             }
@@ -310,7 +310,7 @@ impl Engine {
         // Replicas taken from this node while it was down (the record says so): free their data.
         for rec in all.iter().filter(|r| r.dropped.contains(&me) && !r.has_replica(&me)) {
             tracing::info!(volume = %rec.name, "freeing a replica this node no longer holds");
-            engine.free_local(rec.id)?;
+            engine.free_local(rec.id).await?;
             forget_dropped(&*engine.meta, &rec.name, &me).await?;
         }
         let known: std::collections::HashSet<u64> = records.iter().map(|r| r.id).collect();
@@ -358,7 +358,8 @@ impl Engine {
             }
             tracing::warn!(volume = %rec.name, "this node's replica may miss data (its journal was salvaged): out of the in-sync set until rebuilt");
         }
-        self.pool.clear_suspect()?;
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || pool.clear_suspect()).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
         Ok(())
     }
 
@@ -607,10 +608,12 @@ impl Engine {
         self.info_of(rec)
     }
 
-    /// Frees this node's extents of a volume.
-    fn free_local(&self, id: u64) -> Result<(), VolumeError> {
-        let extents = self.pool.volume_extents(id);
-        self.pool.free(id, &extents)?;
+    /// Frees this node's extents of a volume (on the blocking pool: it writes the journal).
+    pub(super) async fn free_local(&self, id: u64) -> Result<(), VolumeError> {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id)).map(|_| ()))
+            .await
+            .map_err(|e| VolumeError::Meta(e.to_string()))??;
         Ok(())
     }
 
@@ -691,11 +694,10 @@ impl Engine {
                 Err(e) => tracing::warn!(volume = %name, %node, "replica not freed now (freed when the node is back): {e}"),
             }
         }
-        let (pool, id) = (self.pool.clone(), rec.id);
         let local = rec.has_replica(&me);
-        tokio::task::spawn_blocking(move || if local { pool.free(id, &pool.volume_extents(id)).map(|_| ()) } else { Ok(()) })
-            .await
-            .map_err(|e| VolumeError::Meta(e.to_string()))??;
+        if local {
+            self.free_local(rec.id).await?;
+        }
         if local || rec.replicas.is_empty() {
             self.forget_replica(&rec).await?;
         }

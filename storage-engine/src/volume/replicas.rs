@@ -18,12 +18,10 @@ pub enum ReplicaError {
     Call(#[from] crate::replication::client::CallError),
     #[error(transparent)]
     Io(#[from] crate::replica::IoError),
-    #[error(transparent)]
-    Pool(#[from] crate::pool::PoolError),
     #[error("this node holds no replica of {0}")]
     NotHere(String),
-    #[error("{0}")]
-    Task(String),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
 }
 
 impl Engine {
@@ -65,9 +63,7 @@ impl Engine {
             let _io = v.io_lock.write().await;
             self.volumes.write().remove(&v.name);
         }
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await.map_err(|e| VolumeError::Meta(e.to_string()))??;
-        Ok(())
+        self.free_local(id).await
     }
 
     /// The handle of a volume with a replica here, loading it from the metadata store when it
@@ -137,9 +133,7 @@ impl Engine {
         if node != self.node.id {
             return self.drop_remote(node, id).await;
         }
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || pool.free(id, &pool.volume_extents(id))).await.map_err(|e| ReplicaError::Task(e.to_string()))??;
-        Ok(())
+        Ok(self.free_local(id).await?)
     }
 
     /// Changes the number of replicas online (`stratactl volume ha-update`). Growing places the
