@@ -21,13 +21,13 @@ const PERSIST_EVERY: Duration = Duration::from_millis(250);
 
 /// Raises the replica alerts an operator must see: out of sync (the volume is degraded) once
 /// per departure, and back in sync.
-fn alert_replica(engine: &Host, t: &Target, p: &Peer, alerted: &mut std::collections::HashSet<String>) {
+fn alert_replica(host: &Host, t: &Target, p: &Peer, alerted: &mut std::collections::HashSet<String>) {
     use crate::alerts::Severity::{Notify, Warning};
     let resource = format!("volume/{}", t.name);
     match p.state() {
         PeerState::InSync => {
             if alerted.remove(&p.node) {
-                engine.local.alerts.raise(
+                host.local.alerts.raise(
                     Notify,
                     "ReplicaInSync",
                     &resource,
@@ -37,7 +37,7 @@ fn alert_replica(engine: &Host, t: &Target, p: &Peer, alerted: &mut std::collect
         }
         _ => {
             if alerted.insert(p.node.clone()) {
-                engine.local.alerts.raise(
+                host.local.alerts.raise(
                     Warning,
                     "ReplicaOutOfSync",
                     &resource,
@@ -49,19 +49,19 @@ fn alert_replica(engine: &Host, t: &Target, p: &Peer, alerted: &mut std::collect
 }
 
 /// Runs for the target's life.
-pub async fn run(engine: Arc<Host>, t: Arc<Target>) {
+pub async fn run(host: Arc<Host>, t: Arc<Target>) {
     let mut alerted = std::collections::HashSet::new();
     while !t.is_closed() && !t.is_fenced() {
         t.reconnect_broken().await;
         for p in &t.peers {
-            alert_replica(&engine, &t, p, &mut alerted);
+            alert_replica(&host, &t, p, &mut alerted);
             if p.state() != PeerState::OutOfSync || t.is_closed() {
                 continue;
             }
-            match resync(&engine, &t, p).await {
+            match resync(&host, &t, p).await {
                 Ok(()) => {
                     tracing::info!(volume = %t.name, replica = %p.node, copied = p.copied.load(Ordering::Relaxed), "replica back in sync");
-                    alert_replica(&engine, &t, p, &mut alerted);
+                    alert_replica(&host, &t, p, &mut alerted);
                 }
                 Err(e) => {
                     tracing::debug!(volume = %t.name, replica = %p.node, "resync not possible now: {e}");
@@ -69,7 +69,7 @@ pub async fn run(engine: Arc<Host>, t: Arc<Target>) {
                         // Writes it got since are fine; the regions left are still recorded.
                         p.set_state(PeerState::OutOfSync);
                     }
-                    watch_offline(&engine, &t, p).await;
+                    watch_offline(&host, &t, p).await;
                 }
             }
         }
