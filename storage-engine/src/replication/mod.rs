@@ -6,6 +6,7 @@
 pub mod client;
 pub mod dirty;
 pub mod frame;
+pub mod legs;
 pub mod reconcile;
 pub mod resync;
 pub mod server;

@@ -82,9 +82,7 @@ async fn watch_offline(e: &Arc<Host>, t: &Arc<Target>, p: &Arc<Peer>) {
     if t.replica_timeout.is_zero() {
         return;
     }
-    let nodes = t.meta.list_nodes().await.unwrap_or_default();
-    let state = nodes.into_iter().find(|(n, _)| n.id == p.node).map(|(_, s)| s);
-    let offline = matches!(state, Some(crate::meta::NodeState::Offline));
+    let offline = t.membership.is_offline(&p.node).await;
     let due = {
         let mut since = p.offline_since.lock();
         if !offline {
@@ -104,14 +102,14 @@ async fn watch_offline(e: &Arc<Host>, t: &Arc<Target>, p: &Arc<Peer>) {
 }
 
 async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
-    if let Some(addr) = crate::meta::replication_address(&*t.meta, &p.node).await {
+    if let Some(addr) = t.membership.replication_address(&p.node).await {
         *p.addr.lock() = addr;
     }
     t.connect(p, t.vol.size()).await?;
     // The record may have asked for a full rebuild of this replica since this target started
     // (its node salvaged a journal): what this target recorded as missed is not enough then.
     if !p.planned_full.load(Ordering::Acquire) {
-        let rec = t.meta.get_volume(&t.name).await?;
+        let rec = t.membership.record(&t.name).await?;
         if rec.is_some_and(|r| r.rebuild.contains(&p.node)) && !p.full_rebuild.load(Ordering::Acquire) {
             tracing::warn!(volume = %t.name, replica = %p.node, "the record asks for a full rebuild of this replica (its journal was salvaged)");
             p.lose_record().await?;

@@ -4,12 +4,13 @@
 //! compare-and-swap on the volume record before any later write is acknowledged; from then on
 //! the target records the regions it misses (`dirty`) and `resync` copies them back.
 
-use super::client::{CallError, Client};
+use super::client::CallError;
 use super::dirty::DirtyLog;
 use super::frame::Command;
+use super::legs::{Connector, Membership, ReplicaIo};
 use crate::alerts::Severity::{Alarm, Warning};
 use crate::device::AlignedBuf;
-use crate::meta::{MetaError, MetaStore, VolumeRecord};
+use crate::meta::{MetaError, VolumeRecord};
 use crate::replica::{IoError, Local, ReadBuf, ReadData, Replica};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A peer a change goes to: its connection, and whether an in-flight record was made for it.
-type Leg = (Arc<Peer>, Option<Arc<Client>>, bool);
+type Leg = (Arc<Peer>, Option<Arc<dyn ReplicaIo>>, bool);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -46,7 +47,7 @@ pub struct Peer {
     state: AtomicU8,
     /// The metadata store no longer lists this replica as in sync.
     out_recorded: AtomicBool,
-    client: Mutex<Option<Arc<Client>>>,
+    client: Mutex<Option<Arc<dyn ReplicaIo>>>,
     pub dirty: DirtyLog,
     /// No dirty record survived: the next resync copies every allocated extent.
     pub full_rebuild: AtomicBool,
@@ -78,13 +79,13 @@ impl Peer {
             self.client.lock().take();
         }
     }
-    pub(super) fn set_client(&self, c: Arc<Client>) {
+    pub(super) fn set_client(&self, c: Arc<dyn ReplicaIo>) {
         *self.client.lock() = Some(c);
     }
-    fn client(&self) -> Option<Arc<Client>> {
+    fn client(&self) -> Option<Arc<dyn ReplicaIo>> {
         self.client.lock().clone()
     }
-    pub(super) fn client_now(&self) -> Option<Arc<Client>> {
+    pub(super) fn client_now(&self) -> Option<Arc<dyn ReplicaIo>> {
         self.client()
     }
     /// Remembers the boot id a hello answered; true when it differs from the one before (the
@@ -151,9 +152,12 @@ pub struct Target {
     /// This node holds an in-sync replica (reads are served from it).
     pub local: bool,
     pub peers: Vec<Arc<Peer>>,
-    pub(super) meta: Arc<dyn MetaStore>,
+    /// The volume record and where the replicas' nodes are.
+    pub(super) membership: Arc<dyn Membership>,
+    /// Opens connections to remote replicas.
+    pub(super) connector: Arc<dyn Connector>,
     /// Serialises membership changes in the metadata store.
-    membership: tokio::sync::Mutex<()>,
+    membership_lock: tokio::sync::Mutex<()>,
     /// Shared by I/O; exclusive while resync copies a region or an unaligned write is applied
     /// (so every replica sees the same order).
     pub(crate) region_lock: tokio::sync::RwLock<()>,
@@ -177,6 +181,21 @@ pub struct TargetConfig {
     pub data_dir: std::path::PathBuf,
 }
 
+/// What a target works through: the record's compare-and-swap and the connections to the
+/// replicas (the store and TCP in the engine, test doubles in unit tests).
+#[derive(Clone)]
+pub struct Links {
+    pub membership: Arc<dyn Membership>,
+    pub connector: Arc<dyn Connector>,
+}
+
+impl Links {
+    /// The metadata store and the replication protocol over TCP.
+    pub fn store(meta: Arc<dyn crate::meta::MetaStore>) -> Links {
+        Links { membership: Arc::new(super::legs::Store(meta)), connector: Arc::new(super::legs::Tcp) }
+    }
+}
+
 impl Target {
     /// Becomes the target of `rec` (already recorded with this node as target at `rec.epoch`):
     /// announces the epoch to every in-sync replica (fencing older targets) and records the ones
@@ -188,7 +207,7 @@ impl Target {
         rec: &VolumeRecord,
         me: &str,
         addrs: &std::collections::HashMap<String, String>,
-        meta: Arc<dyn MetaStore>,
+        links: Links,
         cfg: &TargetConfig,
         verify: bool,
     ) -> Result<Arc<Target>, TargetError> {
@@ -220,7 +239,7 @@ impl Target {
                 boot: Mutex::new(None),
             }));
         }
-        let lease_gen = AtomicU64::new(meta.lease_generation());
+        let lease_gen = AtomicU64::new(links.membership.lease_generation());
         let t = Arc::new(Target {
             lease_gen,
             verifying: AtomicBool::new(verify),
@@ -230,8 +249,9 @@ impl Target {
             node: me.to_string(),
             local: rec.is_in_sync(me),
             peers,
-            meta,
-            membership: tokio::sync::Mutex::new(()),
+            membership: links.membership,
+            connector: links.connector,
+            membership_lock: tokio::sync::Mutex::new(()),
             region_lock: tokio::sync::RwLock::new(()),
             fenced: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -267,7 +287,7 @@ impl Target {
     /// but had not flushed, its resync copies among them) is due a full rebuild.
     pub(super) async fn connect(&self, p: &Arc<Peer>, size: u64) -> Result<(), TargetError> {
         let addr = p.addr.lock().clone();
-        let c = Client::connect(&addr, self.timeout).await?;
+        let c = self.connector.connect(&addr, self.timeout).await?;
         let boot = c.call(self.vol.id, self.epoch, Command::Hello { size }).await?;
         if p.rebooted(&boot) {
             tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted (seen at resync): writes it had not flushed may be lost; rebuilding it in full");
@@ -288,11 +308,11 @@ impl Target {
                 continue;
             }
             // A restarted engine may listen elsewhere: its address as it registered it.
-            if let Some(a) = crate::meta::replication_address(&*self.meta, &p.node).await {
+            if let Some(a) = self.membership.replication_address(&p.node).await {
                 *p.addr.lock() = a;
             }
             let addr = p.addr.lock().clone();
-            let c = match Client::connect(&addr, self.timeout).await {
+            let c = match self.connector.connect(&addr, self.timeout).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(volume = %self.name, replica = %p.node, "reconnect failed: {e}");
@@ -348,9 +368,9 @@ impl Target {
     /// through the replicas.
     async fn admit(&self) -> Result<(), IoError> {
         self.admit_local()?;
-        let gen = self.meta.lease_generation();
-        if gen != self.lease_gen.load(Ordering::Acquire) && self.meta.reachable() {
-            match self.meta.get_volume(&self.name).await {
+        let gen = self.membership.lease_generation();
+        if gen != self.lease_gen.load(Ordering::Acquire) && self.membership.reachable() {
+            match self.membership.record(&self.name).await {
                 Ok(Some(r)) if r.epoch == self.epoch && r.target == self.node => self.lease_gen.store(gen, Ordering::Release),
                 Ok(_) => return Err(self.fence()),
                 // Unreachable after all: checked again on the next request.
@@ -414,7 +434,7 @@ impl Target {
         if p.out_recorded.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _m = self.membership.lock().await;
+        let _m = self.membership_lock.lock().await;
         if p.out_recorded.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -429,31 +449,14 @@ impl Target {
 
     /// Compare-and-swap on the volume record, retried on conflicts; refused when the record's
     /// epoch moved on (another target took over).
-    pub(super) async fn change_record(&self, f: impl Fn(&mut VolumeRecord) + Send + 'static) -> Result<VolumeRecord, TargetError> {
-        let injected = |e: crate::failpoint::Injected| MetaError::Store(e.to_string());
-        let r = async {
-            for _ in 0..20 {
-                let mut rec = self.meta.get_volume(&self.name).await?.ok_or_else(|| MetaError::NotFound(self.name.clone()))?;
-                if rec.epoch != self.epoch {
-                    return Ok(Err(()));
-                }
-                f(&mut rec);
-                crate::failpoint::point("membership.before_cas").await.map_err(injected)?;
-                match self.meta.update_volume(&rec).await {
-                    Err(MetaError::Conflict(_)) => continue,
-                    r => {
-                        crate::failpoint::point("membership.after_cas").await.map_err(injected)?;
-                        return r.map(Ok);
-                    }
-                }
+    pub(super) async fn change_record(&self, f: impl Fn(&mut VolumeRecord) + Send + Sync + 'static) -> Result<VolumeRecord, TargetError> {
+        match self.membership.change(&self.name, self.epoch, Box::new(f)).await? {
+            Some(rec) => Ok(rec),
+            None => {
+                self.fenced.store(true, Ordering::Release);
+                Err(TargetError::Fenced(self.name.clone()))
             }
-            Err(MetaError::Conflict(self.name.clone()))
         }
-        .await?;
-        r.map_err(|_| {
-            self.fenced.store(true, Ordering::Release);
-            TargetError::Fenced(self.name.clone())
-        })
     }
 
     /// Before a change to `[off, off+len)` is made anywhere: the range is recorded (durably) as
@@ -765,3 +768,7 @@ enum Guard<'a> {
     Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
     Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
 }
+
+#[cfg(test)]
+#[path = "target_tests.rs"]
+mod tests;

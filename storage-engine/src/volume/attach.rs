@@ -22,7 +22,7 @@ impl Engine {
         let nodes = self.meta.list_nodes().await?;
         let addrs: HashMap<String, String> = nodes.into_iter().map(|(n, _)| (n.id, n.repl_address)).collect();
         let me = self.node.id.clone();
-        let t = Target::start(handle.replica.clone(), rec, &me, &addrs, self.meta.clone(), &self.repl, verify).await?;
+        let t = Target::start(handle.replica.clone(), rec, &me, &addrs, self.links.clone(), &self.repl, verify).await?;
         *handle.target.write() = Some(t.clone());
         handle.served.store(true, Ordering::Release);
         let host = Arc::new(crate::replication::Host { local: self.local.clone(), replacements: self.replacements.lock().clone() });

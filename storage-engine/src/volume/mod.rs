@@ -15,7 +15,7 @@ use crate::meta::{MetaError, MetaStore, PendingOp, VolumeRecord};
 use crate::metrics::VolumeStats;
 use crate::pool::{Pool, PoolError};
 use crate::qos::{Limits, Throttle};
-use crate::replication::target::{Target, TargetConfig};
+use crate::replication::target::{Links, Target, TargetConfig};
 use parking_lot::RwLock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -240,6 +240,8 @@ pub struct Engine {
     lifecycle: tokio::sync::Mutex<()>,
     /// Replication settings (replica timeout, resync rate, where dirty-region records live).
     pub repl: TargetConfig,
+    /// What this node's targets work through (the store's compare-and-swap, TCP legs).
+    pub links: Links,
     /// Replicas to rebuild elsewhere (volume, dead node), served by `run_replacements`.
     replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
     /// Alerts this node raised (`stratactl alerts show`).
@@ -281,6 +283,7 @@ impl Engine {
         let engine = Engine {
             local: Arc::new(crate::replica::Local::new(pool.clone(), alerts.clone(), &node.id)),
             pool,
+            links: Links::store(meta.clone()),
             meta,
             node,
             volumes: RwLock::new(HashMap::new()),
