@@ -5,7 +5,7 @@ use crate::device::{BlockIo, FileDevice, IoEngine, OpenOptions};
 use crate::meta::{embedded::Embedded, MetaStore};
 use crate::pool::check::{check, KnownVolume};
 use crate::pool::{OpenSpec, Pool};
-use crate::volume::{Engine, NodeInfo};
+use crate::volume::{NodeInfo, Service};
 use anyhow::{bail, Context};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,7 +27,7 @@ fn open_devices(paths: &[PathBuf], opts: &OpenOptions, volatile: bool) -> anyhow
 }
 
 /// Opens the pool and the metadata store; returns the engine ready to serve.
-pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Engine>> {
+pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Service>> {
     if args.devices.is_empty() {
         bail!("no devices: pass at least one --device PATH (a block device, or a file that is created with --device-size)");
     }
@@ -48,7 +48,7 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<E
     let node_id = node.id.clone();
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let alerts = crate::alerts::Alerts::open(&node_id, args.data_dir.join("alerts.jsonl"));
-    let mut engine = Engine::new(Arc::new(pool), meta, node, alerts).await?;
+    let mut engine = Service::new(Arc::new(pool), meta, node, alerts).await?;
     engine.distrust_local_replicas_if_salvaged().await?;
     engine.local.readahead_window.store(args.readahead, std::sync::atomic::Ordering::Relaxed);
     engine.repl = crate::replication::target::TargetConfig {
@@ -143,7 +143,7 @@ const NEAR_FULL: f64 = 0.85;
 /// full), the metadata store's reachability (logged at warn once per outage, with its duration,
 /// and an alert), and — on the online node with the lowest id, so the alert is raised once —
 /// other nodes going offline and coming back.
-async fn report_storage_health(engine: Arc<Engine>) {
+async fn report_storage_health(engine: Arc<Service>) {
     use crate::alerts::Severity::{Alarm, Notify, Warning};
     let mut reported = true;
     let mut used = u64::MAX;
@@ -262,7 +262,7 @@ async fn report_storage_health(engine: Arc<Engine>) {
     }
 }
 
-async fn serve_metrics(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
+async fn serve_metrics(listener: tokio::net::TcpListener, engine: Arc<Service>) {
     use axum::{routing::get, Router};
     let app = Router::new()
         .route(

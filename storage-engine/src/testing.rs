@@ -8,7 +8,7 @@ use crate::device::mem::{Faults, Faulty, MemDevice};
 use crate::device::BlockIo;
 use crate::meta::mem::MemStore;
 use crate::pool::{OpenSpec, Pool};
-use crate::volume::{Engine, NodeInfo};
+use crate::volume::{NodeInfo, Service};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use std::time::Duration;
 pub const DEVICE_SIZE: u64 = 256 << 20;
 
 pub struct TestNode {
-    pub engine: Arc<Engine>,
+    pub engine: Arc<Service>,
     /// This node's handle on the shared store.
     pub store: MemStore,
     /// Faults of this node's device (data path).
@@ -50,7 +50,7 @@ impl TestCluster {
     }
 
     /// The engine of node `i` (0-based).
-    pub fn engine(&self, i: usize) -> &Arc<Engine> {
+    pub fn engine(&self, i: usize) -> &Arc<Service> {
         &self.nodes[i].engine
     }
 }
@@ -71,7 +71,7 @@ impl TestNode {
         let devs: Vec<(String, Arc<dyn BlockIo>)> = vec![(format!("mem:{id}"), dev)];
         let pool = Pool::open(devs, &spec).expect("a new pool on a memory device");
         let alerts = crate::alerts::Alerts::in_memory(id);
-        let mut engine = Engine::new(Arc::new(pool), Arc::new(store.clone()), node, alerts).await.expect("engine");
+        let mut engine = Service::new(Arc::new(pool), Arc::new(store.clone()), node, alerts).await.expect("engine");
         let data_dir = std::env::temp_dir().join(format!("strata-test-{}-{id}", uuid::Uuid::new_v4()));
         engine.repl.data_dir = data_dir.clone();
         engine.repl.timeout = Duration::from_secs(1);

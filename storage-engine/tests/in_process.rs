@@ -7,25 +7,25 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use strata_engine::meta::MetaStore;
 use strata_engine::testing::TestCluster;
-use strata_engine::volume::{CreateSpec, Engine, IoError, QosUpdate, VolumeError};
+use strata_engine::volume::{CreateSpec, IoError, Service, UpdateSpec, VolumeError};
 
 const MIB: u64 = 1 << 20;
 
-async fn create(e: &Engine, name: &str, repl: u32) -> Result<strata_engine::volume::VolumeInfo, VolumeError> {
+async fn create(e: &Service, name: &str, repl: u32) -> Result<strata_engine::volume::VolumeInfo, VolumeError> {
     e.create(CreateSpec { name, size: 16 * MIB, repl, ..Default::default() }).await
 }
 
 /// Writes `len` bytes of `byte` at `off` through the volume's target on `e`.
-async fn write(e: &Engine, name: &str, off: u64, len: usize, byte: u8) -> Result<(), IoError> {
-    let v = e.volume(name).expect("a handle");
-    let mut b = e.buffer(len);
+async fn write(e: &Service, name: &str, off: u64, len: usize, byte: u8) -> Result<(), IoError> {
+    let io = e.io(e.volume(name).expect("a handle"));
+    let mut b = io.buffer(len);
     b.fill(byte);
-    e.write(&v, off, b, false).await
+    io.write(off, b, false).await
 }
 
-async fn read(e: &Engine, name: &str, off: u64, len: usize) -> Result<Vec<u8>, IoError> {
-    let v = e.volume(name).expect("a handle");
-    Ok(e.read(&v, off, len).await?.bytes().to_vec())
+async fn read(e: &Service, name: &str, off: u64, len: usize) -> Result<Vec<u8>, IoError> {
+    let io = e.io(e.volume(name).expect("a handle"));
+    Ok(io.read(off, len).await?.bytes().to_vec())
 }
 
 /// `nodes` engines with volume "v" (16 MiB, `repl` replicas) created and attached on the first.
@@ -104,9 +104,9 @@ async fn a_volume_grows_but_never_shrinks() {
     let c = TestCluster::start(1).await;
     let e = c.engine(0);
     create(e, "v", 1).await.unwrap();
-    let grown = e.update("v", Some(32 * MIB), BTreeMap::new(), QosUpdate::default()).await.unwrap();
+    let grown = e.update("v", UpdateSpec { size: Some(32 * MIB), ..Default::default() }).await.unwrap();
     assert_eq!(grown.record.size, 32 * MIB);
-    let shrink = e.update("v", Some(8 * MIB), BTreeMap::new(), QosUpdate::default()).await;
+    let shrink = e.update("v", UpdateSpec { size: Some(8 * MIB), ..Default::default() }).await;
     assert!(matches!(&shrink, Err(VolumeError::FailedPrecondition(m)) if m.contains("only grow")), "{shrink:?}");
     assert_eq!(record(&c, "v").await.size, 32 * MIB);
 }
@@ -116,7 +116,7 @@ async fn a_grown_attached_volume_takes_writes_past_its_old_end_on_every_replica(
     let c = attached(2, 2).await;
     let e = c.engine(0);
     assert!(write(e, "v", 20 * MIB, 4096, 1).await.is_err(), "past the end");
-    e.update("v", Some(32 * MIB), BTreeMap::new(), QosUpdate::default()).await.unwrap();
+    e.update("v", UpdateSpec { size: Some(32 * MIB), ..Default::default() }).await.unwrap();
     write(e, "v", 20 * MIB, 4096, 1).await.unwrap();
     assert_eq!(in_sync_sorted(&record(&c, "v").await), ["node-1", "node-2"], "the replica took it too");
 }
@@ -380,11 +380,11 @@ async fn a_flush_reaches_every_in_sync_replica() {
     let c = attached(2, 2).await;
     let e = c.engine(0);
     write(e, "v", 0, 4096, 1).await.unwrap();
-    let v = e.volume("v").unwrap();
-    e.flush(&v).await.unwrap();
+    let io = e.io(e.volume("v").unwrap());
+    io.flush().await.unwrap();
     // A replica whose device cannot sync leaves the set instead of the flush lying.
     c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
-    e.flush(&v).await.unwrap();
+    io.flush().await.unwrap();
     assert_eq!(record(&c, "v").await.in_sync, vec!["node-1".to_string()]);
 }
 

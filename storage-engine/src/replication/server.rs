@@ -30,8 +30,11 @@ pub trait Replicas: Send + Sync + 'static {
     /// after this engine started; None when no replica of it is here.
     async fn replica(&self, id: u64) -> Option<Arc<Replica>>;
     /// Frees this node's replica of volume id `id` (and forgets its handle).
-    async fn drop_replica(&self, id: u64) -> Result<(), String>;
+    async fn drop_replica(&self, id: u64) -> Result<(), DropError>;
 }
+
+/// Why a replica could not be freed (the layer above's error).
+pub type DropError = Box<dyn std::error::Error + Send + Sync>;
 
 pub async fn serve(listener: TcpListener, replicas: Arc<dyn Replicas>, bounds: Bounds) {
     crate::net::accept_tcp(listener, "replication", |s, peer| {
@@ -120,7 +123,10 @@ async fn connection(s: TcpStream, engine: Arc<dyn Replicas>, peer: String, bound
                 // Nothing is loaded for it; whatever extents it may still have go.
                 None if req.op == frame::Op::Drop => match engine.drop_replica(req.volume).await {
                     Ok(()) => Answer::Done,
-                    Err(_) => Answer::Error(libc::EIO as u32),
+                    Err(e) => {
+                        tracing::warn!(volume = req.volume, "dropping replica data failed: {e}");
+                        Answer::Error(libc::EIO as u32)
+                    }
                 },
                 None => Answer::Error(frame::ENOENT),
             };

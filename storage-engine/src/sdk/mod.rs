@@ -1,6 +1,6 @@
 //! The gRPC SDK server: volumes, pools, nodes and cluster status over tonic.
 
-use crate::volume::{CreateSpec, Engine, VolumeError, VolumeInfo};
+use crate::volume::{CreateSpec, Service, UpdateSpec, VolumeError, VolumeInfo};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use strata_api::v1 as pb;
@@ -29,10 +29,10 @@ impl From<VolumeError> for Status {
 
 #[derive(Clone)]
 pub struct Sdk {
-    pub engine: Arc<Engine>,
+    pub engine: Arc<Service>,
 }
 
-fn to_pb(engine: &Engine, v: VolumeInfo) -> pb::Volume {
+fn to_pb(engine: &Service, v: VolumeInfo) -> pb::Volume {
     let r = v.record;
     pb::Volume {
         id: r.id,
@@ -169,7 +169,7 @@ impl Sdk {
     /// Before attaching here without force: a volume attached on another node that is up is
     /// handed over cleanly when no client uses it there (that node detaches it: its target
     /// stops, and the attach here starts a new epoch); in use there, it is refused. A node that
-    /// reads offline is left to the takeover rules of `Engine::attach`.
+    /// reads offline is left to the takeover rules of `Service::attach`.
     async fn hand_over<T>(&self, req: &Request<T>, name: &str) -> Result<(), Status> {
         let owner = self.engine.inspect(name).await?.record.target;
         let unreachable = |why: &str| {
@@ -247,7 +247,7 @@ impl pb::volume_service_server::VolumeService for Sdk {
             rd_bw: r.io_throttle_rd_bw,
             wr_bw: r.io_throttle_wr_bw,
         };
-        let v = self.engine.update(&r.name, size, r.labels.into_iter().collect(), qos).await?;
+        let v = self.engine.update(&r.name, UpdateSpec { size, labels: r.labels.into_iter().collect(), qos }).await?;
         Ok(Response::new(pb::UpdateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 
@@ -344,7 +344,7 @@ impl pb::volume_service_server::VolumeService for Sdk {
     }
 }
 
-fn pool_pb(engine: &Engine) -> pb::Pool {
+fn pool_pb(engine: &Service) -> pb::Pool {
     let pool = &engine.pool;
     pb::Pool {
         uuid: pool.uuid.to_string(),
@@ -380,7 +380,7 @@ impl pb::pool_service_server::PoolService for Sdk {
 }
 
 /// Every registered node: this one with live figures, the others as the store has them.
-async fn nodes_pb(engine: &Engine) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
+async fn nodes_pb(engine: &Service) -> Result<Vec<pb::Node>, crate::meta::MetaError> {
     let nodes = engine.meta.list_nodes().await?;
     Ok(nodes
         .into_iter()
@@ -482,7 +482,7 @@ impl pb::alert_service_server::AlertService for Sdk {
 }
 
 /// The tonic router with every SDK service.
-pub fn router(engine: Arc<Engine>) -> tonic::transport::server::Router {
+pub fn router(engine: Arc<Service>) -> tonic::transport::server::Router {
     let sdk = Sdk { engine };
     tonic::transport::Server::builder()
         .add_service(pb::volume_service_server::VolumeServiceServer::new(sdk.clone()))

@@ -1,7 +1,7 @@
 //! Where a volume is served: attach (become its target, with a new epoch), detach, restart
 //! of targets after an engine restart, and NBD clients' claims.
 
-use super::{Connection, Engine, Volume, VolumeError, VolumeInfo};
+use super::{Service, Volume, VolumeError, VolumeInfo, VolumeIo};
 use crate::meta::VolumeRecord;
 use crate::replication::target::Target;
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::Instrument;
 
-impl Engine {
+impl Service {
     /// Starts serving a replicated volume here: announces the epoch to its replicas and starts
     /// resync for the ones out of sync.
     /// `verify`: the previous target may have died with writes in flight; compare the replicas.
@@ -190,7 +190,7 @@ impl Engine {
     }
 
     /// Claims a volume for an NBD client (only where its target runs).
-    pub fn connect(&self, name: &str) -> Option<Connection> {
+    pub fn connect(&self, name: &str) -> Option<VolumeIo> {
         let v = self.volumes.read().get(name).cloned()?;
         // A target whose own replica has seen a newer epoch was taken over (it learns that on
         // its next request; a new client is refused now, not after its first I/O).
@@ -198,42 +198,67 @@ impl Engine {
         if v.is_deleted() || !v.is_served() || !running || (v.secure && !v.has_key()) {
             return None;
         }
-        v.connections.fetch_add(1, Ordering::AcqRel);
-        Some(Connection { volume: v })
+        Some(self.claim(v))
     }
 
     /// Claims a volume for an NBD client opening it here: a detached volume is attached here
     /// first (as `host attach` would); a volume served by another node is not taken from it.
     /// The error says why the export cannot be opened.
-    pub async fn open(&self, name: &str) -> Result<Connection, String> {
+    pub async fn open(&self, name: &str) -> Result<VolumeIo, VolumeError> {
         if let Some(c) = self.connect(name) {
             return Ok(c);
         }
         self.describe(name).await?;
-        self.attach(name, false, None).await.map_err(|e| e.to_string())?;
-        self.connect(name).ok_or_else(|| format!("volume {name} is attached here but not served (its target stopped); retry"))
+        self.attach(name, false, None).await?;
+        self.connect(name).ok_or_else(|| VolumeError::Aborted(format!("volume {name} is attached here but not served (its target stopped); retry")))
     }
 
     /// The size of a volume an NBD client could open here (served here, or detached), or why
     /// it cannot.
-    pub async fn describe(&self, name: &str) -> Result<u64, String> {
+    pub async fn describe(&self, name: &str) -> Result<u64, VolumeError> {
         if let Some(v) = self.volume(name).filter(|v| v.is_served()) {
             return Ok(v.size());
         }
-        let rec = match self.meta.get_volume(name).await {
-            Ok(Some(r)) => r.normalized(&self.node.id),
-            Ok(None) => return Err(format!("no volume named {name:?}")),
-            Err(e) => return Err(format!("volume {name}: {e}")),
-        };
+        let rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?.normalized(&self.node.id);
         if rec.snapshot_of.is_some() {
-            return Err(format!("{name} is a snapshot and is not served; clone it and open the clone"));
+            return Err(VolumeError::FailedPrecondition(format!("{name} is a snapshot and is not served; clone it and open the clone")));
         }
         if !rec.target.is_empty() && rec.target != self.node.id {
-            return Err(format!(
+            return Err(VolumeError::FailedPrecondition(format!(
                 "volume {name} is attached on node {}; open it there, or attach it here first (stratactl host attach {name})",
                 rec.target
-            ));
+            )));
         }
         Ok(rec.size)
+    }
+}
+
+/// What a frontend needs of the engine: the exports it may list, open and describe. Opening
+/// one gives the narrow `VolumeIo` handle, which is all the frontend then serves.
+#[async_trait::async_trait]
+pub trait Exports: Send + Sync {
+    /// This node's id (for logs and spans).
+    fn node_id(&self) -> &str;
+    /// Names and sizes of the exports, for NBD_OPT_LIST.
+    fn exports(&self) -> Vec<(String, u64)>;
+    /// A client's claim on an export, attaching it here if it is detached; or why not.
+    async fn open(&self, name: &str) -> Result<VolumeIo, VolumeError>;
+    /// The size of an export a client could open here, or why it cannot.
+    async fn describe(&self, name: &str) -> Result<u64, VolumeError>;
+}
+
+#[async_trait::async_trait]
+impl Exports for Service {
+    fn node_id(&self) -> &str {
+        &self.node.id
+    }
+    fn exports(&self) -> Vec<(String, u64)> {
+        Service::exports(self)
+    }
+    async fn open(&self, name: &str) -> Result<VolumeIo, VolumeError> {
+        Service::open(self, name).await
+    }
+    async fn describe(&self, name: &str) -> Result<u64, VolumeError> {
+        Service::describe(self, name).await
     }
 }

@@ -9,6 +9,8 @@ mod secure;
 mod snapshots;
 
 pub use crate::replica::{offsets, IoError, ReadBuf, ReadData, Replica};
+pub use attach::Exports;
+pub use io::VolumeIo;
 pub use scrub::{ScrubConfig, ScrubReport};
 
 use crate::meta::{MetaError, MetaStore, PendingOp, VolumeRecord};
@@ -63,7 +65,7 @@ impl From<MetaError> for VolumeError {
 pub struct Volume {
     /// The data side (size, I/O lock, epoch fence); `Volume` derefs to it.
     pub replica: Arc<Replica>,
-    connections: AtomicU32,
+    pub(super) connections: AtomicU32,
     pub qos: Throttle,
     pub stats: VolumeStats,
     /// This node serves the volume's NBD export.
@@ -118,20 +120,6 @@ impl Volume {
     }
     pub fn connections(&self) -> u32 {
         self.connections.load(Ordering::Acquire)
-    }
-}
-
-/// Holds one NBD client's claim on a volume; dropping it releases the claim.
-pub struct Connection {
-    pub volume: Arc<Volume>,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        if self.volume.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // The last client left: readahead for it would only hold memory.
-            self.volume.readahead.clear();
-        }
     }
 }
 
@@ -219,6 +207,16 @@ pub struct CreateSpec<'a> {
     pub passphrase: Option<&'a [u8]>,
 }
 
+/// A change to a volume: each field that is set changes; a label with an empty value is
+/// removed.
+#[derive(Debug, Clone, Default)]
+pub struct UpdateSpec {
+    /// New size in bytes (grow only; rounded up to 4 KiB).
+    pub size: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+    pub qos: QosUpdate,
+}
+
 /// Placement filters of a new volume (Portworx's `nodes`, `zones`, `racks`).
 #[derive(Debug, Clone, Default)]
 pub struct PlacementSpec {
@@ -229,7 +227,11 @@ pub struct PlacementSpec {
     pub prefer: Option<String>,
 }
 
-pub struct Engine {
+/// This node's volume service: the lifecycle of volumes over the metadata store (create,
+/// update, delete, attach/detach, snapshot, clone, restore, ha-update, scrub), the volumes
+/// known here and the targets this node runs for them. Frontends reach it only through
+/// `Exports` and the `VolumeIo` handles it gives out.
+pub struct Service {
     pub pool: Arc<Pool>,
     pub meta: Arc<dyn MetaStore>,
     pub node: NodeInfo,
@@ -274,13 +276,13 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), VolumeError>
     Ok(())
 }
 
-impl Engine {
+impl Service {
     /// Loads volumes, finishes interrupted deletes and reports extents that belong to no volume.
-    pub async fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo, alerts: crate::alerts::Alerts) -> Result<Engine, VolumeError> {
+    pub async fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo, alerts: crate::alerts::Alerts) -> Result<Service, VolumeError> {
         meta.put_pool(&pool.record()).await?;
         meta.register_node(&Self::node_record(&node, &pool)).await?;
         let alerts = Arc::new(alerts);
-        let engine = Engine {
+        let engine = Service {
             local: Arc::new(crate::replica::Local::new(pool.clone(), alerts.clone(), &node.id)),
             pool,
             links: Links::store(meta.clone()),
@@ -392,7 +394,7 @@ impl Engine {
     }
 
     /// Shares the engine (the servers and background tasks hold it).
-    pub fn into_shared(self) -> Arc<Engine> {
+    pub fn into_shared(self) -> Arc<Service> {
         Arc::new(self)
     }
 
@@ -559,7 +561,8 @@ impl Engine {
 
     /// Grows a volume (online, or detached) and/or changes labels. Shrinking is refused.
     #[tracing::instrument(name = "update", skip_all, fields(volume = %name, node = %self.node.id))]
-    pub async fn update(&self, name: &str, size: Option<u64>, labels: BTreeMap<String, String>, qos: QosUpdate) -> Result<VolumeInfo, VolumeError> {
+    pub async fn update(&self, name: &str, spec: UpdateSpec) -> Result<VolumeInfo, VolumeError> {
+        let UpdateSpec { size, labels, qos } = spec;
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         if let Some(of) = &rec.snapshot_of {

@@ -1,7 +1,7 @@
 //! A volume's replicas: placement at creation, the handles of replicas held here, dropping a
 //! replica's data, per-extent checksums.
 
-use super::{Engine, PlacementSpec, Volume, VolumeError, VolumeInfo, MAX_REPL};
+use super::{PlacementSpec, Service, Volume, VolumeError, VolumeInfo, MAX_REPL};
 use crate::meta::replication_address;
 use crate::meta::VolumeRecord;
 use crate::replication::client::Client;
@@ -24,7 +24,7 @@ pub enum ReplicaError {
     Volume(#[from] VolumeError),
 }
 
-impl Engine {
+impl Service {
     /// Chooses the nodes for `repl` replicas (the preferred node, else this node, first when it
     /// is eligible), none of
     /// them in `exclude` (the nodes that already hold one).
@@ -267,7 +267,7 @@ impl Engine {
 }
 
 #[async_trait::async_trait]
-impl crate::replication::server::Replicas for Engine {
+impl crate::replication::server::Replicas for Service {
     fn local(&self) -> &crate::replica::Local {
         &self.local
     }
@@ -276,7 +276,7 @@ impl crate::replication::server::Replicas for Engine {
         self.replica_volume(id).await.map(|v| v.replica.clone())
     }
 
-    async fn drop_replica(&self, id: u64) -> Result<(), String> {
-        self.free_replica(id).await.map_err(|e| e.to_string())
+    async fn drop_replica(&self, id: u64) -> Result<(), crate::replication::server::DropError> {
+        Ok(self.free_replica(id).await?)
     }
 }

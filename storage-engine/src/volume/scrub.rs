@@ -3,11 +3,16 @@
 //! replica on this node at a bounded rate and verifies it. A mismatch raises an alert; on the
 //! volume's target it is repaired from an in-sync replica at once.
 
-use super::{Engine, IoError, Volume, VolumeError};
+use super::{IoError, Service, Volume, VolumeError};
 use crate::alerts::Severity::{Alarm, Warning};
 use crate::replication::frame::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A repair that failed on the data path.
+fn unrepaired(e: IoError) -> VolumeError {
+    VolumeError::FailedPrecondition(e.to_string())
+}
 
 /// How often idle extents' checksums are written out.
 pub const SETTLE_EVERY: Duration = Duration::from_secs(5);
@@ -28,7 +33,7 @@ pub struct ScrubReport {
     pub repaired_blocks: u64,
 }
 
-impl Engine {
+impl Service {
     /// Settles checksums every `SETTLE_EVERY` and scrubs per `scrub`, for the engine's life.
     pub fn run_checksum_tasks(self: &Arc<Self>, scrub: ScrubConfig) {
         if !self.pool.has_checksums() {
@@ -130,14 +135,14 @@ impl Engine {
     /// blocks `bad`) from a good copy: on the target, from an in-sync peer; elsewhere, by the
     /// target (which keeps writes out meanwhile); for a detached volume, from another in-sync
     /// replica directly (no writer exists; the fence keeps a new target out meanwhile).
-    async fn repair_here(&self, v: &Arc<Volume>, off: u64, len: usize, bad: &[u64]) -> Result<(), String> {
+    async fn repair_here(&self, v: &Arc<Volume>, off: u64, len: usize, bad: &[u64]) -> Result<(), VolumeError> {
         if let Some(t) = v.target().filter(|t| t.local) {
             if t.peers.is_empty() {
-                return Err("the volume has no other replica".into());
+                return Err(VolumeError::FailedPrecondition("the volume has no other replica".into()));
             }
-            return t.repair_read(&self.local, off, len).await.map(|_| ()).map_err(|e| e.to_string());
+            return t.repair_read(&self.local, off, len).await.map(|_| ()).map_err(unrepaired);
         }
-        let rec = self.meta.get_volume(&v.name).await.map_err(|e| e.to_string())?.ok_or("the volume is gone")?;
+        let rec = self.meta.get_volume(&v.name).await?.ok_or_else(|| VolumeError::NotFound(v.name.clone()))?;
         let me = self.node.id.clone();
         let source = if !rec.target.is_empty() && rec.target != me {
             self.ask_target_to_repair(&rec.target, &v.name, off, len).await?;
@@ -155,15 +160,15 @@ impl Engine {
                     }
                 }
             }
-            let (node, data) = got.ok_or("no other in-sync replica could supply the range")?;
+            let (node, data) = got.ok_or_else(|| VolumeError::FailedPrecondition("no other in-sync replica could supply the range".into()))?;
             let mut buf = self.buffer(len);
             buf.copy_from_slice(&data);
-            self.local.write_local(v, off, buf, true).await.map_err(|e| e.to_string())?;
+            self.local.write_local(v, off, buf, true).await.map_err(unrepaired)?;
             format!("from the replica on node {node}")
         };
         // Confirm: the range verifies now.
         let buf = self.buffer(len.next_multiple_of(crate::device::ALIGN));
-        self.local.read_verified(v, off, buf).await.map_err(|e| format!("still failing after the rewrite: {e}"))?;
+        self.local.read_verified(v, off, buf).await.map_err(|e| VolumeError::FailedPrecondition(format!("still failing after the rewrite: {e}")))?;
         self.alerts.raise(
             Warning,
             "ChecksumRepaired",
@@ -179,15 +184,15 @@ impl Engine {
         Ok(())
     }
 
-    async fn ask_target_to_repair(&self, target: &str, name: &str, off: u64, len: usize) -> Result<(), String> {
+    /// Asks the volume's target, on another node, to rewrite this node's copy of the range (the
+    /// target alone can keep writes out of it meanwhile): through that node's SDK.
+    async fn ask_target_to_repair(&self, target: &str, name: &str, off: u64, len: usize) -> Result<(), VolumeError> {
         use strata_api::v1 as pb;
-        let url = crate::meta::sdk_endpoint(&*self.meta, target)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("target node {target} has no SDK address"))?;
-        let mut c = pb::volume_service_client::VolumeServiceClient::connect(url).await.map_err(|e| format!("target node {target}: {e}"))?;
+        let remote = |what: String| VolumeError::FailedPrecondition(format!("target node {target}: {what}"));
+        let url = crate::meta::sdk_endpoint(&*self.meta, target).await?.ok_or_else(|| remote("no SDK address".into()))?;
+        let mut c = pb::volume_service_client::VolumeServiceClient::connect(url).await.map_err(|e| remote(e.to_string()))?;
         let req = pb::RepairReplicaRequest { volume: name.into(), node: self.node.id.clone(), offset: off, length: len as u64 };
-        c.repair_replica(req).await.map_err(|s| format!("target node {target}: {}", s.message()))?;
+        c.repair_replica(req).await.map_err(|s| remote(s.message().to_string()))?;
         Ok(())
     }
 

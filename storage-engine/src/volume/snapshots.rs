@@ -5,7 +5,7 @@
 //! copy the extents they change (`Pool::allocate`).
 
 use super::replicas::ReplicaError;
-use super::{validate_labels, validate_name, Engine, VolumeError, VolumeInfo};
+use super::{validate_labels, validate_name, Service, VolumeError, VolumeInfo};
 use crate::clock::now_unix;
 use crate::meta::{MetaError, PendingOp, VolumeRecord};
 use crate::replication::frame::Command;
@@ -35,7 +35,7 @@ enum Sharing {
     Restore { from: u64 },
 }
 
-impl Engine {
+impl Service {
     /// Takes a crash-consistent snapshot `name` of volume `volume`: on every in-sync replica,
     /// at one point of the write stream when the volume is attached here.
     #[tracing::instrument(name = "snapshot", skip_all, fields(volume = %volume, snapshot = %name, node = %self.node.id))]

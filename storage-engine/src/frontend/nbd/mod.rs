@@ -4,7 +4,7 @@
 pub mod handshake;
 pub mod transmit;
 
-use crate::volume::Engine;
+use crate::volume::Exports;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,7 +59,7 @@ impl Limits {
     }
 }
 
-async fn handle<S>(stream: S, engine: Arc<Engine>, limits: Arc<Limits>, peer: String)
+async fn handle<S>(stream: S, engine: Arc<dyn Exports>, limits: Arc<Limits>, peer: String)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -67,13 +67,13 @@ where
         tracing::warn!(%peer, "nbd connection refused: --nbd-max-connections reached");
         return;
     };
-    match tokio::time::timeout(limits.handshake, handshake::conn::negotiate(stream, &engine)).await {
+    match tokio::time::timeout(limits.handshake, handshake::conn::negotiate(stream, &*engine)).await {
         Ok(Ok(Some((stream, conn)))) => {
             // Every event of this client's session carries the volume and node.
-            let span = tracing::info_span!("nbd", volume = %conn.volume.name, node = %engine.node.id, %peer);
+            let span = tracing::info_span!("nbd", volume = %conn.volume.name, node = %engine.node_id(), %peer);
             async {
                 tracing::debug!("nbd client attached");
-                transmit::conn::serve(stream, conn, engine.clone(), limits.clone()).await;
+                transmit::conn::serve(stream, conn, limits.clone()).await;
                 tracing::debug!("nbd client gone");
             }
             .instrument(span)
@@ -85,11 +85,11 @@ where
     }
 }
 
-pub async fn serve_tcp(listener: TcpListener, engine: Arc<Engine>, limits: Arc<Limits>) {
+pub async fn serve_tcp(listener: TcpListener, engine: Arc<dyn Exports>, limits: Arc<Limits>) {
     crate::net::accept_tcp(listener, "nbd", |s, peer| handle(s, engine.clone(), limits.clone(), peer)).await
 }
 
-pub async fn serve_unix(listener: UnixListener, engine: Arc<Engine>, limits: Arc<Limits>) {
+pub async fn serve_unix(listener: UnixListener, engine: Arc<dyn Exports>, limits: Arc<Limits>) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {

@@ -3,7 +3,7 @@
 use super::frame::*;
 use crate::frontend::nbd::transmit::frame::EXPORT_FLAGS;
 use crate::frontend::nbd::MAX_PAYLOAD;
-use crate::volume::{Connection, Engine};
+use crate::volume::{Exports, VolumeIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,7 +16,7 @@ pub enum NegotiationError {
 
 /// Runs the option haggling. Returns the stream and the claimed volume once the client moves to
 /// transmission, `None` if it aborted or asked for an unknown export with NBD_OPT_EXPORT_NAME.
-pub async fn negotiate<S>(mut s: S, engine: &Engine) -> Result<Option<(S, Connection)>, NegotiationError>
+pub async fn negotiate<S>(mut s: S, engine: &dyn Exports) -> Result<Option<(S, VolumeIo)>, NegotiationError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -69,7 +69,7 @@ where
                     engine.describe(&req.name).await.map(|size| (size, None))
                 } {
                     Err(msg) => {
-                        encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, msg.as_bytes());
+                        encode_option_reply(&mut out, opt, REP_ERR_UNKNOWN, msg.to_string().as_bytes());
                     }
                     Ok((size, conn)) => {
                         encode_option_reply(&mut out, opt, REP_INFO, &info_export(size, EXPORT_FLAGS));

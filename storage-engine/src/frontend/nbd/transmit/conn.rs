@@ -10,7 +10,7 @@
 use super::frame::*;
 use crate::device::AlignedBuf;
 use crate::frontend::nbd::{Limits, MAX_INFLIGHT, MAX_PAYLOAD};
-use crate::volume::{Connection, Engine, IoError, ReadData};
+use crate::volume::{IoError, ReadData, VolumeIo};
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::collections::VecDeque;
 use std::future::Future;
@@ -51,7 +51,7 @@ struct Partial {
 
 /// Serves requests until the client disconnects (NBD_CMD_DISC or EOF) or breaks the protocol.
 /// Replies to requests already received are still sent before the socket closes.
-pub async fn serve<S>(stream: S, conn: Connection, engine: Arc<Engine>, limits: Arc<Limits>)
+pub async fn serve<S>(stream: S, conn: VolumeIo, limits: Arc<Limits>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -65,6 +65,7 @@ where
     let mut work: FuturesUnordered<Work> = FuturesUnordered::new();
     let mut out: VecDeque<Out> = VecDeque::new();
     let mut closing = false;
+    let conn = Arc::new(conn);
     let vol = conn.volume.clone();
     loop {
         // Turn buffered bytes into requests.
@@ -78,7 +79,7 @@ where
                     break;
                 }
                 let p = partial.take().expect("partial write");
-                work.push(dispatch(&engine, &conn, p.req, Some(p.buf)));
+                work.push(dispatch(&conn, p.req, Some(p.buf)));
                 continue;
             }
             if end - start < REQUEST_LEN {
@@ -104,12 +105,12 @@ where
                 CMD_WRITE => {
                     held += charge;
                     limits.charge(charge);
-                    partial = Some(Partial { req, buf: engine.buffer(req.len as usize), filled: 0 });
+                    partial = Some(Partial { req, buf: conn.buffer(req.len as usize), filled: 0 });
                 }
                 _ => {
                     held += charge;
                     limits.charge(charge);
-                    work.push(dispatch(&engine, &conn, req, None));
+                    work.push(dispatch(&conn, req, None));
                 }
             }
         }
@@ -150,7 +151,7 @@ where
                     p.filled += n;
                     if p.filled == p.buf.len() {
                         let p = partial.take().expect("partial write");
-                        work.push(dispatch(&engine, &conn, p.req, Some(p.buf)));
+                        work.push(dispatch(&conn, p.req, Some(p.buf)));
                     }
                 }
                 Ok(n) => end += n,
@@ -222,35 +223,35 @@ fn advance(out: &mut VecDeque<Out>, mut n: usize) -> u64 {
     freed
 }
 
-fn dispatch(engine: &Arc<Engine>, conn: &Connection, req: Request, payload: Option<AlignedBuf>) -> Work {
-    let (engine, vol) = (engine.clone(), conn.volume.clone());
+fn dispatch(conn: &Arc<VolumeIo>, req: Request, payload: Option<AlignedBuf>) -> Work {
+    let io = conn.clone();
     let charge = payload_charge(&req);
     Box::pin(async move {
-        let mut out = reply(&engine, &vol, req, payload).await;
+        let mut out = reply(&io, req, payload).await;
         out.charge = charge;
         out
     })
 }
 
-async fn reply(engine: &Engine, vol: &Arc<crate::volume::Volume>, req: Request, payload: Option<AlignedBuf>) -> Out {
+async fn reply(io: &VolumeIo, req: Request, payload: Option<AlignedBuf>) -> Out {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let (off, len, h) = (req.offset, req.len as u64, req.handle);
     let err = |r: Result<(), IoError>| r.err().map_or(0, |e| e.errno(true));
     match req.cmd {
         CMD_READ if req.len > MAX_PAYLOAD => Out::new(h, libc::EINVAL as u32, None),
-        CMD_READ => match engine.read(vol, off, req.len as usize).await {
+        CMD_READ => match io.read(off, req.len as usize).await {
             Ok(d) => Out::new(h, 0, Some(d)),
             Err(e) => Out::new(h, e.errno(false), None),
         },
         CMD_WRITE => {
             let buf = payload.expect("write payload");
-            Out::new(h, err(engine.write(vol, off, buf, fua).await), None)
+            Out::new(h, err(io.write(off, buf, fua).await), None)
         }
-        CMD_FLUSH => Out::new(h, err(engine.flush(vol).await), None),
-        CMD_TRIM => Out::new(h, err(engine.trim(vol, off, len, fua).await), None),
+        CMD_FLUSH => Out::new(h, err(io.flush().await), None),
+        CMD_TRIM => Out::new(h, err(io.trim(off, len, fua).await), None),
         CMD_WRITE_ZEROES => {
             let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
-            Out::new(h, err(engine.write_zeroes(vol, off, len, no_hole, fua).await), None)
+            Out::new(h, err(io.write_zeroes(off, len, no_hole, fua).await), None)
         }
         _ => Out::new(h, libc::EINVAL as u32, None),
     }
