@@ -2,6 +2,7 @@
 //! plus the small units shared by the engine and its clients.
 
 pub mod logging;
+pub mod metrics;
 pub mod schedule;
 pub mod units;
 

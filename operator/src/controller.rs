@@ -37,7 +37,7 @@ pub const REQUEUE_BUSY: Duration = Duration::from_secs(5);
 const WIPE: &str = "strata-wipe";
 
 pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
-    ctx.metrics.reconciles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.metrics.reconciles.inc();
     let ns = sc.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<StorageCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let name = sc.name_any();
@@ -82,7 +82,7 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
         for p in victims {
             tracing::info!(storagecluster = %name, pod = %p, "replacing an engine pod for the upgrade");
             pods_api.delete(p, &DeleteParams::default()).await?;
-            ctx.metrics.pods_replaced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ctx.metrics.pods_replaced.inc();
         }
     }
     let mut status = status_of(&sc, &pods, &report, &step);
@@ -98,7 +98,7 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
 }
 
 pub fn error_policy(_sc: Arc<StorageCluster>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.metrics.errors.inc();
     tracing::warn!("reconcile failed: {err}");
     Action::requeue(REQUEUE_BUSY)
 }

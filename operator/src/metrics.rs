@@ -1,26 +1,31 @@
-//! The operator's `/metrics` (Prometheus text) and `/healthz`.
+//! The operator's `/metrics` (OpenMetrics text, `prometheus-client`) and `/healthz`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use std::sync::Arc;
+use strata_api::metrics::prometheus_client;
 
-#[derive(Default)]
 pub struct Metrics {
-    pub reconciles: AtomicU64,
-    pub errors: AtomicU64,
-    pub pods_replaced: AtomicU64,
+    pub reconciles: Counter,
+    pub errors: Counter,
+    pub pods_replaced: Counter,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let (reconciles, errors, pods_replaced) = (Counter::default(), Counter::default(), Counter::default());
+        let mut registry = Registry::default();
+        registry.register("strata_operator_reconciles", "Reconcile passes.", reconciles.clone());
+        registry.register("strata_operator_reconcile_errors", "Reconcile passes that failed.", errors.clone());
+        registry.register("strata_operator_engine_pods_replaced", "Engine pods deleted for a rolling upgrade.", pods_replaced.clone());
+        Metrics { reconciles, errors, pods_replaced, registry }
+    }
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for (name, help, v) in [
-            ("strata_operator_reconciles_total", "Reconcile passes.", &self.reconciles),
-            ("strata_operator_reconcile_errors_total", "Reconcile passes that failed.", &self.errors),
-            ("strata_operator_engine_pods_replaced_total", "Engine pods deleted for a rolling upgrade.", &self.pods_replaced),
-        ] {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
-        }
-        out
+        strata_api::metrics::encode(&self.registry)
     }
 }
 
@@ -31,7 +36,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
             "/metrics",
             get(move || {
                 let m = metrics.clone();
-                async move { ([("content-type", "text/plain; version=0.0.4")], m.render()) }
+                async move { ([("content-type", strata_api::metrics::CONTENT_TYPE)], m.render()) }
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }));

@@ -177,7 +177,7 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     let c = ctx(client, report(&[]));
     reconcile(Arc::new(sc.clone()), c.clone()).await.unwrap();
     let seen = server.await.unwrap();
-    assert_eq!(c.metrics.pods_replaced.load(std::sync::atomic::Ordering::Relaxed), 1, "one node at a time");
+    assert_eq!(c.metrics.pods_replaced.get(), 1, "one node at a time");
     assert!(c.metrics.render().contains("strata_operator_engine_pods_replaced_total 1"));
     let ds = seen.iter().find(|(p, _)| p.ends_with("/daemonsets/strata-engine")).unwrap();
     assert_eq!(ds.1["spec"]["template"]["metadata"]["annotations"]["strata.dev/version"], "0.2.0", "the new version is applied");
@@ -191,7 +191,7 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     let mut going = engine_pod("a", "0.1.0", true);
     going["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
     let (seen, c) = settled_pass(&sc, vec![going, engine_pod("b", "0.1.0", true)], report(&[])).await;
-    assert_eq!(c.metrics.pods_replaced.load(std::sync::atomic::Ordering::Relaxed), 0, "each pod is deleted once per upgrade");
+    assert_eq!(c.metrics.pods_replaced.get(), 0, "each pod is deleted once per upgrade");
     assert_eq!(seen.last().unwrap().1["status"]["version"], "0.1.0");
 
     // Both on the new version: now the status says so.

@@ -271,7 +271,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, engine: Arc<Service>) 
                 let e = engine.clone();
                 move || {
                     let e = e.clone();
-                    async move { ([("content-type", "text/plain; version=0.0.4")], e.metrics_text()) }
+                    async move { ([("content-type", strata_api::metrics::CONTENT_TYPE)], e.metrics_text()) }
                 }
             }),
         )

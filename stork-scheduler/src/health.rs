@@ -10,7 +10,6 @@ use crate::cluster::Cluster;
 use crate::extender::Metrics;
 use crate::storage::StorageView;
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -128,7 +127,7 @@ impl Monitor {
                                 Err(e) => tracing::warn!("health monitor: {e}"),
                             }
                             tracing::warn!(node = %node, pod = %pod.metadata.name, "storage gone on node: force-deleted a pod stuck terminating");
-                            self.metrics.evictions.fetch_add(1, Relaxed);
+                            self.metrics.evictions.inc();
                             deleted.push(format!("{ns}/{} (forced)", pod.metadata.name));
                         }
                         Err(e) => tracing::warn!("health monitor: {e}"),
@@ -138,7 +137,7 @@ impl Monitor {
                 match self.cluster.delete_pod(ns, &pod.metadata.name).await {
                     Ok(()) => {
                         tracing::warn!(node = %node, pod = %pod.metadata.name, "storage gone on node: deleted pod so it reschedules");
-                        self.metrics.evictions.fetch_add(1, Relaxed);
+                        self.metrics.evictions.inc();
                         deleted.push(format!("{ns}/{}", pod.metadata.name));
                         seen.insert(key.clone());
                         self.terminating_since.insert(key, now);

@@ -168,7 +168,7 @@ async fn monitor_deletes_exactly_the_strata_pods_after_the_grace_period() {
     let deleted = m.tick(t0 + Duration::from_secs(61)).await;
     let mut api = server.await.unwrap();
     assert_eq!(deleted, vec!["shop/db-0".to_string()]);
-    assert_eq!(metrics.evictions.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(metrics.evictions.get(), 1);
     // The dead node's kubelet never confirms: the pod stays Terminating. It is not deleted
     // again every round...
     let terminating = || {

@@ -1,7 +1,11 @@
-//! Prometheus text exposition for per-volume I/O and pool capacity. Counters are atomics bumped
+//! The engine's metrics (per-volume I/O, pool capacity) in the OpenMetrics exposition of
+//! `prometheus-client`. Counters are atomics bumped
 //! on the data path; rendering walks them on scrape.
 
-use std::fmt::Write as _;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -23,18 +27,6 @@ impl Histogram {
         }
         self.count.fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cum = 0;
-        for (i, b) in BUCKETS_US.iter().enumerate() {
-            cum += self.buckets[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{}\"}} {cum}", *b as f64 / 1e6);
-        }
-        let count = self.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum_us.load(Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
     }
 }
 
@@ -61,6 +53,7 @@ pub struct VolumeSample<'a> {
     pub stats: &'a VolumeStats,
 }
 
+#[derive(Debug, Clone)]
 pub struct PoolSample {
     pub uuid: String,
     pub total: u64,
@@ -70,54 +63,108 @@ pub struct PoolSample {
     pub unsettled: u64,
 }
 
-type Gauge = (&'static str, &'static str, fn(&VolumeSample) -> u64);
-type Counter = (&'static str, &'static str, fn(&VolumeStats) -> &AtomicU64);
+/// The values of one scrape, copied out of the atomics.
+#[derive(Debug)]
+struct Scrape {
+    pool: PoolSample,
+    volumes: Vec<VolumeValues>,
+}
 
+#[derive(Debug)]
+struct VolumeValues {
+    name: String,
+    gauges: [u64; 3],
+    counters: [u64; 7],
+    latency: [HistogramValues; 2],
+}
+
+#[derive(Debug)]
+struct HistogramValues {
+    sum: f64,
+    count: u64,
+    /// Per-bucket counts (not cumulative), the last one `+Inf`.
+    buckets: Vec<(f64, u64)>,
+}
+
+impl Histogram {
+    fn values(&self) -> HistogramValues {
+        let count = self.count.load(Relaxed);
+        let mut buckets: Vec<(f64, u64)> = BUCKETS_US.iter().zip(&self.buckets).map(|(b, n)| (*b as f64 / 1e6, n.load(Relaxed))).collect();
+        let counted: u64 = buckets.iter().map(|(_, n)| n).sum();
+        buckets.push((f64::MAX, count.saturating_sub(counted)));
+        HistogramValues { sum: self.sum_us.load(Relaxed) as f64 / 1e6, count, buckets }
+    }
+}
+
+const POOL_GAUGES: [(&str, &str); 3] = [
+    ("strata_pool_capacity_bytes", "Usable data capacity of the pool."),
+    ("strata_pool_used_bytes", "Bytes of extents allocated to volumes."),
+    ("strata_pool_unsettled_extents", "Extents whose block checksums on disk may be behind their data."),
+];
+const VOLUME_GAUGES: [(&str, &str); 3] = [
+    ("strata_volume_size_bytes", "Provisioned size of the volume."),
+    ("strata_volume_used_bytes", "Pool bytes allocated to the volume."),
+    ("strata_volume_connections", "NBD clients connected to the volume."),
+];
+/// Counter names without the `_total` the exposition adds.
+const VOLUME_COUNTERS: [(&str, &str); 7] = [
+    ("strata_volume_read_ops", "Read requests served."),
+    ("strata_volume_write_ops", "Write requests served (writes and write-zeroes)."),
+    ("strata_volume_read_bytes", "Bytes read."),
+    ("strata_volume_write_bytes", "Bytes written."),
+    ("strata_volume_flush_ops", "Flush requests served."),
+    ("strata_volume_trim_ops", "Trim requests served."),
+    ("strata_volume_errors", "Requests answered with an error."),
+];
+const VOLUME_HISTOGRAMS: [(&str, &str); 2] =
+    [("strata_volume_read_latency_seconds", "Read latency."), ("strata_volume_write_latency_seconds", "Write latency.")];
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let pool = [("pool", self.pool.uuid.as_str())];
+        for ((name, help), v) in POOL_GAUGES.iter().zip([self.pool.total, self.pool.used, self.pool.unsettled]) {
+            enc.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_family(&pool)?.encode_gauge(&v)?;
+        }
+        for (i, (name, help)) in VOLUME_GAUGES.iter().enumerate() {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for v in &self.volumes {
+                m.encode_family(&[("volume", v.name.as_str())])?.encode_gauge(&v.gauges[i])?;
+            }
+        }
+        for (i, (name, help)) in VOLUME_COUNTERS.iter().enumerate() {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for v in &self.volumes {
+                m.encode_family(&[("volume", v.name.as_str())])?.encode_counter::<NoLabelSet, u64, u64>(&v.counters[i], None)?;
+            }
+        }
+        for (i, (name, help)) in VOLUME_HISTOGRAMS.iter().enumerate() {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for v in &self.volumes {
+                let h = &v.latency[i];
+                m.encode_family(&[("volume", v.name.as_str())])?.encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The engine's exposition (OpenMetrics text, `strata_api::metrics::CONTENT_TYPE`).
 pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
-    let mut o = String::new();
-    let p = format!("pool=\"{}\"", pool.uuid);
-    let _ = writeln!(o, "# HELP strata_pool_capacity_bytes Usable data capacity of the pool.\n# TYPE strata_pool_capacity_bytes gauge");
-    let _ = writeln!(o, "strata_pool_capacity_bytes{{{p}}} {}", pool.total);
-    let _ = writeln!(o, "# HELP strata_pool_used_bytes Bytes of extents allocated to volumes.\n# TYPE strata_pool_used_bytes gauge");
-    let _ = writeln!(o, "strata_pool_used_bytes{{{p}}} {}", pool.used);
-    let _ = writeln!(o, "# HELP strata_pool_unsettled_extents Extents whose block checksums on disk may be behind their data.\n# TYPE strata_pool_unsettled_extents gauge");
-    let _ = writeln!(o, "strata_pool_unsettled_extents{{{p}}} {}", pool.unsettled);
-    let gauges: [Gauge; 3] = [
-        ("strata_volume_size_bytes", "Provisioned size of the volume.", |v| v.size),
-        ("strata_volume_used_bytes", "Pool bytes allocated to the volume.", |v| v.used),
-        ("strata_volume_connections", "NBD clients connected to the volume.", |v| v.connections as u64),
-    ];
-    for (name, help, f) in gauges {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for v in volumes {
-            let _ = writeln!(o, "{name}{{volume=\"{}\"}} {}", v.name, f(v));
-        }
-    }
-    let counters: [Counter; 7] = [
-        ("strata_volume_read_ops_total", "Read requests served.", |s| &s.read_ops),
-        ("strata_volume_write_ops_total", "Write requests served (writes and write-zeroes).", |s| &s.write_ops),
-        ("strata_volume_read_bytes_total", "Bytes read.", |s| &s.read_bytes),
-        ("strata_volume_write_bytes_total", "Bytes written.", |s| &s.write_bytes),
-        ("strata_volume_flush_ops_total", "Flush requests served.", |s| &s.flush_ops),
-        ("strata_volume_trim_ops_total", "Trim requests served.", |s| &s.trim_ops),
-        ("strata_volume_errors_total", "Requests answered with an error.", |s| &s.errors),
-    ];
-    for (name, help, f) in counters {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-        for v in volumes {
-            let _ = writeln!(o, "{name}{{volume=\"{}\"}} {}", v.name, f(v.stats).load(Relaxed));
-        }
-    }
-    for (name, help, f) in [
-        ("strata_volume_read_latency_seconds", "Read latency.", (|s: &VolumeStats| &s.read_latency) as fn(&VolumeStats) -> &Histogram),
-        ("strata_volume_write_latency_seconds", "Write latency.", |s: &VolumeStats| &s.write_latency),
-    ] {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for v in volumes {
-            f(v.stats).render(&mut o, name, &format!("volume=\"{}\"", v.name));
-        }
-    }
-    o
+    let volumes = volumes
+        .iter()
+        .map(|v| {
+            let s = v.stats;
+            VolumeValues {
+                name: v.name.to_string(),
+                gauges: [v.size, v.used, v.connections as u64],
+                counters: [&s.read_ops, &s.write_ops, &s.read_bytes, &s.write_bytes, &s.flush_ops, &s.trim_ops, &s.errors].map(|c| c.load(Relaxed)),
+                latency: [s.read_latency.values(), s.write_latency.values()],
+            }
+        })
+        .collect();
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape { pool: pool.clone(), volumes }));
+    strata_api::metrics::encode(&registry)
 }
 
 #[cfg(test)]
@@ -136,9 +183,12 @@ mod tests {
         );
         assert!(text.contains("strata_pool_capacity_bytes{pool=\"p\"} 100"));
         assert!(text.contains("strata_volume_read_ops_total{volume=\"v1\"} 3"));
-        assert!(text.contains("strata_volume_read_latency_seconds_bucket{volume=\"v1\",le=\"0.0001\"} 1"));
-        assert!(text.contains("strata_volume_read_latency_seconds_bucket{volume=\"v1\",le=\"0.005\"} 2"));
+        assert!(text.contains("strata_volume_read_latency_seconds_bucket{le=\"0.0001\",volume=\"v1\"} 1"), "{text}");
+        assert!(text.contains("strata_volume_read_latency_seconds_bucket{le=\"0.005\",volume=\"v1\"} 2"));
         assert!(text.contains("strata_volume_read_latency_seconds_count{volume=\"v1\"} 2"));
         assert!(text.contains("strata_volume_connections{volume=\"v1\"} 2"));
+        assert!(text.contains("strata_volume_read_latency_seconds_bucket{le=\"+Inf\",volume=\"v1\"} 2"));
+        assert!(text.contains("# TYPE strata_volume_read_ops counter"));
+        assert!(text.ends_with("# EOF\n"));
     }
 }

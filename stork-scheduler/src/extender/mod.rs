@@ -12,18 +12,39 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use strata_api::metrics::prometheus_client;
 use types::{parse_args, ExtenderArgs, ExtenderFilterResult, HostPriority, NodeList};
 
-#[derive(Default)]
+/// The extender's and the health monitor's counters, served on `/metrics`.
 pub struct Metrics {
-    pub filter_requests: AtomicU64,
-    pub prioritize_requests: AtomicU64,
-    pub bad_requests: AtomicU64,
-    pub lookup_errors: AtomicU64,
-    pub evictions: AtomicU64,
+    pub filter_requests: Counter,
+    pub prioritize_requests: Counter,
+    pub bad_requests: Counter,
+    pub lookup_errors: Counter,
+    pub evictions: Counter,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let m = [(); 5].map(|_| Counter::default());
+        let mut registry = Registry::default();
+        for (name, help, c) in [
+            ("strata_stork_filter_requests", "Filter calls.", &m[0]),
+            ("strata_stork_prioritize_requests", "Prioritize calls.", &m[1]),
+            ("strata_stork_bad_requests", "Requests answered 400.", &m[2]),
+            ("strata_stork_lookup_errors", "Kubernetes or Strata lookups that failed.", &m[3]),
+            ("strata_stork_evictions", "Pods deleted by the health monitor.", &m[4]),
+        ] {
+            registry.register(name, help, c.clone());
+        }
+        let [filter_requests, prioritize_requests, bad_requests, lookup_errors, evictions] = m;
+        Metrics { filter_requests, prioritize_requests, bad_requests, lookup_errors, evictions, registry }
+    }
 }
 
 pub struct Extender {
@@ -123,12 +144,12 @@ impl Extender {
         let lookup = match self.lookup(&args).await {
             Ok(l) => l,
             Err(LookupError::Kube(e)) => {
-                self.metrics.lookup_errors.fetch_add(1, Relaxed);
+                self.metrics.lookup_errors.inc();
                 return ExtenderFilterResult { error: format!("strata: {e}"), ..Default::default() };
             }
             Err(LookupError::Strata(e)) => {
                 // The pod uses Strata volumes whose state is unknown: no node is known to serve them.
-                self.metrics.lookup_errors.fetch_add(1, Relaxed);
+                self.metrics.lookup_errors.inc();
                 let reason = format!("strata: cannot read where the pod's volumes are: {e}");
                 let _ = self.cluster.record_event(&args.pod, "FailedScheduling", &reason).await;
                 let failed = Self::names(&args).into_iter().map(|n| (n, reason.clone())).collect();
@@ -174,7 +195,7 @@ impl Extender {
         let lookup = match self.lookup(&args).await {
             Ok(l) => l,
             Err(e) => {
-                self.metrics.lookup_errors.fetch_add(1, Relaxed);
+                self.metrics.lookup_errors.inc();
                 tracing::warn!("prioritize without Strata data: {e}");
                 Lookup { volumes: vec![], states: BTreeMap::new() }
             }
@@ -198,12 +219,12 @@ impl Extender {
 }
 
 fn bad_request(ext: &Extender, reason: String) -> Response {
-    ext.metrics.bad_requests.fetch_add(1, Relaxed);
+    ext.metrics.bad_requests.inc();
     (StatusCode::BAD_REQUEST, reason).into_response()
 }
 
 async fn filter_route(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
-    ext.metrics.filter_requests.fetch_add(1, Relaxed);
+    ext.metrics.filter_requests.inc();
     match parse_args(&body) {
         Ok(args) => Json(ext.filter(args).await).into_response(),
         Err(reason) => bad_request(&ext, reason),
@@ -211,26 +232,15 @@ async fn filter_route(State(ext): State<Arc<Extender>>, body: Bytes) -> Response
 }
 
 async fn prioritize_route(State(ext): State<Arc<Extender>>, body: Bytes) -> Response {
-    ext.metrics.prioritize_requests.fetch_add(1, Relaxed);
+    ext.metrics.prioritize_requests.inc();
     match parse_args(&body) {
         Ok(args) => Json(ext.prioritize(args).await).into_response(),
         Err(reason) => bad_request(&ext, reason),
     }
 }
 
-async fn metrics_route(State(ext): State<Arc<Extender>>) -> String {
-    let m = &ext.metrics;
-    let mut o = String::new();
-    for (name, help, v) in [
-        ("strata_stork_filter_requests_total", "Filter calls.", &m.filter_requests),
-        ("strata_stork_prioritize_requests_total", "Prioritize calls.", &m.prioritize_requests),
-        ("strata_stork_bad_requests_total", "Requests answered 400.", &m.bad_requests),
-        ("strata_stork_lookup_errors_total", "Kubernetes or Strata lookups that failed.", &m.lookup_errors),
-        ("strata_stork_evictions_total", "Pods deleted by the health monitor.", &m.evictions),
-    ] {
-        o.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Relaxed)));
-    }
-    o
+async fn metrics_route(State(ext): State<Arc<Extender>>) -> impl axum::response::IntoResponse {
+    ([("content-type", strata_api::metrics::CONTENT_TYPE)], strata_api::metrics::encode(&ext.metrics.registry))
 }
 
 pub fn router(ext: Arc<Extender>) -> Router {
