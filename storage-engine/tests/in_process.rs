@@ -506,3 +506,50 @@ async fn a_replica_the_record_asks_to_rebuild_is_rebuilt_in_full_not_from_the_di
     assert!(record(&c, "v").await.rebuild.is_empty(), "the request is cleared with the return to the in-sync set");
     assert_eq!(c.engine(0).extent_checksums("v").await.unwrap(), c.engine(1).extent_checksums("v").await.unwrap());
 }
+
+/// What a peer on the node network without the target's role can do over the replication port
+/// to a replica (issue #17 item 2, the record-checked part; refusing data requests from a peer
+/// that is not the target needs its certificate identity and is not done yet).
+#[tokio::test]
+async fn a_hostile_peer_cannot_fence_grow_drop_share_or_restore_a_replica() {
+    use strata_engine::replication::client::{CallError, Client};
+    use strata_engine::replication::frame::Command;
+    let c = attached(3, 3).await;
+    let e = c.engine(0);
+    write(e, "v", 0, 64 * 1024, 7).await.unwrap();
+    let rec = record(&c, "v").await;
+    let replica = &c.engine(2).node.repl_address;
+    let hostile = Client::connect(replica, std::time::Duration::from_secs(1)).await.unwrap();
+    let eperm = libc::EPERM as u32;
+    let probes: Vec<(u64, Command)> = vec![
+        (u64::MAX, Command::Hello { size: rec.size }),
+        (rec.epoch + 1, Command::Hello { size: rec.size }),
+        (rec.epoch, Command::Hello { size: 1 << 50 }),
+        (u64::MAX, Command::Write { offset: 0, data: bytes::Bytes::from(vec![0u8; 4096]), fua: false }),
+        (u64::MAX, Command::WriteZeroes { offset: 0, len: 1 << 20, fua: false, keep_allocated: false }),
+        (u64::MAX, Command::Flush),
+        (u64::MAX, Command::Drop),
+        (rec.epoch, Command::Drop),
+        (rec.epoch, Command::Share { into: 999 }),
+        (rec.epoch, Command::Restore { from: rec.id }),
+    ];
+    for (epoch, cmd) in probes {
+        let what = format!("{cmd:?} at epoch {epoch}");
+        match hostile.call(rec.id, epoch, cmd).await {
+            Err(CallError::Remote { errno, .. }) => assert_eq!(errno, eperm, "{what}"),
+            other => panic!("{what}: expected EPERM, got {other:?}"),
+        }
+    }
+    // The target still writes to all three, and every copy holds the same data.
+    write(e, "v", 4096, 4096, 8).await.unwrap();
+    assert_eq!(record(&c, "v").await.in_sync.len(), 3);
+    let mut sums = Vec::new();
+    for i in 1..3 {
+        let peer = Client::connect(&c.engine(i).node.repl_address, std::time::Duration::from_secs(1)).await.unwrap();
+        sums.push(peer.call(rec.id, rec.epoch, Command::Checksum { offset: 0, len: 64 * 1024 }).await.unwrap());
+    }
+    let here = read(e, "v", 0, 64 * 1024).await.unwrap();
+    assert_eq!(sums[0], sums[1]);
+    assert_eq!(sums[0], crc32c::crc32c(&here).to_be_bytes().to_vec());
+    assert!(here[..4096].iter().all(|b| *b == 7) && here[4096..8192].iter().all(|b| *b == 8));
+}

@@ -177,6 +177,23 @@ impl<P: AsRef<[u8]>> Command<P> {
 }
 
 impl<P> Command<P> {
+    /// The operation's name (for logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Read { .. } => "READ",
+            Command::Write { .. } => "WRITE",
+            Command::Flush => "FLUSH",
+            Command::Trim { .. } => "TRIM",
+            Command::WriteZeroes { .. } => "WRITE_ZEROES",
+            Command::Hello { .. } => "HELLO",
+            Command::Extents => "EXTENTS",
+            Command::Drop => "DROP",
+            Command::Checksum { .. } => "CHECKSUM",
+            Command::Share { .. } => "SHARE",
+            Command::Restore { .. } => "RESTORE",
+        }
+    }
+
     /// The command a parsed request carries; `payload` is WRITE's data (read after the
     /// header). None for a WRITE without its payload.
     pub fn from_request(r: &Request, payload: Option<P>) -> Option<Command<P>> {

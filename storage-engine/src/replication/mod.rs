@@ -3,6 +3,7 @@
 //! of regions a replica missed (`dirty`) the copy that brings it back (`resync`), and the comparison of
 //! in-sync replicas after an unclean change of target (`reconcile`).
 
+pub mod authority;
 pub mod client;
 pub mod dirty;
 pub mod frame;

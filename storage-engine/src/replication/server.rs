@@ -5,8 +5,10 @@
 //! being read and their reply being written; past that the reader waits (backpressure on the
 //! target).
 
+use super::authority::{self, Refusal};
 use super::frame::{self, Command, Reply, REQUEST_LEN};
 use crate::device::AlignedBuf;
+use crate::meta::{MetaError, VolumeRecord};
 use crate::replica::{boot_id, IoError, Local, ReadData, Replica};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +33,21 @@ pub trait Replicas: Send + Sync + 'static {
     async fn replica(&self, id: u64) -> Option<Arc<Replica>>;
     /// Frees this node's replica of volume id `id` (and forgets its handle).
     async fn drop_replica(&self, id: u64) -> Result<(), DropError>;
+    /// This node's id.
+    fn node_id(&self) -> &str;
+    /// Every volume record, as the store holds it now (for `authority::check`).
+    async fn records(&self) -> Result<Vec<VolumeRecord>, MetaError>;
+}
+
+/// Runs `authority::check` for a request that changes what the record governs.
+async fn authorized(replicas: &dyn Replicas, volume: u64, epoch: u64, cmd: &Command<AlignedBuf>) -> Result<(), Refusal> {
+    if !authority::needs_record(cmd) {
+        return Ok(());
+    }
+    let records = replicas.records().await.map_err(|e| Refusal::Unavailable(e.to_string()))?;
+    authority::check(&records, replicas.node_id(), volume, epoch, cmd).inspect_err(|why| {
+        tracing::warn!(volume, epoch, op = cmd.name(), "replication request refused: {why}");
+    })
 }
 
 /// Why a replica could not be freed (the layer above's error).
@@ -120,13 +137,17 @@ async fn connection(s: TcpStream, engine: Arc<dyn Replicas>, peer: String, bound
                     Some(cmd) => answer(&*engine, &v, req.epoch, cmd).await,
                     None => Answer::Error(libc::EINVAL as u32),
                 },
-                // Nothing is loaded for it; whatever extents it may still have go.
-                None if req.op == frame::Op::Drop => match engine.drop_replica(req.volume).await {
-                    Ok(()) => Answer::Done,
-                    Err(e) => {
-                        tracing::warn!(volume = req.volume, "dropping replica data failed: {e}");
-                        Answer::Error(libc::EIO as u32)
-                    }
+                // Nothing is loaded for it; whatever extents it may still have go, if the record
+                // lets them.
+                None if req.op == frame::Op::Drop => match authorized(&*engine, req.volume, req.epoch, &Command::Drop).await {
+                    Err(why) => Answer::Error(why.errno()),
+                    Ok(()) => match engine.drop_replica(req.volume).await {
+                        Ok(()) => Answer::Done,
+                        Err(e) => {
+                            tracing::warn!(volume = req.volume, "dropping replica data failed: {e}");
+                            Answer::Error(libc::EIO as u32)
+                        }
+                    },
                 },
                 None => Answer::Error(frame::ENOENT),
             };
@@ -163,6 +184,9 @@ fn append(buf: &mut Vec<u8>, (reply, answer, _held): (Reply, Answer, Held)) {
 /// Serves one replication request, `cmd` at `epoch`, for replica `v` (already looked up by id).
 async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, epoch: u64, cmd: Command<AlignedBuf>) -> Answer {
     let l = replicas.local();
+    if let Err(why) = authorized(replicas, v.id, epoch, &cmd).await {
+        return Answer::Error(why.errno());
+    }
     // HELLO raises the epoch with every request of older epochs drained (the fence is held
     // exclusively); any other request checks the epoch and runs under the fence shared, so
     // none of a fenced target's requests can land after a newer target said hello.
@@ -177,8 +201,18 @@ async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, epoch: u64, cmd: Comm
         return Answer::Bytes(boot_id().to_vec());
     }
     let _f = v.fence.read().await;
-    if !v.admit_epoch(epoch) {
-        return Answer::Error(frame::ESTALE);
+    let admitted = match cmd {
+        // Checked against the record (`authorized`): the epoch is the record's. A DROP frees
+        // the copy whatever epoch it names.
+        Command::Share { .. } | Command::Restore { .. } => v.admit_epoch(epoch).then_some(()).ok_or(Refusal::Stale(epoch, v.newest_epoch())),
+        Command::Drop => Ok(()),
+        _ => authority::data_epoch(v.newest_epoch(), epoch),
+    };
+    if let Err(why) = admitted {
+        if !matches!(why, Refusal::Stale(..)) {
+            tracing::warn!(volume = %v.name, epoch, "replication request refused: {why}");
+        }
+        return Answer::Error(why.errno());
     }
     let done = |r: Result<(), IoError>| match r {
         Ok(()) => Answer::Done,

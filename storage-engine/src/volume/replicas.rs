@@ -279,4 +279,12 @@ impl crate::replication::server::Replicas for Service {
     async fn drop_replica(&self, id: u64) -> Result<(), crate::replication::server::DropError> {
         Ok(self.free_replica(id).await?)
     }
+
+    fn node_id(&self) -> &str {
+        &self.node.id
+    }
+
+    async fn records(&self) -> Result<Vec<VolumeRecord>, crate::meta::MetaError> {
+        self.meta.list_volumes().await
+    }
 }
