@@ -15,7 +15,15 @@ pub const REPLICA_TIMEOUT: &str = "1";
 pub struct Cluster {
     pub etcd: EtcdProc,
     pub engines: Vec<EngineProc>,
+    /// The cluster CA (`strata-engine certs init`): every engine replicates over mutual TLS.
+    pub ca: tempfile::TempDir,
     _dirs: Vec<tempfile::TempDir>,
+}
+
+/// Runs `strata-engine certs ARGS`.
+fn certs(args: &[&std::ffi::OsStr]) {
+    let out = std::process::Command::new(crate::engine_bin()).arg("certs").args(args).output().expect("strata-engine certs");
+    assert!(out.status.success(), "strata-engine certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Cluster {
@@ -35,14 +43,27 @@ impl Cluster {
 
     /// etcd alone; engines come with `add`.
     pub fn empty() -> Cluster {
-        Cluster { etcd: EtcdProc::start(), engines: Vec::new(), _dirs: Vec::new() }
+        let ca = crate::tempdir();
+        certs(&["init".as_ref(), "--dir".as_ref(), ca.path().as_os_str()]);
+        Cluster { etcd: EtcdProc::start(), engines: Vec::new(), ca, _dirs: Vec::new() }
     }
 
     /// Starts the next engine (node-N) on etcd at `etcd_url` (which may be a proxy).
     pub fn add(&mut self, etcd_url: &str, dev_size: &str, extra: &[&str]) -> usize {
         let d = crate::tempdir();
         let id = format!("node-{}", self.engines.len() + 1);
-        let mut args = vec!["--etcd", etcd_url, "--node-id", &id, "--node-ttl", NODE_TTL];
+        let tls = d.path().join("tls");
+        certs(&[
+            "issue".as_ref(),
+            "--ca-dir".as_ref(),
+            self.ca.path().as_os_str(),
+            "--node-id".as_ref(),
+            id.as_ref(),
+            "--out".as_ref(),
+            tls.as_os_str(),
+        ]);
+        let tls = tls.to_str().expect("a UTF-8 temp path").to_string();
+        let mut args = vec!["--etcd", etcd_url, "--node-id", &id, "--node-ttl", NODE_TTL, "--tls-dir", &tls];
         // The cluster's short replica timeout, unless the test gives its own.
         if !extra.contains(&"--replica-io-timeout") {
             args.extend(["--replica-io-timeout", REPLICA_TIMEOUT]);

@@ -22,6 +22,32 @@ pub struct Cli {
 pub enum Command {
     /// Verify superblocks, journals and allocation offline; exit 1 on any inconsistency.
     Check(CheckArgs),
+    /// Make the cluster CA, or a node's replication certificate signed by it.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make a new cluster CA (ca.crt, ca.key) in DIR; refuses to replace one.
+    Init {
+        /// Where the CA goes (keep ca.key private).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sign a certificate for one node: writes ca.crt, node.crt and node.key into OUT, the
+    /// directory that node's engine gets as --tls-dir.
+    Issue {
+        /// The CA's directory (from `certs init`).
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// The node id the certificate names (the engine's --node-id).
+        #[arg(long)]
+        node_id: String,
+        /// Where the node's files go.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -86,6 +112,12 @@ pub struct RunArgs {
     /// Replication port: other engines send replica I/O here. Default: 127.0.0.1:9022.
     #[arg(long, env = "STRATA_REPL_LISTEN", default_value = "127.0.0.1:9022")]
     pub repl_listen: SocketAddr,
+    /// Directory with this node's replication certificate (ca.crt, node.crt, node.key, from
+    /// `strata-engine certs issue`): every replication connection is then mutual TLS under the
+    /// cluster CA, and a replica takes requests only from the node its volume record names as
+    /// target. Default: none (plaintext replication; the engine warns).
+    #[arg(long, env = "STRATA_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// The address other engines use to reach --repl-listen (host:port). Default: the bound
     /// replication address.
     #[arg(long, env = "STRATA_ADVERTISE")]

@@ -16,6 +16,7 @@ pub mod qos;
 pub mod replica;
 pub mod replication;
 pub mod sdk;
+pub mod security;
 pub mod server;
 #[doc(hidden)]
 pub mod testing;

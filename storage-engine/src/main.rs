@@ -1,5 +1,5 @@
 use clap::Parser;
-use strata_engine::config::{Cli, Command};
+use strata_engine::config::{CertsCommand, Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
@@ -19,6 +19,16 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if !strata_engine::server::run_check(&args).await? {
                 std::process::exit(1);
             }
+            Ok(())
+        }
+        Some(Command::Certs(CertsCommand::Init { dir })) => {
+            strata_engine::security::init_ca(&dir)?;
+            println!("cluster CA written to {} (keep ca.key private)", dir.display());
+            Ok(())
+        }
+        Some(Command::Certs(CertsCommand::Issue { ca_dir, node_id, out })) => {
+            strata_engine::security::issue(&ca_dir, &node_id, &out)?;
+            println!("certificate for node {node_id} written to {} (pass it as --tls-dir)", out.display());
             Ok(())
         }
         None => strata_engine::server::run(cli.run).await,

@@ -49,6 +49,22 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let alerts = crate::alerts::Alerts::open(&node_id, args.data_dir.join("alerts.jsonl"));
     let mut engine = Service::new(Arc::new(pool), meta, node, alerts).await?;
+    match &args.tls_dir {
+        Some(dir) => {
+            let tls = crate::security::Tls::load(dir).with_context(|| format!("--tls-dir {}", dir.display()))?;
+            if tls.node != node_id {
+                bail!(
+                    "the certificate in {} is for node {:?}, but this is node {node_id:?}; issue one for this node (strata-engine certs issue)",
+                    dir.display(),
+                    tls.node
+                );
+            }
+            engine.use_tls(Arc::new(tls));
+        }
+        None => tracing::warn!(
+            "replication is plaintext and unauthenticated (no --tls-dir): any host that reaches the replication port can read and write replicas"
+        ),
+    }
     engine.distrust_local_replicas_if_salvaged().await?;
     engine.local.readahead_window.store(args.readahead, std::sync::atomic::Ordering::Relaxed);
     engine.repl = crate::replication::target::TargetConfig {
@@ -79,7 +95,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let engine = open_engine(&args, node).await?;
     let bounds = crate::replication::server::Bounds { requests: args.repl_max_requests, bytes: args.repl_inflight as usize };
-    tokio::spawn(crate::replication::server::serve(repl, engine.clone(), bounds));
+    tokio::spawn(crate::replication::server::serve(repl, engine.clone(), bounds, engine.tls.clone()));
     engine.run_replacements();
     engine.run_schedules(std::time::Duration::from_secs(10));
     engine

@@ -36,17 +36,35 @@ pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     /// The shared store, as no node in particular sees it (faults set here apply to all).
     pub store: MemStore,
+    /// The cluster CA (`security::init_ca`): every node's replication is mutual TLS under it.
+    pub ca_dir: std::path::PathBuf,
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.ca_dir);
+    }
 }
 
 impl TestCluster {
     /// `n` engines, `node-1` .. `node-n`, each with one in-memory device.
     pub async fn start(n: usize) -> TestCluster {
         let store = MemStore::new("test");
+        let ca_dir = std::env::temp_dir().join(format!("strata-test-ca-{}", uuid::Uuid::new_v4()));
+        crate::security::init_ca(&ca_dir).expect("a test CA");
         let mut nodes = Vec::new();
         for i in 1..=n {
-            nodes.push(TestNode::start(&store, &format!("node-{i}")).await);
+            nodes.push(TestNode::start(&store, &format!("node-{i}"), &ca_dir).await);
         }
-        TestCluster { nodes, store }
+        TestCluster { nodes, store, ca_dir }
+    }
+
+    /// A TLS identity for node `id` signed by the cluster CA (a node that is not in the
+    /// cluster, or another node's, for tests of what a replica refuses).
+    pub fn identity(&self, id: &str) -> Arc<crate::security::Tls> {
+        let dir = self.ca_dir.join(id);
+        crate::security::issue(&self.ca_dir, id, &dir).expect("a test certificate");
+        Arc::new(crate::security::Tls::load(&dir).expect("the test certificate loads"))
     }
 
     /// The engine of node `i` (0-based).
@@ -56,7 +74,7 @@ impl TestCluster {
 }
 
 impl TestNode {
-    async fn start(shared: &MemStore, id: &str) -> TestNode {
+    async fn start(shared: &MemStore, id: &str, ca_dir: &std::path::Path) -> TestNode {
         let store = shared.node(id);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
         let node = NodeInfo {
@@ -75,9 +93,12 @@ impl TestNode {
         let data_dir = std::env::temp_dir().join(format!("strata-test-{}-{id}", uuid::Uuid::new_v4()));
         engine.repl.data_dir = data_dir.clone();
         engine.repl.timeout = Duration::from_secs(1);
+        let tls_dir = data_dir.join("tls");
+        crate::security::issue(ca_dir, id, &tls_dir).expect("a test certificate");
+        engine.use_tls(Arc::new(crate::security::Tls::load(&tls_dir).expect("the test certificate loads")));
         let engine = engine.into_shared();
         let bounds = crate::replication::server::Bounds { requests: 512, bytes: 128 << 20 };
-        let server = tokio::spawn(crate::replication::server::serve(listener, engine.clone(), bounds));
+        let server = tokio::spawn(crate::replication::server::serve(listener, engine.clone(), bounds, engine.tls.clone()));
         TestNode { engine, store, faults, server, data_dir }
     }
 }

@@ -507,49 +507,91 @@ async fn a_replica_the_record_asks_to_rebuild_is_rebuilt_in_full_not_from_the_di
     assert_eq!(c.engine(0).extent_checksums("v").await.unwrap(), c.engine(1).extent_checksums("v").await.unwrap());
 }
 
-/// What a peer on the node network without the target's role can do over the replication port
-/// to a replica (issue #17 item 2, the record-checked part; refusing data requests from a peer
-/// that is not the target needs its certificate identity and is not done yet).
+/// What a peer on the node network can do to a replica over the replication port (issue #17):
+/// without a certificate nothing; with a certificate of the cluster CA but not the target's,
+/// nothing that changes the replica or its epoch; and the record allows no future epoch, no
+/// growth, and no DROP, SHARE or RESTORE outside the operation it records.
 #[tokio::test]
-async fn a_hostile_peer_cannot_fence_grow_drop_share_or_restore_a_replica() {
+async fn a_hostile_peer_cannot_fence_write_grow_drop_share_or_restore_a_replica() {
+    use std::time::Duration;
     use strata_engine::replication::client::{CallError, Client};
     use strata_engine::replication::frame::Command;
     let c = attached(3, 3).await;
     let e = c.engine(0);
     write(e, "v", 0, 64 * 1024, 7).await.unwrap();
     let rec = record(&c, "v").await;
-    let replica = &c.engine(2).node.repl_address;
-    let hostile = Client::connect(replica, std::time::Duration::from_secs(1)).await.unwrap();
+    let replica = c.engine(1).node.repl_address.clone();
+    let t = Duration::from_secs(1);
+    let block = || bytes::Bytes::from(vec![0xeeu8; 4096]);
     let eperm = libc::EPERM as u32;
-    let probes: Vec<(u64, Command)> = vec![
-        (u64::MAX, Command::Hello { size: rec.size }),
-        (rec.epoch + 1, Command::Hello { size: rec.size }),
-        (rec.epoch, Command::Hello { size: 1 << 50 }),
-        (u64::MAX, Command::Write { offset: 0, data: bytes::Bytes::from(vec![0u8; 4096]), fua: false }),
-        (u64::MAX, Command::WriteZeroes { offset: 0, len: 1 << 20, fua: false, keep_allocated: false }),
-        (u64::MAX, Command::Flush),
-        (u64::MAX, Command::Drop),
-        (rec.epoch, Command::Drop),
-        (rec.epoch, Command::Share { into: 999 }),
-        (rec.epoch, Command::Restore { from: rec.id }),
+    let refused = |what: &str, r: Result<Vec<u8>, CallError>| match r {
+        Err(CallError::Remote { errno, .. }) => assert_eq!(errno, eperm, "{what}"),
+        other => panic!("{what}: expected EPERM, got {other:?}"),
+    };
+
+    // No certificate: the TLS handshake fails and no request is served.
+    let plain = Client::connect(&replica, t).await.unwrap();
+    let r = plain.call(rec.id, rec.epoch, Command::Write { offset: 0, data: block(), fua: false }).await;
+    assert!(matches!(r, Err(CallError::Broken(_) | CallError::Timeout(..))), "{r:?}");
+
+    // Another replica holder of the cluster (node-3): it may read what it holds, nothing more.
+    let node3 = c.engine(2).tls.clone().unwrap();
+    let peer = Client::connect_to("node-2", &replica, t, Some(&node3)).await.unwrap();
+    refused("HELLO from a non-target", peer.call(rec.id, rec.epoch, Command::Hello { size: rec.size }).await);
+    refused("WRITE from a non-target", peer.call(rec.id, rec.epoch, Command::Write { offset: 0, data: block(), fua: false }).await);
+    refused(
+        "WRITE_ZEROES from a non-target",
+        peer.call(rec.id, rec.epoch, Command::WriteZeroes { offset: 0, len: 1 << 20, fua: false, keep_allocated: false }).await,
+    );
+    refused("SHARE from a non-target", peer.call(rec.id, rec.epoch, Command::Share { into: 999 }).await);
+
+    // A certificate of the CA for a node that holds nothing of the volume.
+    let stranger = c.identity("node-9");
+    let s = Client::connect_to("node-2", &replica, t, Some(&stranger)).await.unwrap();
+    let probes: Vec<(&str, u64, Command)> = vec![
+        ("HELLO at the highest epoch", u64::MAX, Command::Hello { size: rec.size }),
+        ("HELLO at the next epoch", rec.epoch + 1, Command::Hello { size: rec.size }),
+        ("HELLO growing the replica", rec.epoch, Command::Hello { size: 1 << 50 }),
+        ("READ", rec.epoch, Command::Read { offset: 0, len: 4096 }),
+        ("WRITE", rec.epoch, Command::Write { offset: 0, data: block(), fua: false }),
+        ("WRITE at the highest epoch", u64::MAX, Command::Write { offset: 0, data: block(), fua: false }),
+        ("WRITE_ZEROES", u64::MAX, Command::WriteZeroes { offset: 0, len: 1 << 20, fua: false, keep_allocated: false }),
+        ("FLUSH", u64::MAX, Command::Flush),
+        ("DROP", u64::MAX, Command::Drop),
+        ("DROP at the epoch", rec.epoch, Command::Drop),
+        ("SHARE", rec.epoch, Command::Share { into: 999 }),
+        ("RESTORE", rec.epoch, Command::Restore { from: rec.id }),
     ];
-    for (epoch, cmd) in probes {
-        let what = format!("{cmd:?} at epoch {epoch}");
-        match hostile.call(rec.id, epoch, cmd).await {
-            Err(CallError::Remote { errno, .. }) => assert_eq!(errno, eperm, "{what}"),
-            other => panic!("{what}: expected EPERM, got {other:?}"),
-        }
+    for (what, epoch, cmd) in probes {
+        refused(what, s.call(rec.id, epoch, cmd).await);
     }
+
     // The target still writes to all three, and every copy holds the same data.
     write(e, "v", 4096, 4096, 8).await.unwrap();
     assert_eq!(record(&c, "v").await.in_sync.len(), 3);
+    let target = e.tls.clone().unwrap();
     let mut sums = Vec::new();
     for i in 1..3 {
-        let peer = Client::connect(&c.engine(i).node.repl_address, std::time::Duration::from_secs(1)).await.unwrap();
-        sums.push(peer.call(rec.id, rec.epoch, Command::Checksum { offset: 0, len: 64 * 1024 }).await.unwrap());
+        let n = &c.engine(i).node;
+        let leg = Client::connect_to(&n.id, &n.repl_address, t, Some(&target)).await.unwrap();
+        sums.push(leg.call(rec.id, rec.epoch, Command::Checksum { offset: 0, len: 64 * 1024 }).await.unwrap());
     }
     let here = read(e, "v", 0, 64 * 1024).await.unwrap();
     assert_eq!(sums[0], sums[1]);
     assert_eq!(sums[0], crc32c::crc32c(&here).to_be_bytes().to_vec());
     assert!(here[..4096].iter().all(|b| *b == 7) && here[4096..8192].iter().all(|b| *b == 8));
+}
+
+#[tokio::test]
+async fn a_replica_proves_its_identity_to_the_target() {
+    use strata_engine::replication::client::{CallError, Client};
+    use strata_engine::replication::frame::Command;
+    let c = attached(2, 2).await;
+    let rec = record(&c, "v").await;
+    let me = c.engine(0).tls.clone().unwrap();
+    // node-2's port answers only as node-2: a connection that expects another node fails.
+    let r = Client::connect_to("node-3", &c.engine(1).node.repl_address, std::time::Duration::from_secs(1), Some(&me)).await;
+    assert!(matches!(r, Err(CallError::Connect(..))), "{:?}", r.err());
+    let ok = Client::connect_to("node-2", &c.engine(1).node.repl_address, std::time::Duration::from_secs(1), Some(&me)).await.unwrap();
+    ok.call(rec.id, rec.epoch, Command::Flush).await.unwrap();
 }

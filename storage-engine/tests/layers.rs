@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     // `cluster` holds only pure decisions (placement) today: a leaf any layer may ask. When it
     // gains the node-lifecycle work that drives volumes, it moves up and placement stays here.
     &["clock", "net", "cluster", "failpoint"],
-    &["crypt", "qos", "metrics", "alerts"],
+    &["crypt", "qos", "metrics", "alerts", "security"],
     &["device"],
     &["pool"],
     &["meta"],

@@ -47,6 +47,9 @@ pub struct Replica {
     pub(crate) fence: tokio::sync::RwLock<()>,
     /// A snapshot: writes are refused.
     pub read_only: bool,
+    /// The node whose HELLO was accepted at the newest epoch (known from its certificate):
+    /// the only node whose data requests this replica takes.
+    announcer: parking_lot::Mutex<Option<String>>,
 }
 
 impl Replica {
@@ -62,7 +65,17 @@ impl Replica {
             epoch: AtomicU64::new(epoch),
             fence: tokio::sync::RwLock::new(()),
             read_only,
+            announcer: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// The node whose HELLO this replica accepted last (None: none yet, or not authenticated).
+    pub fn announcer(&self) -> Option<String> {
+        self.announcer.lock().clone()
+    }
+
+    pub(crate) fn set_announcer(&self, node: &str) {
+        *self.announcer.lock() = Some(node.to_string());
     }
 
     /// Accepts `epoch` if it is not older than the newest seen, remembering it.

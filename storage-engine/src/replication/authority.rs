@@ -33,10 +33,20 @@ impl Refusal {
 }
 
 /// Whether `cmd` may run for volume id `volume` at `epoch` on node `me`, given every volume
-/// record. Only HELLO, SHARE, RESTORE and DROP are checked here; other commands pass.
-pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &Command<impl Sized>) -> Result<(), Refusal> {
+/// record, sent by node `from` when its certificate says so (None: an unauthenticated
+/// connection, which only the record checks apply to). Only HELLO, SHARE, RESTORE and DROP
+/// are checked here; other commands pass.
+pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &Command<impl Sized>, from: Option<&str>) -> Result<(), Refusal> {
     let rec = records.iter().find(|r| r.id == volume).map(|r| r.clone().normalized(me));
     let not = |why: String| Err(Refusal::NotAllowed(why));
+    // Only the recorded target announces itself, and only it shares or restores an attached
+    // volume (a detached one, any node of the cluster).
+    let not_target = |r: &VolumeRecord| match from {
+        Some(f) if f != r.target && (!r.target.is_empty() || matches!(cmd, Command::Hello { .. })) => {
+            Some(format!("node {f} is not volume {}'s target ({})", r.name, if r.target.is_empty() { "none" } else { &r.target }))
+        }
+        _ => None,
+    };
     match cmd {
         Command::Drop => match rec {
             None => Ok(()),
@@ -49,6 +59,9 @@ pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &
             if r.target.is_empty() {
                 return not(format!("volume {} is not attached anywhere", r.name));
             }
+            if let Some(why) = not_target(&r) {
+                return not(why);
+            }
             if *size > r.size {
                 return not(format!("size {size} is larger than volume {}'s recorded size {}", r.name, r.size));
             }
@@ -57,6 +70,9 @@ pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &
         Command::Share { into } => {
             let Some(r) = rec else { return not(format!("no volume with id {volume}")) };
             at_epoch(&r, epoch)?;
+            if let Some(why) = not_target(&r) {
+                return not(why);
+            }
             let copy = records.iter().find(|d| d.id == *into).map(|d| d.clone().normalized(me));
             match copy {
                 Some(d) if d.pending == Some(PendingOp::Create) && d.has_replica(me) => Ok(()),
@@ -66,6 +82,9 @@ pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &
         Command::Restore { from } => {
             let Some(r) = rec else { return not(format!("no volume with id {volume}")) };
             at_epoch(&r, epoch)?;
+            if let Some(why) = not_target(&r) {
+                return not(why);
+            }
             let Some(PendingOp::Restore { snapshot }) = &r.pending else {
                 return not(format!("volume {} is not being restored", r.name));
             };
@@ -126,7 +145,7 @@ mod tests {
     }
 
     fn check1(recs: &[VolumeRecord], epoch: u64, cmd: Command<Bytes>) -> Result<(), Refusal> {
-        check(recs, "b", 1, epoch, &cmd)
+        check(recs, "b", 1, epoch, &cmd, None)
     }
 
     #[test]
@@ -139,7 +158,10 @@ mod tests {
         let mut detached = vol();
         detached.target.clear();
         assert!(matches!(check1(&[detached], 5, Command::Hello { size: 1 << 30 }), Err(Refusal::NotAllowed(_))));
-        assert!(matches!(check(&r, "b", 9, 5, &Command::<Bytes>::Hello { size: 1 }), Err(Refusal::NotAllowed(_))), "unknown volume");
+        assert!(matches!(check(&r, "b", 9, 5, &Command::<Bytes>::Hello { size: 1 }, None), Err(Refusal::NotAllowed(_))), "unknown volume");
+        // With certificates: only the recorded target says hello.
+        assert_eq!(check(&r, "b", 1, 5, &Command::<Bytes>::Hello { size: 1 << 30 }, Some("a")), Ok(()));
+        assert!(matches!(check(&r, "b", 1, 5, &Command::<Bytes>::Hello { size: 1 << 30 }, Some("c")), Err(Refusal::NotAllowed(_))));
     }
 
     #[test]
@@ -163,6 +185,14 @@ mod tests {
         snap.snapshot_of = Some("v".into());
         snap.pending = Some(PendingOp::Create);
         assert_eq!(check1(&[vol(), snap.clone()], 5, Command::Share { into: 2 }), Ok(()));
+        assert!(matches!(check(&[vol(), snap.clone()], "b", 1, 5, &Command::<Bytes>::Share { into: 2 }, Some("c")), Err(Refusal::NotAllowed(_))));
+        let mut detached = vol();
+        detached.target.clear();
+        assert_eq!(
+            check(&[detached, snap.clone()], "b", 1, 5, &Command::<Bytes>::Share { into: 2 }, Some("c")),
+            Ok(()),
+            "any node snapshots a detached volume"
+        );
         assert!(matches!(check1(&[vol(), snap.clone()], 5, Command::Share { into: 3 }), Err(Refusal::NotAllowed(_))));
         assert!(matches!(check1(&[vol(), snap.clone()], 6, Command::Share { into: 2 }), Err(Refusal::NotAllowed(_))));
         let mut done = snap.clone();

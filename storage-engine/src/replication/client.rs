@@ -61,13 +61,40 @@ pub struct Client {
 }
 
 impl Client {
+    /// A plaintext connection (engines without `--tls-dir`, tests of the refusal of one).
     pub async fn connect(addr: &str, timeout: Duration) -> Result<Arc<Client>, CallError> {
+        let s = Self::tcp(addr, timeout).await?;
+        let (rd, wr) = s.into_split();
+        Ok(Self::start(rd, wr, addr, timeout))
+    }
+
+    /// A connection to node `node` at `addr`: mutual TLS when `tls` is given (the replica must
+    /// prove it is `node`), else plaintext.
+    pub async fn connect_to(node: &str, addr: &str, timeout: Duration, tls: Option<&crate::security::Tls>) -> Result<Arc<Client>, CallError> {
+        let Some(tls) = tls else { return Self::connect(addr, timeout).await };
+        let s = Self::tcp(addr, timeout).await?;
+        let s = tokio::time::timeout(timeout, tls.connect(s, node))
+            .await
+            .map_err(|_| CallError::Connect(addr.into(), std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+            .map_err(|e| CallError::Connect(format!("{addr} (TLS to node {node})"), e))?;
+        let (rd, wr) = tokio::io::split(s);
+        Ok(Self::start(rd, wr, addr, timeout))
+    }
+
+    async fn tcp(addr: &str, timeout: Duration) -> Result<TcpStream, CallError> {
         let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| CallError::Connect(addr.into(), std::io::Error::from(std::io::ErrorKind::TimedOut)))?
             .map_err(|e| CallError::Connect(addr.into(), e))?;
         let _ = s.set_nodelay(true);
-        let (rd, mut wr) = s.into_split();
+        Ok(s)
+    }
+
+    fn start<R, W>(rd: R, mut wr: W, addr: &str, timeout: Duration) -> Arc<Client>
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+        W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
         let pending: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
         let broken = Arc::new(AtomicBool::new(false));
@@ -112,7 +139,7 @@ impl Client {
             // Dropping the waiters fails their calls.
             p.lock().clear();
         });
-        Ok(Arc::new(Client { addr: addr.into(), tx, pending, next: AtomicU64::new(1), broken, timeout }))
+        Arc::new(Client { addr: addr.into(), tx, pending, next: AtomicU64::new(1), broken, timeout })
     }
 
     pub fn is_broken(&self) -> bool {

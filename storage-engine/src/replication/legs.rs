@@ -39,16 +39,20 @@ impl ReplicaIo for Client {
 /// Opens legs.
 #[async_trait]
 pub trait Connector: Send + Sync {
-    async fn connect(&self, addr: &str, timeout: Duration) -> Result<Arc<dyn ReplicaIo>, CallError>;
+    /// A leg to node `node`'s replica, whose replication port is at `addr`.
+    async fn connect(&self, node: &str, addr: &str, timeout: Duration) -> Result<Arc<dyn ReplicaIo>, CallError>;
 }
 
-/// Legs over the replication protocol on TCP.
-pub struct Tcp;
+/// Legs over the replication protocol on TCP: mutual TLS with this node's certificate when it
+/// has one (the replica must prove it is the node the record names).
+pub struct Net {
+    pub tls: Option<Arc<crate::security::Tls>>,
+}
 
 #[async_trait]
-impl Connector for Tcp {
-    async fn connect(&self, addr: &str, timeout: Duration) -> Result<Arc<dyn ReplicaIo>, CallError> {
-        Ok(Client::connect(addr, timeout).await? as Arc<dyn ReplicaIo>)
+impl Connector for Net {
+    async fn connect(&self, node: &str, addr: &str, timeout: Duration) -> Result<Arc<dyn ReplicaIo>, CallError> {
+        Ok(Client::connect_to(node, addr, timeout, self.tls.as_deref()).await? as Arc<dyn ReplicaIo>)
     }
 }
 

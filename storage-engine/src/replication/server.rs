@@ -13,7 +13,7 @@ use crate::replica::{boot_id, IoError, Local, ReadData, Replica};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// What one replication connection may hold between reading a request and writing its reply.
@@ -40,26 +40,68 @@ pub trait Replicas: Send + Sync + 'static {
 }
 
 /// Runs `authority::check` for a request that changes what the record governs.
-async fn authorized(replicas: &dyn Replicas, volume: u64, epoch: u64, cmd: &Command<AlignedBuf>) -> Result<(), Refusal> {
+async fn authorized(replicas: &dyn Replicas, volume: u64, epoch: u64, cmd: &Command<AlignedBuf>, from: Option<&str>) -> Result<(), Refusal> {
     if !authority::needs_record(cmd) {
         return Ok(());
     }
     let records = replicas.records().await.map_err(|e| Refusal::Unavailable(e.to_string()))?;
-    authority::check(&records, replicas.node_id(), volume, epoch, cmd).inspect_err(|why| {
+    authority::check(&records, replicas.node_id(), volume, epoch, cmd, from).inspect_err(|why| {
         tracing::warn!(volume, epoch, op = cmd.name(), "replication request refused: {why}");
     })
+}
+
+/// A data request from node `from` (known by its certificate): the node whose HELLO this
+/// replica accepted may send any; another node only reads, and only as a holder of a replica of
+/// the volume (a scrub repairing a detached volume's copy).
+async fn data_sender_allowed(replicas: &dyn Replicas, v: &Replica, cmd: &Command<AlignedBuf>, from: &str) -> Result<(), Refusal> {
+    if v.announcer().as_deref() == Some(from) {
+        return Ok(());
+    }
+    let read = matches!(cmd, Command::Read { .. } | Command::Checksum { .. } | Command::Extents);
+    if read {
+        let records = replicas.records().await.map_err(|e| Refusal::Unavailable(e.to_string()))?;
+        let me = replicas.node_id();
+        if records.iter().any(|r| r.id == v.id && r.clone().normalized(me).has_replica(from)) {
+            return Ok(());
+        }
+    }
+    Err(Refusal::NotAllowed(format!("node {from} is not the target that announced itself to this replica of volume {}", v.name)))
 }
 
 /// Why a replica could not be freed (the layer above's error).
 pub type DropError = Box<dyn std::error::Error + Send + Sync>;
 
-pub async fn serve(listener: TcpListener, replicas: Arc<dyn Replicas>, bounds: Bounds) {
+/// Serves the replication port. With `tls`, every connection is mutual TLS under the cluster
+/// CA and its requests are checked against the node its certificate names; without, the peer is
+/// unknown and only the record checks apply.
+pub async fn serve(listener: TcpListener, replicas: Arc<dyn Replicas>, bounds: Bounds, tls: Option<Arc<crate::security::Tls>>) {
+    let acceptor = tls.map(|t| t.acceptor());
     crate::net::accept_tcp(listener, "replication", |s, peer| {
-        let span = tracing::info_span!("replication", %peer);
-        tracing::Instrument::instrument(connection(s, replicas.clone(), peer, bounds), span)
+        let (replicas, acceptor) = (replicas.clone(), acceptor.clone());
+        async move {
+            let Some(acceptor) = acceptor else {
+                let span = tracing::info_span!("replication", %peer);
+                let (rd, wr) = s.into_split();
+                return tracing::Instrument::instrument(connection(rd, wr, replicas, peer, bounds, None), span).await;
+            };
+            let s = match tokio::time::timeout(HANDSHAKE, acceptor.accept(s)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::warn!(%peer, "replication connection refused: TLS handshake failed: {e}"),
+                Err(_) => return tracing::warn!(%peer, "replication connection refused: no TLS handshake within {HANDSHAKE:?}"),
+            };
+            let Some(node) = crate::security::peer_identity(s.get_ref().1) else {
+                return tracing::warn!(%peer, "replication connection refused: the certificate names no node");
+            };
+            let span = tracing::info_span!("replication", %peer, from = %node);
+            let (rd, wr) = tokio::io::split(s);
+            tracing::Instrument::instrument(connection(rd, wr, replicas, peer, bounds, Some(node)), span).await
+        }
     })
     .await
 }
+
+/// Time a peer has to finish the TLS handshake.
+const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A replica's answer: an errno (0 = success) and, for READ and EXTENTS, data.
 pub enum Answer {
@@ -69,8 +111,12 @@ pub enum Answer {
     Error(u32),
 }
 
-async fn connection(s: TcpStream, engine: Arc<dyn Replicas>, peer: String, bounds: Bounds) {
-    let (rd, mut wr) = s.into_split();
+async fn connection<R, W>(rd: R, mut wr: W, engine: Arc<dyn Replicas>, peer: String, bounds: Bounds, from: Option<String>)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let from: Option<Arc<str>> = from.map(Into::into);
     let mut rd = tokio::io::BufReader::with_capacity(BATCH, rd);
     let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Answer, Held)>();
     let writer = tokio::spawn(async move {
@@ -130,16 +176,17 @@ async fn connection(s: TcpStream, engine: Arc<dyn Replicas>, peer: String, bound
                 v
             }
         };
-        let (engine, tx) = (engine.clone(), tx.clone());
+        let (engine, tx, from) = (engine.clone(), tx.clone(), from.clone());
         tokio::spawn(async move {
+            let from = from.as_deref();
             let answer = match vol {
                 Some(v) => match Command::from_request(&req, payload) {
-                    Some(cmd) => answer(&*engine, &v, req.epoch, cmd).await,
+                    Some(cmd) => answer(&*engine, &v, req.epoch, cmd, from).await,
                     None => Answer::Error(libc::EINVAL as u32),
                 },
                 // Nothing is loaded for it; whatever extents it may still have go, if the record
                 // lets them.
-                None if req.op == frame::Op::Drop => match authorized(&*engine, req.volume, req.epoch, &Command::Drop).await {
+                None if req.op == frame::Op::Drop => match authorized(&*engine, req.volume, req.epoch, &Command::Drop, from).await {
                     Err(why) => Answer::Error(why.errno()),
                     Ok(()) => match engine.drop_replica(req.volume).await {
                         Ok(()) => Answer::Done,
@@ -182,10 +229,16 @@ fn append(buf: &mut Vec<u8>, (reply, answer, _held): (Reply, Answer, Held)) {
 }
 
 /// Serves one replication request, `cmd` at `epoch`, for replica `v` (already looked up by id).
-async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, epoch: u64, cmd: Command<AlignedBuf>) -> Answer {
+async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, epoch: u64, cmd: Command<AlignedBuf>, from: Option<&str>) -> Answer {
     let l = replicas.local();
-    if let Err(why) = authorized(replicas, v.id, epoch, &cmd).await {
+    if let Err(why) = authorized(replicas, v.id, epoch, &cmd, from).await {
         return Answer::Error(why.errno());
+    }
+    if let (Some(from), false) = (from, authority::needs_record(&cmd)) {
+        if let Err(why) = data_sender_allowed(replicas, v, &cmd, from).await {
+            tracing::warn!(volume = %v.name, epoch, op = cmd.name(), "replication request refused: {why}");
+            return Answer::Error(why.errno());
+        }
     }
     // HELLO raises the epoch with every request of older epochs drained (the fence is held
     // exclusively); any other request checks the epoch and runs under the fence shared, so
@@ -196,6 +249,9 @@ async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, epoch: u64, cmd: Comm
             return Answer::Error(frame::ESTALE);
         }
         v.grow_to(size);
+        if let Some(from) = from {
+            v.set_announcer(from);
+        }
         // The node's boot: a target that finds it changed since its last hello knows writes
         // not yet flushed may be gone from this replica.
         return Answer::Bytes(boot_id().to_vec());

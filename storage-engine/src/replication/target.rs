@@ -190,9 +190,9 @@ pub struct Links {
 }
 
 impl Links {
-    /// The metadata store and the replication protocol over TCP.
-    pub fn store(meta: Arc<dyn crate::meta::MetaStore>) -> Links {
-        Links { membership: Arc::new(super::legs::Store(meta)), connector: Arc::new(super::legs::Tcp) }
+    /// The metadata store and the replication protocol over TCP (mutual TLS with `tls`).
+    pub fn store(meta: Arc<dyn crate::meta::MetaStore>, tls: Option<Arc<crate::security::Tls>>) -> Links {
+        Links { membership: Arc::new(super::legs::Store(meta)), connector: Arc::new(super::legs::Net { tls }) }
     }
 }
 
@@ -287,7 +287,7 @@ impl Target {
     /// but had not flushed, its resync copies among them) is due a full rebuild.
     pub(super) async fn connect(&self, p: &Arc<Peer>, size: u64) -> Result<(), TargetError> {
         let addr = p.addr.lock().clone();
-        let c = self.connector.connect(&addr, self.timeout).await?;
+        let c = self.connector.connect(&p.node, &addr, self.timeout).await?;
         let boot = c.call(self.vol.id, self.epoch, Command::Hello { size }).await?;
         if p.rebooted(&boot) {
             tracing::warn!(volume = %self.name, replica = %p.node, "replica node rebooted (seen at resync): writes it had not flushed may be lost; rebuilding it in full");
@@ -312,7 +312,7 @@ impl Target {
                 *p.addr.lock() = a;
             }
             let addr = p.addr.lock().clone();
-            let c = match self.connector.connect(&addr, self.timeout).await {
+            let c = match self.connector.connect(&p.node, &addr, self.timeout).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(volume = %self.name, replica = %p.node, "reconnect failed: {e}");

@@ -65,7 +65,7 @@ struct FakeNet {
 
 #[async_trait]
 impl Connector for FakeNet {
-    async fn connect(&self, addr: &str, _timeout: Duration) -> Result<Arc<dyn ReplicaIo>, CallError> {
+    async fn connect(&self, _node: &str, addr: &str, _timeout: Duration) -> Result<Arc<dyn ReplicaIo>, CallError> {
         if self.refused.lock().contains(addr) {
             return Err(CallError::Connect(addr.into(), std::io::ErrorKind::ConnectionRefused.into()));
         }

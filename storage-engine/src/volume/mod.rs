@@ -244,6 +244,8 @@ pub struct Service {
     pub repl: TargetConfig,
     /// What this node's targets work through (the store's compare-and-swap, TCP legs).
     pub links: Links,
+    /// This node's certificate for replication (mutual TLS); None: plaintext.
+    pub tls: Option<Arc<crate::security::Tls>>,
     /// Replicas to rebuild elsewhere (volume, dead node), served by `run_replacements`.
     replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
     /// Alerts this node raised (`stratactl alerts show`).
@@ -285,7 +287,8 @@ impl Service {
         let engine = Service {
             local: Arc::new(crate::replica::Local::new(pool.clone(), alerts.clone(), &node.id)),
             pool,
-            links: Links::store(meta.clone()),
+            links: Links::store(meta.clone(), None),
+            tls: None,
             meta,
             node,
             volumes: RwLock::new(HashMap::new()),
@@ -391,6 +394,12 @@ impl Service {
             self.meta.update_node(&rec).await?;
         }
         Ok(rec.used_bytes)
+    }
+
+    /// Speaks mutual TLS with `tls` on every replication connection this node opens.
+    pub fn use_tls(&mut self, tls: Arc<crate::security::Tls>) {
+        self.links = Links::store(self.meta.clone(), Some(tls.clone()));
+        self.tls = Some(tls);
     }
 
     /// Shares the engine (the servers and background tasks hold it).

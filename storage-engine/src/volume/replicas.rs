@@ -118,7 +118,7 @@ impl Service {
     /// A replication connection to `node`'s engine.
     pub(super) async fn replica_client(&self, node: &str) -> Result<Arc<Client>, ReplicaError> {
         let addr = replication_address(&*self.meta, node).await.ok_or_else(|| ReplicaError::NoAddress(node.to_string()))?;
-        Ok(Client::connect(&addr, self.repl.timeout).await?)
+        Ok(Client::connect_to(node, &addr, self.repl.timeout, self.tls.as_deref()).await?)
     }
 
     /// One replication request (no payload) for volume id `id` to `node`'s engine.

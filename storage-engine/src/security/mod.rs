@@ -1,0 +1,203 @@
+//! Certificates and TLS for the channels between engines. A cluster CA signs one certificate
+//! per node whose subject alternative name is the node id; every replication connection is
+//! mutual TLS under that CA, so each side knows which node the other is.
+//!
+//! On disk (a directory, e.g. a mounted Kubernetes Secret): `ca.crt` (the CA certificate),
+//! `node.crt` and `node.key` (this node's certificate and key, PEM). `strata-engine certs init`
+//! makes a CA (`ca.crt`, `ca.key`); `strata-engine certs issue` writes a node's directory.
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+pub const CA_CERT: &str = "ca.crt";
+pub const CA_KEY: &str = "ca.key";
+pub const NODE_CERT: &str = "node.crt";
+pub const NODE_KEY: &str = "node.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {why}", path.display())]
+    Pem { path: PathBuf, why: String },
+    #[error("{} already exists; refusing to replace a CA", .0.display())]
+    Exists(PathBuf),
+    #[error("generating a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    #[error("the certificate in {} names no node (no DNS subject alternative name)", .0.display())]
+    NoIdentity(PathBuf),
+    #[error("{0:?} is not usable as a node identity in a certificate")]
+    BadName(String),
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Io { path: path.to_path_buf(), source })
+}
+
+fn write(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| TlsError::Io { path: path.to_path_buf(), source };
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(if private { 0o600 } else { 0o644 }).open(path).map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)
+}
+
+fn ca_params() -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name.push(rcgen::DnType::CommonName, "Strata cluster CA");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    p
+}
+
+/// Makes a new cluster CA in `dir` (`ca.crt`, `ca.key`); refuses to replace one.
+pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
+    let (cert, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    for p in [&cert, &key] {
+        if p.exists() {
+            return Err(TlsError::Exists(p.clone()));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io { path: dir.to_path_buf(), source })?;
+    let k = rcgen::KeyPair::generate()?;
+    let c = ca_params().self_signed(&k)?;
+    write(&key, &k.serialize_pem(), true)?;
+    write(&cert, &c.pem(), false)
+}
+
+/// Signs a certificate for node `node` with the CA in `ca_dir` and writes `ca.crt`, `node.crt`
+/// and `node.key` into `out`.
+pub fn issue(ca_dir: &Path, node: &str, out: &Path) -> Result<(), TlsError> {
+    if node.is_empty() || ServerName::try_from(node.to_string()).is_err() {
+        return Err(TlsError::BadName(node.to_string()));
+    }
+    let ca_pem = read(&ca_dir.join(CA_CERT))?;
+    let ca_key = rcgen::KeyPair::from_pem(&read(&ca_dir.join(CA_KEY))?)?;
+    let ca = rcgen::CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
+    let mut p = rcgen::CertificateParams::new(vec![node.to_string()])?;
+    p.distinguished_name.push(rcgen::DnType::CommonName, node);
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    let k = rcgen::KeyPair::generate()?;
+    let c = p.signed_by(&k, &ca, &ca_key)?;
+    std::fs::create_dir_all(out).map_err(|source| TlsError::Io { path: out.to_path_buf(), source })?;
+    write(&out.join(CA_CERT), &ca_pem, false)?;
+    write(&out.join(NODE_KEY), &k.serialize_pem(), true)?;
+    write(&out.join(NODE_CERT), &c.pem(), false)
+}
+
+/// This node's TLS identity: mutual TLS configurations for both ends of a connection.
+pub struct Tls {
+    /// The node id the certificate names.
+    pub node: String,
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl Tls {
+    /// Loads `ca.crt`, `node.crt` and `node.key` from `dir`.
+    pub fn load(dir: &Path) -> Result<Tls, TlsError> {
+        let pem = |name: &str| -> Result<(PathBuf, String), TlsError> {
+            let p = dir.join(name);
+            let text = read(&p)?;
+            Ok((p, text))
+        };
+        let bad = |path: &Path, why: String| TlsError::Pem { path: path.to_path_buf(), why };
+        let (ca_path, ca) = pem(CA_CERT)?;
+        let (cert_path, cert) = pem(NODE_CERT)?;
+        let (key_path, key) = pem(NODE_KEY)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(c.map_err(|e| bad(&ca_path, e.to_string()))?).map_err(|e| bad(&ca_path, e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(&ca_path, "no certificate".into()));
+        }
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<_, _>>().map_err(|e| bad(&cert_path, e.to_string()))?;
+        let first = chain.first().ok_or_else(|| bad(&cert_path, "no certificate".into()))?;
+        let node = identity(first).ok_or_else(|| TlsError::NoIdentity(cert_path.clone()))?;
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| bad(&key_path, e.to_string()))?;
+        let roots = Arc::new(roots);
+        let config = |e: rustls::Error| TlsError::Config(e.to_string());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(config)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(config)?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(config)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(config)?;
+        Ok(Tls { node, server: Arc::new(server), client: Arc::new(client) })
+    }
+
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.server.clone())
+    }
+
+    /// Opens TLS over `tcp` to node `node`: the other end must present the CA's certificate
+    /// for that node (and gets this node's).
+    pub async fn connect(&self, tcp: TcpStream, node: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = ServerName::try_from(node.to_string()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        tokio_rustls::TlsConnector::from(self.client.clone()).connect(name, tcp).await
+    }
+}
+
+/// The node a (verified) certificate names: its first DNS subject alternative name.
+pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let san = c.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+        _ => None,
+    })
+}
+
+/// The node the peer of an accepted connection proved to be.
+pub fn peer_identity(conn: &rustls::CommonState) -> Option<String> {
+    conn.peer_certificates().and_then(|c| c.first()).and_then(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_certificate_names_its_node_and_loads() {
+        let dir = std::env::temp_dir().join(format!("strata-tls-{}", uuid::Uuid::new_v4()));
+        init_ca(&dir.join("ca")).unwrap();
+        assert!(matches!(init_ca(&dir.join("ca")), Err(TlsError::Exists(_))), "a CA is never replaced");
+        issue(&dir.join("ca"), "node-1", &dir.join("node-1")).unwrap();
+        let tls = Tls::load(&dir.join("node-1")).unwrap();
+        assert_eq!(tls.node, "node-1");
+        assert!(matches!(issue(&dir.join("ca"), "bad name!", &dir.join("x")), Err(TlsError::BadName(_))));
+        assert!(matches!(Tls::load(&dir.join("missing")), Err(TlsError::Io { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
