@@ -4,7 +4,8 @@
 # same engine, in the same run. Prints IOPS and p50/p99 latency and the repl=3 / repl=1 ratios,
 # and writes JSON to BENCH_OUT (default bench/out-repl).
 #
-# Environment: BENCH_RUNTIME (seconds per run, default 15), BENCH_DIR (default
+# Environment: BENCH_TLS (1, the default: replication over mutual TLS; 0: plaintext),
+# BENCH_RUNTIME (seconds per run, default 15), BENCH_DIR (default
 # /var/tmp/strata-bench-repl), BENCH_BACKING: `file` (default: pool files on BENCH_DIR's
 # filesystem) or `memory` (pool files in /dev/shm: the software cost alone).
 set -euo pipefail
@@ -31,9 +32,17 @@ etcd --name bench --data-dir "$DIR/etcd" --listen-client-urls "http://127.0.0.1:
   --initial-advertise-peer-urls http://127.0.0.1:23800 --initial-cluster bench=http://127.0.0.1:23800 >"$DIR/etcd.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$ETCD_PORT/health" >/dev/null && break; sleep 0.1; done
+# Replication is mutual TLS, as in production; BENCH_TLS=0 measures plaintext for the ratio.
+TLS=${BENCH_TLS:-1}
+[ "$TLS" = 1 ] && "$BIN/strata-engine" certs init --dir "$DIR/ca" >/dev/null
 for i in 1 2 3; do
   mkdir -p "$DIR/n$i"
-  "$BIN/strata-engine" --etcd "http://127.0.0.1:$ETCD_PORT" --node-id "node-$i" --data-dir "$DIR/n$i/data" \
+  TLS_ARGS=()
+  if [ "$TLS" = 1 ]; then
+    "$BIN/strata-engine" certs issue --ca-dir "$DIR/ca" --node-id "node-$i" --out "$DIR/n$i/tls" >/dev/null
+    TLS_ARGS=(--tls-dir "$DIR/n$i/tls")
+  fi
+  "$BIN/strata-engine" --etcd "http://127.0.0.1:$ETCD_PORT" --node-id "node-$i" --data-dir "$DIR/n$i/data" "${TLS_ARGS[@]}" \
     --device "$DIR/n$i/pool.img" --device-size 3GiB \
     --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --repl-listen 127.0.0.1:0 \
     --nbd-socket "$DIR/n$i/nbd.sock" --ready-file "$DIR/n$i/ready.json" 2>"$DIR/n$i/engine.log" &

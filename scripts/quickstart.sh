@@ -26,12 +26,16 @@ echo $! >> "$DIR/pids"
 for _ in $(seq 100); do curl -fs "http://$ETCD/health" >/dev/null 2>&1 && break; sleep 0.1; done
 curl -fs "http://$ETCD/health" >/dev/null || { cat "$DIR/etcd.log"; exit 1; }
 
+# A cluster CA of the demo's own (kept across re-runs), one certificate per node: replication
+# between the engines is mutual TLS.
+[ -f "$DIR/ca/ca.crt" ] || "$BIN/strata-engine" certs init --dir "$DIR/ca" >/dev/null
 for i in 1 2 3; do
   n=$DIR/node-$i
   mkdir -p "$n"
   rm -f "$n/ready.json"
+  [ -f "$n/tls/node.crt" ] || "$BIN/strata-engine" certs issue --ca-dir "$DIR/ca" --node-id "node-$i" --out "$n/tls" >/dev/null
   # node-1: NBD 10809, SDK 9020, metrics 9021, replication 9022; node-2: 10810, 9030...; node-3: 10811, 9040...
-  "$BIN/strata-engine" --etcd "http://$ETCD" --node-id "node-$i" --data-dir "$n/data" \
+  "$BIN/strata-engine" --etcd "http://$ETCD" --node-id "node-$i" --data-dir "$n/data" --tls-dir "$n/tls" \
     --device "$n/disk0.img" --device "$n/disk1.img" --device-size 2GiB \
     --nbd-listen "127.0.0.1:$((10808 + i))" --nbd-socket "$n/nbd.sock" \
     --sdk-listen "127.0.0.1:$((9010 + 10 * i))" --metrics-listen "127.0.0.1:$((9011 + 10 * i))" \
