@@ -59,7 +59,10 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
                     tls.node
                 );
             }
-            engine.use_tls(Arc::new(tls));
+            let tls = Arc::new(tls);
+            // Rotation: replaced files (a renewed Secret) are picked up without a restart.
+            tls.watch(std::time::Duration::from_secs(10));
+            engine.use_tls(tls);
         }
         None => tracing::warn!(
             "replication is plaintext and unauthenticated (no --tls-dir): any host that reaches the replication port can read and write replicas"

@@ -74,6 +74,11 @@ impl TestCluster {
 }
 
 impl TestNode {
+    /// This node's `--tls-dir` (ca.crt, node.crt, node.key).
+    pub fn tls_dir(&self) -> std::path::PathBuf {
+        self.data_dir.join("tls")
+    }
+
     async fn start(shared: &MemStore, id: &str, ca_dir: &std::path::Path) -> TestNode {
         let store = shared.node(id);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");

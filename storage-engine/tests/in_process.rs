@@ -595,3 +595,71 @@ async fn a_replica_proves_its_identity_to_the_target() {
     let ok = Client::connect_to("node-2", &c.engine(1).node.repl_address, std::time::Duration::from_secs(1), Some(&me)).await.unwrap();
     ok.call(rec.id, rec.epoch, Command::Flush).await.unwrap();
 }
+
+/// Certificates are replaced under write load, first the CA (a bundle of old and new while it
+/// changes), then every node's certificate: no write fails, no replica leaves the in-sync set,
+/// connections opened afterwards use the new certificates, and the old CA is trusted no more.
+#[tokio::test]
+async fn certificates_rotate_under_write_load_without_a_failed_write() {
+    use std::time::Duration;
+    use strata_engine::replication::client::Client;
+    use strata_engine::replication::frame::Command;
+    use strata_engine::security::{init_ca, issue, CA_CERT, NODE_CERT, NODE_KEY};
+    let c = attached(3, 3).await;
+    let e = c.engine(0).clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (e2, stop2) = (e.clone(), stop.clone());
+    let load = tokio::spawn(async move {
+        let mut n = 0u64;
+        // Bounded: at most 20,000 writes, until the rotation is done.
+        while n < 20_000 && !stop2.load(Ordering::Acquire) {
+            write(&e2, "v", (n % 1024) * 4096, 4096, n as u8).await.expect("a write during rotation");
+            n += 1;
+        }
+        n
+    });
+    let reload_all = |c: &TestCluster| {
+        for n in &c.nodes {
+            assert!(n.engine.tls.as_ref().unwrap().reload_if_changed().expect("the new files load"), "{} saw no change", n.engine.node.id);
+        }
+    };
+    let new_ca = c.ca_dir.join("ca2");
+    init_ca(&new_ca).unwrap();
+    let old_pem = std::fs::read_to_string(c.ca_dir.join(CA_CERT)).unwrap();
+    let new_pem = std::fs::read_to_string(new_ca.join(CA_CERT)).unwrap();
+    // 1. Every node trusts both CAs.
+    for n in &c.nodes {
+        std::fs::write(n.tls_dir().join(CA_CERT), format!("{old_pem}{new_pem}")).unwrap();
+    }
+    reload_all(&c);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // 2. Every node gets a certificate of the new CA.
+    for n in &c.nodes {
+        let tmp = c.ca_dir.join(format!("new-{}", n.engine.node.id));
+        issue(&new_ca, &n.engine.node.id, &tmp).unwrap();
+        for f in [NODE_CERT, NODE_KEY] {
+            std::fs::copy(tmp.join(f), n.tls_dir().join(f)).unwrap();
+        }
+    }
+    reload_all(&c);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // 3. The old CA goes.
+    for n in &c.nodes {
+        std::fs::write(n.tls_dir().join(CA_CERT), &new_pem).unwrap();
+    }
+    reload_all(&c);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop.store(true, Ordering::Release);
+    let writes = load.await.unwrap();
+    assert!(writes > 0);
+    let rec = record(&c, "v").await;
+    assert_eq!(rec.in_sync.len(), 3, "no replica left the in-sync set");
+    // New connections: the target's new certificate works; one of the old CA does not.
+    let n2 = &c.engine(1).node;
+    let t = Duration::from_secs(1);
+    let leg = Client::connect_to(&n2.id, &n2.repl_address, t, e.tls.as_deref()).await.unwrap();
+    leg.call(rec.id, rec.epoch, Command::Flush).await.unwrap();
+    let old = c.identity("node-1");
+    let r = Client::connect_to(&n2.id, &n2.repl_address, t, Some(&old)).await;
+    assert!(r.is_err(), "a certificate of the old CA no longer verifies the replica");
+}

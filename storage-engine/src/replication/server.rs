@@ -75,9 +75,9 @@ pub type DropError = Box<dyn std::error::Error + Send + Sync>;
 /// CA and its requests are checked against the node its certificate names; without, the peer is
 /// unknown and only the record checks apply.
 pub async fn serve(listener: TcpListener, replicas: Arc<dyn Replicas>, bounds: Bounds, tls: Option<Arc<crate::security::Tls>>) {
-    let acceptor = tls.map(|t| t.acceptor());
     crate::net::accept_tcp(listener, "replication", |s, peer| {
-        let (replicas, acceptor) = (replicas.clone(), acceptor.clone());
+        // The certificate in use now (it may have been reloaded since the last connection).
+        let (replicas, acceptor) = (replicas.clone(), tls.as_ref().map(|t| t.acceptor()));
         async move {
             let Some(acceptor) = acceptor else {
                 let span = tracing::info_span!("replication", %peer);

@@ -95,17 +95,26 @@ pub fn issue(ca_dir: &Path, node: &str, out: &Path) -> Result<(), TlsError> {
     write(&out.join(NODE_CERT), &c.pem(), false)
 }
 
-/// This node's TLS identity: mutual TLS configurations for both ends of a connection.
+/// This node's TLS identity: mutual TLS configurations for both ends of a connection. Loaded
+/// from a directory, and reloaded from it when its files change (`reload_if_changed`):
+/// connections opened after a reload use the new certificate and CA, open ones go on.
 pub struct Tls {
     /// The node id the certificate names.
     pub node: String,
+    dir: PathBuf,
+    current: parking_lot::RwLock<Arc<Configs>>,
+    /// The files' modification times and sizes at the last load.
+    stamp: parking_lot::Mutex<Vec<(std::time::SystemTime, u64)>>,
+}
+
+struct Configs {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tls").field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("Tls").field("node", &self.node).field("dir", &self.dir).finish_non_exhaustive()
     }
 }
 
@@ -113,59 +122,114 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+fn stamp(dir: &Path) -> Vec<(std::time::SystemTime, u64)> {
+    [CA_CERT, NODE_CERT, NODE_KEY]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(dir.join(f)).map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len())).unwrap_or((std::time::UNIX_EPOCH, 0))
+        })
+        .collect()
+}
+
+/// Reads `ca.crt` (one CA, or several while a CA is being replaced), `node.crt` and `node.key`.
+fn configs(dir: &Path) -> Result<(String, Configs), TlsError> {
+    let pem = |name: &str| -> Result<(PathBuf, String), TlsError> {
+        let p = dir.join(name);
+        let text = read(&p)?;
+        Ok((p, text))
+    };
+    let bad = |path: &Path, why: String| TlsError::Pem { path: path.to_path_buf(), why };
+    let (ca_path, ca) = pem(CA_CERT)?;
+    let (cert_path, cert) = pem(NODE_CERT)?;
+    let (key_path, key) = pem(NODE_KEY)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+        roots.add(c.map_err(|e| bad(&ca_path, e.to_string()))?).map_err(|e| bad(&ca_path, e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(&ca_path, "no certificate".into()));
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<_, _>>().map_err(|e| bad(&cert_path, e.to_string()))?;
+    let first = chain.first().ok_or_else(|| bad(&cert_path, "no certificate".into()))?;
+    let node = identity(first).ok_or_else(|| TlsError::NoIdentity(cert_path.clone()))?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| bad(&key_path, e.to_string()))?;
+    let roots = Arc::new(roots);
+    let config = |e: rustls::Error| TlsError::Config(e.to_string());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(config)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(config)?;
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(config)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(config)?;
+    Ok((node, Configs { server: Arc::new(server), client: Arc::new(client) }))
+}
+
 impl Tls {
     /// Loads `ca.crt`, `node.crt` and `node.key` from `dir`.
     pub fn load(dir: &Path) -> Result<Tls, TlsError> {
-        let pem = |name: &str| -> Result<(PathBuf, String), TlsError> {
-            let p = dir.join(name);
-            let text = read(&p)?;
-            Ok((p, text))
-        };
-        let bad = |path: &Path, why: String| TlsError::Pem { path: path.to_path_buf(), why };
-        let (ca_path, ca) = pem(CA_CERT)?;
-        let (cert_path, cert) = pem(NODE_CERT)?;
-        let (key_path, key) = pem(NODE_KEY)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            roots.add(c.map_err(|e| bad(&ca_path, e.to_string()))?).map_err(|e| bad(&ca_path, e.to_string()))?;
+        let before = stamp(dir);
+        let (node, c) = configs(dir)?;
+        Ok(Tls { node, dir: dir.to_path_buf(), current: parking_lot::RwLock::new(Arc::new(c)), stamp: parking_lot::Mutex::new(before) })
+    }
+
+    /// Loads the directory again if any of its files changed since the last load; true when
+    /// the new files are in use. A certificate for another node, or files that do not load
+    /// (half-written, say), leave the current ones in use and report why.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = stamp(&self.dir);
+        if *self.stamp.lock() == now {
+            return Ok(false);
         }
-        if roots.is_empty() {
-            return Err(bad(&ca_path, "no certificate".into()));
+        let (node, c) = configs(&self.dir)?;
+        if node != self.node {
+            return Err(TlsError::Config(format!(
+                "the new certificate in {} is for node {node:?}, not {:?}; keeping the current one",
+                self.dir.display(),
+                self.node
+            )));
         }
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<_, _>>().map_err(|e| bad(&cert_path, e.to_string()))?;
-        let first = chain.first().ok_or_else(|| bad(&cert_path, "no certificate".into()))?;
-        let node = identity(first).ok_or_else(|| TlsError::NoIdentity(cert_path.clone()))?;
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| bad(&key_path, e.to_string()))?;
-        let roots = Arc::new(roots);
-        let config = |e: rustls::Error| TlsError::Config(e.to_string());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Config(e.to_string()))?;
-        let server = rustls::ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(config)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(config)?;
-        let client = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(config)?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .map_err(config)?;
-        Ok(Tls { node, server: Arc::new(server), client: Arc::new(client) })
+        *self.current.write() = Arc::new(c);
+        *self.stamp.lock() = now;
+        Ok(true)
+    }
+
+    /// Checks the directory every `every` for changed files and reloads them, for the
+    /// process's life.
+    pub fn watch(self: &Arc<Self>, every: std::time::Duration) {
+        let t = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(t) = t.upgrade() else { return };
+                match t.reload_if_changed() {
+                    Ok(true) => tracing::info!(dir = %t.dir.display(), "replication certificate reloaded: new connections use it"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("replication certificate not reloaded: {e}"),
+                }
+            }
+        });
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.server.clone())
+        tokio_rustls::TlsAcceptor::from(self.current.read().server.clone())
     }
 
     /// Opens TLS over `tcp` to node `node`: the other end must present the CA's certificate
     /// for that node (and gets this node's).
     pub async fn connect(&self, tcp: TcpStream, node: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let name = ServerName::try_from(node.to_string()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        tokio_rustls::TlsConnector::from(self.client.clone()).connect(name, tcp).await
+        let client = self.current.read().client.clone();
+        tokio_rustls::TlsConnector::from(client).connect(name, tcp).await
     }
 }
 
