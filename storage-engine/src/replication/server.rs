@@ -53,8 +53,10 @@ async fn authorized(replicas: &dyn Replicas, volume: u64, epoch: u64, cmd: &Comm
 /// A data request from node `from` (known by its certificate): the node whose HELLO this
 /// replica accepted may send any; another node only reads, and only as a holder of a replica of
 /// the volume (a scrub repairing a detached volume's copy).
-async fn data_sender_allowed(replicas: &dyn Replicas, v: &Replica, cmd: &Command<AlignedBuf>, from: &str) -> Result<(), Refusal> {
-    if v.announcer().as_deref() == Some(from) {
+async fn data_sender_allowed(replicas: &dyn Replicas, v: &Replica, epoch: u64, cmd: &Command<AlignedBuf>, from: &str) -> Result<(), Refusal> {
+    // An older epoch is answered ESTALE by the epoch check: a target that was taken over
+    // learns that it is fenced, not that its replica failed.
+    if v.announcer().as_deref() == Some(from) || epoch < v.newest_epoch() {
         return Ok(());
     }
     let read = matches!(cmd, Command::Read { .. } | Command::Checksum { .. } | Command::Extents);
@@ -235,7 +237,7 @@ async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, epoch: u64, cmd: Comm
         return Answer::Error(why.errno());
     }
     if let (Some(from), false) = (from, authority::needs_record(&cmd)) {
-        if let Err(why) = data_sender_allowed(replicas, v, &cmd, from).await {
+        if let Err(why) = data_sender_allowed(replicas, v, epoch, &cmd, from).await {
             tracing::warn!(volume = %v.name, epoch, op = cmd.name(), "replication request refused: {why}");
             return Answer::Error(why.errno());
         }
