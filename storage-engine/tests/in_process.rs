@@ -663,3 +663,14 @@ async fn certificates_rotate_under_write_load_without_a_failed_write() {
     let r = Client::connect_to(&n2.id, &n2.repl_address, t, Some(&old)).await;
     assert!(r.is_err(), "a certificate of the old CA no longer verifies the replica");
 }
+
+#[tokio::test]
+async fn snapshots_are_not_listed_as_exports() {
+    let c = attached(1, 1).await;
+    let e = c.engine(0);
+    let snap = e.snapshot("v", "s", BTreeMap::new()).await.unwrap();
+    // Its handle is loaded as at an engine start (or as a replication request loads it).
+    assert!(e.replica_volume(snap.record.id).await.is_some_and(|v| v.read_only), "the snapshot is known here");
+    let names: Vec<String> = e.exports().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, vec!["v".to_string()], "NBD_OPT_LIST offers only what can be opened");
+}

@@ -721,9 +721,11 @@ impl Service {
         Ok(())
     }
 
-    /// Names and sizes of the exports, for NBD_OPT_LIST.
+    /// Names and sizes of the exports, for NBD_OPT_LIST: volumes, not snapshots (which are not
+    /// served: a client that listed one could not open it).
     pub fn exports(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<(String, u64)> = self.volumes.read().values().filter(|v| !v.is_deleted()).map(|v| (v.name.clone(), v.size())).collect();
+        let mut v: Vec<(String, u64)> =
+            self.volumes.read().values().filter(|v| !v.is_deleted() && !v.read_only).map(|v| (v.name.clone(), v.size())).collect();
         v.sort();
         v
     }
