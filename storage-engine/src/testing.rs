@@ -62,15 +62,19 @@ impl TestCluster {
     /// A TLS identity for node `id` signed by the cluster CA (a node that is not in the
     /// cluster, or another node's, for tests of what a replica refuses).
     pub fn identity(&self, id: &str) -> Arc<crate::security::Tls> {
-        let dir = self.ca_dir.join(id);
-        crate::security::issue(&self.ca_dir, id, &dir).expect("a test certificate");
-        Arc::new(crate::security::Tls::load(&dir).expect("the test certificate loads"))
+        issue_identity(&self.ca_dir, id, &self.ca_dir.join(id))
     }
 
     /// The engine of node `i` (0-based).
     pub fn engine(&self, i: usize) -> &Arc<Service> {
         &self.nodes[i].engine
     }
+}
+
+/// Signs a certificate for node `id` with the CA in `ca_dir` into `dir`, and loads it.
+fn issue_identity(ca_dir: &std::path::Path, id: &str, dir: &std::path::Path) -> Arc<crate::security::Tls> {
+    crate::security::issue(ca_dir, id, dir).expect("a test certificate");
+    Arc::new(crate::security::Tls::load(dir).expect("the test certificate loads"))
 }
 
 impl TestNode {
@@ -98,9 +102,7 @@ impl TestNode {
         let data_dir = std::env::temp_dir().join(format!("strata-test-{}-{id}", uuid::Uuid::new_v4()));
         engine.repl.data_dir = data_dir.clone();
         engine.repl.timeout = Duration::from_secs(1);
-        let tls_dir = data_dir.join("tls");
-        crate::security::issue(ca_dir, id, &tls_dir).expect("a test certificate");
-        engine.use_tls(Arc::new(crate::security::Tls::load(&tls_dir).expect("the test certificate loads")));
+        engine.use_tls(issue_identity(ca_dir, id, &data_dir.join("tls")));
         let engine = engine.into_shared();
         let bounds = crate::replication::server::Bounds { requests: 512, bytes: 128 << 20 };
         let server = tokio::spawn(crate::replication::server::serve(listener, engine.clone(), bounds, engine.tls.clone()));

@@ -47,6 +47,20 @@ pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &
         }
         _ => None,
     };
+    // The volume's record, which must name the request's epoch.
+    let recorded = || -> Result<VolumeRecord, Refusal> {
+        let r = rec.clone().ok_or_else(|| Refusal::NotAllowed(format!("no volume with id {volume}")))?;
+        same_epoch(epoch, r.epoch, || format!("epoch {epoch} is newer than volume {}'s recorded epoch {}", r.name, r.epoch))?;
+        Ok(r)
+    };
+    // ... and that the sender may change (SHARE, RESTORE).
+    let recorded_from_target = || -> Result<VolumeRecord, Refusal> {
+        let r = recorded()?;
+        match not_target(&r) {
+            Some(why) => Err(Refusal::NotAllowed(why)),
+            None => Ok(r),
+        }
+    };
     match cmd {
         Command::Drop => match rec {
             None => Ok(()),
@@ -54,8 +68,7 @@ pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &
             Some(r) => not(format!("volume {} still lists node {me} as a replica and is not being deleted", r.name)),
         },
         Command::Hello { size } => {
-            let Some(r) = rec else { return not(format!("no volume with id {volume}")) };
-            at_epoch(&r, epoch)?;
+            let r = recorded()?;
             if r.target.is_empty() {
                 return not(format!("volume {} is not attached anywhere", r.name));
             }
@@ -68,11 +81,7 @@ pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &
             Ok(())
         }
         Command::Share { into } => {
-            let Some(r) = rec else { return not(format!("no volume with id {volume}")) };
-            at_epoch(&r, epoch)?;
-            if let Some(why) = not_target(&r) {
-                return not(why);
-            }
+            let r = recorded_from_target()?;
             let copy = records.iter().find(|d| d.id == *into).map(|d| d.clone().normalized(me));
             match copy {
                 Some(d) if d.pending == Some(PendingOp::Create) && d.has_replica(me) => Ok(()),
@@ -80,11 +89,7 @@ pub fn check(records: &[VolumeRecord], me: &str, volume: u64, epoch: u64, cmd: &
             }
         }
         Command::Restore { from } => {
-            let Some(r) = rec else { return not(format!("no volume with id {volume}")) };
-            at_epoch(&r, epoch)?;
-            if let Some(why) = not_target(&r) {
-                return not(why);
-            }
+            let r = recorded_from_target()?;
             let Some(PendingOp::Restore { snapshot }) = &r.pending else {
                 return not(format!("volume {} is not being restored", r.name));
             };
@@ -102,26 +107,19 @@ pub fn needs_record(cmd: &Command<impl Sized>) -> bool {
     matches!(cmd, Command::Hello { .. } | Command::Share { .. } | Command::Restore { .. } | Command::Drop)
 }
 
-fn at_epoch(r: &VolumeRecord, epoch: u64) -> Result<(), Refusal> {
-    if epoch < r.epoch {
-        return Err(Refusal::Stale(epoch, r.epoch));
+/// `epoch` must be `expected`: an older one is stale, a newer one is refused for `newer`.
+fn same_epoch(epoch: u64, expected: u64, newer: impl FnOnce() -> String) -> Result<(), Refusal> {
+    match epoch.cmp(&expected) {
+        std::cmp::Ordering::Less => Err(Refusal::Stale(epoch, expected)),
+        std::cmp::Ordering::Greater => Err(Refusal::NotAllowed(newer())),
+        std::cmp::Ordering::Equal => Ok(()),
     }
-    if epoch > r.epoch {
-        return Err(Refusal::NotAllowed(format!("epoch {epoch} is newer than volume {}'s recorded epoch {}", r.name, r.epoch)));
-    }
-    Ok(())
 }
 
 /// A data-path request's epoch against the newest this replica accepted a HELLO at: older is
 /// stale, newer was never announced (a HELLO checked against the record comes first).
 pub fn data_epoch(newest: u64, epoch: u64) -> Result<(), Refusal> {
-    if epoch < newest {
-        return Err(Refusal::Stale(epoch, newest));
-    }
-    if epoch > newest {
-        return Err(Refusal::NotAllowed(format!("epoch {epoch} was never announced to this replica (it is at {newest})")));
-    }
-    Ok(())
+    same_epoch(epoch, newest, || format!("epoch {epoch} was never announced to this replica (it is at {newest})"))
 }
 
 #[cfg(test)]

@@ -32,6 +32,11 @@ impl CallError {
     }
 }
 
+/// A connection to `addr` that did not open in time.
+fn timed_out(addr: &str) -> CallError {
+    CallError::Connect(addr.into(), std::io::Error::from(std::io::ErrorKind::TimedOut))
+}
+
 type Waiter = oneshot::Sender<(u32, Vec<u8>)>;
 
 struct Outgoing {
@@ -75,16 +80,17 @@ impl Client {
         let s = Self::tcp(addr, timeout).await?;
         let s = tokio::time::timeout(timeout, tls.connect(s, node))
             .await
-            .map_err(|_| CallError::Connect(addr.into(), std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+            .map_err(|_| timed_out(addr))?
             .map_err(|e| CallError::Connect(format!("{addr} (TLS to node {node})"), e))?;
         let (rd, wr) = tokio::io::split(s);
         Ok(Self::start(rd, wr, addr, timeout))
     }
 
+    /// TCP to `addr`, no delay.
     async fn tcp(addr: &str, timeout: Duration) -> Result<TcpStream, CallError> {
         let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| CallError::Connect(addr.into(), std::io::Error::from(std::io::ErrorKind::TimedOut)))?
+            .map_err(|_| timed_out(addr))?
             .map_err(|e| CallError::Connect(addr.into(), e))?;
         let _ = s.set_nodelay(true);
         Ok(s)
