@@ -5,6 +5,7 @@ pub mod logging;
 pub mod metrics;
 pub mod schedule;
 pub mod units;
+pub mod auth;
 
 /// The URI of an SDK endpoint given as `host:port` or as a full URI (`http://host:port`).
 pub fn endpoint_uri(endpoint: &str) -> String {

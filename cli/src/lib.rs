@@ -1,5 +1,6 @@
 //! stratactl: pxctl-style command line over the Strata SDK.
 
+pub mod context;
 mod render;
 mod table;
 
@@ -8,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use std::collections::HashMap;
 use strata_api::units::{format_size, parse_size};
 use strata_api::v1 as pb;
+use strata_api::auth::Bearer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -28,9 +31,16 @@ fn label_arg(s: &str) -> Result<(String, String), String> {
 #[derive(Debug, Parser)]
 #[command(name = "stratactl", version, about = "Manage Strata volumes, pools and the cluster")]
 pub struct Cli {
-    /// SDK endpoint of a strata-engine. Default: http://127.0.0.1:9020.
-    #[arg(long, global = true, env = "STRATA_ENDPOINT", default_value = "http://127.0.0.1:9020")]
-    pub endpoint: String,
+    /// SDK endpoint of a strata-engine. Default: the context's, else http://127.0.0.1:9020.
+    #[arg(long, global = true, env = "STRATA_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Bearer token for clusters that check tokens (see `stratactl auth token`). Default: the
+    /// context's, else none.
+    #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Use this saved context (endpoint and token) instead of the current one.
+    #[arg(long, global = true, env = "STRATA_CONTEXT")]
+    pub context: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -57,6 +67,65 @@ pub enum Cmd {
     /// Alerts raised by the cluster's nodes (checksum mismatches and repairs, ...).
     #[command(subcommand)]
     Alerts(AlertsCmd),
+    /// Saved endpoints and tokens (like pxctl's contexts), in ~/.strata/contexts.json.
+    #[command(subcommand)]
+    Context(ContextCmd),
+    /// Tokens for clusters that check them.
+    #[command(subcommand)]
+    Auth(AuthCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContextCmd {
+    /// Save a context (and make it current when it is the first).
+    Create {
+        name: String,
+        /// SDK endpoint (host:port or http://host:port).
+        #[arg(long)]
+        endpoint: String,
+        /// The bearer token to send.
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// A file holding the bearer token.
+        #[arg(long)]
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// Make a saved context the current one.
+    Use { name: String },
+    /// List saved contexts (tokens are not printed).
+    List,
+    /// Forget a saved context.
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCmd {
+    /// Print a signed token (JWT) for --subject with --role, for the SDK of a cluster whose
+    /// engines trust the key: the system key (--auth-system-key-file) or an issuer's key.
+    Token {
+        /// The key file: a shared secret (HS256, at least 32 bytes) or a PEM private key
+        /// (RSA: RS256; P-256: ES256).
+        #[arg(long)]
+        key_file: std::path::PathBuf,
+        /// Who the token is for: it owns the volumes it creates.
+        #[arg(long)]
+        subject: String,
+        /// admin, user or view; repeat for several.
+        #[arg(long = "role", value_parser = context::role_arg, default_value = "user")]
+        roles: Vec<strata_api::auth::Role>,
+        /// Groups the subject is in (for volumes shared with a group); repeat for several.
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// The issuer the token names (the engines must trust it).
+        #[arg(long, default_value = strata_api::auth::SYSTEM_ISSUER)]
+        issuer: String,
+        /// The audience the token names (the engines' --auth-audience).
+        #[arg(long, default_value = strata_api::auth::DEFAULT_AUDIENCE)]
+        audience: String,
+        /// How long the token is valid: seconds, or with s, m, h or d.
+        #[arg(long, value_parser = context::duration_arg, default_value = "24h")]
+        ttl: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -212,6 +281,23 @@ pub struct CreateArgs {
     /// File whose content is the passphrase (a key file works too; at least 8 bytes).
     #[arg(long)]
     pub passphrase_file: Option<std::path::PathBuf>,
+    /// The owner of the volume (admins only; others own what they create).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// A collaborator, NAME=read|write; repeat for several.
+    #[arg(long = "collaborator", value_parser = grant_arg)]
+    pub collaborators: Vec<(String, String)>,
+    /// A group collaborator, GROUP=read|write; repeat for several.
+    #[arg(long = "group", value_parser = grant_arg)]
+    pub groups: Vec<(String, String)>,
+}
+
+/// NAME=read|write (or NAME=none, in `volume update`, to remove a collaborator).
+fn grant_arg(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, a)) if !n.is_empty() && matches!(a, "read" | "write" | "none") => Ok((n.to_string(), a.to_string())),
+        _ => Err(format!("{s:?}: give NAME=read, NAME=write (or NAME=none to remove)")),
+    }
 }
 
 /// The passphrase from --passphrase-file, else $STRATA_PASSPHRASE, else none.
@@ -238,6 +324,32 @@ pub struct UpdateArgs {
     pub snap_schedule: Option<String>,
     #[command(flatten)]
     pub qos: QosArgs,
+    /// Give the volume to this owner (admins only).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Add or change a collaborator, NAME=read|write, or remove one with NAME=none; repeat for
+    /// several (the owner or an admin only).
+    #[arg(long = "collaborator", value_parser = grant_arg)]
+    pub collaborators: Vec<(String, String)>,
+    /// The same for a group, GROUP=read|write|none.
+    #[arg(long = "group", value_parser = grant_arg)]
+    pub groups: Vec<(String, String)>,
+}
+
+/// `o` with the grants applied (`none` removes).
+fn apply_grants(o: &mut pb::Ownership, owner: Option<String>, users: Vec<(String, String)>, groups: Vec<(String, String)>) {
+    if let Some(owner) = owner {
+        o.owner = owner;
+    }
+    for (map, grants) in [(&mut o.users, users), (&mut o.groups, groups)] {
+        for (name, access) in grants {
+            if access == "none" {
+                map.remove(&name);
+            } else {
+                map.insert(name, access);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,14 +371,19 @@ pub enum PoolCmd {
     Show,
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<Channel> {
+/// A channel to the SDK that sends the token with every call.
+type Sdk = InterceptedService<Channel, Bearer>;
+
+async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Sdk> {
     let ep = strata_api::endpoint_uri(endpoint);
-    Channel::from_shared(ep.clone())
+    let bearer = Bearer::new(Some(token)).map_err(|e| anyhow!("--token: {e}"))?;
+    let ch = Channel::from_shared(ep.clone())
         .map_err(|e| anyhow!("invalid endpoint {endpoint:?}: {e}"))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("cannot reach the Strata engine at {ep}: is strata-engine running? (set --endpoint or STRATA_ENDPOINT)"))
+        .with_context(|| format!("cannot reach the Strata engine at {ep}: is strata-engine running? (set --endpoint or STRATA_ENDPOINT)"))?;
+    Ok(InterceptedService::new(ch, bearer))
 }
 
 /// Turns an SDK status into a message that says what happened.
@@ -278,13 +395,15 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
         tonic::Code::ResourceExhausted => "out of space",
         tonic::Code::FailedPrecondition => "not possible now",
         tonic::Code::Unavailable => "engine unavailable",
+        tonic::Code::Unauthenticated => "not authenticated (pass --token, set STRATA_TOKEN or use a context)",
+        tonic::Code::PermissionDenied => "permission denied",
         _ => "engine error",
     };
     anyhow!("{code}: {}", s.message())
 }
 
 async fn snapshot_cmd(
-    c: &mut pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>,
+    c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>,
     cmd: SnapshotCmd,
     json: bool,
 ) -> anyhow::Result<()> {
@@ -314,10 +433,64 @@ async fn snapshot_cmd(
     Ok(())
 }
 
+/// Commands that need no engine: contexts and tokens.
+fn run_local(cmd: &Cmd, json: bool) -> anyhow::Result<bool> {
+    match cmd {
+        Cmd::Context(c) => {
+            let mut all = context::Contexts::load()?;
+            match c {
+                ContextCmd::Create { name, endpoint, token, token_file } => {
+                    let token = match (token, token_file) {
+                        (Some(t), _) => t.trim().to_string(),
+                        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
+                        (None, None) => String::new(),
+                    };
+                    all.contexts.insert(name.clone(), context::Context { endpoint: endpoint.clone(), token });
+                    if all.current.is_empty() {
+                        all.current = name.clone();
+                    }
+                    all.save()?;
+                    println!("context {name} saved in {}{}", context::config_path().display(), if all.current == *name { " (current)" } else { "" });
+                }
+                ContextCmd::Use { name } => {
+                    if !all.contexts.contains_key(name) {
+                        bail!("no context named {name:?}; `stratactl context list` shows the saved ones");
+                    }
+                    all.current = name.clone();
+                    all.save()?;
+                    println!("current context: {name}");
+                }
+                ContextCmd::List => print!("{}", render::contexts(&all, json)),
+                ContextCmd::Delete { name } => {
+                    if all.contexts.remove(name).is_none() {
+                        bail!("no context named {name:?}");
+                    }
+                    if all.current == *name {
+                        all.current.clear();
+                    }
+                    all.save()?;
+                    println!("context {name} deleted");
+                }
+            }
+            Ok(true)
+        }
+        Cmd::Auth(AuthCmd::Token { key_file, subject, roles, groups, issuer, audience, ttl }) => {
+            println!("{}", context::mint(key_file, subject, issuer, audience, roles, groups, *ttl)?);
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let ch = connect(&cli.endpoint).await?;
     let json = cli.json;
+    if run_local(&cli.command, json)? {
+        return Ok(());
+    }
+    let target = context::resolve(cli.endpoint.as_deref(), cli.token.as_deref(), cli.context.as_deref())?;
+    let ch = connect(&target.endpoint, &target.token).await?;
     match cli.command {
+        Cmd::Context(_) | Cmd::Auth(_) => {}
         Cmd::Status => {
             let s =
                 pb::cluster_service_client::ClusterServiceClient::new(ch).status(pb::ClusterStatusRequest {}).await.map_err(status_err)?.into_inner();
@@ -347,6 +520,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         zones: a.zones,
                         racks: a.racks,
                         secure: a.secure,
+                        ownership: (a.owner.is_some() || !a.collaborators.is_empty() || !a.groups.is_empty()).then(|| {
+                            let mut o = pb::Ownership::default();
+                            apply_grants(&mut o, a.owner, a.collaborators, a.groups);
+                            o
+                        }),
                         ..Default::default()
                     };
                     let passphrase = passphrase(&a.passphrase_file)?;
@@ -373,9 +551,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         || q.io_throttle_wr_iops.is_some()
                         || q.io_throttle_rd_bw.is_some()
                         || q.io_throttle_wr_bw.is_some();
-                    if a.size.is_none() && a.labels.is_empty() && !qos_given && a.snap_schedule.is_none() {
-                        bail!("nothing to update: pass --size, --label key=value, --snap-schedule and/or --io-throttle-*");
+                    let grants = a.owner.is_some() || !a.collaborators.is_empty() || !a.groups.is_empty();
+                    if a.size.is_none() && a.labels.is_empty() && !qos_given && a.snap_schedule.is_none() && !grants {
+                        bail!("nothing to update: pass --size, --label key=value, --snap-schedule, --io-throttle-*, --owner and/or --collaborator");
                     }
+                    let ownership = if grants {
+                        let cur = c.inspect(pb::InspectVolumeRequest { name: a.name.clone() }).await.map_err(status_err)?.into_inner().volume;
+                        let mut o = cur.and_then(|v| v.spec).and_then(|s| s.ownership).unwrap_or_default();
+                        apply_grants(&mut o, a.owner, a.collaborators, a.groups);
+                        Some(o)
+                    } else {
+                        None
+                    };
                     let mut labels: HashMap<String, String> = a.labels.into_iter().collect();
                     if let Some(s) = a.snap_schedule {
                         labels.insert("snap_schedule".into(), s);
@@ -388,6 +575,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         io_throttle_wr_iops: q.io_throttle_wr_iops,
                         io_throttle_rd_bw: q.io_throttle_rd_bw,
                         io_throttle_wr_bw: q.io_throttle_wr_bw,
+                        ownership,
                     };
                     let v = c.update(req).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
@@ -420,7 +608,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 VolumeCmd::Snapshot(cmd) => snapshot_cmd(&mut c, cmd, json).await?,
                 VolumeCmd::Clone { source, name, labels } => {
-                    let req = pb::CloneVolumeRequest { source, name, labels: labels.into_iter().collect() };
+                    let req = pb::CloneVolumeRequest { source, name, labels: labels.into_iter().collect(), ownership: None };
                     let v = c.clone_volume(req).await.map_err(status_err)?.into_inner().volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
                     print!(
                         "{}",
@@ -455,7 +643,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                                 .iter()
                                 .find(|n| n.id == id)
                                 .ok_or_else(|| anyhow!("node {id} is not in the cluster; see stratactl cluster list"))?;
-                            connect(&format!("http://{}", n.sdk_address)).await?
+                            connect(&format!("http://{}", n.sdk_address), &target.token).await?
                         }
                         None => ch,
                     };

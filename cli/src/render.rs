@@ -36,7 +36,35 @@ pub fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "pool_uuid": v.pool_uuid,
         "created_unix": v.created_unix,
         "snapshot_of": (!v.snapshot_of.is_empty()).then_some(&v.snapshot_of),
+        "ownership": spec.ownership.as_ref().map(|o| json!({"owner": o.owner, "users": o.users, "groups": o.groups})),
     })
+}
+
+fn ownership_text(o: Option<&pb::Ownership>) -> (String, String) {
+    let Some(o) = o else { return ("-".into(), "-".into()) };
+    let mut c: Vec<String> =
+        o.users.iter().map(|(k, a)| format!("{k}={a}")).chain(o.groups.iter().map(|(k, a)| format!("group:{k}={a}"))).collect();
+    c.sort();
+    let owner = if o.owner.is_empty() { "-".to_string() } else { o.owner.clone() };
+    (owner, if c.is_empty() { "-".into() } else { c.join(",") })
+}
+
+/// `context list`: names, endpoints and whether a token is saved (never the token).
+pub fn contexts(all: &crate::context::Contexts, json: bool) -> String {
+    if json {
+        let v: Vec<_> = all
+            .contexts
+            .iter()
+            .map(|(name, c)| json!({"name": name, "endpoint": c.endpoint, "token": !c.token.is_empty(), "current": *name == all.current}))
+            .collect();
+        return doc(serde_json::Value::Array(v));
+    }
+    let mut t = Table::new(&["CURRENT", "NAME", "ENDPOINT", "TOKEN"]);
+    for (name, c) in &all.contexts {
+        let current = if *name == all.current { "*" } else { "" };
+        t.row(vec![current.into(), name.clone(), c.endpoint.clone(), if c.token.is_empty() { "no" } else { "yes" }.into()]);
+    }
+    t.render()
 }
 
 pub fn labels_text(l: &HashMap<String, String>) -> String {
@@ -89,6 +117,8 @@ fn volume_fields(v: &pb::Volume) -> String {
         ("Encrypted", if spec.secure { "yes (AES-256-XTS)".into() } else { "no".into() }),
         ("Pool", v.pool_uuid.clone()),
         ("Snapshot of", if v.snapshot_of.is_empty() { "-".into() } else { v.snapshot_of.clone() }),
+        ("Owner", ownership_text(spec.ownership.as_ref()).0),
+        ("Collaborators", ownership_text(spec.ownership.as_ref()).1),
     ] {
         t.row(vec![k.into(), val]);
     }

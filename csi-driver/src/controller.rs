@@ -207,9 +207,8 @@ fn page_of(names: &[&str], token: &str, max_entries: i32) -> Result<(usize, usiz
 
 impl Controller {
     /// Grows a (detached, just made) volume to `size`.
-    async fn grow(&self, name: &str, size: i64) -> Result<pb::Volume, Status> {
-        let grown = self
-            .sdk
+    async fn grow(sdk: &Sdk, name: &str, size: i64) -> Result<pb::Volume, Status> {
+        let grown = sdk
             .volumes()
             .update(pb::UpdateVolumeRequest { name: name.to_string(), size_bytes: size as u64, ..Default::default() })
             .await
@@ -219,8 +218,8 @@ impl Controller {
 
     /// CreateVolume from a snapshot or a volume: a clone (shared extents) on the source's
     /// replica nodes, grown when the request asks for more than the source's size.
-    async fn create_from(&self, r: &csi::CreateVolumeRequest, p: &VolumeParams, src: Source) -> Result<csi::Volume, Status> {
-        let sv = src.find(&self.sdk).await?;
+    async fn create_from(sdk: &Sdk, r: &csi::CreateVolumeRequest, p: &VolumeParams, src: Source) -> Result<csi::Volume, Status> {
+        let sv = src.find(sdk).await?;
         let src_size = sv.spec.as_ref().map_or(0, |s| s.size_bytes) as i64;
         let range = r.capacity_range.as_ref();
         let want = if range.is_some_and(|c| c.required_bytes > 0) { size_for(range)? } else { src_size };
@@ -230,20 +229,33 @@ impl Controller {
         if sv.spec.as_ref().is_some_and(|s| s.secure) != p.secure {
             return Err(Status::invalid_argument(format!("secure: a copy of {} is encrypted exactly when its source is", src.name())));
         }
-        let req = pb::CloneVolumeRequest { source: src.name().to_string(), name: r.name.clone(), labels: p.labels.clone().into_iter().collect() };
-        let mut v = match self.sdk.volumes().clone_volume(req).await {
+        let req = pb::CloneVolumeRequest {
+            source: src.name().to_string(),
+            name: r.name.clone(),
+            labels: p.labels.clone().into_iter().collect(),
+            ownership: namespace_owner(p),
+        };
+        let mut v = match sdk.volumes().clone_volume(req).await {
             Ok(resp) => resp.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))?,
             Err(s) if s.code() == Code::NotFound => return Err(Status::not_found(s.message().to_string())),
             Err(s) => return Err(map_sdk(s)),
         };
         if want > src_size {
-            v = self.grow(&r.name, want).await?;
+            v = Self::grow(sdk, &r.name, want).await?;
         }
         let mut out = csi_volume(&v, &p.fs);
         out.content_source = Some(src.content());
         out.accessible_topology = accessible_topology(r.accessibility_requirements.as_ref());
         Ok(out)
     }
+}
+
+/// The owner a volume made for a PVC asks for: the PVC's namespace (from the provisioner's
+/// --extra-create-metadata). The engine honours it for an admin token; with a namespace's own
+/// token (its secret's `auth-token`) the token's subject owns the volume.
+fn namespace_owner(p: &VolumeParams) -> Option<pb::Ownership> {
+    let ns = p.labels.get("k8s_pvc_namespace").filter(|n| !n.is_empty())?;
+    Some(pb::Ownership { owner: ns.clone(), ..Default::default() })
 }
 
 fn map_sdk(s: Status) -> Status {
@@ -275,8 +287,9 @@ impl csi::controller_server::Controller for Controller {
         } else {
             Vec::new()
         };
+        let sdk = self.sdk.for_secrets(&r.secrets)?;
         let _busy = self.inflight.begin(&r.name)?;
-        if let Some(mut v) = self.sdk.inspect(&r.name).await.map_err(map_sdk)? {
+        if let Some(mut v) = sdk.inspect(&r.name).await.map_err(map_sdk)? {
             let mut spec = v.spec.clone().unwrap_or_default();
             // A copy has its source's replicas, whatever repl says; one whose grow to the requested
             // size failed earlier is grown now.
@@ -287,7 +300,7 @@ impl csi::controller_server::Controller for Controller {
                 && (spec.size_bytes as i64) < want
                 && r.capacity_range.as_ref().is_some_and(|c| c.required_bytes > 0)
             {
-                v = self.grow(&r.name, want).await?;
+                v = Self::grow(&sdk, &r.name, want).await?;
                 spec = v.spec.clone().unwrap_or_default();
             }
             if !v.snapshot_of.is_empty() || !size_fits(spec.size_bytes as i64, r.capacity_range.as_ref()) || repl_differs || spec.secure != p.secure {
@@ -302,7 +315,7 @@ impl csi::controller_server::Controller for Controller {
             return Ok(Response::new(csi::CreateVolumeResponse { volume: Some(out) }));
         }
         if let Some(src) = source {
-            return self.create_from(&r, &p, src).await.map(|v| Response::new(csi::CreateVolumeResponse { volume: Some(v) }));
+            return Self::create_from(&sdk, &r, &p, src).await.map(|v| Response::new(csi::CreateVolumeResponse { volume: Some(v) }));
         }
         let spec = pb::VolumeSpec {
             size_bytes: size as u64,
@@ -314,13 +327,14 @@ impl csi::controller_server::Controller for Controller {
             racks: p.racks.clone(),
             secure: p.secure,
             preferred_node: preferred_node(r.accessibility_requirements.as_ref()).unwrap_or_default(),
+            ownership: namespace_owner(&p),
         };
-        let created = self.sdk.volumes().create(pb::CreateVolumeRequest { name: r.name.clone(), spec: Some(spec), passphrase }).await;
+        let created = sdk.volumes().create(pb::CreateVolumeRequest { name: r.name.clone(), spec: Some(spec), passphrase }).await;
         let v = match created {
             Ok(resp) => resp.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))?,
             // Created meanwhile by someone else: answer as for an existing one.
             Err(s) if s.code() == Code::AlreadyExists => {
-                self.sdk.inspect(&r.name).await.map_err(map_sdk)?.ok_or_else(|| Status::aborted("volume vanished while being created; retry"))?
+                sdk.inspect(&r.name).await.map_err(map_sdk)?.ok_or_else(|| Status::aborted("volume vanished while being created; retry"))?
             }
             // Placement: not enough nodes for repl is a capacity problem for the CO.
             Err(s) if s.code() == Code::FailedPrecondition => return Err(Status::resource_exhausted(s.message().to_string())),
@@ -332,16 +346,18 @@ impl csi::controller_server::Controller for Controller {
     }
 
     async fn delete_volume(&self, req: Request<csi::DeleteVolumeRequest>) -> Result<Response<csi::DeleteVolumeResponse>, Status> {
-        let id = req.into_inner().volume_id;
+        let r = req.into_inner();
+        let sdk = self.sdk.for_secrets(&r.secrets)?;
+        let id = r.volume_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("volume_id is required"));
         }
         let _busy = self.inflight.begin(&id)?;
         // A snapshot's id is not a volume that exists: nothing to delete.
-        if self.sdk.inspect(&id).await.map_err(map_sdk)?.is_some_and(|v| !v.snapshot_of.is_empty()) {
+        if sdk.inspect(&id).await.map_err(map_sdk)?.is_some_and(|v| !v.snapshot_of.is_empty()) {
             return Ok(Response::new(csi::DeleteVolumeResponse {}));
         }
-        match self.sdk.volumes().delete(pb::DeleteVolumeRequest { name: id, force: false }).await {
+        match sdk.volumes().delete(pb::DeleteVolumeRequest { name: id, force: false }).await {
             Ok(_) => Ok(Response::new(csi::DeleteVolumeResponse {})),
             Err(s) if s.code() == Code::NotFound => Ok(Response::new(csi::DeleteVolumeResponse {})),
             Err(s) => Err(map_sdk(s)),
@@ -463,20 +479,21 @@ impl csi::controller_server::Controller for Controller {
         if r.source_volume_id.is_empty() {
             return Err(Status::invalid_argument("source_volume_id is required"));
         }
+        let sdk = self.sdk.for_secrets(&r.secrets)?;
         let _busy = self.inflight.begin(&r.name)?;
-        if let Some(v) = self.sdk.inspect(&r.name).await.map_err(map_sdk)? {
+        if let Some(v) = sdk.inspect(&r.name).await.map_err(map_sdk)? {
             if v.snapshot_of == r.source_volume_id {
                 return Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&v)) }));
             }
             let what = if v.snapshot_of.is_empty() { "a volume".to_string() } else { format!("a snapshot of volume {}", v.snapshot_of) };
             return Err(Status::already_exists(format!("{} is already {what}, not a snapshot of {}", r.name, r.source_volume_id)));
         }
-        match self.sdk.inspect(&r.source_volume_id).await.map_err(map_sdk)? {
+        match sdk.inspect(&r.source_volume_id).await.map_err(map_sdk)? {
             Some(v) if v.snapshot_of.is_empty() => {}
             _ => return Err(Status::not_found(format!("source volume {} does not exist", r.source_volume_id))),
         }
         let req = pb::SnapshotCreateRequest { volume: r.source_volume_id.clone(), name: r.name.clone(), labels: Default::default() };
-        let snap = match self.sdk.volumes().snapshot_create(req).await {
+        let snap = match sdk.volumes().snapshot_create(req).await {
             Ok(resp) => resp.into_inner().snapshot.ok_or_else(|| Status::internal("engine returned no snapshot"))?,
             Err(s) if s.code() == Code::NotFound => return Err(Status::not_found(s.message().to_string())),
             Err(s) => return Err(map_sdk(s)),
@@ -485,17 +502,19 @@ impl csi::controller_server::Controller for Controller {
     }
 
     async fn delete_snapshot(&self, req: Request<csi::DeleteSnapshotRequest>) -> Result<Response<csi::DeleteSnapshotResponse>, Status> {
-        let id = req.into_inner().snapshot_id;
+        let r = req.into_inner();
+        let sdk = self.sdk.for_secrets(&r.secrets)?;
+        let id = r.snapshot_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("snapshot_id is required"));
         }
         let _busy = self.inflight.begin(&id)?;
         // Only a snapshot goes: an id naming a volume is not a snapshot that exists.
-        match self.sdk.inspect(&id).await.map_err(map_sdk)? {
+        match sdk.inspect(&id).await.map_err(map_sdk)? {
             Some(v) if !v.snapshot_of.is_empty() => {}
             _ => return Ok(Response::new(csi::DeleteSnapshotResponse {})),
         }
-        match self.sdk.volumes().delete(pb::DeleteVolumeRequest { name: id, force: false }).await {
+        match sdk.volumes().delete(pb::DeleteVolumeRequest { name: id, force: false }).await {
             Ok(_) => Ok(Response::new(csi::DeleteSnapshotResponse {})),
             Err(s) if s.code() == Code::NotFound => Ok(Response::new(csi::DeleteSnapshotResponse {})),
             Err(s) => Err(map_sdk(s)),
@@ -529,9 +548,9 @@ impl csi::controller_server::Controller for Controller {
         }
         let range = r.capacity_range.ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
         let size = size_for(Some(&range))?;
+        let sdk = self.sdk.for_secrets(&r.secrets)?;
         let _busy = self.inflight.begin(&r.volume_id)?;
-        let v = self
-            .sdk
+        let v = sdk
             .inspect(&r.volume_id)
             .await
             .map_err(map_sdk)?
@@ -541,7 +560,7 @@ impl csi::controller_server::Controller for Controller {
         if current >= size {
             return Ok(Response::new(csi::ControllerExpandVolumeResponse { capacity_bytes: current, node_expansion_required: !block }));
         }
-        let target = self.sdk.for_volume(&v).await?;
+        let target = sdk.for_volume(&v).await?;
         let grown = target
             .volumes()
             .update(pb::UpdateVolumeRequest { name: r.volume_id.clone(), size_bytes: size as u64, ..Default::default() })

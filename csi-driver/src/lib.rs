@@ -36,6 +36,10 @@ pub struct Config {
     /// The engine SDK (host:port). Default: 127.0.0.1:9020.
     #[arg(long, env = "STRATA_SDK", default_value = "127.0.0.1:9020")]
     pub sdk: String,
+    /// A file holding the driver's own SDK token, for clusters whose engines check tokens (calls
+    /// whose CSI secrets carry `auth-token` use that one instead). Default: none.
+    #[arg(long, env = "STRATA_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// This node's id (the Strata node id and the Kubernetes node name).
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_id: String,
@@ -112,7 +116,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let listener = tokio::net::UnixListener::bind(&path)?;
-    let sdk = sdk::Sdk::lazy(&cfg.sdk)?;
+    let token = match &cfg.token_file {
+        Some(f) => Some(std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?.trim().to_string()),
+        None => None,
+    };
+    let sdk = sdk::Sdk::lazy(&cfg.sdk)?.with_token(token.as_deref())?;
     let identity = csi::identity_server::IdentityServer::new(identity::Identity { sdk: sdk.clone(), controller: cfg.mode == Mode::Controller });
     let mut server = tonic::transport::Server::builder();
     let router = match cfg.mode {

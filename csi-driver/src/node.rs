@@ -130,7 +130,8 @@ impl csi::node_server::Node for Node {
         self.volume(&id).await?;
         // This node becomes the volume's target (a no-op when it already is).
         let passphrase = r.secrets.get("passphrase").map(|s| s.as_bytes().to_vec()).unwrap_or_default();
-        self.sdk.volumes().attach(pb::AttachVolumeRequest { name: id.clone(), force: false, passphrase }).await.map_err(|s| {
+        let sdk = self.sdk.for_secrets(&r.secrets)?;
+        sdk.volumes().attach(pb::AttachVolumeRequest { name: id.clone(), force: false, passphrase }).await.map_err(|s| {
             if s.code() == Code::FailedPrecondition {
                 Status::failed_precondition(s.message().to_string())
             } else {

@@ -1,9 +1,18 @@
 //! The engine SDK as the driver uses it: one channel to the local (or cluster) engine, and
 //! channels to other nodes' engines when a change must go through a volume's target.
 
+use strata_api::auth::Bearer;
 use strata_api::v1 as pb;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Status;
+
+/// The secret key (in a StorageClass's provisioner, node-stage, ... secrets) whose value is the
+/// token calls for that volume are made with (Portworx's key).
+pub const TOKEN_SECRET_KEY: &str = "auth-token";
+
+/// A channel that sends a token with every call.
+pub type Authed = InterceptedService<Channel, Bearer>;
 
 /// A failed SDK call as the CO sees it: the engine is unavailable, and why.
 pub fn unavailable(s: Status) -> Status {
@@ -12,7 +21,9 @@ pub fn unavailable(s: Status) -> Status {
 
 #[derive(Clone)]
 pub struct Sdk {
-    pub ch: Channel,
+    ch: Channel,
+    /// The driver's own token (--token-file), or the request's from its secrets.
+    bearer: Bearer,
 }
 
 fn uri(addr: &str) -> String {
@@ -23,23 +34,46 @@ impl Sdk {
     /// A lazily connected channel: the driver starts even while the engine is not up yet
     /// (Probe says not ready until it answers).
     pub fn lazy(addr: &str) -> anyhow::Result<Sdk> {
+        Sdk::lazy_with(addr, Bearer::default())
+    }
+
+    fn lazy_with(addr: &str, bearer: Bearer) -> anyhow::Result<Sdk> {
         let ch = Channel::from_shared(uri(addr))?
             .connect_timeout(std::time::Duration::from_secs(3))
             .timeout(std::time::Duration::from_secs(60))
             .connect_lazy();
-        Ok(Sdk { ch })
+        Ok(Sdk { ch, bearer })
     }
 
-    pub fn volumes(&self) -> pb::volume_service_client::VolumeServiceClient<Channel> {
-        pb::volume_service_client::VolumeServiceClient::new(self.ch.clone())
+    /// This SDK sending `token` (none: no token).
+    pub fn with_token(mut self, token: Option<&str>) -> anyhow::Result<Sdk> {
+        self.bearer = Bearer::new(token).map_err(|e| anyhow::anyhow!("the SDK token: {e}"))?;
+        Ok(self)
+    }
+
+    /// The SDK as a request's secrets say: with the token under `auth-token`, else with the
+    /// driver's own.
+    pub fn for_secrets(&self, secrets: &std::collections::HashMap<String, String>) -> Result<Sdk, Status> {
+        match secrets.get(TOKEN_SECRET_KEY) {
+            None => Ok(self.clone()),
+            Some(t) => self.clone().with_token(Some(t)).map_err(|e| Status::invalid_argument(format!("secret {TOKEN_SECRET_KEY}: {e}"))),
+        }
+    }
+
+    fn authed(&self) -> Authed {
+        InterceptedService::new(self.ch.clone(), self.bearer.clone())
+    }
+
+    pub fn volumes(&self) -> pb::volume_service_client::VolumeServiceClient<Authed> {
+        pb::volume_service_client::VolumeServiceClient::new(self.authed())
     }
 
     pub async fn status(&self) -> Result<pb::ClusterStatusResponse, Status> {
-        Ok(pb::cluster_service_client::ClusterServiceClient::new(self.ch.clone()).status(pb::ClusterStatusRequest {}).await?.into_inner())
+        Ok(pb::cluster_service_client::ClusterServiceClient::new(self.authed()).status(pb::ClusterStatusRequest {}).await?.into_inner())
     }
 
     pub async fn nodes(&self) -> Result<Vec<pb::Node>, Status> {
-        Ok(pb::node_service_client::NodeServiceClient::new(self.ch.clone()).list(pb::ListNodesRequest {}).await?.into_inner().nodes)
+        Ok(pb::node_service_client::NodeServiceClient::new(self.authed()).list(pb::ListNodesRequest {}).await?.into_inner().nodes)
     }
 
     /// The volume, or None when the engine says it does not exist.
@@ -58,7 +92,7 @@ impl Sdk {
         }
         let nodes = self.nodes().await?;
         match nodes.iter().find(|n| n.id == v.attached_node) {
-            Some(n) => Sdk::lazy(&n.sdk_address).map_err(|e| Status::unavailable(e.to_string())),
+            Some(n) => Sdk::lazy_with(&n.sdk_address, self.bearer.clone()).map_err(|e| Status::unavailable(e.to_string())),
             None => Ok(self.clone()),
         }
     }

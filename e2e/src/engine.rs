@@ -172,6 +172,11 @@ impl EngineProc {
         crate::Sdk::new(&self.sdk)
     }
 
+    /// A client of this engine's SDK that sends `token`.
+    pub fn sdk_as(&self, token: &str) -> crate::Sdk {
+        crate::Sdk::with_token(&self.sdk, Some(token))
+    }
+
     /// The process id while running (for SIGSTOP/SIGCONT).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

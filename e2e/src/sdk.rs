@@ -3,16 +3,29 @@
 
 use strata_api::v1 as pb;
 
+type Channel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, strata_api::auth::Bearer>;
+
 pub struct Sdk {
     rt: tokio::runtime::Runtime,
-    ch: tonic::transport::Channel,
+    ch: Channel,
 }
 
 impl Sdk {
     pub fn new(addr: &str) -> Sdk {
+        Sdk::with_token(addr, None)
+    }
+
+    /// A client that sends `token` with every call.
+    pub fn with_token(addr: &str, token: Option<&str>) -> Sdk {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let ch = rt.block_on(tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect()).unwrap();
-        Sdk { rt, ch }
+        let bearer = strata_api::auth::Bearer::new(token).unwrap();
+        Sdk { rt, ch: tonic::service::interceptor::InterceptedService::new(ch, bearer) }
+    }
+
+    pub fn try_list(&self) -> Result<Vec<pb::Volume>, tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.list(pb::ListVolumesRequest {})).map(|r| r.into_inner().volumes)
     }
 
     pub fn create(&self, name: &str, size: u64) -> Result<pb::Volume, tonic::Status> {
@@ -95,7 +108,7 @@ impl Sdk {
 
     pub fn clone_volume(&self, source: &str, name: &str) -> Result<pb::Volume, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        let req = pb::CloneVolumeRequest { source: source.into(), name: name.into(), labels: Default::default() };
+        let req = pb::CloneVolumeRequest { source: source.into(), name: name.into(), ..Default::default() };
         self.rt.block_on(c.clone_volume(req)).map(|r| r.into_inner().volume.unwrap())
     }
 

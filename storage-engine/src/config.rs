@@ -118,6 +118,25 @@ pub struct RunArgs {
     /// target. Default: none (plaintext replication; the engine warns).
     #[arg(long, env = "STRATA_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// The cluster's system key (a file holding a secret of at least 32 bytes, the same on every
+    /// node): the SDK then takes only calls with a bearer token (JWT) signed by it or by an
+    /// --auth-issuer, and checks each call's role and the volume's owner and collaborators.
+    /// Engines sign their calls to each other with it. Default: none (the SDK is open; the
+    /// engine warns).
+    #[arg(long, env = "STRATA_AUTH_SYSTEM_KEY_FILE")]
+    pub auth_system_key_file: Option<PathBuf>,
+    /// A token issuer to trust, as NAME=KEYFILE: tokens whose `iss` is NAME verify with the key
+    /// in KEYFILE (a PEM RSA or P-256 public key for RS256/ES256, else a shared secret for
+    /// HS256). Repeat for several. Needs --auth-system-key-file. Default: none.
+    #[arg(long = "auth-issuer", env = "STRATA_AUTH_ISSUERS", value_delimiter = ',', value_parser = issuer_arg)]
+    pub auth_issuers: Vec<(String, PathBuf)>,
+    /// The audience tokens must name (`aud`). Default: strata.
+    #[arg(long, env = "STRATA_AUTH_AUDIENCE", default_value = strata_api::auth::DEFAULT_AUDIENCE)]
+    pub auth_audience: String,
+    /// Seconds of clock difference allowed when checking a token's expiry and not-before.
+    /// Default: 60.
+    #[arg(long, env = "STRATA_AUTH_CLOCK_SKEW", default_value_t = 60)]
+    pub auth_clock_skew: u64,
     /// The address other engines use to reach --repl-listen (host:port). Default: the bound
     /// replication address.
     #[arg(long, env = "STRATA_ADVERTISE")]
@@ -204,4 +223,11 @@ pub fn worker_threads(requested: usize) -> usize {
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     (cores / 2).max(1)
+}
+
+fn issuer_arg(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, file)) if !name.trim().is_empty() && !file.trim().is_empty() => Ok((name.trim().to_string(), PathBuf::from(file.trim()))),
+        _ => Err(format!("{s:?}: give an issuer as NAME=KEYFILE (e.g. https://idp.example=/etc/strata/idp.pem)")),
+    }
 }

@@ -68,6 +68,7 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
             "replication is plaintext and unauthenticated (no --tls-dir): any host that reaches the replication port can read and write replicas"
         ),
     }
+    engine.auth = load_auth(args, &node_id)?;
     engine.distrust_local_replicas_if_salvaged().await?;
     engine.local.readahead_window.store(args.readahead, std::sync::atomic::Ordering::Relaxed);
     engine.repl = crate::replication::target::TargetConfig {
@@ -77,6 +78,28 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
         data_dir: args.data_dir.clone(),
     };
     Ok(engine.into_shared())
+}
+
+/// The SDK's token rules from --auth-*, or None (open SDK, with a warning).
+fn load_auth(args: &RunArgs, node_id: &str) -> anyhow::Result<Option<Arc<crate::sdk::auth::Auth>>> {
+    let Some(path) = &args.auth_system_key_file else {
+        if !args.auth_issuers.is_empty() {
+            bail!("--auth-issuer needs --auth-system-key-file (the cluster's own key, which turns token checks on)");
+        }
+        tracing::warn!("the SDK is open (no --auth-system-key-file): anyone who reaches the SDK port may change any volume");
+        return Ok(None);
+    };
+    let system = std::fs::read(path).with_context(|| format!("--auth-system-key-file {}", path.display()))?;
+    let mut issuers = Vec::new();
+    for (name, file) in &args.auth_issuers {
+        let content = std::fs::read(file).with_context(|| format!("--auth-issuer {name}={}", file.display()))?;
+        let key = strata_api::auth::IssuerKey::from_file_content(&content).map_err(|e| anyhow::anyhow!("--auth-issuer {name}={}: {e}", file.display()))?;
+        issuers.push((name.clone(), key));
+    }
+    let skew = std::time::Duration::from_secs(args.auth_clock_skew);
+    let auth = crate::sdk::auth::Auth::new(node_id, &system, &issuers, &args.auth_audience, skew).map_err(|e| anyhow::anyhow!("--auth-system-key-file {}: {e}", path.display()))?;
+    tracing::info!(issuers = ?auth.verifier.issuers().collect::<Vec<_>>(), audience = %args.auth_audience, "the SDK takes only calls with a valid token");
+    Ok(Some(Arc::new(auth)))
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {

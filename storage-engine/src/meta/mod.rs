@@ -97,6 +97,68 @@ pub struct VolumeRecord {
     /// A snapshot (read-only, never served) of this volume, taken at `created_unix`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_of: Option<String>,
+    /// Who may use the volume when the SDK checks tokens (empty: only admins).
+    #[serde(default, skip_serializing_if = "Ownership::is_empty")]
+    pub ownership: Ownership,
+}
+
+/// A collaborator's access to a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Inspect, list, clone and read its data through a clone.
+    Read,
+    /// Everything the owner may do but change ownership: attach, write, update, snapshot,
+    /// restore, delete.
+    Write,
+}
+
+impl Access {
+    pub fn parse(s: &str) -> Option<Access> {
+        match s {
+            "r" | "read" => Some(Access::Read),
+            "w" | "rw" | "write" => Some(Access::Write),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+    }
+}
+
+/// A volume's owner (a token subject) and collaborators (subjects and groups with an access).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Ownership {
+    pub owner: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub users: BTreeMap<String, Access>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, Access>,
+}
+
+impl Ownership {
+    pub fn is_empty(&self) -> bool {
+        self.owner.is_empty() && self.users.is_empty() && self.groups.is_empty()
+    }
+
+    pub fn owned_by(owner: &str) -> Ownership {
+        Ownership { owner: owner.into(), ..Default::default() }
+    }
+
+    /// What `subject` (in `groups`) may do: the owner everything, collaborators their best
+    /// grant, others nothing.
+    pub fn access(&self, subject: &str, groups: &[String]) -> Option<Access> {
+        if !self.owner.is_empty() && self.owner == subject {
+            return Some(Access::Write);
+        }
+        let by_user = self.users.get(subject).copied();
+        let by_group = groups.iter().filter_map(|g| self.groups.get(g).copied()).max();
+        by_user.max(by_group)
+    }
 }
 
 impl VolumeRecord {

@@ -1,6 +1,10 @@
 //! The gRPC SDK server: volumes, pools, nodes and cluster status over tonic.
 
+pub mod auth;
+
+use crate::meta::Access;
 use crate::volume::{CreateSpec, Service, UpdateSpec, VolumeError, VolumeInfo};
+use strata_api::auth::{Bearer, Caller, Role};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use strata_api::v1 as pb;
@@ -43,6 +47,7 @@ fn to_pb(engine: &Service, v: VolumeInfo) -> pb::Volume {
             labels: r.labels.into_iter().collect(),
             qos: Some(pb::QosLimits { rd_iops: r.qos.rd_iops, wr_iops: r.qos.wr_iops, rd_bw: r.qos.rd_bw, wr_bw: r.qos.wr_bw }),
             secure: r.secure.is_some(),
+            ownership: (!r.ownership.is_empty()).then(|| auth::ownership_pb(&r.ownership)),
             ..Default::default()
         }),
         used_bytes: v.used_bytes,
@@ -78,7 +83,12 @@ const FORWARDED: &str = "x-strata-forwarded";
 /// How long the node that serves a volume may take to let it go in a clean handover.
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-type VolumeClient = pb::volume_service_client::VolumeServiceClient<tonic::transport::Channel>;
+type VolumeClient = pb::volume_service_client::VolumeServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+/// The caller's token again, for a call this engine makes on its behalf to another engine.
+fn bearer_of<T>(req: &Request<T>) -> Bearer {
+    Bearer::new(auth::token_of(req).as_deref()).unwrap_or_default()
+}
 
 /// `r` as a forwarded request.
 fn forwarded<T>(r: T) -> Request<T> {
@@ -124,14 +134,15 @@ impl Sdk {
             .connect()
             .await
             .map_err(|e| Status::unavailable(format!("volume {name} is served by node {target}, whose engine ({addr}) cannot be reached: {e}")))?;
-        Ok(Some(VolumeClient::new(c)))
+        Ok(Some(pb::volume_service_client::VolumeServiceClient::with_interceptor(c, bearer_of(req))))
     }
 
     /// What only the node serving a volume knows — its NBD clients, its replicas' states, a
     /// comparison in progress — taken from that node for volumes served elsewhere: one forwarded
     /// list per serving node, at once. A node that does not answer within 2 s leaves this node's
     /// view of its volumes (0 clients).
-    async fn fill_from_targets(&self, vols: &mut [pb::Volume]) {
+    async fn fill_from_targets<T>(&self, req: &Request<T>, vols: &mut [pb::Volume]) {
+        let bearer = bearer_of(req);
         let me = self.engine.node.id.clone();
         let targets: std::collections::BTreeSet<String> =
             vols.iter().map(|v| v.attached_node.clone()).filter(|t| !t.is_empty() && *t != me).collect();
@@ -142,9 +153,11 @@ impl Sdk {
         let calls = targets.into_iter().filter_map(|t| {
             let n = nodes.iter().find(|n| n.id == t && n.status != "offline" && !n.sdk_address.is_empty())?;
             let uri = strata_api::endpoint_uri(&n.sdk_address);
+            let bearer = bearer.clone();
             Some(async move {
                 let r = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-                    let mut c = VolumeClient::connect(uri).await.ok()?;
+                    let ch = tonic::transport::Endpoint::from_shared(uri).ok()?.connect().await.ok()?;
+                    let mut c = pb::volume_service_client::VolumeServiceClient::with_interceptor(ch, bearer);
                     c.list(forwarded(pb::ListVolumesRequest {})).await.ok()
                 })
                 .await;
@@ -202,90 +215,123 @@ impl Sdk {
 #[tonic::async_trait]
 impl pb::volume_service_server::VolumeService for Sdk {
     async fn create(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::User, "volume.create")?;
         let r = req.into_inner();
-        let spec = r.spec.ok_or_else(|| Status::invalid_argument("spec is required (size_bytes, repl, labels)"))?;
-        let labels: BTreeMap<String, String> = spec.labels.into_iter().collect();
-        let q = spec.qos.unwrap_or_default();
-        let qos = crate::qos::Limits { rd_iops: q.rd_iops, wr_iops: q.wr_iops, rd_bw: q.rd_bw, wr_bw: q.wr_bw };
-        let prefer = (!spec.preferred_node.is_empty()).then_some(spec.preferred_node);
-        let placement = crate::volume::PlacementSpec { nodes: spec.nodes, zones: spec.zones, racks: spec.racks, prefer };
-        if spec.secure && r.passphrase.is_empty() {
-            return Err(Status::invalid_argument("an encrypted volume (secure) needs a passphrase or key file"));
-        }
-        let passphrase = (spec.secure || !r.passphrase.is_empty()).then_some(r.passphrase.as_slice());
-        let v = self.engine.create(CreateSpec { name: &r.name, size: spec.size_bytes, repl: spec.repl, labels, qos, placement, passphrase }).await?;
-        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+        let name = r.name.clone();
+        let result = self.create_as(&who, r).await;
+        auth::audit(&who, "volume.create", &name, false, &result);
+        result
     }
 
     async fn list(&self, req: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let mut vols: Vec<pb::Volume> = self.engine.list().await?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
+        let who = self.who(&req)?;
+        auth::require(&who, Role::View, "volume.list")?;
+        let all = self.engine.list().await?;
+        let mut vols: Vec<pb::Volume> = all.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
         if !was_forwarded(&req) {
-            self.fill_from_targets(&mut vols).await;
+            self.fill_from_targets(&req, &mut vols).await;
         }
         Ok(Response::new(pb::ListVolumesResponse { volumes: vols }))
     }
 
     async fn inspect(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Response<pb::InspectVolumeResponse>, Status> {
-        let fwd = was_forwarded(&req);
-        let v = self.engine.inspect(&req.into_inner().name).await?;
+        let (_, _) = self.on_volume(&req, "volume.inspect", &req.get_ref().name, Access::Read).await?;
+        let v = self.engine.inspect(&req.get_ref().name).await?;
         let mut vols = vec![to_pb(&self.engine, v)];
-        if !fwd {
-            self.fill_from_targets(&mut vols).await;
+        if !was_forwarded(&req) {
+            self.fill_from_targets(&req, &mut vols).await;
         }
         Ok(Response::new(pb::InspectVolumeResponse { volume: vols.pop() }))
     }
 
     async fn update(&self, req: Request<pb::UpdateVolumeRequest>) -> Result<Response<pb::UpdateVolumeResponse>, Status> {
-        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().name).await? {
-            return c.update(forwarded(req.into_inner())).await;
+        let (who, rec) = self.on_volume(&req, "volume.update", &req.get_ref().name, Access::Write).await?;
+        let fwd = was_forwarded(&req);
+        let name = req.get_ref().name.clone();
+        let result = async {
+            let ownership = req.get_ref().ownership.clone().map(auth::ownership_from_pb).transpose()?;
+            if let Some(o) = &ownership {
+                auth::may_change_ownership(&who, &rec, o)?;
+            }
+            if let Some(mut c) = self.forward_to_target(&req, &name).await? {
+                return c.update(forwarded(req.into_inner())).await;
+            }
+            let r = req.into_inner();
+            let size = (r.size_bytes != 0).then_some(r.size_bytes);
+            let qos = crate::volume::QosUpdate {
+                rd_iops: r.io_throttle_rd_iops,
+                wr_iops: r.io_throttle_wr_iops,
+                rd_bw: r.io_throttle_rd_bw,
+                wr_bw: r.io_throttle_wr_bw,
+            };
+            let v = self.engine.update(&r.name, UpdateSpec { size, labels: r.labels.into_iter().collect(), qos, ownership }).await?;
+            Ok(Response::new(pb::UpdateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
         }
-        let r = req.into_inner();
-        let size = (r.size_bytes != 0).then_some(r.size_bytes);
-        let qos = crate::volume::QosUpdate {
-            rd_iops: r.io_throttle_rd_iops,
-            wr_iops: r.io_throttle_wr_iops,
-            rd_bw: r.io_throttle_rd_bw,
-            wr_bw: r.io_throttle_wr_bw,
-        };
-        let v = self.engine.update(&r.name, UpdateSpec { size, labels: r.labels.into_iter().collect(), qos }).await?;
-        Ok(Response::new(pb::UpdateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+        .await;
+        auth::audit(&who, "volume.update", &name, fwd, &result);
+        result
     }
 
     async fn delete(&self, req: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().name).await? {
-            return c.delete(forwarded(req.into_inner())).await;
+        let (who, _) = self.on_volume(&req, "volume.delete", &req.get_ref().name, Access::Write).await?;
+        let (fwd, name) = (was_forwarded(&req), req.get_ref().name.clone());
+        let result = async {
+            if let Some(mut c) = self.forward_to_target(&req, &name).await? {
+                return c.delete(forwarded(req.into_inner())).await;
+            }
+            let r = req.into_inner();
+            self.engine.delete(&r.name, r.force).await?;
+            Ok(Response::new(pb::DeleteVolumeResponse {}))
         }
-        let r = req.into_inner();
-        self.engine.delete(&r.name, r.force).await?;
-        Ok(Response::new(pb::DeleteVolumeResponse {}))
+        .await;
+        auth::audit(&who, "volume.delete", &name, fwd, &result);
+        result
     }
 
     async fn attach(&self, req: Request<pb::AttachVolumeRequest>) -> Result<Response<pb::AttachVolumeResponse>, Status> {
-        if !req.get_ref().force {
-            self.hand_over(&req, &req.get_ref().name).await?;
+        let (who, _) = self.on_volume(&req, "volume.attach", &req.get_ref().name, Access::Write).await?;
+        let name = req.get_ref().name.clone();
+        let result = async {
+            if !req.get_ref().force {
+                self.hand_over(&req, &name).await?;
+            }
+            let r = req.into_inner();
+            let passphrase = (!r.passphrase.is_empty()).then_some(r.passphrase.as_slice());
+            let v = self.engine.attach(&r.name, r.force, passphrase).await?;
+            Ok(Response::new(pb::AttachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
         }
-        let r = req.into_inner();
-        let passphrase = (!r.passphrase.is_empty()).then_some(r.passphrase.as_slice());
-        let v = self.engine.attach(&r.name, r.force, passphrase).await?;
-        Ok(Response::new(pb::AttachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+        .await;
+        auth::audit(&who, "volume.attach", &name, false, &result);
+        result
     }
 
     async fn ha_update(&self, req: Request<pb::HaUpdateRequest>) -> Result<Response<pb::HaUpdateResponse>, Status> {
-        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().name).await? {
-            return c.ha_update(forwarded(req.into_inner())).await;
+        let (who, _) = self.on_volume(&req, "volume.ha_update", &req.get_ref().name, Access::Write).await?;
+        let (fwd, name) = (was_forwarded(&req), req.get_ref().name.clone());
+        let result = async {
+            if let Some(mut c) = self.forward_to_target(&req, &name).await? {
+                return c.ha_update(forwarded(req.into_inner())).await;
+            }
+            let r = req.into_inner();
+            // Replicas change through a target (it rebuilds the new ones): a detached volume is
+            // attached here for that, and stays attached while they fill.
+            if self.engine.inspect(&r.name).await?.record.target.is_empty() {
+                self.engine.attach(&r.name, false, None).await?;
+            }
+            let node = (!r.node.is_empty()).then_some(r.node);
+            let v = self.engine.ha_update(&r.name, r.repl, node).await?;
+            Ok(Response::new(pb::HaUpdateResponse { volume: Some(to_pb(&self.engine, v)) }))
         }
-        let r = req.into_inner();
-        // Replicas change through a target (it rebuilds the new ones): a detached volume is
-        // attached here for that, and stays attached while they fill.
-        if self.engine.inspect(&r.name).await?.record.target.is_empty() {
-            self.engine.attach(&r.name, false, None).await?;
-        }
-        let node = (!r.node.is_empty()).then_some(r.node);
-        let v = self.engine.ha_update(&r.name, r.repl, node).await?;
-        Ok(Response::new(pb::HaUpdateResponse { volume: Some(to_pb(&self.engine, v)) }))
+        .await;
+        auth::audit(&who, "volume.ha_update", &name, fwd, &result);
+        result
     }
 
     async fn checksums(&self, req: Request<pb::ChecksumsRequest>) -> Result<Response<pb::ChecksumsResponse>, Status> {
+        let (who, _) = self.on_volume(&req, "volume.checksums", &req.get_ref().name, Access::Read).await?;
+        // Checksums tell about the data: more than a viewer may learn.
+        auth::require(&who, Role::User, "volume.checksums")?;
         let name = req.into_inner().name;
         let sums = self.engine.extent_checksums(&name).await?;
         Ok(Response::new(pb::ChecksumsResponse {
@@ -295,52 +341,133 @@ impl pb::volume_service_server::VolumeService for Sdk {
     }
 
     async fn snapshot_create(&self, req: Request<pb::SnapshotCreateRequest>) -> Result<Response<pb::SnapshotCreateResponse>, Status> {
-        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().volume).await? {
-            return c.snapshot_create(forwarded(req.into_inner())).await;
+        let (who, _) = self.on_volume(&req, "snapshot.create", &req.get_ref().volume, Access::Write).await?;
+        let (fwd, name) = (was_forwarded(&req), req.get_ref().volume.clone());
+        let result = async {
+            if let Some(mut c) = self.forward_to_target(&req, &name).await? {
+                return c.snapshot_create(forwarded(req.into_inner())).await;
+            }
+            let r = req.into_inner();
+            let v = self.engine.snapshot(&r.volume, &r.name, r.labels.into_iter().collect()).await?;
+            Ok(Response::new(pb::SnapshotCreateResponse { snapshot: Some(to_pb(&self.engine, v)) }))
         }
-        let r = req.into_inner();
-        let v = self.engine.snapshot(&r.volume, &r.name, r.labels.into_iter().collect()).await?;
-        Ok(Response::new(pb::SnapshotCreateResponse { snapshot: Some(to_pb(&self.engine, v)) }))
+        .await;
+        auth::audit(&who, "snapshot.create", &name, fwd, &result);
+        result
     }
 
     async fn snapshot_list(&self, req: Request<pb::SnapshotListRequest>) -> Result<Response<pb::SnapshotListResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::View, "snapshot.list")?;
         let r = req.into_inner();
         let volume = (!r.volume.is_empty()).then_some(r.volume.as_str());
         if let Some(v) = volume {
-            self.engine.inspect(v).await?;
+            let rec = self.engine.inspect(v).await?.record;
+            auth::may(&who, &rec, Access::Read, "snapshot.list")?;
         }
-        let snaps = self.engine.snapshots(volume).await?.into_iter().map(|v| to_pb(&self.engine, v)).collect();
+        let snaps = self.engine.snapshots(volume).await?;
+        let snaps = snaps.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
         Ok(Response::new(pb::SnapshotListResponse { snapshots: snaps }))
     }
 
     async fn repair_replica(&self, req: Request<pb::RepairReplicaRequest>) -> Result<Response<pb::RepairReplicaResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::Admin, "volume.repair_replica")?;
         let r = req.into_inner();
-        self.engine.repair_replica(&r.volume, &r.node, r.offset, r.length).await?;
-        Ok(Response::new(pb::RepairReplicaResponse {}))
+        let result = async {
+            self.engine.repair_replica(&r.volume, &r.node, r.offset, r.length).await?;
+            Ok(Response::new(pb::RepairReplicaResponse {}))
+        }
+        .await;
+        auth::audit(&who, "volume.repair_replica", &r.volume, false, &result);
+        result
     }
 
     async fn clone_volume(&self, req: Request<pb::CloneVolumeRequest>) -> Result<Response<pb::CloneVolumeResponse>, Status> {
-        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().source).await? {
-            return c.clone_volume(forwarded(req.into_inner())).await;
+        // A clone gives its owner the source's data: reading the source is what it needs.
+        let (who, _) = self.on_volume(&req, "volume.clone", &req.get_ref().source, Access::Read).await?;
+        auth::require(&who, Role::User, "volume.clone")?;
+        let (fwd, name) = (was_forwarded(&req), req.get_ref().name.clone());
+        let result = async {
+            let asked = req.get_ref().ownership.clone();
+            let ownership = match (who.is_admin(), asked) {
+                (true, None) => None,
+                (_, asked) => Some(auth::new_ownership(&who, asked, self.engine.auth.is_some())?),
+            };
+            if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().source).await? {
+                return c.clone_volume(forwarded(req.into_inner())).await;
+            }
+            let r = req.into_inner();
+            let v = self.engine.clone_volume(&r.source, &r.name, r.labels.into_iter().collect(), ownership).await?;
+            Ok(Response::new(pb::CloneVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
         }
-        let r = req.into_inner();
-        let v = self.engine.clone_volume(&r.source, &r.name, r.labels.into_iter().collect()).await?;
-        Ok(Response::new(pb::CloneVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+        .await;
+        auth::audit(&who, "volume.clone", &name, fwd, &result);
+        result
     }
 
     async fn restore(&self, req: Request<pb::RestoreVolumeRequest>) -> Result<Response<pb::RestoreVolumeResponse>, Status> {
-        if let Some(mut c) = self.forward_to_target(&req, &req.get_ref().name).await? {
-            return c.restore(forwarded(req.into_inner())).await;
+        let (who, _) = self.on_volume(&req, "volume.restore", &req.get_ref().name, Access::Write).await?;
+        let (fwd, name) = (was_forwarded(&req), req.get_ref().name.clone());
+        let result = async {
+            if let Some(mut c) = self.forward_to_target(&req, &name).await? {
+                return c.restore(forwarded(req.into_inner())).await;
+            }
+            let r = req.into_inner();
+            let v = self.engine.restore(&r.name, &r.snapshot).await?;
+            Ok(Response::new(pb::RestoreVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
         }
-        let r = req.into_inner();
-        let v = self.engine.restore(&r.name, &r.snapshot).await?;
-        Ok(Response::new(pb::RestoreVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+        .await;
+        auth::audit(&who, "volume.restore", &name, fwd, &result);
+        result
     }
 
     async fn detach(&self, req: Request<pb::DetachVolumeRequest>) -> Result<Response<pb::DetachVolumeResponse>, Status> {
+        let (who, _) = self.on_volume(&req, "volume.detach", &req.get_ref().name, Access::Write).await?;
+        let fwd = was_forwarded(&req);
         let r = req.into_inner();
-        let v = self.engine.detach(&r.name, r.force).await?;
-        Ok(Response::new(pb::DetachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+        let result = async {
+            let v = self.engine.detach(&r.name, r.force).await?;
+            Ok(Response::new(pb::DetachVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
+        }
+        .await;
+        auth::audit(&who, "volume.detach", &r.name, fwd, &result);
+        result
+    }
+}
+
+impl Sdk {
+    /// Who made the request (its token verified; `anonymous` when tokens are not checked).
+    fn who<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        auth::caller(self.engine.auth.as_ref(), req)
+    }
+
+    /// The caller and the volume's record, when the caller may do `op` (needing `need`) on it.
+    async fn on_volume<T>(&self, req: &Request<T>, op: &str, name: &str, need: Access) -> Result<(Caller, crate::meta::VolumeRecord), Status> {
+        let who = self.who(req)?;
+        auth::require(&who, if need == Access::Write { Role::User } else { Role::View }, op)?;
+        let rec = self.engine.inspect(name).await?.record;
+        auth::may(&who, &rec, need, op)?;
+        Ok((who, rec))
+    }
+
+    async fn create_as(&self, who: &Caller, r: pb::CreateVolumeRequest) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let spec = r.spec.ok_or_else(|| Status::invalid_argument("spec is required (size_bytes, repl, labels)"))?;
+        let ownership = auth::new_ownership(who, spec.ownership, self.engine.auth.is_some())?;
+        let labels: BTreeMap<String, String> = spec.labels.into_iter().collect();
+        let q = spec.qos.unwrap_or_default();
+        let qos = crate::qos::Limits { rd_iops: q.rd_iops, wr_iops: q.wr_iops, rd_bw: q.rd_bw, wr_bw: q.wr_bw };
+        let prefer = (!spec.preferred_node.is_empty()).then_some(spec.preferred_node);
+        let placement = crate::volume::PlacementSpec { nodes: spec.nodes, zones: spec.zones, racks: spec.racks, prefer };
+        if spec.secure && r.passphrase.is_empty() {
+            return Err(Status::invalid_argument("an encrypted volume (secure) needs a passphrase or key file"));
+        }
+        let passphrase = (spec.secure || !r.passphrase.is_empty()).then_some(r.passphrase.as_slice());
+        let v = self
+            .engine
+            .create(CreateSpec { name: &r.name, size: spec.size_bytes, repl: spec.repl, labels, qos, placement, passphrase, ownership })
+            .await?;
+        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(to_pb(&self.engine, v)) }))
     }
 }
 
@@ -374,7 +501,8 @@ fn pool_pb(engine: &Service) -> pb::Pool {
 
 #[tonic::async_trait]
 impl pb::pool_service_server::PoolService for Sdk {
-    async fn list(&self, _: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
+    async fn list(&self, req: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        auth::require(&self.who(&req)?, Role::View, "pool.list")?;
         Ok(Response::new(pb::ListPoolsResponse { pools: vec![pool_pb(&self.engine)] }))
     }
 }
@@ -405,7 +533,8 @@ async fn nodes_pb(engine: &Service) -> Result<Vec<pb::Node>, crate::meta::MetaEr
 
 #[tonic::async_trait]
 impl pb::node_service_server::NodeService for Sdk {
-    async fn list(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        auth::require(&self.who(&req)?, Role::View, "node.list")?;
         let nodes = nodes_pb(&self.engine).await.map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
@@ -413,7 +542,8 @@ impl pb::node_service_server::NodeService for Sdk {
 
 #[tonic::async_trait]
 impl pb::cluster_service_server::ClusterService for Sdk {
-    async fn status(&self, _: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn status(&self, req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        auth::require(&self.who(&req)?, Role::View, "cluster.status")?;
         let e = &self.engine;
         let cluster_id = e.meta.cluster_id().await.map_err(|err| Status::unavailable(err.to_string()))?;
         let volume_count = e.list().await?.len() as u32;
@@ -450,16 +580,21 @@ fn alert_pb(a: crate::alerts::Alert) -> pb::Alert {
 impl pb::alert_service_server::AlertService for Sdk {
     /// This node's alerts, and (unless `local_only`) every other online node's, oldest first.
     async fn list(&self, req: Request<pb::ListAlertsRequest>) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        auth::require(&self.who(&req)?, Role::View, "alert.list")?;
+        let bearer = bearer_of(&req);
         let e = &self.engine;
         let mut alerts: Vec<pb::Alert> = e.alerts.list().into_iter().map(alert_pb).collect();
         let mut unreachable = Vec::new();
         if !req.into_inner().local_only {
             let nodes = nodes_pb(e).await.map_err(|err| Status::unavailable(err.to_string()))?;
             let others = nodes.into_iter().filter(|n| n.id != e.node.id && n.status != "offline" && !n.sdk_address.is_empty());
-            let calls = others.map(|n| async move {
+            let calls = others.map(|n| {
+                let bearer = bearer.clone();
+                async move {
                 let url = strata_api::endpoint_uri(&n.sdk_address);
                 let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                    let mut c = pb::alert_service_client::AlertServiceClient::connect(url).await.map_err(|e| e.to_string())?;
+                    let ch = tonic::transport::Endpoint::from_shared(url).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
+                    let mut c = pb::alert_service_client::AlertServiceClient::with_interceptor(ch, bearer);
                     c.list(pb::ListAlertsRequest { local_only: true }).await.map_err(|s| s.message().to_string())
                 })
                 .await;
@@ -467,6 +602,7 @@ impl pb::alert_service_server::AlertService for Sdk {
                     Ok(Ok(resp)) => Ok(resp.into_inner().alerts),
                     Ok(Err(why)) => Err(format!("{}: {why}", n.id)),
                     Err(_) => Err(format!("{}: no answer within 5 s", n.id)),
+                }
                 }
             });
             for r in futures::future::join_all(calls).await {

@@ -205,6 +205,8 @@ pub struct CreateSpec<'a> {
     pub placement: PlacementSpec,
     /// Encrypt at rest under a key derived from this passphrase.
     pub passphrase: Option<&'a [u8]>,
+    /// Who may use it (empty: only admins, when the SDK checks tokens).
+    pub ownership: crate::meta::Ownership,
 }
 
 /// A change to a volume: each field that is set changes; a label with an empty value is
@@ -215,6 +217,8 @@ pub struct UpdateSpec {
     pub size: Option<u64>,
     pub labels: BTreeMap<String, String>,
     pub qos: QosUpdate,
+    /// A new owner and collaborators (replacing the old ones).
+    pub ownership: Option<crate::meta::Ownership>,
 }
 
 /// Placement filters of a new volume (Portworx's `nodes`, `zones`, `racks`).
@@ -246,6 +250,8 @@ pub struct Service {
     pub links: Links,
     /// This node's certificate for replication (mutual TLS); None: plaintext.
     pub tls: Option<Arc<crate::security::Tls>>,
+    /// The SDK's token rules; None: the SDK is open.
+    pub auth: Option<Arc<crate::sdk::auth::Auth>>,
     /// Replicas to rebuild elsewhere (volume, dead node), served by `run_replacements`.
     replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
     /// Alerts this node raised (`stratactl alerts show`).
@@ -289,6 +295,7 @@ impl Service {
             pool,
             links: Links::store(meta.clone(), None),
             tls: None,
+            auth: None,
             meta,
             node,
             volumes: RwLock::new(HashMap::new()),
@@ -458,7 +465,7 @@ impl Service {
     /// store keeps only a salt and a check value).
     #[tracing::instrument(name = "create", skip_all, fields(volume = %spec.name, node = %self.node.id, repl = spec.repl))]
     pub async fn create(&self, spec: CreateSpec<'_>) -> Result<VolumeInfo, VolumeError> {
-        let CreateSpec { name, size, repl, labels, qos, placement, passphrase } = spec;
+        let CreateSpec { name, size, repl, labels, qos, placement, passphrase, ownership } = spec;
         validate_name(name)?;
         validate_labels(&labels)?;
         snapshots::validate_schedule(&labels)?;
@@ -502,6 +509,7 @@ impl Service {
             rebuild: Vec::new(),
             secure: key.as_ref().map(|(params, _)| params.clone()),
             snapshot_of: None,
+            ownership,
         };
         let rec = self.meta.create_volume(rec).await?;
         let handle = Arc::new(Self::handle(&rec));
@@ -571,7 +579,7 @@ impl Service {
     /// Grows a volume (online, or detached) and/or changes labels. Shrinking is refused.
     #[tracing::instrument(name = "update", skip_all, fields(volume = %name, node = %self.node.id))]
     pub async fn update(&self, name: &str, spec: UpdateSpec) -> Result<VolumeInfo, VolumeError> {
-        let UpdateSpec { size, labels, qos } = spec;
+        let UpdateSpec { size, labels, qos, ownership } = spec;
         let _g = self.lifecycle.lock().await;
         let mut rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         if let Some(of) = &rec.snapshot_of {
@@ -608,6 +616,9 @@ impl Service {
         validate_labels(&rec.labels)?;
         snapshots::validate_schedule(&rec.labels)?;
         qos.apply(&mut rec.qos);
+        if let Some(o) = ownership {
+            rec.ownership = o;
+        }
         let rec = self.meta.update_volume(&rec).await?;
         let handle = self.volumes.read().get(name).cloned();
         if let Some(v) = handle {

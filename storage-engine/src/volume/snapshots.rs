@@ -44,16 +44,25 @@ impl Service {
         if src.snapshot_of.is_some() {
             return Err(VolumeError::InvalidArgument(format!("{volume} is a snapshot; clone it first to snapshot the clone")));
         }
-        self.copy_of(&src, name, labels, true).await
+        let ownership = src.ownership.clone();
+        self.copy_of(&src, name, labels, true, ownership).await
     }
 
     /// Creates the writable volume `name` sharing every extent of `source` (a snapshot, or a
     /// volume at this instant). The clone lives on the source's in-sync replica nodes and is
-    /// left detached (attach it where it is used).
+    /// left detached (attach it where it is used). Its ownership is `ownership`, or the
+    /// source's when None.
     #[tracing::instrument(name = "clone", skip_all, fields(volume = %source, clone = %name, node = %self.node.id))]
-    pub async fn clone_volume(&self, source: &str, name: &str, labels: BTreeMap<String, String>) -> Result<VolumeInfo, VolumeError> {
+    pub async fn clone_volume(
+        &self,
+        source: &str,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        ownership: Option<crate::meta::Ownership>,
+    ) -> Result<VolumeInfo, VolumeError> {
         let src = self.record(source).await?;
-        self.copy_of(&src, name, labels, false).await
+        let ownership = ownership.unwrap_or_else(|| src.ownership.clone());
+        self.copy_of(&src, name, labels, false, ownership).await
     }
 
     /// Replaces volume `volume`'s data with snapshot `snapshot`'s on every replica. The volume
@@ -124,7 +133,14 @@ impl Service {
     }
 
     /// A new record sharing `src`'s extents: a snapshot (read-only) or a clone.
-    async fn copy_of(&self, src: &VolumeRecord, name: &str, labels: BTreeMap<String, String>, snapshot: bool) -> Result<VolumeInfo, VolumeError> {
+    async fn copy_of(
+        &self,
+        src: &VolumeRecord,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        snapshot: bool,
+        ownership: crate::meta::Ownership,
+    ) -> Result<VolumeInfo, VolumeError> {
         validate_name(name)?;
         validate_labels(&labels)?;
         let _g = self.lifecycle.lock().await;
@@ -155,6 +171,7 @@ impl Service {
             rebuild: Vec::new(),
             secure: src.secure.clone(),
             snapshot_of: snapshot.then(|| src.name.clone()),
+            ownership,
         };
         let rec = self.meta.create_volume(rec).await?;
         let holders = match self.share_into(&src, rec.id).await {

@@ -1,0 +1,377 @@
+//! SDK authorization tokens: JSON Web Tokens with a subject, roles and groups, checked by the
+//! engine on every SDK call and minted by `stratactl auth token` (or by the engines themselves,
+//! with the cluster's system key, for calls between nodes).
+//!
+//! A token is trusted when its `iss` names a configured issuer and its signature verifies with
+//! that issuer's key: a shared secret (HS256) or a public key in PEM (RS256 for RSA, ES256 for
+//! P-256). `aud` must contain the configured audience; `exp` is required; `nbf` is checked when
+//! present; both with the configured clock skew.
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The issuer of the tokens engines mint for themselves with the system key.
+pub const SYSTEM_ISSUER: &str = "strata-system";
+/// The audience tokens carry unless configured otherwise.
+pub const DEFAULT_AUDIENCE: &str = "strata";
+/// The gRPC metadata key the token travels in (`authorization: Bearer <token>`).
+pub const HEADER: &str = "authorization";
+
+/// What a token lets its holder do. Portworx's names (`system.admin`, ...) are accepted too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads volume records and cluster state; changes nothing.
+    View,
+    /// Creates volumes (owned by the subject) and uses the volumes it owns or collaborates on.
+    User,
+    /// Everything, on every volume.
+    Admin,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s.trim().strip_prefix("system.").unwrap_or(s.trim()) {
+            "admin" => Some(Role::Admin),
+            "user" => Some(Role::User),
+            "view" => Some(Role::View),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+            Role::View => "view",
+        }
+    }
+}
+
+/// A token's claims.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The caller's identity: a volume's owner and collaborators are subjects.
+    pub sub: String,
+    pub iss: String,
+    /// One audience or several.
+    pub aud: Audience,
+    /// Expiry (unix seconds); required.
+    pub exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    #[serde(default)]
+    pub iat: u64,
+    /// Role names; unknown names are ignored.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Claims {
+    /// Claims for `sub` with `roles`, valid from now for `ttl`.
+    pub fn new(sub: &str, iss: &str, aud: &str, roles: &[Role], groups: &[String], ttl: Duration) -> Claims {
+        let now = unix_now();
+        Claims {
+            sub: sub.into(),
+            iss: iss.into(),
+            aud: Audience::One(aud.into()),
+            exp: now + ttl.as_secs().max(1),
+            nbf: None,
+            iat: now,
+            roles: roles.iter().map(|r| r.as_str().to_string()).collect(),
+            groups: groups.to_vec(),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Who made a call, once its token verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub subject: String,
+    pub issuer: String,
+    /// The highest role the token grants (none: the token names no known role).
+    pub role: Option<Role>,
+    pub groups: Vec<String>,
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.role == Some(Role::Admin)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("no token: pass a bearer token (stratactl --token, STRATA_TOKEN or a context; the CSI secret's auth-token)")]
+    Missing,
+    #[error("the token is not a JSON Web Token: {0}")]
+    Malformed(String),
+    #[error("the token's issuer {0:?} is not trusted by this cluster")]
+    UnknownIssuer(String),
+    #[error("the token's signature does not verify with issuer {0:?}'s key")]
+    BadSignature(String),
+    #[error("the token expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf in the future)")]
+    NotYetValid,
+    #[error("the token is not for this cluster: its audience does not include {0:?}")]
+    WrongAudience(String),
+    #[error("the token was refused: {0}")]
+    Invalid(String),
+}
+
+/// The key of one issuer.
+#[derive(Clone)]
+pub enum IssuerKey {
+    /// HS256 with this secret.
+    Secret(Vec<u8>),
+    /// RS256 or ES256 with this public key (PEM).
+    Public(Vec<u8>),
+}
+
+impl IssuerKey {
+    /// A key from a file's content: a PEM public key, else the bytes (trailing newline
+    /// trimmed) as a shared secret, which must be at least 32 bytes.
+    pub fn from_file_content(content: &[u8]) -> Result<IssuerKey, String> {
+        if content.windows(11).any(|w| w == b"-----BEGIN ") {
+            let key = IssuerKey::Public(content.to_vec());
+            key.decoding().map(|_| key)
+        } else {
+            let s = content.strip_suffix(b"\n").unwrap_or(content);
+            if s.len() < 32 {
+                return Err(format!("a shared secret must be at least 32 bytes (this one has {})", s.len()));
+            }
+            Ok(IssuerKey::Secret(s.to_vec()))
+        }
+    }
+
+    fn decoding(&self) -> Result<Vec<(Algorithm, DecodingKey)>, String> {
+        match self {
+            IssuerKey::Secret(s) => Ok(vec![(Algorithm::HS256, DecodingKey::from_secret(s))]),
+            IssuerKey::Public(pem) => {
+                if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+                    return Ok(vec![(Algorithm::RS256, k)]);
+                }
+                DecodingKey::from_ec_pem(pem)
+                    .map(|k| vec![(Algorithm::ES256, k)])
+                    .map_err(|e| format!("not an RSA or EC (P-256) public key in PEM: {e}"))
+            }
+        }
+    }
+}
+
+/// The issuers a cluster trusts, its audience and the clock skew it allows.
+#[derive(Clone)]
+pub struct Verifier {
+    issuers: Vec<(String, Vec<(Algorithm, DecodingKey)>)>,
+    pub audience: String,
+    pub skew: Duration,
+}
+
+impl Verifier {
+    pub fn new(audience: &str, skew: Duration) -> Verifier {
+        Verifier { issuers: Vec::new(), audience: audience.into(), skew }
+    }
+
+    pub fn trust(&mut self, issuer: &str, key: &IssuerKey) -> Result<(), String> {
+        let keys = key.decoding()?;
+        self.issuers.retain(|(i, _)| i != issuer);
+        self.issuers.push((issuer.into(), keys));
+        Ok(())
+    }
+
+    pub fn issuers(&self) -> impl Iterator<Item = &str> {
+        self.issuers.iter().map(|(i, _)| i.as_str())
+    }
+
+    /// The caller a token names, when the token verifies.
+    pub fn verify(&self, token: &str) -> Result<Caller, TokenError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(TokenError::Missing);
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        // The issuer picks the key: read it before the signature is checked, trust it after.
+        let mut peek = Validation::new(header.alg);
+        peek.insecure_disable_signature_validation();
+        peek.validate_exp = false;
+        peek.validate_aud = false;
+        peek.required_spec_claims.clear();
+        let unverified = jsonwebtoken::decode::<serde_json::Value>(token, &DecodingKey::from_secret(&[]), &peek)
+            .map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let iss = unverified.claims.get("iss").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let (_, keys) = self.issuers.iter().find(|(i, _)| *i == iss).ok_or_else(|| TokenError::UnknownIssuer(iss.clone()))?;
+        let (alg, key) = keys.iter().find(|(a, _)| *a == header.alg).ok_or_else(|| TokenError::BadSignature(iss.clone()))?;
+        let mut v = Validation::new(*alg);
+        v.set_audience(&[&self.audience]);
+        v.set_issuer(&[&iss]);
+        v.leeway = self.skew.as_secs();
+        v.validate_nbf = true;
+        v.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
+        let data = jsonwebtoken::decode::<Claims>(token, key, &v).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => TokenError::Expired,
+                K::ImmatureSignature => TokenError::NotYetValid,
+                K::InvalidAudience => TokenError::WrongAudience(self.audience.clone()),
+                K::InvalidSignature => TokenError::BadSignature(iss.clone()),
+                _ => TokenError::Invalid(e.to_string()),
+            }
+        })?;
+        let c = data.claims;
+        if c.sub.is_empty() {
+            return Err(TokenError::Invalid("the token has an empty subject".into()));
+        }
+        Ok(Caller { role: c.roles.iter().filter_map(|r| Role::parse(r)).max(), subject: c.sub, issuer: c.iss, groups: c.groups })
+    }
+}
+
+/// Signs `claims` with `key`: HS256 for a secret; RS256 or ES256 for a private key in PEM.
+pub fn sign(claims: &Claims, key: &[u8]) -> Result<String, String> {
+    let (alg, k) = if key.windows(11).any(|w| w == b"-----BEGIN ") {
+        match EncodingKey::from_rsa_pem(key) {
+            Ok(k) => (Algorithm::RS256, k),
+            Err(_) => (
+                Algorithm::ES256,
+                EncodingKey::from_ec_pem(key).map_err(|e| format!("not an RSA or EC (P-256) private key in PEM (PKCS#8): {e}"))?,
+            ),
+        }
+    } else {
+        let s = key.strip_suffix(b"\n").unwrap_or(key);
+        if s.len() < 32 {
+            return Err(format!("a shared secret must be at least 32 bytes (this one has {})", s.len()));
+        }
+        (Algorithm::HS256, EncodingKey::from_secret(s))
+    };
+    jsonwebtoken::encode(&Header::new(alg), claims, &k).map_err(|e| e.to_string())
+}
+
+/// The token in a request's metadata value (`Bearer <token>`, or the bare token).
+pub fn bearer(value: &str) -> &str {
+    let v = value.trim();
+    v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim()
+}
+
+/// A tonic interceptor that puts a token on every request (none: requests go without one).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Result<Bearer, String> {
+        match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Ok(Bearer(None)),
+            Some(t) => format!("Bearer {t}").parse().map(|v| Bearer(Some(v))).map_err(|_| "the token has characters a header cannot carry".to_string()),
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert(HEADER, v.clone());
+        }
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn verifier() -> Verifier {
+        let mut v = Verifier::new("strata", Duration::from_secs(30));
+        v.trust("issuer.example", &IssuerKey::Secret(SECRET.to_vec())).unwrap();
+        v
+    }
+
+    fn claims() -> Claims {
+        Claims::new("alice", "issuer.example", "strata", &[Role::User], &["dev".into()], Duration::from_secs(600))
+    }
+
+    #[test]
+    fn a_signed_token_names_its_caller() {
+        let t = sign(&claims(), SECRET).unwrap();
+        let c = verifier().verify(&t).unwrap();
+        assert_eq!((c.subject.as_str(), c.role, c.groups), ("alice", Some(Role::User), vec!["dev".to_string()]));
+        // Portworx role names, and the highest of several.
+        let mut cl = claims();
+        cl.roles = vec!["system.view".into(), "system.admin".into(), "bogus".into()];
+        assert!(verifier().verify(&sign(&cl, SECRET).unwrap()).unwrap().is_admin());
+    }
+
+    #[test]
+    fn bad_tokens_are_refused_with_their_reason() {
+        let v = verifier();
+        assert_eq!(v.verify(""), Err(TokenError::Missing));
+        assert!(matches!(v.verify("not-a-token"), Err(TokenError::Malformed(_))));
+        let mut expired = claims();
+        expired.exp = unix_now() - 120;
+        assert_eq!(v.verify(&sign(&expired, SECRET).unwrap()), Err(TokenError::Expired));
+        // Within the clock skew an expired token still passes.
+        let mut just = claims();
+        just.exp = unix_now() - 5;
+        assert!(v.verify(&sign(&just, SECRET).unwrap()).is_ok());
+        let mut early = claims();
+        early.nbf = Some(unix_now() + 3600);
+        assert_eq!(v.verify(&sign(&early, SECRET).unwrap()), Err(TokenError::NotYetValid));
+        let mut other = claims();
+        other.aud = Audience::Many(vec!["another-cluster".into()]);
+        assert_eq!(v.verify(&sign(&other, SECRET).unwrap()), Err(TokenError::WrongAudience("strata".into())));
+        let forged = sign(&claims(), b"ffffffffffffffffffffffffffffffff").unwrap();
+        assert_eq!(v.verify(&forged), Err(TokenError::BadSignature("issuer.example".into())));
+        let mut stranger = claims();
+        stranger.iss = "someone.else".into();
+        assert_eq!(v.verify(&sign(&stranger, SECRET).unwrap()), Err(TokenError::UnknownIssuer("someone.else".into())));
+        // A token whose payload was edited after signing.
+        let t = sign(&claims(), SECRET).unwrap();
+        let parts: Vec<&str> = t.split('.').collect();
+        let mut admin = claims();
+        admin.roles = vec!["admin".into()];
+        let body = sign(&admin, SECRET).unwrap();
+        let tampered = format!("{}.{}.{}", parts[0], body.split('.').nth(1).unwrap(), parts[2]);
+        assert_eq!(v.verify(&tampered), Err(TokenError::BadSignature("issuer.example".into())));
+    }
+
+    #[test]
+    fn a_public_key_issuer_verifies_its_tokens_and_not_a_secret_signed_one() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut v = Verifier::new("strata", Duration::from_secs(30));
+        v.trust("idp", &IssuerKey::from_file_content(key.public_key_pem().as_bytes()).unwrap()).unwrap();
+        let mut c = claims();
+        c.iss = "idp".into();
+        let t = sign(&c, key.serialize_pem().as_bytes()).unwrap();
+        assert_eq!(v.verify(&t).unwrap().subject, "alice");
+        // Algorithm confusion: an HS256 token keyed with the public key's text.
+        let pem = key.public_key_pem();
+        let confused = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &EncodingKey::from_secret(pem.as_bytes())).unwrap();
+        assert_eq!(v.verify(&confused), Err(TokenError::BadSignature("idp".into())));
+        assert_eq!(v.verify(&sign(&c, SECRET).unwrap()), Err(TokenError::BadSignature("idp".into())));
+    }
+
+    #[test]
+    fn short_secrets_are_refused() {
+        assert!(IssuerKey::from_file_content(b"short\n").is_err());
+        assert!(sign(&claims(), b"short").is_err());
+        assert!(IssuerKey::from_file_content(&[b'k'; 32]).is_ok());
+    }
+}
