@@ -245,10 +245,9 @@ pub fn sign(claims: &Claims, key: &[u8]) -> Result<String, String> {
     let (alg, k) = if key.windows(11).any(|w| w == b"-----BEGIN ") {
         match EncodingKey::from_rsa_pem(key) {
             Ok(k) => (Algorithm::RS256, k),
-            Err(_) => (
-                Algorithm::ES256,
-                EncodingKey::from_ec_pem(key).map_err(|e| format!("not an RSA or EC (P-256) private key in PEM (PKCS#8): {e}"))?,
-            ),
+            Err(_) => {
+                (Algorithm::ES256, EncodingKey::from_ec_pem(key).map_err(|e| format!("not an RSA or EC (P-256) private key in PEM (PKCS#8): {e}"))?)
+            }
         }
     } else {
         let s = key.strip_suffix(b"\n").unwrap_or(key);
@@ -274,7 +273,9 @@ impl Bearer {
     pub fn new(token: Option<&str>) -> Result<Bearer, String> {
         match token.map(str::trim).filter(|t| !t.is_empty()) {
             None => Ok(Bearer(None)),
-            Some(t) => format!("Bearer {t}").parse().map(|v| Bearer(Some(v))).map_err(|_| "the token has characters a header cannot carry".to_string()),
+            Some(t) => {
+                format!("Bearer {t}").parse().map(|v| Bearer(Some(v))).map_err(|_| "the token has characters a header cannot carry".to_string())
+            }
         }
     }
 

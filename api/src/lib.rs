@@ -1,11 +1,11 @@
 //! Strata SDK: the gRPC API every component uses to talk to a storage engine,
 //! plus the small units shared by the engine and its clients.
 
+pub mod auth;
 pub mod logging;
 pub mod metrics;
 pub mod schedule;
 pub mod units;
-pub mod auth;
 
 /// The URI of an SDK endpoint given as `host:port` or as a full URI (`http://host:port`).
 pub fn endpoint_uri(endpoint: &str) -> String {

@@ -52,7 +52,13 @@ impl Contexts {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         let tmp = p.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, &p).with_context(|| format!("writing {}", p.display()))?;
@@ -73,7 +79,11 @@ pub fn resolve(endpoint: Option<&str>, token: Option<&str>, context: Option<&str
     }
     .unwrap_or_default();
     Ok(Context {
-        endpoint: endpoint.map(str::to_string).filter(|e| !e.is_empty()).unwrap_or(if chosen.endpoint.is_empty() { DEFAULT_ENDPOINT.into() } else { chosen.endpoint }),
+        endpoint: endpoint.map(str::to_string).filter(|e| !e.is_empty()).unwrap_or(if chosen.endpoint.is_empty() {
+            DEFAULT_ENDPOINT.into()
+        } else {
+            chosen.endpoint
+        }),
         token: token.map(str::to_string).filter(|t| !t.is_empty()).unwrap_or(chosen.token),
     })
 }
@@ -102,7 +112,15 @@ pub fn role_arg(s: &str) -> Result<Role, String> {
 
 /// A token for `subject`, signed with the key in `key_file` (the cluster's system key, or an
 /// issuer's shared secret or private key in PEM).
-pub fn mint(key_file: &std::path::Path, subject: &str, issuer: &str, audience: &str, roles: &[Role], groups: &[String], ttl: std::time::Duration) -> anyhow::Result<String> {
+pub fn mint(
+    key_file: &std::path::Path,
+    subject: &str,
+    issuer: &str,
+    audience: &str,
+    roles: &[Role],
+    groups: &[String],
+    ttl: std::time::Duration,
+) -> anyhow::Result<String> {
     if subject.trim().is_empty() {
         bail!("--subject must name the token's holder");
     }

@@ -7,9 +7,9 @@ mod table;
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
 use std::collections::HashMap;
+use strata_api::auth::Bearer;
 use strata_api::units::{format_size, parse_size};
 use strata_api::v1 as pb;
-use strata_api::auth::Bearer;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -402,11 +402,7 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!("{code}: {}", s.message())
 }
 
-async fn snapshot_cmd(
-    c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>,
-    cmd: SnapshotCmd,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn snapshot_cmd(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>, cmd: SnapshotCmd, json: bool) -> anyhow::Result<()> {
     match cmd {
         SnapshotCmd::Create { volume, name, labels } => {
             let req = pb::SnapshotCreateRequest { volume, name, labels: labels.into_iter().collect() };

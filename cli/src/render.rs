@@ -42,8 +42,7 @@ pub fn volume_json(v: &pb::Volume) -> serde_json::Value {
 
 fn ownership_text(o: Option<&pb::Ownership>) -> (String, String) {
     let Some(o) = o else { return ("-".into(), "-".into()) };
-    let mut c: Vec<String> =
-        o.users.iter().map(|(k, a)| format!("{k}={a}")).chain(o.groups.iter().map(|(k, a)| format!("group:{k}={a}"))).collect();
+    let mut c: Vec<String> = o.users.iter().map(|(k, a)| format!("{k}={a}")).chain(o.groups.iter().map(|(k, a)| format!("group:{k}={a}"))).collect();
     c.sort();
     let owner = if o.owner.is_empty() { "-".to_string() } else { o.owner.clone() };
     (owner, if c.is_empty() { "-".into() } else { c.join(",") })

@@ -11,13 +11,24 @@ struct Engine {
 }
 
 fn engine() -> Engine {
+    engine_with(&[])
+}
+
+fn engine_with(extra: &[&str]) -> Engine {
     let dir = tempfile::Builder::new().prefix("stratactl-test-").tempdir_in("/var/tmp").unwrap();
-    let proc = strata_e2e::EngineProc::start(dir.path(), 1, "256MiB");
+    let proc = strata_e2e::EngineProc::start_with(dir.path(), 1, "256MiB", extra);
     Engine { sdk: proc.sdk.clone(), _proc: proc, _dir: dir }
 }
 
 fn ctl(e: &Engine, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(CTL).env("STRATA_ENDPOINT", &e.sdk).args(args).output().unwrap();
+    ctl_env(e, &[], args)
+}
+
+/// stratactl with its contexts in the engine's directory (never the user's own) and `env`.
+fn ctl_env(e: &Engine, env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
+    let mut c = Command::new(CTL);
+    c.env("STRATA_ENDPOINT", &e.sdk).env("STRATA_CONFIG_DIR", e._dir.path()).env_remove("STRATA_TOKEN").env_remove("STRATA_CONTEXT");
+    let out = c.envs(env.iter().copied()).args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -123,4 +134,58 @@ fn host_attach_detach_and_encrypted_volumes() {
     ok(&e, &["volume", "create", "plain", "--size", "8MiB"]);
     let (good, _, err) = ctl(&e, &["volume", "ha-update", "plain", "--repl", "2"]);
     assert!(!good && err.contains("to repl 2") && err.contains("already holds a replica"), "{err}");
+}
+
+#[test]
+fn tokens_contexts_owners_and_collaborators() {
+    let keydir = tempfile::tempdir().unwrap();
+    let key = keydir.path().join("system.key");
+    std::fs::write(&key, b"a cluster system key of 32+ bytes, for tests\n").unwrap();
+    let key = key.to_str().unwrap();
+    let e = engine_with(&["--auth-system-key-file", key]);
+    let mint = |args: &[&str]| {
+        let mut a = vec!["auth", "token", "--key-file", key];
+        a.extend_from_slice(args);
+        ok(&e, &a).trim().to_string()
+    };
+    let admin = mint(&["--subject", "ops", "--role", "admin"]);
+    let alice = mint(&["--subject", "alice"]);
+    let bob = mint(&["--subject", "bob", "--ttl", "10m"]);
+    let (good, _, err) = ctl(&e, &["auth", "token", "--key-file", key, "--subject", "x", "--role", "root"]);
+    assert!(!good && err.contains("admin, user or view"), "{err}");
+
+    // No token: refused, saying how to pass one.
+    let (good, _, err) = ctl(&e, &["status"]);
+    assert!(!good && err.contains("not authenticated") && err.contains("--token"), "{err}");
+    assert!(ok(&e, &["--token", &admin, "status"]).contains("Cluster ID"));
+
+    // Contexts: saved with the token (never printed), used by default once current.
+    assert!(ok(&e, &["context", "create", "alice", "--endpoint", &e.sdk, "--token", &alice]).contains("(current)"));
+    ok(&e, &["context", "create", "admin", "--endpoint", &e.sdk, "--token", &admin]);
+    let list = ok(&e, &["context", "list"]);
+    assert!(list.contains("alice") && list.contains("admin") && !list.contains(&alice), "{list}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(e._dir.path().join("contexts.json")).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the context file holds tokens: owner-only");
+    assert!(ok(&e, &["volume", "create", "a1", "--size", "1M", "--collaborator", "bob=read"]).contains("successfully created"));
+    let v = json(&e, &["volume", "inspect", "a1"]);
+    assert_eq!(v["ownership"]["owner"], "alice");
+    assert_eq!(v["ownership"]["users"]["bob"], "read");
+
+    // Bob reads but may not delete; the admin context may.
+    let as_bob = [("STRATA_TOKEN", bob.as_str())];
+    let (good, out, err) = ctl_env(&e, &as_bob, &["volume", "inspect", "a1"]);
+    assert!(good && out.contains("bob=read"), "{err}");
+    let (good, _, err) = ctl_env(&e, &as_bob, &["volume", "delete", "a1"]);
+    assert!(!good && err.contains("permission denied"), "{err}");
+    let (good, _, err) = ctl_env(&e, &as_bob, &["volume", "update", "a1", "--collaborator", "bob=write"]);
+    assert!(!good && err.contains("permission denied"), "{err}");
+    ok(&e, &["volume", "update", "a1", "--collaborator", "bob=none", "--group", "dba=write"]);
+    let v = json(&e, &["volume", "inspect", "a1"]);
+    assert!(v["ownership"]["users"].get("bob").is_none() && v["ownership"]["groups"]["dba"] == "write", "{v}");
+    let (good, _, err) = ctl_env(&e, &as_bob, &["volume", "inspect", "a1"]);
+    assert!(!good && err.contains("permission denied"), "{err}");
+    ok(&e, &["context", "use", "admin"]);
+    ok(&e, &["volume", "delete", "a1"]);
+    let (good, _, err) = ctl(&e, &["--context", "nope", "status"]);
+    assert!(!good && err.contains("no context named"), "{err}");
 }

@@ -550,11 +550,8 @@ impl csi::controller_server::Controller for Controller {
         let size = size_for(Some(&range))?;
         let sdk = self.sdk.for_secrets(&r.secrets)?;
         let _busy = self.inflight.begin(&r.volume_id)?;
-        let v = sdk
-            .inspect(&r.volume_id)
-            .await
-            .map_err(map_sdk)?
-            .ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
+        let v =
+            sdk.inspect(&r.volume_id).await.map_err(map_sdk)?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", r.volume_id)))?;
         let block = matches!(r.volume_capability.as_ref().and_then(|c| c.access_type.as_ref()), Some(csi::volume_capability::AccessType::Block(_)));
         let current = v.spec.as_ref().map_or(0, |s| s.size_bytes) as i64;
         if current >= size {

@@ -17,6 +17,9 @@ pub struct Cluster {
     pub engines: Vec<EngineProc>,
     /// The cluster CA (`strata-engine certs init`): every engine replicates over mutual TLS.
     pub ca: tempfile::TempDir,
+    /// The token the cluster's own helpers (`sdk`, `wait_*`, `replica_differences`) send, for
+    /// engines that check tokens.
+    pub token: Option<String>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -45,7 +48,7 @@ impl Cluster {
     pub fn empty() -> Cluster {
         let ca = crate::tempdir();
         certs(&["init".as_ref(), "--dir".as_ref(), ca.path().as_os_str()]);
-        Cluster { etcd: EtcdProc::start(), engines: Vec::new(), ca, _dirs: Vec::new() }
+        Cluster { etcd: EtcdProc::start(), engines: Vec::new(), ca, token: None, _dirs: Vec::new() }
     }
 
     /// Starts the next engine (node-N) on etcd at `etcd_url` (which may be a proxy).
@@ -75,7 +78,7 @@ impl Cluster {
     }
 
     pub fn sdk(&self, i: usize) -> Sdk {
-        self.engines[i].sdk()
+        Sdk::with_token(&self.engines[i].sdk, self.token.as_deref())
     }
 
     /// The index of node `id` (node-1 is 0).

@@ -69,6 +69,8 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
         ),
     }
     engine.auth = load_auth(args, &node_id)?;
+    let audit = args.data_dir.join("audit.jsonl");
+    crate::sdk::auth::open_audit_log(&audit).with_context(|| format!("audit log {}", audit.display()))?;
     engine.distrust_local_replicas_if_salvaged().await?;
     engine.local.readahead_window.store(args.readahead, std::sync::atomic::Ordering::Relaxed);
     engine.repl = crate::replication::target::TargetConfig {
@@ -93,11 +95,13 @@ fn load_auth(args: &RunArgs, node_id: &str) -> anyhow::Result<Option<Arc<crate::
     let mut issuers = Vec::new();
     for (name, file) in &args.auth_issuers {
         let content = std::fs::read(file).with_context(|| format!("--auth-issuer {name}={}", file.display()))?;
-        let key = strata_api::auth::IssuerKey::from_file_content(&content).map_err(|e| anyhow::anyhow!("--auth-issuer {name}={}: {e}", file.display()))?;
+        let key =
+            strata_api::auth::IssuerKey::from_file_content(&content).map_err(|e| anyhow::anyhow!("--auth-issuer {name}={}: {e}", file.display()))?;
         issuers.push((name.clone(), key));
     }
     let skew = std::time::Duration::from_secs(args.auth_clock_skew);
-    let auth = crate::sdk::auth::Auth::new(node_id, &system, &issuers, &args.auth_audience, skew).map_err(|e| anyhow::anyhow!("--auth-system-key-file {}: {e}", path.display()))?;
+    let auth = crate::sdk::auth::Auth::new(node_id, &system, &issuers, &args.auth_audience, skew)
+        .map_err(|e| anyhow::anyhow!("--auth-system-key-file {}: {e}", path.display()))?;
     tracing::info!(issuers = ?auth.verifier.issuers().collect::<Vec<_>>(), audience = %args.auth_audience, "the SDK takes only calls with a valid token");
     Ok(Some(Arc::new(auth)))
 }

@@ -24,13 +24,7 @@ pub struct Auth {
 impl Auth {
     /// Trusts tokens signed with the system key (issuer `strata-system`) and with each of
     /// `issuers`' keys.
-    pub fn new(
-        node: &str,
-        system_key: &[u8],
-        issuers: &[(String, IssuerKey)],
-        audience: &str,
-        skew: std::time::Duration,
-    ) -> Result<Auth, String> {
+    pub fn new(node: &str, system_key: &[u8], issuers: &[(String, IssuerKey)], audience: &str, skew: std::time::Duration) -> Result<Auth, String> {
         let system = IssuerKey::from_file_content(system_key).map_err(|e| format!("the system key: {e}"))?;
         let IssuerKey::Secret(secret) = &system else {
             return Err("the system key must be a shared secret (at least 32 bytes), not a PEM key".into());
@@ -70,6 +64,8 @@ pub fn caller<T>(auth: Option<&Arc<Auth>>, req: &Request<T>) -> Result<Caller, S
     let token = token_of(req).unwrap_or_default();
     a.verifier.verify(&token).map_err(|e| {
         tracing::info!(target: "strata::audit", denied = true, reason = %e, "SDK call refused: bad or missing token");
+        let unknown = Caller { subject: String::new(), issuer: String::new(), role: None, groups: Vec::new() };
+        audit_line(&unknown, "authenticate", "", "denied", serde_json::json!({ "why": e.to_string() }));
         Status::unauthenticated(e.to_string())
     })
 }
@@ -81,11 +77,7 @@ pub fn require(who: &Caller, role: Role, op: &str) -> Result<(), Status> {
     }
     let has = who.role.map(Role::as_str).unwrap_or("no role");
     audit_denied(who, op, "", "role");
-    Err(Status::permission_denied(format!(
-        "{op} needs role {} or higher; the token of {:?} grants {has}",
-        role.as_str(),
-        who.subject
-    )))
+    Err(Status::permission_denied(format!("{op} needs role {} or higher; the token of {:?} grants {has}", role.as_str(), who.subject)))
 }
 
 /// Whether `who` may see `rec` (list and snapshot list leave out what it may not).
@@ -117,15 +109,60 @@ pub fn may(who: &Caller, rec: &VolumeRecord, need: Access, op: &str) -> Result<(
     )))
 }
 
+/// The audit log file (`<data-dir>/audit.jsonl`): one JSON line per change or refusal,
+/// whatever the log level. Set once by the engine at start; without it audit lines go to the
+/// log only.
+static AUDIT_FILE: std::sync::OnceLock<parking_lot::Mutex<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Appends audit lines to `path` from now on.
+pub fn open_audit_log(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new().append(true).create(true).mode(0o600).open(path)?;
+    let _ = AUDIT_FILE.set(parking_lot::Mutex::new(f));
+    Ok(())
+}
+
+fn audit_line(who: &Caller, op: &str, volume: &str, outcome: &str, detail: serde_json::Value) {
+    let Some(f) = AUDIT_FILE.get() else { return };
+    let mut line = serde_json::json!({
+        "time": crate::clock::now_unix(),
+        "user": who.subject,
+        "issuer": who.issuer,
+        "op": op,
+        "volume": volume,
+        "outcome": outcome,
+    });
+    if let (Some(l), serde_json::Value::Object(d)) = (line.as_object_mut(), detail) {
+        l.extend(d);
+    }
+    use std::io::Write as _;
+    if let Err(e) = writeln!(f.lock(), "{line}") {
+        tracing::warn!("audit log: {e}");
+    }
+}
+
 fn audit_denied(who: &Caller, op: &str, volume: &str, why: &str) {
     tracing::info!(target: "strata::audit", user = %who.subject, issuer = %who.issuer, op, volume, denied = true, why, "SDK call refused");
+    audit_line(who, op, volume, "denied", serde_json::json!({ "why": why }));
 }
 
 /// The audit line of a change: who, what, on which volume, and how it ended.
 pub fn audit<R>(who: &Caller, op: &str, volume: &str, forwarded: bool, result: &Result<R, Status>) {
     match result {
-        Ok(_) => tracing::info!(target: "strata::audit", user = %who.subject, issuer = %who.issuer, op, volume, forwarded, "ok"),
-        Err(s) => tracing::info!(target: "strata::audit", user = %who.subject, issuer = %who.issuer, op, volume, forwarded, code = ?s.code(), error = %s.message(), "failed"),
+        Ok(_) => {
+            tracing::info!(target: "strata::audit", user = %who.subject, issuer = %who.issuer, op, volume, forwarded, "ok");
+            audit_line(who, op, volume, "ok", serde_json::json!({ "forwarded": forwarded }));
+        }
+        Err(s) => {
+            tracing::info!(target: "strata::audit", user = %who.subject, issuer = %who.issuer, op, volume, forwarded, code = ?s.code(), error = %s.message(), "failed");
+            audit_line(
+                who,
+                op,
+                volume,
+                "failed",
+                serde_json::json!({ "forwarded": forwarded, "code": format!("{:?}", s.code()), "error": s.message() }),
+            );
+        }
     }
 }
 

@@ -4,9 +4,9 @@ pub mod auth;
 
 use crate::meta::Access;
 use crate::volume::{CreateSpec, Service, UpdateSpec, VolumeError, VolumeInfo};
-use strata_api::auth::{Bearer, Caller, Role};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use strata_api::auth::{Bearer, Caller, Role};
 use strata_api::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -83,7 +83,8 @@ const FORWARDED: &str = "x-strata-forwarded";
 /// How long the node that serves a volume may take to let it go in a clean handover.
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-type VolumeClient = pb::volume_service_client::VolumeServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+type VolumeClient =
+    pb::volume_service_client::VolumeServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
 
 /// The caller's token again, for a call this engine makes on its behalf to another engine.
 fn bearer_of<T>(req: &Request<T>) -> Bearer {
@@ -591,18 +592,19 @@ impl pb::alert_service_server::AlertService for Sdk {
             let calls = others.map(|n| {
                 let bearer = bearer.clone();
                 async move {
-                let url = strata_api::endpoint_uri(&n.sdk_address);
-                let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                    let ch = tonic::transport::Endpoint::from_shared(url).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
-                    let mut c = pb::alert_service_client::AlertServiceClient::with_interceptor(ch, bearer);
-                    c.list(pb::ListAlertsRequest { local_only: true }).await.map_err(|s| s.message().to_string())
-                })
-                .await;
-                match r {
-                    Ok(Ok(resp)) => Ok(resp.into_inner().alerts),
-                    Ok(Err(why)) => Err(format!("{}: {why}", n.id)),
-                    Err(_) => Err(format!("{}: no answer within 5 s", n.id)),
-                }
+                    let url = strata_api::endpoint_uri(&n.sdk_address);
+                    let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                        let ch =
+                            tonic::transport::Endpoint::from_shared(url).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
+                        let mut c = pb::alert_service_client::AlertServiceClient::with_interceptor(ch, bearer);
+                        c.list(pb::ListAlertsRequest { local_only: true }).await.map_err(|s| s.message().to_string())
+                    })
+                    .await;
+                    match r {
+                        Ok(Ok(resp)) => Ok(resp.into_inner().alerts),
+                        Ok(Err(why)) => Err(format!("{}: {why}", n.id)),
+                        Err(_) => Err(format!("{}: no answer within 5 s", n.id)),
+                    }
                 }
             });
             for r in futures::future::join_all(calls).await {

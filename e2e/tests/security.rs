@@ -1,0 +1,200 @@
+//! SDK tokens on real engines (two nodes on etcd, replication over mutual TLS): every probe an
+//! attacker on the node network could make over the SDK — no token, a forged, expired or
+//! foreign token, another user's valid token — is refused, and the victim's volume is intact
+//! and in sync afterwards. Owners, collaborators and roles decide the rest; changes go to the
+//! audit log; calls forwarded to the volume's target carry the caller's token.
+
+use std::time::Duration;
+use strata_api::auth::{sign, Audience, Claims, Role};
+use strata_api::v1 as pb;
+use strata_e2e::cluster::Cluster;
+use strata_e2e::nbd::Client;
+use strata_e2e::pseudo_random;
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+const SYSTEM_KEY: &[u8] = b"system-key-0123456789abcdef0123456789";
+const IDP_KEY: &[u8] = b"idp-shared-secret-0123456789abcdef01";
+
+struct Keys {
+    dir: tempfile::TempDir,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("system.key"), SYSTEM_KEY).unwrap();
+        std::fs::write(dir.path().join("idp.key"), IDP_KEY).unwrap();
+        Keys { dir }
+    }
+
+    fn path(&self, f: &str) -> String {
+        self.dir.path().join(f).to_str().unwrap().to_string()
+    }
+}
+
+fn token(sub: &str, iss: &str, key: &[u8], role: Role, groups: &[&str]) -> String {
+    let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+    sign(&Claims::new(sub, iss, "strata", &[role], &groups, Duration::from_secs(600)), key).unwrap()
+}
+
+fn user(sub: &str) -> String {
+    token(sub, "idp", IDP_KEY, Role::User, &[])
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
+    let s = r.expect_err("the call should be refused");
+    (s.code(), s.message().to_string())
+}
+
+#[test]
+fn the_sdk_refuses_callers_without_a_valid_token_and_users_outside_a_volume() {
+    let keys = Keys::new();
+    let (sys, idp) = (keys.path("system.key"), format!("idp={}", keys.path("idp.key")));
+    let mut c = Cluster::start_with(2, "256MiB", &["--auth-system-key-file", &sys, "--auth-issuer", &idp]);
+    let admin = token("root", strata_api::auth::SYSTEM_ISSUER, SYSTEM_KEY, Role::Admin, &[]);
+    c.token = Some(admin.clone());
+    let alice = c.engines[0].sdk_as(&user("alice"));
+    let mallory = c.engines[0].sdk_as(&user("mallory"));
+
+    // Alice's volume, replicated on both nodes, with data on it.
+    let v = alice.create_full("ledger", 16 * MIB, 2, &[]).unwrap();
+    assert_eq!(v.spec.unwrap().ownership.unwrap().owner, "alice");
+    alice.attach("ledger", false).unwrap();
+    let data = pseudo_random(7, 4 * MIB as usize);
+    let mut nbd = Client::connect(&c.engines[0].nbd, "ledger").unwrap();
+    assert_eq!(nbd.write(0, &data, 0), 0);
+    assert_eq!(nbd.flush(), 0);
+    let before = alice.checksums("ledger").unwrap();
+
+    // No token, a forged one, an expired one, one for another cluster, an unknown issuer.
+    let anonymous = c.engines[0].sdk();
+    let (k, m) = code(anonymous.try_list());
+    assert_eq!(k, Code::Unauthenticated, "{m}");
+    assert!(m.contains("no token"), "{m}");
+    let forged = token("alice", "idp", b"not-the-idp-key-0123456789abcdef0", Role::Admin, &[]);
+    let (k, m) = code(c.engines[0].sdk_as(&forged).delete("ledger", true));
+    assert_eq!(k, Code::Unauthenticated, "{m}");
+    assert!(m.contains("signature"), "{m}");
+    let mut expired = Claims::new("alice", "idp", "strata", &[Role::Admin], &[], Duration::from_secs(1));
+    expired.exp -= 3600;
+    let (k, m) = code(c.engines[0].sdk_as(&sign(&expired, IDP_KEY).unwrap()).inspect("ledger"));
+    assert_eq!(k, Code::Unauthenticated, "{m}");
+    assert!(m.contains("expired"), "{m}");
+    let mut foreign = Claims::new("alice", "idp", "strata", &[Role::Admin], &[], Duration::from_secs(600));
+    foreign.aud = Audience::One("another-cluster".into());
+    let (k, m) = code(c.engines[1].sdk_as(&sign(&foreign, IDP_KEY).unwrap()).detach("ledger", true));
+    assert_eq!(k, Code::Unauthenticated, "{m}");
+    assert!(m.contains("audience"), "{m}");
+    let stranger = token("alice", "evil-idp", IDP_KEY, Role::Admin, &[]);
+    let (k, m) = code(c.engines[0].sdk_as(&stranger).try_list());
+    assert_eq!(k, Code::Unauthenticated, "{m}");
+    assert!(m.contains("not trusted"), "{m}");
+
+    // Another user with a valid token: cannot see, read, clone, throttle, relabel, detach,
+    // take over, snapshot, restore or delete Alice's volume — on either node.
+    assert!(mallory.try_list().unwrap().iter().all(|v| v.name != "ledger"), "mallory lists alice's volume");
+    for (node, sdk) in [(0, &mallory), (1, &c.engines[1].sdk_as(&user("mallory")))] {
+        let denied = |what: &str, r: Result<(), tonic::Status>| {
+            let (k, m) = code(r);
+            assert_eq!(k, Code::PermissionDenied, "node {node}, {what}: {m}");
+        };
+        denied("inspect", sdk.inspect("ledger").map(|_| ()));
+        denied("checksums", sdk.checksums("ledger").map(|_| ()));
+        denied("clone", sdk.clone_volume("ledger", "stolen").map(|_| ()));
+        let throttle = pb::UpdateVolumeRequest { name: "ledger".into(), io_throttle_wr_iops: Some(1), ..Default::default() };
+        denied("throttle", sdk.update(throttle).map(|_| ()));
+        let relabel = pb::UpdateVolumeRequest { name: "ledger".into(), labels: [("app".into(), "x".into())].into(), ..Default::default() };
+        denied("relabel", sdk.update(relabel).map(|_| ()));
+        let steal = pb::UpdateVolumeRequest {
+            name: "ledger".into(),
+            ownership: Some(pb::Ownership { owner: "mallory".into(), ..Default::default() }),
+            ..Default::default()
+        };
+        denied("take ownership", sdk.update(steal).map(|_| ()));
+        denied("force attach", sdk.attach("ledger", true).map(|_| ()));
+        denied("force detach", sdk.detach("ledger", true).map(|_| ()));
+        denied("snapshot", sdk.snapshot("ledger", "s1").map(|_| ()));
+        denied("ha-update", sdk.ha_update("ledger", 1, None).map(|_| ()));
+        denied("force delete", sdk.delete("ledger", true));
+    }
+    // A user cannot give a new volume to someone else, nor act as an admin.
+    let v = mallory
+        .create_spec(
+            "m1",
+            pb::VolumeSpec {
+                size_bytes: MIB,
+                repl: 1,
+                ownership: Some(pb::Ownership { owner: "alice".into(), ..Default::default() }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(v.spec.unwrap().ownership.unwrap().owner, "mallory");
+    let viewer = c.engines[1].sdk_as(&token("auditor", "idp", IDP_KEY, Role::View, &[]));
+    assert!(viewer.try_list().unwrap().iter().any(|v| v.name == "ledger"), "a viewer lists every volume");
+    assert_eq!(viewer.inspect("ledger").unwrap().name, "ledger");
+    assert_eq!(code(viewer.create("v1", MIB)).0, Code::PermissionDenied);
+    assert_eq!(code(viewer.checksums("ledger")).0, Code::PermissionDenied);
+    assert_eq!(code(viewer.delete("ledger", true)).0, Code::PermissionDenied);
+
+    // Nothing changed: same data, same target, both replicas in sync, no clone.
+    let after = alice.inspect("ledger").unwrap();
+    assert_eq!(after.attached_node, "node-1");
+    assert_eq!(after.in_sync_nodes.len(), 2, "{after:?}");
+    assert_eq!(after.spec.as_ref().unwrap().qos.clone().unwrap_or_default().wr_iops, 0);
+    assert!(after.spec.as_ref().unwrap().labels.is_empty());
+    assert_eq!(alice.checksums("ledger").unwrap(), before);
+    assert!(c.replica_differences(0, "ledger").is_empty());
+    let admin_sdk = c.engines[0].sdk_as(&admin);
+    assert!(admin_sdk.inspect("stolen").is_err());
+    assert_eq!(nbd.read(0, 4 * MIB as u32).unwrap(), data);
+
+    // Collaborators: Bob may read (inspect, clone — the clone is his) but not delete; a
+    // group with write access may change it. Through node 2 (forwarded to the target, node 1,
+    // with the caller's token).
+    let share = pb::UpdateVolumeRequest {
+        name: "ledger".into(),
+        ownership: Some(pb::Ownership {
+            owner: "alice".into(),
+            users: [("bob".into(), "read".into())].into(),
+            groups: [("dba".into(), "write".into())].into(),
+        }),
+        ..Default::default()
+    };
+    c.engines[1].sdk_as(&user("alice")).update(share).unwrap();
+    let bob = c.engines[1].sdk_as(&user("bob"));
+    assert_eq!(bob.inspect("ledger").unwrap().name, "ledger");
+    let copy = bob.clone_volume("ledger", "bobs-copy").unwrap();
+    assert_eq!(copy.spec.unwrap().ownership.unwrap().owner, "bob");
+    assert_eq!(code(bob.delete("ledger", true)).0, Code::PermissionDenied);
+    assert_eq!(code(bob.resize("ledger", 32 * MIB)).0, Code::PermissionDenied);
+    let dba = c.engines[1].sdk_as(&token("carol", "idp", IDP_KEY, Role::User, &["dba"]));
+    assert_eq!(dba.resize("ledger", 32 * MIB).unwrap().spec.unwrap().size_bytes, 32 * MIB);
+    // Only the owner or an admin changes who may use it; only an admin gives it away.
+    let regrant = pb::UpdateVolumeRequest {
+        name: "ledger".into(),
+        ownership: Some(pb::Ownership { owner: "alice".into(), users: [("carol".into(), "write".into())].into(), ..Default::default() }),
+        ..Default::default()
+    };
+    assert_eq!(code(dba.update(regrant)).0, Code::PermissionDenied);
+    let give = pb::UpdateVolumeRequest {
+        name: "ledger".into(),
+        ownership: Some(pb::Ownership { owner: "team-x".into(), ..Default::default() }),
+        ..Default::default()
+    };
+    assert_eq!(code(alice.update(give.clone())).0, Code::PermissionDenied);
+    assert_eq!(admin_sdk.update(give).unwrap().spec.unwrap().ownership.unwrap().owner, "team-x");
+    assert_eq!(code(alice.inspect("ledger")).0, Code::PermissionDenied);
+
+    // The engines sign their own calls: a scrub repair on node 2 asks node 1 (the target)
+    // through the SDK with a system token — covered by the checksum tests; here, the audit log.
+    drop(nbd);
+    let audit = std::fs::read_to_string(c.engines[0].dir.join("data").join("audit.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let has = |user: &str, op: &str, outcome: &str| lines.iter().any(|l| l["user"] == user && l["op"] == op && l["outcome"] == outcome);
+    assert!(has("alice", "volume.create", "ok"), "no audit line for alice's create:\n{audit}");
+    assert!(has("mallory", "volume.delete", "denied"), "no audit line for mallory's refused delete:\n{audit}");
+    assert!(has("", "authenticate", "denied"), "no audit line for the calls without a valid token:\n{audit}");
+    assert!(has("root", "volume.update", "ok"));
+}
