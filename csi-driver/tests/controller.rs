@@ -321,3 +321,58 @@ fn snapshots_and_volumes_from_snapshots_or_volumes() {
         assert_eq!(c.sdk(i).pool().used_bytes, 0, "space returned on node-{}", i + 1);
     }
 }
+
+#[test]
+fn tokens_from_csi_secrets_and_the_pvc_namespace_as_owner() {
+    use strata_api::auth::{sign, Claims, Role, SYSTEM_ISSUER};
+    let dir = strata_e2e::tempdir();
+    let key = dir.path().join("system.key");
+    let secret = b"csi-test-system-key-0123456789abcdef";
+    std::fs::write(&key, secret).unwrap();
+    let mint =
+        |sub: &str, role: Role| sign(&Claims::new(sub, SYSTEM_ISSUER, "strata", &[role], &[], std::time::Duration::from_secs(600)), secret).unwrap();
+    let mut c = Cluster::start_with(1, "256MiB", &["--auth-system-key-file", key.to_str().unwrap()]);
+    c.token = Some(mint("root", Role::Admin));
+    let admin_file = dir.path().join("driver.token");
+    std::fs::write(&admin_file, mint("csi-driver", Role::Admin)).unwrap();
+    let d = start_csi(dir.path(), "controller", &c.engines[0].sdk, &["--token-file", admin_file.to_str().unwrap()]);
+    let rt = &d.rt;
+    let mut ctl = ControllerClient::new(d.ch.clone());
+    let owner = |name: &str| c.sdk(0).inspect(name).unwrap().spec.unwrap().ownership.unwrap_or_default().owner;
+
+    // The driver's admin token: the PVC's namespace owns the volume.
+    rt.block_on(ctl.create_volume(create_req("pvc-1", 8 * MIB, &[("csi.storage.k8s.io/pvc/namespace", "team-a")]))).unwrap();
+    assert_eq!(owner("pvc-1"), "team-a");
+    // A namespace's own token in the provisioner secret: its subject owns the volume, whatever
+    // namespace the request names.
+    let team_b = mint("team-b", Role::User);
+    let secrets: HashMap<String, String> = [("auth-token".to_string(), team_b.clone())].into();
+    let mut req = create_req("pvc-2", 8 * MIB, &[("csi.storage.k8s.io/pvc/namespace", "team-a")]);
+    req.secrets = secrets.clone();
+    rt.block_on(ctl.create_volume(req)).unwrap();
+    assert_eq!(owner("pvc-2"), "team-b");
+    // team-b's token cannot delete team-a's volume, snapshot it or grow it; team-a's can.
+    let del = |id: &str, s: &HashMap<String, String>| csi::DeleteVolumeRequest { volume_id: id.into(), secrets: s.clone() };
+    assert_eq!(rt.block_on(ctl.delete_volume(del("pvc-1", &secrets))).unwrap_err().code(), Code::PermissionDenied);
+    let mut snap = snap_req("snap-1", "pvc-1");
+    snap.secrets = secrets.clone();
+    assert_eq!(rt.block_on(ctl.create_snapshot(snap)).unwrap_err().code(), Code::PermissionDenied);
+    let grow = csi::ControllerExpandVolumeRequest {
+        volume_id: "pvc-1".into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: 16 * MIB, limit_bytes: 0 }),
+        secrets: secrets.clone(),
+        ..Default::default()
+    };
+    assert_eq!(rt.block_on(ctl.controller_expand_volume(grow)).unwrap_err().code(), Code::PermissionDenied);
+    let team_a: HashMap<String, String> = [("auth-token".to_string(), mint("team-a", Role::User))].into();
+    rt.block_on(ctl.delete_volume(del("pvc-1", &team_a))).unwrap();
+    rt.block_on(ctl.delete_volume(del("pvc-2", &secrets))).unwrap();
+    assert!(c.sdk(0).list().is_empty());
+
+    // A driver without a token is refused by the engine (UNAUTHENTICATED, saying why).
+    let bare = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let mut ctl = ControllerClient::new(bare.ch.clone());
+    let s = bare.rt.block_on(ctl.create_volume(create_req("pvc-3", 8 * MIB, &[]))).unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated, "{}", s.message());
+    assert!(s.message().contains("no token"), "{}", s.message());
+}
