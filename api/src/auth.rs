@@ -265,29 +265,93 @@ pub fn bearer(value: &str) -> &str {
     v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).unwrap_or(v).trim()
 }
 
-/// A tonic interceptor that puts a token on every request (none: requests go without one).
+/// A tonic interceptor that puts a token on every request: a fixed one, one it mints and
+/// renews itself from a key, or none.
 #[derive(Clone, Default)]
-pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub struct Bearer(Source);
+
+#[derive(Clone, Default)]
+enum Source {
+    #[default]
+    None,
+    Fixed(tonic::metadata::MetadataValue<tonic::metadata::Ascii>),
+    Minted(std::sync::Arc<Minter>),
+}
+
+/// Signs short-lived tokens for one subject and renews them before they expire.
+struct Minter {
+    key: Vec<u8>,
+    claims: Claims,
+    ttl: Duration,
+    current: std::sync::Mutex<(tonic::metadata::MetadataValue<tonic::metadata::Ascii>, u64)>,
+}
+
+impl Minter {
+    fn sign(&self) -> Result<(tonic::metadata::MetadataValue<tonic::metadata::Ascii>, u64), String> {
+        let mut c = self.claims.clone();
+        let now = unix_now();
+        (c.iat, c.exp) = (now, now + self.ttl.as_secs());
+        let v = format!("Bearer {}", sign(&c, &self.key)?).parse().map_err(|_| "a signed token is not a header value".to_string())?;
+        Ok((v, c.exp))
+    }
+
+    /// The current token, renewed when less than a third of its life is left.
+    fn value(&self) -> tonic::metadata::MetadataValue<tonic::metadata::Ascii> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.1 < unix_now() + self.ttl.as_secs() / 3 {
+            match self.sign() {
+                Ok(next) => *cur = next,
+                Err(e) => tracing::warn!("renewing the SDK token failed (the current one is sent until it expires): {e}"),
+            }
+        }
+        cur.0.clone()
+    }
+}
 
 impl Bearer {
     pub fn new(token: Option<&str>) -> Result<Bearer, String> {
         match token.map(str::trim).filter(|t| !t.is_empty()) {
-            None => Ok(Bearer(None)),
-            Some(t) => {
-                format!("Bearer {t}").parse().map(|v| Bearer(Some(v))).map_err(|_| "the token has characters a header cannot carry".to_string())
-            }
+            None => Ok(Bearer(Source::None)),
+            Some(t) => format!("Bearer {t}")
+                .parse()
+                .map(|v| Bearer(Source::Fixed(v)))
+                .map_err(|_| "the token has characters a header cannot carry".to_string()),
         }
     }
 
+    /// Tokens for `subject` with `role`, signed with the cluster's system key and renewed
+    /// before they expire (components that hold the key: CSI driver, extender, operator).
+    pub fn minting(system_key: &[u8], subject: &str, role: Role, audience: &str) -> Result<Bearer, String> {
+        let ttl = Duration::from_secs(600);
+        let claims = Claims::new(subject, SYSTEM_ISSUER, audience, &[role], &[], ttl);
+        let key = system_key.strip_suffix(b"\n").unwrap_or(system_key).to_vec();
+        let m = Minter { key, claims, ttl, current: std::sync::Mutex::new((tonic::metadata::MetadataValue::from_static(""), 0)) };
+        let first = m.sign()?;
+        *m.current.lock().unwrap_or_else(|p| p.into_inner()) = first;
+        Ok(Bearer(Source::Minted(std::sync::Arc::new(m))))
+    }
+
+    /// `minting` with the key in `path` (the mounted system key Secret).
+    pub fn minting_from_file(path: &std::path::Path, subject: &str, role: Role) -> Result<Bearer, String> {
+        let key = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Bearer::minting(&key, subject, role, DEFAULT_AUDIENCE).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     pub fn is_set(&self) -> bool {
-        self.0.is_some()
+        !matches!(self.0, Source::None)
     }
 }
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert(HEADER, v.clone());
+        match &self.0 {
+            Source::None => {}
+            Source::Fixed(v) => {
+                req.metadata_mut().insert(HEADER, v.clone());
+            }
+            Source::Minted(m) => {
+                req.metadata_mut().insert(HEADER, m.value());
+            }
         }
         Ok(req)
     }
@@ -367,6 +431,19 @@ mod tests {
         let confused = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &EncodingKey::from_secret(pem.as_bytes())).unwrap();
         assert_eq!(v.verify(&confused), Err(TokenError::BadSignature("idp".into())));
         assert_eq!(v.verify(&sign(&c, SECRET).unwrap()), Err(TokenError::BadSignature("idp".into())));
+    }
+
+    #[test]
+    fn a_minting_bearer_signs_verifiable_tokens_for_its_subject() {
+        use tonic::service::Interceptor as _;
+        let mut v = Verifier::new("strata", Duration::from_secs(30));
+        v.trust(SYSTEM_ISSUER, &IssuerKey::Secret(SECRET.to_vec())).unwrap();
+        let mut b = Bearer::minting(SECRET, "csi/node-1", Role::Admin, "strata").unwrap();
+        let req = b.call(tonic::Request::new(())).unwrap();
+        let token = bearer(req.metadata().get(HEADER).unwrap().to_str().unwrap()).to_string();
+        let c = v.verify(&token).unwrap();
+        assert_eq!((c.subject.as_str(), c.role), ("csi/node-1", Some(Role::Admin)));
+        assert!(Bearer::minting(b"short", "x", Role::View, "strata").is_err());
     }
 
     #[test]

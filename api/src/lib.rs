@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod logging;
 pub mod metrics;
+pub mod pki;
 pub mod schedule;
 pub mod units;
 

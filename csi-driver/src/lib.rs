@@ -38,8 +38,12 @@ pub struct Config {
     pub sdk: String,
     /// A file holding the driver's own SDK token, for clusters whose engines check tokens (calls
     /// whose CSI secrets carry `auth-token` use that one instead). Default: none.
-    #[arg(long, env = "STRATA_TOKEN_FILE")]
+    #[arg(long, env = "STRATA_TOKEN_FILE", conflicts_with = "auth_system_key_file")]
     pub token_file: Option<PathBuf>,
+    /// Or the cluster's system key (the engines' --auth-system-key-file): the driver signs its
+    /// own short-lived admin tokens with it (subject `csi/<node-id>`). Default: none.
+    #[arg(long, env = "STRATA_AUTH_SYSTEM_KEY_FILE")]
+    pub auth_system_key_file: Option<PathBuf>,
     /// This node's id (the Strata node id and the Kubernetes node name).
     #[arg(long, env = "NODE_NAME", default_value = "")]
     pub node_id: String,
@@ -120,7 +124,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(f) => Some(std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?.trim().to_string()),
         None => None,
     };
-    let sdk = sdk::Sdk::lazy(&cfg.sdk)?.with_token(token.as_deref())?;
+    let mut sdk = sdk::Sdk::lazy(&cfg.sdk)?.with_token(token.as_deref())?;
+    if let Some(key) = &cfg.auth_system_key_file {
+        let who = format!("csi/{}", if cfg.node_id.is_empty() { "controller" } else { &cfg.node_id });
+        let b = strata_api::auth::Bearer::minting_from_file(key, &who, strata_api::auth::Role::Admin)
+            .map_err(|e| anyhow::anyhow!("--auth-system-key-file {e}"))?;
+        sdk = sdk.with_bearer(b);
+    }
     let identity = csi::identity_server::IdentityServer::new(identity::Identity { sdk: sdk.clone(), controller: cfg.mode == Mode::Controller });
     let mut server = tonic::transport::Server::builder();
     let router = match cfg.mode {

@@ -51,6 +51,12 @@ impl Sdk {
         Ok(self)
     }
 
+    /// This SDK sending what `b` puts on each call.
+    pub fn with_bearer(mut self, b: Bearer) -> Sdk {
+        self.bearer = b;
+        self
+    }
+
     /// The SDK as a request's secrets say: with the token under `auth-token`, else with the
     /// driver's own.
     pub fn for_secrets(&self, secrets: &std::collections::HashMap<String, String>) -> Result<Sdk, Status> {

@@ -142,7 +142,7 @@ fn the_sdk_refuses_callers_without_a_valid_token_and_users_outside_a_volume() {
     let after = alice.inspect("ledger").unwrap();
     assert_eq!(after.attached_node, "node-1");
     assert_eq!(after.in_sync_nodes.len(), 2, "{after:?}");
-    assert_eq!(after.spec.as_ref().unwrap().qos.clone().unwrap_or_default().wr_iops, 0);
+    assert_eq!(after.spec.as_ref().unwrap().qos.unwrap_or_default().wr_iops, 0);
     assert!(after.spec.as_ref().unwrap().labels.is_empty());
     assert_eq!(alice.checksums("ledger").unwrap(), before);
     assert!(c.replica_differences(0, "ledger").is_empty());

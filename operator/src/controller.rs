@@ -27,6 +27,8 @@ pub struct Context {
 pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("security Secret: {0}")]
+    Secret(String),
     #[error("StorageCluster has no namespace")]
     NoNamespace,
 }
@@ -57,6 +59,9 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
         let mut all = sc.finalizers().to_vec();
         all.push(FINALIZER.into());
         api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": all}}))).await?;
+    }
+    if sc.spec.security.enabled {
+        crate::security::ensure(&ctx.client, &ns, &sc).await.map_err(Error::Secret)?;
     }
     let mut skipped = Vec::new();
     for obj in render::desired(&sc) {

@@ -40,12 +40,33 @@ pub struct StorageClusterSpec {
     #[serde(default)]
     pub monitoring: Monitoring,
     #[serde(default)]
+    pub security: Security,
+    #[serde(default)]
     pub update_strategy: UpdateStrategy,
     #[serde(default)]
     pub delete_strategy: DeleteStrategy,
     /// StorageClasses to create (Portworx parameter keys: `repl`, `io_profile`, ...).
     #[serde(default)]
     pub storage_classes: Vec<StorageClassSpec>,
+}
+
+/// Mutual TLS between engines and tokens on the SDK.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Security {
+    /// On by default. Off: replication is plaintext and the SDK open (the engines warn).
+    pub enabled: bool,
+    /// The Secret (in the StorageCluster's namespace) holding `ca.crt` and `ca.key` (the
+    /// cluster CA that signs each node's certificate at pod start) and `system.key` (signs the
+    /// components' SDK tokens). The operator creates it when missing (a new self-signed CA, a
+    /// random key); create it yourself to use your own CA. Default `strata-security`.
+    pub secret_name: String,
+}
+
+impl Default for Security {
+    fn default() -> Self {
+        Security { enabled: true, secret_name: "strata-security".into() }
+    }
 }
 
 /// The metadata store: an external etcd, or a 3-member etcd the operator runs.

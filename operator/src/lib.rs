@@ -6,6 +6,7 @@ pub mod controller;
 pub mod crd;
 pub mod metrics;
 pub mod render;
+pub mod security;
 pub mod status;
 pub mod uninstall;
 pub mod upgrade;

@@ -56,7 +56,8 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(strata_operator::metrics::Metrics::default());
     let listener = tokio::net::TcpListener::bind(args.metrics_listen).await?;
     tokio::spawn(strata_operator::metrics::serve(listener, metrics.clone()));
-    let ctx = Arc::new(Context { client, engines: Arc::new(strata_operator::status::Sdk), metrics });
+    let engines = Arc::new(strata_operator::status::Sdk { client: client.clone() });
+    let ctx = Arc::new(Context { client, engines, metrics });
     tracing::info!("strata-operator started");
     Controller::new(clusters, watcher::Config::default())
         .owns(daemonsets, watcher::Config::default())

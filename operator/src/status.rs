@@ -16,8 +16,11 @@ pub trait EngineStatus: Send + Sync {
     async fn report(&self, sc: &StorageCluster) -> Result<EngineReport, String>;
 }
 
-/// Asks the engines' SDK Service of the StorageCluster.
-pub struct Sdk;
+/// Asks the engines' SDK Service of the StorageCluster (with a view token signed with the
+/// cluster's system key when security is on).
+pub struct Sdk {
+    pub client: kube::Client,
+}
 
 #[async_trait::async_trait]
 impl EngineStatus for Sdk {
@@ -30,6 +33,14 @@ impl EngineStatus for Sdk {
             .connect()
             .await
             .map_err(|e| format!("engine SDK at {addr}: {e}"))?;
+        let bearer = if sc.spec.security.enabled {
+            let ns = sc.metadata.namespace.clone().unwrap_or_default();
+            let key = crate::security::system_key(&self.client, &ns, sc).await?;
+            strata_api::auth::Bearer::minting(&key, "operator", strata_api::auth::Role::View, strata_api::auth::DEFAULT_AUDIENCE)?
+        } else {
+            Default::default()
+        };
+        let ch = tonic::service::interceptor::InterceptedService::new(ch, bearer);
         let status = pb::cluster_service_client::ClusterServiceClient::new(ch.clone())
             .status(pb::ClusterStatusRequest {})
             .await

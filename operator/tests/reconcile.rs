@@ -113,9 +113,19 @@ fn sc_json(sc: &StorageCluster) -> Value {
     serde_json::to_value(sc).unwrap()
 }
 
-/// The applies of every desired object, in order.
+const SECRET_PATH: &str = "/api/v1/namespaces/strata/secrets/strata-security";
+
+/// The security Secret as the API server has it once made.
+fn security_secret() -> Value {
+    let data: serde_json::Map<String, Value> = strata_operator::security::KEYS.iter().map(|k| (k.to_string(), json!("eA=="))).collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "strata-security", "namespace": "strata"}, "data": data})
+}
+
+/// The security Secret's check (it exists), then the applies of every desired object, in order.
 fn applies(sc: &StorageCluster) -> Vec<Call> {
-    desired(sc).iter().map(|o| Call(Method::PATCH, path_of(o), Value::Null)).collect()
+    let mut calls = vec![Call(Method::GET, SECRET_PATH.into(), security_secret())];
+    calls.extend(desired(sc).iter().map(|o| Call(Method::PATCH, path_of(o), Value::Null)));
+    calls
 }
 
 fn ctx(client: kube::Client, r: Result<EngineReport, String>) -> Arc<Context> {
@@ -206,10 +216,10 @@ async fn a_service_monitor_without_the_prometheus_api_is_skipped_with_a_conditio
     let mut sc = cluster("img:0.1.0", true);
     sc.spec.monitoring.service_monitor = true;
     let missing = json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
-    let mut calls: Vec<Call> = desired(&sc)
-        .iter()
-        .map(|o| Call(Method::PATCH, path_of(o), if o.api.kind == "ServiceMonitor" { missing.clone() } else { Value::Null }))
-        .collect();
+    let mut calls = vec![Call(Method::GET, SECRET_PATH.into(), security_secret())];
+    calls.extend(
+        desired(&sc).iter().map(|o| Call(Method::PATCH, path_of(o), if o.api.kind == "ServiceMonitor" { missing.clone() } else { Value::Null })),
+    );
     assert!(desired(&sc).iter().any(|o| o.api.kind == "ServiceMonitor"));
     calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![engine_pod("a", "0.1.0", true)])));
     calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
@@ -324,4 +334,46 @@ async fn uninstall_deletes_the_storage_cluster_and_waits_until_it_is_finalized()
     let e = uninstall(kube::Client::new(svc, "strata"), "strata", "strata", Duration::from_millis(100), Duration::from_millis(20)).await.unwrap_err();
     assert!(e.to_string().contains("is the operator running"), "{e}");
     answer.abort();
+}
+
+#[tokio::test]
+async fn a_missing_security_secret_is_made_once_with_a_ca_and_a_system_key() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let sc = cluster("img:0.1.0", true);
+    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    let mut calls =
+        vec![Call(Method::GET, SECRET_PATH.into(), not_found), Call(Method::POST, "/api/v1/namespaces/strata/secrets".into(), Value::Null)];
+    calls.extend(applies(&sc).into_iter().skip(1));
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![])));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(kube::Client::new(svc, "strata"), report(&[]))).await.unwrap();
+    let seen = server.await.unwrap();
+    let made = &seen[1].1;
+    assert_eq!(made["metadata"]["name"], "strata-security");
+    assert_eq!(made["metadata"]["ownerReferences"][0]["kind"], "StorageCluster");
+    use base64::Engine as _;
+    let field = |k: &str| String::from_utf8(base64::engine::general_purpose::STANDARD.decode(made["data"][k].as_str().unwrap()).unwrap()).unwrap();
+    assert!(field("ca.crt").starts_with("-----BEGIN CERTIFICATE-----"));
+    assert!(field("ca.key").contains("PRIVATE KEY"));
+    assert!(field("system.key").len() >= 32);
+    // The engine DaemonSet mounts it: the CA for the init container that signs the node's
+    // certificate, the system key for the engine and the CSI node plugin.
+    let ds = seen.iter().find(|(p, _)| p.ends_with("/daemonsets/strata-engine")).unwrap();
+    let spec = &ds.1["spec"]["template"]["spec"];
+    assert_eq!(spec["initContainers"][0]["name"], "certs");
+    let args = spec["containers"][0]["args"].to_string();
+    assert!(args.contains("--tls-dir=/var/lib/strata/tls") && args.contains("--auth-system-key-file=/etc/strata/auth/system.key"), "{args}");
+}
+
+#[tokio::test]
+async fn a_security_secret_without_its_keys_stops_the_reconcile_with_a_reason() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let sc = cluster("img:0.1.0", true);
+    let partial =
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "strata-security", "namespace": "strata"}, "data": {"ca.crt": "eA=="}});
+    let server = serve(handle, vec![Call(Method::GET, SECRET_PATH.into(), partial)]);
+    let err = reconcile(Arc::new(sc), ctx(kube::Client::new(svc, "strata"), report(&[]))).await.unwrap_err().to_string();
+    server.await.unwrap();
+    assert!(err.contains("lacks ca.key, system.key"), "{err}");
 }

@@ -30,6 +30,10 @@ pub struct Config {
     /// Strata SDK endpoint. Default: 127.0.0.1:9020.
     #[arg(long, env = "STRATA_ENDPOINT", default_value = "127.0.0.1:9020")]
     pub sdk: String,
+    /// The cluster's system key (the engines' --auth-system-key-file), for clusters whose SDK
+    /// checks tokens: the extender signs its own short-lived view tokens with it. Default: none.
+    #[arg(long, env = "STRATA_AUTH_SYSTEM_KEY_FILE")]
+    pub auth_system_key_file: Option<std::path::PathBuf>,
     /// Run the health monitor. Default: on.
     #[arg(long, env = "STRATA_STORK_HEALTH_MONITOR", default_value_t = true, action = clap::ArgAction::Set)]
     pub health_monitor: bool,

@@ -14,7 +14,12 @@ async fn main() {
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("Kubernetes client: {e} (in-cluster config or KUBECONFIG needed)"))?;
     let cluster = Arc::new(Kube { client });
-    let storage = Arc::new(Sdk::new(&cfg.sdk));
+    let bearer = match &cfg.auth_system_key_file {
+        Some(key) => strata_api::auth::Bearer::minting_from_file(key, "stork", strata_api::auth::Role::View)
+            .map_err(|e| anyhow::anyhow!("--auth-system-key-file {e}"))?,
+        None => Default::default(),
+    };
+    let storage = Arc::new(Sdk::new(&cfg.sdk).with_bearer(bearer));
     let metrics = Arc::new(extender::Metrics::default());
     if cfg.health_monitor {
         let mc = health::MonitorConfig { grace: cfg.grace, probe_timeout: cfg.probe_timeout, max_evictions_per_cycle: cfg.max_evictions };

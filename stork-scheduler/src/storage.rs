@@ -24,21 +24,31 @@ pub trait StorageView: Send + Sync {
 /// The engine SDK.
 pub struct Sdk {
     endpoint: String,
+    bearer: strata_api::auth::Bearer,
 }
+
+type Authed = tonic::service::interceptor::InterceptedService<Channel, strata_api::auth::Bearer>;
 
 impl Sdk {
     pub fn new(endpoint: &str) -> Sdk {
-        Sdk { endpoint: strata_api::endpoint_uri(endpoint) }
+        Sdk { endpoint: strata_api::endpoint_uri(endpoint), bearer: Default::default() }
     }
 
-    async fn channel(&self) -> Result<Channel, String> {
-        Channel::from_shared(self.endpoint.clone())
+    /// This SDK putting `b`'s token on every call.
+    pub fn with_bearer(mut self, b: strata_api::auth::Bearer) -> Sdk {
+        self.bearer = b;
+        self
+    }
+
+    async fn channel(&self) -> Result<Authed, String> {
+        let ch = Channel::from_shared(self.endpoint.clone())
             .map_err(|e| e.to_string())?
             .connect_timeout(std::time::Duration::from_secs(3))
             .timeout(std::time::Duration::from_secs(5))
             .connect()
             .await
-            .map_err(|e| format!("Strata SDK at {} unreachable: {e}", self.endpoint))
+            .map_err(|e| format!("Strata SDK at {} unreachable: {e}", self.endpoint))?;
+        Ok(tonic::service::interceptor::InterceptedService::new(ch, self.bearer.clone()))
     }
 }
 

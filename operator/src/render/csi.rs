@@ -1,6 +1,6 @@
 //! The CSI controller Deployment (strata-csi with the kubernetes-csi sidecars) and the CSIDriver.
 
-use super::{cluster_meta, image, labels, meta, sdk_address, selector, Object, DRIVER};
+use super::{cluster_meta, image, labels, meta, sdk_address, selector, system_key_volume, with_system_key, Object, DRIVER};
 use crate::crd::StorageCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::storage::v1::CSIDriver;
@@ -17,6 +17,21 @@ fn sidecar(name: &str, image: &str, extra: &[&str]) -> serde_json::Value {
 pub fn objects(sc: &StorageCluster) -> Vec<Object> {
     let img = &sc.spec.csi.images;
     let le = "--leader-election";
+    let mut driver_container = json!({
+        "name": "csi-controller",
+        "image": image(sc),
+        "command": ["strata-csi"],
+        "args": ["--mode=controller", "--endpoint=unix:///csi/csi.sock", format!("--sdk={}", sdk_address(sc)), "--node-id=$(NODE_NAME)"],
+        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "ports": [{"name": "healthz", "containerPort": 9808}],
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "healthz"}, "periodSeconds": 10},
+        "volumeMounts": [{"name": "socket-dir", "mountPath": "/csi"}],
+    });
+    with_system_key(sc, &mut driver_container);
+    let mut volumes = vec![json!({"name": "socket-dir", "emptyDir": {}})];
+    if sc.spec.security.enabled {
+        volumes.push(system_key_volume(sc));
+    }
     let deployment = Object::typed::<Deployment>(json!({
         "metadata": meta(sc, "strata-csi-controller", CONTROLLER),
         "spec": {
@@ -27,22 +42,13 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
                 "spec": {
                     "serviceAccountName": "strata-csi-controller",
                     "containers": [
-                        {
-                            "name": "csi-controller",
-                            "image": image(sc),
-                            "command": ["strata-csi"],
-                            "args": ["--mode=controller", "--endpoint=unix:///csi/csi.sock", format!("--sdk={}", sdk_address(sc)), "--node-id=$(NODE_NAME)"],
-                            "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
-                            "ports": [{"name": "healthz", "containerPort": 9808}],
-                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "healthz"}, "periodSeconds": 10},
-                            "volumeMounts": [{"name": "socket-dir", "mountPath": "/csi"}],
-                        },
+                        driver_container,
                         sidecar("csi-provisioner", &img.provisioner, &[le, "--feature-gates=Topology=true", "--extra-create-metadata", "--default-fstype=ext4"]),
                         sidecar("csi-resizer", &img.resizer, &[le]),
                         sidecar("csi-snapshotter", &img.snapshotter, &[le]),
                         sidecar("liveness-probe", &img.livenessprobe, &["--health-port=9808"]),
                     ],
-                    "volumes": [{"name": "socket-dir", "emptyDir": {}}],
+                    "volumes": volumes,
                 },
             },
         },

@@ -1,7 +1,7 @@
 //! The engine DaemonSet (engine, CSI node plugin, node-driver-registrar, livenessprobe), the SDK
 //! Service and, when asked, a ServiceMonitor.
 
-use super::{data_dir, image, labels, meta, selector, Object};
+use super::{data_dir, image, labels, meta, selector, system_key_volume, with_system_key, Object};
 use crate::crd::StorageCluster;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Service;
@@ -41,7 +41,29 @@ fn engine_args(sc: &StorageCluster) -> Vec<String> {
     if let Some(f) = sc.spec.storage.files.first() {
         a.push(format!("--device-size={}", f.size));
     }
+    if sc.spec.security.enabled {
+        a.push(format!("--tls-dir={dir}/tls"));
+    }
     a
+}
+
+/// With security on: an init container that signs this node's certificate (its identity: the
+/// Kubernetes node name) with the cluster CA from the security Secret into `<data-dir>/tls` at
+/// every pod start. The CA's key is mounted into that init container only.
+fn certs_init(sc: &StorageCluster) -> Option<Value> {
+    sc.spec.security.enabled.then(|| {
+        let dir = data_dir(sc);
+        json!({
+            "name": "certs",
+            "image": image(sc),
+            "command": ["strata-engine", "certs", "issue", "--ca-dir=/etc/strata/ca", "--node-id=$(NODE_NAME)", format!("--out={dir}/tls")],
+            "env": node_env(),
+            "volumeMounts": [
+                {"name": "cluster-ca", "mountPath": "/etc/strata/ca", "readOnly": true},
+                {"name": "data", "mountPath": dir},
+            ],
+        })
+    })
 }
 
 fn node_env() -> Value {
@@ -74,9 +96,15 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
     })];
     let mut volumes =
         vec![json!({"name": "dev", "hostPath": {"path": "/dev"}}), json!({"name": "data", "hostPath": {"path": dir, "type": "DirectoryOrCreate"}})];
+    with_system_key(sc, &mut containers[0]);
+    if sc.spec.security.enabled {
+        volumes.push(system_key_volume(sc));
+        let secret = &sc.spec.security.secret_name;
+        volumes.push(json!({"name": "cluster-ca", "secret": {"secretName": secret, "items": [{"key": "ca.crt", "path": "ca.crt"}, {"key": "ca.key", "path": "ca.key"}]}}));
+    }
     if sc.spec.csi.enabled {
         let img = &sc.spec.csi.images;
-        containers.push(json!({
+        let mut node_plugin = json!({
             "name": "csi-node",
             "image": image(sc),
             "command": ["strata-csi"],
@@ -91,7 +119,9 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
                 {"name": "dev", "mountPath": "/dev"},
                 {"name": "data", "mountPath": dir},
             ],
-        }));
+        });
+        with_system_key(sc, &mut node_plugin);
+        containers.push(node_plugin);
         containers.push(json!({
             "name": "node-driver-registrar",
             "image": img.node_driver_registrar,
@@ -116,6 +146,7 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
         "hostNetwork": true,
         "dnsPolicy": "ClusterFirstWithHostNet",
         "priorityClassName": "system-node-critical",
+        "initContainers": certs_init(sc).into_iter().collect::<Vec<_>>(),
         "containers": containers,
         "volumes": volumes,
         "tolerations": sc.spec.placement.tolerations,

@@ -136,6 +136,30 @@ fn storage_classes(sc: &StorageCluster) -> Vec<Object> {
         .collect()
 }
 
+/// Where components find the system key (mounted from the security Secret).
+pub(crate) const SYSTEM_KEY_DIR: &str = "/etc/strata/auth";
+pub(crate) const SYSTEM_KEY_VOLUME: &str = "system-key";
+
+/// The security Secret's `system.key` alone, as a pod volume.
+pub(crate) fn system_key_volume(sc: &StorageCluster) -> Value {
+    json!({"name": SYSTEM_KEY_VOLUME, "secret": {"secretName": sc.spec.security.secret_name, "items": [{"key": "system.key", "path": "system.key"}]}})
+}
+
+/// A container's flag and mount for the system key, when security is on.
+pub(crate) fn with_system_key(sc: &StorageCluster, container: &mut Value) {
+    if !sc.spec.security.enabled {
+        return;
+    }
+    if let Some(a) = container["args"].as_array_mut() {
+        a.push(json!(format!("--auth-system-key-file={SYSTEM_KEY_DIR}/system.key")));
+    }
+    let mount = json!({"name": SYSTEM_KEY_VOLUME, "mountPath": SYSTEM_KEY_DIR, "readOnly": true});
+    match container["volumeMounts"].as_array_mut() {
+        Some(m) => m.push(mount),
+        None => container["volumeMounts"] = json!([mount]),
+    }
+}
+
 /// The engines' image for the components that share it.
 pub(crate) fn image(sc: &StorageCluster) -> String {
     sc.spec.image.clone()

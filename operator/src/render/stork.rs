@@ -1,7 +1,7 @@
 //! The scheduler extender (strata-stork) with its Service, and a kube-scheduler running the
 //! `strata` profile that calls it (ConfigMap + Deployment).
 
-use super::{image, labels, meta, ns, sdk_address, selector, Object};
+use super::{image, labels, meta, ns, sdk_address, selector, system_key_volume, with_system_key, Object};
 use crate::crd::StorageCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -39,6 +39,16 @@ extenders:
 }
 
 pub fn objects(sc: &StorageCluster) -> Vec<Object> {
+    let mut container = json!({
+        "name": "stork",
+        "image": image(sc),
+        "command": ["strata-stork"],
+        "args": [format!("--listen=0.0.0.0:{PORT}"), format!("--sdk={}", sdk_address(sc))],
+        "ports": [{"name": "http", "containerPort": PORT}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": PORT}},
+    });
+    with_system_key(sc, &mut container);
+    let volumes = if sc.spec.security.enabled { json!([system_key_volume(sc)]) } else { json!([]) };
     let extender = Object::typed::<Deployment>(json!({
         "metadata": meta(sc, "strata-stork", EXTENDER),
         "spec": {
@@ -48,14 +58,8 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
                 "metadata": {"labels": labels(sc, EXTENDER)},
                 "spec": {
                     "serviceAccountName": "strata-stork",
-                    "containers": [{
-                        "name": "stork",
-                        "image": image(sc),
-                        "command": ["strata-stork"],
-                        "args": [format!("--listen=0.0.0.0:{PORT}"), format!("--sdk={}", sdk_address(sc))],
-                        "ports": [{"name": "http", "containerPort": PORT}],
-                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": PORT}},
-                    }],
+                    "containers": [container],
+                    "volumes": volumes,
                 },
             },
         },

@@ -4,48 +4,15 @@
 //! Without `--auth-system-key-file` the SDK is open (the engine warns): every caller acts as an
 //! admin named `anonymous`.
 
+// These checks answer gRPC calls: their errors are the tonic::Status the caller gets.
+#![allow(clippy::result_large_err)]
+
 use crate::meta::{Access, Ownership, VolumeRecord};
+pub use crate::security::tokens::Auth;
 use std::sync::Arc;
-use strata_api::auth::{Caller, Claims, IssuerKey, Role, Verifier, SYSTEM_ISSUER};
+use strata_api::auth::{Caller, Role};
 use strata_api::v1 as pb;
 use tonic::{Request, Status};
-
-/// How long the tokens an engine mints for its own calls to other engines live.
-const SYSTEM_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(300);
-
-/// This cluster's token rules.
-pub struct Auth {
-    pub verifier: Verifier,
-    /// The cluster's system key (HS256): engines sign their own calls to each other with it.
-    system_key: Vec<u8>,
-    node: String,
-}
-
-impl Auth {
-    /// Trusts tokens signed with the system key (issuer `strata-system`) and with each of
-    /// `issuers`' keys.
-    pub fn new(node: &str, system_key: &[u8], issuers: &[(String, IssuerKey)], audience: &str, skew: std::time::Duration) -> Result<Auth, String> {
-        let system = IssuerKey::from_file_content(system_key).map_err(|e| format!("the system key: {e}"))?;
-        let IssuerKey::Secret(secret) = &system else {
-            return Err("the system key must be a shared secret (at least 32 bytes), not a PEM key".into());
-        };
-        let mut verifier = Verifier::new(audience, skew);
-        verifier.trust(SYSTEM_ISSUER, &system)?;
-        for (iss, key) in issuers {
-            if iss == SYSTEM_ISSUER {
-                return Err(format!("issuer name {SYSTEM_ISSUER:?} is the system key's"));
-            }
-            verifier.trust(iss, key).map_err(|e| format!("issuer {iss}: {e}"))?;
-        }
-        Ok(Auth { verifier, system_key: secret.clone(), node: node.into() })
-    }
-
-    /// A short-lived admin token naming this node, for its calls to other engines.
-    pub fn system_token(&self) -> String {
-        let c = Claims::new(&format!("node/{}", self.node), SYSTEM_ISSUER, &self.verifier.audience, &[Role::Admin], &[], SYSTEM_TOKEN_TTL);
-        strata_api::auth::sign(&c, &self.system_key).unwrap_or_default()
-    }
-}
 
 /// The caller when tokens are not checked.
 fn anonymous() -> Caller {
@@ -191,7 +158,9 @@ pub fn ownership_pb(o: &Ownership) -> pb::Ownership {
 /// The ownership of a new volume: the caller owns it; an admin may name another owner.
 pub fn new_ownership(who: &Caller, asked: Option<pb::Ownership>, checking: bool) -> Result<Ownership, Status> {
     let mut o = asked.map(ownership_from_pb).transpose()?.unwrap_or_default();
-    if checking && !(who.is_admin() && !o.owner.is_empty()) {
+    // An admin naming an owner gets that owner; anyone else owns what they make.
+    let named_by_admin = who.is_admin() && !o.owner.is_empty();
+    if checking && !named_by_admin {
         o.owner = who.subject.clone();
     }
     Ok(o)

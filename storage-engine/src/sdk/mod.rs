@@ -439,6 +439,7 @@ impl pb::volume_service_server::VolumeService for Sdk {
 
 impl Sdk {
     /// Who made the request (its token verified; `anonymous` when tokens are not checked).
+    #[allow(clippy::result_large_err)] // the gRPC answer itself
     fn who<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         auth::caller(self.engine.auth.as_ref(), req)
     }

@@ -6,6 +6,8 @@
 //! `node.crt` and `node.key` (this node's certificate and key, PEM). `strata-engine certs init`
 //! makes a CA (`ca.crt`, `ca.key`); `strata-engine certs issue` writes a node's directory.
 
+pub mod tokens;
+
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
@@ -48,16 +50,6 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
     f.write_all(text.as_bytes()).map_err(io)
 }
 
-fn ca_params() -> rcgen::CertificateParams {
-    let mut p = rcgen::CertificateParams::default();
-    p.distinguished_name.push(rcgen::DnType::CommonName, "Strata cluster CA");
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
-    p
-}
-
 /// Makes a new cluster CA in `dir` (`ca.crt`, `ca.key`); refuses to replace one.
 pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
     let (cert, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
@@ -67,10 +59,9 @@ pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
         }
     }
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Io { path: dir.to_path_buf(), source })?;
-    let k = rcgen::KeyPair::generate()?;
-    let c = ca_params().self_signed(&k)?;
-    write(&key, &k.serialize_pem(), true)?;
-    write(&cert, &c.pem(), false)
+    let (c, k) = strata_api::pki::new_ca()?;
+    write(&key, &k, true)?;
+    write(&cert, &c, false)
 }
 
 /// Signs a certificate for node `node` with the CA in `ca_dir` and writes `ca.crt`, `node.crt`

@@ -251,7 +251,7 @@ pub struct Service {
     /// This node's certificate for replication (mutual TLS); None: plaintext.
     pub tls: Option<Arc<crate::security::Tls>>,
     /// The SDK's token rules; None: the SDK is open.
-    pub auth: Option<Arc<crate::sdk::auth::Auth>>,
+    pub auth: Option<Arc<crate::security::tokens::Auth>>,
     /// Replicas to rebuild elsewhere (volume, dead node), served by `run_replacements`.
     replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
     /// Alerts this node raised (`stratactl alerts show`).
