@@ -198,3 +198,30 @@ fn the_sdk_refuses_callers_without_a_valid_token_and_users_outside_a_volume() {
     assert!(has("", "authenticate", "denied"), "no audit line for the calls without a valid token:\n{audit}");
     assert!(has("root", "volume.update", "ok"));
 }
+
+/// Runs the engine with `args` until it exits; its exit status and stderr.
+fn engine_refuses(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(strata_e2e::engine_bin())
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--device")
+        .arg(dir.join("d0"))
+        .args(["--device-size", "64MiB", "--sdk-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--repl-listen", "127.0.0.1:0"])
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn nbd_stays_on_the_node_and_bad_auth_settings_stop_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "0.0.0.0:0"]);
+    assert!(!ok && err.contains("--nbd-allow-remote"), "{err}");
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, b"too short").unwrap();
+    let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "127.0.0.1:0", "--auth-system-key-file", short.to_str().unwrap()]);
+    assert!(!ok && err.contains("at least 32 bytes"), "{err}");
+    let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "127.0.0.1:0", "--auth-issuer", "idp=/nonexistent.pem"]);
+    assert!(!ok && err.contains("needs --auth-system-key-file"), "{err}");
+}

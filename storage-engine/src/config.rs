@@ -77,6 +77,11 @@ pub struct RunArgs {
     /// NBD over TCP. Default: 127.0.0.1:10809. Port 0 picks a free port.
     #[arg(long, env = "STRATA_NBD_LISTEN", default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
+    /// Let --nbd-listen take an address other hosts reach. NBD has no authentication here (no
+    /// STARTTLS yet): any host that reaches the port may read and write every attached volume,
+    /// so by default the engine refuses to listen beyond loopback.
+    #[arg(long, env = "STRATA_NBD_ALLOW_REMOTE")]
+    pub nbd_allow_remote: bool,
     /// NBD over a unix socket at this path (created; a stale one is replaced). Default: none.
     #[arg(long, env = "STRATA_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,

@@ -109,6 +109,15 @@ fn load_auth(args: &RunArgs, node_id: &str) -> anyhow::Result<Option<Arc<crate::
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::failpoint::configure_from_env();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into());
+    if !args.nbd_listen.ip().is_loopback() {
+        if !args.nbd_allow_remote {
+            bail!(
+                "--nbd-listen {}: NBD has no authentication, so the engine serves it only on loopback and --nbd-socket; pass --nbd-allow-remote to serve every attached volume to any host that reaches this port",
+                args.nbd_listen
+            );
+        }
+        tracing::warn!(listen = %args.nbd_listen, "NBD is served beyond this node without authentication (--nbd-allow-remote)");
+    }
     let nbd = tokio::net::TcpListener::bind(args.nbd_listen).await.with_context(|| format!("NBD listen {}", args.nbd_listen))?;
     let sdk = tokio::net::TcpListener::bind(args.sdk_listen).await.with_context(|| format!("SDK listen {}", args.sdk_listen))?;
     let metrics = tokio::net::TcpListener::bind(args.metrics_listen).await.with_context(|| format!("metrics listen {}", args.metrics_listen))?;
