@@ -50,6 +50,8 @@ for i in 1 2 3; do
 done
 for i in 1 2 3; do for _ in $(seq 200); do [ -f "$DIR/n$i/ready.json" ] && break; sleep 0.05; done; done
 SDK=$(python3 -c "import json;print(json.load(open('$DIR/n1/ready.json'))['sdk'])")
+# With a certificate the SDK is TLS only: stratactl checks it against the CA.
+[ "$TLS" = 1 ] && export STRATA_CA_FILE="$DIR/ca/ca.crt"
 "$BIN/stratactl" --endpoint "$SDK" volume create r1 --size 1GiB --repl 1 >/dev/null
 "$BIN/stratactl" --endpoint "$SDK" volume create r3 --size 1GiB --repl 3 >/dev/null
 "$BIN/stratactl" --endpoint "$SDK" volume inspect r3

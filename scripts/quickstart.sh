@@ -50,6 +50,8 @@ for i in 1 2 3; do
 done
 
 export STRATA_ENDPOINT=127.0.0.1:9020
+# The engines serve their SDK over TLS (they have certificates): stratactl checks it against the CA.
+export STRATA_CA_FILE="$DIR/ca/ca.crt"
 CTL="$BIN/stratactl"
 # An admin token for this demo (a day long); users get `--role user` tokens and own what they make.
 (umask 077; $CTL auth token --key-file "$DIR/system.key" --subject admin --role admin --ttl 24h > "$DIR/admin.token")
@@ -61,7 +63,8 @@ $CTL volume inspect demo
 echo
 echo "Strata is running: etcd on $ETCD and three engines (logs in $DIR/node-*/engine.log)."
 echo "Volume demo (repl 3) is served by node-1: nbd://127.0.0.1:10809/demo or nbd+unix:///demo?socket=$DIR/node-1/nbd.sock"
-echo "The SDK checks tokens: export STRATA_TOKEN=\$(cat $DIR/admin.token) (an admin's), or mint others with"
+echo "The SDK is TLS with tokens: export STRATA_CA_FILE=$DIR/ca/ca.crt STRATA_TOKEN=\$(cat $DIR/admin.token) (an admin's),"
+echo "or mint others with"
 echo "  $CTL auth token --key-file $DIR/system.key --subject alice --role user"
 echo "Try: $CTL volume list; $CTL cluster list; kill one engine and watch 'volume inspect demo'."
 echo "Stop everything with: kill \$(cat $DIR/pids)"

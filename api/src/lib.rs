@@ -6,6 +6,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pki;
 pub mod schedule;
+pub mod tls;
 pub mod units;
 
 /// The URI of an SDK endpoint given as `host:port` or as a full URI (`http://host:port`).

@@ -15,6 +15,9 @@ pub struct Context {
     pub endpoint: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token: String,
+    /// The cluster CA's certificate file: TLS to the SDK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -66,9 +69,9 @@ impl Contexts {
     }
 }
 
-/// The endpoint and token a call uses: flags and environment first, then the named context
+/// The endpoint, token and CA a call uses: flags and environment first, then the named context
 /// (`--context`, else the current one), then the local engine without a token.
-pub fn resolve(endpoint: Option<&str>, token: Option<&str>, context: Option<&str>) -> anyhow::Result<Context> {
+pub fn resolve(endpoint: Option<&str>, token: Option<&str>, ca_file: Option<&str>, context: Option<&str>) -> anyhow::Result<Context> {
     let all = Contexts::load()?;
     let chosen = match context {
         Some(name) => Some(all.contexts.get(name).cloned().ok_or_else(|| {
@@ -85,6 +88,7 @@ pub fn resolve(endpoint: Option<&str>, token: Option<&str>, context: Option<&str
             chosen.endpoint
         }),
         token: token.map(str::to_string).filter(|t| !t.is_empty()).unwrap_or(chosen.token),
+        ca_file: ca_file.map(str::to_string).filter(|c| !c.is_empty()).or(chosen.ca_file),
     })
 }
 

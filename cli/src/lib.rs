@@ -38,6 +38,11 @@ pub struct Cli {
     /// context's, else none.
     #[arg(long, global = true, env = "STRATA_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster CA's certificate: talk to the SDK over TLS, checking the engine's
+    /// certificate against it (engines with a certificate serve their SDK over TLS only).
+    /// Default: the context's, else plaintext.
+    #[arg(long, global = true, env = "STRATA_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Use this saved context (endpoint and token) instead of the current one.
     #[arg(long, global = true, env = "STRATA_CONTEXT")]
     pub context: Option<String>,
@@ -89,6 +94,9 @@ pub enum ContextCmd {
         /// A file holding the bearer token.
         #[arg(long)]
         token_file: Option<std::path::PathBuf>,
+        /// The cluster CA's certificate (TLS to the SDK).
+        #[arg(long)]
+        ca_file: Option<std::path::PathBuf>,
     },
     /// Make a saved context the current one.
     Use { name: String },
@@ -374,15 +382,18 @@ pub enum PoolCmd {
 /// A channel to the SDK that sends the token with every call.
 type Sdk = InterceptedService<Channel, Bearer>;
 
-async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Sdk> {
+async fn connect(target: &context::Context, endpoint: &str) -> anyhow::Result<Sdk> {
     let ep = strata_api::endpoint_uri(endpoint);
-    let bearer = Bearer::new(Some(token)).map_err(|e| anyhow!("--token: {e}"))?;
-    let ch = Channel::from_shared(ep.clone())
-        .map_err(|e| anyhow!("invalid endpoint {endpoint:?}: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the Strata engine at {ep}: is strata-engine running? (set --endpoint or STRATA_ENDPOINT)"))?;
+    let bearer = Bearer::new(Some(&target.token)).map_err(|e| anyhow!("--token: {e}"))?;
+    let tls = match target.ca_file.as_deref().filter(|f| !f.is_empty()) {
+        Some(f) => Some(strata_api::tls::ClientTls::from_files(std::path::Path::new(f), None).map_err(|e| anyhow!("--ca-file {e}"))?),
+        None => None,
+    };
+    let (connect, call) = (std::time::Duration::from_secs(5), std::time::Duration::from_secs(120));
+    let ch = strata_api::tls::channel(&ep, tls.as_ref(), connect, call).await.map_err(|e| {
+        let hint = if tls.is_none() { "; an engine with a certificate serves TLS only: pass --ca-file" } else { "" };
+        anyhow!("cannot reach the Strata engine at {ep}: {e} (is strata-engine running? set --endpoint or STRATA_ENDPOINT{hint})")
+    })?;
     Ok(InterceptedService::new(ch, bearer))
 }
 
@@ -435,13 +446,20 @@ fn run_local(cmd: &Cmd, json: bool) -> anyhow::Result<bool> {
         Cmd::Context(c) => {
             let mut all = context::Contexts::load()?;
             match c {
-                ContextCmd::Create { name, endpoint, token, token_file } => {
+                ContextCmd::Create { name, endpoint, token, token_file, ca_file } => {
                     let token = match (token, token_file) {
                         (Some(t), _) => t.trim().to_string(),
                         (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?.trim().to_string(),
                         (None, None) => String::new(),
                     };
-                    all.contexts.insert(name.clone(), context::Context { endpoint: endpoint.clone(), token });
+                    let ca_file = match ca_file {
+                        Some(f) => std::fs::canonicalize(f).with_context(|| format!("--ca-file {}", f.display()))?.to_string_lossy().into_owned(),
+                        None => String::new(),
+                    };
+                    all.contexts.insert(
+                        name.clone(),
+                        context::Context { endpoint: endpoint.clone(), token, ca_file: Some(ca_file).filter(|f| !f.is_empty()) },
+                    );
                     if all.current.is_empty() {
                         all.current = name.clone();
                     }
@@ -483,8 +501,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     if run_local(&cli.command, json)? {
         return Ok(());
     }
-    let target = context::resolve(cli.endpoint.as_deref(), cli.token.as_deref(), cli.context.as_deref())?;
-    let ch = connect(&target.endpoint, &target.token).await?;
+    let ca = cli.ca_file.as_ref().map(|p| p.to_string_lossy().into_owned());
+    let target = context::resolve(cli.endpoint.as_deref(), cli.token.as_deref(), ca.as_deref(), cli.context.as_deref())?;
+    let ch = connect(&target, &target.endpoint).await?;
     match cli.command {
         Cmd::Context(_) | Cmd::Auth(_) => {}
         Cmd::Status => {
@@ -639,7 +658,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                                 .iter()
                                 .find(|n| n.id == id)
                                 .ok_or_else(|| anyhow!("node {id} is not in the cluster; see stratactl cluster list"))?;
-                            connect(&format!("http://{}", n.sdk_address), &target.token).await?
+                            connect(&target, &n.sdk_address).await?
                         }
                         None => ch,
                     };

@@ -54,14 +54,15 @@ pub fn contexts(all: &crate::context::Contexts, json: bool) -> String {
         let v: Vec<_> = all
             .contexts
             .iter()
-            .map(|(name, c)| json!({"name": name, "endpoint": c.endpoint, "token": !c.token.is_empty(), "current": *name == all.current}))
+            .map(|(name, c)| json!({"name": name, "endpoint": c.endpoint, "token": !c.token.is_empty(), "ca_file": c.ca_file, "current": *name == all.current}))
             .collect();
         return doc(serde_json::Value::Array(v));
     }
-    let mut t = Table::new(&["CURRENT", "NAME", "ENDPOINT", "TOKEN"]);
+    let mut t = Table::new(&["CURRENT", "NAME", "ENDPOINT", "TOKEN", "CA"]);
     for (name, c) in &all.contexts {
         let current = if *name == all.current { "*" } else { "" };
-        t.row(vec![current.into(), name.clone(), c.endpoint.clone(), if c.token.is_empty() { "no" } else { "yes" }.into()]);
+        let ca = c.ca_file.clone().unwrap_or_else(|| "- (plaintext)".into());
+        t.row(vec![current.into(), name.clone(), c.endpoint.clone(), if c.token.is_empty() { "no" } else { "yes" }.into(), ca]);
     }
     t.render()
 }

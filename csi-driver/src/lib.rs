@@ -36,6 +36,11 @@ pub struct Config {
     /// The engine SDK (host:port). Default: 127.0.0.1:9020.
     #[arg(long, env = "STRATA_SDK", default_value = "127.0.0.1:9020")]
     pub sdk: String,
+    /// The cluster CA's certificate: the SDK is reached over TLS, its certificate checked
+    /// against this CA (engines with a certificate serve their SDK over TLS only). Default:
+    /// none (plaintext).
+    #[arg(long, env = "STRATA_SDK_CA_FILE")]
+    pub sdk_ca_file: Option<PathBuf>,
     /// A file holding the driver's own SDK token, for clusters whose engines check tokens (calls
     /// whose CSI secrets carry `auth-token` use that one instead). Default: none.
     #[arg(long, env = "STRATA_TOKEN_FILE", conflicts_with = "auth_system_key_file")]
@@ -124,7 +129,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(f) => Some(std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("--token-file {}: {e}", f.display()))?.trim().to_string()),
         None => None,
     };
-    let mut sdk = sdk::Sdk::lazy(&cfg.sdk)?.with_token(token.as_deref())?;
+    let tls = match &cfg.sdk_ca_file {
+        Some(ca) => Some(strata_api::tls::ClientTls::from_files(ca, None).map_err(|e| anyhow::anyhow!("--sdk-ca-file {e}"))?),
+        None => None,
+    };
+    let mut sdk = sdk::Sdk::lazy(&cfg.sdk, tls)?.with_token(token.as_deref())?;
     if let Some(key) = &cfg.auth_system_key_file {
         let who = format!("csi/{}", if cfg.node_id.is_empty() { "controller" } else { &cfg.node_id });
         let b = strata_api::auth::Bearer::minting_from_file(key, &who, strata_api::auth::Role::Admin)

@@ -22,6 +22,8 @@ pub fn unavailable(s: Status) -> Status {
 #[derive(Clone)]
 pub struct Sdk {
     ch: Channel,
+    /// How other nodes' engines are reached (TLS under the cluster CA, or plaintext).
+    tls: Option<strata_api::tls::ClientTls>,
     /// The driver's own token (--token-file), or the request's from its secrets.
     bearer: Bearer,
 }
@@ -33,16 +35,14 @@ fn uri(addr: &str) -> String {
 impl Sdk {
     /// A lazily connected channel: the driver starts even while the engine is not up yet
     /// (Probe says not ready until it answers).
-    pub fn lazy(addr: &str) -> anyhow::Result<Sdk> {
-        Sdk::lazy_with(addr, Bearer::default())
+    pub fn lazy(addr: &str, tls: Option<strata_api::tls::ClientTls>) -> anyhow::Result<Sdk> {
+        Sdk::lazy_with(addr, tls, Bearer::default())
     }
 
-    fn lazy_with(addr: &str, bearer: Bearer) -> anyhow::Result<Sdk> {
-        let ch = Channel::from_shared(uri(addr))?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .timeout(std::time::Duration::from_secs(60))
-            .connect_lazy();
-        Ok(Sdk { ch, bearer })
+    fn lazy_with(addr: &str, tls: Option<strata_api::tls::ClientTls>, bearer: Bearer) -> anyhow::Result<Sdk> {
+        let (connect, call) = (std::time::Duration::from_secs(3), std::time::Duration::from_secs(60));
+        let ch = strata_api::tls::channel_lazy(&uri(addr), tls.as_ref(), connect, call).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Sdk { ch, tls, bearer })
     }
 
     /// This SDK sending `token` (none: no token).
@@ -98,7 +98,7 @@ impl Sdk {
         }
         let nodes = self.nodes().await?;
         match nodes.iter().find(|n| n.id == v.attached_node) {
-            Some(n) => Sdk::lazy_with(&n.sdk_address, self.bearer.clone()).map_err(|e| Status::unavailable(e.to_string())),
+            Some(n) => Sdk::lazy_with(&n.sdk_address, self.tls.clone(), self.bearer.clone()).map_err(|e| Status::unavailable(e.to_string())),
             None => Ok(self.clone()),
         }
     }

@@ -37,7 +37,7 @@ fn create_req(name: &str, size: i64, params: &[(&str, &str)]) -> csi::CreateVolu
 fn controller_lifecycle_idempotency_and_errors() {
     let c = Cluster::start(2, "3GiB");
     let dir = strata_e2e::tempdir();
-    let d = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let d = start_csi(dir.path(), "controller", &c.engines[0], &[]);
     let rt = &d.rt;
     let mut id = IdentityClient::new(d.ch.clone());
     let mut ctl = ControllerClient::new(d.ch.clone());
@@ -168,7 +168,7 @@ fn controller_lifecycle_idempotency_and_errors() {
 fn concurrent_creates_of_one_name_make_one_volume() {
     let c = Cluster::start(1, "256MiB");
     let dir = strata_e2e::tempdir();
-    let d = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let d = start_csi(dir.path(), "controller", &c.engines[0], &[]);
     let results: Vec<Result<String, Code>> = d.rt.block_on(async {
         let calls = (0..8).map(|_| {
             let mut ctl = ControllerClient::new(d.ch.clone());
@@ -204,7 +204,7 @@ fn snapshots_and_volumes_from_snapshots_or_volumes() {
     use csi::controller_service_capability::{rpc::Type as R, Type as T};
     let c = Cluster::start(2, "1GiB");
     let dir = strata_e2e::tempdir();
-    let d = start_csi(dir.path(), "controller", &c.engines[1].sdk, &[]);
+    let d = start_csi(dir.path(), "controller", &c.engines[1], &[]);
     let rt = &d.rt;
     let mut ctl = ControllerClient::new(d.ch.clone());
     let caps: Vec<i32> = rt
@@ -335,7 +335,7 @@ fn tokens_from_csi_secrets_and_the_pvc_namespace_as_owner() {
     c.token = Some(mint("root", Role::Admin));
     let admin_file = dir.path().join("driver.token");
     std::fs::write(&admin_file, mint("csi-driver", Role::Admin)).unwrap();
-    let d = start_csi(dir.path(), "controller", &c.engines[0].sdk, &["--token-file", admin_file.to_str().unwrap()]);
+    let d = start_csi(dir.path(), "controller", &c.engines[0], &["--token-file", admin_file.to_str().unwrap()]);
     let rt = &d.rt;
     let mut ctl = ControllerClient::new(d.ch.clone());
     let owner = |name: &str| c.sdk(0).inspect(name).unwrap().spec.unwrap().ownership.unwrap_or_default().owner;
@@ -370,7 +370,7 @@ fn tokens_from_csi_secrets_and_the_pvc_namespace_as_owner() {
     assert!(c.sdk(0).list().is_empty());
 
     // A driver without a token is refused by the engine (UNAUTHENTICATED, saying why).
-    let bare = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let bare = start_csi(dir.path(), "controller", &c.engines[0], &[]);
     let mut ctl = ControllerClient::new(bare.ch.clone());
     let s = bare.rt.block_on(ctl.create_volume(create_req("pvc-3", 8 * MIB, &[]))).unwrap_err();
     assert_eq!(s.code(), Code::Unauthenticated, "{}", s.message());

@@ -38,7 +38,7 @@ fn node_plugin(c: &Cluster, i: usize, dir: &Path) -> Csi {
     let e = &c.engines[i];
     let state = dir.join(format!("state-{i}"));
     let id = format!("node-{}", i + 1);
-    start_csi(dir, "node", &e.sdk, &["--node-id", &id, "--nbd-socket", &e.socket.to_string_lossy(), "--state-dir", &state.to_string_lossy()])
+    start_csi(dir, "node", e, &["--node-id", &id, "--nbd-socket", &e.socket.to_string_lossy(), "--state-dir", &state.to_string_lossy()])
 }
 
 fn stage(n: &Csi, vol: &str, staging: &Path, block: bool) -> Result<(), tonic::Status> {
@@ -87,7 +87,7 @@ fn unstage(n: &Csi, vol: &str, staging: &Path) {
 fn stage_publish_write_move_to_another_node_and_raw_block() {
     let c = Cluster::start(2, "3GiB");
     let dir = strata_e2e::tempdir();
-    let ctl = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let ctl = start_csi(dir.path(), "controller", &c.engines[0], &[]);
     let n1 = node_plugin(&c, 0, dir.path());
     let n2 = node_plugin(&c, 1, dir.path());
     let mut cc = ControllerClient::new(ctl.ch.clone());
@@ -339,7 +339,7 @@ fn topo(pairs: &[(&str, &str)]) -> csi::Topology {
 fn a_pvc_created_through_one_node_is_used_on_another_and_follows_its_pod() {
     let c = Cluster::start(2, "2GiB");
     let dir = strata_e2e::tempdir();
-    let ctl = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let ctl = start_csi(dir.path(), "controller", &c.engines[0], &[]);
     let n1 = node_plugin(&c, 0, dir.path());
     let n2 = node_plugin(&c, 1, dir.path());
     let mut cc = ControllerClient::new(ctl.ch.clone());
@@ -503,7 +503,7 @@ fn zombie_children(pid: u32) -> Vec<String> {
 fn a_staged_volume_keeps_working_across_an_engine_restart() {
     let mut c = Cluster::start(1, "1GiB");
     let dir = strata_e2e::tempdir();
-    let ctl = start_csi(dir.path(), "controller", &c.engines[0].sdk, &[]);
+    let ctl = start_csi(dir.path(), "controller", &c.engines[0], &[]);
     let n1 = node_plugin(&c, 0, dir.path());
     let mut cc = ControllerClient::new(ctl.ch.clone());
     ctl.rt

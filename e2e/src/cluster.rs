@@ -78,7 +78,7 @@ impl Cluster {
     }
 
     pub fn sdk(&self, i: usize) -> Sdk {
-        Sdk::with_token(&self.engines[i].sdk, self.token.as_deref())
+        Sdk::connect(&self.engines[i].sdk, self.token.as_deref(), self.engines[i].client_tls().as_ref())
     }
 
     /// The index of node `id` (node-1 is 0).

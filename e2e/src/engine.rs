@@ -169,12 +169,23 @@ impl EngineProc {
     }
 
     pub fn sdk(&self) -> crate::Sdk {
-        crate::Sdk::new(&self.sdk)
+        crate::Sdk::connect(&self.sdk, None, self.client_tls().as_ref())
     }
 
     /// A client of this engine's SDK that sends `token`.
     pub fn sdk_as(&self, token: &str) -> crate::Sdk {
-        crate::Sdk::with_token(&self.sdk, Some(token))
+        crate::Sdk::connect(&self.sdk, Some(token), self.client_tls().as_ref())
+    }
+
+    /// The directory of this engine's certificate (`--tls-dir`), if it has one.
+    pub fn tls_dir(&self) -> Option<PathBuf> {
+        let i = self.extra.iter().position(|a| a == "--tls-dir")?;
+        self.extra.get(i + 1).map(PathBuf::from)
+    }
+
+    /// How a client reaches this engine's SDK: over TLS under its CA when it has a certificate.
+    pub fn client_tls(&self) -> Option<strata_api::tls::ClientTls> {
+        self.tls_dir().map(|d| strata_api::tls::ClientTls::from_files(&d.join("ca.crt"), None).expect("the engine's CA loads"))
     }
 
     /// The process id while running (for SIGSTOP/SIGCONT).

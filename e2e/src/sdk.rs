@@ -17,8 +17,15 @@ impl Sdk {
 
     /// A client that sends `token` with every call.
     pub fn with_token(addr: &str, token: Option<&str>) -> Sdk {
+        Sdk::connect(addr, token, None)
+    }
+
+    /// A client over TLS when `tls` is given (an engine with a certificate serves its SDK over
+    /// TLS only), sending `token` with every call.
+    pub fn connect(addr: &str, token: Option<&str>, tls: Option<&strata_api::tls::ClientTls>) -> Sdk {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let ch = rt.block_on(tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect()).unwrap();
+        let t = std::time::Duration::from_secs(60);
+        let ch = rt.block_on(strata_api::tls::channel(addr, tls, std::time::Duration::from_secs(5), t)).unwrap();
         let bearer = strata_api::auth::Bearer::new(token).unwrap();
         Sdk { rt, ch: tonic::service::interceptor::InterceptedService::new(ch, bearer) }
     }

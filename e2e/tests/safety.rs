@@ -57,7 +57,7 @@ const FENCED_WITHIN: Duration = Duration::from_secs(30);
 fn concurrent_forced_attaches_resolve_to_one_target_and_lose_nothing() {
     const ROUNDS: usize = 20;
     let (c, mut h, mut w) = start_writing("v", 1);
-    let addrs: Vec<String> = c.engines.iter().map(|e| e.sdk.clone()).collect();
+    let addrs: Vec<(String, Option<strata_api::tls::ClientTls>)> = c.engines.iter().map(|e| (e.sdk.clone(), e.client_tls())).collect();
     let mut takeovers = 0;
     for round in 0..ROUNDS {
         // Two or three nodes force an attach at the same instant while the writer goes on. The
@@ -75,7 +75,7 @@ fn concurrent_forced_attaches_resolve_to_one_target_and_lose_nothing() {
             .map(|&i| {
                 let (addr, barrier) = (addrs[i].clone(), barrier.clone());
                 std::thread::spawn(move || {
-                    let sdk = Sdk::new(&addr);
+                    let sdk = Sdk::connect(&addr.0, None, addr.1.as_ref());
                     barrier.wait();
                     sdk.attach("v", true).map(|v| v.attached_node)
                 })

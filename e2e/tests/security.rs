@@ -57,6 +57,25 @@ fn the_sdk_refuses_callers_without_a_valid_token_and_users_outside_a_volume() {
     let alice = c.engines[0].sdk_as(&user("alice"));
     let mallory = c.engines[0].sdk_as(&user("mallory"));
 
+    // The SDK is TLS only (the engines have certificates): a plaintext client, and a client
+    // that trusts another cluster's CA, get no answer at all, whatever token they hold.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let list_via = |tls: Option<&strata_api::tls::ClientTls>| {
+        rt.block_on(async {
+            let t = Duration::from_secs(5);
+            let ch = strata_api::tls::channel(&c.engines[0].sdk, tls, t, t).await?;
+            let b = strata_api::auth::Bearer::new(Some(&admin)).unwrap();
+            let mut n = pb::node_service_client::NodeServiceClient::with_interceptor(ch, b);
+            n.list(pb::ListNodesRequest {}).await.map(|r| r.into_inner().nodes.len()).map_err(|s| s.to_string())
+        })
+    };
+    assert!(list_via(None).is_err(), "a plaintext client was answered");
+    let (other_ca, _) = strata_api::pki::new_ca().unwrap();
+    let other = strata_api::tls::ClientTls::new(other_ca.as_bytes(), None).unwrap();
+    let err = list_via(Some(&other)).expect_err("a client trusting another CA was answered");
+    assert!(err.contains("certificate") || err.contains("Unknown") || err.contains("invalid peer"), "{err}");
+    assert_eq!(list_via(c.engines[0].client_tls().as_ref()), Ok(2));
+
     // Alice's volume, replicated on both nodes, with data on it.
     let v = alice.create_full("ledger", 16 * MIB, 2, &[]).unwrap();
     assert_eq!(v.spec.unwrap().ownership.unwrap().owner, "alice");

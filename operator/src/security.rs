@@ -52,10 +52,18 @@ pub async fn ensure(client: &Client, ns: &str, sc: &StorageCluster) -> Result<()
     }
 }
 
-/// The system key from the Secret, for the operator's own SDK calls.
-pub async fn system_key(client: &Client, ns: &str, sc: &StorageCluster) -> Result<Vec<u8>, String> {
+/// What the operator's own SDK calls need from the Secret.
+pub struct Keys {
+    pub system_key: Vec<u8>,
+    pub ca_cert: Vec<u8>,
+}
+
+/// The system key and the CA certificate from the Secret.
+pub async fn keys(client: &Client, ns: &str, sc: &StorageCluster) -> Result<Keys, String> {
     let name = &sc.spec.security.secret_name;
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let s = api.get(name).await.map_err(|e| format!("reading Secret {ns}/{name}: {e}"))?;
-    s.data.and_then(|mut d| d.remove("system.key")).map(|b| b.0).ok_or_else(|| format!("Secret {ns}/{name} has no system.key"))
+    let mut d = s.data.unwrap_or_default();
+    let mut take = |k: &str| d.remove(k).map(|b| b.0).ok_or_else(|| format!("Secret {ns}/{name} has no {k}"));
+    Ok(Keys { system_key: take("system.key")?, ca_cert: take("ca.crt")? })
 }

@@ -26,20 +26,17 @@ pub struct Sdk {
 impl EngineStatus for Sdk {
     async fn report(&self, sc: &StorageCluster) -> Result<EngineReport, String> {
         let addr = format!("http://{}", crate::render::sdk_address(sc));
-        let ch = tonic::transport::Channel::from_shared(addr.clone())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .timeout(std::time::Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| format!("engine SDK at {addr}: {e}"))?;
-        let bearer = if sc.spec.security.enabled {
+        let (bearer, tls) = if sc.spec.security.enabled {
             let ns = sc.metadata.namespace.clone().unwrap_or_default();
-            let key = crate::security::system_key(&self.client, &ns, sc).await?;
-            strata_api::auth::Bearer::minting(&key, "operator", strata_api::auth::Role::View, strata_api::auth::DEFAULT_AUDIENCE)?
+            let s = crate::security::keys(&self.client, &ns, sc).await?;
+            let bearer =
+                strata_api::auth::Bearer::minting(&s.system_key, "operator", strata_api::auth::Role::View, strata_api::auth::DEFAULT_AUDIENCE)?;
+            (bearer, Some(strata_api::tls::ClientTls::new(&s.ca_cert, None)?))
         } else {
-            Default::default()
+            (Default::default(), None)
         };
+        let (connect, call) = (std::time::Duration::from_secs(3), std::time::Duration::from_secs(10));
+        let ch = strata_api::tls::channel(&addr, tls.as_ref(), connect, call).await.map_err(|e| format!("engine SDK at {addr}: {e}"))?;
         let ch = tonic::service::interceptor::InterceptedService::new(ch, bearer);
         let status = pb::cluster_service_client::ClusterServiceClient::new(ch.clone())
             .status(pb::ClusterStatusRequest {})

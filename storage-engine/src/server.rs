@@ -156,9 +156,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(crate::frontend::nbd::serve_unix(l, engine.clone(), limits.clone()));
     }
     let router = crate::sdk::router(engine.clone());
+    let sdk_tls = engine.tls.clone();
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(sdk);
-        if let Err(e) = router.serve_with_incoming(incoming).await {
+        // With a certificate the SDK is served over TLS only (clients trust the cluster CA).
+        let served = match sdk_tls {
+            Some(tls) => router.serve_with_incoming(crate::sdk::tls_incoming(sdk, tls)).await,
+            None => router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(sdk)).await,
+        };
+        if let Err(e) = served {
             tracing::error!("SDK server stopped: {e}");
         }
     });

@@ -30,6 +30,9 @@ pub struct Config {
     /// Strata SDK endpoint. Default: 127.0.0.1:9020.
     #[arg(long, env = "STRATA_ENDPOINT", default_value = "127.0.0.1:9020")]
     pub sdk: String,
+    /// The cluster CA's certificate: the SDK is reached over TLS under it. Default: none.
+    #[arg(long, env = "STRATA_SDK_CA_FILE")]
+    pub sdk_ca_file: Option<std::path::PathBuf>,
     /// The cluster's system key (the engines' --auth-system-key-file), for clusters whose SDK
     /// checks tokens: the extender signs its own short-lived view tokens with it. Default: none.
     #[arg(long, env = "STRATA_AUTH_SYSTEM_KEY_FILE")]

@@ -19,7 +19,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--auth-system-key-file {e}"))?,
         None => Default::default(),
     };
-    let storage = Arc::new(Sdk::new(&cfg.sdk).with_bearer(bearer));
+    let tls = match &cfg.sdk_ca_file {
+        Some(ca) => Some(strata_api::tls::ClientTls::from_files(ca, None).map_err(|e| anyhow::anyhow!("--sdk-ca-file {e}"))?),
+        None => None,
+    };
+    let storage = Arc::new(Sdk::new(&cfg.sdk).with_bearer(bearer).with_tls(tls));
     let metrics = Arc::new(extender::Metrics::default());
     if cfg.health_monitor {
         let mc = health::MonitorConfig { grace: cfg.grace, probe_timeout: cfg.probe_timeout, max_evictions_per_cycle: cfg.max_evictions };

@@ -25,13 +25,20 @@ pub trait StorageView: Send + Sync {
 pub struct Sdk {
     endpoint: String,
     bearer: strata_api::auth::Bearer,
+    tls: Option<strata_api::tls::ClientTls>,
 }
 
 type Authed = tonic::service::interceptor::InterceptedService<Channel, strata_api::auth::Bearer>;
 
 impl Sdk {
     pub fn new(endpoint: &str) -> Sdk {
-        Sdk { endpoint: strata_api::endpoint_uri(endpoint), bearer: Default::default() }
+        Sdk { endpoint: strata_api::endpoint_uri(endpoint), bearer: Default::default(), tls: None }
+    }
+
+    /// This SDK over TLS under the cluster CA (`Some`), or plaintext.
+    pub fn with_tls(mut self, tls: Option<strata_api::tls::ClientTls>) -> Sdk {
+        self.tls = tls;
+        self
     }
 
     /// This SDK putting `b`'s token on every call.
@@ -41,11 +48,8 @@ impl Sdk {
     }
 
     async fn channel(&self) -> Result<Authed, String> {
-        let ch = Channel::from_shared(self.endpoint.clone())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .timeout(std::time::Duration::from_secs(5))
-            .connect()
+        let (connect, call) = (std::time::Duration::from_secs(3), std::time::Duration::from_secs(5));
+        let ch = strata_api::tls::channel(&self.endpoint, self.tls.as_ref(), connect, call)
             .await
             .map_err(|e| format!("Strata SDK at {} unreachable: {e}", self.endpoint))?;
         Ok(tonic::service::interceptor::InterceptedService::new(ch, self.bearer.clone()))

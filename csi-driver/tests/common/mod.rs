@@ -29,13 +29,17 @@ pub fn csi_bin() -> PathBuf {
     strata_e2e::engine_bin().with_file_name("strata-csi")
 }
 
-/// Starts strata-csi in `mode` against the engine SDK `sdk`, with `extra` arguments, and
-/// connects to its socket.
-pub fn start_csi(dir: &Path, mode: &str, sdk: &str, extra: &[&str]) -> Csi {
+/// Starts strata-csi in `mode` against the SDK of `engine` (over TLS under its CA when it has
+/// a certificate), with `extra` arguments, and connects to its socket.
+pub fn start_csi(dir: &Path, mode: &str, engine: &strata_e2e::EngineProc, extra: &[&str]) -> Csi {
+    let sdk = engine.sdk.as_str();
+    let ca: Vec<String> =
+        engine.tls_dir().map(|d| vec!["--sdk-ca-file".to_string(), d.join("ca.crt").to_string_lossy().into_owned()]).unwrap_or_default();
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let sock = dir.join(format!("csi-{mode}-{}.sock", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     let child = Command::new(csi_bin())
         .args(["--mode", mode, "--sdk", sdk])
+        .args(&ca)
         .args(extra)
         .arg("--endpoint")
         .arg(format!("unix://{}", sock.display()))

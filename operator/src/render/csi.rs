@@ -27,7 +27,7 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "healthz"}, "periodSeconds": 10},
         "volumeMounts": [{"name": "socket-dir", "mountPath": "/csi"}],
     });
-    with_system_key(sc, &mut driver_container);
+    with_system_key(sc, &mut driver_container, Some("--sdk-ca-file"));
     let mut volumes = vec![json!({"name": "socket-dir", "emptyDir": {}})];
     if sc.spec.security.enabled {
         volumes.push(system_key_volume(sc));

@@ -96,7 +96,7 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
     })];
     let mut volumes =
         vec![json!({"name": "dev", "hostPath": {"path": "/dev"}}), json!({"name": "data", "hostPath": {"path": dir, "type": "DirectoryOrCreate"}})];
-    with_system_key(sc, &mut containers[0]);
+    with_system_key(sc, &mut containers[0], None);
     if sc.spec.security.enabled {
         volumes.push(system_key_volume(sc));
         let secret = &sc.spec.security.secret_name;
@@ -120,7 +120,7 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
                 {"name": "data", "mountPath": dir},
             ],
         });
-        with_system_key(sc, &mut node_plugin);
+        with_system_key(sc, &mut node_plugin, Some("--sdk-ca-file"));
         containers.push(node_plugin);
         containers.push(json!({
             "name": "node-driver-registrar",

@@ -140,18 +140,23 @@ fn storage_classes(sc: &StorageCluster) -> Vec<Object> {
 pub(crate) const SYSTEM_KEY_DIR: &str = "/etc/strata/auth";
 pub(crate) const SYSTEM_KEY_VOLUME: &str = "system-key";
 
-/// The security Secret's `system.key` alone, as a pod volume.
+/// The security Secret's `system.key` and `ca.crt` (never the CA's key), as a pod volume.
 pub(crate) fn system_key_volume(sc: &StorageCluster) -> Value {
-    json!({"name": SYSTEM_KEY_VOLUME, "secret": {"secretName": sc.spec.security.secret_name, "items": [{"key": "system.key", "path": "system.key"}]}})
+    let items = ["system.key", "ca.crt"].map(|k| json!({"key": k, "path": k}));
+    json!({"name": SYSTEM_KEY_VOLUME, "secret": {"secretName": sc.spec.security.secret_name, "items": items}})
 }
 
-/// A container's flag and mount for the system key, when security is on.
-pub(crate) fn with_system_key(sc: &StorageCluster, container: &mut Value) {
+/// A container's flags and mount for the system key (its SDK tokens) and the CA certificate
+/// (TLS to the SDK), when security is on. `ca_flag`: the container's flag for the CA file.
+pub(crate) fn with_system_key(sc: &StorageCluster, container: &mut Value, ca_flag: Option<&str>) {
     if !sc.spec.security.enabled {
         return;
     }
     if let Some(a) = container["args"].as_array_mut() {
         a.push(json!(format!("--auth-system-key-file={SYSTEM_KEY_DIR}/system.key")));
+        if let Some(f) = ca_flag {
+            a.push(json!(format!("{f}={SYSTEM_KEY_DIR}/ca.crt")));
+        }
     }
     let mount = json!({"name": SYSTEM_KEY_VOLUME, "mountPath": SYSTEM_KEY_DIR, "readOnly": true});
     match container["volumeMounts"].as_array_mut() {

@@ -47,7 +47,7 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
         "ports": [{"name": "http", "containerPort": PORT}],
         "readinessProbe": {"httpGet": {"path": "/healthz", "port": PORT}},
     });
-    with_system_key(sc, &mut container);
+    with_system_key(sc, &mut container, Some("--sdk-ca-file"));
     let volumes = if sc.spec.security.enabled { json!([system_key_volume(sc)]) } else { json!([]) };
     let extender = Object::typed::<Deployment>(json!({
         "metadata": meta(sc, "strata-stork", EXTENDER),

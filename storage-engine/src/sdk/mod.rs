@@ -127,12 +127,8 @@ impl Sdk {
             .await
             .map_err(VolumeError::from)?
             .ok_or_else(|| Status::failed_precondition(format!("volume {name} is served by node {target}, whose SDK address is unknown")))?;
-        let ch = tonic::transport::Endpoint::from_shared(addr.clone())
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .timeout(std::time::Duration::from_secs(60));
-        let c = ch
-            .connect()
+        let c = e
+            .peer_sdk(&addr, std::time::Duration::from_secs(60))
             .await
             .map_err(|e| Status::unavailable(format!("volume {name} is served by node {target}, whose engine ({addr}) cannot be reached: {e}")))?;
         Ok(Some(pb::volume_service_client::VolumeServiceClient::with_interceptor(c, bearer_of(req))))
@@ -157,7 +153,7 @@ impl Sdk {
             let bearer = bearer.clone();
             Some(async move {
                 let r = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-                    let ch = tonic::transport::Endpoint::from_shared(uri).ok()?.connect().await.ok()?;
+                    let ch = self.engine.peer_sdk(&uri, std::time::Duration::from_secs(2)).await.ok()?;
                     let mut c = pb::volume_service_client::VolumeServiceClient::with_interceptor(ch, bearer);
                     c.list(forwarded(pb::ListVolumesRequest {})).await.ok()
                 })
@@ -595,8 +591,7 @@ impl pb::alert_service_server::AlertService for Sdk {
                 async move {
                     let url = strata_api::endpoint_uri(&n.sdk_address);
                     let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                        let ch =
-                            tonic::transport::Endpoint::from_shared(url).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
+                        let ch = e.peer_sdk(&url, std::time::Duration::from_secs(5)).await?;
                         let mut c = pb::alert_service_client::AlertServiceClient::with_interceptor(ch, bearer);
                         c.list(pb::ListAlertsRequest { local_only: true }).await.map_err(|s| s.message().to_string())
                     })
@@ -629,4 +624,73 @@ pub fn router(engine: Arc<Service>) -> tonic::transport::server::Router {
         .add_service(pb::node_service_server::NodeServiceServer::new(sdk.clone()))
         .add_service(pb::cluster_service_server::ClusterServiceServer::new(sdk.clone()))
         .add_service(pb::alert_service_server::AlertServiceServer::new(sdk))
+}
+
+/// One TLS connection to the SDK, as tonic serves it.
+pub struct TlsConn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for TlsConn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsConn {
+    fn poll_write(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// The SDK's connections over TLS: each accepted TCP connection's handshake runs on its own
+/// (10 s at most), so a slow or silent client holds up no one; failed handshakes are logged
+/// and dropped. The acceptor is taken per connection (a rotated certificate serves new ones).
+pub fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    tls: Arc<crate::security::Tls>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("SDK accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                return;
+            }
+            let (acceptor, tx) = (tls.sdk_acceptor(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(TlsConn(s))).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, "SDK TLS handshake failed: {e}"),
+                    Err(_) => tracing::info!(%peer, "SDK TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -101,6 +101,9 @@ pub struct Tls {
 struct Configs {
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    /// The SDK's: a client certificate is checked when one is given, not required (callers
+    /// prove who they are with tokens).
+    sdk: Arc<rustls::ServerConfig>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -156,13 +159,24 @@ fn configs(dir: &Path) -> Result<(String, Configs), TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(config)?;
+    let optional = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut sdk = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(config)?
+        .with_client_cert_verifier(optional)
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(config)?;
+    sdk.alpn_protocols = vec![b"h2".to_vec()];
     let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(config)?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(config)?;
-    Ok((node, Configs { server: Arc::new(server), client: Arc::new(client) }))
+    Ok((node, Configs { server: Arc::new(server), client: Arc::new(client), sdk: Arc::new(sdk) }))
 }
 
 impl Tls {
@@ -215,6 +229,16 @@ impl Tls {
         tokio_rustls::TlsAcceptor::from(self.current.read().server.clone())
     }
 
+    /// The SDK's acceptor (the same certificate; client certificates optional).
+    pub fn sdk_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.current.read().sdk.clone())
+    }
+
+    /// An SDK client that presents this node's certificate (for calls to other engines).
+    pub fn sdk_client(&self) -> Result<strata_api::tls::ClientTls, String> {
+        strata_api::tls::ClientTls::from_node_dir(&self.dir)
+    }
+
     /// Opens TLS over `tcp` to node `node`: the other end must present the CA's certificate
     /// for that node (and gets this node's).
     pub async fn connect(&self, tcp: TcpStream, node: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
@@ -226,12 +250,7 @@ impl Tls {
 
 /// The node a (verified) certificate names: its first DNS subject alternative name.
 pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
-    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let san = c.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
-        _ => None,
-    })
+    strata_api::tls::identity(cert)
 }
 
 /// The node the peer of an accepted connection proved to be.

@@ -190,8 +190,7 @@ impl Service {
         use strata_api::v1 as pb;
         let remote = |what: String| VolumeError::FailedPrecondition(format!("target node {target}: {what}"));
         let url = crate::meta::sdk_endpoint(&*self.meta, target).await?.ok_or_else(|| remote("no SDK address".into()))?;
-        let ch =
-            tonic::transport::Endpoint::from_shared(url).map_err(|e| remote(e.to_string()))?.connect().await.map_err(|e| remote(e.to_string()))?;
+        let ch = self.peer_sdk(&url, std::time::Duration::from_secs(60)).await.map_err(remote)?;
         // A call of this node's own: signed with the cluster's system key when tokens are checked.
         let token = self.auth.as_ref().map(|a| a.system_token());
         let bearer = strata_api::auth::Bearer::new(token.as_deref()).map_err(remote)?;
