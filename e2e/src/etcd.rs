@@ -7,6 +7,9 @@ pub struct EtcdProc {
     child: Child,
     pub url: String,
     peer_url: String,
+    /// Serving TLS with this directory's `node.crt`/`node.key`, requiring client certificates
+    /// signed by its `ca.crt`.
+    tls: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -25,13 +28,24 @@ impl EtcdProc {
     /// Starts etcd on two free loopback ports. A port taken by another process between
     /// `free_port` and etcd's bind makes etcd exit at once: then it is started again on new ports.
     pub fn start() -> EtcdProc {
+        Self::start_with(None)
+    }
+
+    /// etcd over TLS only (`https://`), with `tls_dir`'s certificate (valid for 127.0.0.1),
+    /// taking only clients with a certificate signed by its CA.
+    pub fn start_tls(tls_dir: &std::path::Path) -> EtcdProc {
+        Self::start_with(Some(tls_dir.to_path_buf()))
+    }
+
+    fn start_with(tls: Option<std::path::PathBuf>) -> EtcdProc {
         let dir = crate::tempdir();
         for _ in 0..5 {
             let (client, peer) = (free_port(), free_port());
-            let url = format!("http://127.0.0.1:{client}");
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
             let _ = std::fs::remove_dir_all(dir.path().join("etcd"));
-            let mut child = spawn(&dir, &url, &peer_url);
+            let mut child = spawn(&dir, &url, &peer_url, tls.as_deref());
             let t0 = Instant::now();
             loop {
                 if std::net::TcpStream::connect(("127.0.0.1", client)).is_ok() {
@@ -40,7 +54,7 @@ impl EtcdProc {
                     // port answers for the other one until that test ends. Ours must live on.
                     std::thread::sleep(Duration::from_millis(300));
                     if child.try_wait().ok().flatten().is_none() {
-                        return EtcdProc { child, url, peer_url, _dir: dir };
+                        return EtcdProc { child, url, peer_url, tls, _dir: dir };
                     }
                     break;
                 }
@@ -62,8 +76,8 @@ impl EtcdProc {
 
     /// Starts the killed etcd again, on the same ports and data.
     pub fn restart(&mut self) {
-        self.child = spawn(&self._dir, &self.url, &self.peer_url);
-        let addr = self.url.trim_start_matches("http://").to_string();
+        self.child = spawn(&self._dir, &self.url, &self.peer_url, self.tls.as_deref());
+        let addr = self.url.trim_start_matches("http://").trim_start_matches("https://").to_string();
         let t0 = Instant::now();
         while std::net::TcpStream::connect(&addr).is_err() {
             assert!(t0.elapsed() < Duration::from_secs(20), "etcd did not come back");
@@ -72,9 +86,13 @@ impl EtcdProc {
     }
 }
 
-fn spawn(dir: &tempfile::TempDir, url: &str, peer_url: &str) -> Child {
-    Command::new("etcd")
-        .args(["--name", "t", "--data-dir"])
+fn spawn(dir: &tempfile::TempDir, url: &str, peer_url: &str, tls: Option<&std::path::Path>) -> Child {
+    let mut c = Command::new("etcd");
+    if let Some(t) = tls {
+        c.arg("--cert-file").arg(t.join("node.crt")).arg("--key-file").arg(t.join("node.key"));
+        c.arg("--trusted-ca-file").arg(t.join("ca.crt")).arg("--client-cert-auth");
+    }
+    c.args(["--name", "t", "--data-dir"])
         .arg(dir.path().join("etcd"))
         .args(["--listen-client-urls", url, "--advertise-client-urls", url])
         .args(["--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url])

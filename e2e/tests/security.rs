@@ -244,3 +244,49 @@ fn nbd_stays_on_the_node_and_bad_auth_settings_stop_the_engine() {
     let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "127.0.0.1:0", "--auth-issuer", "idp=/nonexistent.pem"]);
     assert!(!ok && err.contains("needs --auth-system-key-file"), "{err}");
 }
+
+/// Runs `strata-engine certs ARGS`.
+fn certs(args: &[&str]) {
+    let out = std::process::Command::new(strata_e2e::engine_bin()).arg("certs").args(args).output().unwrap();
+    assert!(out.status.success(), "certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_metadata_store_over_tls_takes_only_the_clusters_nodes() {
+    // etcd with a server certificate from the cluster CA (valid for 127.0.0.1) and client
+    // certificate authentication: the engines reach it with their node certificates.
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    certs(&["init", "--dir", &p("ca")]);
+    certs(&["issue", "--ca-dir", &p("ca"), "--node-id", "etcd", "--host", "127.0.0.1", "--out", &p("etcd")]);
+    certs(&["issue", "--ca-dir", &p("ca"), "--node-id", "node-1", "--out", &p("n1")]);
+    for d in ["e1", "e2", "e3", "e4"] {
+        std::fs::create_dir_all(dir.path().join(d)).unwrap();
+    }
+    let etcd = strata_e2e::EtcdProc::start_tls(&dir.path().join("etcd"));
+    assert!(etcd.url.starts_with("https://"));
+    let e =
+        strata_e2e::EngineProc::start_with(&dir.path().join("e1"), 1, "64MiB", &["--etcd", &etcd.url, "--node-id", "node-1", "--tls-dir", &p("n1")]);
+    let v = e.sdk().create("v", MIB).unwrap();
+    assert_eq!(v.replica_nodes, vec!["node-1".to_string()]);
+
+    // Without a client certificate, or trusting another CA, or over plain http: no start.
+
+    let mut no_cert = strata_e2e::EngineProc::new(
+        &dir.path().join("e2"),
+        1,
+        "64MiB",
+        &["--etcd", &etcd.url, "--node-id", "node-2", "--etcd-ca-file", &p("ca/ca.crt")],
+    );
+    let err = no_cert.spawn().expect_err("an engine without a client certificate reached etcd");
+    assert!(err.contains("etcd"), "{err}");
+    certs(&["init", "--dir", &p("other")]);
+    certs(&["issue", "--ca-dir", &p("other"), "--node-id", "node-3", "--out", &p("n3")]);
+    let mut stranger =
+        strata_e2e::EngineProc::new(&dir.path().join("e3"), 1, "64MiB", &["--etcd", &etcd.url, "--node-id", "node-3", "--tls-dir", &p("n3")]);
+    assert!(stranger.spawn().is_err(), "an engine of another CA reached etcd");
+    let plain = etcd.url.replace("https://", "http://");
+    let mut plaintext = strata_e2e::EngineProc::new(&dir.path().join("e4"), 1, "64MiB", &["--etcd", &plain, "--node-id", "node-4"]);
+    assert!(plaintext.spawn().is_err(), "a plaintext client reached etcd");
+    assert_eq!(e.sdk().list().len(), 1, "the cluster's own engine still works");
+}

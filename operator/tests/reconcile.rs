@@ -117,7 +117,8 @@ const SECRET_PATH: &str = "/api/v1/namespaces/strata/secrets/strata-security";
 
 /// The security Secret as the API server has it once made.
 fn security_secret() -> Value {
-    let data: serde_json::Map<String, Value> = strata_operator::security::KEYS.iter().map(|k| (k.to_string(), json!("eA=="))).collect();
+    let keys = strata_operator::security::KEYS.iter().chain(strata_operator::security::ETCD_KEYS.iter());
+    let data: serde_json::Map<String, Value> = keys.map(|k| (k.to_string(), json!("eA=="))).collect();
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "strata-security", "namespace": "strata"}, "data": data})
 }
 
@@ -357,6 +358,7 @@ async fn a_missing_security_secret_is_made_once_with_a_ca_and_a_system_key() {
     assert!(field("ca.crt").starts_with("-----BEGIN CERTIFICATE-----"));
     assert!(field("ca.key").contains("PRIVATE KEY"));
     assert!(field("system.key").len() >= 32);
+    assert!(field("etcd.crt").starts_with("-----BEGIN CERTIFICATE-----"), "the internal kvdb's certificate is made too");
     // The engine DaemonSet mounts it: the CA for the init container that signs the node's
     // certificate, the system key for the engine and the CSI node plugin.
     let ds = seen.iter().find(|(p, _)| p.ends_with("/daemonsets/strata-engine")).unwrap();
@@ -376,4 +378,39 @@ async fn a_security_secret_without_its_keys_stops_the_reconcile_with_a_reason() 
     let err = reconcile(Arc::new(sc), ctx(kube::Client::new(svc, "strata"), report(&[]))).await.unwrap_err().to_string();
     server.await.unwrap();
     assert!(err.contains("lacks ca.key, system.key"), "{err}");
+}
+
+#[tokio::test]
+async fn a_users_own_ca_signs_the_internal_kvdbs_certificate() {
+    use base64::Engine as _;
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let mut sc = cluster("img:0.1.0", true);
+    sc.spec.kvdb = Kvdb { internal: true, ..Default::default() };
+    let (cert, key) = strata_api::pki::new_ca().unwrap();
+    let b64 = |s: &str| json!(base64::engine::general_purpose::STANDARD.encode(s));
+    let theirs = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "strata-security", "namespace": "strata"},
+                        "data": {"ca.crt": b64(&cert), "ca.key": b64(&key), "system.key": b64("0123456789abcdef0123456789abcdef")}});
+    let mut calls = vec![Call(Method::GET, SECRET_PATH.into(), theirs.clone()), Call(Method::PATCH, SECRET_PATH.into(), theirs)];
+    calls.extend(applies(&sc).into_iter().skip(1));
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![])));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    reconcile(Arc::new(sc.clone()), ctx(kube::Client::new(svc, "strata"), report(&[]))).await.unwrap();
+    let seen = server.await.unwrap();
+    let patch = &seen[1].1["data"];
+    assert!(patch.get("ca.key").is_none(), "only the kvdb's files are added: {patch}");
+    let pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(patch["etcd.crt"].as_str().unwrap()).unwrap()).unwrap();
+    // Signed by their CA: a client trusting it accepts the certificate.
+    let (der, ca_der) = (der_of(&pem), der_of(&cert));
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+    assert!(parsed.verify_signature(Some(ca.public_key())).is_ok(), "the kvdb's certificate is signed by the user's CA");
+}
+
+/// The DER of the first certificate in `pem`.
+fn der_of(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let body: String =
+        pem.lines().skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE")).skip(1).take_while(|l| !l.starts_with("-----END")).collect();
+    base64::engine::general_purpose::STANDARD.decode(body).unwrap()
 }

@@ -44,6 +44,10 @@ pub enum CertsCommand {
         /// The node id the certificate names (the engine's --node-id).
         #[arg(long)]
         node_id: String,
+        /// Another name the certificate is valid for: an IP address or DNS name clients reach
+        /// it by (an etcd server's, say); repeat for several.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
         /// Where the node's files go.
         #[arg(long)]
         out: PathBuf,
@@ -56,6 +60,8 @@ pub struct RunArgs {
     /// embedded one. Default: none (embedded redb in --data-dir).
     #[arg(long, env = "STRATA_ETCD", value_delimiter = ',')]
     pub etcd: Vec<String>,
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
     /// With --etcd: seconds without lease renewal before this node reads as offline. Default: 10.
     #[arg(long, env = "STRATA_NODE_TTL", default_value_t = 10)]
     pub node_ttl: i64,
@@ -202,6 +208,8 @@ pub struct CheckArgs {
     /// The engine's data directory, to also check extents against the volumes it knows.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub etcd_tls: EtcdTlsArgs,
     /// Check extents against the volume records in etcd instead (URL[,URL]).
     #[arg(long, value_delimiter = ',', conflicts_with = "data_dir")]
     pub etcd: Vec<String>,
@@ -234,5 +242,50 @@ fn issuer_arg(s: &str) -> Result<(String, PathBuf), String> {
     match s.split_once('=') {
         Some((name, file)) if !name.trim().is_empty() && !file.trim().is_empty() => Ok((name.trim().to_string(), PathBuf::from(file.trim()))),
         _ => Err(format!("{s:?}: give an issuer as NAME=KEYFILE (e.g. https://idp.example=/etc/strata/idp.pem)")),
+    }
+}
+
+/// TLS to etcd (https:// endpoints).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdTlsArgs {
+    /// The CA that signed etcd's server certificate. Default with https:// endpoints: the
+    /// --tls-dir's ca.crt.
+    #[arg(long, env = "STRATA_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// This client's certificate for etcd's --client-cert-auth (with --etcd-key-file).
+    /// Default with https:// endpoints: the --tls-dir's node certificate.
+    #[arg(long, env = "STRATA_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    #[arg(long, env = "STRATA_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+}
+
+impl EtcdTlsArgs {
+    /// The TLS settings for `endpoints`: None for http:// ones; for https://, the files given,
+    /// else those of `tls_dir` (the node's certificate).
+    pub fn load(&self, endpoints: &[String], tls_dir: Option<&std::path::Path>) -> anyhow::Result<Option<crate::meta::etcd::EtcdTls>> {
+        use anyhow::Context as _;
+        let https = endpoints.iter().filter(|e| e.starts_with("https://")).count();
+        if https == 0 {
+            if self.etcd_ca_file.is_some() || self.etcd_cert_file.is_some() {
+                anyhow::bail!("--etcd-ca-file/--etcd-cert-file need https:// etcd endpoints");
+            }
+            return Ok(None);
+        }
+        if https != endpoints.len() {
+            anyhow::bail!("--etcd: use https:// for every endpoint or for none");
+        }
+        let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let ca = match (&self.etcd_ca_file, tls_dir) {
+            (Some(f), _) => read(f)?,
+            (None, Some(d)) => read(&d.join("ca.crt"))?,
+            (None, None) => anyhow::bail!("https:// etcd endpoints need --etcd-ca-file (or --tls-dir, whose ca.crt is used)"),
+        };
+        let identity = match (&self.etcd_cert_file, &self.etcd_key_file, tls_dir) {
+            (Some(c), Some(k), _) => Some((read(c)?, read(k)?)),
+            (None, None, Some(d)) => Some((read(&d.join("node.crt"))?, read(&d.join("node.key"))?)),
+            _ => None,
+        };
+        Ok(Some(crate::meta::etcd::EtcdTls { ca, identity }))
     }
 }

@@ -26,8 +26,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("cluster CA written to {} (keep ca.key private)", dir.display());
             Ok(())
         }
-        Some(Command::Certs(CertsCommand::Issue { ca_dir, node_id, out })) => {
-            strata_engine::security::issue(&ca_dir, &node_id, &out)?;
+        Some(Command::Certs(CertsCommand::Issue { ca_dir, node_id, hosts, out })) => {
+            strata_engine::security::issue(&ca_dir, &node_id, &hosts, &out)?;
             println!("certificate for node {node_id} written to {} (pass it as --tls-dir)", out.display());
             Ok(())
         }

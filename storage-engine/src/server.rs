@@ -34,7 +34,8 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
     let meta: Arc<dyn MetaStore> = if args.etcd.is_empty() {
         Arc::new(Embedded::open(&args.data_dir).with_context(|| format!("metadata store in {}", args.data_dir.display()))?)
     } else {
-        Arc::new(crate::meta::etcd::Etcd::connect_with_ttl(&args.etcd, &node.id, args.node_ttl).await?)
+        let tls = args.etcd_tls.load(&args.etcd, args.tls_dir.as_deref())?;
+        Arc::new(crate::meta::etcd::Etcd::connect_with(&args.etcd, &node.id, args.node_ttl, tls.as_ref()).await?)
     };
     let opts = OpenOptions { create_size: Some(args.device_size), io_engine: args.io_engine, read_only: false, lock_wait: LOCK_WAIT };
     if args.simulate_volatile_cache {
@@ -382,7 +383,10 @@ pub async fn run_check(args: &CheckArgs) -> anyhow::Result<bool> {
         (None, false) => {
             // Reads only: the records of every volume, and this node's pool record.
             let node = args.node_id.clone().unwrap_or_default();
-            let meta = crate::meta::etcd::Etcd::connect(&args.etcd, &node).await.with_context(|| format!("etcd at {}", args.etcd.join(",")))?;
+            let tls = args.etcd_tls.load(&args.etcd, None)?;
+            let meta = crate::meta::etcd::Etcd::connect_with(&args.etcd, &node, 10, tls.as_ref())
+                .await
+                .with_context(|| format!("etcd at {}", args.etcd.join(",")))?;
             let pool = if node.is_empty() { None } else { meta.get_pool().await? };
             (pool, Some(known(meta.list_volumes().await?, args.node_id.as_deref())))
         }

@@ -73,7 +73,7 @@ impl TestCluster {
 
 /// Signs a certificate for node `id` with the CA in `ca_dir` into `dir`, and loads it.
 fn issue_identity(ca_dir: &std::path::Path, id: &str, dir: &std::path::Path) -> Arc<crate::security::Tls> {
-    crate::security::issue(ca_dir, id, dir).expect("a test certificate");
+    crate::security::issue(ca_dir, id, &[], dir).expect("a test certificate");
     Arc::new(crate::security::Tls::load(dir).expect("the test certificate loads"))
 }
 

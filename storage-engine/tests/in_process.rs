@@ -636,7 +636,7 @@ async fn certificates_rotate_under_write_load_without_a_failed_write() {
     // 2. Every node gets a certificate of the new CA.
     for n in &c.nodes {
         let tmp = c.ca_dir.join(format!("new-{}", n.engine.node.id));
-        issue(&new_ca, &n.engine.node.id, &tmp).unwrap();
+        issue(&new_ca, &n.engine.node.id, &[], &tmp).unwrap();
         for f in [NODE_CERT, NODE_KEY] {
             std::fs::copy(tmp.join(f), n.tls_dir().join(f)).unwrap();
         }

@@ -17,7 +17,8 @@ pub(crate) fn etcd_endpoints(sc: &StorageCluster) -> Vec<String> {
         return sc.spec.kvdb.endpoints.clone();
     }
     let ns = super::ns(sc);
-    (0..3).map(|i| format!("http://strata-etcd-{i}.strata-etcd.{ns}.svc:2379")).collect()
+    let scheme = if sc.spec.security.enabled { "https" } else { "http" };
+    (0..3).map(|i| format!("{scheme}://strata-etcd-{i}.strata-etcd.{ns}.svc:2379")).collect()
 }
 
 fn engine_args(sc: &StorageCluster) -> Vec<String> {

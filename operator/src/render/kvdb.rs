@@ -21,14 +21,31 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
         return Vec::new();
     }
     let ns = ns(sc);
-    let peers: Vec<String> = (0..3).map(|i| format!("strata-etcd-{i}=http://strata-etcd-{i}.strata-etcd.{ns}.svc:2380")).collect();
+    // With security on: TLS for clients and peers, each side proving itself with a certificate
+    // of the cluster CA (the engines use their node certificates).
+    let tls = sc.spec.security.enabled;
+    let scheme = if tls { "https" } else { "http" };
+    let peers: Vec<String> = (0..3).map(|i| format!("strata-etcd-{i}={scheme}://strata-etcd-{i}.strata-etcd.{ns}.svc:2380")).collect();
+    let tls_flags = if tls {
+        " --cert-file=/etc/etcd/tls/etcd.crt --key-file=/etc/etcd/tls/etcd.key --trusted-ca-file=/etc/etcd/tls/ca.crt --client-cert-auth \
+         --peer-cert-file=/etc/etcd/tls/etcd.crt --peer-key-file=/etc/etcd/tls/etcd.key --peer-trusted-ca-file=/etc/etcd/tls/ca.crt --peer-client-cert-auth"
+    } else {
+        ""
+    };
     let script = format!(
         "exec etcd --name=$(POD_NAME) --data-dir=/var/lib/etcd \
-         --listen-client-urls=http://0.0.0.0:2379 --advertise-client-urls=http://$(POD_NAME).strata-etcd.{ns}.svc:2379 \
-         --listen-peer-urls=http://0.0.0.0:2380 --initial-advertise-peer-urls=http://$(POD_NAME).strata-etcd.{ns}.svc:2380 \
-         --initial-cluster={} --initial-cluster-state=new",
+         --listen-client-urls={scheme}://0.0.0.0:2379 --advertise-client-urls={scheme}://$(POD_NAME).strata-etcd.{ns}.svc:2379 \
+         --listen-peer-urls={scheme}://0.0.0.0:2380 --initial-advertise-peer-urls={scheme}://$(POD_NAME).strata-etcd.{ns}.svc:2380 \
+         --initial-cluster={} --initial-cluster-state=new{tls_flags}",
         peers.join(",")
     );
+    let mut mounts = vec![json!({"name": "data", "mountPath": "/var/lib/etcd"})];
+    let mut volumes = vec![json!({"name": "data", "hostPath": {"path": format!("{}/kvdb", data_dir(sc)), "type": "DirectoryOrCreate"}})];
+    if tls {
+        mounts.push(json!({"name": "tls", "mountPath": "/etc/etcd/tls", "readOnly": true}));
+        let items = ["ca.crt", "etcd.crt", "etcd.key"].map(|k| json!({"key": k, "path": k}));
+        volumes.push(json!({"name": "tls", "secret": {"secretName": sc.spec.security.secret_name, "items": items}}));
+    }
     let svc = Object::typed::<Service>(json!({
         "metadata": meta(sc, "strata-etcd", KVDB),
         "spec": {
@@ -54,9 +71,9 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
                         "command": ["/bin/sh", "-c", script],
                         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                         "ports": [{"name": "client", "containerPort": 2379}, {"name": "peer", "containerPort": 2380}],
-                        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/etcd"}],
+                        "volumeMounts": mounts,
                     }],
-                    "volumes": [{"name": "data", "hostPath": {"path": format!("{}/kvdb", data_dir(sc)), "type": "DirectoryOrCreate"}}],
+                    "volumes": volumes,
                     "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
                         "labelSelector": {"matchLabels": selector(KVDB)},
                         "topologyKey": "kubernetes.io/hostname",

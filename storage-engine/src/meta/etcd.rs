@@ -48,6 +48,14 @@ async fn bounded<T>(fut: impl Future<Output = Result<T, etcd_client::Error>>) ->
     tokio::time::timeout(TIMEOUT * 2, fut).await.map_err(|_| err("timed out"))?.map_err(err)
 }
 
+/// TLS to etcd: the CA of its server certificate and, for etcd's --client-cert-auth, this
+/// client's certificate and key (PEM).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 impl Etcd {
     /// Connects to etcd (`http://host:port`, comma-separated for several). `node` names this
     /// engine's pool record.
@@ -56,8 +64,20 @@ impl Etcd {
     }
 
     pub async fn connect_with_ttl(endpoints: &[String], node: &str, ttl: i64) -> Result<Etcd, MetaError> {
+        Self::connect_with(endpoints, node, ttl, None).await
+    }
+
+    /// `connect_with_ttl` over TLS when `tls` is given (https:// endpoints).
+    pub async fn connect_with(endpoints: &[String], node: &str, ttl: i64, tls: Option<&EtcdTls>) -> Result<Etcd, MetaError> {
         let at = |e: MetaError| MetaError::Store(format!("etcd at {}: {e}", endpoints.join(",")));
-        let opts = etcd_client::ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
+        let mut opts = etcd_client::ConnectOptions::new().with_connect_timeout(TIMEOUT).with_timeout(TIMEOUT);
+        if let Some(t) = tls {
+            let mut o = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(&t.ca));
+            if let Some((cert, key)) = &t.identity {
+                o = o.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(o);
+        }
         let client = bounded(Client::connect(endpoints.to_vec(), Some(opts))).await.map_err(at)?;
         let live = Arc::new(parking_lot::Mutex::new(Live { lease: 0, state: NodeState::Online, renewed: std::time::Instant::now(), generation: 0 }));
         let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), live, renewal: parking_lot::Mutex::new(None) };

@@ -65,25 +65,18 @@ pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
 }
 
 /// Signs a certificate for node `node` with the CA in `ca_dir` and writes `ca.crt`, `node.crt`
-/// and `node.key` into `out`.
-pub fn issue(ca_dir: &Path, node: &str, out: &Path) -> Result<(), TlsError> {
+/// and `node.key` into `out`. `hosts`: more names it is valid for (IP addresses or DNS names,
+/// for a server such as etcd that clients reach by address); the node id stays its identity.
+pub fn issue(ca_dir: &Path, node: &str, hosts: &[String], out: &Path) -> Result<(), TlsError> {
     if node.is_empty() || ServerName::try_from(node.to_string()).is_err() {
         return Err(TlsError::BadName(node.to_string()));
     }
     let ca_pem = read(&ca_dir.join(CA_CERT))?;
-    let ca_key = rcgen::KeyPair::from_pem(&read(&ca_dir.join(CA_KEY))?)?;
-    let ca = rcgen::CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
-    let mut p = rcgen::CertificateParams::new(vec![node.to_string()])?;
-    p.distinguished_name.push(rcgen::DnType::CommonName, node);
-    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
-    let k = rcgen::KeyPair::generate()?;
-    let c = p.signed_by(&k, &ca, &ca_key)?;
+    let (cert, key) = strata_api::pki::sign(&ca_pem, &read(&ca_dir.join(CA_KEY))?, node, hosts)?;
     std::fs::create_dir_all(out).map_err(|source| TlsError::Io { path: out.to_path_buf(), source })?;
     write(&out.join(CA_CERT), &ca_pem, false)?;
-    write(&out.join(NODE_KEY), &k.serialize_pem(), true)?;
-    write(&out.join(NODE_CERT), &c.pem(), false)
+    write(&out.join(NODE_KEY), &key, true)?;
+    write(&out.join(NODE_CERT), &cert, false)
 }
 
 /// This node's TLS identity: mutual TLS configurations for both ends of a connection. Loaded
@@ -267,10 +260,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("strata-tls-{}", uuid::Uuid::new_v4()));
         init_ca(&dir.join("ca")).unwrap();
         assert!(matches!(init_ca(&dir.join("ca")), Err(TlsError::Exists(_))), "a CA is never replaced");
-        issue(&dir.join("ca"), "node-1", &dir.join("node-1")).unwrap();
+        issue(&dir.join("ca"), "node-1", &[], &dir.join("node-1")).unwrap();
         let tls = Tls::load(&dir.join("node-1")).unwrap();
         assert_eq!(tls.node, "node-1");
-        assert!(matches!(issue(&dir.join("ca"), "bad name!", &dir.join("x")), Err(TlsError::BadName(_))));
+        assert!(matches!(issue(&dir.join("ca"), "bad name!", &[], &dir.join("x")), Err(TlsError::BadName(_))));
         assert!(matches!(Tls::load(&dir.join("missing")), Err(TlsError::Io { .. })));
         let _ = std::fs::remove_dir_all(&dir);
     }
