@@ -379,6 +379,10 @@ pub enum PoolCmd {
     Show,
 }
 
+/// Set while calls go without TLS (no CA given): a broken stream then likely means the engine
+/// serves TLS, and the error says so.
+static PLAINTEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// A channel to the SDK that sends the token with every call.
 type Sdk = InterceptedService<Channel, Bearer>;
 
@@ -389,6 +393,7 @@ async fn connect(target: &context::Context, endpoint: &str) -> anyhow::Result<Sd
         Some(f) => Some(strata_api::tls::ClientTls::from_files(std::path::Path::new(f), None).map_err(|e| anyhow!("--ca-file {e}"))?),
         None => None,
     };
+    PLAINTEXT.store(tls.is_none(), std::sync::atomic::Ordering::Relaxed);
     let (connect, call) = (std::time::Duration::from_secs(5), std::time::Duration::from_secs(120));
     let ch = strata_api::tls::channel(&ep, tls.as_ref(), connect, call).await.map_err(|e| {
         let hint = if tls.is_none() { "; an engine with a certificate serves TLS only: pass --ca-file" } else { "" };
@@ -399,6 +404,14 @@ async fn connect(target: &context::Context, endpoint: &str) -> anyhow::Result<Sd
 
 /// Turns an SDK status into a message that says what happened.
 fn status_err(s: tonic::Status) -> anyhow::Error {
+    // A plaintext client talking to an engine that serves TLS sees only a broken stream.
+    let broken = s.message().contains("h2 protocol error") || s.message().contains("transport error");
+    if PLAINTEXT.load(std::sync::atomic::Ordering::Relaxed) && s.code() == tonic::Code::Unknown && broken {
+        return anyhow!(
+            "the engine did not speak plaintext gRPC ({}): an engine with a certificate serves its SDK over TLS only; pass --ca-file (or set STRATA_CA_FILE) with the cluster CA's certificate",
+            s.message()
+        );
+    }
     let code = match s.code() {
         tonic::Code::NotFound => "not found",
         tonic::Code::AlreadyExists => "already exists",

@@ -189,3 +189,23 @@ fn tokens_contexts_owners_and_collaborators() {
     let (good, _, err) = ctl(&e, &["--context", "nope", "status"]);
     assert!(!good && err.contains("no context named"), "{err}");
 }
+
+#[test]
+fn an_engine_with_a_certificate_is_reached_over_tls_with_the_ca() {
+    let ca = tempfile::tempdir().unwrap();
+    let certs = |args: &[&str]| {
+        let out = Command::new(strata_e2e::engine_bin()).arg("certs").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let p = |s: &str| ca.path().join(s).to_str().unwrap().to_string();
+    certs(&["init", "--dir", &p("ca")]);
+    certs(&["issue", "--ca-dir", &p("ca"), "--node-id", "n1", "--out", &p("n1")]);
+    let e = engine_with(&["--node-id", "n1", "--tls-dir", &p("n1")]);
+    let (good, _, err) = ctl(&e, &["status"]);
+    assert!(!good && err.contains("--ca-file"), "a plaintext call says to pass the CA: {err}");
+    assert!(ok(&e, &["--ca-file", &p("ca/ca.crt"), "status"]).contains("Cluster ID"));
+    let (good, _, err) = ctl_env(&e, &[("STRATA_CA_FILE", &p("n1/node.crt"))], &["status"]);
+    assert!(!good, "a certificate that is not the CA's is no trust anchor: {err}");
+    ok(&e, &["context", "create", "tls", "--endpoint", &e.sdk, "--ca-file", &p("ca/ca.crt")]);
+    assert!(ok(&e, &["volume", "list"]).contains("NAME"), "the context's CA is used");
+}

@@ -68,7 +68,9 @@ fn a_flipped_block_on_a_single_replica_reads_as_eio_and_raises_an_alert() {
     assert_eq!(cl.write(MIB, &data[..4096], 0), 0);
     assert_eq!(cl.read(MIB, 64 * 1024).unwrap(), data);
 
-    let out = run(std::process::Command::new(stratactl()).args(["--endpoint", &c.engines[0].sdk, "alerts", "show"]));
+    // The cluster's engines serve their SDK over TLS: stratactl checks it against their CA.
+    let ca = c.ca.path().join("ca.crt");
+    let out = run(std::process::Command::new(stratactl()).args(["--endpoint", &c.engines[0].sdk, "alerts", "show"]).arg("--ca-file").arg(&ca));
     assert!(out.contains("ChecksumMismatch") && out.contains("volume/one") && out.contains("ALARM"), "{out}");
 }
 
