@@ -289,15 +289,46 @@ pub struct CreateArgs {
     /// File whose content is the passphrase (a key file works too; at least 8 bytes).
     #[arg(long)]
     pub passphrase_file: Option<std::path::PathBuf>,
-    /// The owner of the volume (admins only; others own what they create).
+    #[command(flatten)]
+    pub grants: GrantArgs,
+}
+
+/// Who may use a volume (when the SDK checks tokens).
+#[derive(Debug, Args, Default)]
+pub struct GrantArgs {
+    /// The volume's owner (admins only: others own what they create; an admin gives a volume
+    /// away with `volume update --owner`).
     #[arg(long)]
     pub owner: Option<String>,
-    /// A collaborator, NAME=read|write; repeat for several.
+    /// A collaborator, NAME=read|write (NAME=none removes one in `volume update`); repeat for
+    /// several. Only the owner or an admin changes them.
     #[arg(long = "collaborator", value_parser = grant_arg)]
     pub collaborators: Vec<(String, String)>,
-    /// A group collaborator, GROUP=read|write; repeat for several.
+    /// A group collaborator, GROUP=read|write|none, the same way.
     #[arg(long = "group", value_parser = grant_arg)]
     pub groups: Vec<(String, String)>,
+}
+
+impl GrantArgs {
+    fn given(&self) -> bool {
+        self.owner.is_some() || !self.collaborators.is_empty() || !self.groups.is_empty()
+    }
+
+    /// `o` with these grants applied (`none` removes).
+    fn apply(self, o: &mut pb::Ownership) {
+        if let Some(owner) = self.owner {
+            o.owner = owner;
+        }
+        for (map, grants) in [(&mut o.users, self.collaborators), (&mut o.groups, self.groups)] {
+            for (name, access) in grants {
+                if access == "none" {
+                    map.remove(&name);
+                } else {
+                    map.insert(name, access);
+                }
+            }
+        }
+    }
 }
 
 /// NAME=read|write (or NAME=none, in `volume update`, to remove a collaborator).
@@ -332,32 +363,8 @@ pub struct UpdateArgs {
     pub snap_schedule: Option<String>,
     #[command(flatten)]
     pub qos: QosArgs,
-    /// Give the volume to this owner (admins only).
-    #[arg(long)]
-    pub owner: Option<String>,
-    /// Add or change a collaborator, NAME=read|write, or remove one with NAME=none; repeat for
-    /// several (the owner or an admin only).
-    #[arg(long = "collaborator", value_parser = grant_arg)]
-    pub collaborators: Vec<(String, String)>,
-    /// The same for a group, GROUP=read|write|none.
-    #[arg(long = "group", value_parser = grant_arg)]
-    pub groups: Vec<(String, String)>,
-}
-
-/// `o` with the grants applied (`none` removes).
-fn apply_grants(o: &mut pb::Ownership, owner: Option<String>, users: Vec<(String, String)>, groups: Vec<(String, String)>) {
-    if let Some(owner) = owner {
-        o.owner = owner;
-    }
-    for (map, grants) in [(&mut o.users, users), (&mut o.groups, groups)] {
-        for (name, access) in grants {
-            if access == "none" {
-                map.remove(&name);
-            } else {
-                map.insert(name, access);
-            }
-        }
-    }
+    #[command(flatten)]
+    pub grants: GrantArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -548,9 +555,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         zones: a.zones,
                         racks: a.racks,
                         secure: a.secure,
-                        ownership: (a.owner.is_some() || !a.collaborators.is_empty() || !a.groups.is_empty()).then(|| {
+                        ownership: a.grants.given().then(|| {
                             let mut o = pb::Ownership::default();
-                            apply_grants(&mut o, a.owner, a.collaborators, a.groups);
+                            a.grants.apply(&mut o);
                             o
                         }),
                         ..Default::default()
@@ -579,14 +586,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         || q.io_throttle_wr_iops.is_some()
                         || q.io_throttle_rd_bw.is_some()
                         || q.io_throttle_wr_bw.is_some();
-                    let grants = a.owner.is_some() || !a.collaborators.is_empty() || !a.groups.is_empty();
+                    let grants = a.grants.given();
                     if a.size.is_none() && a.labels.is_empty() && !qos_given && a.snap_schedule.is_none() && !grants {
                         bail!("nothing to update: pass --size, --label key=value, --snap-schedule, --io-throttle-*, --owner and/or --collaborator");
                     }
                     let ownership = if grants {
                         let cur = c.inspect(pb::InspectVolumeRequest { name: a.name.clone() }).await.map_err(status_err)?.into_inner().volume;
                         let mut o = cur.and_then(|v| v.spec).and_then(|s| s.ownership).unwrap_or_default();
-                        apply_grants(&mut o, a.owner, a.collaborators, a.groups);
+                        a.grants.apply(&mut o);
                         Some(o)
                     } else {
                         None

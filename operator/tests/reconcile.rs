@@ -337,19 +337,25 @@ async fn uninstall_deletes_the_storage_cluster_and_waits_until_it_is_finalized()
     answer.abort();
 }
 
-#[tokio::test]
-async fn a_missing_security_secret_is_made_once_with_a_ca_and_a_system_key() {
+/// One settled pass (no pods) whose security Secret calls are `secret_calls`: the bodies sent.
+async fn pass_after_secret_calls(sc: &StorageCluster, secret_calls: Vec<Call>) -> Vec<(String, Value)> {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let sc = cluster("img:0.1.0", true);
-    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
-    let mut calls =
-        vec![Call(Method::GET, SECRET_PATH.into(), not_found), Call(Method::POST, "/api/v1/namespaces/strata/secrets".into(), Value::Null)];
-    calls.extend(applies(&sc).into_iter().skip(1));
+    let mut calls = secret_calls;
+    calls.extend(applies(sc).into_iter().skip(1));
     calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![])));
-    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(sc)));
     let server = serve(handle, calls);
     reconcile(Arc::new(sc.clone()), ctx(kube::Client::new(svc, "strata"), report(&[]))).await.unwrap();
-    let seen = server.await.unwrap();
+    server.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_missing_security_secret_is_made_once_with_a_ca_and_a_system_key() {
+    let sc = cluster("img:0.1.0", true);
+    let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"});
+    let secret_calls =
+        vec![Call(Method::GET, SECRET_PATH.into(), not_found), Call(Method::POST, "/api/v1/namespaces/strata/secrets".into(), Value::Null)];
+    let seen = pass_after_secret_calls(&sc, secret_calls).await;
     let made = &seen[1].1;
     assert_eq!(made["metadata"]["name"], "strata-security");
     assert_eq!(made["metadata"]["ownerReferences"][0]["kind"], "StorageCluster");
@@ -383,20 +389,14 @@ async fn a_security_secret_without_its_keys_stops_the_reconcile_with_a_reason() 
 #[tokio::test]
 async fn a_users_own_ca_signs_the_internal_kvdbs_certificate() {
     use base64::Engine as _;
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let mut sc = cluster("img:0.1.0", true);
     sc.spec.kvdb = Kvdb { internal: true, ..Default::default() };
     let (cert, key) = strata_api::pki::new_ca().unwrap();
     let b64 = |s: &str| json!(base64::engine::general_purpose::STANDARD.encode(s));
     let theirs = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "strata-security", "namespace": "strata"},
                         "data": {"ca.crt": b64(&cert), "ca.key": b64(&key), "system.key": b64("0123456789abcdef0123456789abcdef")}});
-    let mut calls = vec![Call(Method::GET, SECRET_PATH.into(), theirs.clone()), Call(Method::PATCH, SECRET_PATH.into(), theirs)];
-    calls.extend(applies(&sc).into_iter().skip(1));
-    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(vec![])));
-    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
-    let server = serve(handle, calls);
-    reconcile(Arc::new(sc.clone()), ctx(kube::Client::new(svc, "strata"), report(&[]))).await.unwrap();
-    let seen = server.await.unwrap();
+    let secret_calls = vec![Call(Method::GET, SECRET_PATH.into(), theirs.clone()), Call(Method::PATCH, SECRET_PATH.into(), theirs)];
+    let seen = pass_after_secret_calls(&sc, secret_calls).await;
     let patch = &seen[1].1["data"];
     assert!(patch.get("ca.key").is_none(), "only the kvdb's files are added: {patch}");
     let pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(patch["etcd.crt"].as_str().unwrap()).unwrap()).unwrap();
