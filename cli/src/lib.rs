@@ -43,6 +43,12 @@ pub struct Cli {
     /// Default: the context's, else plaintext.
     #[arg(long, global = true, env = "STRATA_CA_FILE")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM, signed by the cluster CA) for engines that require one
+    /// (--sdk-require-client-cert), with --key-file.
+    #[arg(long, global = true, env = "STRATA_CERT_FILE", requires = "key_file")]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[arg(long, global = true, env = "STRATA_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<std::path::PathBuf>,
     /// Use this saved context (endpoint and token) instead of the current one.
     #[arg(long, global = true, env = "STRATA_CONTEXT")]
     pub context: Option<String>,
@@ -386,6 +392,9 @@ pub enum PoolCmd {
     Show,
 }
 
+/// The client certificate and key from --cert-file/--key-file, once.
+static IDENTITY: std::sync::OnceLock<Option<(std::path::PathBuf, std::path::PathBuf)>> = std::sync::OnceLock::new();
+
 /// Set while calls go without TLS (no CA given): a broken stream then likely means the engine
 /// serves TLS, and the error says so.
 static PLAINTEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -396,8 +405,10 @@ type Sdk = InterceptedService<Channel, Bearer>;
 async fn connect(target: &context::Context, endpoint: &str) -> anyhow::Result<Sdk> {
     let ep = strata_api::endpoint_uri(endpoint);
     let bearer = Bearer::new(Some(&target.token)).map_err(|e| anyhow!("--token: {e}"))?;
+    let identity = IDENTITY.get().and_then(|i| i.as_ref()).map(|(c, k)| (c.as_path(), k.as_path()));
     let tls = match target.ca_file.as_deref().filter(|f| !f.is_empty()) {
-        Some(f) => Some(strata_api::tls::ClientTls::from_files(std::path::Path::new(f), None).map_err(|e| anyhow!("--ca-file {e}"))?),
+        Some(f) => Some(strata_api::tls::ClientTls::from_files(std::path::Path::new(f), identity).map_err(|e| anyhow!("--ca-file {e}"))?),
+        None if identity.is_some() => bail!("--cert-file needs --ca-file (the client certificate is sent over TLS)"),
         None => None,
     };
     PLAINTEXT.store(tls.is_none(), std::sync::atomic::Ordering::Relaxed);
@@ -522,6 +533,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     let ca = cli.ca_file.as_ref().map(|p| p.to_string_lossy().into_owned());
+    let _ = IDENTITY.set(cli.cert_file.clone().zip(cli.key_file.clone()));
     let target = context::resolve(cli.endpoint.as_deref(), cli.token.as_deref(), ca.as_deref(), cli.context.as_deref())?;
     let ch = connect(&target, &target.endpoint).await?;
     match cli.command {

@@ -209,3 +209,27 @@ fn an_engine_with_a_certificate_is_reached_over_tls_with_the_ca() {
     ok(&e, &["context", "create", "tls", "--endpoint", &e.sdk, "--ca-file", &p("ca/ca.crt")]);
     assert!(ok(&e, &["volume", "list"]).contains("NAME"), "the context's CA is used");
 }
+
+#[test]
+fn an_engine_that_requires_client_certificates_takes_only_the_clusters() {
+    let ca = tempfile::tempdir().unwrap();
+    let certs = |args: &[&str]| {
+        let out = Command::new(strata_e2e::engine_bin()).arg("certs").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let p = |s: &str| ca.path().join(s).to_str().unwrap().to_string();
+    certs(&["init", "--dir", &p("ca")]);
+    certs(&["init", "--dir", &p("other")]);
+    certs(&["issue", "--ca-dir", &p("ca"), "--node-id", "n1", "--out", &p("n1")]);
+    certs(&["issue", "--ca-dir", &p("ca"), "--node-id", "ops", "--out", &p("ops")]);
+    certs(&["issue", "--ca-dir", &p("other"), "--node-id", "ops", "--out", &p("stranger")]);
+    let e = engine_with(&["--node-id", "n1", "--tls-dir", &p("n1"), "--sdk-require-client-cert"]);
+    let ca_file = p("ca/ca.crt");
+    let (good, _, err) = ctl(&e, &["--ca-file", &ca_file, "status"]);
+    assert!(!good, "a client without a certificate was answered: {err}");
+    let (good, _, err) = ctl(&e, &["--ca-file", &ca_file, "--cert-file", &p("stranger/node.crt"), "--key-file", &p("stranger/node.key"), "status"]);
+    assert!(!good, "a client certificate of another CA was accepted: {err}");
+    assert!(ok(&e, &["--ca-file", &ca_file, "--cert-file", &p("ops/node.crt"), "--key-file", &p("ops/node.key"), "status"]).contains("Cluster ID"));
+    let (good, _, err) = ctl(&e, &["--cert-file", &p("ops/node.crt"), "--key-file", &p("ops/node.key"), "status"]);
+    assert!(!good && err.contains("needs --ca-file"), "{err}");
+}

@@ -243,6 +243,8 @@ fn nbd_stays_on_the_node_and_bad_auth_settings_stop_the_engine() {
     assert!(!ok && err.contains("at least 32 bytes"), "{err}");
     let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "127.0.0.1:0", "--auth-issuer", "idp=/nonexistent.pem"]);
     assert!(!ok && err.contains("needs --auth-system-key-file"), "{err}");
+    let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "127.0.0.1:0", "--sdk-require-client-cert"]);
+    assert!(!ok && err.contains("needs --tls-dir"), "{err}");
 }
 
 /// Runs `strata-engine certs ARGS`.

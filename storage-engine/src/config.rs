@@ -129,6 +129,11 @@ pub struct RunArgs {
     /// target. Default: none (plaintext replication; the engine warns).
     #[arg(long, env = "STRATA_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the SDK takes only clients that present a certificate of the cluster CA
+    /// (stratactl --cert-file/--key-file; engines use their node certificates). Default: off
+    /// (a client certificate is checked when sent; tokens identify callers).
+    #[arg(long, env = "STRATA_SDK_REQUIRE_CLIENT_CERT")]
+    pub sdk_require_client_cert: bool,
     /// The cluster's system key (a file holding a secret of at least 32 bytes, the same on every
     /// node): the SDK then takes only calls with a bearer token (JWT) signed by it or by an
     /// --auth-issuer, and checks each call's role and the volume's owner and collaborators.

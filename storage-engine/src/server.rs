@@ -158,10 +158,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let router = crate::sdk::router(engine.clone());
     let sdk_tls = engine.tls.clone();
+    let require_client_cert = args.sdk_require_client_cert;
+    if require_client_cert && sdk_tls.is_none() {
+        bail!("--sdk-require-client-cert needs --tls-dir (the SDK is served over TLS with this node's certificate)");
+    }
     tokio::spawn(async move {
         // With a certificate the SDK is served over TLS only (clients trust the cluster CA).
         let served = match sdk_tls {
-            Some(tls) => router.serve_with_incoming(crate::sdk::tls_incoming(sdk, tls)).await,
+            Some(tls) => router.serve_with_incoming(crate::sdk::tls_incoming(sdk, tls, require_client_cert)).await,
             None => router.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(sdk)).await,
         };
         if let Err(e) = served {

@@ -664,6 +664,7 @@ impl tokio::io::AsyncWrite for TlsConn {
 pub fn tls_incoming(
     listener: tokio::net::TcpListener,
     tls: Arc<crate::security::Tls>,
+    require_client_cert: bool,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
@@ -680,7 +681,7 @@ pub fn tls_incoming(
             if tx.is_closed() {
                 return;
             }
-            let (acceptor, tx) = (tls.sdk_acceptor(), tx.clone());
+            let (acceptor, tx) = (tls.sdk_acceptor(require_client_cert), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {

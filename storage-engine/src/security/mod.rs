@@ -97,6 +97,8 @@ struct Configs {
     /// The SDK's: a client certificate is checked when one is given, not required (callers
     /// prove who they are with tokens).
     sdk: Arc<rustls::ServerConfig>,
+    /// The SDK's when every client must present a certificate of the cluster CA.
+    sdk_mtls: Arc<rustls::ServerConfig>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -149,9 +151,11 @@ fn configs(dir: &Path) -> Result<(String, Configs), TlsError> {
     let server = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(config)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(config)?;
+    let mut sdk_mtls = server.clone();
+    sdk_mtls.alpn_protocols = vec![b"h2".to_vec()];
     let optional = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
         .allow_unauthenticated()
         .build()
@@ -169,7 +173,7 @@ fn configs(dir: &Path) -> Result<(String, Configs), TlsError> {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(config)?;
-    Ok((node, Configs { server: Arc::new(server), client: Arc::new(client), sdk: Arc::new(sdk) }))
+    Ok((node, Configs { server: Arc::new(server), client: Arc::new(client), sdk: Arc::new(sdk), sdk_mtls: Arc::new(sdk_mtls) }))
 }
 
 impl Tls {
@@ -222,9 +226,11 @@ impl Tls {
         tokio_rustls::TlsAcceptor::from(self.current.read().server.clone())
     }
 
-    /// The SDK's acceptor (the same certificate; client certificates optional).
-    pub fn sdk_acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(self.current.read().sdk.clone())
+    /// The SDK's acceptor (the same certificate): client certificates of the cluster CA
+    /// required when `require_client_cert`, else checked when given.
+    pub fn sdk_acceptor(&self, require_client_cert: bool) -> tokio_rustls::TlsAcceptor {
+        let c = self.current.read();
+        tokio_rustls::TlsAcceptor::from(if require_client_cert { c.sdk_mtls.clone() } else { c.sdk.clone() })
     }
 
     /// An SDK client that presents this node's certificate (for calls to other engines).
