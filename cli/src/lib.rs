@@ -268,7 +268,7 @@ pub struct CreateArgs {
     #[arg(long, short, value_parser = size_arg)]
     pub size: u64,
     /// Replicas (1..3). Default: 1.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
     pub repl: u32,
     /// key=value; repeat for several.
     #[arg(long = "label", short, value_parser = label_arg)]
@@ -602,6 +602,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     if a.size.is_none() && a.labels.is_empty() && !qos_given && a.snap_schedule.is_none() && !grants {
                         bail!("nothing to update: pass --size, --label key=value, --snap-schedule, --io-throttle-*, --owner and/or --collaborator");
                     }
+                    // What the message says changed: only what was asked.
+                    let mut changed = Vec::new();
+                    if let Some(size) = a.size {
+                        changed.push(format!("size {}", format_size(size)));
+                    }
+                    if !a.labels.is_empty() {
+                        changed.push(format!("labels {}", a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")));
+                    }
+                    if a.snap_schedule.is_some() {
+                        changed.push("snapshot schedule".to_string());
+                    }
+                    if qos_given {
+                        changed.push("QoS limits".to_string());
+                    }
+                    if grants {
+                        changed.push("owner and collaborators".to_string());
+                    }
                     let ownership = if grants {
                         let cur = c.inspect(pb::InspectVolumeRequest { name: a.name.clone() }).await.map_err(status_err)?.into_inner().volume;
                         let mut o = cur.and_then(|v| v.spec).and_then(|s| s.ownership).unwrap_or_default();
@@ -626,14 +643,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     let v = c.update(req).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
-                    print!(
-                        "{}",
-                        render::volume_done(&v, json, |v| format!(
-                            "Volume {} updated: size {}",
-                            v.name,
-                            format_size(v.spec.clone().unwrap_or_default().size_bytes)
-                        ))
-                    );
+                    print!("{}", render::volume_done(&v, json, |v| format!("Volume {} updated: {}", v.name, changed.join(", "))));
                 }
                 VolumeCmd::HaUpdate { name, repl, node } => {
                     let req = pb::HaUpdateRequest { name, repl, node: node.unwrap_or_default() };

@@ -96,6 +96,8 @@ fn bad_input_gets_messages_that_say_what_to_do() {
         (vec!["volume", "inspect", "ghost"], "not found"),
         (vec!["volume", "update", "ghost", "--size", "1G"], "not found"),
         (vec!["volume", "update", "ghost"], "nothing to update"),
+        (vec!["volume", "create", "x", "--size", "1M", "--repl", "0"], "1..=3"),
+        (vec!["volume", "create", "x", "--size", "1M", "--repl", "4"], "1..=3"),
         (vec!["volume", "delete", "ghost"], "not found"),
     ] {
         let (good, _, err) = ctl(&e, &args);
@@ -108,6 +110,21 @@ fn bad_input_gets_messages_that_say_what_to_do() {
     let out = Command::new(CTL).args(["--endpoint", "127.0.0.1:1", "status"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is strata-engine running"));
+    // The message names what changed, and only that.
+    let said = ok(&e, &["volume", "update", "dup", "--label", "tier=gold"]);
+    assert!(said.contains("updated: labels tier=gold") && !said.contains("size"), "{said}");
+    // Output into a pipe closed early (`| head -0`) ends stratactl without a panic.
+    let mut child = Command::new(CTL)
+        .env("STRATA_ENDPOINT", &e.sdk)
+        .env("STRATA_CONFIG_DIR", e._dir.path())
+        .args(["volume", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
