@@ -1,5 +1,15 @@
 //! stratactl: pxctl-style command line over the Strata SDK.
 
+// Output goes through `out`: into a closed pipe (`stratactl status | head -1`) it ends the
+// process quietly instead of a panic. (SIGPIPE stays ignored: a peer that closes a socket must
+// give an error, not kill the process.)
+macro_rules! print {
+    ($($t:tt)*) => { $crate::out(format_args!($($t)*)) };
+}
+macro_rules! println {
+    ($($t:tt)*) => { $crate::out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
 pub mod context;
 mod render;
 mod table;
@@ -418,6 +428,20 @@ async fn connect(target: &context::Context, endpoint: &str) -> anyhow::Result<Sd
         anyhow!("cannot reach the Strata engine at {ep}: {e} (is strata-engine running? set --endpoint or STRATA_ENDPOINT{hint})")
     })?;
     Ok(InterceptedService::new(ch, bearer))
+}
+
+/// Writes to stdout; a closed pipe ends the process with status 0 (its reader wanted no more).
+#[doc(hidden)]
+pub fn out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_fmt(args).and_then(|_| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing the output: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// Turns an SDK status into a message that says what happened.
