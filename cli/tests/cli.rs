@@ -207,13 +207,15 @@ fn tokens_contexts_owners_and_collaborators() {
     assert!(!good && err.contains("no context named"), "{err}");
 }
 
+/// Runs `strata-engine certs ARGS`.
+fn certs(args: &[&str]) {
+    let out = Command::new(strata_e2e::engine_bin()).arg("certs").args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn an_engine_with_a_certificate_is_reached_over_tls_with_the_ca() {
     let ca = tempfile::tempdir().unwrap();
-    let certs = |args: &[&str]| {
-        let out = Command::new(strata_e2e::engine_bin()).arg("certs").args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
     let p = |s: &str| ca.path().join(s).to_str().unwrap().to_string();
     certs(&["init", "--dir", &p("ca")]);
     certs(&["issue", "--ca-dir", &p("ca"), "--node-id", "n1", "--out", &p("n1")]);
@@ -230,10 +232,6 @@ fn an_engine_with_a_certificate_is_reached_over_tls_with_the_ca() {
 #[test]
 fn an_engine_that_requires_client_certificates_takes_only_the_clusters() {
     let ca = tempfile::tempdir().unwrap();
-    let certs = |args: &[&str]| {
-        let out = Command::new(strata_e2e::engine_bin()).arg("certs").args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
     let p = |s: &str| ca.path().join(s).to_str().unwrap().to_string();
     certs(&["init", "--dir", &p("ca")]);
     certs(&["init", "--dir", &p("other")]);
