@@ -147,15 +147,11 @@ impl IssuerKey {
     /// A key from a file's content: a PEM public key, else the bytes (trailing newline
     /// trimmed) as a shared secret, which must be at least 32 bytes.
     pub fn from_file_content(content: &[u8]) -> Result<IssuerKey, String> {
-        if content.windows(11).any(|w| w == b"-----BEGIN ") {
+        if is_pem(content) {
             let key = IssuerKey::Public(content.to_vec());
             key.decoding().map(|_| key)
         } else {
-            let s = content.strip_suffix(b"\n").unwrap_or(content);
-            if s.len() < 32 {
-                return Err(format!("a shared secret must be at least 32 bytes (this one has {})", s.len()));
-            }
-            Ok(IssuerKey::Secret(s.to_vec()))
+            shared_secret(content).map(|s| IssuerKey::Secret(s.to_vec()))
         }
     }
 
@@ -240,9 +236,23 @@ impl Verifier {
     }
 }
 
+/// A key file holding PEM (a public or private key) rather than a shared secret.
+fn is_pem(content: &[u8]) -> bool {
+    content.windows(11).any(|w| w == b"-----BEGIN ")
+}
+
+/// A key file's shared secret: its bytes without a trailing newline, at least 32 of them.
+fn shared_secret(content: &[u8]) -> Result<&[u8], String> {
+    let s = content.strip_suffix(b"\n").unwrap_or(content);
+    if s.len() < 32 {
+        return Err(format!("a shared secret must be at least 32 bytes (this one has {})", s.len()));
+    }
+    Ok(s)
+}
+
 /// Signs `claims` with `key`: HS256 for a secret; RS256 or ES256 for a private key in PEM.
 pub fn sign(claims: &Claims, key: &[u8]) -> Result<String, String> {
-    let (alg, k) = if key.windows(11).any(|w| w == b"-----BEGIN ") {
+    let (alg, k) = if is_pem(key) {
         match EncodingKey::from_rsa_pem(key) {
             Ok(k) => (Algorithm::RS256, k),
             Err(_) => {
@@ -250,11 +260,7 @@ pub fn sign(claims: &Claims, key: &[u8]) -> Result<String, String> {
             }
         }
     } else {
-        let s = key.strip_suffix(b"\n").unwrap_or(key);
-        if s.len() < 32 {
-            return Err(format!("a shared secret must be at least 32 bytes (this one has {})", s.len()));
-        }
-        (Algorithm::HS256, EncodingKey::from_secret(s))
+        (Algorithm::HS256, EncodingKey::from_secret(shared_secret(key)?))
     };
     jsonwebtoken::encode(&Header::new(alg), claims, &k).map_err(|e| e.to_string())
 }
@@ -324,7 +330,7 @@ impl Bearer {
     pub fn minting(system_key: &[u8], subject: &str, role: Role, audience: &str) -> Result<Bearer, String> {
         let ttl = Duration::from_secs(600);
         let claims = Claims::new(subject, SYSTEM_ISSUER, audience, &[role], &[], ttl);
-        let key = system_key.strip_suffix(b"\n").unwrap_or(system_key).to_vec();
+        let key = shared_secret(system_key)?.to_vec();
         let m = Minter { key, claims, ttl, current: std::sync::Mutex::new((tonic::metadata::MetadataValue::from_static(""), 0)) };
         let first = m.sign()?;
         *m.current.lock().unwrap_or_else(|p| p.into_inner()) = first;

@@ -124,12 +124,6 @@ impl ClientTls {
         .map_err(|e| format!("{}: {e}", ca.display()))
     }
 
-    /// A node's own directory (`ca.crt`, `node.crt`, `node.key`), the node presenting its
-    /// certificate.
-    pub fn from_node_dir(dir: &Path) -> Result<ClientTls, String> {
-        ClientTls::from_files(&dir.join("ca.crt"), Some((&dir.join("node.crt"), &dir.join("node.key"))))
-    }
-
     fn endpoint(endpoint: &str) -> Result<Endpoint, String> {
         // TLS is done here, under the channel: the URI tonic sees is plain http.
         let uri = crate::endpoint_uri(endpoint).replacen("https://", "http://", 1);

@@ -1,6 +1,7 @@
 //! stratactl against a real engine: tables, --json on every command, sizes and error messages.
 
 use std::process::Command;
+use strata_e2e::certs;
 
 const CTL: &str = env!("CARGO_BIN_EXE_stratactl");
 
@@ -205,12 +206,6 @@ fn tokens_contexts_owners_and_collaborators() {
     ok(&e, &["volume", "delete", "a1"]);
     let (good, _, err) = ctl(&e, &["--context", "nope", "status"]);
     assert!(!good && err.contains("no context named"), "{err}");
-}
-
-/// Runs `strata-engine certs ARGS`.
-fn certs(args: &[&str]) {
-    let out = Command::new(strata_e2e::engine_bin()).arg("certs").args(args).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! file-backed pool, with helpers to break them: kill -9, pause (SIGSTOP) / resume (SIGCONT),
 //! restart.
 
-use crate::{EngineProc, EtcdProc, Sdk};
+use crate::{certs, EngineProc, EtcdProc, Sdk};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use strata_api::v1 as pb;
@@ -21,12 +21,6 @@ pub struct Cluster {
     /// engines that check tokens.
     pub token: Option<String>,
     _dirs: Vec<tempfile::TempDir>,
-}
-
-/// Runs `strata-engine certs ARGS`.
-fn certs(args: &[&std::ffi::OsStr]) {
-    let out = std::process::Command::new(crate::engine_bin()).arg("certs").args(args).output().expect("strata-engine certs");
-    assert!(out.status.success(), "strata-engine certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Cluster {

@@ -6,6 +6,13 @@ use std::time::{Duration, Instant};
 
 /// The engine binary: `$STRATA_ENGINE_BIN`, else `strata-engine` in the target directory of the
 /// running test (`target/<profile>/`, beside `deps/`). Build the workspace first.
+/// Runs `strata-engine certs ARGS` (make a CA, issue a certificate); panics with its stderr
+/// when it fails.
+pub fn certs<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) {
+    let out = Command::new(engine_bin()).arg("certs").args(args).output().expect("strata-engine certs");
+    assert!(out.status.success(), "strata-engine certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn engine_bin() -> PathBuf {
     if let Ok(p) = std::env::var("STRATA_ENGINE_BIN") {
         return PathBuf::from(p);

@@ -11,7 +11,7 @@ pub mod proxy;
 pub mod sdk;
 pub mod util;
 
-pub use engine::{engine_bin, EngineProc};
+pub use engine::{certs, engine_bin, EngineProc};
 pub use etcd::{free_port, EtcdProc};
 pub use sdk::Sdk;
 pub use util::{pseudo_random, qemu_io, run, tempdir};

@@ -9,7 +9,7 @@ use strata_api::auth::{sign, Audience, Claims, Role};
 use strata_api::v1 as pb;
 use strata_e2e::cluster::Cluster;
 use strata_e2e::nbd::Client;
-use strata_e2e::pseudo_random;
+use strata_e2e::{certs, pseudo_random};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
@@ -245,12 +245,6 @@ fn nbd_stays_on_the_node_and_bad_auth_settings_stop_the_engine() {
     assert!(!ok && err.contains("needs --auth-system-key-file"), "{err}");
     let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "127.0.0.1:0", "--sdk-require-client-cert"]);
     assert!(!ok && err.contains("needs --tls-dir"), "{err}");
-}
-
-/// Runs `strata-engine certs ARGS`.
-fn certs(args: &[&str]) {
-    let out = std::process::Command::new(strata_e2e::engine_bin()).arg("certs").args(args).output().unwrap();
-    assert!(out.status.success(), "certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]

@@ -99,6 +99,8 @@ struct Configs {
     sdk: Arc<rustls::ServerConfig>,
     /// The SDK's when every client must present a certificate of the cluster CA.
     sdk_mtls: Arc<rustls::ServerConfig>,
+    /// For this node's calls to other engines' SDKs (its certificate as the client's).
+    sdk_client: strata_api::tls::ClientTls,
 }
 
 impl std::fmt::Debug for Tls {
@@ -142,7 +144,8 @@ fn configs(dir: &Path) -> Result<(String, Configs), TlsError> {
         CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<_, _>>().map_err(|e| bad(&cert_path, e.to_string()))?;
     let first = chain.first().ok_or_else(|| bad(&cert_path, "no certificate".into()))?;
     let node = identity(first).ok_or_else(|| TlsError::NoIdentity(cert_path.clone()))?;
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| bad(&key_path, e.to_string()))?;
+    let key_pem = key;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(&key_path, e.to_string()))?;
     let roots = Arc::new(roots);
     let config = |e: rustls::Error| TlsError::Config(e.to_string());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
@@ -167,13 +170,14 @@ fn configs(dir: &Path) -> Result<(String, Configs), TlsError> {
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(config)?;
     sdk.alpn_protocols = vec![b"h2".to_vec()];
+    let sdk_client = strata_api::tls::ClientTls::new(ca.as_bytes(), Some((cert.as_bytes(), key_pem.as_bytes()))).map_err(TlsError::Config)?;
     let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(config)?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .map_err(config)?;
-    Ok((node, Configs { server: Arc::new(server), client: Arc::new(client), sdk: Arc::new(sdk), sdk_mtls: Arc::new(sdk_mtls) }))
+    Ok((node, Configs { server: Arc::new(server), client: Arc::new(client), sdk: Arc::new(sdk), sdk_mtls: Arc::new(sdk_mtls), sdk_client }))
 }
 
 impl Tls {
@@ -233,9 +237,10 @@ impl Tls {
         tokio_rustls::TlsAcceptor::from(if require_client_cert { c.sdk_mtls.clone() } else { c.sdk.clone() })
     }
 
-    /// An SDK client that presents this node's certificate (for calls to other engines).
-    pub fn sdk_client(&self) -> Result<strata_api::tls::ClientTls, String> {
-        strata_api::tls::ClientTls::from_node_dir(&self.dir)
+    /// An SDK client that presents this node's certificate (for calls to other engines), as
+    /// loaded with the rest (a rotated certificate is used once reloaded).
+    pub fn sdk_client(&self) -> strata_api::tls::ClientTls {
+        self.current.read().sdk_client.clone()
     }
 
     /// Opens TLS over `tcp` to node `node`: the other end must present the CA's certificate
