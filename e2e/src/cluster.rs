@@ -9,8 +9,12 @@ use strata_api::v1 as pb;
 
 /// Seconds without lease renewal before a node reads as offline (short, so tests are quick).
 pub const NODE_TTL: &str = "3";
-/// Seconds a replica may take before the target drops it from the in-sync set.
-pub const REPLICA_TIMEOUT: &str = "1";
+/// Seconds a replica may take before the target drops it from the in-sync set: the engine's
+/// default, so a replica slowed by a loaded test machine stays in sync.
+pub const REPLICA_TIMEOUT: &str = "5";
+/// The engine flags of a cluster whose tests pause or cut replicas: a replica that does not
+/// answer within 1 s leaves the in-sync set, so the test need not wait out the default.
+pub const FAST_FAILOVER: [&str; 2] = ["--replica-io-timeout", "1"];
 
 pub struct Cluster {
     pub etcd: EtcdProc,

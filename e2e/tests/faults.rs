@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 use strata_e2e::checker::{verify, History, Writer};
-use strata_e2e::cluster::Cluster;
+use strata_e2e::cluster::{Cluster, FAST_FAILOVER};
 use strata_e2e::nbd::Client;
 
 const MIB: u64 = 1 << 20;
@@ -24,7 +24,7 @@ fn settle_and_check(c: &Cluster, via: usize, vol: &str, w: &mut Writer, h: &Hist
 #[test]
 fn replica_kills_pauses_and_restarts_lose_no_acknowledged_write() {
     const FAULTS: usize = 64;
-    let mut c = Cluster::start(3, "256MiB");
+    let mut c = Cluster::start_with(3, "256MiB", &FAST_FAILOVER);
     c.sdk(0).create_full("f", SPAN, 3, &[]).unwrap();
     let mut h = History::default();
     let mut w = writer(&c, 0, "f", 11);
@@ -80,7 +80,7 @@ fn replica_kills_pauses_and_restarts_lose_no_acknowledged_write() {
 #[test]
 fn target_kills_mid_write_lose_no_acknowledged_write() {
     const FAULTS: usize = 24;
-    let mut c = Cluster::start(3, "256MiB");
+    let mut c = Cluster::start_with(3, "256MiB", &FAST_FAILOVER);
     c.sdk(0).create_full("t", SPAN, 3, &[]).unwrap();
     let mut h = History::default();
     let mut w = writer(&c, 0, "t", 5);
@@ -110,7 +110,7 @@ fn target_kills_mid_write_lose_no_acknowledged_write() {
 
 #[test]
 fn takeover_fences_the_old_target() {
-    let c = Cluster::start(3, "256MiB");
+    let c = Cluster::start_with(3, "256MiB", &FAST_FAILOVER);
     c.sdk(0).create_full("sb", SPAN, 3, &[]).unwrap();
     let mut h = History::default();
     let mut w = writer(&c, 0, "sb", 3);
@@ -159,11 +159,11 @@ fn split_brain_target_cut_from_etcd_and_one_replica_is_fenced() {
     // node-1 reaches etcd through a link we can cut; everyone reaches node-3's replication port
     // through another.
     let to_etcd = Proxy::start(url.trim_start_matches("http://"));
-    c.add(&format!("http://{}", to_etcd.addr), "256MiB", &[]);
-    c.add(&url, "256MiB", &[]);
+    c.add(&format!("http://{}", to_etcd.addr), "256MiB", &FAST_FAILOVER);
+    c.add(&url, "256MiB", &FAST_FAILOVER);
     let port = strata_e2e::free_port();
     let to_node3 = Proxy::start(&format!("127.0.0.1:{port}"));
-    c.add(&url, "256MiB", &["--repl-listen", &format!("127.0.0.1:{port}"), "--advertise", &to_node3.addr]);
+    c.add(&url, "256MiB", &[&FAST_FAILOVER[..], &["--repl-listen", &format!("127.0.0.1:{port}"), "--advertise", &to_node3.addr]].concat());
 
     c.sdk(0).create_full("sb", SPAN, 3, &[]).unwrap();
     let mut h = History::default();

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 use strata_e2e::checker::{verify, History, Writer};
-use strata_e2e::cluster::Cluster;
+use strata_e2e::cluster::{Cluster, FAST_FAILOVER};
 use strata_e2e::nbd::Client;
 use strata_e2e::sdk::Sdk;
 
@@ -42,7 +42,7 @@ fn write_in_background(mut w: Writer, mut h: History, deadline: Duration) -> std
 /// Three engines, a repl=3 volume `vol` attached on node-1, and a writer that has already
 /// written a little to it.
 fn start_writing(vol: &str, seed: u64) -> (Cluster, History, Writer) {
-    let c = Cluster::start(3, "256MiB");
+    let c = Cluster::start_with(3, "256MiB", &FAST_FAILOVER);
     c.sdk(0).create_full(vol, SPAN, 3, &[]).unwrap();
     let mut h = History::default();
     let mut w = writer(&c, 0, vol, seed);
@@ -285,7 +285,7 @@ fn a_lost_node_shows_as_degraded_volumes_and_alerts() {
 #[test]
 fn power_cuts_lose_no_acknowledged_durable_write() {
     const ROUNDS: usize = 6;
-    let mut c = Cluster::start_with(3, "256MiB", &["--simulate-volatile-cache"]);
+    let mut c = Cluster::start_with(3, "256MiB", &[&FAST_FAILOVER[..], &["--simulate-volatile-cache"]].concat());
     c.sdk(0).create_full("p", SPAN, 3, &[]).unwrap();
     let mut h = History::default();
     let mut w = writer(&c, 0, "p", 17);
