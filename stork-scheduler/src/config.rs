@@ -24,9 +24,25 @@ fn secs(s: &str) -> Result<std::time::Duration, String> {
 #[derive(Debug, Parser)]
 #[command(name = "strata-stork", version, about = "Strata scheduler extender and storage health monitor")]
 pub struct Config {
-    /// Extender HTTP address (/filter, /prioritize, /healthz, /metrics). Default: 0.0.0.0:8099.
+    /// Extender address (/filter, /prioritize, /healthz, /metrics): HTTPS with --tls-dir, else
+    /// plain HTTP, which is refused beyond loopback unless --allow-plain-http. Default:
+    /// 0.0.0.0:8099.
     #[arg(long, env = "STRATA_STORK_LISTEN", default_value = "0.0.0.0:8099")]
     pub listen: SocketAddr,
+    /// Serve HTTPS with this directory's `node.crt` and `node.key` (`strata-engine certs issue
+    /// --node-id strata-stork --host <service DNS name>`); /filter and /prioritize then answer
+    /// only clients presenting a certificate of its `ca.crt` (the kube-scheduler's). The same
+    /// certificate and CA reach the SDK unless --sdk-ca-file is given. Reloaded on change.
+    #[arg(long, env = "STRATA_STORK_TLS_DIR")]
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// With --tls-dir: only clients whose certificate names one of these may call /filter and
+    /// /prioritize (comma-separated or repeated). Default: any certificate of the CA.
+    #[arg(long, env = "STRATA_STORK_TLS_CLIENT_NAME", value_delimiter = ',')]
+    pub tls_client_name: Vec<String>,
+    /// Serve plain HTTP on a non-loopback --listen (anyone who reaches the port can ask the
+    /// extender about any pod). Default: off.
+    #[arg(long, env = "STRATA_STORK_ALLOW_PLAIN_HTTP")]
+    pub allow_plain_http: bool,
     /// Strata SDK endpoint. Default: 127.0.0.1:9020.
     #[arg(long, env = "STRATA_ENDPOINT", default_value = "127.0.0.1:9020")]
     pub sdk: String,

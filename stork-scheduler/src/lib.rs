@@ -5,5 +5,6 @@ pub mod cluster;
 pub mod config;
 pub mod extender;
 pub mod health;
+pub mod https;
 pub mod placement;
 pub mod storage;

@@ -1,6 +1,6 @@
 use clap::Parser;
 use std::sync::Arc;
-use strata_stork::{cluster::Kube, config::Config, extender, health, storage::Sdk};
+use strata_stork::{cluster::Kube, config::Config, extender, health, https, storage::Sdk};
 
 #[tokio::main]
 async fn main() {
@@ -12,6 +12,12 @@ async fn main() {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
+    if cfg.tls_dir.is_none() && !cfg.listen.ip().is_loopback() && !cfg.allow_plain_http {
+        anyhow::bail!(
+            "--listen {} is reachable beyond this host and would serve plain HTTP: give --tls-dir (HTTPS, kube-scheduler's client certificate checked), a loopback --listen, or --allow-plain-http",
+            cfg.listen
+        );
+    }
     let client = kube::Client::try_default().await.map_err(|e| anyhow::anyhow!("Kubernetes client: {e} (in-cluster config or KUBECONFIG needed)"))?;
     let cluster = Arc::new(Kube { client });
     let bearer = match &cfg.auth_system_key_file {
@@ -19,9 +25,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--auth-system-key-file {e}"))?,
         None => Default::default(),
     };
-    let tls = match &cfg.sdk_ca_file {
-        Some(ca) => Some(strata_api::tls::ClientTls::from_files(ca, None).map_err(|e| anyhow::anyhow!("--sdk-ca-file {e}"))?),
-        None => None,
+    let tls = match (&cfg.sdk_ca_file, &cfg.tls_dir) {
+        (Some(ca), _) => Some(strata_api::tls::ClientTls::from_files(ca, None).map_err(|e| anyhow::anyhow!("--sdk-ca-file {e}"))?),
+        // The extender's own certificate is its client identity at the SDK.
+        (None, Some(d)) => Some(
+            strata_api::tls::ClientTls::from_files(&d.join("ca.crt"), Some((&d.join("node.crt"), &d.join("node.key"))))
+                .map_err(|e| anyhow::anyhow!("--tls-dir {e}"))?,
+        ),
+        (None, None) => None,
     };
     let storage = Arc::new(Sdk::new(&cfg.sdk).with_bearer(bearer).with_tls(tls));
     let metrics = Arc::new(extender::Metrics::default());
@@ -31,7 +42,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let ext = Arc::new(extender::Extender { cluster, storage, metrics });
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
-    tracing::info!(listen = %cfg.listen, sdk = %cfg.sdk, "strata-stork ready");
-    axum::serve(listener, extender::router(ext)).await?;
+    match &cfg.tls_dir {
+        Some(dir) => {
+            let server = https::ServerTls::load(dir).map_err(|e| anyhow::anyhow!("--tls-dir {e}"))?;
+            let app = https::require_client_cert(extender::router(ext), https::ClientPolicy { names: cfg.tls_client_name.clone() });
+            tracing::info!(listen = %cfg.listen, sdk = %cfg.sdk, "strata-stork ready (HTTPS, client certificates required)");
+            https::serve(listener, app, Arc::new(server), std::time::Duration::from_secs(10)).await?;
+        }
+        None => {
+            tracing::warn!(listen = %cfg.listen, "strata-stork serves plain HTTP: anyone who reaches the port may call the extender (--tls-dir for HTTPS)");
+            tracing::info!(listen = %cfg.listen, sdk = %cfg.sdk, "strata-stork ready");
+            axum::serve(listener, extender::router(ext)).await?;
+        }
+    }
     Ok(())
 }

@@ -277,3 +277,118 @@ async fn strata_unreachable_fails_every_node_for_a_pod_with_strata_volumes() {
     assert_eq!(r["NodeNames"], serde_json::json!([]));
     assert!(r["FailedNodes"]["n1"].as_str().unwrap().contains("pvc-unknown"), "{body}");
 }
+
+/// A certificate of `ca` for `name`: (cert PEM, key PEM).
+fn cert_of(ca: &(String, String), name: &str, hosts: &[&str]) -> (String, String) {
+    strata_api::pki::sign(&ca.0, &ca.1, name, &hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap()
+}
+
+/// One HTTP/1.1 request over TLS to `addr` as `identity` (or no client certificate), trusting
+/// `ca`: the status code, or the error that stopped the handshake or the exchange.
+async fn https_call(addr: std::net::SocketAddr, ca: &str, identity: Option<&(String, String)>, path: &str, body: &str) -> Result<u16, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((c, k)) => b
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(c.as_bytes()).map(|c| c.unwrap()).collect(),
+                PrivateKeyDer::from_pem_slice(k.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("strata-stork.strata.svc").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nhost: strata-stork\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    let code = text.split_whitespace().nth(1).ok_or_else(|| format!("no status line in {text:?}"))?;
+    code.parse().map_err(|_| format!("bad status line in {text:?}"))
+}
+
+#[tokio::test]
+async fn over_https_only_the_schedulers_certificate_may_filter_and_a_renewed_certificate_is_served() {
+    use strata_stork::https;
+    let ca = strata_api::pki::new_ca().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write_server = |ca: &(String, String)| {
+        let (c, k) = cert_of(ca, "strata-stork", &["strata-stork.strata.svc"]);
+        std::fs::write(dir.path().join("ca.crt"), &ca.0).unwrap();
+        std::fs::write(dir.path().join("node.crt"), c).unwrap();
+        std::fs::write(dir.path().join("node.key"), k).unwrap();
+    };
+    write_server(&ca);
+    let tls = Arc::new(https::ServerTls::load(dir.path()).unwrap());
+    let (_, app) = setup();
+    let app = https::require_client_cert(app, https::ClientPolicy { names: vec!["strata-scheduler".into()] });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(https::serve(listener, app, tls.clone(), std::time::Duration::from_secs(3600)));
+
+    let args = serde_json::json!({"Pod": pod_json("data-web-0", serde_json::json!({})), "Nodes": node_list()}).to_string();
+    let scheduler = cert_of(&ca, "strata-scheduler", &[]);
+    let csi = cert_of(&ca, "strata-csi", &[]);
+    let stranger = cert_of(&strata_api::pki::new_ca().unwrap(), "strata-scheduler", &[]);
+    assert_eq!(https_call(addr, &ca.0, Some(&scheduler), "/filter", &args).await, Ok(200));
+    assert_eq!(https_call(addr, &ca.0, Some(&scheduler), "/prioritize", &args).await, Ok(200));
+    assert_eq!(https_call(addr, &ca.0, None, "/filter", &args).await, Ok(401), "no client certificate");
+    assert_eq!(https_call(addr, &ca.0, None, "/prioritize", &args).await, Ok(401), "no client certificate");
+    assert_eq!(https_call(addr, &ca.0, Some(&csi), "/filter", &args).await, Ok(403), "a name not in --tls-client-name");
+    assert!(https_call(addr, &ca.0, Some(&stranger), "/filter", &args).await.is_err(), "another CA's certificate");
+    assert_eq!(https_call(addr, &ca.0, None, "/healthz", "").await, Ok(405), "probes reach /healthz (GET only) without a certificate");
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("POST /filter HTTP/1.1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{args}", args.len()).as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        assert!(!String::from_utf8_lossy(&out).contains("HTTP/1.1 200"), "plain HTTP was answered");
+    }
+
+    // A new CA and certificate in the directory: served once reloaded, the old CA's client
+    // refused, the new CA's scheduler accepted.
+    assert_eq!(tls.reload_if_changed(), Ok(false), "nothing changed yet");
+    let ca2 = strata_api::pki::new_ca().unwrap();
+    write_server(&ca2);
+    assert_eq!(tls.reload_if_changed(), Ok(true));
+    assert!(https_call(addr, &ca.0, Some(&scheduler), "/filter", &args).await.is_err(), "the old CA no longer verifies the server");
+    assert_eq!(https_call(addr, &ca2.0, Some(&cert_of(&ca2, "strata-scheduler", &[])), "/filter", &args).await, Ok(200));
+    assert!(https_call(addr, &ca2.0, Some(&scheduler), "/filter", &args).await.is_err(), "the old CA's client certificate");
+}
+
+#[test]
+fn plain_http_beyond_loopback_is_refused_unless_asked_for() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata-stork"))
+        .args(["--listen", "0.0.0.0:0"])
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("plain HTTP") && err.contains("--tls-dir") && err.contains("--allow-plain-http"), "{err}");
+    // Asked for: it gets past that check (and stops at the missing Kubernetes config).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strata-stork"))
+        .args(["--listen", "0.0.0.0:0", "--allow-plain-http"])
+        .env("KUBECONFIG", "/nonexistent")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("plain HTTP") && err.contains("Kubernetes client"), "{err}");
+}

@@ -1,7 +1,7 @@
 //! The engine DaemonSet (engine, CSI node plugin, node-driver-registrar, livenessprobe), the SDK
 //! Service and, when asked, a ServiceMonitor.
 
-use super::{data_dir, image, labels, meta, selector, system_key_volume, with_system_key, Object};
+use super::{certs_init, cluster_ca_volume, data_dir, image, labels, meta, selector, system_key_volume, with_system_key, Object};
 use crate::crd::StorageCluster;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Service;
@@ -51,19 +51,12 @@ fn engine_args(sc: &StorageCluster) -> Vec<String> {
 /// With security on: an init container that signs this node's certificate (its identity: the
 /// Kubernetes node name) with the cluster CA from the security Secret into `<data-dir>/tls` at
 /// every pod start. The CA's key is mounted into that init container only.
-fn certs_init(sc: &StorageCluster) -> Option<Value> {
+fn engine_certs_init(sc: &StorageCluster) -> Option<Value> {
     sc.spec.security.enabled.then(|| {
         let dir = data_dir(sc);
-        json!({
-            "name": "certs",
-            "image": image(sc),
-            "command": ["strata-engine", "certs", "issue", "--ca-dir=/etc/strata/ca", "--node-id=$(NODE_NAME)", format!("--out={dir}/tls")],
-            "env": node_env(),
-            "volumeMounts": [
-                {"name": "cluster-ca", "mountPath": "/etc/strata/ca", "readOnly": true},
-                {"name": "data", "mountPath": dir},
-            ],
-        })
+        let mut init = certs_init(sc, "$(NODE_NAME)", &[], &format!("{dir}/tls"), json!({"name": "data", "mountPath": dir}));
+        init["env"] = node_env();
+        init
     })
 }
 
@@ -100,8 +93,7 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
     with_system_key(sc, &mut containers[0], None);
     if sc.spec.security.enabled {
         volumes.push(system_key_volume(sc));
-        let secret = &sc.spec.security.secret_name;
-        volumes.push(json!({"name": "cluster-ca", "secret": {"secretName": secret, "items": [{"key": "ca.crt", "path": "ca.crt"}, {"key": "ca.key", "path": "ca.key"}]}}));
+        volumes.push(cluster_ca_volume(sc));
     }
     if sc.spec.csi.enabled {
         let img = &sc.spec.csi.images;
@@ -147,7 +139,7 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
         "hostNetwork": true,
         "dnsPolicy": "ClusterFirstWithHostNet",
         "priorityClassName": "system-node-critical",
-        "initContainers": certs_init(sc).into_iter().collect::<Vec<_>>(),
+        "initContainers": engine_certs_init(sc).into_iter().collect::<Vec<_>>(),
         "containers": containers,
         "volumes": volumes,
         "tolerations": sc.spec.placement.tolerations,

@@ -165,6 +165,45 @@ pub(crate) fn with_system_key(sc: &StorageCluster, container: &mut Value, ca_fla
     }
 }
 
+/// The security Secret's CA certificate and key, as a pod volume: mounted only into the init
+/// containers that sign certificates (`certs_init`).
+pub(crate) fn cluster_ca_volume(sc: &StorageCluster) -> Value {
+    let items = ["ca.crt", "ca.key"].map(|k| json!({"key": k, "path": k}));
+    json!({"name": "cluster-ca", "secret": {"secretName": sc.spec.security.secret_name, "items": items}})
+}
+
+/// An init container that signs a certificate for `id` (its identity; also valid for
+/// `hosts`) with the cluster CA and writes `ca.crt`, `node.crt` and `node.key` into `out`,
+/// mounted from `out_mount` (a volume mount), at every pod start. The CA's key reaches this
+/// container only.
+pub(crate) fn certs_init(sc: &StorageCluster, id: &str, hosts: &[String], out: &str, out_mount: Value) -> Value {
+    let mut command =
+        vec![json!("strata-engine"), json!("certs"), json!("issue"), json!("--ca-dir=/etc/strata/ca"), json!(format!("--node-id={id}"))];
+    command.extend(hosts.iter().map(|h| json!(format!("--host={h}"))));
+    command.push(json!(format!("--out={out}")));
+    json!({
+        "name": "certs",
+        "image": image(sc),
+        "command": command,
+        "volumeMounts": [{"name": "cluster-ca", "mountPath": "/etc/strata/ca", "readOnly": true}, out_mount],
+    })
+}
+
+/// Where a Deployment's component keeps the certificate its init container signed (beside, not
+/// under, the kube-scheduler's read-only config volume at /etc/strata).
+pub(crate) const COMPONENT_TLS_DIR: &str = "/etc/strata-tls";
+
+/// A component's own certificate (identity `id`, valid for `hosts`), when security is on: the
+/// init container that signs it into an in-memory volume, and the pod's volumes (that one and
+/// the CA's). The containers mount `tls` at `COMPONENT_TLS_DIR`.
+pub(crate) fn component_certs(sc: &StorageCluster, id: &str, hosts: &[String]) -> Option<(Value, Vec<Value>)> {
+    sc.spec.security.enabled.then(|| {
+        let mount = json!({"name": "tls", "mountPath": COMPONENT_TLS_DIR});
+        let init = certs_init(sc, id, hosts, COMPONENT_TLS_DIR, mount);
+        (init, vec![json!({"name": "tls", "emptyDir": {"medium": "Memory"}}), cluster_ca_volume(sc)])
+    })
+}
+
 /// The engines' image for the components that share it.
 pub(crate) fn image(sc: &StorageCluster) -> String {
     sc.spec.image.clone()
