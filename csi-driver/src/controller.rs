@@ -261,7 +261,9 @@ fn namespace_owner(p: &VolumeParams) -> Option<pb::Ownership> {
 fn map_sdk(s: Status) -> Status {
     match s.code() {
         // The engine's codes already follow gRPC's meaning; "pool full" is RESOURCE_EXHAUSTED.
-        Code::Unavailable | Code::Unknown => crate::sdk::unavailable(s),
+        // CANCELLED is never the engine's answer: the connection broke under the call (an
+        // engine refusing the driver's TLS client certificate closes it after the handshake).
+        Code::Unavailable | Code::Unknown | Code::Cancelled => crate::sdk::unavailable(s),
         _ => s,
     }
 }

@@ -41,6 +41,13 @@ pub struct Config {
     /// none (plaintext).
     #[arg(long, env = "STRATA_SDK_CA_FILE")]
     pub sdk_ca_file: Option<PathBuf>,
+    /// The driver's client certificate at a TLS SDK (engines run with
+    /// --sdk-require-client-cert take no client without one), with --sdk-key-file. Default: none.
+    #[arg(long, env = "STRATA_SDK_CERT_FILE", requires_all = ["sdk_key_file", "sdk_ca_file"])]
+    pub sdk_cert_file: Option<PathBuf>,
+    /// The private key of --sdk-cert-file. Default: none.
+    #[arg(long, env = "STRATA_SDK_KEY_FILE", requires = "sdk_cert_file")]
+    pub sdk_key_file: Option<PathBuf>,
     /// A file holding the driver's own SDK token, for clusters whose engines check tokens (calls
     /// whose CSI secrets carry `auth-token` use that one instead). Default: none.
     #[arg(long, env = "STRATA_TOKEN_FILE", conflicts_with = "auth_system_key_file")]
@@ -130,7 +137,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     let tls = match &cfg.sdk_ca_file {
-        Some(ca) => Some(strata_api::tls::ClientTls::from_files(ca, None).map_err(|e| anyhow::anyhow!("--sdk-ca-file {e}"))?),
+        Some(ca) => {
+            let identity = cfg.sdk_cert_file.as_deref().zip(cfg.sdk_key_file.as_deref());
+            Some(strata_api::tls::ClientTls::from_files(ca, identity).map_err(|e| anyhow::anyhow!("--sdk-ca-file {e}"))?)
+        }
         None => None,
     };
     let mut sdk = sdk::Sdk::lazy(&cfg.sdk, tls)?.with_token(token.as_deref())?;

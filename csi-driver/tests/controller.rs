@@ -376,3 +376,28 @@ fn tokens_from_csi_secrets_and_the_pvc_namespace_as_owner() {
     assert_eq!(s.code(), Code::Unauthenticated, "{}", s.message());
     assert!(s.message().contains("no token"), "{}", s.message());
 }
+
+#[test]
+fn an_engine_requiring_client_certificates_answers_only_a_driver_with_one() {
+    let dir = strata_e2e::tempdir();
+    let c = Cluster::start_with(1, "256MiB", &["--sdk-require-client-cert"]);
+    let out = dir.path().join("csi");
+    let ca = c.ca.path().to_str().unwrap().to_string();
+    strata_e2e::certs(&["issue", "--ca-dir", &ca, "--node-id", "strata-csi-controller", "--out", out.to_str().unwrap()]);
+    let (cert, key) = (out.join("node.crt"), out.join("node.key"));
+
+    let bare = start_csi(dir.path(), "controller", &c.engines[0], &[]);
+    let mut ctl = ControllerClient::new(bare.ch.clone());
+    let s = bare.rt.block_on(ctl.create_volume(create_req("pvc-1", 8 * MIB, &[]))).unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{}", s.message());
+    assert!(c.sdk(0).list().is_empty(), "nothing was made");
+
+    let d = start_csi(dir.path(), "controller", &c.engines[0], &["--sdk-cert-file", cert.to_str().unwrap(), "--sdk-key-file", key.to_str().unwrap()]);
+    let mut ctl = ControllerClient::new(d.ch.clone());
+    d.rt.block_on(ctl.create_volume(create_req("pvc-1", 8 * MIB, &[]))).unwrap();
+    assert_eq!(c.sdk(0).inspect("pvc-1").unwrap().spec.unwrap().size_bytes as i64, 8 * MIB);
+
+    // A key without its certificate is refused at parse time.
+    let out = std::process::Command::new(csi_bin()).args(["--mode", "controller", "--sdk-key-file", key.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--sdk-cert-file"), "{}", String::from_utf8_lossy(&out.stderr));
+}

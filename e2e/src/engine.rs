@@ -190,9 +190,14 @@ impl EngineProc {
         self.extra.get(i + 1).map(PathBuf::from)
     }
 
-    /// How a client reaches this engine's SDK: over TLS under its CA when it has a certificate.
+    /// How a client reaches this engine's SDK: over TLS under its CA when it has a certificate,
+    /// presenting the node's own certificate (as the node's CSI plugin does), so an engine run
+    /// with --sdk-require-client-cert answers too.
     pub fn client_tls(&self) -> Option<strata_api::tls::ClientTls> {
-        self.tls_dir().map(|d| strata_api::tls::ClientTls::from_files(&d.join("ca.crt"), None).expect("the engine's CA loads"))
+        self.tls_dir().map(|d| {
+            strata_api::tls::ClientTls::from_files(&d.join("ca.crt"), Some((&d.join("node.crt"), &d.join("node.key"))))
+                .expect("the engine's certificate loads")
+        })
     }
 
     /// The process id while running (for SIGSTOP/SIGCONT).

@@ -78,14 +78,25 @@ pub async fn ensure(client: &Client, ns: &str, sc: &StorageCluster) -> Result<()
 pub struct Keys {
     pub system_key: Vec<u8>,
     pub ca_cert: Vec<u8>,
+    /// The operator's client certificate and key (PEM, identity `strata-operator`), signed
+    /// with the Secret's CA key for these calls: the engines take no SDK client without one.
+    pub client_cert: (String, String),
 }
 
-/// The system key and the CA certificate from the Secret.
+/// The identity of the operator's own client certificate.
+pub const OPERATOR_ID: &str = "strata-operator";
+
+/// The system key and the CA certificate from the Secret, and a client certificate signed
+/// with its CA key.
 pub async fn keys(client: &Client, ns: &str, sc: &StorageCluster) -> Result<Keys, String> {
     let name = &sc.spec.security.secret_name;
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let s = api.get(name).await.map_err(|e| format!("reading Secret {ns}/{name}: {e}"))?;
     let mut d = s.data.unwrap_or_default();
     let mut take = |k: &str| d.remove(k).map(|b| b.0).ok_or_else(|| format!("Secret {ns}/{name} has no {k}"));
-    Ok(Keys { system_key: take("system.key")?, ca_cert: take("ca.crt")? })
+    let (system_key, ca_cert, ca_key) = (take("system.key")?, take("ca.crt")?, take("ca.key")?);
+    let text = |b: &[u8], k: &str| String::from_utf8(b.to_vec()).map_err(|_| format!("Secret {ns}/{name}: {k} is not PEM text"));
+    let client_cert = strata_api::pki::sign(&text(&ca_cert, "ca.crt")?, &text(&ca_key, "ca.key")?, OPERATOR_ID, &[])
+        .map_err(|e| format!("Secret {ns}/{name}: signing the operator's client certificate: {e}"))?;
+    Ok(Keys { system_key, ca_cert, client_cert })
 }

@@ -31,7 +31,8 @@ impl EngineStatus for Sdk {
             let s = crate::security::keys(&self.client, &ns, sc).await?;
             let bearer =
                 strata_api::auth::Bearer::minting(&s.system_key, "operator", strata_api::auth::Role::View, strata_api::auth::DEFAULT_AUDIENCE)?;
-            (bearer, Some(strata_api::tls::ClientTls::new(&s.ca_cert, None)?))
+            let (cert, key) = &s.client_cert;
+            (bearer, Some(strata_api::tls::ClientTls::new(&s.ca_cert, Some((cert.as_bytes(), key.as_bytes())))?))
         } else {
             (Default::default(), None)
         };

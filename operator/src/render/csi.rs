@@ -1,6 +1,8 @@
 //! The CSI controller Deployment (strata-csi with the kubernetes-csi sidecars) and the CSIDriver.
 
-use super::{cluster_meta, image, labels, meta, sdk_address, selector, system_key_volume, with_system_key, Object, DRIVER};
+use super::{
+    cluster_meta, component_certs, image, labels, meta, sdk_address, selector, system_key_volume, with_system_key, Object, COMPONENT_TLS_DIR, DRIVER,
+};
 use crate::crd::StorageCluster;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::storage::v1::CSIDriver;
@@ -29,8 +31,18 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
     });
     with_system_key(sc, &mut driver_container, Some("--sdk-ca-file"));
     let mut volumes = vec![json!({"name": "socket-dir", "emptyDir": {}})];
-    if sc.spec.security.enabled {
+    let mut init = vec![];
+    if let Some((c, v)) = component_certs(sc, "strata-csi-controller", &[]) {
         volumes.push(system_key_volume(sc));
+        volumes.extend(v);
+        init.push(c);
+        let a = driver_container["args"].as_array_mut().expect("args");
+        a.push(json!(format!("--sdk-cert-file={COMPONENT_TLS_DIR}/node.crt")));
+        a.push(json!(format!("--sdk-key-file={COMPONENT_TLS_DIR}/node.key")));
+        driver_container["volumeMounts"]
+            .as_array_mut()
+            .expect("mounts")
+            .push(json!({"name": "tls", "mountPath": COMPONENT_TLS_DIR, "readOnly": true}));
     }
     let deployment = Object::typed::<Deployment>(json!({
         "metadata": meta(sc, "strata-csi-controller", CONTROLLER),
@@ -41,6 +53,7 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
                 "metadata": {"labels": labels(sc, CONTROLLER)},
                 "spec": {
                     "serviceAccountName": "strata-csi-controller",
+                    "initContainers": init,
                     "containers": [
                         driver_container,
                         sidecar("csi-provisioner", &img.provisioner, &[le, "--feature-gates=Topology=true", "--extra-create-metadata", "--default-fstype=ext4"]),

@@ -43,7 +43,10 @@ fn engine_args(sc: &StorageCluster) -> Vec<String> {
         a.push(format!("--device-size={}", f.size));
     }
     if sc.spec.security.enabled {
+        // Every SDK client shows a certificate of the cluster CA: the CSI plugins, the
+        // extender and the operator have theirs.
         a.push(format!("--tls-dir={dir}/tls"));
+        a.push("--sdk-require-client-cert".into());
     }
     a
 }
@@ -114,6 +117,12 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
             ],
         });
         with_system_key(sc, &mut node_plugin, Some("--sdk-ca-file"));
+        if sc.spec.security.enabled {
+            // The node's own certificate (the init container's) is the node plugin's identity.
+            let a = node_plugin["args"].as_array_mut().expect("args");
+            a.push(json!(format!("--sdk-cert-file={dir}/tls/node.crt")));
+            a.push(json!(format!("--sdk-key-file={dir}/tls/node.key")));
+        }
         containers.push(node_plugin);
         containers.push(json!({
             "name": "node-driver-registrar",
