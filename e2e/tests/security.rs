@@ -286,3 +286,71 @@ fn the_metadata_store_over_tls_takes_only_the_clusters_nodes() {
     assert!(plaintext.spawn().is_err(), "a plaintext client reached etcd");
     assert_eq!(e.sdk().list().len(), 1, "the cluster's own engine still works");
 }
+
+/// A GnuTLS-style credentials directory (libnbd's `tls-certificates`, qemu's `tls-creds-x509`):
+/// `ca-cert.pem`, and `client-cert.pem`/`client-key.pem` from `strata-engine certs issue`'s
+/// `node.crt`/`node.key` in `from` when given.
+fn gnutls_dir(dir: &std::path::Path, ca: &std::path::Path, from: Option<&std::path::Path>) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(ca, dir.join("ca-cert.pem")).unwrap();
+    if let Some(f) = from {
+        std::fs::copy(f.join("node.crt"), dir.join("client-cert.pem")).unwrap();
+        std::fs::copy(f.join("node.key"), dir.join("client-key.pem")).unwrap();
+    }
+}
+
+#[test]
+fn tcp_nbd_takes_only_clients_that_start_tls_with_a_cluster_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    certs(&["init", "--dir", &p("ca")]);
+    certs(&["init", "--dir", &p("other")]);
+    certs(&["issue", "--ca-dir", &p("ca"), "--node-id", "n1", "--host", "127.0.0.1", "--out", &p("n1")]);
+    certs(&["issue", "--ca-dir", &p("ca"), "--node-id", "qemu-client", "--out", &p("client")]);
+    certs(&["issue", "--ca-dir", &p("other"), "--node-id", "qemu-client", "--out", &p("stranger")]);
+    let ca = dir.path().join("ca/ca.crt");
+    gnutls_dir(&dir.path().join("good"), &ca, Some(&dir.path().join("client")));
+    gnutls_dir(&dir.path().join("anonymous"), &ca, None);
+    gnutls_dir(&dir.path().join("foreign"), &ca, Some(&dir.path().join("stranger")));
+
+    std::fs::create_dir_all(dir.path().join("e")).unwrap();
+    let e = strata_e2e::EngineProc::start_with(&dir.path().join("e"), 1, "64MiB", &["--node-id", "n1", "--tls-dir", &p("n1"), "--nbd-require-tls"]);
+    e.sdk().create("v", 4 * MIB).unwrap();
+    let tls_uri = |creds: &str| format!("nbds://{}/v?tls-certificates={}", e.nbd, p(creds));
+    let nbdinfo = |args: &[&str]| {
+        let out = std::process::Command::new("nbdinfo").args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+
+    // Plaintext: nothing is listed, described or opened.
+    let (ok, out) = nbdinfo(&["--list", &format!("nbd://{}", e.nbd)]);
+    assert!(!ok && !out.contains("export=\"v\"") && !out.contains("export: v"), "plaintext list answered: {out}");
+    let (ok, out) = nbdinfo(&[&e.uri("v")]);
+    assert!(!ok && !out.contains("4194304"), "plaintext open answered: {out}");
+    let qemu = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-io").args(args).output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (_, plain) = qemu(&["-f", "raw", "-c", "read 0 4k", &e.uri("v")]);
+    assert!(!plain.contains("read 4096"), "plaintext read answered: {plain}");
+    // TLS without a client certificate, or with another CA's: refused.
+    let (ok, out) = nbdinfo(&[&tls_uri("anonymous")]);
+    assert!(!ok, "a client without a certificate was served: {out}");
+    let (ok, out) = nbdinfo(&[&tls_uri("foreign")]);
+    assert!(!ok, "a client certificate of another CA was accepted: {out}");
+    // The cluster's certificate: listed, described, written and read back.
+    let (ok, out) = nbdinfo(&["--list", &format!("nbds://{}/?tls-certificates={}", e.nbd, p("good"))]);
+    assert!(ok && out.contains("v"), "{out}");
+    let (ok, out) = nbdinfo(&[&tls_uri("good")]);
+    assert!(ok && out.contains("4194304"), "{out}");
+    let creds = format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", p("good"));
+    let img = format!("driver=nbd,host=127.0.0.1,port={},export=v,tls-creds=tls0", e.nbd.rsplit(':').next().unwrap());
+    let (_, out) = qemu(&["--object", &creds, "--image-opts", &img, "-c", "write -P 0x6b 0 1M", "-c", "read -P 0x6b 0 1M"]);
+    assert!(out.contains("wrote 1048576") && out.contains("read 1048576") && !out.contains("fail"), "{out}");
+    // The unix socket stays plaintext for the node's own CSI plugin.
+    let (_, out) = qemu(&["-f", "raw", "-r", "-c", "read -P 0x6b 0 1M", &format!("nbd+unix:///v?socket={}", e.socket.display())]);
+    assert!(out.contains("read 1048576") && !out.contains("fail"), "{out}");
+    // --nbd-require-tls needs a certificate.
+    let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "127.0.0.1:0", "--nbd-require-tls"]);
+    assert!(!ok && err.contains("needs --tls-dir"), "{err}");
+}

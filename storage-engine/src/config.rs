@@ -83,11 +83,17 @@ pub struct RunArgs {
     /// NBD over TCP. Default: 127.0.0.1:10809. Port 0 picks a free port.
     #[arg(long, env = "STRATA_NBD_LISTEN", default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
-    /// Let --nbd-listen take an address other hosts reach. NBD has no authentication here (no
-    /// STARTTLS yet): any host that reaches the port may read and write every attached volume,
-    /// so by default the engine refuses to listen beyond loopback.
+    /// Let --nbd-listen take an address other hosts reach without TLS (no --tls-dir): any host
+    /// that reaches the port may then read and write every volume. With --tls-dir a
+    /// non-loopback --nbd-listen needs no such flag: clients must start TLS (NBD_OPT_STARTTLS)
+    /// with a certificate of the cluster CA.
     #[arg(long, env = "STRATA_NBD_ALLOW_REMOTE")]
     pub nbd_allow_remote: bool,
+    /// Clients of the TCP --nbd-listen must start TLS with a certificate of the cluster CA
+    /// before anything else, on loopback too (needs --tls-dir). Default: required beyond
+    /// loopback, offered on loopback; the unix socket never uses TLS.
+    #[arg(long, env = "STRATA_NBD_REQUIRE_TLS")]
+    pub nbd_require_tls: bool,
     /// NBD over a unix socket at this path (created; a stale one is replaced). Default: none.
     #[arg(long, env = "STRATA_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,

@@ -110,10 +110,14 @@ fn load_auth(args: &RunArgs, node_id: &str) -> anyhow::Result<Option<Arc<crate::
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::failpoint::configure_from_env();
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into());
-    if !args.nbd_listen.ip().is_loopback() {
+    let remote_nbd = !args.nbd_listen.ip().is_loopback();
+    if args.nbd_require_tls && args.tls_dir.is_none() {
+        bail!("--nbd-require-tls needs --tls-dir (the engine's certificate, which NBD clients verify)");
+    }
+    if remote_nbd && args.tls_dir.is_none() {
         if !args.nbd_allow_remote {
             bail!(
-                "--nbd-listen {}: NBD has no authentication, so the engine serves it only on loopback and --nbd-socket; pass --nbd-allow-remote to serve every attached volume to any host that reaches this port",
+                "--nbd-listen {}: without --tls-dir NBD has no authentication, so the engine serves it only on loopback and --nbd-socket; give --tls-dir (clients then need TLS with a certificate of the cluster CA), or --nbd-allow-remote to serve every volume to any host that reaches this port",
                 args.nbd_listen
             );
         }
@@ -148,7 +152,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         std::time::Duration::from_secs(args.nbd_handshake_timeout.max(1)),
         args.nbd_max_connections.max(1),
     );
-    tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone(), limits.clone()));
+    let nbd_tls = engine.tls.clone().map(|tls| crate::frontend::nbd::TcpTls { tls, required: args.nbd_require_tls || remote_nbd });
+    tokio::spawn(crate::frontend::nbd::serve_tcp(nbd, engine.clone(), limits.clone(), nbd_tls));
     if let Some(path) = &args.nbd_socket {
         if path.exists() {
             std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;

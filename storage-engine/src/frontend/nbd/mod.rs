@@ -59,7 +59,15 @@ impl Limits {
     }
 }
 
-async fn handle<S>(stream: S, engine: Arc<dyn Exports>, limits: Arc<Limits>, peer: String)
+/// TLS on the TCP listener: the engine's certificate (reloaded as it changes), and whether
+/// clients must start TLS before anything else.
+#[derive(Clone)]
+pub struct TcpTls {
+    pub tls: Arc<crate::security::Tls>,
+    pub required: bool,
+}
+
+async fn handle<S>(stream: S, engine: Arc<dyn Exports>, limits: Arc<Limits>, peer: String, tls: Option<TcpTls>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -67,7 +75,8 @@ where
         tracing::warn!(%peer, "nbd connection refused: --nbd-max-connections reached");
         return;
     };
-    match tokio::time::timeout(limits.handshake, handshake::conn::negotiate(stream, &*engine)).await {
+    let start_tls = tls.map(|t| handshake::conn::StartTls { acceptor: t.tls.acceptor(), required: t.required });
+    match tokio::time::timeout(limits.handshake, handshake::conn::negotiate(stream, &*engine, start_tls.as_ref())).await {
         Ok(Ok(Some((stream, conn)))) => {
             // Every event of this client's session carries the volume and node.
             let span = tracing::info_span!("nbd", volume = %conn.volume.name, node = %engine.node_id(), %peer);
@@ -85,15 +94,16 @@ where
     }
 }
 
-pub async fn serve_tcp(listener: TcpListener, engine: Arc<dyn Exports>, limits: Arc<Limits>) {
-    crate::net::accept_tcp(listener, "nbd", |s, peer| handle(s, engine.clone(), limits.clone(), peer)).await
+/// Serves NBD on `listener`; with `tls`, clients may (or, when required, must) start TLS.
+pub async fn serve_tcp(listener: TcpListener, engine: Arc<dyn Exports>, limits: Arc<Limits>, tls: Option<TcpTls>) {
+    crate::net::accept_tcp(listener, "nbd", |s, peer| handle(s, engine.clone(), limits.clone(), peer, tls.clone())).await
 }
 
 pub async fn serve_unix(listener: UnixListener, engine: Arc<dyn Exports>, limits: Arc<Limits>) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
-                tokio::spawn(handle(s, engine.clone(), limits.clone(), "unix".into()));
+                tokio::spawn(handle(s, engine.clone(), limits.clone(), "unix".into(), None));
             }
             Err(e) => {
                 tracing::warn!("nbd accept failed: {e}");

@@ -14,16 +14,33 @@ pub enum NegotiationError {
     Frame(#[from] FrameError),
 }
 
-/// Runs the option haggling. Returns the stream and the claimed volume once the client moves to
-/// transmission, `None` if it aborted or asked for an unknown export with NBD_OPT_EXPORT_NAME.
-pub async fn negotiate<S>(mut s: S, engine: &dyn Exports) -> Result<Option<(S, VolumeIo)>, NegotiationError>
+/// A connection's byte stream, before or after NBD_OPT_STARTTLS.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// TLS on a listener: NBD_OPT_STARTTLS turns the connection into TLS with the engine's
+/// certificate, and the client must present one of the cluster CA (mutual TLS). When
+/// `required`, nothing but STARTTLS and ABORT is answered before that (NBD_REP_ERR_TLS_REQD;
+/// NBD_OPT_EXPORT_NAME, which has no error reply, ends the connection): no export is listed,
+/// described or opened for a client that has not proved who it is.
+pub struct StartTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub required: bool,
+}
+
+/// Runs the option haggling. Returns the stream (TLS once the client started it) and the
+/// claimed volume once the client moves to transmission, `None` if it aborted or asked for an
+/// unknown export with NBD_OPT_EXPORT_NAME.
+pub async fn negotiate<S>(mut s: S, engine: &dyn Exports, tls: Option<&StartTls>) -> Result<Option<(Box<dyn Stream>, VolumeIo)>, NegotiationError>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Stream + 'static,
 {
     s.write_all(&greeting()).await?;
     let mut f = [0u8; 4];
     s.read_exact(&mut f).await?;
     let client = parse_client_flags(f)?;
+    let mut s: Box<dyn Stream> = Box::new(s);
+    let mut secured = false;
     loop {
         let mut h = [0u8; 16];
         s.read_exact(&mut h).await?;
@@ -32,7 +49,38 @@ where
         s.read_exact(&mut payload).await?;
         let mut out = Vec::new();
         let opt = hdr.option;
+        let tls_first = tls.is_some_and(|t| t.required) && !secured;
         match opt {
+            OPT_STARTTLS => match tls {
+                None => encode_option_reply(&mut out, opt, REP_ERR_UNSUP, b"this server has no certificate (strata-engine --tls-dir)"),
+                Some(_) if secured => encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"TLS is already on"),
+                Some(_) if !payload.is_empty() => encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data"),
+                Some(t) => {
+                    encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                    s.write_all(&out).await?;
+                    s.flush().await?;
+                    s = Box::new(t.acceptor.accept(s).await?);
+                    secured = true;
+                    continue;
+                }
+            },
+            OPT_EXPORT_NAME if tls_first => {
+                tracing::info!("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a listener that requires TLS: disconnected");
+                return Ok(None);
+            }
+            OPT_ABORT => {
+                encode_option_reply(&mut out, opt, REP_ACK, &[]);
+                let _ = s.write_all(&out).await;
+                return Ok(None);
+            }
+            _ if tls_first => {
+                encode_option_reply(
+                    &mut out,
+                    opt,
+                    REP_ERR_TLS_REQD,
+                    b"this server requires TLS: send NBD_OPT_STARTTLS with a client certificate of the cluster CA",
+                );
+            }
             OPT_EXPORT_NAME => {
                 let name = parse_export_name(&payload)?;
                 return match engine.open(&name).await {
@@ -45,11 +93,6 @@ where
                         Ok(None)
                     }
                 };
-            }
-            OPT_ABORT => {
-                encode_option_reply(&mut out, opt, REP_ACK, &[]);
-                let _ = s.write_all(&out).await;
-                return Ok(None);
             }
             OPT_LIST if !payload.is_empty() => {
                 encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
