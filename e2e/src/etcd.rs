@@ -25,6 +25,11 @@ pub fn free_port() -> u16 {
 }
 
 impl EtcdProc {
+    /// Where this etcd keeps its data (to check what the records hold on disk).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     /// Starts etcd on two free loopback ports. A port taken by another process between
     /// `free_port` and etcd's bind makes etcd exit at once: then it is started again on new ports.
     pub fn start() -> EtcdProc {

@@ -354,3 +354,52 @@ fn tcp_nbd_takes_only_clients_that_start_tls_with_a_cluster_certificate() {
     let (ok, err) = engine_refuses(dir.path(), &["--nbd-listen", "127.0.0.1:0", "--nbd-require-tls"]);
     assert!(!ok && err.contains("needs --tls-dir"), "{err}");
 }
+
+/// Every file under `dir` that holds `needle`.
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut found = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn an_encryption_passphrase_never_reaches_logs_records_or_inspect() {
+    // Debug logs, so anything a handler or the replication path might print is written.
+    std::env::set_var("STRATA_TEST_LOG", "debug");
+    let c = Cluster::start(2, "128MiB");
+    const PASS: &[u8] = b"correct horse battery staple 31337";
+    let v = c.sdk(0).create_secure("enc", 8 * MIB, 2, PASS).unwrap();
+    assert!(v.spec.as_ref().unwrap().secure);
+    let bad = c.sdk(1).attach_with("enc", false, b"wrong passphrase, long enough").unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{}", bad.message());
+    c.sdk(1).attach_with("enc", false, PASS).unwrap();
+    let mut client = Client::connect(&c.engines[1].nbd, "enc").unwrap();
+    assert_eq!(client.write(0, &[0x42; 64 * 1024], 0), 0);
+    assert_eq!(client.flush(), 0);
+    drop(client);
+    c.sdk(1).detach("enc", false).unwrap();
+
+    let shown = format!("{:?} {:?} {:?}", c.sdk(0).inspect("enc").unwrap(), c.sdk(1).list(), c.sdk(0).nodes());
+    assert!(!shown.contains(std::str::from_utf8(PASS).unwrap()), "the passphrase is in inspect/list: {shown}");
+    for (i, e) in c.engines.iter().enumerate() {
+        let log = e.log();
+        assert!(log.contains("DEBUG"), "node-{} logged at debug", i + 1);
+        assert_eq!(files_holding(&e.dir, PASS), Vec::<String>::new(), "node-{}'s logs, audit log, data", i + 1);
+    }
+    assert_eq!(files_holding(c.etcd.data_dir(), PASS), Vec::<String>::new(), "the volume records in etcd");
+    // The search itself finds what is there.
+    let planted = tempfile::tempdir().unwrap();
+    std::fs::create_dir(planted.path().join("sub")).unwrap();
+    std::fs::write(planted.path().join("sub/log"), [b"x=".as_slice(), PASS, b"\n"].concat()).unwrap();
+    assert_eq!(files_holding(planted.path(), PASS).len(), 1);
+}
