@@ -403,3 +403,65 @@ fn an_encryption_passphrase_never_reaches_logs_records_or_inspect() {
     std::fs::write(planted.path().join("sub/log"), [b"x=".as_slice(), PASS, b"\n"].concat()).unwrap();
     assert_eq!(files_holding(planted.path(), PASS).len(), 1);
 }
+
+/// Whether the SDK at `addr` answers a client that trusts only the CA certificates `ca_pem`.
+fn sdk_answers_under(addr: &str, ca_pem: &[u8]) -> bool {
+    let tls = strata_api::tls::ClientTls::new(ca_pem, None).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let ch = strata_api::tls::channel(addr, Some(&tls), Duration::from_secs(3), Duration::from_secs(5)).await.ok()?;
+        pb::volume_service_client::VolumeServiceClient::new(ch).list(pb::ListVolumesRequest {}).await.ok()
+    })
+    .is_some()
+}
+
+/// `strata-engine certs issue --watch` (the operator's sidecar beside each engine) signs the
+/// node's certificate again when the CA's files change, and the running engine serves it: a new
+/// CA reaches a node without a restart, and I/O goes on.
+#[test]
+fn a_rotated_ca_reaches_a_running_engine_through_the_certs_sidecar() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    certs(&["init", "--dir", &p("ca")]);
+    certs(&["init", "--dir", &p("ca2")]);
+    let mut sidecar = std::process::Command::new(strata_e2e::engine_bin())
+        .args(["certs", "issue", "--ca-dir", &p("ca"), "--node-id", "n1", "--out", &p("n1"), "--watch", "1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _sidecar = Kill(&mut sidecar);
+    let t0 = std::time::Instant::now();
+    while !dir.path().join("n1/node.crt").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the sidecar wrote no certificate");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::create_dir_all(dir.path().join("e")).unwrap();
+    let e = strata_e2e::EngineProc::start_with(&dir.path().join("e"), 1, "64MiB", &["--node-id", "n1", "--tls-dir", &p("n1")]);
+    let (old, new) = (std::fs::read(p("ca/ca.crt")).unwrap(), std::fs::read(p("ca2/ca.crt")).unwrap());
+    e.sdk().create("v", 4 * MIB).unwrap();
+    let mut client = Client::connect(&e.nbd, "v").unwrap();
+    assert_eq!(client.write(0, &[0x5a; 4096], 0), 0);
+    assert!(sdk_answers_under(&e.sdk, &old));
+    assert!(!sdk_answers_under(&e.sdk, &new), "the new CA is not in use yet");
+
+    // The Secret is rotated: both CAs trusted, the new one's key signs.
+    std::fs::write(p("ca/ca.crt"), [new.clone(), old.clone()].concat()).unwrap();
+    std::fs::copy(p("ca2/ca.key"), p("ca/ca.key")).unwrap();
+    let t0 = std::time::Instant::now();
+    while !sdk_answers_under(&e.sdk, &new) {
+        assert!(t0.elapsed() < Duration::from_secs(40), "the engine does not serve a certificate of the new CA:\n{}", e.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let bundle = std::fs::read(p("n1/ca.crt")).unwrap();
+    assert_eq!(bundle, [new.clone(), old.clone()].concat(), "the node trusts both CAs meanwhile");
+    // The connection opened before the rotation goes on; the engine was never restarted.
+    assert_eq!(client.write(4096, &[0x5b; 4096], 0), 0);
+    assert_eq!(client.read(0, 4096).unwrap(), vec![0x5a; 4096]);
+}

@@ -134,7 +134,10 @@ fn engine_arguments_follow_the_spec() {
     }
     assert_eq!(ds.body["spec"]["updateStrategy"]["type"], "OnDelete", "the operator drives engine rollouts");
     let containers = ds.body["spec"]["template"]["spec"]["containers"].as_array().unwrap();
-    assert_eq!(containers.len(), 1, "no CSI node plugin when csi is disabled");
+    let names: Vec<&str> = containers.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["engine", "certs-watch"], "no CSI node plugin when csi is disabled; the certificate sidecar with security on");
+    let watch: Vec<String> = serde_json::from_value(containers[1]["command"].clone()).unwrap();
+    assert!(watch.iter().any(|a| a.starts_with("--watch=")) && watch.iter().any(|a| a == "--node-id=$(NODE_NAME)"), "{watch:?}");
 }
 
 #[test]

@@ -51,6 +51,11 @@ pub enum CertsCommand {
         /// Where the node's files go.
         #[arg(long)]
         out: PathBuf,
+        /// Keep running and sign again whenever the CA's files change (checked every SECS
+        /// seconds): a sidecar beside the engine, so a new CA from a rotated Secret reaches the
+        /// node's certificate, which the engine reloads, without a restart. Default: sign once.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
     },
 }
 

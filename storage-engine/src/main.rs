@@ -26,9 +26,12 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("cluster CA written to {} (keep ca.key private)", dir.display());
             Ok(())
         }
-        Some(Command::Certs(CertsCommand::Issue { ca_dir, node_id, hosts, out })) => {
+        Some(Command::Certs(CertsCommand::Issue { ca_dir, node_id, hosts, out, watch })) => {
             strata_engine::security::issue(&ca_dir, &node_id, &hosts, &out)?;
             println!("certificate for node {node_id} written to {} (pass it as --tls-dir)", out.display());
+            if let Some(every) = watch {
+                strata_engine::security::reissue_on_change(&ca_dir, &node_id, &hosts, &out, std::time::Duration::from_secs(every.max(1))).await;
+            }
             Ok(())
         }
         None => strata_engine::server::run(cli.run).await,

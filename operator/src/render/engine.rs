@@ -94,6 +94,14 @@ pub fn objects(sc: &StorageCluster) -> Vec<Object> {
     let mut volumes =
         vec![json!({"name": "dev", "hostPath": {"path": "/dev"}}), json!({"name": "data", "hostPath": {"path": dir, "type": "DirectoryOrCreate"}})];
     with_system_key(sc, &mut containers[0], None);
+    if let Some(mut watch) = engine_certs_init(sc) {
+        // Beside the engine for the pod's life: a rotated Secret (a new CA bundled with the old
+        // one in ca.crt, the new key) is signed into the node's certificate, which the engine
+        // reloads, without a restart.
+        watch["name"] = json!("certs-watch");
+        watch["command"].as_array_mut().expect("command").push(json!("--watch=30"));
+        containers.push(watch);
+    }
     if sc.spec.security.enabled {
         volumes.push(system_key_volume(sc));
         volumes.push(cluster_ca_volume(sc));

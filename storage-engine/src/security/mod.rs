@@ -41,13 +41,18 @@ fn read(path: &Path) -> Result<String, TlsError> {
     std::fs::read_to_string(path).map_err(|source| TlsError::Io { path: path.to_path_buf(), source })
 }
 
+/// Writes `path` whole: into a temporary file beside it, then renamed over it, so an engine
+/// reloading the directory never reads half a certificate.
 fn write(path: &Path, text: &str, private: bool) -> Result<(), TlsError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let io = |source| TlsError::Io { path: path.to_path_buf(), source };
+    let tmp = path.with_extension("tmp");
     let mut f =
-        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(if private { 0o600 } else { 0o644 }).open(path).map_err(io)?;
-    f.write_all(text.as_bytes()).map_err(io)
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(if private { 0o600 } else { 0o644 }).open(&tmp).map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// Makes a new cluster CA in `dir` (`ca.crt`, `ca.key`); refuses to replace one.
@@ -62,6 +67,30 @@ pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
     let (c, k) = strata_api::pki::new_ca()?;
     write(&key, &k, true)?;
     write(&cert, &c, false)
+}
+
+/// Signs again with `issue` whenever the CA's files in `ca_dir` change (checked every `every`),
+/// for the process's life. A failure (files half-replaced) is logged and tried again at the
+/// next change or check.
+pub async fn reissue_on_change(ca_dir: &Path, node: &str, hosts: &[String], out: &Path, every: std::time::Duration) {
+    let ca_stamp = || {
+        [CA_CERT, CA_KEY].map(|f| std::fs::metadata(ca_dir.join(f)).map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len())).ok()).to_vec()
+    };
+    let mut seen = ca_stamp();
+    loop {
+        tokio::time::sleep(every).await;
+        let now = ca_stamp();
+        if now == seen {
+            continue;
+        }
+        match issue(ca_dir, node, hosts, out) {
+            Ok(()) => {
+                println!("the CA in {} changed: certificate for node {node} signed again into {}", ca_dir.display(), out.display());
+                seen = now;
+            }
+            Err(e) => eprintln!("the CA in {} changed, but signing again failed (retrying): {e}", ca_dir.display()),
+        }
+    }
 }
 
 /// Signs a certificate for node `node` with the CA in `ca_dir` and writes `ca.crt`, `node.crt`
