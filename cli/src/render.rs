@@ -163,19 +163,21 @@ pub fn status(s: &pb::ClusterStatusResponse, json: bool) -> String {
     if json {
         return doc(json!({
             "cluster_id": s.cluster_id, "status": s.status, "version": s.version, "metadata_store": s.metadata_store,
-            "total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "volume_count": s.volume_count,
+            "total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "volume_count": s.volume_count, "snapshot_count": s.snapshot_count,
             "nodes": s.nodes.iter().map(node_json).collect::<Vec<_>>(),
         }));
     }
     format!(
-        "Status: {}\nCluster ID: {}\nMetadata store: {}\nVersion: {}\nCapacity: {} used of {}\nVolumes: {}\n\n{}",
+        "Status: {}\nCluster ID: {}\nMetadata store: {}\nVersion: {}\nCapacity: {} used of {} ({} nodes)\nVolumes: {}\nSnapshots: {}\n\n{}",
         s.status,
         s.cluster_id,
         s.metadata_store,
         s.version,
         format_size(s.used_bytes),
         format_size(s.total_bytes),
+        s.nodes.len(),
         s.volume_count,
+        s.snapshot_count,
         nodes_table(&s.nodes)
     )
 }

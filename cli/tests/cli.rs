@@ -243,3 +243,25 @@ fn an_engine_that_requires_client_certificates_takes_only_the_clusters() {
     let (good, _, err) = ctl(&e, &["--cert-file", &p("ops/node.crt"), "--key-file", &p("ops/node.key"), "status"]);
     assert!(!good && err.contains("needs --ca-file"), "{err}");
 }
+
+#[test]
+fn status_shows_the_whole_clusters_capacity_and_counts_snapshots_apart() {
+    let c = strata_e2e::cluster::Cluster::start(3, "256MiB");
+    c.sdk(0).create_full("a", 8 << 20, 3, &[]).unwrap();
+    c.sdk(0).snapshot("a", "a-snap").unwrap();
+    let ca = c.ca.path().join("ca.crt");
+    let out = Command::new(CTL)
+        .env("STRATA_ENDPOINT", &c.engines[0].sdk)
+        .env("STRATA_CONFIG_DIR", c.ca.path())
+        .env_remove("STRATA_TOKEN")
+        .env_remove("STRATA_CONTEXT")
+        .args(["--ca-file", ca.to_str().unwrap(), "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let one = c.sdk(0).pool().total_bytes;
+    assert_eq!(s["total_bytes"], 3 * one, "three pools: {s}");
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
+    assert_eq!((s["volume_count"].as_u64(), s["snapshot_count"].as_u64()), (Some(1), Some(1)), "{s}");
+}

@@ -544,16 +544,21 @@ impl pb::cluster_service_server::ClusterService for Sdk {
         auth::require(&self.who(&req)?, Role::View, "cluster.status")?;
         let e = &self.engine;
         let cluster_id = e.meta.cluster_id().await.map_err(|err| Status::unavailable(err.to_string()))?;
-        let volume_count = e.list().await?.len() as u32;
+        let all = e.list().await?;
+        let snapshot_count = all.iter().filter(|v| v.record.snapshot_of.is_some()).count() as u32;
+        let volume_count = all.len() as u32 - snapshot_count;
         let nodes = nodes_pb(e).await.map_err(|err| Status::unavailable(err.to_string()))?;
         let status = if nodes.iter().all(|n| n.status == "online") { "ok" } else { "degraded" };
+        // The cluster's capacity: every node's pool as it last reported it (this node's now).
+        let (total_bytes, used_bytes) = nodes.iter().fold((0, 0), |(t, u), n| (t + n.total_bytes, u + n.used_bytes));
         Ok(Response::new(pb::ClusterStatusResponse {
             cluster_id,
             status: status.into(),
             nodes,
-            total_bytes: e.pool.total_bytes(),
-            used_bytes: e.pool.used_bytes(),
+            total_bytes,
+            used_bytes,
             volume_count,
+            snapshot_count,
             metadata_store: e.meta.kind().into(),
             version: VERSION.into(),
         }))
