@@ -425,7 +425,10 @@ async fn connect(target: &context::Context, endpoint: &str) -> anyhow::Result<Sd
     let (connect, call) = (std::time::Duration::from_secs(5), std::time::Duration::from_secs(120));
     let ch = strata_api::tls::channel(&ep, tls.as_ref(), connect, call).await.map_err(|e| {
         let hint = if tls.is_none() { "; an engine with a certificate serves TLS only: pass --ca-file" } else { "" };
-        anyhow!("cannot reach the Strata engine at {ep}: {e} (is strata-engine running? set --endpoint or STRATA_ENDPOINT{hint})")
+        anyhow::Error::from(Failure {
+            code: "unavailable",
+            message: format!("cannot reach the Strata engine at {ep}: {e} (is strata-engine running? set --endpoint or STRATA_ENDPOINT{hint})"),
+        })
     })?;
     Ok(InterceptedService::new(ch, bearer))
 }
@@ -449,23 +452,55 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     // A plaintext client talking to an engine that serves TLS sees only a broken stream.
     let broken = s.message().contains("h2 protocol error") || s.message().contains("transport error");
     if PLAINTEXT.load(std::sync::atomic::Ordering::Relaxed) && s.code() == tonic::Code::Unknown && broken {
-        return anyhow!(
-            "the engine did not speak plaintext gRPC ({}): an engine with a certificate serves its SDK over TLS only; pass --ca-file (or set STRATA_CA_FILE) with the cluster CA's certificate",
-            s.message()
-        );
+        return Failure {
+            code: "unavailable",
+            message: format!(
+                "the engine did not speak plaintext gRPC ({}): an engine with a certificate serves its SDK over TLS only; pass --ca-file (or set STRATA_CA_FILE) with the cluster CA's certificate",
+                s.message()
+            ),
+        }
+        .into();
     }
-    let code = match s.code() {
-        tonic::Code::NotFound => "not found",
-        tonic::Code::AlreadyExists => "already exists",
-        tonic::Code::InvalidArgument => "invalid argument",
-        tonic::Code::ResourceExhausted => "out of space",
-        tonic::Code::FailedPrecondition => "not possible now",
-        tonic::Code::Unavailable => "engine unavailable",
-        tonic::Code::Unauthenticated => "not authenticated (pass --token, set STRATA_TOKEN or use a context)",
-        tonic::Code::PermissionDenied => "permission denied",
-        _ => "engine error",
+    let (code, text) = match s.code() {
+        tonic::Code::NotFound => ("not_found", "not found"),
+        tonic::Code::AlreadyExists => ("already_exists", "already exists"),
+        tonic::Code::InvalidArgument => ("invalid_argument", "invalid argument"),
+        tonic::Code::ResourceExhausted => ("out_of_space", "out of space"),
+        tonic::Code::FailedPrecondition => ("failed_precondition", "not possible now"),
+        tonic::Code::Unavailable => ("unavailable", "engine unavailable"),
+        tonic::Code::Unauthenticated => ("unauthenticated", "not authenticated (pass --token, set STRATA_TOKEN or use a context)"),
+        tonic::Code::PermissionDenied => ("permission_denied", "permission denied"),
+        _ => ("engine_error", "engine error"),
     };
-    anyhow!("{code}: {}", s.message())
+    Failure { code, message: format!("{text}: {}", s.message()) }.into()
+}
+
+/// A failed command, with a stable machine-readable `code` (`not_found`, `already_exists`,
+/// `invalid_argument`, `out_of_space`, `failed_precondition`, `unavailable`,
+/// `unauthenticated`, `permission_denied`, `engine_error`); other errors have the code `error`.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// How a failed command is reported: `error: MESSAGE` on stderr, or under `--json` the document
+/// `{"error": {"code": CODE, "message": MESSAGE}}` on stdout (what a script parses).
+pub fn report(e: &anyhow::Error, json: bool) {
+    let code = e.downcast_ref::<Failure>().map_or("error", |f| f.code);
+    if json {
+        out(format_args!("{}\n", serde_json::json!({"error": {"code": code, "message": format!("{e:#}")}})));
+    } else {
+        eprintln!("error: {e:#}");
+    }
 }
 
 async fn snapshot_cmd(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>, cmd: SnapshotCmd, json: bool) -> anyhow::Result<()> {

@@ -265,3 +265,26 @@ fn status_shows_the_whole_clusters_capacity_and_counts_snapshots_apart() {
     assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
     assert_eq!((s["volume_count"].as_u64(), s["snapshot_count"].as_u64()), (Some(1), Some(1)), "{s}");
 }
+
+#[test]
+fn errors_under_json_are_a_json_document_with_a_stable_code_and_exit_1() {
+    let e = engine_with(&[]);
+    let (good, out, err) = ctl(&e, &["volume", "inspect", "nope", "--json"]);
+    assert!(!good && err.is_empty(), "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|x| panic!("not JSON ({x}): {out}"));
+    assert_eq!(doc["error"]["code"], "not_found", "{doc}");
+    assert!(doc["error"]["message"].as_str().unwrap().contains("nope"), "{doc}");
+    ok(&e, &["volume", "create", "dup", "--size", "1MiB"]);
+    let (good, out, _) = ctl(&e, &["volume", "create", "dup", "--size", "1MiB", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!good);
+    assert_eq!(doc["error"]["code"], "already_exists", "{doc}");
+    // An engine that is not there.
+    let out = Command::new(CTL).env("STRATA_CONFIG_DIR", e._dir.path()).args(["--endpoint", "127.0.0.1:1", "status", "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["code"], "unavailable", "{doc}");
+    // Without --json: a line on stderr, nothing on stdout.
+    let (good, out, err) = ctl(&e, &["volume", "inspect", "nope"]);
+    assert!(!good && out.is_empty() && err.starts_with("error: not found: "), "{out} / {err}");
+}
