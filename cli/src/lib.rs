@@ -100,6 +100,7 @@ pub enum Cmd {
 pub enum ContextCmd {
     /// Save a context (and make it current when it is the first).
     Create {
+        /// The context's name (for --context and `context use`).
         name: String,
         /// SDK endpoint (host:port or http://host:port).
         #[arg(long)]
@@ -115,11 +116,17 @@ pub enum ContextCmd {
         ca_file: Option<std::path::PathBuf>,
     },
     /// Make a saved context the current one.
-    Use { name: String },
+    Use {
+        /// The saved context.
+        name: String,
+    },
     /// List saved contexts (tokens are not printed).
     List,
     /// Forget a saved context.
-    Delete { name: String },
+    Delete {
+        /// The saved context.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +170,7 @@ pub enum HostCmd {
     /// Serve VOL's NBD export on a node (this endpoint's node, or --node). Taking a volume over
     /// from a target that is down bumps its epoch: the old target can no longer write.
     Attach {
+        /// The volume.
         name: String,
         /// Node to attach on (its SDK address is looked up in the cluster). Default: the
         /// endpoint's node.
@@ -177,6 +185,7 @@ pub enum HostCmd {
     },
     /// Stop serving VOL on its target node.
     Detach {
+        /// The volume.
         name: String,
         /// Detach even while NBD clients are connected.
         #[arg(long)]
@@ -191,11 +200,15 @@ pub enum VolumeCmd {
     /// List volumes.
     List,
     /// Show one volume.
-    Inspect { name: String },
+    Inspect {
+        /// The volume or snapshot.
+        name: String,
+    },
     /// Grow a volume (online) or change its labels.
     Update(UpdateArgs),
     /// Add or remove replicas online (ask the volume's target node: --endpoint).
     HaUpdate {
+        /// The volume.
         name: String,
         /// The new number of replicas (1..3).
         #[arg(long)]
@@ -206,6 +219,7 @@ pub enum VolumeCmd {
     },
     /// Delete a volume and free its space.
     Delete {
+        /// The volume (snapshots: `snapshot delete`).
         name: String,
         /// Delete even while NBD clients are connected.
         #[arg(long)]
@@ -227,6 +241,7 @@ pub enum VolumeCmd {
     },
     /// Replace a volume's data with one of its snapshots (detach the volume first).
     Restore {
+        /// The volume whose data is replaced.
         name: String,
         #[arg(long)]
         snapshot: String,
@@ -237,6 +252,7 @@ pub enum VolumeCmd {
 pub enum SnapshotCmd {
     /// Snapshot a volume, crash-consistent across its replicas (no need to stop I/O).
     Create {
+        /// The volume to snapshot.
         volume: String,
         #[arg(long)]
         name: String,
@@ -245,9 +261,15 @@ pub enum SnapshotCmd {
         labels: Vec<(String, String)>,
     },
     /// List snapshots, of one volume or of all.
-    List { volume: Option<String> },
+    List {
+        /// Only this volume's snapshots (they are listed after the volume is deleted too).
+        volume: Option<String>,
+    },
     /// Delete a snapshot; extents no other volume shares return to the pool.
-    Delete { name: String },
+    Delete {
+        /// The snapshot.
+        name: String,
+    },
 }
 
 /// Portworx's io_throttle_* limits; 0 = unlimited.
@@ -273,12 +295,13 @@ fn bw_arg(s: &str) -> Result<u64, String> {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
+    /// The new volume's name (unique in the cluster).
     pub name: String,
     /// Size: 10, 10G, 10GiB, 512MiB.
     #[arg(long, short, value_parser = size_arg)]
     pub size: u64,
     /// Replicas (1..3). Default: 1.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3))]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=3), hide_default_value = true)]
     pub repl: u32,
     /// key=value; repeat for several.
     #[arg(long = "label", short, value_parser = label_arg)]
@@ -365,6 +388,7 @@ fn passphrase(file: &Option<std::path::PathBuf>) -> anyhow::Result<Vec<u8>> {
 
 #[derive(Debug, Args)]
 pub struct UpdateArgs {
+    /// The volume.
     pub name: String,
     /// New size (volumes only grow).
     #[arg(long, short, value_parser = size_arg)]
@@ -521,7 +545,11 @@ async fn snapshot_cmd(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk
         SnapshotCmd::Delete { name } => {
             let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner().volume;
             if v.is_some_and(|v| v.snapshot_of.is_empty()) {
-                bail!("{name} is a volume, not a snapshot; delete volumes with `stratactl volume delete {name}`");
+                return Err(Failure {
+                    code: "invalid_argument",
+                    message: format!("{name} is a volume, not a snapshot; delete volumes with `stratactl volume delete {name}`"),
+                }
+                .into());
             }
             c.delete(pb::DeleteVolumeRequest { name: name.clone(), force: false }).await.map_err(status_err)?;
             print!("{}", render::deleted(&name, json, &format!("Snapshot {name} deleted.")));
@@ -719,6 +747,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
                 VolumeCmd::Delete { name, force } => {
+                    let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner().volume;
+                    if let Some(of) = v.map(|v| v.snapshot_of).filter(|of| !of.is_empty()) {
+                        return Err(Failure {
+                            code: "invalid_argument",
+                            message: format!("{name} is a snapshot of {of}, not a volume; delete snapshots with `stratactl snapshot delete {name}`"),
+                        }
+                        .into());
+                    }
                     c.delete(pb::DeleteVolumeRequest { name: name.clone(), force }).await.map_err(status_err)?;
                     print!("{}", render::deleted(&name, json, &format!("Volume {name} successfully deleted.")));
                 }

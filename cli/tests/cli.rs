@@ -288,3 +288,21 @@ fn errors_under_json_are_a_json_document_with_a_stable_code_and_exit_1() {
     let (good, out, err) = ctl(&e, &["volume", "inspect", "nope"]);
     assert!(!good && out.is_empty() && err.starts_with("error: not found: "), "{out} / {err}");
 }
+
+#[test]
+fn volume_and_snapshot_commands_keep_to_their_kind_and_snapshots_outlive_their_volume() {
+    let e = engine_with(&[]);
+    ok(&e, &["volume", "create", "db", "--size", "4MiB"]);
+    ok(&e, &["volume", "snapshot", "create", "db", "--name", "db-s1"]);
+    let (good, _, err) = ctl(&e, &["volume", "delete", "db-s1"]);
+    assert!(!good && err.contains("db-s1 is a snapshot of db") && err.contains("stratactl snapshot delete db-s1"), "{err}");
+    let (good, _, err) = ctl(&e, &["volume", "snapshot", "delete", "db"]);
+    assert!(!good && err.contains("db is a volume"), "{err}");
+    assert_eq!(json(&e, &["volume", "snapshot", "list", "db"]).as_array().unwrap().len(), 1, "both are still there");
+    ok(&e, &["volume", "delete", "db"]);
+    let snaps = json(&e, &["volume", "snapshot", "list", "db"]);
+    assert_eq!(snaps.as_array().unwrap().len(), 1, "the deleted volume's snapshot is listed: {snaps}");
+    let (good, _, err) = ctl(&e, &["volume", "snapshot", "list", "never-was"]);
+    assert!(!good && err.contains("not found"), "{err}");
+    ok(&e, &["volume", "snapshot", "delete", "db-s1"]);
+}

@@ -34,7 +34,7 @@ pub struct Config {
     #[arg(long, env = "CSI_ENDPOINT")]
     pub endpoint: String,
     /// The engine SDK (host:port). Default: 127.0.0.1:9020.
-    #[arg(long, env = "STRATA_SDK", default_value = "127.0.0.1:9020")]
+    #[arg(long, env = "STRATA_SDK", default_value = "127.0.0.1:9020", hide_default_value = true)]
     pub sdk: String,
     /// The cluster CA's certificate: the SDK is reached over TLS, its certificate checked
     /// against this CA (engines with a certificate serve their SDK over TLS only). Default:
@@ -56,25 +56,25 @@ pub struct Config {
     /// own short-lived admin tokens with it (subject `csi/<node-id>`). Default: none.
     #[arg(long, env = "STRATA_AUTH_SYSTEM_KEY_FILE")]
     pub auth_system_key_file: Option<PathBuf>,
-    /// This node's id (the Strata node id and the Kubernetes node name).
-    #[arg(long, env = "NODE_NAME", default_value = "")]
+    /// This node's id (the Strata node id and the Kubernetes node name). Node mode needs it.
+    #[arg(long, env = "NODE_NAME", default_value = "", hide_default_value = true)]
     pub node_id: String,
     /// Volumes this node can attach. Default: 64.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, hide_default_value = true)]
     pub max_volumes: i64,
     /// Node mode: the local engine's NBD unix socket. Default: /var/lib/strata/nbd.sock.
-    #[arg(long, env = "STRATA_NBD_SOCKET", default_value = "/var/lib/strata/nbd.sock")]
+    #[arg(long, env = "STRATA_NBD_SOCKET", default_value = "/var/lib/strata/nbd.sock", hide_default_value = true)]
     pub nbd_socket: PathBuf,
     /// Node mode: NBD over TCP (host:port) instead of the unix socket.
     #[arg(long, env = "STRATA_NBD_ADDRESS")]
     pub nbd_address: Option<String>,
     /// Node mode: where the FUSE views of attached volumes live. Default: /var/lib/strata-csi.
-    #[arg(long, env = "STRATA_CSI_STATE_DIR", default_value = "/var/lib/strata-csi")]
+    #[arg(long, env = "STRATA_CSI_STATE_DIR", default_value = "/var/lib/strata-csi", hide_default_value = true)]
     pub state_dir: PathBuf,
     /// Node mode: how a volume becomes a block device: `fuse` (a FUSE view under a loop device,
     /// works everywhere) or `kernel-nbd` (the kernel's NBD driver through netlink; needs the nbd
-    /// module, and is not exercised by the test suite).
-    #[arg(long, env = "STRATA_CSI_ATTACH", value_enum, default_value = "fuse")]
+    /// module, and is not exercised by the test suite). Default: fuse.
+    #[arg(long, env = "STRATA_CSI_ATTACH", value_enum, default_value = "fuse", hide_default_value = true)]
     pub attach: AttachMode,
 }
 

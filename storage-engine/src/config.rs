@@ -68,25 +68,25 @@ pub struct RunArgs {
     #[command(flatten)]
     pub etcd_tls: EtcdTlsArgs,
     /// With --etcd: seconds without lease renewal before this node reads as offline. Default: 10.
-    #[arg(long, env = "STRATA_NODE_TTL", default_value_t = 10)]
+    #[arg(long, env = "STRATA_NODE_TTL", default_value_t = 10, hide_default_value = true)]
     pub node_ttl: i64,
     /// Directory for the embedded metadata store (redb). Default: /var/lib/strata.
-    #[arg(long, env = "STRATA_DATA_DIR", default_value = "/var/lib/strata")]
+    #[arg(long, env = "STRATA_DATA_DIR", default_value = "/var/lib/strata", hide_default_value = true)]
     pub data_dir: PathBuf,
     /// A block device or regular file for the pool; repeat for several. Missing files are created.
     #[arg(long = "device", env = "STRATA_DEVICES", value_delimiter = ',')]
     pub devices: Vec<PathBuf>,
     /// Size of a device file that does not exist yet. Default: 8GiB.
-    #[arg(long, env = "STRATA_DEVICE_SIZE", default_value = "8GiB", value_parser = size)]
+    #[arg(long, env = "STRATA_DEVICE_SIZE", default_value = "8GiB", value_parser = size, hide_default_value = true)]
     pub device_size: u64,
     /// Format devices that hold a filesystem, another pool or a corrupted superblock. Destroys them.
     #[arg(long, env = "STRATA_FORCE_FORMAT")]
     pub force_format: bool,
     /// Extent size of a new pool (allocation unit). Default: 1MiB.
-    #[arg(long, env = "STRATA_EXTENT_SIZE", default_value = "1MiB", value_parser = size)]
+    #[arg(long, env = "STRATA_EXTENT_SIZE", default_value = "1MiB", value_parser = size, hide_default_value = true)]
     pub extent_size: u64,
     /// NBD over TCP. Default: 127.0.0.1:10809. Port 0 picks a free port.
-    #[arg(long, env = "STRATA_NBD_LISTEN", default_value = "127.0.0.1:10809")]
+    #[arg(long, env = "STRATA_NBD_LISTEN", default_value = "127.0.0.1:10809", hide_default_value = true)]
     pub nbd_listen: SocketAddr,
     /// Let --nbd-listen take an address other hosts reach without TLS (no --tls-dir): any host
     /// that reaches the port may then read and write every volume. With --tls-dir a
@@ -104,35 +104,35 @@ pub struct RunArgs {
     pub nbd_socket: Option<PathBuf>,
     /// Payload bytes (writes received, reads not yet sent) one NBD connection may hold before
     /// the engine stops reading its requests (backpressure). Default: 64MiB.
-    #[arg(long, env = "STRATA_NBD_CONN_INFLIGHT", default_value = "64MiB", value_parser = size)]
+    #[arg(long, env = "STRATA_NBD_CONN_INFLIGHT", default_value = "64MiB", value_parser = size, hide_default_value = true)]
     pub nbd_conn_inflight: u64,
     /// The same, for all NBD connections together; each connection may always have one
     /// request. Default: 512MiB.
-    #[arg(long, env = "STRATA_NBD_INFLIGHT", default_value = "512MiB", value_parser = size)]
+    #[arg(long, env = "STRATA_NBD_INFLIGHT", default_value = "512MiB", value_parser = size, hide_default_value = true)]
     pub nbd_inflight: u64,
     /// Seconds an NBD client may take to finish the handshake before it is disconnected.
     /// Default: 10.
-    #[arg(long, env = "STRATA_NBD_HANDSHAKE_TIMEOUT", default_value_t = 10)]
+    #[arg(long, env = "STRATA_NBD_HANDSHAKE_TIMEOUT", default_value_t = 10, hide_default_value = true)]
     pub nbd_handshake_timeout: u64,
     /// NBD connections served at once; more are refused (closed at once). Default: 1024.
-    #[arg(long, env = "STRATA_NBD_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(long, env = "STRATA_NBD_MAX_CONNECTIONS", default_value_t = 1024, hide_default_value = true)]
     pub nbd_max_connections: usize,
     /// Requests one replication connection may hold between reading them and writing their
     /// replies; past that the replica stops reading it (backpressure). Default: 512.
-    #[arg(long, env = "STRATA_REPL_MAX_REQUESTS", default_value_t = 512)]
+    #[arg(long, env = "STRATA_REPL_MAX_REQUESTS", default_value_t = 512, hide_default_value = true)]
     pub repl_max_requests: usize,
     /// Payload bytes (writes received, reads answered) one replication connection may hold in
     /// that state. Default: 128MiB.
-    #[arg(long, env = "STRATA_REPL_INFLIGHT", default_value = "128MiB", value_parser = size)]
+    #[arg(long, env = "STRATA_REPL_INFLIGHT", default_value = "128MiB", value_parser = size, hide_default_value = true)]
     pub repl_inflight: u64,
     /// gRPC SDK address. Default: 127.0.0.1:9020.
-    #[arg(long, env = "STRATA_SDK_LISTEN", default_value = "127.0.0.1:9020")]
+    #[arg(long, env = "STRATA_SDK_LISTEN", default_value = "127.0.0.1:9020", hide_default_value = true)]
     pub sdk_listen: SocketAddr,
     /// Prometheus /metrics and /healthz. Default: 127.0.0.1:9021.
-    #[arg(long, env = "STRATA_METRICS_LISTEN", default_value = "127.0.0.1:9021")]
+    #[arg(long, env = "STRATA_METRICS_LISTEN", default_value = "127.0.0.1:9021", hide_default_value = true)]
     pub metrics_listen: SocketAddr,
     /// Replication port: other engines send replica I/O here. Default: 127.0.0.1:9022.
-    #[arg(long, env = "STRATA_REPL_LISTEN", default_value = "127.0.0.1:9022")]
+    #[arg(long, env = "STRATA_REPL_LISTEN", default_value = "127.0.0.1:9022", hide_default_value = true)]
     pub repl_listen: SocketAddr,
     /// Directory with this node's replication certificate (ca.crt, node.crt, node.key, from
     /// `strata-engine certs issue`): every replication connection is then mutual TLS under the
@@ -158,53 +158,53 @@ pub struct RunArgs {
     #[arg(long = "auth-issuer", env = "STRATA_AUTH_ISSUERS", value_delimiter = ',', value_parser = issuer_arg)]
     pub auth_issuers: Vec<(String, PathBuf)>,
     /// The audience tokens must name (`aud`). Default: strata.
-    #[arg(long, env = "STRATA_AUTH_AUDIENCE", default_value = strata_api::auth::DEFAULT_AUDIENCE)]
+    #[arg(long, env = "STRATA_AUTH_AUDIENCE", default_value = strata_api::auth::DEFAULT_AUDIENCE, hide_default_value = true)]
     pub auth_audience: String,
     /// Seconds of clock difference allowed when checking a token's expiry and not-before.
     /// Default: 60.
-    #[arg(long, env = "STRATA_AUTH_CLOCK_SKEW", default_value_t = 60)]
+    #[arg(long, env = "STRATA_AUTH_CLOCK_SKEW", default_value_t = 60, hide_default_value = true)]
     pub auth_clock_skew: u64,
     /// The address other engines use to reach --repl-listen (host:port). Default: the bound
     /// replication address.
     #[arg(long, env = "STRATA_ADVERTISE")]
     pub advertise: Option<String>,
     /// This node's zone (replicas spread across zones first). Default: none.
-    #[arg(long, env = "STRATA_ZONE", default_value = "")]
+    #[arg(long, env = "STRATA_ZONE", default_value = "", hide_default_value = true)]
     pub zone: String,
     /// This node's rack (replicas spread across racks after zones). Default: none.
-    #[arg(long, env = "STRATA_RACK", default_value = "")]
+    #[arg(long, env = "STRATA_RACK", default_value = "", hide_default_value = true)]
     pub rack: String,
     /// Seconds a replica may take to answer before it is taken out of the in-sync set.
     /// Default: 5.
-    #[arg(long, env = "STRATA_REPLICA_IO_TIMEOUT", default_value_t = 5)]
+    #[arg(long, env = "STRATA_REPLICA_IO_TIMEOUT", default_value_t = 5, hide_default_value = true)]
     pub replica_io_timeout: u64,
     /// Seconds a replica's node may stay offline before the replica is rebuilt on another node
     /// (0 = never). Default: 600.
-    #[arg(long, env = "STRATA_REPLICA_TIMEOUT", default_value_t = 600)]
+    #[arg(long, env = "STRATA_REPLICA_TIMEOUT", default_value_t = 600, hide_default_value = true)]
     pub replica_timeout: u64,
     /// Bandwidth of resync and rebuild per volume (0 = unlimited). Default: 256MiB (per second).
-    #[arg(long, env = "STRATA_RESYNC_RATE", default_value = "256MiB", value_parser = size)]
+    #[arg(long, env = "STRATA_RESYNC_RATE", default_value = "256MiB", value_parser = size, hide_default_value = true)]
     pub resync_rate: u64,
     /// Bandwidth of the background scrub that verifies every stored block's checksum
     /// (0 = no scrub). Default: 8MiB (per second).
-    #[arg(long, env = "STRATA_SCRUB_RATE", default_value = "8MiB", value_parser = size)]
+    #[arg(long, env = "STRATA_SCRUB_RATE", default_value = "8MiB", value_parser = size, hide_default_value = true)]
     pub scrub_rate: u64,
     /// Seconds from the start of one scrub pass to the start of the next. Default: 604800
     /// (a week).
-    #[arg(long, env = "STRATA_SCRUB_INTERVAL", default_value_t = 604800)]
+    #[arg(long, env = "STRATA_SCRUB_INTERVAL", default_value_t = 604800, hide_default_value = true)]
     pub scrub_interval: u64,
     /// This node's id. Default: the hostname.
     #[arg(long, env = "STRATA_NODE_ID")]
     pub node_id: Option<String>,
     /// Data path: auto (io_uring, else pread/pwrite), uring or sync. Default: auto.
-    #[arg(long, env = "STRATA_IO_ENGINE", value_enum, default_value = "auto")]
+    #[arg(long, env = "STRATA_IO_ENGINE", value_enum, default_value = "auto", hide_default_value = true)]
     pub io_engine: IoEngine,
     /// Read ahead of sequential readers, per volume (0 disables). Default: 16MiB.
-    #[arg(long, env = "STRATA_READAHEAD", default_value = "16MiB", value_parser = size)]
+    #[arg(long, env = "STRATA_READAHEAD", default_value = "16MiB", value_parser = size, hide_default_value = true)]
     pub readahead: u64,
     /// Threads serving NBD, SDK and metrics. Default 0 = half the cores, at least 1: on small
     /// nodes one thread beats two, because cross-thread wake-ups cost more than they give.
-    #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 0)]
+    #[arg(long, env = "STRATA_WORKER_THREADS", default_value_t = 0, hide_default_value = true)]
     pub worker_threads: usize,
     /// Test only: keep device writes in memory until a flush, so that killing the engine acts as
     /// a power cut on its disks (and every start counts as a reboot for the replication

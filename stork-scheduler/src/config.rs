@@ -27,7 +27,7 @@ pub struct Config {
     /// Extender address (/filter, /prioritize, /healthz, /metrics): HTTPS with --tls-dir, else
     /// plain HTTP, which is refused beyond loopback unless --allow-plain-http. Default:
     /// 0.0.0.0:8099.
-    #[arg(long, env = "STRATA_STORK_LISTEN", default_value = "0.0.0.0:8099")]
+    #[arg(long, env = "STRATA_STORK_LISTEN", default_value = "0.0.0.0:8099", hide_default_value = true)]
     pub listen: SocketAddr,
     /// Serve HTTPS with this directory's `node.crt` and `node.key` (`strata-engine certs issue
     /// --node-id strata-stork --host <service DNS name>`); /filter and /prioritize then answer
@@ -44,7 +44,7 @@ pub struct Config {
     #[arg(long, env = "STRATA_STORK_ALLOW_PLAIN_HTTP")]
     pub allow_plain_http: bool,
     /// Strata SDK endpoint. Default: 127.0.0.1:9020.
-    #[arg(long, env = "STRATA_ENDPOINT", default_value = "127.0.0.1:9020")]
+    #[arg(long, env = "STRATA_ENDPOINT", default_value = "127.0.0.1:9020", hide_default_value = true)]
     pub sdk: String,
     /// The cluster CA's certificate: the SDK is reached over TLS under it. Default: none.
     #[arg(long, env = "STRATA_SDK_CA_FILE")]
@@ -54,18 +54,18 @@ pub struct Config {
     #[arg(long, env = "STRATA_AUTH_SYSTEM_KEY_FILE")]
     pub auth_system_key_file: Option<std::path::PathBuf>,
     /// Run the health monitor. Default: on.
-    #[arg(long, env = "STRATA_STORK_HEALTH_MONITOR", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "STRATA_STORK_HEALTH_MONITOR", default_value_t = true, action = clap::ArgAction::Set, hide_default_value = true)]
     pub health_monitor: bool,
     /// How long a node's storage must be gone before its pods are moved. Default: 2m.
-    #[arg(long, env = "STRATA_STORK_GRACE", default_value = "2m", value_parser = secs)]
+    #[arg(long, env = "STRATA_STORK_GRACE", default_value = "2m", value_parser = secs, hide_default_value = true)]
     pub grace: std::time::Duration,
     /// Health monitor period. Default: 10s.
-    #[arg(long, env = "STRATA_STORK_INTERVAL", default_value = "10s", value_parser = secs)]
+    #[arg(long, env = "STRATA_STORK_INTERVAL", default_value = "10s", value_parser = secs, hide_default_value = true)]
     pub interval: std::time::Duration,
     /// Timeout of the data-port probe. Default: 2s.
-    #[arg(long, env = "STRATA_STORK_PROBE_TIMEOUT", default_value = "2s", value_parser = secs)]
+    #[arg(long, env = "STRATA_STORK_PROBE_TIMEOUT", default_value = "2s", value_parser = secs, hide_default_value = true)]
     pub probe_timeout: std::time::Duration,
     /// Pod deletions per monitor round, at most. Default: 10.
-    #[arg(long, env = "STRATA_STORK_MAX_EVICTIONS", default_value_t = 10)]
+    #[arg(long, env = "STRATA_STORK_MAX_EVICTIONS", default_value_t = 10, hide_default_value = true)]
     pub max_evictions: usize,
 }

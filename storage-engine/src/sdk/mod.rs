@@ -358,11 +358,16 @@ impl pb::volume_service_server::VolumeService for Sdk {
         auth::require(&who, Role::View, "snapshot.list")?;
         let r = req.into_inner();
         let volume = (!r.volume.is_empty()).then_some(r.volume.as_str());
-        if let Some(v) = volume {
-            let rec = self.engine.inspect(v).await?.record;
-            auth::may(&who, &rec, Access::Read, "snapshot.list")?;
-        }
         let snaps = self.engine.snapshots(volume).await?;
+        if let Some(v) = volume {
+            match self.engine.inspect(v).await {
+                Ok(info) => auth::may(&who, &info.record, Access::Read, "snapshot.list")?,
+                // A deleted volume's snapshots remain: they are listed (as far as the caller
+                // may see each); a name that was never a volume is not found.
+                Err(crate::volume::VolumeError::NotFound(_)) if !snaps.is_empty() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let snaps = snaps.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
         Ok(Response::new(pb::SnapshotListResponse { snapshots: snaps }))
     }
