@@ -733,18 +733,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     print!("{}", render::volume_done(&v, json, |v| format!("Volume {} updated: {}", v.name, changed.join(", "))));
                 }
                 VolumeCmd::HaUpdate { name, repl, node } => {
+                    let before = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner();
+                    let before = before.volume.map(|v| v.replica_nodes).unwrap_or_default();
                     let req = pb::HaUpdateRequest { name, repl, node: node.unwrap_or_default() };
                     let v = c.ha_update(req).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
-                    print!(
-                        "{}",
-                        render::volume_done(&v, json, |v| format!(
-                            "Volume {}: replicas on {} (in sync: {}); new replicas fill in the background (volume inspect shows progress)",
-                            v.name,
-                            v.replica_nodes.join(","),
-                            v.in_sync_nodes.join(",")
-                        ))
-                    );
+                    print!("{}", render::volume_done(&v, json, |v| render::ha_update_text(v, &before)));
                 }
                 VolumeCmd::Delete { name, force } => {
                     let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner().volume;

@@ -182,6 +182,23 @@ pub fn status(s: &pb::ClusterStatusResponse, json: bool) -> String {
     )
 }
 
+/// What `volume ha-update` did, from the replica nodes `before` it and the volume after.
+pub fn ha_update_text(v: &pb::Volume, before: &[String]) -> String {
+    let added: Vec<&str> = v.replica_nodes.iter().filter(|n| !before.contains(n)).map(String::as_str).collect();
+    let removed: Vec<&str> = before.iter().filter(|n| !v.replica_nodes.contains(n)).map(String::as_str).collect();
+    let mut what = Vec::new();
+    if !added.is_empty() {
+        what.push(format!("added a replica on {} (it fills in the background; `volume inspect` shows progress)", added.join(",")));
+    }
+    if !removed.is_empty() {
+        what.push(format!("removed the replica on {}", removed.join(",")));
+    }
+    if what.is_empty() {
+        what.push("no change".into());
+    }
+    format!("Volume {}: {}; replicas on {} (in sync: {})", v.name, what.join("; "), v.replica_nodes.join(","), v.in_sync_nodes.join(","))
+}
+
 /// `cluster list`.
 pub fn nodes(nodes: &[pb::Node], json: bool) -> String {
     if json {
@@ -349,6 +366,23 @@ pub fn pools(pools: &[pb::Pool], json: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ha_update_says_what_it_added_or_removed() {
+        let v = |nodes: &[&str]| pb::Volume {
+            name: "db".into(),
+            replica_nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            in_sync_nodes: vec!["a".into()],
+            ..Default::default()
+        };
+        let before = ["a".to_string(), "b".to_string()];
+        let t = ha_update_text(&v(&["a"]), &before);
+        assert!(t.contains("removed the replica on b") && !t.contains("background"), "{t}");
+        let t = ha_update_text(&v(&["a", "b", "c"]), &before);
+        assert!(t.contains("added a replica on c") && t.contains("background"), "{t}");
+        assert!(ha_update_text(&v(&["a", "b"]), &before).contains("no change"));
+    }
+
     use super::*;
 
     fn vol(name: &str) -> pb::Volume {

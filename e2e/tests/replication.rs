@@ -157,6 +157,9 @@ fn ha_update_adds_and_removes_replicas_online() {
     assert!(c.sdk(1).pool().used_bytes >= used, "node-2 holds a full copy");
     // Bad requests.
     assert_eq!(c.sdk(0).ha_update("ha", 4, None).unwrap_err().code(), Code::InvalidArgument);
+    let e = c.sdk(0).ha_update("ha", 1, None).unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("remove one at a time"), "3 -> 1 in one call: {e:?}");
+    assert_eq!(c.sdk(0).inspect("ha").unwrap().replica_nodes.len(), 3, "nothing was removed");
     assert_eq!(c.sdk(0).ha_update("ha", 2, Some("node-9")).unwrap_err().code(), Code::InvalidArgument);
     // Sent to another node, the change is forwarded to the target (which answers for it).
     let e = c.sdk(1).ha_update("ha", 2, Some("node-9")).unwrap_err();

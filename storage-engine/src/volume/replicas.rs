@@ -169,10 +169,15 @@ impl Service {
             next.dropped.retain(|n| !added.contains(n));
             next.replicas.extend(added);
         } else if repl < cur {
+            // One step at a time, as Portworx does: dropping two copies in one call leaves no
+            // moment to see that the one kept is the one wanted.
+            if repl + 1 != cur {
+                return Err(VolumeError::InvalidArgument(format!(
+                    "volume {name} has {cur} replicas: remove one at a time (repl {}, then lower)",
+                    cur - 1
+                )));
+            }
             removed = match node {
-                Some(n) if repl + 1 != cur => {
-                    return Err(VolumeError::InvalidArgument(format!("with --node {n}, remove one replica at a time (repl {})", cur - 1)));
-                }
                 Some(n) if !rec.has_replica(&n) => {
                     return Err(VolumeError::InvalidArgument(format!(
                         "node {n} holds no replica of volume {name} (replicas: {})",
