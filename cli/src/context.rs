@@ -105,7 +105,7 @@ pub fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
         _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
     };
     if n == 0 {
-        return Err("a token must live longer than 0 seconds".into());
+        return Err(format!("{s:?}: a duration must be longer than 0 seconds"));
     }
     Ok(std::time::Duration::from_secs(n.saturating_mul(mult)))
 }

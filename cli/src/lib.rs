@@ -57,6 +57,7 @@ pub struct Cli {
     /// (--sdk-require-client-cert), with --key-file.
     #[arg(long, global = true, env = "STRATA_CERT_FILE", requires = "key_file")]
     pub cert_file: Option<std::path::PathBuf>,
+    /// The private key of --cert-file (PEM).
     #[arg(long, global = true, env = "STRATA_KEY_FILE", requires = "cert_file")]
     pub key_file: Option<std::path::PathBuf>,
     /// Use this saved context (endpoint and token) instead of the current one.
@@ -162,7 +163,15 @@ pub enum AuthCmd {
 #[derive(Debug, Subcommand)]
 pub enum AlertsCmd {
     /// List the alerts of every reachable node, oldest first.
-    Show,
+    Show {
+        /// Only alerts of this kind (NodeOffline, PoolNearFull, ChecksumMismatch, ...; any case);
+        /// repeat or comma-separate for several.
+        #[arg(long = "type", value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Only alerts raised (last) within this long before now, e.g. 30m, 2h, 7d.
+        #[arg(long, value_parser = context::duration_arg)]
+        since: Option<std::time::Duration>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -809,12 +818,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
             print!("{}", render::nodes(&nodes, json));
         }
-        Cmd::Alerts(AlertsCmd::Show) => {
-            let r = pb::alert_service_client::AlertServiceClient::new(ch)
+        Cmd::Alerts(AlertsCmd::Show { kinds, since }) => {
+            let mut r = pb::alert_service_client::AlertServiceClient::new(ch)
                 .list(pb::ListAlertsRequest { local_only: false })
                 .await
                 .map_err(status_err)?
                 .into_inner();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            render::keep_alerts(&mut r.alerts, &kinds, since.map_or(0, |d| now.saturating_sub(d.as_secs())));
             let (out, warnings) = render::alerts(&r, json);
             print!("{out}");
             for w in warnings {

@@ -199,6 +199,12 @@ pub fn ha_update_text(v: &pb::Volume, before: &[String]) -> String {
     format!("Volume {}: {}; replicas on {} (in sync: {})", v.name, what.join("; "), v.replica_nodes.join(","), v.in_sync_nodes.join(","))
 }
 
+/// `alerts show --type --since`: keeps the alerts of one of `kinds` (any case; all when empty)
+/// raised last at or after `after` (Unix seconds).
+pub fn keep_alerts(alerts: &mut Vec<pb::Alert>, kinds: &[String], after: u64) {
+    alerts.retain(|a| a.last_unix >= after && (kinds.is_empty() || kinds.iter().any(|k| k.eq_ignore_ascii_case(&a.kind))));
+}
+
 /// `cluster list`.
 pub fn nodes(nodes: &[pb::Node], json: bool) -> String {
     if json {
@@ -366,6 +372,23 @@ pub fn pools(pools: &[pb::Pool], json: bool) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn alerts_by_kind_and_age() {
+        let a = |kind: &str, last: u64| pb::Alert { kind: kind.into(), last_unix: last, ..Default::default() };
+        let all = vec![a("NodeOffline", 100), a("PoolNearFull", 200), a("NodeOnline", 300)];
+        let kinds = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let names = |v: &[pb::Alert]| v.iter().map(|a| a.kind.clone()).collect::<Vec<_>>();
+        let mut v = all.clone();
+        keep_alerts(&mut v, &kinds(&["nodeoffline", "NodeOnline"]), 0);
+        assert_eq!(names(&v), ["NodeOffline", "NodeOnline"]);
+        let mut v = all.clone();
+        keep_alerts(&mut v, &[], 200);
+        assert_eq!(names(&v), ["PoolNearFull", "NodeOnline"]);
+        let mut v = all;
+        keep_alerts(&mut v, &kinds(&["NodeOffline"]), 200);
+        assert!(v.is_empty());
+    }
 
     #[test]
     fn ha_update_says_what_it_added_or_removed() {
