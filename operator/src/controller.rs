@@ -170,14 +170,6 @@ pub fn status_of(sc: &StorageCluster, pods: &[EnginePod], report: &Result<crate:
         Step::Manual(n) => (false, "OnDelete", format!("{n} engine pod(s) run an old version; delete them to upgrade")),
     };
     conditions.push(condition("Upgraded", ok, reason, msg));
-    if sc.spec.storage.use_all {
-        conditions.push(condition(
-            "StorageConfig",
-            false,
-            "UseAllUnsupported",
-            "storage.useAll is not supported by this engine version: list devices or files".into(),
-        ));
-    }
     let phase = if pods.is_empty() || ready == 0 {
         "Initializing"
     } else if upgrading {

@@ -90,7 +90,8 @@ pub struct Storage {
     /// Block devices for every node's pool (`/dev/vdb`).
     #[serde(default)]
     pub devices: Vec<String>,
-    /// Use every unused block device of the node.
+    /// Also pool every unused whole block device of each node (the engine's `--use-all`: no
+    /// partitions, filesystem, holder, mount or swap, its first MiB blank).
     #[serde(default)]
     pub use_all: bool,
     /// File-backed devices (test clusters): created under the data directory at this size.

@@ -141,6 +141,18 @@ fn engine_arguments_follow_the_spec() {
 }
 
 #[test]
+fn storage_use_all_becomes_the_engines_use_all() {
+    let (_, mut sc) = specs().remove(2);
+    let engine_args = |sc: &StorageCluster| -> Vec<String> {
+        let ds = desired(sc).into_iter().find(|o| o.kind() == "DaemonSet").unwrap();
+        serde_json::from_value(ds.body["spec"]["template"]["spec"]["containers"][0]["args"].clone()).unwrap()
+    };
+    assert!(!engine_args(&sc).contains(&"--use-all".to_string()));
+    sc.spec.storage.use_all = true;
+    assert!(engine_args(&sc).contains(&"--use-all".to_string()));
+}
+
+#[test]
 fn committed_crd_equals_crdgen_output() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/strata/crds/storageclusters.strata.dev.yaml");
     let committed = std::fs::read_to_string(&path).unwrap();

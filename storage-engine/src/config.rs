@@ -76,6 +76,15 @@ pub struct RunArgs {
     /// A block device or regular file for the pool; repeat for several. Missing files are created.
     #[arg(long = "device", env = "STRATA_DEVICES", value_delimiter = ',')]
     pub devices: Vec<PathBuf>,
+    /// Also pool every unused whole block device of this node (see the README: no partitions,
+    /// filesystem, holder, mount or swap, its first MiB blank — or this pool's own), and log
+    /// each one left alone with the reason. Default: off.
+    #[arg(long, env = "STRATA_USE_ALL")]
+    pub use_all: bool,
+    /// With --use-all: only devices whose names match one of these shell patterns (e.g.
+    /// `nvme*`, `sd?`; comma-separated or repeated). Default: every device.
+    #[arg(long, env = "STRATA_USE_ALL_MATCH", value_delimiter = ',', requires = "use_all")]
+    pub use_all_match: Vec<String>,
     /// Size of a device file that does not exist yet. Default: 8GiB.
     #[arg(long, env = "STRATA_DEVICE_SIZE", default_value = "8GiB", value_parser = size, hide_default_value = true)]
     pub device_size: u64,

@@ -28,8 +28,24 @@ fn open_devices(paths: &[PathBuf], opts: &OpenOptions, volatile: bool) -> anyhow
 
 /// Opens the pool and the metadata store; returns the engine ready to serve.
 pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Service>> {
-    if args.devices.is_empty() {
-        bail!("no devices: pass at least one --device PATH (a block device, or a file that is created with --device-size)");
+    let mut devices = args.devices.clone();
+    if args.use_all {
+        let (found, left) = crate::device::discover::discover_here(&args.use_all_match);
+        for l in &left {
+            tracing::info!(device = %l.name, "--use-all leaves it alone: {}", l.why);
+        }
+        for f in found {
+            if !devices.contains(&f.path) {
+                tracing::info!(device = %f.path.display(), size = %strata_api::units::format_size(f.size), "--use-all pools it");
+                devices.push(f.path);
+            }
+        }
+    }
+    if devices.is_empty() {
+        if args.use_all {
+            bail!("--use-all found no unused block device (the log says why each was left alone), and no --device was given");
+        }
+        bail!("no devices: pass at least one --device PATH (a block device, or a file that is created with --device-size), or --use-all");
     }
     let meta: Arc<dyn MetaStore> = if args.etcd.is_empty() {
         Arc::new(Embedded::open(&args.data_dir).with_context(|| format!("metadata store in {}", args.data_dir.display()))?)
@@ -44,7 +60,7 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
     }
     let spec = OpenSpec { expected: meta.get_pool().await?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
     // Opening devices and replaying the journal block: off the runtime threads.
-    let (paths, simulate) = (args.devices.clone(), args.simulate_volatile_cache);
+    let (paths, simulate) = (devices, args.simulate_volatile_cache);
     let pool = tokio::task::spawn_blocking(move || Pool::open(open_devices(&paths, &opts, simulate)?, &spec).map_err(anyhow::Error::from)).await??;
     let node_id = node.id.clone();
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;

@@ -132,3 +132,95 @@ fn devices_of_another_pool_and_missing_devices_are_refused() {
     let log = refused(&mut b);
     assert!(log.contains("dev1.img") && log.contains("not given"), "{log}");
 }
+
+/// Loop devices this test made, detached when it ends.
+struct Loops(Vec<String>);
+
+impl Loops {
+    fn attach(&mut self, file: &Path, partscan: bool) -> String {
+        let mut c = Command::new("losetup");
+        if partscan {
+            c.arg("-P");
+        }
+        let out = c.args(["-f", "--show"]).arg(file).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        self.0.push(dev.clone());
+        dev
+    }
+}
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = Command::new("losetup").args(["-d", d]).status();
+        }
+    }
+}
+
+/// An MBR with one Linux partition (sectors 2048..+32 MiB), as fdisk writes it.
+fn write_mbr(p: &Path) {
+    use std::os::unix::fs::FileExt;
+    let mut mbr = [0u8; 512];
+    let entry = &mut mbr[446..462];
+    entry[4] = 0x83;
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&((32u32 << 20) / 512).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    std::fs::OpenOptions::new().write(true).open(p).unwrap().write_all_at(&mbr, 0).unwrap();
+}
+
+#[test]
+fn use_all_pools_only_the_blank_disks_and_leaves_partitioned_and_formatted_ones_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::File::create(&p).unwrap().set_len(64 << 20).unwrap();
+        p
+    };
+    let (blank, parted, formatted, mbr) = (file("blank.img"), file("parted.img"), file("ext4.img"), file("mbr.img"));
+    write_mbr(&parted);
+    write_mbr(&mbr);
+    assert!(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&formatted).status().unwrap().success());
+    let mut loops = Loops(vec![]);
+    let blank_dev = loops.attach(&blank, false);
+    let parted_dev = loops.attach(&parted, true);
+    let ext4_dev = loops.attach(&formatted, false);
+    let mbr_dev = loops.attach(&mbr, false);
+    let names: Vec<String> = loops.0.iter().map(|d| d.trim_start_matches("/dev/").to_string()).collect();
+    let before: Vec<Vec<u8>> = [&parted, &formatted, &mbr].iter().map(|p| digest(p)).collect();
+
+    let mut e = EngineProc::new(dir.path(), 0, "64MiB", &["--use-all", "--use-all-match", &names.join(",")]);
+    // What it took and what it left, and why, are info lines.
+    e.env.push(("STRATA_LOG".into(), "info".into()));
+    e.spawn().expect("the engine starts on the blank disk");
+    let pool = e.sdk().pool();
+    let paths: Vec<&str> = pool.devices.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(paths, vec![blank_dev.as_str()], "{:?}", pool.devices);
+    let log = e.log();
+    // The partition-scanned one shows its partition in sysfs where the kernel scans loop
+    // devices (this machine's does not: then its table is what gives it away).
+    for (dev, why) in [
+        (&parted_dev, &["has partitions", "MBR partition table"][..]),
+        (&ext4_dev, &["holds an ext2/3/4 filesystem"]),
+        (&mbr_dev, &["MBR partition table"]),
+    ] {
+        let name = format!("device={}", dev.trim_start_matches("/dev/"));
+        assert!(log.lines().any(|l| l.ends_with(&name) && why.iter().any(|w| l.contains(w))), "{name}: {why:?} not in\n{log}");
+    }
+    let v = e.sdk().create("v", 8 << 20).unwrap();
+    e.stop();
+    let after: Vec<Vec<u8>> = [&parted, &formatted, &mbr].iter().map(|p| digest(p)).collect();
+    assert!(before == after, "a disk that was left alone was written to");
+    // Restarted, it finds its own disk again (a Strata superblock, not a blank one).
+    e.spawn().expect("the engine restarts on its pool");
+    assert_eq!(e.sdk().pool().uuid, pool.uuid);
+    assert_eq!(e.sdk().inspect("v").unwrap().id, v.id);
+    e.stop();
+    // Nothing to take and no --device: a clear error.
+    std::fs::create_dir_all(dir.path().join("none")).unwrap();
+    let mut none = EngineProc::new(&dir.path().join("none"), 0, "64MiB", &["--use-all", "--use-all-match", &names[1..].join(",")]);
+    let err = none.spawn().expect_err("nothing to pool");
+    assert!(err.contains("--use-all found no unused block device"), "{err}");
+}

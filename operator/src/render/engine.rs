@@ -42,6 +42,9 @@ fn engine_args(sc: &StorageCluster) -> Vec<String> {
     if let Some(f) = sc.spec.storage.files.first() {
         a.push(format!("--device-size={}", f.size));
     }
+    if sc.spec.storage.use_all {
+        a.push("--use-all".into());
+    }
     if sc.spec.security.enabled {
         // Every SDK client shows a certificate of the cluster CA: the CSI plugins, the
         // extender and the operator have theirs.

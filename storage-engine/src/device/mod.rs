@@ -4,6 +4,7 @@
 //! Metadata I/O (superblock, journal) uses plain blocking calls.
 
 mod buf;
+pub mod discover;
 mod file;
 pub mod mem;
 mod uring;
