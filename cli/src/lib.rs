@@ -213,6 +213,12 @@ pub enum VolumeCmd {
         /// The volume or snapshot.
         name: String,
     },
+    /// Where a volume is: its target, its replicas (in sync or not, on which nodes, zones and
+    /// racks) and its NBD export.
+    Locate {
+        /// The volume.
+        name: String,
+    },
     /// Grow a volume (online) or change its labels.
     Update(UpdateArgs),
     /// Add or remove replicas online (ask the volume's target node: --endpoint).
@@ -420,6 +426,11 @@ pub struct UpdateArgs {
 pub enum ClusterCmd {
     /// List nodes.
     List,
+    /// Show one node.
+    Inspect {
+        /// The node's id.
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -640,7 +651,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", render::status(&s, json));
         }
         Cmd::Volume(cmd) => {
-            let mut c = pb::volume_service_client::VolumeServiceClient::new(ch);
+            let mut c = pb::volume_service_client::VolumeServiceClient::new(ch.clone());
             match cmd {
                 VolumeCmd::Create(a) => {
                     let q = &a.qos;
@@ -687,6 +698,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     let v = c.inspect(pb::InspectVolumeRequest { name }).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
                     print!("{}", render::volume_inspect(&v, json));
+                }
+                VolumeCmd::Locate { name } => {
+                    let v = c.inspect(pb::InspectVolumeRequest { name }).await.map_err(status_err)?.into_inner();
+                    let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    let nodes = pb::node_service_client::NodeServiceClient::new(ch.clone())
+                        .list(pb::ListNodesRequest {})
+                        .await
+                        .map_err(status_err)?
+                        .into_inner()
+                        .nodes;
+                    print!("{}", render::volume_locate(&v, &nodes, json));
                 }
                 VolumeCmd::Update(a) => {
                     let q = &a.qos;
@@ -817,6 +839,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let nodes =
                 pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
             print!("{}", render::nodes(&nodes, json));
+        }
+        Cmd::Cluster(ClusterCmd::Inspect { node }) => {
+            let nodes =
+                pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
+            let Some(n) = nodes.iter().find(|n| n.id == node) else {
+                let known: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+                return Err(Failure { code: "not_found", message: format!("no node {node:?} in the cluster (nodes: {})", known.join(", ")) }.into());
+            };
+            print!("{}", render::node_inspect(n, json));
         }
         Cmd::Alerts(AlertsCmd::Show { kinds, since }) => {
             let mut r = pb::alert_service_client::AlertServiceClient::new(ch)

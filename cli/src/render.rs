@@ -205,6 +205,60 @@ pub fn keep_alerts(alerts: &mut Vec<pb::Alert>, kinds: &[String], after: u64) {
     alerts.retain(|a| a.last_unix >= after && (kinds.is_empty() || kinds.iter().any(|k| k.eq_ignore_ascii_case(&a.kind))));
 }
 
+/// `volume locate`: where a volume's target and replicas are, and its NBD export (served on
+/// the target node only: loopback and its unix socket).
+pub fn volume_locate(v: &pb::Volume, nodes: &[pb::Node], json: bool) -> String {
+    let node = |id: &str| nodes.iter().find(|n| n.id == id);
+    let nbd = node(&v.attached_node).filter(|n| !n.nbd_address.is_empty()).map(|n| format!("nbd://{}/{}", n.nbd_address, v.name));
+    let replicas: Vec<(String, bool, String)> = v
+        .replica_nodes
+        .iter()
+        .map(|r| (r.clone(), v.in_sync_nodes.contains(r), node(r).map_or_else(|| "unknown".to_string(), |n| n.status.clone())))
+        .collect();
+    if json {
+        return doc(json!({
+            "volume": v.name, "target": v.attached_node, "nbd_uri": nbd,
+            "replicas": replicas.iter().map(|(n, s, st)| json!({"node": n, "in_sync": s, "node_status": st, "zone": node(n).map(|x| x.zone.clone()), "rack": node(n).map(|x| x.rack.clone())})).collect::<Vec<_>>(),
+        }));
+    }
+    let mut t = Table::new(&["NODE", "ROLE", "REPLICA", "NODE STATUS", "ZONE", "RACK"]);
+    let or_dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    for (n, in_sync, status) in &replicas {
+        let role = if *n == v.attached_node { "target" } else { "replica" };
+        let (zone, rack) = node(n).map_or(("-".into(), "-".into()), |x| (or_dash(&x.zone), or_dash(&x.rack)));
+        t.row(vec![n.clone(), role.into(), if *in_sync { "in sync".into() } else { "out of sync".into() }, status.clone(), zone, rack]);
+    }
+    let served = match (&nbd, v.attached_node.is_empty()) {
+        (_, true) => "detached: no node serves it (an NBD client opening it on a replica node attaches it there)".to_string(),
+        (Some(u), false) => format!("{u} (on node {}: loopback, and its --nbd-socket)", v.attached_node),
+        (None, false) => format!("on node {} (address unknown)", v.attached_node),
+    };
+    format!("Volume {}\nTarget: {}\nNBD: {served}\n\n{}", v.name, or_dash(&v.attached_node), t.render())
+}
+
+/// `cluster inspect`: one node.
+pub fn node_inspect(n: &pb::Node, json: bool) -> String {
+    if json {
+        return doc(node_json(n));
+    }
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, val) in [
+        ("ID", n.id.clone()),
+        ("Hostname", n.hostname.clone()),
+        ("Status", n.status.clone()),
+        ("Version", n.version.clone()),
+        ("Capacity", format!("{} used of {}", format_size(n.used_bytes), format_size(n.total_bytes))),
+        ("Zone", n.zone.clone()),
+        ("Rack", n.rack.clone()),
+        ("SDK", n.sdk_address.clone()),
+        ("Replication", n.repl_address.clone()),
+        ("NBD", n.nbd_address.clone()),
+    ] {
+        t.row(vec![k.into(), if val.is_empty() { "-".into() } else { val }]);
+    }
+    t.render()
+}
+
 /// `cluster list`.
 pub fn nodes(nodes: &[pb::Node], json: bool) -> String {
     if json {

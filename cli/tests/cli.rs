@@ -306,3 +306,39 @@ fn volume_and_snapshot_commands_keep_to_their_kind_and_snapshots_outlive_their_v
     assert!(!good && err.contains("not found"), "{err}");
     ok(&e, &["volume", "snapshot", "delete", "db-s1"]);
 }
+
+#[test]
+fn volume_locate_and_cluster_inspect() {
+    let c = strata_e2e::cluster::Cluster::start(2, "256MiB");
+    c.sdk(0).create_full("r2", 8 << 20, 2, &[]).unwrap();
+    let ca = c.ca.path().join("ca.crt");
+    let run = |args: &[&str]| {
+        let out = Command::new(CTL)
+            .env("STRATA_ENDPOINT", &c.engines[1].sdk)
+            .env("STRATA_CONFIG_DIR", c.ca.path())
+            .env_remove("STRATA_TOKEN")
+            .env_remove("STRATA_CONTEXT")
+            .args(["--ca-file", ca.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, out, err) = run(&["volume", "locate", "r2"]);
+    assert!(ok && out.contains("detached: no node serves it") && out.contains("node-1") && out.contains("node-2"), "{out}{err}");
+    c.sdk(0).attach("r2", false).unwrap();
+    let (_, out, _) = run(&["volume", "locate", "r2", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["target"], "node-1");
+    assert_eq!(doc["nbd_uri"], format!("nbd://{}/r2", c.engines[0].nbd), "{doc}");
+    assert_eq!(doc["replicas"].as_array().unwrap().len(), 2);
+    assert!(doc["replicas"].as_array().unwrap().iter().all(|r| r["in_sync"] == true && r["node_status"] == "online"), "{doc}");
+    let (ok, out, _) = run(&["volume", "locate", "r2"]);
+    assert!(ok && out.contains("target") && out.contains(&format!("nbd://{}/r2", c.engines[0].nbd)), "{out}");
+
+    let (ok, out, _) = run(&["cluster", "inspect", "node-2", "--json"]);
+    let n: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && n["id"] == "node-2" && n["status"] == "online" && n["sdk_address"] == c.engines[1].sdk.as_str(), "{n}");
+    let (ok, _, err) = run(&["cluster", "inspect", "node-9"]);
+    assert!(!ok && err.contains("no node \"node-9\"") && err.contains("node-1, node-2"), "{err}");
+}
