@@ -221,7 +221,8 @@ pub enum VolumeCmd {
     },
     /// Grow a volume (online) or change its labels.
     Update(UpdateArgs),
-    /// Add or remove replicas online (ask the volume's target node: --endpoint).
+    /// Add or remove replicas online (one at a time when removing; any node forwards it to the
+    /// volume's target).
     HaUpdate {
         /// The volume.
         name: String,
