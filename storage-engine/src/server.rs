@@ -30,7 +30,7 @@ fn open_devices(paths: &[PathBuf], opts: &OpenOptions, volatile: bool) -> anyhow
 pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<Service>> {
     let mut devices = args.devices.clone();
     if args.use_all {
-        let (found, left) = crate::device::discover::discover_here(&args.use_all_match);
+        let (found, left) = crate::device::discover::discover_here(&args.use_all_match, crate::pool::superblock::MAGIC);
         for l in &left {
             tracing::info!(device = %l.name, "--use-all leaves it alone: {}", l.why);
         }

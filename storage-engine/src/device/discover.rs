@@ -35,10 +35,10 @@ pub struct Host<'a> {
 }
 
 /// `discover` on this machine (/sys/block, /dev, /proc).
-pub fn discover_here(patterns: &[String]) -> (Vec<Found>, Vec<LeftAlone>) {
+pub fn discover_here(patterns: &[String], own: &[u8]) -> (Vec<Found>, Vec<LeftAlone>) {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
-    discover(&Host { sys_block: Path::new("/sys/block"), dev: Path::new("/dev"), mountinfo: &mountinfo, swaps: &swaps }, patterns)
+    discover(&Host { sys_block: Path::new("/sys/block"), dev: Path::new("/dev"), mountinfo: &mountinfo, swaps: &swaps }, patterns, own)
 }
 
 /// Whether `name` matches the shell-style `pattern` (`*` any run, `?` one character).
@@ -55,10 +55,12 @@ pub fn glob(pattern: &str, name: &str) -> bool {
     m(pattern.as_bytes(), name.as_bytes())
 }
 
-/// What a device's first bytes say it holds, if anything recognisable.
-fn signature(head: &[u8]) -> Option<&'static str> {
+/// What a device's first bytes say it holds, if anything recognisable: `"strata"` when they
+/// start with `own` (the pool superblock's magic, which the caller knows: devices sit below
+/// the pool).
+fn signature(head: &[u8], own: &[u8]) -> Option<&'static str> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
-    if at(0, crate::pool::superblock::MAGIC) {
+    if at(0, own) {
         return Some("strata");
     }
     let known: [(usize, &[u8], &'static str); 10] = [
@@ -81,8 +83,9 @@ fn read_sys(dir: &Path, f: &str) -> Option<String> {
 }
 
 /// The block devices under `host` whose names match one of `patterns` (all when empty) and that
-/// are free to pool, and those left alone with the reason.
-pub fn discover(host: &Host<'_>, patterns: &[String]) -> (Vec<Found>, Vec<LeftAlone>) {
+/// are free to pool (blank, or starting with `own`, the pool superblock's magic), and those left
+/// alone with the reason.
+pub fn discover(host: &Host<'_>, patterns: &[String], own: &[u8]) -> (Vec<Found>, Vec<LeftAlone>) {
     let mut names: Vec<String> =
         std::fs::read_dir(host.sys_block).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
@@ -148,7 +151,7 @@ pub fn discover(host: &Host<'_>, patterns: &[String]) -> (Vec<Found>, Vec<LeftAl
             leave(format!("cannot be read: {e}"));
             continue;
         }
-        match signature(&head) {
+        match signature(&head, own) {
             Some("strata") => found.push(Found { path, size }),
             Some(what) => leave(format!("holds {what}")),
             None if head.iter().any(|&b| b != 0) => leave("holds data (its first MiB is not blank)".into()),
@@ -162,6 +165,9 @@ pub fn discover(host: &Host<'_>, patterns: &[String]) -> (Vec<Found>, Vec<LeftAl
 mod tests {
     use super::*;
 
+    /// A pool magic for these tests (the real one is the pool's).
+    const OWN: &[u8] = b"OURPOOL!";
+
     #[test]
     fn globs() {
         assert!(glob("loop*", "loop3") && glob("nvme?n1", "nvme0n1") && glob("*", "vda") && glob("vda", "vda"));
@@ -173,15 +179,15 @@ mod tests {
         let with = |off: usize, magic: &[u8]| {
             let mut b = vec![0u8; 70_000];
             b[off..off + magic.len()].copy_from_slice(magic);
-            signature(&b)
+            signature(&b, OWN)
         };
-        assert_eq!(signature(&[0u8; 70_000]), None);
-        assert_eq!(with(0, crate::pool::superblock::MAGIC), Some("strata"));
+        assert_eq!(signature(&[0u8; 70_000], OWN), None);
+        assert_eq!(with(0, OWN), Some("strata"));
         assert_eq!(with(1080, &[0x53, 0xEF]), Some("an ext2/3/4 filesystem"));
         assert_eq!(with(510, &[0x55, 0xAA]), Some("an MBR partition table or boot sector"));
         assert_eq!(with(512, b"EFI PART"), Some("a GPT partition table"));
         assert_eq!(with(65600, b"_BHRfS_M"), Some("a btrfs filesystem"));
-        assert_eq!(signature(&[0u8; 100]), None, "a short head is no signature");
+        assert_eq!(signature(&[0u8; 100], OWN), None, "a short head is no signature");
     }
 
     #[test]
@@ -214,7 +220,7 @@ mod tests {
         data[1080..1082].copy_from_slice(&[0x53, 0xEF]);
         std::fs::write(dev.join("used"), data).unwrap();
         let host = Host { sys_block: &sys, dev: &dev, mountinfo: "22 1 254:0 / / rw - ext4 /dev/vda rw\n", swaps: "Filename\n" };
-        let (found, left) = discover(&host, &[]);
+        let (found, left) = discover(&host, &[], OWN);
         assert_eq!(found, vec![Found { path: dev.join("blank"), size: 4096 * 512 }]);
         let why = |n: &str| left.iter().find(|l| l.name == n).map(|l| l.why.clone()).unwrap_or_default();
         assert!(why("empty").starts_with("empty"), "{left:?}");
@@ -225,7 +231,7 @@ mod tests {
         assert!(why("zram0").starts_with("not a disk"));
         assert_eq!(why("used"), "holds an ext2/3/4 filesystem");
         // Patterns narrow the search.
-        let (found, left) = discover(&host, &["bl*".to_string()]);
+        let (found, left) = discover(&host, &["bl*".to_string()], OWN);
         assert_eq!((found.len(), left.len()), (1, 0));
     }
 }
