@@ -172,6 +172,8 @@ pub enum AlertsCmd {
         #[arg(long, value_parser = context::duration_arg)]
         since: Option<std::time::Duration>,
     },
+    /// Remove the alerts kept on every reachable node (admins).
+    Purge,
 }
 
 #[derive(Debug, Subcommand)]
@@ -849,6 +851,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Err(Failure { code: "not_found", message: format!("no node {node:?} in the cluster (nodes: {})", known.join(", ")) }.into());
             };
             print!("{}", render::node_inspect(n, json));
+        }
+        Cmd::Alerts(AlertsCmd::Purge) => {
+            let r = pb::alert_service_client::AlertServiceClient::new(ch)
+                .purge(pb::PurgeAlertsRequest { local_only: false })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if json {
+                print!("{}", render::doc(serde_json::json!({"purged": r.purged, "unreachable": r.unreachable})));
+            } else {
+                println!("Purged {} alert(s).", r.purged);
+            }
+            for w in &r.unreachable {
+                eprintln!("warning: not purged on {w}");
+            }
         }
         Cmd::Alerts(AlertsCmd::Show { kinds, since }) => {
             let mut r = pb::alert_service_client::AlertServiceClient::new(ch)

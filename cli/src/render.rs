@@ -9,7 +9,7 @@ use strata_api::units::format_size;
 use strata_api::v1 as pb;
 
 /// JSON output: one document and a newline.
-fn doc(v: serde_json::Value) -> String {
+pub fn doc(v: serde_json::Value) -> String {
     format!("{v}\n")
 }
 

@@ -342,3 +342,38 @@ fn volume_locate_and_cluster_inspect() {
     let (ok, _, err) = run(&["cluster", "inspect", "node-9"]);
     assert!(!ok && err.contains("no node \"node-9\"") && err.contains("node-1, node-2"), "{err}");
 }
+
+#[test]
+fn alerts_show_filters_by_kind_and_age_and_purge_empties_every_node() {
+    let mut c = strata_e2e::cluster::Cluster::start(3, "256MiB");
+    c.kill9(2);
+    let t0 = std::time::Instant::now();
+    while !c.sdk(0).alerts().iter().any(|a| a.kind == "NodeOffline") {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "no NodeOffline alert: {:?}", c.sdk(0).alerts());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let ca = c.ca.path().join("ca.crt");
+    let run = |args: &[&str]| {
+        let out = Command::new(CTL)
+            .env("STRATA_ENDPOINT", &c.engines[1].sdk)
+            .env("STRATA_CONFIG_DIR", c.ca.path())
+            .env_remove("STRATA_TOKEN")
+            .env_remove("STRATA_CONTEXT")
+            .args(["--ca-file", ca.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "stratactl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let count = |v: &serde_json::Value| v["alerts"].as_array().unwrap().len();
+    assert!(count(&run(&["alerts", "show", "--type", "nodeoffline", "--json"])) >= 1);
+    assert_eq!(count(&run(&["alerts", "show", "--type", "PoolFull", "--json"])), 0);
+    assert!(count(&run(&["alerts", "show", "--since", "10m", "--json"])) >= 1);
+    let purged = run(&["alerts", "purge", "--json"]);
+    assert!(purged["purged"].as_u64().unwrap() >= 1, "{purged}");
+    assert_eq!(purged["unreachable"].as_array().unwrap().len(), 0, "the dead node is not asked: {purged}");
+    assert_eq!(count(&run(&["alerts", "show", "--json"])), 0, "nothing left on either live node");
+    let file = std::fs::read_to_string(c.engines[0].dir.join("data/alerts.jsonl")).expect("node-1 keeps its alerts in a file");
+    assert!(file.trim().is_empty(), "node-1's alert file still holds: {file}");
+}

@@ -136,6 +136,18 @@ impl Alerts {
     pub fn list(&self) -> Vec<Alert> {
         self.list.lock().iter().cloned().collect()
     }
+
+    /// Removes every alert kept (in memory and in the file); how many there were.
+    pub fn purge(&self) -> Result<usize, std::io::Error> {
+        let mut l = self.list.lock();
+        if let Some(path) = &self.path {
+            // Emptied first: a purge that cannot reach the file leaves the alerts in place.
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        }
+        let n = l.len();
+        l.clear();
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

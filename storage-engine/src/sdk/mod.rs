@@ -594,34 +594,79 @@ impl pb::alert_service_server::AlertService for Sdk {
         let mut alerts: Vec<pb::Alert> = e.alerts.list().into_iter().map(alert_pb).collect();
         let mut unreachable = Vec::new();
         if !req.into_inner().local_only {
-            let nodes = nodes_pb(e).await.map_err(|err| Status::unavailable(err.to_string()))?;
-            let others = nodes.into_iter().filter(|n| n.id != e.node.id && n.status != "offline" && !n.sdk_address.is_empty());
-            let calls = others.map(|n| {
-                let bearer = bearer.clone();
-                async move {
-                    let url = strata_api::endpoint_uri(&n.sdk_address);
-                    let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                        let ch = e.peer_sdk(&url, std::time::Duration::from_secs(5)).await?;
-                        let mut c = pb::alert_service_client::AlertServiceClient::with_interceptor(ch, bearer);
-                        c.list(pb::ListAlertsRequest { local_only: true }).await.map_err(|s| s.message().to_string())
-                    })
-                    .await;
-                    match r {
-                        Ok(Ok(resp)) => Ok(resp.into_inner().alerts),
-                        Ok(Err(why)) => Err(format!("{}: {why}", n.id)),
-                        Err(_) => Err(format!("{}: no answer within 5 s", n.id)),
-                    }
-                }
-            });
-            for r in futures::future::join_all(calls).await {
-                match r {
-                    Ok(a) => alerts.extend(a),
-                    Err(why) => unreachable.push(why),
-                }
-            }
+            let (theirs, failed) = self
+                .on_other_nodes(&bearer, |mut c| async move { Ok(c.list(pb::ListAlertsRequest { local_only: true }).await?.into_inner().alerts) })
+                .await?;
+            alerts.extend(theirs.into_iter().flatten());
+            unreachable = failed;
         }
         alerts.sort_by_key(|a| (a.last_unix, a.node.clone(), a.id));
         Ok(Response::new(pb::ListAlertsResponse { alerts, unreachable }))
+    }
+
+    /// Removes this node's alerts, and (unless `local_only`) every other online node's.
+    async fn purge(&self, req: Request<pb::PurgeAlertsRequest>) -> Result<Response<pb::PurgeAlertsResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::Admin, "alert.purge")?;
+        let bearer = bearer_of(&req);
+        let local_only = req.into_inner().local_only;
+        let result = async {
+            let mut purged = self.engine.alerts.purge().map_err(|e| Status::internal(format!("purging the alerts file: {e}")))? as u32;
+            let mut unreachable = Vec::new();
+            if !local_only {
+                let (theirs, failed) =
+                    self.on_other_nodes(&bearer, |mut c| async move {
+                        Ok(c.purge(pb::PurgeAlertsRequest { local_only: true }).await?.into_inner().purged)
+                    })
+                    .await?;
+                purged += theirs.iter().sum::<u32>();
+                unreachable = failed;
+            }
+            Ok(Response::new(pb::PurgeAlertsResponse { purged, unreachable }))
+        }
+        .await;
+        auth::audit(&who, "alert.purge", "", false, &result);
+        result
+    }
+}
+
+type AlertClient = pb::alert_service_client::AlertServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+
+impl Sdk {
+    /// Runs `call` against every other online node's alert service (with the caller's token), at
+    /// most 5 s each: what each answered, and the nodes that did not, with why.
+    async fn on_other_nodes<T, F, Fut>(&self, bearer: &Bearer, call: F) -> Result<(Vec<T>, Vec<String>), Status>
+    where
+        F: Fn(AlertClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let e = &self.engine;
+        let nodes = nodes_pb(e).await.map_err(|err| Status::unavailable(err.to_string()))?;
+        let others = nodes.into_iter().filter(|n| n.id != e.node.id && n.status != "offline" && !n.sdk_address.is_empty());
+        let calls = others.map(|n| {
+            let (bearer, call) = (bearer.clone(), &call);
+            async move {
+                let url = strata_api::endpoint_uri(&n.sdk_address);
+                let r = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                    let ch = e.peer_sdk(&url, std::time::Duration::from_secs(5)).await?;
+                    call(pb::alert_service_client::AlertServiceClient::with_interceptor(ch, bearer)).await.map_err(|s| s.message().to_string())
+                })
+                .await;
+                match r {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(why)) => Err(format!("{}: {why}", n.id)),
+                    Err(_) => Err(format!("{}: no answer within 5 s", n.id)),
+                }
+            }
+        });
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        for r in futures::future::join_all(calls).await {
+            match r {
+                Ok(v) => ok.push(v),
+                Err(why) => failed.push(why),
+            }
+        }
+        Ok((ok, failed))
     }
 }
 
