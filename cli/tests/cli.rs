@@ -46,6 +46,22 @@ fn json(e: &Engine, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|err| panic!("stratactl {args:?} --json printed no JSON ({err}): {out}"))
 }
 
+/// stratactl against engine `i` of a test cluster (TLS under its CA, no token, contexts in the
+/// CA's directory): (success, stdout, stderr).
+fn ctl_cluster(c: &strata_e2e::cluster::Cluster, i: usize, args: &[&str]) -> (bool, String, String) {
+    let ca = c.ca.path().join("ca.crt");
+    let out = Command::new(CTL)
+        .env("STRATA_ENDPOINT", &c.engines[i].sdk)
+        .env("STRATA_CONFIG_DIR", c.ca.path())
+        .env_remove("STRATA_TOKEN")
+        .env_remove("STRATA_CONTEXT")
+        .args(["--ca-file", ca.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[test]
 fn volume_commands_with_tables_and_json() {
     let e = engine();
@@ -249,17 +265,9 @@ fn status_shows_the_whole_clusters_capacity_and_counts_snapshots_apart() {
     let c = strata_e2e::cluster::Cluster::start(3, "256MiB");
     c.sdk(0).create_full("a", 8 << 20, 3, &[]).unwrap();
     c.sdk(0).snapshot("a", "a-snap").unwrap();
-    let ca = c.ca.path().join("ca.crt");
-    let out = Command::new(CTL)
-        .env("STRATA_ENDPOINT", &c.engines[0].sdk)
-        .env("STRATA_CONFIG_DIR", c.ca.path())
-        .env_remove("STRATA_TOKEN")
-        .env_remove("STRATA_CONTEXT")
-        .args(["--ca-file", ca.to_str().unwrap(), "status", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (ok, out, err) = ctl_cluster(&c, 0, &["status", "--json"]);
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
     let one = c.sdk(0).pool().total_bytes;
     assert_eq!(s["total_bytes"], 3 * one, "three pools: {s}");
     assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
@@ -311,19 +319,7 @@ fn volume_and_snapshot_commands_keep_to_their_kind_and_snapshots_outlive_their_v
 fn volume_locate_and_cluster_inspect() {
     let c = strata_e2e::cluster::Cluster::start(2, "256MiB");
     c.sdk(0).create_full("r2", 8 << 20, 2, &[]).unwrap();
-    let ca = c.ca.path().join("ca.crt");
-    let run = |args: &[&str]| {
-        let out = Command::new(CTL)
-            .env("STRATA_ENDPOINT", &c.engines[1].sdk)
-            .env("STRATA_CONFIG_DIR", c.ca.path())
-            .env_remove("STRATA_TOKEN")
-            .env_remove("STRATA_CONTEXT")
-            .args(["--ca-file", ca.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-    };
+    let run = |args: &[&str]| ctl_cluster(&c, 1, args);
     let (ok, out, err) = run(&["volume", "locate", "r2"]);
     assert!(ok && out.contains("detached: no node serves it") && out.contains("node-1") && out.contains("node-2"), "{out}{err}");
     c.sdk(0).attach("r2", false).unwrap();
@@ -352,19 +348,10 @@ fn alerts_show_filters_by_kind_and_age_and_purge_empties_every_node() {
         assert!(t0.elapsed() < std::time::Duration::from_secs(30), "no NodeOffline alert: {:?}", c.sdk(0).alerts());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let ca = c.ca.path().join("ca.crt");
     let run = |args: &[&str]| {
-        let out = Command::new(CTL)
-            .env("STRATA_ENDPOINT", &c.engines[1].sdk)
-            .env("STRATA_CONFIG_DIR", c.ca.path())
-            .env_remove("STRATA_TOKEN")
-            .env_remove("STRATA_CONTEXT")
-            .args(["--ca-file", ca.to_str().unwrap()])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "stratactl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        let (ok, out, err) = ctl_cluster(&c, 1, args);
+        assert!(ok, "stratactl {args:?}: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
     let count = |v: &serde_json::Value| v["alerts"].as_array().unwrap().len();
     assert!(count(&run(&["alerts", "show", "--type", "nodeoffline", "--json"])) >= 1);
