@@ -124,6 +124,12 @@ impl ClientTls {
         .map_err(|e| format!("{}: {e}", ca.display()))
     }
 
+    /// `from_files` of a directory that `strata-engine certs issue` wrote (`ca.crt`, `node.crt`,
+    /// `node.key`): its certificate is the client's.
+    pub fn from_node_dir(dir: &Path) -> Result<ClientTls, String> {
+        ClientTls::from_files(&dir.join("ca.crt"), Some((&dir.join("node.crt"), &dir.join("node.key"))))
+    }
+
     fn endpoint(endpoint: &str) -> Result<Endpoint, String> {
         // TLS is done here, under the channel: the URI tonic sees is plain http.
         let uri = crate::endpoint_uri(endpoint).replacen("https://", "http://", 1);

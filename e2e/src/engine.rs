@@ -194,10 +194,7 @@ impl EngineProc {
     /// presenting the node's own certificate (as the node's CSI plugin does), so an engine run
     /// with --sdk-require-client-cert answers too.
     pub fn client_tls(&self) -> Option<strata_api::tls::ClientTls> {
-        self.tls_dir().map(|d| {
-            strata_api::tls::ClientTls::from_files(&d.join("ca.crt"), Some((&d.join("node.crt"), &d.join("node.key"))))
-                .expect("the engine's certificate loads")
-        })
+        self.tls_dir().map(|d| strata_api::tls::ClientTls::from_node_dir(&d).expect("the engine's certificate loads"))
     }
 
     /// The process id while running (for SIGSTOP/SIGCONT).

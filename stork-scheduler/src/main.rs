@@ -28,10 +28,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let tls = match (&cfg.sdk_ca_file, &cfg.tls_dir) {
         (Some(ca), _) => Some(strata_api::tls::ClientTls::from_files(ca, None).map_err(|e| anyhow::anyhow!("--sdk-ca-file {e}"))?),
         // The extender's own certificate is its client identity at the SDK.
-        (None, Some(d)) => Some(
-            strata_api::tls::ClientTls::from_files(&d.join("ca.crt"), Some((&d.join("node.crt"), &d.join("node.key"))))
-                .map_err(|e| anyhow::anyhow!("--tls-dir {e}"))?,
-        ),
+        (None, Some(d)) => Some(strata_api::tls::ClientTls::from_node_dir(d).map_err(|e| anyhow::anyhow!("--tls-dir {e}"))?),
         (None, None) => None,
     };
     let storage = Arc::new(Sdk::new(&cfg.sdk).with_bearer(bearer).with_tls(tls));
