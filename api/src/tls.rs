@@ -13,6 +13,38 @@ use std::path::Path;
 use std::sync::Arc;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// What a reload compares to tell that certificate files changed: each file's modification time
+/// and length (a missing one counts as the epoch and 0).
+pub type FileStamp = Vec<(std::time::SystemTime, u64)>;
+
+/// The `FileStamp` of `files` in `dir`.
+pub fn file_stamp(dir: &Path, files: &[&str]) -> FileStamp {
+    let of = |f: &&str| std::fs::metadata(dir.join(f)).map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()));
+    files.iter().map(|f| of(f).unwrap_or((std::time::UNIX_EPOCH, 0))).collect()
+}
+
+/// Calls `reload` (true: new files in use) on `target` every `every` for as long as `target`
+/// lives, logging each reload and each failure (the current files then stay in use): `what`
+/// names the certificate, `dir` where its files are.
+pub fn watch<T, F>(target: &Arc<T>, every: std::time::Duration, what: &'static str, dir: &Path, reload: F)
+where
+    T: Send + Sync + 'static,
+    F: Fn(&T) -> Result<bool, String> + Send + 'static,
+{
+    let (target, dir) = (Arc::downgrade(target), dir.display().to_string());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(t) = target.upgrade() else { return };
+            match reload(&t) {
+                Ok(true) => tracing::info!(%dir, "{what} reloaded: new connections use it"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%dir, "{what} not reloaded: {e}"),
+            }
+        }
+    });
+}
+
 /// The node id a certificate names (its first DNS subject alternative name).
 pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;

@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// Who called over TLS: the identity (first DNS name) of the verified client certificate, or
 /// None when the client sent none. Put on every request served by [`serve`].
@@ -57,19 +57,10 @@ async fn check_client(State(policy): State<Arc<ClientPolicy>>, req: Request, nex
 pub struct ServerTls {
     dir: PathBuf,
     current: parking_lot::RwLock<Arc<rustls::ServerConfig>>,
-    stamp: parking_lot::Mutex<Vec<(SystemTime, u64)>>,
+    stamp: parking_lot::Mutex<strata_api::tls::FileStamp>,
 }
 
 const FILES: [&str; 3] = ["ca.crt", "node.crt", "node.key"];
-
-fn stamp(dir: &Path) -> Vec<(SystemTime, u64)> {
-    FILES
-        .iter()
-        .map(|f| {
-            std::fs::metadata(dir.join(f)).map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len())).unwrap_or((SystemTime::UNIX_EPOCH, 0))
-        })
-        .collect()
-}
 
 fn config(dir: &Path) -> Result<rustls::ServerConfig, String> {
     let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| format!("{}: {e}", dir.join(f).display()));
@@ -106,7 +97,7 @@ fn config(dir: &Path) -> Result<rustls::ServerConfig, String> {
 impl ServerTls {
     /// Loads `ca.crt`, `node.crt` and `node.key` from `dir`.
     pub fn load(dir: &Path) -> Result<ServerTls, String> {
-        let before = stamp(dir);
+        let before = strata_api::tls::file_stamp(dir, &FILES);
         let c = config(dir)?;
         Ok(ServerTls { dir: dir.to_path_buf(), current: parking_lot::RwLock::new(Arc::new(c)), stamp: parking_lot::Mutex::new(before) })
     }
@@ -114,7 +105,7 @@ impl ServerTls {
     /// Loads the files again if they changed; true when the new ones are in use. Files that do
     /// not load (half-written) leave the current ones in use and say why.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
-        let now = stamp(&self.dir);
+        let now = strata_api::tls::file_stamp(&self.dir, &FILES);
         if *self.stamp.lock() == now {
             return Ok(false);
         }
@@ -131,18 +122,7 @@ impl ServerTls {
 /// Serves `app` over TLS on `listener` for ever: each connection's verified client identity
 /// goes on its requests as [`Caller`]. The files are checked for changes every `reload_every`.
 pub async fn serve(listener: tokio::net::TcpListener, app: Router, tls: Arc<ServerTls>, reload_every: Duration) -> std::io::Result<()> {
-    let watched = Arc::downgrade(&tls);
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(reload_every).await;
-            let Some(t) = watched.upgrade() else { return };
-            match t.reload_if_changed() {
-                Ok(true) => tracing::info!(dir = %t.dir.display(), "extender certificate reloaded"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!("extender certificate not reloaded: {e}"),
-            }
-        }
-    });
+    strata_api::tls::watch(&tls, reload_every, "extender certificate", &tls.dir, ServerTls::reload_if_changed);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,

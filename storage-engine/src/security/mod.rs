@@ -73,9 +73,7 @@ pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
 /// for the process's life. A failure (files half-replaced) is logged and tried again at the
 /// next change or check.
 pub async fn reissue_on_change(ca_dir: &Path, node: &str, hosts: &[String], out: &Path, every: std::time::Duration) {
-    let ca_stamp = || {
-        [CA_CERT, CA_KEY].map(|f| std::fs::metadata(ca_dir.join(f)).map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len())).ok()).to_vec()
-    };
+    let ca_stamp = || strata_api::tls::file_stamp(ca_dir, &[CA_CERT, CA_KEY]);
     let mut seen = ca_stamp();
     loop {
         tokio::time::sleep(every).await;
@@ -117,7 +115,7 @@ pub struct Tls {
     dir: PathBuf,
     current: parking_lot::RwLock<Arc<Configs>>,
     /// The files' modification times and sizes at the last load.
-    stamp: parking_lot::Mutex<Vec<(std::time::SystemTime, u64)>>,
+    stamp: parking_lot::Mutex<strata_api::tls::FileStamp>,
 }
 
 struct Configs {
@@ -142,13 +140,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn stamp(dir: &Path) -> Vec<(std::time::SystemTime, u64)> {
-    [CA_CERT, NODE_CERT, NODE_KEY]
-        .iter()
-        .map(|f| {
-            std::fs::metadata(dir.join(f)).map(|m| (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len())).unwrap_or((std::time::UNIX_EPOCH, 0))
-        })
-        .collect()
+fn stamp(dir: &Path) -> strata_api::tls::FileStamp {
+    strata_api::tls::file_stamp(dir, &[CA_CERT, NODE_CERT, NODE_KEY])
 }
 
 /// Reads `ca.crt` (one CA, or several while a CA is being replaced), `node.crt` and `node.key`.
@@ -241,18 +234,7 @@ impl Tls {
     /// Checks the directory every `every` for changed files and reloads them, for the
     /// process's life.
     pub fn watch(self: &Arc<Self>, every: std::time::Duration) {
-        let t = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Some(t) = t.upgrade() else { return };
-                match t.reload_if_changed() {
-                    Ok(true) => tracing::info!(dir = %t.dir.display(), "replication certificate reloaded: new connections use it"),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!("replication certificate not reloaded: {e}"),
-                }
-            }
-        });
+        strata_api::tls::watch(self, every, "replication certificate", &self.dir, |t: &Tls| t.reload_if_changed().map_err(|e| e.to_string()));
     }
 
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
