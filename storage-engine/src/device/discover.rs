@@ -55,14 +55,9 @@ pub fn glob(pattern: &str, name: &str) -> bool {
     m(pattern.as_bytes(), name.as_bytes())
 }
 
-/// What a device's first bytes say it holds, if anything recognisable: `"strata"` when they
-/// start with `own` (the pool superblock's magic, which the caller knows: devices sit below
-/// the pool).
-fn signature(head: &[u8], own: &[u8]) -> Option<&'static str> {
+/// What a device's first bytes say it holds, if anything recognisable.
+fn signature(head: &[u8]) -> Option<&'static str> {
     let at = |off: usize, magic: &[u8]| head.get(off..off + magic.len()) == Some(magic);
-    if at(0, own) {
-        return Some("strata");
-    }
     let known: [(usize, &[u8], &'static str); 10] = [
         (512, b"EFI PART", "a GPT partition table"),
         (1080, &[0x53, 0xEF], "an ext2/3/4 filesystem"),
@@ -82,12 +77,16 @@ fn read_sys(dir: &Path, f: &str) -> Option<String> {
     std::fs::read_to_string(dir.join(f)).ok().map(|s| s.trim().to_string())
 }
 
+/// The names in `dir` (none when it cannot be read).
+fn names_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
 /// The block devices under `host` whose names match one of `patterns` (all when empty) and that
 /// are free to pool (blank, or starting with `own`, the pool superblock's magic), and those left
 /// alone with the reason.
 pub fn discover(host: &Host<'_>, patterns: &[String], own: &[u8]) -> (Vec<Found>, Vec<LeftAlone>) {
-    let mut names: Vec<String> =
-        std::fs::read_dir(host.sys_block).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names = names_in(host.sys_block);
     names.sort();
     let mounted: Vec<&str> = host.mountinfo.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
     let (mut found, mut left) = (Vec::new(), Vec::new());
@@ -110,19 +109,12 @@ pub fn discover(host: &Host<'_>, patterns: &[String], own: &[u8]) -> (Vec<Found>
             leave("read-only".into());
             continue;
         }
-        let holders: Vec<String> =
-            std::fs::read_dir(sys.join("holders")).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let holders = names_in(&sys.join("holders"));
         if !holders.is_empty() {
             leave(format!("held by {} (LVM, RAID or device-mapper)", holders.join(",")));
             continue;
         }
-        let parts: Vec<String> = std::fs::read_dir(&sys)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().join("partition").exists())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
+        let parts: Vec<String> = names_in(&sys).into_iter().filter(|p| sys.join(p).join("partition").exists()).collect();
         if !parts.is_empty() {
             leave(format!("has partitions ({})", parts.join(",")));
             continue;
@@ -151,8 +143,12 @@ pub fn discover(host: &Host<'_>, patterns: &[String], own: &[u8]) -> (Vec<Found>
             leave(format!("cannot be read: {e}"));
             continue;
         }
-        match signature(&head, own) {
-            Some("strata") => found.push(Found { path, size }),
+        // This pool's own device (after a restart); the pool refuses another pool's at open.
+        if head.starts_with(own) {
+            found.push(Found { path, size });
+            continue;
+        }
+        match signature(&head) {
             Some(what) => leave(format!("holds {what}")),
             None if head.iter().any(|&b| b != 0) => leave("holds data (its first MiB is not blank)".into()),
             None => found.push(Found { path, size }),
@@ -179,15 +175,14 @@ mod tests {
         let with = |off: usize, magic: &[u8]| {
             let mut b = vec![0u8; 70_000];
             b[off..off + magic.len()].copy_from_slice(magic);
-            signature(&b, OWN)
+            signature(&b)
         };
-        assert_eq!(signature(&[0u8; 70_000], OWN), None);
-        assert_eq!(with(0, OWN), Some("strata"));
+        assert_eq!(signature(&[0u8; 70_000]), None);
         assert_eq!(with(1080, &[0x53, 0xEF]), Some("an ext2/3/4 filesystem"));
         assert_eq!(with(510, &[0x55, 0xAA]), Some("an MBR partition table or boot sector"));
         assert_eq!(with(512, b"EFI PART"), Some("a GPT partition table"));
         assert_eq!(with(65600, b"_BHRfS_M"), Some("a btrfs filesystem"));
-        assert_eq!(signature(&[0u8; 100], OWN), None, "a short head is no signature");
+        assert_eq!(signature(&[0u8; 100]), None, "a short head is no signature");
     }
 
     #[test]
@@ -219,9 +214,14 @@ mod tests {
         let mut data = vec![0u8; 4096 * 512];
         data[1080..1082].copy_from_slice(&[0x53, 0xEF]);
         std::fs::write(dev.join("used"), data).unwrap();
+        // A device of this pool (after a restart): its superblock is data, but its own.
+        disk("ours", 4096, "0", "7:7");
+        let mut data = vec![0x5a; 4096 * 512];
+        data[..OWN.len()].copy_from_slice(OWN);
+        std::fs::write(dev.join("ours"), data).unwrap();
         let host = Host { sys_block: &sys, dev: &dev, mountinfo: "22 1 254:0 / / rw - ext4 /dev/vda rw\n", swaps: "Filename\n" };
         let (found, left) = discover(&host, &[], OWN);
-        assert_eq!(found, vec![Found { path: dev.join("blank"), size: 4096 * 512 }]);
+        assert_eq!(found, vec![Found { path: dev.join("blank"), size: 4096 * 512 }, Found { path: dev.join("ours"), size: 4096 * 512 }]);
         let why = |n: &str| left.iter().find(|l| l.name == n).map(|l| l.why.clone()).unwrap_or_default();
         assert!(why("empty").starts_with("empty"), "{left:?}");
         assert_eq!(why("rom"), "read-only");
