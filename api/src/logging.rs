@@ -3,11 +3,11 @@
 //! coloured only on a terminal. Spans (volume and node ids on the data and control paths)
 //! show as the event's context.
 
-/// Installs the subscriber; call once at the start of `main`.
 /// `info`, without rustls's per-handshake notes on what clients send (an IP address as SNI,
 /// which NBD clients reaching an engine by address always do).
 const DEFAULT: &str = "info,rustls::msgs=error";
 
+/// Installs the subscriber; call once at the start of `main`.
 pub fn init() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG").unwrap_or_else(|_| DEFAULT.into());
     tracing_subscriber::fmt()

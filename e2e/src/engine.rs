@@ -4,8 +4,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The engine binary: `$STRATA_ENGINE_BIN`, else `strata-engine` in the target directory of the
-/// running test (`target/<profile>/`, beside `deps/`). Build the workspace first.
 /// Runs `strata-engine certs ARGS` (make a CA, issue a certificate); panics with its stderr
 /// when it fails.
 pub fn certs<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) {
@@ -13,6 +11,8 @@ pub fn certs<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) {
     assert!(out.status.success(), "strata-engine certs {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The engine binary: `$STRATA_ENGINE_BIN`, else `strata-engine` in the target directory of the
+/// running test (`target/<profile>/`, beside `deps/`). Build the workspace first.
 pub fn engine_bin() -> PathBuf {
     if let Ok(p) = std::env::var("STRATA_ENGINE_BIN") {
         return PathBuf::from(p);

@@ -56,7 +56,8 @@ fn engine_args(sc: &StorageCluster) -> Vec<String> {
 
 /// With security on: an init container that signs this node's certificate (its identity: the
 /// Kubernetes node name) with the cluster CA from the security Secret into `<data-dir>/tls` at
-/// every pod start. The CA's key is mounted into that init container only.
+/// every pod start; with `--watch`, the same container runs beside the engine as `certs-watch`.
+/// The CA's key is mounted into those two, never into the engine or the CSI plugin.
 fn engine_certs_init(sc: &StorageCluster) -> Option<Value> {
     sc.spec.security.enabled.then(|| {
         let dir = data_dir(sc);

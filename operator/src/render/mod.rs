@@ -165,8 +165,9 @@ pub(crate) fn with_system_key(sc: &StorageCluster, container: &mut Value, ca_fla
     }
 }
 
-/// The security Secret's CA certificate and key, as a pod volume: mounted only into the init
-/// containers that sign certificates (`certs_init`).
+/// The security Secret's CA certificate and key, as a pod volume: mounted only into the
+/// containers that sign certificates (`certs_init`, and the engines' `certs-watch` sidecar),
+/// never into the components that use them.
 pub(crate) fn cluster_ca_volume(sc: &StorageCluster) -> Value {
     let items = ["ca.crt", "ca.key"].map(|k| json!({"key": k, "path": k}));
     json!({"name": "cluster-ca", "secret": {"secretName": sc.spec.security.secret_name, "items": items}})
@@ -175,7 +176,7 @@ pub(crate) fn cluster_ca_volume(sc: &StorageCluster) -> Value {
 /// An init container that signs a certificate for `id` (its identity; also valid for
 /// `hosts`) with the cluster CA and writes `ca.crt`, `node.crt` and `node.key` into `out`,
 /// mounted from `out_mount` (a volume mount), at every pod start. The CA's key reaches this
-/// container only.
+/// container, not the pod's others.
 pub(crate) fn certs_init(sc: &StorageCluster, id: &str, hosts: &[String], out: &str, out_mount: Value) -> Value {
     let mut command =
         vec![json!("strata-engine"), json!("certs"), json!("issue"), json!("--ca-dir=/etc/strata/ca"), json!(format!("--node-id={id}"))];
