@@ -472,10 +472,10 @@ async fn connect(target: &context::Context, endpoint: &str) -> anyhow::Result<Sd
     let (connect, call) = (std::time::Duration::from_secs(5), std::time::Duration::from_secs(120));
     let ch = strata_api::tls::channel(&ep, tls.as_ref(), connect, call).await.map_err(|e| {
         let hint = if tls.is_none() { "; an engine with a certificate serves TLS only: pass --ca-file" } else { "" };
-        anyhow::Error::from(Failure {
-            code: "unavailable",
-            message: format!("cannot reach the Strata engine at {ep}: {e} (is strata-engine running? set --endpoint or STRATA_ENDPOINT{hint})"),
-        })
+        fail(
+            "unavailable",
+            format!("cannot reach the Strata engine at {ep}: {e} (is strata-engine running? set --endpoint or STRATA_ENDPOINT{hint})"),
+        )
     })?;
     Ok(InterceptedService::new(ch, bearer))
 }
@@ -499,14 +499,11 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     // A plaintext client talking to an engine that serves TLS sees only a broken stream.
     let broken = s.message().contains("h2 protocol error") || s.message().contains("transport error");
     if PLAINTEXT.load(std::sync::atomic::Ordering::Relaxed) && s.code() == tonic::Code::Unknown && broken {
-        return Failure {
-            code: "unavailable",
-            message: format!(
-                "the engine did not speak plaintext gRPC ({}): an engine with a certificate serves its SDK over TLS only; pass --ca-file (or set STRATA_CA_FILE) with the cluster CA's certificate",
-                s.message()
-            ),
-        }
-        .into();
+        let why = format!(
+            "the engine did not speak plaintext gRPC ({}): an engine with a certificate serves its SDK over TLS only; pass --ca-file (or set STRATA_CA_FILE) with the cluster CA's certificate",
+            s.message()
+        );
+        return fail("unavailable", why);
     }
     let (code, text) = match s.code() {
         tonic::Code::NotFound => ("not_found", "not found"),
@@ -519,7 +516,7 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
         tonic::Code::PermissionDenied => ("permission_denied", "permission denied"),
         _ => ("engine_error", "engine error"),
     };
-    Failure { code, message: format!("{text}: {}", s.message()) }.into()
+    fail(code, format!("{text}: {}", s.message()))
 }
 
 /// A failed command, with a stable machine-readable `code` (`not_found`, `already_exists`,
@@ -538,6 +535,11 @@ impl std::fmt::Display for Failure {
 }
 
 impl std::error::Error for Failure {}
+
+/// A failed command with `code` (see `Failure`).
+fn fail(code: &'static str, message: String) -> anyhow::Error {
+    Failure { code, message }.into()
+}
 
 /// How a failed command is reported: `error: MESSAGE` on stderr, or under `--json` the document
 /// `{"error": {"code": CODE, "message": MESSAGE}}` on stdout (what a script parses).
@@ -568,11 +570,10 @@ async fn snapshot_cmd(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk
         SnapshotCmd::Delete { name } => {
             let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner().volume;
             if v.is_some_and(|v| v.snapshot_of.is_empty()) {
-                return Err(Failure {
-                    code: "invalid_argument",
-                    message: format!("{name} is a volume, not a snapshot; delete volumes with `stratactl volume delete {name}`"),
-                }
-                .into());
+                return Err(fail(
+                    "invalid_argument",
+                    format!("{name} is a volume, not a snapshot; delete volumes with `stratactl volume delete {name}`"),
+                ));
             }
             c.delete(pb::DeleteVolumeRequest { name: name.clone(), force: false }).await.map_err(status_err)?;
             print!("{}", render::deleted(&name, json, &format!("Snapshot {name} deleted.")));
@@ -777,11 +778,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 VolumeCmd::Delete { name, force } => {
                     let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner().volume;
                     if let Some(of) = v.map(|v| v.snapshot_of).filter(|of| !of.is_empty()) {
-                        return Err(Failure {
-                            code: "invalid_argument",
-                            message: format!("{name} is a snapshot of {of}, not a volume; delete snapshots with `stratactl snapshot delete {name}`"),
-                        }
-                        .into());
+                        return Err(fail(
+                            "invalid_argument",
+                            format!("{name} is a snapshot of {of}, not a volume; delete snapshots with `stratactl snapshot delete {name}`"),
+                        ));
                     }
                     c.delete(pb::DeleteVolumeRequest { name: name.clone(), force }).await.map_err(status_err)?;
                     print!("{}", render::deleted(&name, json, &format!("Volume {name} successfully deleted.")));
@@ -848,7 +848,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 pb::node_service_client::NodeServiceClient::new(ch).list(pb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
             let Some(n) = nodes.iter().find(|n| n.id == node) else {
                 let known: Vec<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
-                return Err(Failure { code: "not_found", message: format!("no node {node:?} in the cluster (nodes: {})", known.join(", ")) }.into());
+                return Err(fail("not_found", format!("no node {node:?} in the cluster (nodes: {})", known.join(", "))));
             };
             print!("{}", render::node_inspect(n, json));
         }
