@@ -1,6 +1,7 @@
 //! A volume as a local block device without the kernel NBD module: `strata-csi fuse-disk`
 //! (`fusedisk`) exposes the engine's NBD export as a file on a FUSE mount that follows the
-//! export's size and survives engine restarts, and a loop device is set up over that file.
+//! export's size and survives engine restarts, and a loop device (direct I/O) is set up over
+//! that file.
 //! Every step first looks at the system (mounts, loop devices) so each can be repeated safely and
 //! an interrupted stage or unstage can be finished by calling it again.
 
@@ -121,12 +122,20 @@ pub fn grow_fs(dev: &str, fs: &str, mountpoint: &Path) -> Result<(), AttachError
     }
 }
 
-/// The loop device over `file`, set up if there is none.
+/// The loop device over `file`, set up if there is none. With direct I/O: the loop device then
+/// hands the filesystem's requests to the FUSE view as they come (asynchronously, many at once)
+/// instead of through a second page cache (a kernel that cannot do it gets a plain loop device).
 pub fn ensure_loop(file: &Path) -> Result<String, AttachError> {
     if let Some(dev) = find_loop(file)? {
         return Ok(dev);
     }
-    run("losetup", &["--find", "--show", &file.to_string_lossy()])
+    run("losetup", &["--find", "--show", "--direct-io=on", &file.to_string_lossy()])
+}
+
+/// Whether a loop device does direct I/O on its file.
+pub fn loop_direct_io(dev: &str) -> bool {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).is_ok_and(|s| s.trim() == "1")
 }
 
 /// The loop device whose backing file is `file`, if any.

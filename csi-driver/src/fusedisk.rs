@@ -1,238 +1,151 @@
 //! `strata-csi fuse-disk`: a volume's NBD export as one file, `disk`, on a FUSE mount, for a
-//! loop device to sit on when the kernel has no NBD module. Unlike a fixed-size view, the file
-//! follows the export: every stat asks the engine for the export's size (so a grown volume
+//! loop device to sit on when the kernel has neither ublk nor NBD. Unlike a fixed-size view, the
+//! file follows the export: every stat asks the engine for the export's size (so a grown volume
 //! grows the file, and `losetup --set-capacity` then the filesystem can follow), and a broken
-//! connection (an engine restart) is re-established and the request retried instead of failing
-//! the mount.
+//! connection (an engine restart) is re-established and the requests in flight retried instead
+//! of failing the mount.
 //!
-//! The NBD client is minimal and blocking: fixed newstyle handshake, NBD_OPT_GO, simple
-//! replies, one request at a time (the FUSE session is single-threaded).
+//! Concurrent: the FUSE session thread only reads requests and hands reads, writes, flushes and
+//! discards to a pool of worker threads, which share one pipelined NBD connection
+//! (`nbdclient::Client`); replies go back to the kernel as they complete. The mount asks for
+//! asynchronous direct I/O and 1 MiB requests, so a loop device with `--direct-io=on` above it
+//! keeps many requests of a filesystem's size in flight.
 
+use crate::nbdclient::{self, Client, NbdConn};
 use fuser::{
-    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    consts, FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyWrite, Request,
 };
+use parking_lot::Mutex;
 use std::ffi::OsStr;
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const FLAG_FIXED_NEWSTYLE: u32 = 1;
-const FLAG_NO_ZEROES: u32 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const INFO_EXPORT: u16 = 0;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-/// Largest single NBD request sent (larger FUSE requests are split).
+pub use crate::nbdclient::Endpoint;
+
+/// Largest single NBD request sent (larger FUSE requests are split), and the FUSE mount's
+/// largest request.
 const MAX_REQ: usize = 1 << 20;
 /// How long a broken connection is retried before requests fail with EIO.
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
-
-/// Where the engine's NBD server listens.
-#[derive(Debug, Clone)]
-pub enum Endpoint {
-    Unix(PathBuf),
-    Tcp(String),
-}
-
-trait Stream: Read + Write + Send {}
-impl<T: Read + Write + Send> Stream for T {}
-
-/// One NBD connection to an export.
-pub struct NbdConn {
-    s: Box<dyn Stream>,
-    pub size: u64,
-    /// Transmission flags from the handshake.
-    pub flags: u16,
-    /// The socket (for handing it to the kernel NBD driver).
-    pub fd: std::os::fd::RawFd,
-    handle: u64,
-}
-
-impl NbdConn {
-    pub fn connect(ep: &Endpoint, export: &str) -> io::Result<NbdConn> {
-        use std::os::fd::AsRawFd;
-        let (mut s, fd): (Box<dyn Stream>, _) = match ep {
-            Endpoint::Unix(p) => {
-                let u = std::os::unix::net::UnixStream::connect(p)?;
-                let fd = u.as_raw_fd();
-                (Box::new(u), fd)
-            }
-            Endpoint::Tcp(a) => {
-                let t = std::net::TcpStream::connect(a)?;
-                t.set_nodelay(true)?;
-                let fd = t.as_raw_fd();
-                (Box::new(t), fd)
-            }
-        };
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello)?;
-        if be64(&hello[0..8]) != NBDMAGIC || be64(&hello[8..16]) != IHAVEOPT {
-            return Err(bad("the server does not speak newstyle NBD"));
-        }
-        s.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
-        let mut data = (export.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
-        opt.extend_from_slice(&OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&data);
-        s.write_all(&opt)?;
-        let (mut size, mut flags) = (None, 0);
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h)?;
-            let (magic, typ, len) = (be64(&h[0..8]), be32(&h[12..16]), be32(&h[16..20]) as usize);
-            if magic != REPLY_MAGIC_OPT || len > 1 << 20 {
-                return Err(bad("bad option reply"));
-            }
-            let mut body = vec![0u8; len];
-            s.read_exact(&mut body)?;
-            match typ {
-                REP_ACK => break,
-                REP_INFO if len >= 12 && u16::from_be_bytes([body[0], body[1]]) == INFO_EXPORT => {
-                    size = Some(be64(&body[2..10]));
-                    flags = u16::from_be_bytes([body[10], body[11]]);
-                }
-                REP_INFO => {}
-                t if t & 0x8000_0000 != 0 => {
-                    return Err(io::Error::new(io::ErrorKind::NotFound, format!("export {export}: {}", String::from_utf8_lossy(&body))));
-                }
-                _ => return Err(bad("unexpected option reply")),
-            }
-        }
-        let size = size.ok_or_else(|| bad("the server sent no export size"))?;
-        Ok(NbdConn { s, size, flags, fd, handle: 0 })
-    }
-
-    fn request(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8], out: &mut [u8]) -> io::Result<u32> {
-        self.handle += 1;
-        let mut r = Vec::with_capacity(28 + payload.len());
-        r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&cmd.to_be_bytes());
-        r.extend_from_slice(&self.handle.to_be_bytes());
-        r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
-        r.extend_from_slice(payload);
-        self.s.write_all(&r)?;
-        if cmd == CMD_DISC {
-            return Ok(0);
-        }
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h)?;
-        if be32(&h[0..4]) != SIMPLE_REPLY_MAGIC || be64(&h[8..16]) != self.handle {
-            return Err(bad("reply out of step"));
-        }
-        let err = be32(&h[4..8]);
-        if err == 0 && cmd == CMD_READ {
-            self.s.read_exact(out)?;
-        }
-        Ok(err)
-    }
-
-    pub fn read(&mut self, offset: u64, out: &mut [u8]) -> io::Result<u32> {
-        let len = out.len() as u32;
-        self.request(CMD_READ, offset, len, &[], out)
-    }
-
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<u32> {
-        self.request(CMD_WRITE, offset, data.len() as u32, data, &mut [])
-    }
-
-    pub fn flush(&mut self) -> io::Result<u32> {
-        self.request(CMD_FLUSH, 0, 0, &[], &mut [])
-    }
-
-    pub fn disconnect(mut self) {
-        let _ = self.request(CMD_DISC, 0, 0, &[], &mut []);
-    }
-}
-
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b[..8].try_into().expect("8 bytes"))
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes(b[..4].try_into().expect("4 bytes"))
-}
-
-fn bad(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
-}
+/// Worker threads (requests in flight at the engine from one mount).
+const WORKERS: usize = 32;
+/// Requests the kernel may queue to the mount in the background (asynchronous direct I/O).
+const MAX_BACKGROUND: u16 = 64;
 
 const ROOT: u64 = 1;
 const DISK: u64 = 2;
 const TTL: Duration = Duration::ZERO;
 
-struct Disk {
+/// The connection to the export, shared by the workers; re-made when it breaks.
+struct Conn {
     ep: Endpoint,
     export: String,
-    conn: Option<NbdConn>,
-    size: u64,
+    client: Mutex<Option<Arc<Client>>>,
+    /// The export's size as last seen.
+    size: AtomicU64,
     /// Set when reconnecting failed for RECONNECT_FOR: requests then fail at once (after one
     /// connection attempt each) instead of each waiting the whole window again.
-    gave_up: bool,
+    gave_up: AtomicBool,
 }
 
-impl Disk {
-    /// Runs `op` on the connection, reconnecting (for up to two minutes) when it breaks; an NBD
-    /// error reply is returned as is.
-    fn with_conn(&mut self, mut op: impl FnMut(&mut NbdConn) -> io::Result<u32>) -> Result<(), i32> {
-        let t0 = Instant::now();
+impl Conn {
+    /// The current client, connecting (and retrying for up to RECONNECT_FOR) when there is none
+    /// or it broke. One thread connects while the others wait for it on the lock.
+    fn client(&self, t0: Instant) -> Result<Arc<Client>, i32> {
+        let mut cur = self.client.lock();
         loop {
-            if self.conn.is_none() {
-                match NbdConn::connect(&self.ep, &self.export) {
-                    Ok(c) => {
-                        self.size = c.size;
-                        self.conn = Some(c);
-                        self.gave_up = false;
+            if let Some(c) = cur.as_ref().filter(|c| !c.is_broken()) {
+                return Ok(c.clone());
+            }
+            match NbdConn::connect(&self.ep, &self.export).and_then(Client::new) {
+                Ok(c) => {
+                    self.size.store(c.size, Ordering::Relaxed);
+                    if self.gave_up.swap(false, Ordering::Relaxed) || cur.is_some() {
+                        tracing::info!(export = %self.export, "reconnected to the engine");
                     }
-                    Err(e) if !self.gave_up && t0.elapsed() < RECONNECT_FOR => {
-                        tracing::warn!(export = %self.export, "reconnecting to the engine: {e}");
-                        std::thread::sleep(Duration::from_millis(500));
-                        continue;
+                    *cur = Some(c);
+                }
+                Err(e) if !self.gave_up.load(Ordering::Relaxed) && t0.elapsed() < RECONNECT_FOR => {
+                    tracing::warn!(export = %self.export, "reconnecting to the engine: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    if !self.gave_up.swap(true, Ordering::Relaxed) {
+                        tracing::error!(export = %self.export, "the engine stayed unreachable for {RECONNECT_FOR:?}: failing I/O until it is back: {e}");
                     }
-                    Err(e) => {
-                        if !self.gave_up {
-                            tracing::error!(export = %self.export, "the engine stayed unreachable for {RECONNECT_FOR:?}: failing I/O until it is back: {e}");
-                        }
-                        self.gave_up = true;
-                        return Err(libc::EIO);
-                    }
+                    return Err(libc::EIO);
                 }
             }
-            let c = self.conn.as_mut().expect("connected above");
-            match op(c) {
-                Ok(0) => return Ok(()),
-                Ok(err) => return Err(err as i32),
+        }
+    }
+
+    /// Runs one NBD request, on a new connection when the current one breaks (the request is
+    /// sent again: reads, writes, flushes and discards can be repeated); an NBD error reply is
+    /// returned as its errno.
+    fn call(&self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Result<Vec<u8>, i32> {
+        let t0 = Instant::now();
+        loop {
+            let c = self.client(t0)?;
+            match c.call(cmd, offset, len, payload) {
+                Ok((0, data)) => return Ok(data),
+                Ok((err, _)) => return Err(err as i32),
                 Err(e) => {
                     tracing::warn!(export = %self.export, "NBD connection broken, retrying: {e}");
-                    self.conn = None;
+                    c.kill();
                 }
             }
         }
     }
 
     /// The export's size now (a new handshake: the volume may have grown).
-    fn refresh_size(&mut self) {
+    fn refresh_size(&self) -> u64 {
         if let Ok(c) = NbdConn::connect(&self.ep, &self.export) {
-            self.size = c.size;
+            self.size.store(c.size, Ordering::Relaxed);
             c.disconnect();
+        }
+        self.size.load(Ordering::Relaxed)
+    }
+}
+
+type Job = Box<dyn FnOnce(&Conn) + Send>;
+
+struct Disk {
+    conn: Arc<Conn>,
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Disk {
+    fn new(conn: Conn) -> io::Result<Disk> {
+        let conn = Arc::new(conn);
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..WORKERS {
+            let (rx, conn) = (rx.clone(), conn.clone());
+            std::thread::Builder::new().name(format!("fuse-io-{i}")).spawn(move || loop {
+                let job = rx.lock().recv();
+                match job {
+                    Ok(job) => job(&conn),
+                    Err(_) => return,
+                }
+            })?;
+        }
+        Ok(Disk { conn, jobs: tx })
+    }
+
+    /// Runs `job` on a worker; the session thread goes on to the next request.
+    fn spawn(&self, job: impl FnOnce(&Conn) + Send + 'static) {
+        if let Err(e) = self.jobs.send(Box::new(job)) {
+            // Only when every worker is gone; answer on this thread.
+            (e.0)(&self.conn);
         }
     }
 
-    fn attr(&self, ino: u64) -> FileAttr {
-        let (kind, perm, size, nlink) = if ino == ROOT { (FileType::Directory, 0o755, 0, 2) } else { (FileType::RegularFile, 0o600, self.size, 1) };
+    fn attr(&self, ino: u64, size: u64) -> FileAttr {
+        let (kind, perm, size, nlink) = if ino == ROOT { (FileType::Directory, 0o755, 0, 2) } else { (FileType::RegularFile, 0o600, size, 1) };
         FileAttr {
             ino,
             size,
@@ -254,10 +167,21 @@ impl Disk {
 }
 
 impl Filesystem for Disk {
+    fn init(&mut self, _: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        // Each is a request the kernel may decline; the mount works without it, only slower.
+        if let Err(missing) = config.add_capabilities(consts::FUSE_ASYNC_DIO) {
+            tracing::info!("the kernel does not offer FUSE capabilities {missing:#x}: direct I/O is synchronous");
+        }
+        let _ = config.set_max_write(MAX_REQ as u32);
+        let _ = config.set_max_background(MAX_BACKGROUND);
+        let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        Ok(())
+    }
+
     fn lookup(&mut self, _: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         if parent == ROOT && name == "disk" {
-            self.refresh_size();
-            reply.entry(&TTL, &self.attr(DISK), 0);
+            let size = self.conn.refresh_size();
+            reply.entry(&TTL, &self.attr(DISK, size), 0);
         } else {
             reply.error(libc::ENOENT);
         }
@@ -265,10 +189,10 @@ impl Filesystem for Disk {
 
     fn getattr(&mut self, _: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         match ino {
-            ROOT => reply.attr(&TTL, &self.attr(ROOT)),
+            ROOT => reply.attr(&TTL, &self.attr(ROOT, 0)),
             DISK => {
-                self.refresh_size();
-                reply.attr(&TTL, &self.attr(DISK));
+                let size = self.conn.refresh_size();
+                reply.attr(&TTL, &self.attr(DISK, size));
             }
             _ => reply.error(libc::ENOENT),
         }
@@ -276,7 +200,9 @@ impl Filesystem for Disk {
 
     fn open(&mut self, _: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
         if ino == DISK {
-            reply.opened(0, 0);
+            // This mount is the export's only writer on this node, so cached pages stay valid
+            // across opens (a loop device without direct I/O reopens nothing, but blkid does).
+            reply.opened(0, consts::FOPEN_KEEP_CACHE);
         } else {
             reply.error(libc::EISDIR);
         }
@@ -284,18 +210,24 @@ impl Filesystem for Disk {
 
     fn read(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, offset: i64, size: u32, _flags: i32, _lock: Option<u64>, reply: ReplyData) {
         let off = offset.max(0) as u64;
-        let len = (size as u64).min(self.size.saturating_sub(off)) as usize;
-        let mut buf = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(MAX_REQ);
-            let at = off + done as u64;
-            if let Err(e) = self.with_conn(|c| c.read(at, &mut buf[done..done + n])) {
-                return reply.error(e);
+        let len = (size as u64).min(self.conn.size.load(Ordering::Relaxed).saturating_sub(off)) as usize;
+        self.spawn(move |conn| {
+            if len <= MAX_REQ {
+                return match conn.call(nbdclient::CMD_READ, off, len as u32, &[]) {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(e),
+                };
             }
-            done += n;
-        }
-        reply.data(&buf);
+            let mut buf = Vec::with_capacity(len);
+            while buf.len() < len {
+                let n = (len - buf.len()).min(MAX_REQ);
+                match conn.call(nbdclient::CMD_READ, off + buf.len() as u64, n as u32, &[]) {
+                    Ok(data) => buf.extend_from_slice(&data),
+                    Err(e) => return reply.error(e),
+                }
+            }
+            reply.data(&buf);
+        });
     }
 
     fn write(
@@ -311,27 +243,59 @@ impl Filesystem for Disk {
         reply: ReplyWrite,
     ) {
         let off = offset.max(0) as u64;
-        if off + data.len() as u64 > self.size {
+        if off + data.len() as u64 > self.conn.size.load(Ordering::Relaxed) {
             return reply.error(libc::ENOSPC);
         }
-        for (i, chunk) in data.chunks(MAX_REQ).enumerate() {
-            let at = off + (i * MAX_REQ) as u64;
-            if let Err(e) = self.with_conn(|c| c.write(at, chunk)) {
-                return reply.error(e);
+        // The session reuses its buffer for the next request.
+        let data = data.to_vec();
+        self.spawn(move |conn| {
+            for (i, chunk) in data.chunks(MAX_REQ).enumerate() {
+                let at = off + (i * MAX_REQ) as u64;
+                if let Err(e) = conn.call(nbdclient::CMD_WRITE, at, chunk.len() as u32, chunk) {
+                    return reply.error(e);
+                }
             }
-        }
-        reply.written(data.len() as u32);
+            reply.written(data.len() as u32);
+        });
     }
 
     fn fsync(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
-        match self.with_conn(|c| c.flush()) {
-            Ok(()) => reply.ok(),
+        self.spawn(move |conn| match conn.call(nbdclient::CMD_FLUSH, 0, 0, &[]) {
+            Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
-        }
+        });
     }
 
     fn flush(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, _lock: u64, reply: ReplyEmpty) {
         reply.ok();
+    }
+
+    /// Discards (a loop device punches holes for them) become NBD TRIM, zeroing becomes
+    /// WRITE_ZEROES, when the export offers them; the file's size never changes.
+    fn fallocate(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
+        let flags = self.conn.client.lock().as_ref().map_or(0, |c| c.flags);
+        let cmd = if mode == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE && flags & nbdclient::FLAG_SEND_TRIM != 0 {
+            nbdclient::CMD_TRIM
+        } else if mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE && flags & nbdclient::FLAG_SEND_WRITE_ZEROES != 0 {
+            nbdclient::CMD_WRITE_ZEROES
+        } else {
+            return reply.error(libc::EOPNOTSUPP);
+        };
+        let (off, len) = (offset.max(0) as u64, length.max(0) as u64);
+        if off + len > self.conn.size.load(Ordering::Relaxed) {
+            return reply.error(libc::EINVAL);
+        }
+        self.spawn(move |conn| {
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(1 << 30);
+                if let Err(e) = conn.call(cmd, off + done, n as u32, &[]) {
+                    return reply.error(e);
+                }
+                done += n;
+            }
+            reply.ok();
+        });
     }
 
     fn readdir(&mut self, _: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
@@ -350,8 +314,9 @@ impl Filesystem for Disk {
 
 /// Serves `export` as `<mountpoint>/disk` until the mount is unmounted.
 pub fn serve(ep: Endpoint, export: &str, mountpoint: &Path) -> anyhow::Result<()> {
-    let conn = NbdConn::connect(&ep, export).map_err(|e| anyhow::anyhow!("connecting to export {export}: {e}"))?;
-    let disk = Disk { ep, export: export.to_string(), size: conn.size, conn: Some(conn), gave_up: false };
+    let first = NbdConn::connect(&ep, export).and_then(Client::new).map_err(|e| anyhow::anyhow!("connecting to export {export}: {e}"))?;
+    let conn =
+        Conn { ep, export: export.to_string(), size: AtomicU64::new(first.size), client: Mutex::new(Some(first)), gave_up: AtomicBool::new(false) };
     let opts = [
         MountOption::FSName(format!("strata:{export}")),
         MountOption::Subtype("strata".into()),
@@ -360,6 +325,6 @@ pub fn serve(ep: Endpoint, export: &str, mountpoint: &Path) -> anyhow::Result<()
         MountOption::NoSuid,
         MountOption::NoDev,
     ];
-    fuser::mount2(disk, mountpoint, &opts)?;
+    fuser::mount2(Disk::new(conn)?, mountpoint, &opts)?;
     Ok(())
 }

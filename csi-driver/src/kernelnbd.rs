@@ -1,14 +1,41 @@
-//! The kernel NBD driver through generic netlink (`--attach kernel-nbd`): the handshake is done
-//! here (`fusedisk::NbdConn`), then the socket, already in the transmission phase, is handed to
-//! the kernel with NBD_CMD_CONNECT and the volume appears as `/dev/nbdN`. Messages come from
-//! `netlink` (unit-tested); this machine class has no `nbd` module, so this path is not exercised
-//! by the test suite — the FUSE view (`fusedisk`) is the default.
+//! The kernel NBD driver through generic netlink (`--attach kernel-nbd`): the handshakes are
+//! done here (`nbdclient::NbdConn`), then the sockets, already in the transmission phase, are
+//! handed to the kernel with NBD_CMD_CONNECT (one per queue) and the volume appears as
+//! `/dev/nbdN`. The device is set up to survive an engine restart: a request that gets no answer
+//! for `io_timeout` is requeued, and while every socket is dead the kernel holds requests for up
+//! to `dead_conn_timeout`; a `Keeper` thread watches the sockets and, when they die, connects
+//! again and hands the kernel the new ones with NBD_CMD_RECONFIGURE, so the filesystem above
+//! sees a pause, not an error. Messages come from `netlink` (unit-tested); the VM tier
+//! (`e2e/vm/`) runs this against Debian's kernel.
 
-use crate::fusedisk::{Endpoint, NbdConn};
+use crate::nbdclient::{Endpoint, NbdConn};
 use crate::netlink as nl;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How a device is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// Sockets (and so hardware queues) per device.
+    pub connections: u32,
+    /// Seconds a request may go unanswered before the kernel gives its socket up and requeues it.
+    pub io_timeout_secs: u64,
+    /// Seconds the kernel holds requests while no socket is alive (an engine restart), before
+    /// it fails them.
+    pub dead_conn_timeout_secs: u64,
+}
+
+impl Default for Params {
+    fn default() -> Params {
+        Params { connections: 2, io_timeout_secs: 30, dead_conn_timeout_secs: 120 }
+    }
+}
 
 /// Whether the kernel has the NBD driver loaded.
 pub fn available() -> bool {
@@ -98,17 +125,125 @@ impl Genl {
     }
 }
 
-/// Connects a free /dev/nbdN to the export; returns its index.
-pub fn connect(ep: &Endpoint, export: &str) -> io::Result<u32> {
+/// Connects a free /dev/nbdN to the export over `p.connections` sockets; returns its index and
+/// the sockets (the kernel holds its own references; these are for a `Keeper` to watch).
+pub fn connect(ep: &Endpoint, export: &str, p: Params) -> io::Result<(u32, Vec<NbdConn>)> {
     let mut g = Genl::open()?;
-    let conn = NbdConn::connect(ep, export)?;
-    let c =
-        nl::Connect { index: None, size: conn.size, block_size: 4096, timeout_secs: 30, server_flags: conn.flags as u64, fds: vec![conn.fd as u32] };
+    let conns = (0..p.connections.max(1)).map(|_| NbdConn::connect(ep, export)).collect::<io::Result<Vec<_>>>()?;
+    let c = nl::Connect {
+        index: None,
+        size: conns[0].size,
+        // 512-byte sectors, as the FUSE view's loop device has: a filesystem made through one
+        // attach path must mount through the other (xfs refuses a larger sector than its own).
+        block_size: 512,
+        timeout_secs: p.io_timeout_secs,
+        dead_conn_timeout_secs: p.dead_conn_timeout_secs,
+        server_flags: conns[0].flags as u64,
+        fds: conns.iter().map(|c| c.sock.fd() as u32).collect(),
+    };
     let family = g.family;
     let reply = g.call(|seq| nl::connect(family, seq, &c))?;
-    // The kernel holds its own reference to the socket now.
-    drop(conn);
-    nl::connected_index(&reply).map_err(nl_err)
+    Ok((nl::connected_index(&reply).map_err(nl_err)?, conns))
+}
+
+/// Hands the kernel new sockets for dead ones of device `index`.
+fn reconnect(index: u32, fds: &[RawFd]) -> io::Result<()> {
+    let mut g = Genl::open()?;
+    let family = g.family;
+    let fds: Vec<u32> = fds.iter().map(|f| *f as u32).collect();
+    g.call(|seq| nl::reconfigure(family, seq, index, &fds, None)).map(|_| ())
+}
+
+/// Whether a socket's peer has gone (or the kernel shut it): polled, never read, since the
+/// kernel owns the data on it.
+fn hung_up(fds: &[RawFd], wait: Duration) -> Vec<usize> {
+    let mut p: Vec<libc::pollfd> = fds.iter().map(|fd| libc::pollfd { fd: *fd, events: libc::POLLRDHUP, revents: 0 }).collect();
+    // SAFETY: poll(2) over a slice of pollfd that lives across the call.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, wait.as_millis() as i32) };
+    if n <= 0 {
+        return Vec::new();
+    }
+    p.iter().enumerate().filter(|(_, p)| p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0).map(|(i, _)| i).collect()
+}
+
+/// Watches one device's sockets and replaces dead ones (see the module's doc).
+struct Keeper {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// The keepers of this node plugin's kernel NBD devices, by volume.
+#[derive(Default)]
+pub struct Keepers {
+    by_volume: Mutex<HashMap<String, Keeper>>,
+}
+
+impl Keepers {
+    /// Starts watching device `index` of `export`, whose sockets are `conns`.
+    pub fn start(&self, index: u32, ep: Endpoint, export: &str, conns: Vec<NbdConn>, p: Params) {
+        self.stop(export);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, name) = (stop.clone(), export.to_string());
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd{index}-keeper"))
+            .spawn(move || keep(index, &ep, &name, conns, p, &s))
+            .expect("spawning a thread");
+        self.by_volume.lock().insert(export.to_string(), Keeper { stop, thread });
+    }
+
+    /// Stops watching (before a disconnect, which would look like a dead engine).
+    pub fn stop(&self, export: &str) {
+        if let Some(k) = self.by_volume.lock().remove(export) {
+            k.stop.store(true, Ordering::Release);
+            let _ = k.thread.join();
+        }
+    }
+}
+
+const POLL: Duration = Duration::from_millis(500);
+
+fn keep(index: u32, ep: &Endpoint, export: &str, mut conns: Vec<NbdConn>, p: Params, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        let fds: Vec<RawFd> = conns.iter().map(|c| c.sock.fd()).collect();
+        let dead = hung_up(&fds, POLL);
+        if dead.is_empty() {
+            continue;
+        }
+        tracing::warn!(device = %device(index), volume = export, "{} of {} NBD connections lost: reconnecting", dead.len(), fds.len());
+        let t0 = Instant::now();
+        let mut fresh = Vec::new();
+        // Connect again (the engine may take a while to come back), then hand the new sockets
+        // over; the kernel takes them only once it has seen the old ones die.
+        while !stop.load(Ordering::Acquire) && t0.elapsed() < Duration::from_secs(p.dead_conn_timeout_secs.max(1)) {
+            while fresh.len() < dead.len() {
+                match NbdConn::connect(ep, export) {
+                    Ok(c) => fresh.push(c),
+                    Err(e) => {
+                        tracing::debug!(volume = export, "reconnecting: {e}");
+                        break;
+                    }
+                }
+            }
+            if fresh.len() == dead.len() {
+                let new_fds: Vec<RawFd> = fresh.iter().map(|c| c.sock.fd()).collect();
+                match reconnect(index, &new_fds) {
+                    Ok(()) => break,
+                    Err(e) => tracing::debug!(device = %device(index), "RECONFIGURE: {e}"),
+                }
+            }
+            std::thread::sleep(POLL);
+        }
+        if fresh.len() < dead.len() || stop.load(Ordering::Acquire) {
+            if !stop.load(Ordering::Acquire) {
+                tracing::error!(device = %device(index), volume = export, "the engine stayed unreachable for {}s: the device fails I/O", p.dead_conn_timeout_secs);
+            }
+            return;
+        }
+        tracing::info!(device = %device(index), volume = export, "NBD connections restored after {:?}", t0.elapsed());
+        for (i, c) in dead.into_iter().zip(fresh) {
+            conns[i] = c;
+        }
+    }
 }
 
 /// Tells the kernel the export's new size (after the volume grew).

@@ -9,6 +9,7 @@ pub mod fusedisk;
 pub mod identity;
 pub mod inflight;
 pub mod kernelnbd;
+pub mod nbdclient;
 pub mod netlink;
 pub mod node;
 pub mod params;
@@ -163,7 +164,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 None => node::NbdEndpoint::Unix(cfg.nbd_socket),
             };
             let mut n = node::Node::new(sdk, cfg.node_id, cfg.max_volumes, nbd, cfg.state_dir);
-            n.kernel_nbd = cfg.attach == AttachMode::KernelNbd;
+            if cfg.attach == AttachMode::KernelNbd {
+                n.kernel_nbd = Some(Default::default());
+            }
             server.add_service(identity).add_service(csi::node_server::NodeServer::new(n))
         }
     };

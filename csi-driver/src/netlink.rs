@@ -3,8 +3,8 @@
 //! transmission phase, RECONFIGURE, DISCONNECT and STATUS. Constants are the kernel's uapi values
 //! (`linux/netlink.h`, `linux/genetlink.h`, `linux/nbd-netlink.h`).
 //!
-//! Used by `kernelnbd` (`--attach kernel-nbd`); this machine class has no `nbd` module, so the
-//! tests cover the messages here and staging through the FUSE view (`fusedisk`).
+//! Used by `kernelnbd` (`--attach kernel-nbd`); the messages are unit-tested here, and the VM
+//! tier (`e2e/vm/`) runs them against Debian's kernel.
 
 pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
@@ -29,6 +29,7 @@ pub const NBD_ATTR_BLOCK_SIZE_BYTES: u16 = 3;
 pub const NBD_ATTR_TIMEOUT: u16 = 4;
 pub const NBD_ATTR_SERVER_FLAGS: u16 = 5;
 pub const NBD_ATTR_SOCKETS: u16 = 7;
+pub const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
 pub const NBD_ATTR_DEVICE_LIST: u16 = 9;
 pub const NBD_SOCK_ITEM: u16 = 1;
 pub const NBD_SOCK_FD: u16 = 1;
@@ -93,7 +94,11 @@ pub struct Connect {
     pub index: Option<u32>,
     pub size: u64,
     pub block_size: u64,
+    /// Seconds a request may take before the kernel gives its socket up and requeues it.
     pub timeout_secs: u64,
+    /// Seconds the kernel holds requests while every socket is dead, waiting for RECONFIGURE to
+    /// give it new ones (0: fail them at once).
+    pub dead_conn_timeout_secs: u64,
     pub server_flags: u64,
     pub fds: Vec<u32>,
 }
@@ -111,6 +116,9 @@ pub fn connect(family: u16, seq: u32, c: &Connect) -> Vec<u8> {
     attrs.push(attr_u64(NBD_ATTR_SIZE_BYTES, c.size));
     attrs.push(attr_u64(NBD_ATTR_BLOCK_SIZE_BYTES, c.block_size));
     attrs.push(attr_u64(NBD_ATTR_TIMEOUT, c.timeout_secs));
+    if c.dead_conn_timeout_secs > 0 {
+        attrs.push(attr_u64(NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_conn_timeout_secs));
+    }
     attrs.push(attr_u64(NBD_ATTR_SERVER_FLAGS, c.server_flags));
     attrs.push(sockets(&c.fds));
     message(family, NBD_CMD_CONNECT, NBD_GENL_VERSION, seq, &attrs)
@@ -201,7 +209,19 @@ mod tests {
 
     #[test]
     fn connect_message_layout() {
-        let m = connect(0x1c, 7, &Connect { index: None, size: 1 << 30, block_size: 4096, timeout_secs: 30, server_flags: 0x1ed, fds: vec![5, 6] });
+        let m = connect(
+            0x1c,
+            7,
+            &Connect {
+                index: None,
+                size: 1 << 30,
+                block_size: 4096,
+                timeout_secs: 30,
+                dead_conn_timeout_secs: 120,
+                server_flags: 0x1ed,
+                fds: vec![5, 6],
+            },
+        );
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize, m.len(), "nlmsg_len covers everything");
         assert_eq!(u16_at(&m, 4), 0x1c, "family id");
         assert_eq!(u16_at(&m, 6), NLM_F_REQUEST | NLM_F_ACK);
@@ -209,10 +229,21 @@ mod tests {
         assert_eq!(&m[16..20], &[NBD_CMD_CONNECT, NBD_GENL_VERSION, 0, 0]);
         let a = attrs(&m[20..]).unwrap();
         let kinds: Vec<u16> = a.iter().map(|(k, _)| *k).collect();
-        assert_eq!(kinds, vec![NBD_ATTR_SIZE_BYTES, NBD_ATTR_BLOCK_SIZE_BYTES, NBD_ATTR_TIMEOUT, NBD_ATTR_SERVER_FLAGS, NBD_ATTR_SOCKETS]);
+        assert_eq!(
+            kinds,
+            vec![
+                NBD_ATTR_SIZE_BYTES,
+                NBD_ATTR_BLOCK_SIZE_BYTES,
+                NBD_ATTR_TIMEOUT,
+                NBD_ATTR_DEAD_CONN_TIMEOUT,
+                NBD_ATTR_SERVER_FLAGS,
+                NBD_ATTR_SOCKETS
+            ]
+        );
         assert_eq!(u64::from_ne_bytes(a[0].1.try_into().unwrap()), 1 << 30);
+        assert_eq!(u64::from_ne_bytes(a[3].1.try_into().unwrap()), 120);
         // Sockets: two items, each with one fd.
-        let items = attrs(a[4].1).unwrap();
+        let items = attrs(a[5].1).unwrap();
         assert_eq!(items.len(), 2);
         let fds: Vec<u32> = items
             .iter()
@@ -223,7 +254,7 @@ mod tests {
             })
             .collect();
         assert_eq!(fds, vec![5, 6]);
-        assert_ne!(u16_at(&m, 20 + 4 * 12 + 2) & NLA_F_NESTED, 0, "the sockets attribute is marked nested");
+        assert_ne!(u16_at(&m, 20 + 5 * 12 + 2) & NLA_F_NESTED, 0, "the sockets attribute is marked nested");
         assert!(m.len().is_multiple_of(4));
     }
 

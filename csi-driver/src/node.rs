@@ -11,6 +11,7 @@ use crate::kernelnbd;
 use crate::sdk::Sdk;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use strata_api::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use strata_api::csi::volume_capability::AccessType;
 use strata_api::csi::{self, volume_usage::Unit};
@@ -25,8 +26,9 @@ pub struct Node {
     pub nbd: NbdEndpoint,
     /// Where FUSE views of attached volumes live.
     pub state_dir: PathBuf,
-    /// Attach through the kernel's NBD driver instead of a FUSE view (`--attach kernel-nbd`).
-    pub kernel_nbd: bool,
+    /// Attach through the kernel's NBD driver instead of a FUSE view (`--attach kernel-nbd`):
+    /// the keepers of its devices.
+    pub kernel_nbd: Option<Arc<kernelnbd::Keepers>>,
     inflight: InFlight,
 }
 
@@ -48,20 +50,22 @@ fn staged_device(state: &Path, id: &str) -> Result<String, Status> {
         .ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))
 }
 
-/// Makes the volume a block device here: kernel NBD (remembered in the state directory) or
-/// a FUSE view under a loop device.
-fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: bool) -> Result<String, Status> {
-    if !kernel {
+/// Makes the volume a block device here: kernel NBD (remembered in the state directory, its
+/// sockets watched by a keeper) or a FUSE view under a loop device.
+fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: Option<&kernelnbd::Keepers>) -> Result<String, Status> {
+    let Some(keepers) = kernel else {
         let file = attach::ensure_fuse(state, id, ep).map_err(internal)?;
         return attach::ensure_loop(&file).map_err(internal);
-    }
+    };
     if let Some(i) = nbd_index(state, id) {
         return Ok(kernelnbd::device(i));
     }
-    let i = kernelnbd::connect(ep, id).map_err(|e| Status::internal(format!("kernel NBD connect of {id}: {e}")))?;
+    let p = kernelnbd::Params::default();
+    let (i, conns) = kernelnbd::connect(ep, id, p).map_err(|e| Status::internal(format!("kernel NBD connect of {id}: {e}")))?;
     std::fs::create_dir_all(state)
         .and_then(|_| std::fs::write(kernelnbd::index_file(state, id), i.to_string()))
         .map_err(|e| Status::internal(e.to_string()))?;
+    keepers.start(i, ep.clone(), id, conns, p);
     Ok(kernelnbd::device(i))
 }
 
@@ -101,7 +105,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 
 impl Node {
     pub fn new(sdk: Sdk, node_id: String, max_volumes: i64, nbd: NbdEndpoint, state_dir: PathBuf) -> Node {
-        Node { sdk, node_id, max_volumes, nbd, state_dir, kernel_nbd: false, inflight: InFlight::default() }
+        Node { sdk, node_id, max_volumes, nbd, state_dir, kernel_nbd: None, inflight: InFlight::default() }
     }
 
     async fn volume(&self, id: &str) -> Result<pb::Volume, Status> {
@@ -139,9 +143,9 @@ impl csi::node_server::Node for Node {
             }
         })?;
         let fs = stage_fs(r.volume_context.get("fs").map(String::as_str), &fs);
-        let (state, ep, kernel) = (self.state_dir.clone(), self.nbd.clone(), self.kernel_nbd);
+        let (state, ep, kernel) = (self.state_dir.clone(), self.nbd.clone(), self.kernel_nbd.clone());
         blocking(move || {
-            let dev = ensure_device(&state, &id, &ep, kernel)?;
+            let dev = ensure_device(&state, &id, &ep, kernel.as_deref())?;
             if block {
                 return Ok(());
             }
@@ -178,11 +182,16 @@ impl csi::node_server::Node for Node {
         let _busy = self.inflight.begin(&id)?;
         let state = self.state_dir.clone();
         let id2 = id.clone();
+        let keepers = self.kernel_nbd.clone();
         blocking(move || {
             if attach::is_mounted(&staging) {
                 attach::run("umount", &[&staging.to_string_lossy()]).map_err(internal)?;
             }
             if let Some(i) = nbd_index(&state, &id2) {
+                // A disconnect looks like a dead engine to the keeper: stop it first.
+                if let Some(k) = &keepers {
+                    k.stop(&id2);
+                }
                 kernelnbd::disconnect(i).map_err(|e| Status::internal(format!("kernel NBD disconnect of {}: {e}", kernelnbd::device(i))))?;
                 std::fs::remove_file(kernelnbd::index_file(&state, &id2)).map_err(|e| Status::internal(e.to_string()))?;
             }

@@ -134,6 +134,10 @@ fn stage_publish_write_move_to_another_node_and_raw_block() {
     stage(&n1, "fsvol", &st, false).unwrap();
     publish(&n1, "fsvol", &st, &tg, false, false).unwrap();
     publish(&n1, "fsvol", &st, &tg, false, false).unwrap();
+    // The loop device under the filesystem does direct I/O on the FUSE view (no second cache).
+    let dev = strata_csi::attach::mount_source(&st).expect("the staging path is mounted");
+    assert!(dev.starts_with("/dev/loop"), "{dev}");
+    assert!(strata_csi::attach::loop_direct_io(&dev), "{dev} runs without direct I/O");
     std::fs::write(tg.join("hello.txt"), b"written on node-1").unwrap();
     std::fs::create_dir(tg.join("dir")).unwrap();
     std::fs::write(tg.join("dir/big.bin"), vec![0x5au8; 3 << 20]).unwrap();
