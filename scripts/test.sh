@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs what the tests need, builds the workspace once, runs every test with nextest, then a
+# Installs what the tests need (and the VM tier's kernel, e2e/vm/build.sh), builds the workspace once, runs every test with nextest, then a
 # real `helm lint` of the chart (Helm's library through helm-sdkpy, in a venv), then builds and
 # smoke-runs the container images (scripts/images.sh; STRATA_SKIP_IMAGES=1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
+# The VM tier's guest: qemu and Debian's 6.12 kernel (nbd, ublk), fetched once and cached.
+./e2e/vm/build.sh >/dev/null
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 # The tree stays clean: formatted (rustfmt.toml) and free of clippy warnings.
 cargo fmt --all --check

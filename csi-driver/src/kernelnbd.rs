@@ -33,7 +33,7 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Params {
-        Params { connections: 2, io_timeout_secs: 30, dead_conn_timeout_secs: 120 }
+        Params { connections: 2, io_timeout_secs: 10, dead_conn_timeout_secs: 120 }
     }
 }
 

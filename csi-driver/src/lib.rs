@@ -72,17 +72,41 @@ pub struct Config {
     /// Node mode: where the FUSE views of attached volumes live. Default: /var/lib/strata-csi.
     #[arg(long, env = "STRATA_CSI_STATE_DIR", default_value = "/var/lib/strata-csi", hide_default_value = true)]
     pub state_dir: PathBuf,
-    /// Node mode: how a volume becomes a block device: `fuse` (a FUSE view under a loop device,
-    /// works everywhere) or `kernel-nbd` (the kernel's NBD driver through netlink; needs the nbd
-    /// module, and is not exercised by the test suite). Default: fuse.
-    #[arg(long, env = "STRATA_CSI_ATTACH", value_enum, default_value = "fuse", hide_default_value = true)]
+    /// Node mode: how a volume becomes a block device: `auto` (the kernel's NBD driver when the
+    /// nbd module is loaded, else the FUSE view), `kernel-nbd` (the kernel's NBD driver through
+    /// netlink: several sockets, reconnected after an engine restart) or `fuse` (a FUSE view
+    /// under a loop device, works everywhere). Default: auto.
+    #[arg(long, env = "STRATA_CSI_ATTACH", value_enum, default_value = "auto", hide_default_value = true)]
     pub attach: AttachMode,
+    /// Node mode, kernel NBD: sockets (queues) per device. Default: 2.
+    #[arg(long, env = "STRATA_CSI_NBD_CONNECTIONS", default_value_t = 2, hide_default_value = true, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub nbd_connections: u32,
+    /// Node mode, kernel NBD: seconds a request may go unanswered before the kernel drops its
+    /// socket, reconnects and sends it again (not an error). Default: 10.
+    #[arg(long, env = "STRATA_CSI_NBD_IO_TIMEOUT", default_value_t = 10, hide_default_value = true, value_parser = clap::value_parser!(u64).range(1..))]
+    pub nbd_io_timeout: u64,
+    /// Node mode, kernel NBD: seconds the kernel holds I/O while the engine is unreachable
+    /// (a restart or upgrade) before failing it. Default: 120.
+    #[arg(long, env = "STRATA_CSI_NBD_DEAD_TIMEOUT", default_value_t = 120, hide_default_value = true, value_parser = clap::value_parser!(u64).range(1..))]
+    pub nbd_dead_timeout: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AttachMode {
+    Auto,
     Fuse,
     KernelNbd,
+}
+
+impl AttachMode {
+    /// The path this node uses: `auto` resolved against what the kernel has.
+    pub fn resolve(self, nbd_loaded: bool) -> AttachMode {
+        match self {
+            AttachMode::Auto if nbd_loaded => AttachMode::KernelNbd,
+            AttachMode::Auto => AttachMode::Fuse,
+            other => other,
+        }
+    }
 }
 
 /// `strata-csi fuse-disk`: serve one export as `<mount>/disk` (started by the node plugin).
@@ -164,8 +188,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 None => node::NbdEndpoint::Unix(cfg.nbd_socket),
             };
             let mut n = node::Node::new(sdk, cfg.node_id, cfg.max_volumes, nbd, cfg.state_dir);
-            if cfg.attach == AttachMode::KernelNbd {
+            let attach = cfg.attach.resolve(kernelnbd::available());
+            tracing::info!(
+                ?attach,
+                "volumes become block devices through {}",
+                match attach {
+                    AttachMode::KernelNbd => "the kernel's NBD driver",
+                    _ => "a FUSE view under a loop device (the kernel has no nbd module loaded)",
+                }
+            );
+            if attach == AttachMode::KernelNbd {
                 n.kernel_nbd = Some(Default::default());
+                n.nbd_params = kernelnbd::Params {
+                    connections: cfg.nbd_connections,
+                    io_timeout_secs: cfg.nbd_io_timeout,
+                    dead_conn_timeout_secs: cfg.nbd_dead_timeout,
+                };
             }
             server.add_service(identity).add_service(csi::node_server::NodeServer::new(n))
         }
@@ -173,4 +211,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(socket = %path.display(), mode = ?cfg.mode, "strata-csi serving");
     router.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttachMode;
+
+    #[test]
+    fn auto_attach_takes_kernel_nbd_only_when_the_module_is_loaded() {
+        assert_eq!(AttachMode::Auto.resolve(true), AttachMode::KernelNbd);
+        assert_eq!(AttachMode::Auto.resolve(false), AttachMode::Fuse);
+        assert_eq!(AttachMode::Fuse.resolve(true), AttachMode::Fuse, "a forced mode stays");
+        assert_eq!(AttachMode::KernelNbd.resolve(false), AttachMode::KernelNbd);
+    }
 }

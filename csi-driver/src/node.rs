@@ -29,6 +29,8 @@ pub struct Node {
     /// Attach through the kernel's NBD driver instead of a FUSE view (`--attach kernel-nbd`):
     /// the keepers of its devices.
     pub kernel_nbd: Option<Arc<kernelnbd::Keepers>>,
+    /// How kernel NBD devices are set up.
+    pub nbd_params: kernelnbd::Params,
     inflight: InFlight,
 }
 
@@ -52,15 +54,14 @@ fn staged_device(state: &Path, id: &str) -> Result<String, Status> {
 
 /// Makes the volume a block device here: kernel NBD (remembered in the state directory, its
 /// sockets watched by a keeper) or a FUSE view under a loop device.
-fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: Option<&kernelnbd::Keepers>) -> Result<String, Status> {
-    let Some(keepers) = kernel else {
+fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: Option<(&kernelnbd::Keepers, kernelnbd::Params)>) -> Result<String, Status> {
+    let Some((keepers, p)) = kernel else {
         let file = attach::ensure_fuse(state, id, ep).map_err(internal)?;
         return attach::ensure_loop(&file).map_err(internal);
     };
     if let Some(i) = nbd_index(state, id) {
         return Ok(kernelnbd::device(i));
     }
-    let p = kernelnbd::Params::default();
     let (i, conns) = kernelnbd::connect(ep, id, p).map_err(|e| Status::internal(format!("kernel NBD connect of {id}: {e}")))?;
     std::fs::create_dir_all(state)
         .and_then(|_| std::fs::write(kernelnbd::index_file(state, id), i.to_string()))
@@ -105,7 +106,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Sen
 
 impl Node {
     pub fn new(sdk: Sdk, node_id: String, max_volumes: i64, nbd: NbdEndpoint, state_dir: PathBuf) -> Node {
-        Node { sdk, node_id, max_volumes, nbd, state_dir, kernel_nbd: None, inflight: InFlight::default() }
+        Node { sdk, node_id, max_volumes, nbd, state_dir, kernel_nbd: None, nbd_params: Default::default(), inflight: InFlight::default() }
     }
 
     async fn volume(&self, id: &str) -> Result<pb::Volume, Status> {
@@ -143,9 +144,9 @@ impl csi::node_server::Node for Node {
             }
         })?;
         let fs = stage_fs(r.volume_context.get("fs").map(String::as_str), &fs);
-        let (state, ep, kernel) = (self.state_dir.clone(), self.nbd.clone(), self.kernel_nbd.clone());
+        let (state, ep, kernel, p) = (self.state_dir.clone(), self.nbd.clone(), self.kernel_nbd.clone(), self.nbd_params);
         blocking(move || {
-            let dev = ensure_device(&state, &id, &ep, kernel.as_deref())?;
+            let dev = ensure_device(&state, &id, &ep, kernel.as_deref().map(|k| (k, p)))?;
             if block {
                 return Ok(());
             }

@@ -1,0 +1,46 @@
+# Sourced by every scenario inside the guest (e2e/vm/init runs the job's run.sh, which sets BIN,
+# the host's target directory, then sources this file and the scenario). Everything the
+# scenario makes lives under $W, a tmpfs of the guest.
+set -eu
+W=/tmp/strata-vm
+mkdir -p "$W"
+STEP=start
+step() { STEP=$*; echo "== $STEP"; }
+fail() { echo "FAIL ($STEP): $*"; dump; exit 1; }
+dump() {
+  for f in "$W"/engine.log "$W"/csi.log; do [ -f "$f" ] && { echo "--- $f"; tail -n 30 "$f"; }; done
+  echo "--- dmesg"; dmesg | tail -n 30
+}
+trap 'rc=$?; [ $rc -eq 0 ] || { echo "FAIL ($STEP): exit $rc"; dump; }' EXIT
+
+wait_for() { # what, seconds, test command...
+  what=$1; secs=$2; shift 2
+  i=0
+  while ! "$@" 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt $((secs * 10)) ] || fail "$what did not happen within ${secs}s"
+    sleep 0.1
+  done
+}
+
+ENGINE_PID=
+start_engine() { # engine binary (default: $BIN/strata-engine)
+  rm -f "$W/ready.json"
+  "${1:-$BIN/strata-engine}" --data-dir "$W/data" --device "$W/pool.img" --device-size 1GiB --node-id vm \
+    --nbd-socket "$W/nbd.sock" --ready-file "$W/ready.json" >>"$W/engine.log" 2>&1 &
+  ENGINE_PID=$!
+  wait_for "the engine's start" 60 test -f "$W/ready.json"
+}
+
+start_csi() { # extra strata-csi flags...
+  rm -f "$W/csi.sock"
+  "$BIN/strata-csi" --mode node --endpoint "unix://$W/csi.sock" --node-id vm --nbd-socket "$W/nbd.sock" \
+    --state-dir "$W/csi-state" "$@" >>"$W/csi.log" 2>&1 &
+  wait_for "the node plugin's start" 30 test -S "$W/csi.sock"
+}
+
+ctl() { "$BIN/stratactl" "$@"; }
+csc() { "$BIN/strata-csc" --endpoint "$W/csi.sock" "$@"; }
+
+# The kernel devices this node uses: connected NBD devices and loop devices.
+nbd_connected() { for d in /sys/block/nbd*; do [ -e "$d/pid" ] && echo "${d##*/}"; done; true; }
+loops() { losetup -n -O NAME 2>/dev/null || true; }
