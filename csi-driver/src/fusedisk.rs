@@ -5,9 +5,10 @@
 //! connection (an engine restart) is re-established and the requests in flight retried instead
 //! of failing the mount.
 //!
-//! Concurrent: the FUSE session thread only reads requests and hands reads, writes, flushes and
-//! discards to a pool of worker threads, which share one pipelined NBD connection
-//! (`nbdclient::Client`); replies go back to the kernel as they complete. The mount asks for
+//! Concurrent: the FUSE session thread reads a request from the kernel and sends it at once on
+//! one pipelined NBD connection (`nbdclient::Client`) without waiting; the connection's reader
+//! thread answers the kernel as each reply arrives, in any order. A request whose connection
+//! broke goes to a retry thread, which reconnects and sends it again. The mount asks for
 //! asynchronous direct I/O and 1 MiB requests, so a loop device with `--direct-io=on` above it
 //! keeps many requests of a filesystem's size in flight.
 
@@ -26,13 +27,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 pub use crate::nbdclient::Endpoint;
 
-/// Largest single NBD request sent (larger FUSE requests are split), and the FUSE mount's
-/// largest request.
+/// The FUSE mount's largest request, sent as one NBD request.
 const MAX_REQ: usize = 1 << 20;
 /// How long a broken connection is retried before requests fail with EIO.
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
-/// Worker threads (requests in flight at the engine from one mount).
-const WORKERS: usize = 32;
 /// Requests the kernel may queue to the mount in the background (asynchronous direct I/O).
 const MAX_BACKGROUND: u16 = 64;
 
@@ -40,7 +38,8 @@ const ROOT: u64 = 1;
 const DISK: u64 = 2;
 const TTL: Duration = Duration::ZERO;
 
-/// The connection to the export, shared by the workers; re-made when it breaks.
+/// The connection to the export, shared by the FUSE session (which sends requests) and the
+/// reader (which answers the kernel); re-made when it breaks.
 struct Conn {
     ep: Endpoint,
     export: String,
@@ -50,11 +49,25 @@ struct Conn {
     /// Set when reconnecting failed for RECONNECT_FOR: requests then fail at once (after one
     /// connection attempt each) instead of each waiting the whole window again.
     gave_up: AtomicBool,
+    /// Requests whose connection broke, for the retry thread to send again once reconnected.
+    retry: std::sync::mpsc::Sender<Req>,
+}
+
+/// One request from the kernel, kept whole until answered so it can be sent again.
+struct Req {
+    cmd: u16,
+    offset: u64,
+    len: u32,
+    payload: Vec<u8>,
+    /// When it was first sent: it fails after RECONNECT_FOR without a connection.
+    since: Instant,
+    /// Answers the kernel: the data read (empty for other commands) or an errno.
+    reply: Box<dyn FnOnce(Result<Vec<u8>, i32>) + Send>,
 }
 
 impl Conn {
-    /// The current client, connecting (and retrying for up to RECONNECT_FOR) when there is none
-    /// or it broke. One thread connects while the others wait for it on the lock.
+    /// The current client, connecting (and retrying for up to RECONNECT_FOR from `t0`) when
+    /// there is none or it broke. One thread connects while the others wait on the lock.
     fn client(&self, t0: Instant) -> Result<Arc<Client>, i32> {
         let mut cur = self.client.lock();
         loop {
@@ -83,20 +96,55 @@ impl Conn {
         }
     }
 
-    /// Runs one NBD request, on a new connection when the current one breaks (the request is
-    /// sent again: reads, writes, flushes and discards can be repeated); an NBD error reply is
-    /// returned as its errno.
-    fn call(&self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Result<Vec<u8>, i32> {
-        let t0 = Instant::now();
-        loop {
-            let c = self.client(t0)?;
-            match c.call(cmd, offset, len, payload) {
-                Ok((0, data)) => return Ok(data),
-                Ok((err, _)) => return Err(err as i32),
+    /// The current client if it is healthy; never waits for a connection.
+    fn ready(&self) -> Option<Arc<Client>> {
+        self.client.try_lock().and_then(|c| c.as_ref().filter(|c| !c.is_broken()).cloned())
+    }
+
+    /// Sends `req` on `c`; its answer goes to the kernel from the connection's reader. A broken
+    /// connection hands it to the retry thread (reads, writes, flushes and discards can be sent
+    /// again); an NBD error reply is answered as its errno.
+    fn send(self: &Arc<Conn>, c: &Client, req: Req) {
+        let (cmd, offset, len) = (req.cmd, req.offset, req.len);
+        let payload = if cmd == nbdclient::CMD_WRITE { req.payload.clone() } else { Vec::new() };
+        let me = self.clone();
+        c.submit(
+            cmd,
+            offset,
+            len,
+            &payload,
+            Box::new(move |answer| match answer {
+                Ok((0, data)) => (req.reply)(Ok(data)),
+                Ok((err, _)) => (req.reply)(Err(err as i32)),
                 Err(e) => {
-                    tracing::warn!(export = %self.export, "NBD connection broken, retrying: {e}");
-                    c.kill();
+                    tracing::warn!(export = %me.export, "NBD connection broken, sending again: {e}");
+                    if let Err(back) = me.retry.send(req) {
+                        (back.0.reply)(Err(libc::EIO));
+                    }
                 }
+            }),
+        );
+    }
+
+    /// Sends a request from the kernel: at once on a healthy connection, else through the retry
+    /// thread (which waits for a new one).
+    fn submit(self: &Arc<Conn>, req: Req) {
+        match self.ready() {
+            Some(c) => self.send(&c, req),
+            None => {
+                if let Err(back) = self.retry.send(req) {
+                    (back.0.reply)(Err(libc::EIO));
+                }
+            }
+        }
+    }
+
+    /// The retry thread: each request whose connection broke goes out again on a new one.
+    fn retry_loop(self: Arc<Conn>, rx: std::sync::mpsc::Receiver<Req>) {
+        while let Ok(req) = rx.recv() {
+            match self.client(req.since) {
+                Ok(c) => self.send(&c, req),
+                Err(e) => (req.reply)(Err(e)),
             }
         }
     }
@@ -111,37 +159,29 @@ impl Conn {
     }
 }
 
-type Job = Box<dyn FnOnce(&Conn) + Send>;
-
 struct Disk {
     conn: Arc<Conn>,
-    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl Disk {
-    fn new(conn: Conn) -> io::Result<Disk> {
-        let conn = Arc::new(conn);
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..WORKERS {
-            let (rx, conn) = (rx.clone(), conn.clone());
-            std::thread::Builder::new().name(format!("fuse-io-{i}")).spawn(move || loop {
-                let job = rx.lock().recv();
-                match job {
-                    Ok(job) => job(&conn),
-                    Err(_) => return,
-                }
-            })?;
-        }
-        Ok(Disk { conn, jobs: tx })
+    fn new(ep: Endpoint, export: &str, first: Arc<Client>) -> io::Result<Disk> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let conn = Arc::new(Conn {
+            ep,
+            export: export.to_string(),
+            size: AtomicU64::new(first.size),
+            client: Mutex::new(Some(first)),
+            gave_up: AtomicBool::new(false),
+            retry: tx,
+        });
+        let c = conn.clone();
+        std::thread::Builder::new().name("nbd-retry".into()).spawn(move || c.retry_loop(rx))?;
+        Ok(Disk { conn })
     }
 
-    /// Runs `job` on a worker; the session thread goes on to the next request.
-    fn spawn(&self, job: impl FnOnce(&Conn) + Send + 'static) {
-        if let Err(e) = self.jobs.send(Box::new(job)) {
-            // Only when every worker is gone; answer on this thread.
-            (e.0)(&self.conn);
-        }
+    /// Sends one request; `reply` answers the kernel when it completes.
+    fn request(&self, cmd: u16, offset: u64, len: u32, payload: Vec<u8>, reply: impl FnOnce(Result<Vec<u8>, i32>) + Send + 'static) {
+        self.conn.submit(Req { cmd, offset, len, payload, since: Instant::now(), reply: Box::new(reply) });
     }
 
     fn attr(&self, ino: u64, size: u64) -> FileAttr {
@@ -210,23 +250,16 @@ impl Filesystem for Disk {
 
     fn read(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, offset: i64, size: u32, _flags: i32, _lock: Option<u64>, reply: ReplyData) {
         let off = offset.max(0) as u64;
-        let len = (size as u64).min(self.conn.size.load(Ordering::Relaxed).saturating_sub(off)) as usize;
-        self.spawn(move |conn| {
-            if len <= MAX_REQ {
-                return match conn.call(nbdclient::CMD_READ, off, len as u32, &[]) {
-                    Ok(data) => reply.data(&data),
-                    Err(e) => reply.error(e),
-                };
-            }
-            let mut buf = Vec::with_capacity(len);
-            while buf.len() < len {
-                let n = (len - buf.len()).min(MAX_REQ);
-                match conn.call(nbdclient::CMD_READ, off + buf.len() as u64, n as u32, &[]) {
-                    Ok(data) => buf.extend_from_slice(&data),
-                    Err(e) => return reply.error(e),
-                }
-            }
-            reply.data(&buf);
+        let len = (size as u64).min(self.conn.size.load(Ordering::Relaxed).saturating_sub(off));
+        if len == 0 {
+            return reply.data(&[]);
+        }
+        if len > MAX_REQ as u64 {
+            return reply.error(libc::EINVAL);
+        }
+        self.request(nbdclient::CMD_READ, off, len as u32, Vec::new(), move |r| match r {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
         });
     }
 
@@ -246,21 +279,19 @@ impl Filesystem for Disk {
         if off + data.len() as u64 > self.conn.size.load(Ordering::Relaxed) {
             return reply.error(libc::ENOSPC);
         }
+        if data.len() > MAX_REQ {
+            return reply.error(libc::EINVAL);
+        }
         // The session reuses its buffer for the next request.
-        let data = data.to_vec();
-        self.spawn(move |conn| {
-            for (i, chunk) in data.chunks(MAX_REQ).enumerate() {
-                let at = off + (i * MAX_REQ) as u64;
-                if let Err(e) = conn.call(nbdclient::CMD_WRITE, at, chunk.len() as u32, chunk) {
-                    return reply.error(e);
-                }
-            }
-            reply.written(data.len() as u32);
+        let n = data.len() as u32;
+        self.request(nbdclient::CMD_WRITE, off, n, data.to_vec(), move |r| match r {
+            Ok(_) => reply.written(n),
+            Err(e) => reply.error(e),
         });
     }
 
     fn fsync(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
-        self.spawn(move |conn| match conn.call(nbdclient::CMD_FLUSH, 0, 0, &[]) {
+        self.request(nbdclient::CMD_FLUSH, 0, 0, Vec::new(), move |r| match r {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         });
@@ -282,19 +313,12 @@ impl Filesystem for Disk {
             return reply.error(libc::EOPNOTSUPP);
         };
         let (off, len) = (offset.max(0) as u64, length.max(0) as u64);
-        if off + len > self.conn.size.load(Ordering::Relaxed) {
+        if off + len > self.conn.size.load(Ordering::Relaxed) || len > u32::MAX as u64 {
             return reply.error(libc::EINVAL);
         }
-        self.spawn(move |conn| {
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(1 << 30);
-                if let Err(e) = conn.call(cmd, off + done, n as u32, &[]) {
-                    return reply.error(e);
-                }
-                done += n;
-            }
-            reply.ok();
+        self.request(cmd, off, len as u32, Vec::new(), move |r| match r {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
         });
     }
 
@@ -315,8 +339,7 @@ impl Filesystem for Disk {
 /// Serves `export` as `<mountpoint>/disk` until the mount is unmounted.
 pub fn serve(ep: Endpoint, export: &str, mountpoint: &Path) -> anyhow::Result<()> {
     let first = NbdConn::connect(&ep, export).and_then(Client::new).map_err(|e| anyhow::anyhow!("connecting to export {export}: {e}"))?;
-    let conn =
-        Conn { ep, export: export.to_string(), size: AtomicU64::new(first.size), client: Mutex::new(Some(first)), gave_up: AtomicBool::new(false) };
+    let disk = Disk::new(ep, export, first)?;
     let opts = [
         MountOption::FSName(format!("strata:{export}")),
         MountOption::Subtype("strata".into()),
@@ -325,6 +348,6 @@ pub fn serve(ep: Endpoint, export: &str, mountpoint: &Path) -> anyhow::Result<()
         MountOption::NoSuid,
         MountOption::NoDev,
     ];
-    fuser::mount2(Disk::new(conn)?, mountpoint, &opts)?;
+    fuser::mount2(disk, mountpoint, &opts)?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -184,18 +184,22 @@ pub fn parse_reply(h: &[u8; 16]) -> Option<(u32, u64)> {
     (be32(&h[0..4]) == SIMPLE_REPLY_MAGIC).then(|| (be32(&h[4..8]), be64(&h[8..16])))
 }
 
-/// What a waiting request gets: the server's error (0 = success) and, for a read, its data.
-type Answer = io::Result<(u32, Vec<u8>)>;
+/// What a request gets: the server's error (0 = success) and, for a read, its data.
+pub type Answer = io::Result<(u32, Vec<u8>)>;
+
+/// Called once with a request's answer, on the reader thread (or on the caller's, when the
+/// request could not be sent).
+pub type Done = Box<dyn FnOnce(Answer) + Send>;
 
 struct Waiter {
     /// Bytes of payload that follow a successful reply (reads only).
     read_len: usize,
-    tx: SyncSender<Answer>,
+    done: Done,
 }
 
-/// A pipelined client over one connection. Any number of threads may call it at once; when the
-/// connection breaks, every request in flight (and every later one) fails with an I/O error and
-/// the caller makes a new client.
+/// A pipelined client over one connection. Any number of threads may submit at once; replies
+/// are handed to each request's `Done` as they arrive. When the connection breaks, every request
+/// in flight (and every later one) gets an error and the caller makes a new client.
 pub struct Client {
     writer: Mutex<Sock>,
     waiters: Mutex<Waiters>,
@@ -244,17 +248,17 @@ impl Client {
         self.writer.lock().shutdown();
     }
 
-    /// Sends one request and waits for its reply: `Ok((error, data))`, `data` filled for reads.
-    pub fn call(&self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Answer {
+    /// Sends one request; `done` gets its answer later (data filled for reads). Returns at once.
+    pub fn submit(&self, cmd: u16, offset: u64, len: u32, payload: &[u8], done: Done) {
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = sync_channel(1);
         {
             let mut w = self.waiters.lock();
             if w.closed || self.is_broken() {
-                return Err(broken());
+                drop(w);
+                return done(Err(broken()));
             }
             let read_len = if cmd == CMD_READ { len as usize } else { 0 };
-            w.map.insert(handle, Waiter { read_len, tx });
+            w.map.insert(handle, Waiter { read_len, done });
         }
         let head = request_header(cmd, handle, offset, len);
         let sent = {
@@ -262,10 +266,27 @@ impl Client {
             write_all_vectored(&mut s, &head, payload)
         };
         if let Err(e) = sent {
-            self.waiters.lock().map.remove(&handle);
+            // The reader may have failed the request already; if not, it is failed here.
+            let waiter = self.waiters.lock().map.remove(&handle);
             self.kill();
-            return Err(e);
+            if let Some(w) = waiter {
+                (w.done)(Err(e));
+            }
         }
+    }
+
+    /// Sends one request and waits for its answer.
+    pub fn call(&self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Answer {
+        let (tx, rx) = sync_channel(1);
+        self.submit(
+            cmd,
+            offset,
+            len,
+            payload,
+            Box::new(move |a| {
+                let _ = tx.send(a);
+            }),
+        );
         rx.recv().unwrap_or_else(|_| Err(broken()))
     }
 }
@@ -305,25 +326,29 @@ fn read_replies(mut s: Sock, client: std::sync::Weak<Client>) {
         let Some((err, handle)) = parse_reply(&h) else { break bad("a reply with a bad magic") };
         let Some(c) = client.upgrade() else { return };
         let Some(w) = c.waiters.lock().map.remove(&handle) else { break bad("a reply to no request in flight") };
+        drop(c);
         let mut data = Vec::new();
         if err == 0 && w.read_len > 0 {
             data = vec![0u8; w.read_len];
             if let Err(e) = s.read_exact(&mut data) {
-                let _ = w.tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                (w.done)(Err(io::Error::new(e.kind(), e.to_string())));
                 break e;
             }
         }
-        let _ = w.tx.send(Ok((err, data)));
+        (w.done)(Ok((err, data)));
     };
     if let Some(c) = client.upgrade() {
         if !c.is_broken() {
             tracing::warn!("NBD connection lost: {why}");
         }
         c.broken.store(true, Ordering::Release);
-        let mut w = c.waiters.lock();
-        w.closed = true;
-        for (_, waiter) in w.map.drain() {
-            let _ = waiter.tx.send(Err(broken()));
+        let waiting: Vec<Waiter> = {
+            let mut w = c.waiters.lock();
+            w.closed = true;
+            w.map.drain().map(|(_, w)| w).collect()
+        };
+        for w in waiting {
+            (w.done)(Err(broken()));
         }
     }
     s.shutdown();
