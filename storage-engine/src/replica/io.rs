@@ -107,10 +107,20 @@ impl Local {
         Ok(())
     }
 
-    /// A read from this node's replica.
+    /// A read from this node's replica (a client's: it feeds and uses readahead).
     pub(crate) async fn read_local(&self, v: &Arc<Replica>, offset: u64, len: usize) -> Result<ReadData, IoError> {
+        self.read(v, offset, len, true).await
+    }
+
+    /// A read that neither uses nor starts readahead: resync, rebuild and repair copy scattered
+    /// ranges once, and a window read ahead after each would be read for nothing.
+    pub(crate) async fn read_local_once(&self, v: &Arc<Replica>, offset: u64, len: usize) -> Result<ReadData, IoError> {
+        self.read(v, offset, len, false).await
+    }
+
+    async fn read(&self, v: &Arc<Replica>, offset: u64, len: usize, readahead: bool) -> Result<ReadData, IoError> {
         self.check(v, offset, len as u64)?;
-        if aligned(offset, len as u64) {
+        if readahead && aligned(offset, len as u64) {
             let gen = v.write_gen.load(Ordering::Acquire);
             let (hit, ahead) = v.readahead.on_read(offset, len, gen, v.size(), self.readahead_window.load(Relaxed));
             for (o, l) in ahead {

@@ -1,13 +1,16 @@
-//! Resync: copies to a returning replica the regions it missed, while I/O continues.
+//! Resync: copies to a returning replica the blocks it missed, while I/O continues.
 //!
-//! The replica first gets every new write (state `CatchingUp`), then the missed regions one by
-//! one, each under the volume's region lock so no write to it interleaves; the progress is
+//! The replica first gets every new write (state `CatchingUp`), then the missed regions in
+//! batches of up to 2 MiB — of each region only its missed 4 KiB blocks, adjacent ones copied
+//! together, several copies in flight, read without readahead — each batch under the volume's
+//! region lock so no write to it interleaves; `--resync-rate` paces it only while clients do
+//! I/O on the volume; the progress is
 //! written down four times a second, so an interrupted resync resumes where it stopped. With no record
 //! of missed regions (it was lost, or the replica is new) every allocated extent of the source
 //! and of the replica is copied: a thin full rebuild. When nothing is left the replica rejoins
 //! the in-sync set by compare-and-swap, with I/O held for that moment.
 
-use super::dirty::REGION;
+use super::dirty::{runs, BLOCK, REGION};
 use super::frame::Command;
 use super::target::{dirty_blocking, Peer, PeerState, Target, TargetError};
 use super::Host;
@@ -119,34 +122,34 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
         plan_full_rebuild(e, t, p).await?;
     }
     p.set_state(PeerState::CatchingUp);
-    tracing::info!(volume = %t.name, replica = %p.node, regions = p.dirty.len(), full = p.full_rebuild.load(Ordering::Relaxed), "resync started");
+    tracing::info!(volume = %t.name, replica = %p.node, missed_bytes = p.dirty.bytes(), full = p.full_rebuild.load(Ordering::Relaxed), "resync started");
     let mut next = 0u64;
     let mut persisted = Instant::now();
-    let started = Instant::now();
-    let mut bytes = 0u64;
+    let mut pace = Pace::new(t);
     loop {
-        let region = match p.dirty.next_from(next) {
-            Some(r) => r,
-            None if p.dirty.is_empty() => break,
-            None => {
-                next = 0;
-                continue;
+        // The next regions with missed blocks, up to a batch.
+        let (mut batch, mut batch_bytes) = (Vec::new(), 0u64);
+        let mut from = next;
+        while batch_bytes < BATCH_BYTES && batch.len() < BATCH_REGIONS {
+            let Some(r) = p.dirty.next_from(from) else { break };
+            batch_bytes += p.dirty.mask(r).count_ones() as u64 * BLOCK;
+            batch.push(r);
+            from = r + 1;
+        }
+        if batch.is_empty() {
+            if p.dirty.is_empty() {
+                break;
             }
-        };
-        next = region + 1;
-        copy_region(e, t, p, region).await?;
-        bytes += REGION;
+            next = 0;
+            continue;
+        }
+        next = from;
+        let copied = copy_batch(e, t, p, &batch).await?;
         if persisted.elapsed() >= PERSIST_EVERY {
             persist(p).await?;
             persisted = Instant::now();
         }
-        // Rate limit: stay behind `resync_rate` bytes per second on average.
-        if t.resync_rate > 0 {
-            let due = Duration::from_secs_f64(bytes as f64 / t.resync_rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
+        pace.after(t, copied).await;
     }
     // What resync copied is durable on the replica before it counts as in sync (the copies are
     // written without FUA).
@@ -202,31 +205,101 @@ async fn plan_full_rebuild(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), Ta
     Ok(())
 }
 
-/// Copies one region from the source (this node's replica, else an in-sync peer).
-async fn copy_region(e: &Host, t: &Target, p: &Arc<Peer>, region: u64) -> Result<(), TargetError> {
+/// Bytes of missed blocks copied under one hold of the region lock (client I/O waits that long),
+/// and at most this many regions.
+const BATCH_BYTES: u64 = 2 << 20;
+const BATCH_REGIONS: usize = 256;
+/// Largest single copy: adjacent missed blocks are read and written together up to this.
+const MAX_COPY: u64 = 1 << 20;
+/// Copies in flight at once within a batch.
+const COPIES_IN_FLIGHT: usize = 8;
+
+/// The resync's rate: `--resync-rate` while clients do I/O on the volume, full speed while they
+/// do none (a rebuild on a quiet node runs at what the disks and the network give).
+struct Pace {
+    started: Instant,
+    /// Bytes copied since `started` while throttled.
+    bytes: u64,
+    seen_ops: u64,
+}
+
+impl Pace {
+    fn new(t: &Target) -> Pace {
+        Pace { started: Instant::now(), bytes: 0, seen_ops: t.client_ops.load(Ordering::Relaxed) }
+    }
+
+    async fn after(&mut self, t: &Target, copied: u64) {
+        let ops = t.client_ops.load(Ordering::Relaxed);
+        let busy = ops != self.seen_ops;
+        self.seen_ops = ops;
+        if t.resync_rate == 0 || !busy {
+            // Idle: the throttle's clock starts again when clients come back.
+            self.started = Instant::now();
+            self.bytes = 0;
+            return;
+        }
+        self.bytes += copied;
+        let due = Duration::from_secs_f64(self.bytes as f64 / t.resync_rate as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// The byte ranges of `regions`' missed blocks, adjacent ones merged up to MAX_COPY, clipped to
+/// `size`.
+fn copy_ranges(p: &Peer, regions: &[u64], size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &r in regions {
+        for (first, n) in runs(p.dirty.mask(r)) {
+            let off = r * REGION + first * BLOCK;
+            if off >= size {
+                break;
+            }
+            let len = (n * BLOCK).min(size - off);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off && *l + len <= MAX_COPY => *l += len,
+                _ => out.push((off, len)),
+            }
+        }
+    }
+    out
+}
+
+/// Copies the missed blocks of `regions` from the source (this node's replica, else an in-sync
+/// peer), several copies in flight, under one hold of the region lock; returns the bytes copied.
+async fn copy_batch(e: &Host, t: &Target, p: &Arc<Peer>, regions: &[u64]) -> Result<u64, TargetError> {
+    use futures::stream::{StreamExt, TryStreamExt};
     let _w = t.region_lock.write().await;
     if p.state() != PeerState::CatchingUp {
         return Err(TargetError::NoReplica(format!("{} (replica {} failed during resync)", t.name, p.node)));
     }
-    let size = t.vol.size();
-    let off = region * REGION;
-    if off >= size {
-        p.dirty.clear(region);
-        return Ok(());
-    }
-    let len = REGION.min(size - off) as usize;
-    let data = t.read_source(&e.local, off, len).await;
-    let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
-    crate::failpoint::point("resync.copy").await.map_err(|e| TargetError::NoReplica(format!("{}: {e}", t.name)))?;
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
-    let bytes = data.bytes();
-    let r = if bytes.iter().all(|b| *b == 0) {
-        c.call(t.vol.id, t.epoch, Command::WriteZeroes { offset: off, len: len as u32, fua: false, keep_allocated: false }).await
-    } else {
-        c.call(t.vol.id, t.epoch, Command::Write { offset: off, data: bytes::Bytes::copy_from_slice(bytes), fua: false }).await
-    };
-    r?;
-    p.dirty.clear(region);
-    p.copied.fetch_add(len as u64, Ordering::Relaxed);
-    Ok(())
+    let ranges = copy_ranges(p, regions, t.vol.size());
+    let copied: u64 = ranges.iter().map(|(_, l)| l).sum();
+    futures::stream::iter(ranges)
+        .map(|(off, len)| {
+            let c = c.clone();
+            async move {
+                let len = len as usize;
+                let data = t.read_source(&e.local, off, len).await;
+                let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
+                crate::failpoint::point("resync.copy").await.map_err(|e| TargetError::NoReplica(format!("{}: {e}", t.name)))?;
+                let bytes = data.bytes();
+                let cmd = if bytes.iter().all(|b| *b == 0) {
+                    Command::WriteZeroes { offset: off, len: len as u32, fua: false, keep_allocated: false }
+                } else {
+                    Command::Write { offset: off, data: bytes::Bytes::copy_from_slice(bytes), fua: false }
+                };
+                c.call(t.vol.id, t.epoch, cmd).await.map_err(TargetError::from)
+            }
+        })
+        .buffer_unordered(COPIES_IN_FLIGHT)
+        .try_collect::<Vec<_>>()
+        .await?;
+    for r in regions {
+        p.dirty.clear(*r);
+    }
+    p.copied.fetch_add(copied, Ordering::Relaxed);
+    Ok(copied)
 }

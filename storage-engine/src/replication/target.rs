@@ -164,13 +164,16 @@ pub struct Target {
     fenced: AtomicBool,
     closed: AtomicBool,
     pub timeout: Duration,
-    /// Resync bandwidth in bytes per second.
+    /// Resync bandwidth in bytes per second while clients do I/O (an idle volume resyncs at
+    /// full speed).
     pub resync_rate: u64,
     pub replica_timeout: Duration,
     /// The store's lease generation when the record was last confirmed.
     lease_gen: AtomicU64,
     /// In-sync replicas are being compared after an unclean change of target (`reconcile`).
     pub verifying: AtomicBool,
+    /// Client requests admitted so far: resync sees from it whether clients are busy.
+    pub(super) client_ops: AtomicU64,
 }
 
 pub struct TargetConfig {
@@ -258,6 +261,7 @@ impl Target {
             timeout: cfg.timeout,
             resync_rate: cfg.resync_rate,
             replica_timeout: cfg.replica_timeout,
+            client_ops: AtomicU64::new(0),
         });
         let size = t.vol.size();
         let hellos = t.peers.iter().filter(|p| p.state() == PeerState::InSync).map(|p| {
@@ -382,6 +386,7 @@ impl Target {
 
     /// The epoch check of this node's own replica: refused once a newer target said hello here.
     pub(crate) fn admit_local(&self) -> Result<(), IoError> {
+        self.client_ops.fetch_add(1, Ordering::Relaxed);
         if self.is_fenced() || self.vol.epoch.load(Ordering::Acquire) > self.epoch {
             return Err(self.fence());
         }
@@ -700,7 +705,7 @@ impl Target {
     /// else the first in-sync peer that answers (the caller holds the region lock).
     pub(super) async fn read_source(&self, l: &Local, off: u64, len: usize) -> Result<ReadData, IoError> {
         if self.local {
-            l.read_local(&self.vol, off, len).await
+            l.read_local_once(&self.vol, off, len).await
         } else {
             self.read_peers(l, off, len).await
         }

@@ -546,7 +546,7 @@ impl Service {
                 .map(|p| ReplicaStatus {
                     node: p.node.clone(),
                     state: p.state().as_str(),
-                    dirty_bytes: p.dirty.len() as u64 * crate::replication::dirty::REGION,
+                    dirty_bytes: p.dirty.bytes(),
                     copied_bytes: p.copied.load(Ordering::Relaxed),
                 })
                 .collect(),

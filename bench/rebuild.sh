@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Rebuild speed: a repl=1 volume with BENCH_SIZE written (sequential 1 MiB) gains a replica on a
+# second engine (`ha-update --repl 2`), timed until the new replica is in sync, beside a raw
+# O_DIRECT copy (dd, 1 MiB blocks) of the same number of bytes between two files on the same
+# filesystem, interleaved round by round. Two engines on one etcd, plaintext replication over
+# loopback (BENCH_TLS=1: mutual TLS). No client I/O during the rebuild, so the adaptive rate
+# limit does not pace it. Prints MiB/s of each and the ratio; JSON to BENCH_OUT.
+#
+# Environment: BENCH_SIZE (MiB, default 1024), BENCH_ROUNDS (default 2), BENCH_DIR (default
+# /var/tmp/strata-bench-rebuild; BENCH_BACKING=memory puts everything in /dev/shm), BENCH_OUT
+# (default bench/out-rebuild).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+SIZE=${BENCH_SIZE:-1024}
+ROUNDS=${BENCH_ROUNDS:-2}
+OUT=${BENCH_OUT:-$ROOT/bench/out-rebuild}
+case "${BENCH_BACKING:-file}" in
+  file) DIR=${BENCH_DIR:-/var/tmp/strata-bench-rebuild} ;;
+  memory) DIR=/dev/shm/strata-bench-rebuild ;;
+  *) echo "BENCH_BACKING must be file or memory" >&2; exit 2 ;;
+esac
+./scripts/deps.sh
+cargo build --release -p strata-engine -p stratactl
+BIN=$ROOT/target/release
+rm -rf "$DIR" "$OUT"; mkdir -p "$DIR" "$OUT"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
+trap cleanup EXIT
+
+ETCD_PORT=23890
+etcd --name bench --data-dir "$DIR/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls http://127.0.0.1:23900 \
+  --initial-advertise-peer-urls http://127.0.0.1:23900 --initial-cluster bench=http://127.0.0.1:23900 >"$DIR/etcd.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$ETCD_PORT/health" >/dev/null && break; sleep 0.1; done
+TLS=${BENCH_TLS:-0}
+[ "$TLS" = 1 ] && "$BIN/strata-engine" certs init --dir "$DIR/ca" >/dev/null
+for i in 1 2; do
+  mkdir -p "$DIR/n$i"
+  TLS_ARGS=()
+  if [ "$TLS" = 1 ]; then
+    "$BIN/strata-engine" certs issue --ca-dir "$DIR/ca" --node-id "node-$i" --out "$DIR/n$i/tls" >/dev/null
+    TLS_ARGS=(--tls-dir "$DIR/n$i/tls")
+  fi
+  "$BIN/strata-engine" --etcd "http://127.0.0.1:$ETCD_PORT" --node-id "node-$i" --data-dir "$DIR/n$i/data" "${TLS_ARGS[@]}" \
+    --device "$DIR/n$i/pool.img" --device-size $((SIZE * ROUNDS + 1024))MiB \
+    --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --repl-listen 127.0.0.1:0 \
+    --nbd-socket "$DIR/n$i/nbd.sock" --ready-file "$DIR/n$i/ready.json" 2>"$DIR/n$i/engine.log" &
+  PIDS+=($!)
+done
+for i in 1 2; do for _ in $(seq 200); do [ -f "$DIR/n$i/ready.json" ] && break; sleep 0.05; done; done
+SDK=$(python3 -c "import json;print(json.load(open('$DIR/n1/ready.json'))['sdk'])")
+[ "$TLS" = 1 ] && export STRATA_CA_FILE="$DIR/ca/ca.crt"
+CTL=("$BIN/stratactl" --endpoint "$SDK")
+head -c $((SIZE << 20)) /dev/urandom >"$DIR/src.bin"
+
+for r in $(seq "$ROUNDS"); do
+  v=rb$r
+  "${CTL[@]}" volume create "$v" --size "${SIZE}MiB" --repl 1 --nodes node-1 >/dev/null
+  "${CTL[@]}" host attach "$v" >/dev/null
+  nbdcopy "$DIR/src.bin" "nbd+unix:///$v?socket=$DIR/n1/nbd.sock"
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  t0=$(date +%s.%N)
+  "${CTL[@]}" volume ha-update "$v" --repl 2 --node node-2 >/dev/null
+  while [ "$("${CTL[@]}" volume inspect "$v" --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["in_sync_nodes"]))')" != 2 ]; do sleep 0.05; done
+  t1=$(date +%s.%N)
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  t2=$(date +%s.%N)
+  dd if="$DIR/src.bin" of="$DIR/copy.bin" bs=1M count="$SIZE" iflag=direct oflag=direct conv=fsync status=none
+  t3=$(date +%s.%N)
+  rm -f "$DIR/copy.bin"
+  python3 - "$OUT/round$r.json" "$SIZE" "$t0" "$t1" "$t2" "$t3" <<'PY'
+import json, sys
+out, size, t0, t1, t2, t3 = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:])
+rb, dd = size / (t1 - t0), size / (t3 - t2)
+json.dump({"mib": size, "rebuild_mib_s": rb, "dd_direct_mib_s": dd, "ratio": rb / dd}, open(out, "w"), indent=1)
+print(f"round: rebuild {rb:.0f} MiB/s, dd O_DIRECT {dd:.0f} MiB/s, ratio {rb / dd:.2f}")
+PY
+  "${CTL[@]}" volume delete "$v" --force >/dev/null
+done
