@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/deps.sh
+# The Docker volume plugin's test runs a real Docker Engine on a busybox image.
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v busybox >/dev/null || need+=(busybox-static)
+if [ "${#need[@]}" -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 # The VM tier's guest: qemu and Debian's 6.12 kernel (nbd, ublk), fetched once and cached.
 ./e2e/vm/build.sh >/dev/null
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest

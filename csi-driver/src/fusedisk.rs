@@ -58,7 +58,8 @@ struct Req {
     cmd: u16,
     offset: u64,
     len: u32,
-    payload: Vec<u8>,
+    /// A write's data (shared with the connection while it is sent).
+    payload: Arc<[u8]>,
     /// When it was first sent: it fails after RECONNECT_FOR without a connection.
     since: Instant,
     /// Answers the kernel: the data read (empty for other commands) or an errno.
@@ -106,7 +107,7 @@ impl Conn {
     /// again); an NBD error reply is answered as its errno.
     fn send(self: &Arc<Conn>, c: &Client, req: Req) {
         let (cmd, offset, len) = (req.cmd, req.offset, req.len);
-        let payload = if cmd == nbdclient::CMD_WRITE { req.payload.clone() } else { Vec::new() };
+        let payload = req.payload.clone();
         let me = self.clone();
         c.submit(
             cmd,
@@ -180,7 +181,7 @@ impl Disk {
     }
 
     /// Sends one request; `reply` answers the kernel when it completes.
-    fn request(&self, cmd: u16, offset: u64, len: u32, payload: Vec<u8>, reply: impl FnOnce(Result<Vec<u8>, i32>) + Send + 'static) {
+    fn request(&self, cmd: u16, offset: u64, len: u32, payload: Arc<[u8]>, reply: impl FnOnce(Result<Vec<u8>, i32>) + Send + 'static) {
         self.conn.submit(Req { cmd, offset, len, payload, since: Instant::now(), reply: Box::new(reply) });
     }
 
@@ -257,7 +258,7 @@ impl Filesystem for Disk {
         if len > MAX_REQ as u64 {
             return reply.error(libc::EINVAL);
         }
-        self.request(nbdclient::CMD_READ, off, len as u32, Vec::new(), move |r| match r {
+        self.request(nbdclient::CMD_READ, off, len as u32, Arc::from([]), move |r| match r {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         });
@@ -284,14 +285,14 @@ impl Filesystem for Disk {
         }
         // The session reuses its buffer for the next request.
         let n = data.len() as u32;
-        self.request(nbdclient::CMD_WRITE, off, n, data.to_vec(), move |r| match r {
+        self.request(nbdclient::CMD_WRITE, off, n, Arc::from(data), move |r| match r {
             Ok(_) => reply.written(n),
             Err(e) => reply.error(e),
         });
     }
 
     fn fsync(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
-        self.request(nbdclient::CMD_FLUSH, 0, 0, Vec::new(), move |r| match r {
+        self.request(nbdclient::CMD_FLUSH, 0, 0, Arc::from([]), move |r| match r {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         });
@@ -316,7 +317,7 @@ impl Filesystem for Disk {
         if off + len > self.conn.size.load(Ordering::Relaxed) || len > u32::MAX as u64 {
             return reply.error(libc::EINVAL);
         }
-        self.request(cmd, off, len as u32, Vec::new(), move |r| match r {
+        self.request(cmd, off, len as u32, Arc::from([]), move |r| match r {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         });

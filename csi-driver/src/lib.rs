@@ -5,6 +5,7 @@
 
 pub mod attach;
 pub mod controller;
+pub mod docker;
 pub mod fusedisk;
 pub mod identity;
 pub mod inflight;
@@ -14,6 +15,7 @@ pub mod netlink;
 pub mod node;
 pub mod params;
 pub mod sdk;
+pub mod stage;
 
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
@@ -23,12 +25,15 @@ use strata_api::csi;
 pub enum Mode {
     Controller,
     Node,
+    /// A Docker volume plugin (Docker, Swarm): `--endpoint unix:///run/docker/plugins/strata.sock`.
+    Docker,
 }
 
 #[derive(Debug, Clone, Parser)]
 #[command(name = "strata-csi", version, about = "Strata CSI driver (csi.strata.dev)")]
 pub struct Config {
-    /// controller (Identity + Controller) or node (Identity + Node).
+    /// controller (Identity + Controller), node (Identity + Node), or docker (a Docker volume
+    /// plugin on --endpoint, e.g. unix:///run/docker/plugins/strata.sock).
     #[arg(long, env = "STRATA_CSI_MODE", value_enum)]
     pub mode: Mode,
     /// The CSI socket: unix:///path/csi.sock (a stale socket file is replaced).
@@ -146,7 +151,7 @@ pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
 
 /// Serves until the process ends.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    if cfg.mode == Mode::Node && cfg.attach == AttachMode::KernelNbd && !kernelnbd::available() {
+    if matches!(cfg.mode, Mode::Node | Mode::Docker) && cfg.attach == AttachMode::KernelNbd && !kernelnbd::available() {
         anyhow::bail!("--attach kernel-nbd: the kernel's nbd module is not loaded (modprobe nbd), or use --attach fuse");
     }
     let path = socket_path(&cfg.endpoint)?;
@@ -175,42 +180,61 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--auth-system-key-file {e}"))?;
         sdk = sdk.with_bearer(b);
     }
+    if cfg.mode == Mode::Docker {
+        let root = cfg.state_dir.join("docker");
+        let plugin = std::sync::Arc::new(docker::Plugin::new(sdk, devices(&cfg), root));
+        tracing::info!(socket = %path.display(), "strata-csi serving the Docker volume plugin");
+        docker::serve(listener, plugin).await?;
+        return Ok(());
+    }
     let identity = csi::identity_server::IdentityServer::new(identity::Identity { sdk: sdk.clone(), controller: cfg.mode == Mode::Controller });
     let mut server = tonic::transport::Server::builder();
     let router = match cfg.mode {
         Mode::Controller => server.add_service(identity).add_service(csi::controller_server::ControllerServer::new(controller::Controller::new(sdk))),
+        Mode::Docker => unreachable!("the Docker plugin is served above"),
         Mode::Node => {
             if cfg.node_id.is_empty() {
                 anyhow::bail!("--node-id (or NODE_NAME) is required in node mode");
             }
-            let nbd = match cfg.nbd_address {
-                Some(a) => node::NbdEndpoint::Tcp(a),
-                None => node::NbdEndpoint::Unix(cfg.nbd_socket),
-            };
-            let mut n = node::Node::new(sdk, cfg.node_id, cfg.max_volumes, nbd, cfg.state_dir);
-            let attach = cfg.attach.resolve(kernelnbd::available());
-            tracing::info!(
-                ?attach,
-                "volumes become block devices through {}",
-                match attach {
-                    AttachMode::KernelNbd => "the kernel's NBD driver",
-                    _ => "a FUSE view under a loop device (the kernel has no nbd module loaded)",
-                }
-            );
-            if attach == AttachMode::KernelNbd {
-                n.kernel_nbd = Some(Default::default());
-                n.nbd_params = kernelnbd::Params {
-                    connections: cfg.nbd_connections,
-                    io_timeout_secs: cfg.nbd_io_timeout,
-                    dead_conn_timeout_secs: cfg.nbd_dead_timeout,
-                };
-            }
+            let d = devices(&cfg);
+            let mut n = node::Node::new(sdk, cfg.node_id, cfg.max_volumes, d.nbd, cfg.state_dir);
+            n.kernel_nbd = d.kernel_nbd;
+            n.nbd_params = d.nbd_params;
             server.add_service(identity).add_service(csi::node_server::NodeServer::new(n))
         }
     };
     tracing::info!(socket = %path.display(), mode = ?cfg.mode, "strata-csi serving");
     router.serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)).await?;
     Ok(())
+}
+
+/// How this node makes block devices (node and Docker modes): `--attach` resolved against the
+/// kernel, logged.
+fn devices(cfg: &Config) -> stage::Devices {
+    let nbd = match &cfg.nbd_address {
+        Some(a) => stage::NbdEndpoint::Tcp(a.clone()),
+        None => stage::NbdEndpoint::Unix(cfg.nbd_socket.clone()),
+    };
+    let attach = cfg.attach.resolve(kernelnbd::available());
+    tracing::info!(
+        ?attach,
+        "volumes become block devices through {}",
+        match attach {
+            AttachMode::KernelNbd => "the kernel's NBD driver",
+            _ => "a FUSE view under a loop device (the kernel has no nbd module loaded)",
+        }
+    );
+    let kernel = attach == AttachMode::KernelNbd;
+    stage::Devices {
+        state_dir: cfg.state_dir.clone(),
+        nbd,
+        kernel_nbd: kernel.then(Default::default),
+        nbd_params: kernelnbd::Params {
+            connections: cfg.nbd_connections,
+            io_timeout_secs: cfg.nbd_io_timeout,
+            dead_conn_timeout_secs: cfg.nbd_dead_timeout,
+        },
+    }
 }
 
 #[cfg(test)]

@@ -4,11 +4,12 @@
 //! report usage. Every RPC can be
 //! repeated: each step looks at the system first.
 
-use crate::attach::{self, AttachError};
+use crate::attach;
 use crate::controller::{CLUSTER_KEY, NODE_KEY, RACK_KEY, ZONE_KEY};
 use crate::inflight::InFlight;
 use crate::kernelnbd;
 use crate::sdk::Sdk;
+use crate::stage::{blocking, internal, nbd_index, Devices, Mount};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use strata_api::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use strata_api::csi::volume_capability::AccessType;
 use strata_api::csi::{self, volume_usage::Unit};
 use strata_api::v1 as pb;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 pub struct Node {
     pub sdk: Sdk,
@@ -34,12 +35,7 @@ pub struct Node {
     inflight: InFlight,
 }
 
-pub use crate::fusedisk::Endpoint as NbdEndpoint;
-
-/// The /dev/nbdN a volume is connected to on this node (kernel NBD), if any.
-fn nbd_index(state: &Path, id: &str) -> Option<u32> {
-    std::fs::read_to_string(kernelnbd::index_file(state, id)).ok()?.trim().parse().ok()
-}
+pub use crate::stage::NbdEndpoint;
 
 /// The block device of a volume staged on this node: its /dev/nbdN, or the loop device over
 /// its FUSE view.
@@ -50,24 +46,6 @@ fn staged_device(state: &Path, id: &str) -> Result<String, Status> {
     attach::find_loop(&attach::fuse_dir(state, id).join("disk"))
         .map_err(internal)?
         .ok_or_else(|| Status::failed_precondition(format!("volume {id} is not staged on this node")))
-}
-
-/// Makes the volume a block device here: kernel NBD (remembered in the state directory, its
-/// sockets watched by a keeper) or a FUSE view under a loop device.
-fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: Option<(&kernelnbd::Keepers, kernelnbd::Params)>) -> Result<String, Status> {
-    let Some((keepers, p)) = kernel else {
-        let file = attach::ensure_fuse(state, id, ep).map_err(internal)?;
-        return attach::ensure_loop(&file).map_err(internal);
-    };
-    if let Some(i) = nbd_index(state, id) {
-        return Ok(kernelnbd::device(i));
-    }
-    let (i, conns) = kernelnbd::connect(ep, id, p).map_err(|e| Status::internal(format!("kernel NBD connect of {id}: {e}")))?;
-    std::fs::create_dir_all(state)
-        .and_then(|_| std::fs::write(kernelnbd::index_file(state, id), i.to_string()))
-        .map_err(|e| Status::internal(e.to_string()))?;
-    keepers.start(i, ep.clone(), id, conns, p);
-    Ok(kernelnbd::device(i))
 }
 
 /// The filesystem to stage with: the StorageClass's `fs` (in the volume context) when it set
@@ -88,10 +66,6 @@ pub fn is_block_path(path: &Path) -> bool {
     std::fs::metadata(path).map(|m| m.file_type().is_block_device() || m.is_file()).unwrap_or(false)
 }
 
-fn internal(e: AttachError) -> Status {
-    Status::internal(e.to_string())
-}
-
 fn required<'a>(v: &'a str, what: &str) -> Result<&'a str, Status> {
     if v.is_empty() {
         return Err(Status::invalid_argument(format!("{what} is required")));
@@ -99,14 +73,14 @@ fn required<'a>(v: &'a str, what: &str) -> Result<&'a str, Status> {
     Ok(v)
 }
 
-/// Runs blocking system work (mounts, mkfs) off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, Status> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))?
-}
-
 impl Node {
     pub fn new(sdk: Sdk, node_id: String, max_volumes: i64, nbd: NbdEndpoint, state_dir: PathBuf) -> Node {
         Node { sdk, node_id, max_volumes, nbd, state_dir, kernel_nbd: None, nbd_params: Default::default(), inflight: InFlight::default() }
+    }
+
+    /// This node's device work, for the volume RPCs.
+    fn devices(&self) -> Devices {
+        Devices { state_dir: self.state_dir.clone(), nbd: self.nbd.clone(), kernel_nbd: self.kernel_nbd.clone(), nbd_params: self.nbd_params }
     }
 
     async fn volume(&self, id: &str) -> Result<pb::Volume, Status> {
@@ -136,43 +110,11 @@ impl csi::node_server::Node for Node {
         // This node becomes the volume's target (a no-op when it already is).
         let passphrase = r.secrets.get("passphrase").map(|s| s.as_bytes().to_vec()).unwrap_or_default();
         let sdk = self.sdk.for_secrets(&r.secrets)?;
-        sdk.volumes().attach(pb::AttachVolumeRequest { name: id.clone(), force: false, passphrase }).await.map_err(|s| {
-            if s.code() == Code::FailedPrecondition {
-                Status::failed_precondition(s.message().to_string())
-            } else {
-                s
-            }
-        })?;
+        let dev = self.devices();
+        dev.attach(&sdk, &id, passphrase).await?;
         let fs = stage_fs(r.volume_context.get("fs").map(String::as_str), &fs);
-        let (state, ep, kernel, p) = (self.state_dir.clone(), self.nbd.clone(), self.kernel_nbd.clone(), self.nbd_params);
-        blocking(move || {
-            let dev = ensure_device(&state, &id, &ep, kernel.as_deref().map(|k| (k, p)))?;
-            if block {
-                return Ok(());
-            }
-            std::fs::create_dir_all(&staging).map_err(|e| Status::internal(e.to_string()))?;
-            if attach::is_mounted(&staging) {
-                return Ok(());
-            }
-            match attach::fs_type(&dev).map_err(internal)? {
-                None => attach::mkfs(&dev, &fs).map_err(internal)?,
-                Some(found) if found != fs => {
-                    return Err(Status::failed_precondition(format!("volume {id} holds a {found} filesystem, not the requested {fs}")));
-                }
-                Some(_) => {}
-            }
-            let mut args = vec!["-t".to_string(), fs.clone()];
-            if !flags.is_empty() {
-                args.push("-o".into());
-                args.push(flags.join(","));
-            }
-            args.push(dev);
-            args.push(staging.to_string_lossy().into_owned());
-            let a: Vec<&str> = args.iter().map(String::as_str).collect();
-            attach::run("mount", &a).map_err(internal)?;
-            Ok(())
-        })
-        .await?;
+        let mount = (!block).then_some(Mount { fs, flags, at: staging });
+        dev.stage(&id, mount).await?;
         Ok(Response::new(csi::NodeStageVolumeResponse {}))
     }
 
@@ -181,37 +123,9 @@ impl csi::node_server::Node for Node {
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
         let _busy = self.inflight.begin(&id)?;
-        let state = self.state_dir.clone();
-        let id2 = id.clone();
-        let keepers = self.kernel_nbd.clone();
-        blocking(move || {
-            if attach::is_mounted(&staging) {
-                attach::run("umount", &[&staging.to_string_lossy()]).map_err(internal)?;
-            }
-            if let Some(i) = nbd_index(&state, &id2) {
-                // A disconnect looks like a dead engine to the keeper: stop it first.
-                if let Some(k) = &keepers {
-                    k.stop(&id2);
-                }
-                kernelnbd::disconnect(i).map_err(|e| Status::internal(format!("kernel NBD disconnect of {}: {e}", kernelnbd::device(i))))?;
-                std::fs::remove_file(kernelnbd::index_file(&state, &id2)).map_err(|e| Status::internal(e.to_string()))?;
-            }
-            attach::release(&state, &id2).map_err(internal)
-        })
-        .await?;
-        // Stop serving here; the NBD client (the FUSE helper) may take a moment to go.
-        for _ in 0..50 {
-            match self.sdk.volumes().detach(pb::DetachVolumeRequest { name: id.clone(), force: false }).await {
-                Ok(_) => break,
-                Err(s) if s.code() == Code::NotFound => break,
-                Err(s) if s.code() == Code::FailedPrecondition && s.message().contains("connected") => {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
-                }
-                // Served by another node now: nothing to detach here.
-                Err(s) if s.code() == Code::FailedPrecondition => break,
-                Err(s) => return Err(crate::sdk::unavailable(s)),
-            }
-        }
+        let dev = self.devices();
+        dev.unstage(&id, Some(staging)).await?;
+        dev.detach(&self.sdk, &id).await?;
         Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
     }
 
