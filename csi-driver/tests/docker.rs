@@ -1,8 +1,9 @@
 //! The Docker volume plugin (`strata-csi --mode docker`) against a real Docker Engine (Debian's
 //! docker.io, its own daemon on its own socket, no network): create with options, a container
 //! writes, the volume follows to another node's plugin, a second container reads, bad options
-//! give Docker a clear error, container exit leaves no mount or loop device, and `docker volume
-//! rm` deletes the volume everywhere. Skipped, saying why, only where dockerd cannot start.
+//! give Docker a clear error, container exit leaves no mount or loop device, a swarm service
+//! (one-node swarm on loopback) mounts a new volume with options, and `docker volume rm` deletes
+//! the volume everywhere. Skipped, saying why, only where dockerd cannot start.
 
 mod common;
 
@@ -208,6 +209,36 @@ fn docker_volumes_follow_their_containers_and_leave_nothing_behind() {
     assert!(!leftovers(dir.path()).is_empty(), "the first container's mount stays");
     d.ok(&["rm", "-f", &long]);
     assert_eq!(leftovers(dir.path()), Vec::<String>::new(), "the last container's exit unmounts");
+
+    // Swarm: a service whose task mounts a new volume through the plugin, with options.
+    let port = 42000 + std::process::id() % 1000;
+    d.ok(&["swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", &format!("127.0.0.1:{port}")]);
+    let mount = format!("type=volume,source=swv,target=/data,volume-driver={driver},volume-opt=size=128MiB,volume-opt=repl=2");
+    let once = ["--detach", "--name", "sw", "--restart-condition", "none", "--no-resolve-image"];
+    d.ok(&[&["service", "create"][..], &once, &["--mount", &mount, image, "sh", "-c", "echo from-swarm > /data/f"]].concat());
+    let t0 = Instant::now();
+    loop {
+        let st = d.ok(&["service", "ps", "sw", "--format", "{{.CurrentState}}|{{.Error}}"]);
+        if st.starts_with("Complete") {
+            break;
+        }
+        assert!(!st.starts_with("Failed") && !st.starts_with("Rejected"), "the swarm task failed: {st}");
+        assert!(t0.elapsed() < Duration::from_secs(90), "the swarm task did not complete: {st}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let sv = c.sdk(1).inspect("swv").unwrap();
+    assert_eq!((sv.spec.as_ref().unwrap().size_bytes, sv.replica_nodes.len()), (128 << 20, 2), "the service's volume-opt reached the volume");
+    d.ok(&["service", "rm", "sw"]);
+    let read = d.ok(&["run", "--rm", "--network", "none", "-v", "swv:/data", image, "cat", "/data/f"]);
+    assert_eq!(read, "from-swarm");
+    d.ok(&["swarm", "leave", "--force"]);
+    assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    // The service's task container may take a moment to be removed after `service rm`.
+    let t0 = Instant::now();
+    while !d.docker(&["volume", "rm", "swv"]).status.success() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "docker volume rm swv kept failing");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // Once no container uses it, `docker volume rm` deletes it on every replica.
     d.ok(&["volume", "rm", "dv"]);
