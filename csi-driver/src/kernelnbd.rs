@@ -191,6 +191,29 @@ impl Keepers {
         self.by_volume.lock().insert(export.to_string(), Keeper { stop, thread });
     }
 
+    /// Watches the devices an earlier run of this plugin connected (their index files in
+    /// `state`, still connected): their sockets are the kernel's alone, so these keepers go by
+    /// requests that stay in flight instead (see `adopted`).
+    pub fn adopt(&self, state: &Path, ep: &Endpoint, p: Params) {
+        let Ok(dir) = std::fs::read_dir(state) else { return };
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(volume) = name.strip_suffix(".nbd") else { continue };
+            let Some(index) = std::fs::read_to_string(e.path()).ok().and_then(|s| s.trim().parse::<u32>().ok()) else { continue };
+            if !Path::new(&format!("/sys/block/nbd{index}/pid")).exists() {
+                continue;
+            }
+            tracing::info!(device = %device(index), volume, "adopted a device connected by an earlier run of the plugin");
+            let stop = Arc::new(AtomicBool::new(false));
+            let (s, ep, vol) = (stop.clone(), ep.clone(), volume.to_string());
+            let thread = std::thread::Builder::new()
+                .name(format!("nbd{index}-adopted"))
+                .spawn(move || adopted(index, &ep, &vol, p, &s))
+                .expect("spawning a thread");
+            self.by_volume.lock().insert(volume.to_string(), Keeper { stop, thread });
+        }
+    }
+
     /// Stops watching (before a disconnect, which would look like a dead engine).
     pub fn stop(&self, export: &str) {
         if let Some(k) = self.by_volume.lock().remove(export) {
@@ -202,11 +225,82 @@ impl Keepers {
 
 const POLL: Duration = Duration::from_millis(500);
 
+/// Device `index`'s requests in flight and requests completed so far (reads + writes), from
+/// sysfs (`stat`: fields 1 and 5 are reads and writes completed, field 9 requests in flight).
+fn progress(index: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/sys/block/nbd{index}/stat")).unwrap_or_default();
+    let f: Vec<u64> = stat.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    (at(8), at(0) + at(4))
+}
+
+/// Whether a device's I/O is stuck: requests in flight and none completed since the last look.
+struct Stuck {
+    last: u64,
+    polls: u32,
+}
+
+impl Stuck {
+    fn new() -> Stuck {
+        Stuck { last: 0, polls: 0 }
+    }
+
+    /// Looks again; true once I/O has made no progress for two looks in a row.
+    fn check(&mut self, index: u32) -> bool {
+        let (inflight, done) = progress(index);
+        self.polls = if inflight > 0 && done == self.last { self.polls + 1 } else { 0 };
+        self.last = done;
+        if self.polls >= 2 {
+            self.polls = 0;
+            return true;
+        }
+        false
+    }
+}
+
+/// Offers the kernel up to `n` new sockets for device `index`'s dead ones; returns how many
+/// connections were made and handed over. The kernel answers success whether or not it had a
+/// dead socket to replace (a spare one it just closes), so this cannot tell; `Stuck` tells later.
+fn offer(index: u32, ep: &Endpoint, export: &str, n: u32) -> u32 {
+    let mut offered = 0;
+    for _ in 0..n.max(1) {
+        let Ok(c) = NbdConn::connect(ep, export) else { break };
+        if reconnect(index, &[c.sock.fd()]).is_err() {
+            break;
+        }
+        // The kernel holds its own reference to the socket now.
+        offered += 1;
+    }
+    offered
+}
+
+/// The keeper of an adopted device (its sockets are the kernel's alone): when requests stay in
+/// flight without completing for two polls in a row (the engine may be gone, the kernel holding
+/// them), it offers the kernel new sockets.
+fn adopted(index: u32, ep: &Endpoint, export: &str, p: Params, stop: &AtomicBool) {
+    let mut stuck = Stuck::new();
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(POLL);
+        if stuck.check(index) {
+            let n = offer(index, ep, export, p.connections);
+            if n > 0 {
+                tracing::info!(device = %device(index), volume = export, offered = n, "I/O is stuck: offered the kernel new NBD connections (adopted device)");
+            }
+        }
+    }
+}
+
 fn keep(index: u32, ep: &Endpoint, export: &str, mut conns: Vec<NbdConn>, p: Params, stop: &AtomicBool) {
+    let mut stuck = Stuck::new();
     while !stop.load(Ordering::Acquire) {
         let fds: Vec<RawFd> = conns.iter().map(|c| c.sock.fd()).collect();
         let dead = hung_up(&fds, POLL);
         if dead.is_empty() {
+            // The kernel may have given up a socket this keeper does not watch (one it was
+            // handed while the kernel still had it alive): the same fallback as for adopted ones.
+            if stuck.check(index) && offer(index, ep, export, p.connections) > 0 {
+                tracing::info!(device = %device(index), volume = export, "I/O is stuck: offered the kernel new NBD connections");
+            }
             continue;
         }
         tracing::warn!(device = %device(index), volume = export, "{} of {} NBD connections lost: reconnecting", dead.len(), fds.len());

@@ -224,17 +224,14 @@ fn devices(cfg: &Config) -> stage::Devices {
             _ => "a FUSE view under a loop device (the kernel has no nbd module loaded)",
         }
     );
-    let kernel = attach == AttachMode::KernelNbd;
-    stage::Devices {
-        state_dir: cfg.state_dir.clone(),
-        nbd,
-        kernel_nbd: kernel.then(Default::default),
-        nbd_params: kernelnbd::Params {
-            connections: cfg.nbd_connections,
-            io_timeout_secs: cfg.nbd_io_timeout,
-            dead_conn_timeout_secs: cfg.nbd_dead_timeout,
-        },
-    }
+    let nbd_params =
+        kernelnbd::Params { connections: cfg.nbd_connections, io_timeout_secs: cfg.nbd_io_timeout, dead_conn_timeout_secs: cfg.nbd_dead_timeout };
+    let kernel_nbd = (attach == AttachMode::KernelNbd).then(|| {
+        let k = std::sync::Arc::new(kernelnbd::Keepers::default());
+        k.adopt(&cfg.state_dir, &nbd, nbd_params);
+        k
+    });
+    stage::Devices { state_dir: cfg.state_dir.clone(), nbd, kernel_nbd, nbd_params }
 }
 
 #[cfg(test)]

@@ -39,3 +39,8 @@ fn kernel_nbd_lifecycle() {
 fn kernel_nbd_survives_an_engine_restart() {
     scenario("kernel-nbd-engine-restart");
 }
+
+#[test]
+fn kernel_nbd_devices_are_adopted_by_a_restarted_node_plugin() {
+    scenario("kernel-nbd-plugin-restart");
+}

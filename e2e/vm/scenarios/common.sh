@@ -23,6 +23,7 @@ wait_for() { # what, seconds, test command...
 }
 
 ENGINE_PID=
+CSI_PID=
 start_engine() { # engine binary (default: $BIN/strata-engine)
   rm -f "$W/ready.json"
   "${1:-$BIN/strata-engine}" --data-dir "$W/data" --device "$W/pool.img" --device-size 1GiB --node-id vm \
@@ -35,6 +36,7 @@ start_csi() { # extra strata-csi flags...
   rm -f "$W/csi.sock"
   "$BIN/strata-csi" --mode node --endpoint "unix://$W/csi.sock" --node-id vm --nbd-socket "$W/nbd.sock" \
     --state-dir "$W/csi-state" "$@" >>"$W/csi.log" 2>&1 &
+  CSI_PID=$!
   wait_for "the node plugin's start" 30 test -S "$W/csi.sock"
 }
 

@@ -1,7 +1,7 @@
 //! Resync: copies to a returning replica the blocks it missed, while I/O continues.
 //!
 //! The replica first gets every new write (state `CatchingUp`), then the missed regions in
-//! batches of up to 2 MiB — of each region only its missed 4 KiB blocks, adjacent ones copied
+//! batches (2 MiB while clients do I/O, 16 MiB while they do none) — of each region only its missed 4 KiB blocks, adjacent ones copied
 //! together, several copies in flight, read without readahead — each batch under the volume's
 //! region lock so no write to it interleaves; `--resync-rate` paces it only while clients do
 //! I/O on the volume; the progress is
@@ -130,7 +130,8 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
         // The next regions with missed blocks, up to a batch.
         let (mut batch, mut batch_bytes) = (Vec::new(), 0u64);
         let mut from = next;
-        while batch_bytes < BATCH_BYTES && batch.len() < BATCH_REGIONS {
+        let limit = if pace.busy { BATCH_BYTES_BUSY } else { BATCH_BYTES_IDLE };
+        while batch_bytes < limit && batch.len() < BATCH_REGIONS {
             let Some(r) = p.dirty.next_from(from) else { break };
             batch_bytes += p.dirty.mask(r).count_ones() as u64 * BLOCK;
             batch.push(r);
@@ -205,14 +206,15 @@ async fn plan_full_rebuild(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), Ta
     Ok(())
 }
 
-/// Bytes of missed blocks copied under one hold of the region lock (client I/O waits that long),
-/// and at most this many regions.
-const BATCH_BYTES: u64 = 2 << 20;
-const BATCH_REGIONS: usize = 256;
+/// Bytes of missed blocks copied under one hold of the region lock (client I/O waits that long)
+/// while clients do I/O, and while they do none; at most this many regions.
+const BATCH_BYTES_BUSY: u64 = 2 << 20;
+const BATCH_BYTES_IDLE: u64 = 16 << 20;
+const BATCH_REGIONS: usize = 1024;
 /// Largest single copy: adjacent missed blocks are read and written together up to this.
 const MAX_COPY: u64 = 1 << 20;
 /// Copies in flight at once within a batch.
-const COPIES_IN_FLIGHT: usize = 8;
+const COPIES_IN_FLIGHT: usize = 16;
 
 /// The resync's rate: `--resync-rate` while clients do I/O on the volume, full speed while they
 /// do none (a rebuild on a quiet node runs at what the disks and the network give).
@@ -221,18 +223,20 @@ struct Pace {
     /// Bytes copied since `started` while throttled.
     bytes: u64,
     seen_ops: u64,
+    /// Clients did I/O during the last batch (the next one is small, and paced).
+    busy: bool,
 }
 
 impl Pace {
     fn new(t: &Target) -> Pace {
-        Pace { started: Instant::now(), bytes: 0, seen_ops: t.client_ops.load(Ordering::Relaxed) }
+        Pace { started: Instant::now(), bytes: 0, seen_ops: t.client_ops.load(Ordering::Relaxed), busy: true }
     }
 
     async fn after(&mut self, t: &Target, copied: u64) {
         let ops = t.client_ops.load(Ordering::Relaxed);
-        let busy = ops != self.seen_ops;
+        self.busy = ops != self.seen_ops;
         self.seen_ops = ops;
-        if t.resync_rate == 0 || !busy {
+        if t.resync_rate == 0 || !self.busy {
             // Idle: the throttle's clock starts again when clients come back.
             self.started = Instant::now();
             self.bytes = 0;
