@@ -196,10 +196,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             if cfg.node_id.is_empty() {
                 anyhow::bail!("--node-id (or NODE_NAME) is required in node mode");
             }
-            let d = devices(&cfg);
-            let mut n = node::Node::new(sdk, cfg.node_id, cfg.max_volumes, d.nbd, cfg.state_dir);
-            n.kernel_nbd = d.kernel_nbd;
-            n.nbd_params = d.nbd_params;
+            let n = node::Node::new(sdk, cfg.node_id.clone(), cfg.max_volumes, devices(&cfg));
             server.add_service(identity).add_service(csi::node_server::NodeServer::new(n))
         }
     };

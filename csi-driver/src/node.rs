@@ -12,7 +12,6 @@ use crate::sdk::Sdk;
 use crate::stage::{blocking, internal, nbd_index, Devices, Mount};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use strata_api::csi::node_service_capability::{rpc, Rpc, Type as CapType};
 use strata_api::csi::volume_capability::AccessType;
 use strata_api::csi::{self, volume_usage::Unit};
@@ -23,15 +22,8 @@ pub struct Node {
     pub sdk: Sdk,
     pub node_id: String,
     pub max_volumes: i64,
-    /// NBD URI prefix of the local engine: `nbd+unix:///{vol}?socket=...` or `nbd://host:port/{vol}`.
-    pub nbd: NbdEndpoint,
-    /// Where FUSE views of attached volumes live.
-    pub state_dir: PathBuf,
-    /// Attach through the kernel's NBD driver instead of a FUSE view (`--attach kernel-nbd`):
-    /// the keepers of its devices.
-    pub kernel_nbd: Option<Arc<kernelnbd::Keepers>>,
-    /// How kernel NBD devices are set up.
-    pub nbd_params: kernelnbd::Params,
+    /// How volumes become block devices here (shared with the Docker plugin).
+    pub devices: Devices,
     inflight: InFlight,
 }
 
@@ -74,13 +66,8 @@ fn required<'a>(v: &'a str, what: &str) -> Result<&'a str, Status> {
 }
 
 impl Node {
-    pub fn new(sdk: Sdk, node_id: String, max_volumes: i64, nbd: NbdEndpoint, state_dir: PathBuf) -> Node {
-        Node { sdk, node_id, max_volumes, nbd, state_dir, kernel_nbd: None, nbd_params: Default::default(), inflight: InFlight::default() }
-    }
-
-    /// This node's device work, for the volume RPCs.
-    fn devices(&self) -> Devices {
-        Devices { state_dir: self.state_dir.clone(), nbd: self.nbd.clone(), kernel_nbd: self.kernel_nbd.clone(), nbd_params: self.nbd_params }
+    pub fn new(sdk: Sdk, node_id: String, max_volumes: i64, devices: Devices) -> Node {
+        Node { sdk, node_id, max_volumes, devices, inflight: InFlight::default() }
     }
 
     async fn volume(&self, id: &str) -> Result<pb::Volume, Status> {
@@ -110,7 +97,7 @@ impl csi::node_server::Node for Node {
         // This node becomes the volume's target (a no-op when it already is).
         let passphrase = r.secrets.get("passphrase").map(|s| s.as_bytes().to_vec()).unwrap_or_default();
         let sdk = self.sdk.for_secrets(&r.secrets)?;
-        let dev = self.devices();
+        let dev = &self.devices;
         dev.attach(&sdk, &id, passphrase).await?;
         let fs = stage_fs(r.volume_context.get("fs").map(String::as_str), &fs);
         let mount = (!block).then_some(Mount { fs, flags, at: staging });
@@ -123,7 +110,7 @@ impl csi::node_server::Node for Node {
         let id = required(&r.volume_id, "volume_id")?.to_string();
         let staging = PathBuf::from(required(&r.staging_target_path, "staging_target_path")?);
         let _busy = self.inflight.begin(&id)?;
-        let dev = self.devices();
+        let dev = &self.devices;
         dev.unstage(&id, Some(staging)).await?;
         dev.detach(&self.sdk, &id).await?;
         Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
@@ -137,7 +124,7 @@ impl csi::node_server::Node for Node {
         let (block, _, _) = capability(r.volume_capability)?;
         let readonly = r.readonly;
         let _busy = self.inflight.begin(&id)?;
-        let state = self.state_dir.clone();
+        let state = self.devices.state_dir.clone();
         blocking(move || {
             if attach::is_mounted(&target) {
                 return Ok(());
@@ -237,7 +224,7 @@ impl csi::node_server::Node for Node {
             None => is_block_path(&path),
         };
         let mountpoint = if r.staging_target_path.is_empty() { path.clone() } else { PathBuf::from(&r.staging_target_path) };
-        let state = self.state_dir.clone();
+        let state = self.devices.state_dir.clone();
         let capacity = blocking(move || {
             if !path.exists() {
                 return Err(Status::not_found(format!("volume_path {} does not exist", path.display())));
