@@ -46,3 +46,22 @@ csc() { "$BIN/strata-csc" --endpoint "$W/csi.sock" "$@"; }
 # The kernel devices this node uses: connected NBD devices and loop devices.
 nbd_connected() { for d in /sys/block/nbd*; do [ -e "$d/pid" ] && echo "${d##*/}"; done; true; }
 loops() { losetup -n -O NAME 2>/dev/null || true; }
+
+# fio writes SIZE of a file on the mounted volume at PATH (64 KiB random writes, 4 MiB/s, checked
+# with crc32c and read back at the end) while the engine is killed (SIGKILL) after 3-4 s and
+# started again 2 s later; fails unless fio saw no error and the kernel logged no I/O error.
+write_through_engine_restart() { # path size
+  fio --name=restart --filename="$1" --size="$2" --bs=64k --rw=randwrite --direct=1 --ioengine=psync \
+    --rate=4m --verify=crc32c --verify_fatal=1 --do_verify=1 --output="$W/fio.out" &
+  FIO=$!
+  sleep 3
+  kill -0 $FIO || fail "fio ended before the restart"
+  kill -9 "$ENGINE_PID"
+  wait "$ENGINE_PID" 2>/dev/null || true
+  sleep 2
+  start_engine
+  wait $FIO || { cat "$W/fio.out"; fail "fio failed"; }
+  grep -q "err= 0" "$W/fio.out" || { cat "$W/fio.out"; fail "fio reported errors"; }
+  grep -E "err=|WRITE:|READ:" "$W/fio.out"
+  if dmesg | grep -i "I/O error"; then fail "the kernel logged I/O errors"; fi
+}
