@@ -6,6 +6,9 @@
 //! the CSI node plugin (`stage`), counted per container; the last `Unmount` undoes it, so the
 //! volume can follow its container to another node.
 //!
+//! Portworx's inline form works too: `docker run -v "name=db;size=10G;repl=2:/data"` names the
+//! volume and gives its options in one go.
+//!
 //! The request and response shapes are pure (`Request`, `Reply`) and handled by `Plugin::handle`;
 //! the HTTP layer around them is thin.
 
@@ -36,6 +39,9 @@ pub struct Request {
     /// The mount's caller (a container) for Mount and Unmount.
     #[serde(rename = "ID")]
     pub id: String,
+    /// The name as Docker gave it (an inline spec stays whole here; `name` is the volume's).
+    #[serde(skip)]
+    pub docker_name: String,
 }
 
 /// What a volume call answers: `Err` is empty on success.
@@ -94,6 +100,22 @@ pub fn spec_from_opts(opts: &HashMap<String, String>) -> Result<(pb::VolumeSpec,
     Ok((spec, fs))
 }
 
+/// A volume name as Docker passes it: a plain name, or Portworx's inline form
+/// `name=db;size=10G;repl=2` (from `docker run -v "name=db;size=10G:/data"`), which names the
+/// volume and gives its options at once. Returns the Strata volume name and the inline options.
+pub fn resolve_name(raw: &str) -> Result<(String, HashMap<String, String>), String> {
+    if !raw.contains('=') {
+        return Ok((raw.to_string(), HashMap::new()));
+    }
+    let mut opts = HashMap::new();
+    for part in raw.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("inline volume {raw:?}: {part:?} is not key=value"))?;
+        opts.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let name = opts.remove("name").filter(|n| !n.is_empty()).ok_or_else(|| format!("inline volume {raw:?} has no name=..."))?;
+    Ok((name, opts))
+}
+
 pub struct Plugin {
     pub sdk: Sdk,
     pub devices: Devices,
@@ -127,7 +149,19 @@ impl Plugin {
     }
 
     /// Serves one call; `path` is the URL path (`/VolumeDriver.Mount`, ...).
-    pub async fn handle(&self, path: &str, req: Request) -> Value {
+    pub async fn handle(&self, path: &str, mut req: Request) -> Value {
+        // Docker knows an inline volume by its whole spec; Strata by the name in it.
+        req.docker_name = req.name.clone();
+        let inline = match resolve_name(&req.name) {
+            Ok((name, opts)) => {
+                req.name = name;
+                opts
+            }
+            Err(e) => return serde_json::to_value(Reply::err(e)).expect("plain data"),
+        };
+        if !inline.is_empty() {
+            req.opts.get_or_insert_with(HashMap::new).extend(inline);
+        }
         let reply = match path {
             "/Plugin.Activate" => return json!({ "Implements": ["VolumeDriver"] }),
             "/VolumeDriver.Capabilities" => Reply { capabilities: Some(json!({ "Scope": "global" })), ..Default::default() },
@@ -197,7 +231,7 @@ impl Plugin {
                 let spec = v.spec.clone().unwrap_or_default();
                 Reply {
                     volume: Some(json!({
-                        "Name": v.name,
+                        "Name": req.docker_name,
                         "Mountpoint": if mounted { mp.to_string_lossy().into_owned() } else { String::new() },
                         "Status": {
                             "size_bytes": spec.size_bytes,
@@ -369,6 +403,15 @@ mod tests {
             let e = spec_from_opts(&bad).unwrap_err();
             assert!(e.starts_with(&format!("option {names}")), "{e}");
         }
+    }
+
+    #[test]
+    fn inline_names_carry_options() {
+        assert_eq!(resolve_name("db").unwrap(), ("db".to_string(), HashMap::new()));
+        let (n, o) = resolve_name("name=db;size=10G;repl=2").unwrap();
+        assert_eq!((n.as_str(), o.len(), o["size"].as_str(), o["repl"].as_str()), ("db", 2, "10G", "2"));
+        assert!(resolve_name("size=10G;repl=2").unwrap_err().contains("no name"));
+        assert!(resolve_name("name=db;junk").unwrap_err().contains("not key=value"));
     }
 
     #[test]

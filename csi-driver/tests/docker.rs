@@ -2,8 +2,8 @@
 //! docker.io, its own daemon on its own socket, no network): create with options, a container
 //! writes, the volume follows to another node's plugin, a second container reads, bad options
 //! give Docker a clear error, container exit leaves no mount or loop device, a swarm service
-//! (one-node swarm on loopback) mounts a new volume with options, and `docker volume rm` deletes
-//! the volume everywhere. Skipped, saying why, only where dockerd cannot start.
+//! (one-node swarm on loopback) mounts a new volume with options, Portworx's inline
+//! `-v "name=...;size=...:/data"` works, and `docker volume rm` deletes the volume everywhere. Skipped, saying why, only where dockerd cannot start.
 
 mod common;
 
@@ -239,6 +239,16 @@ fn docker_volumes_follow_their_containers_and_leave_nothing_behind() {
         assert!(t0.elapsed() < Duration::from_secs(30), "docker volume rm swv kept failing");
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    // Portworx's inline form: the volume is named and sized in `-v` itself.
+    let inline = "name=inl;size=64MiB;repl=2";
+    let spec = format!("{inline}:/data");
+    d.ok(&["run", "--rm", "--network", "none", "--volume-driver", &driver, "-v", &spec, image, "sh", "-c", "echo inline > /data/f"]);
+    let iv = c.sdk(1).inspect("inl").unwrap();
+    assert_eq!((iv.spec.as_ref().unwrap().size_bytes, iv.replica_nodes.len()), (64 << 20, 2), "the inline options reached the volume");
+    assert_eq!(leftovers(dir.path()), Vec::<String>::new());
+    d.ok(&["volume", "rm", inline]);
+    assert_eq!(c.sdk(1).inspect("inl").unwrap_err().code(), Code::NotFound);
 
     // Once no container uses it, `docker volume rm` deletes it on every replica.
     d.ok(&["volume", "rm", "dv"]);
