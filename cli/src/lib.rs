@@ -13,6 +13,7 @@ macro_rules! println {
 pub mod context;
 mod render;
 mod table;
+mod watch;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -214,6 +215,17 @@ pub enum VolumeCmd {
     Inspect {
         /// The volume or snapshot.
         name: String,
+        /// Follow resync: progress of every replica catching up (a bar each on a terminal, a line
+        /// each per look otherwise; with --json a JSON object per look), until every replica is
+        /// in sync; then the volume as without --watch.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: seconds between looks. Default: 1.
+        #[arg(long, default_value_t = 1, hide_default_value = true, value_parser = clap::value_parser!(u64).range(1..))]
+        interval: u64,
+        /// With --watch: give up (exit 1) after this many seconds. Default: 0, never.
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        timeout: u64,
     },
     /// Where a volume is: its target, its replicas (in sync or not, on which nodes, zones and
     /// racks) and its NBD export.
@@ -698,9 +710,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     vols.retain(|v| v.snapshot_of.is_empty());
                     print!("{}", render::volume_list(&vols, json));
                 }
-                VolumeCmd::Inspect { name } => {
+                VolumeCmd::Inspect { name, watch: false, .. } => {
                     let v = c.inspect(pb::InspectVolumeRequest { name }).await.map_err(status_err)?.into_inner();
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    print!("{}", render::volume_inspect(&v, json));
+                }
+                VolumeCmd::Inspect { name, watch: true, interval, timeout } => {
+                    let v =
+                        watch::resync(&mut c, &name, json, std::time::Duration::from_secs(interval), std::time::Duration::from_secs(timeout)).await?;
                     print!("{}", render::volume_inspect(&v, json));
                 }
                 VolumeCmd::Locate { name } => {

@@ -132,6 +132,23 @@ fn volume_fields(v: &pb::Volume) -> String {
     t.render()
 }
 
+/// One replica's resync, for `inspect --watch` without a terminal.
+pub fn resync_line(r: &pb::ReplicaStatus) -> String {
+    let (copied, total) = crate::watch::progress(r);
+    let pct = (copied * 100).checked_div(total).unwrap_or(0);
+    format!("replica {}: {} {} of {} copied ({pct}%)", r.node, r.state, format_size(copied), format_size(total))
+}
+
+/// A volume's resync state, for `inspect --watch --json` (one object per look).
+pub fn resync_json(v: &pb::Volume) -> serde_json::Value {
+    json!({
+        "name": v.name,
+        "in_sync": crate::watch::settled(v),
+        "in_sync_nodes": v.in_sync_nodes,
+        "replicas": v.replica_status.iter().map(|r| json!({"node": r.node, "state": r.state, "copied_bytes": r.copied_bytes, "dirty_bytes": r.dirty_bytes})).collect::<Vec<_>>(),
+    })
+}
+
 fn node_json(n: &pb::Node) -> serde_json::Value {
     json!({"id": n.id, "hostname": n.hostname, "status": n.status, "sdk_address": n.sdk_address, "nbd_address": n.nbd_address,
            "repl_address": n.repl_address, "zone": n.zone, "rack": n.rack,

@@ -364,3 +364,43 @@ fn alerts_show_filters_by_kind_and_age_and_purge_empties_every_node() {
     let file = std::fs::read_to_string(c.engines[0].dir.join("data/alerts.jsonl")).expect("node-1 keeps its alerts in a file");
     assert!(file.trim().is_empty(), "node-1's alert file still holds: {file}");
 }
+
+#[test]
+fn inspect_watch_follows_a_resync_until_every_replica_is_in_sync() {
+    let mut c = strata_e2e::cluster::Cluster::start(2, "256MiB");
+    c.sdk(0).create_full("w", 32 << 20, 2, &[]).unwrap();
+    let mut nbd = strata_e2e::nbd::Client::connect(&c.engines[0].nbd, "w").unwrap();
+    c.kill9(1);
+    // The first write waits out the replica timeout; then node-2 is out of sync and misses these.
+    for i in 0..64u64 {
+        assert_eq!(nbd.write(i * (256 << 10), &[i as u8; 64 << 10], 0), 0);
+    }
+    let ca = c.ca.path().join("ca.crt");
+    let watch = std::process::Command::new(CTL)
+        .env("STRATA_ENDPOINT", &c.engines[0].sdk)
+        .env("STRATA_CONFIG_DIR", c.ca.path())
+        .env_remove("STRATA_TOKEN")
+        .env_remove("STRATA_CONTEXT")
+        .args(["--ca-file", ca.to_str().unwrap(), "volume", "inspect", "w", "--watch", "--timeout", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    c.restart(1);
+    let out = watch.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("replica node-2: out_of_sync") && stdout.contains("of 4 MiB copied"), "a line per look while node-2 is behind: {stdout}");
+    let last = stdout.lines().rfind(|l| l.starts_with("In sync")).unwrap_or_default();
+    assert!(last.contains("node-1") && last.contains("node-2"), "ends with the volume in sync: {stdout}");
+
+    // With --json: an object per look, then the volume; a timeout that passes is an error.
+    let (ok, out, _) = ctl_cluster(&c, 0, &["volume", "inspect", "w", "--watch", "--json"]);
+    let first: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(ok && first["in_sync"] == true, "{out}");
+    c.kill9(1);
+    assert_eq!(nbd.write(0, &[9u8; 4096], 0), 0);
+    let (ok, _, err) = ctl_cluster(&c, 0, &["volume", "inspect", "w", "--watch", "--timeout", "2"]);
+    assert!(!ok && err.contains("still has replicas out of sync after 2s"), "{err}");
+}
