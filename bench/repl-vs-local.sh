@@ -26,32 +26,10 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$DIR"; }
 trap cleanup EXIT
 
-ETCD_PORT=23790
-etcd --name bench --data-dir "$DIR/etcd" --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
-  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" --listen-peer-urls http://127.0.0.1:23800 \
-  --initial-advertise-peer-urls http://127.0.0.1:23800 --initial-cluster bench=http://127.0.0.1:23800 >"$DIR/etcd.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$ETCD_PORT/health" >/dev/null && break; sleep 0.1; done
 # Replication is mutual TLS, as in production; BENCH_TLS=0 measures plaintext for the ratio.
 TLS=${BENCH_TLS:-1}
-[ "$TLS" = 1 ] && "$BIN/strata-engine" certs init --dir "$DIR/ca" >/dev/null
-for i in 1 2 3; do
-  mkdir -p "$DIR/n$i"
-  TLS_ARGS=()
-  if [ "$TLS" = 1 ]; then
-    "$BIN/strata-engine" certs issue --ca-dir "$DIR/ca" --node-id "node-$i" --out "$DIR/n$i/tls" >/dev/null
-    TLS_ARGS=(--tls-dir "$DIR/n$i/tls")
-  fi
-  "$BIN/strata-engine" --etcd "http://127.0.0.1:$ETCD_PORT" --node-id "node-$i" --data-dir "$DIR/n$i/data" "${TLS_ARGS[@]}" \
-    --device "$DIR/n$i/pool.img" --device-size 3GiB \
-    --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --repl-listen 127.0.0.1:0 \
-    --nbd-socket "$DIR/n$i/nbd.sock" --ready-file "$DIR/n$i/ready.json" 2>"$DIR/n$i/engine.log" &
-  PIDS+=($!)
-done
-for i in 1 2 3; do for _ in $(seq 200); do [ -f "$DIR/n$i/ready.json" ] && break; sleep 0.05; done; done
-SDK=$(python3 -c "import json;print(json.load(open('$DIR/n1/ready.json'))['sdk'])")
-# With a certificate the SDK is TLS only: stratactl checks it against the CA.
-[ "$TLS" = 1 ] && export STRATA_CA_FILE="$DIR/ca/ca.crt"
+. "$ROOT/bench/cluster.sh"
+start_cluster 23790 3 3GiB
 "$BIN/stratactl" --endpoint "$SDK" volume create r1 --size 1GiB --repl 1 >/dev/null
 "$BIN/stratactl" --endpoint "$SDK" volume create r3 --size 1GiB --repl 3 >/dev/null
 "$BIN/stratactl" --endpoint "$SDK" volume inspect r3
