@@ -227,6 +227,18 @@ pub enum VolumeCmd {
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         timeout: u64,
     },
+    /// Client I/O on a volume, as its target counts it: operations and bytes per second and mean
+    /// latency over each interval (a row per interval; with --json an object per interval).
+    Stats {
+        /// The volume.
+        name: String,
+        /// Seconds per interval. Default: 1.
+        #[arg(long, default_value_t = 1, hide_default_value = true, value_parser = clap::value_parser!(u64).range(1..))]
+        interval: u64,
+        /// Intervals to show, then exit. Default: 0, until interrupted.
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        count: u64,
+    },
     /// Where a volume is: its target, its replicas (in sync or not, on which nodes, zones and
     /// racks) and its NBD export.
     Locate {
@@ -719,6 +731,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     let v =
                         watch::resync(&mut c, &name, json, std::time::Duration::from_secs(interval), std::time::Duration::from_secs(timeout)).await?;
                     print!("{}", render::volume_inspect(&v, json));
+                }
+                VolumeCmd::Stats { name, interval, count } => {
+                    watch::stats(&mut c, &name, json, std::time::Duration::from_secs(interval), count).await?;
                 }
                 VolumeCmd::Locate { name } => {
                     let v = c.inspect(pb::InspectVolumeRequest { name }).await.map_err(status_err)?.into_inner();

@@ -1,6 +1,7 @@
-//! `stratactl volume inspect --watch`: follows a volume's resync until every replica is in sync.
-//! On a terminal each replica catching up gets a progress bar (indicatif); otherwise each look
-//! prints a line per replica (or, with --json, one JSON object), so scripts and logs see it too.
+//! Commands that look at a volume again and again: `volume inspect --watch` follows a resync until
+//! every replica is in sync (on a terminal a progress bar per replica catching up, indicatif;
+//! otherwise a line per replica per look, or with --json one JSON object), and `volume stats`
+//! prints the client I/O rates over each interval.
 
 use crate::{render, status_err, Sdk};
 use anyhow::{anyhow, bail};
@@ -71,6 +72,72 @@ pub async fn resync(
     }
 }
 
+/// The rates between two readings of a volume's counters `secs` apart.
+pub fn rates(a: &pb::IoStats, b: &pb::IoStats, secs: f64) -> serde_json::Value {
+    let d = |x: u64, y: u64| y.saturating_sub(x);
+    let (r, w) = (d(a.read_ops, b.read_ops), d(a.write_ops, b.write_ops));
+    let mean_ms = |us: u64, ops: u64| if ops == 0 { 0.0 } else { us as f64 / ops as f64 / 1000.0 };
+    serde_json::json!({
+        "read_iops": r as f64 / secs,
+        "write_iops": w as f64 / secs,
+        "read_mib_s": d(a.read_bytes, b.read_bytes) as f64 / secs / (1 << 20) as f64,
+        "write_mib_s": d(a.write_bytes, b.write_bytes) as f64 / secs / (1 << 20) as f64,
+        "read_latency_ms": mean_ms(d(a.read_latency_us, b.read_latency_us), r),
+        "write_latency_ms": mean_ms(d(a.write_latency_us, b.write_latency_us), w),
+        "flushes": d(a.flush_ops, b.flush_ops),
+        "errors": d(a.errors, b.errors),
+    })
+}
+
+/// `volume stats`: a row (or JSON object) of rates per `interval`, `count` times (0: for ever).
+pub async fn stats(
+    c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>,
+    name: &str,
+    json: bool,
+    interval: Duration,
+    count: u64,
+) -> anyhow::Result<()> {
+    let look = || {
+        let mut c = c.clone();
+        let name = name.to_string();
+        async move {
+            let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner();
+            let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+            if v.attached_node.is_empty() {
+                bail!("volume {name} is not attached: no node serves its I/O (stratactl host attach {name})");
+            }
+            Ok::<_, anyhow::Error>((v.io_stats.unwrap_or_default(), Instant::now()))
+        }
+    };
+    let (mut prev, mut at) = look().await?;
+    if !json {
+        println!("{:>10} {:>10} {:>10} {:>10} {:>10} {:>10}", "r/s", "w/s", "rMiB/s", "wMiB/s", "r_ms", "w_ms");
+    }
+    let mut shown = 0;
+    while count == 0 || shown < count {
+        tokio::time::sleep(interval).await;
+        let (now, t) = look().await?;
+        let r = rates(&prev, &now, t.duration_since(at).as_secs_f64());
+        if json {
+            println!("{r}");
+        } else {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            println!(
+                "{:>10.0} {:>10.0} {:>10.1} {:>10.1} {:>10.2} {:>10.2}",
+                f("read_iops"),
+                f("write_iops"),
+                f("read_mib_s"),
+                f("write_mib_s"),
+                f("read_latency_ms"),
+                f("write_latency_ms")
+            );
+        }
+        (prev, at) = (now, t);
+        shown += 1;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +150,17 @@ mod tests {
         assert!(!settled(&v));
         v.in_sync_nodes.push("n2".into());
         assert!(settled(&v));
+    }
+
+    #[test]
+    fn rates_over_an_interval() {
+        let a = pb::IoStats { write_ops: 100, write_bytes: 100 << 12, write_latency_us: 10_000, ..Default::default() };
+        let b = pb::IoStats { write_ops: 300, write_bytes: 300 << 12, write_latency_us: 50_000, read_ops: 10, ..Default::default() };
+        let r = rates(&a, &b, 2.0);
+        assert_eq!(r["write_iops"], 100.0);
+        assert_eq!(r["read_iops"], 5.0);
+        assert_eq!(r["write_latency_ms"], 0.2, "40 ms over 200 writes");
+        assert_eq!(r["read_latency_ms"], 0.0);
+        assert!((r["write_mib_s"].as_f64().unwrap() - 200.0 * 4096.0 / 2.0 / 1048576.0).abs() < 1e-9);
     }
 }

@@ -404,3 +404,34 @@ fn inspect_watch_follows_a_resync_until_every_replica_is_in_sync() {
     let (ok, _, err) = ctl_cluster(&c, 0, &["volume", "inspect", "w", "--watch", "--timeout", "2"]);
     assert!(!ok && err.contains("still has replicas out of sync after 2s"), "{err}");
 }
+
+#[test]
+fn volume_stats_shows_the_io_rates_of_each_interval() {
+    let c = strata_e2e::cluster::Cluster::start(1, "256MiB");
+    c.sdk(0).create_full("io", 32 << 20, 1, &[]).unwrap();
+    let (ok, _, err) = ctl_cluster(&c, 0, &["volume", "stats", "io", "--count", "1"]);
+    assert!(!ok && err.contains("is not attached"), "{err}");
+    let mut nbd = strata_e2e::nbd::Client::connect(&c.engines[0].nbd, "io").unwrap();
+    // A bounded writer while the stats are read: 4 KiB writes for at most 4 seconds.
+    let writer = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let mut n = 0u64;
+        while t0.elapsed() < std::time::Duration::from_secs(4) && n < 200_000 {
+            assert_eq!(nbd.write((n % 8192) * 4096, &[7u8; 4096], 0), 0);
+            n += 1;
+        }
+        n
+    });
+    let (ok, out, err) = ctl_cluster(&c, 0, &["volume", "stats", "io", "--count", "2", "--interval", "1", "--json"]);
+    let written = writer.join().unwrap();
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for r in &rows {
+        let w = r["write_iops"].as_f64().unwrap();
+        assert!(w > 10.0 && w <= written as f64, "write rate {w} with {written} writes in all: {r}");
+        assert!(r["write_latency_ms"].as_f64().unwrap() > 0.0 && r["read_iops"] == 0.0 && r["errors"] == 0, "{r}");
+    }
+    let (ok, out, _) = ctl_cluster(&c, 0, &["volume", "stats", "io", "--count", "1"]);
+    assert!(ok && out.lines().next().unwrap().contains("w/s") && out.lines().count() == 2, "a header and a row: {out}");
+}

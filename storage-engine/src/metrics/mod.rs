@@ -28,6 +28,11 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
     }
+
+    /// Observations so far and the sum of their microseconds.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.count.load(Relaxed), self.sum_us.load(Relaxed))
+    }
 }
 
 /// One volume's I/O counters.

@@ -74,6 +74,17 @@ fn to_pb(engine: &Service, v: VolumeInfo) -> pb::Volume {
             .into_iter()
             .map(|s| pb::ReplicaStatus { node: s.node, state: s.state.into(), dirty_bytes: s.dirty_bytes, copied_bytes: s.copied_bytes })
             .collect(),
+        io_stats: Some(pb::IoStats {
+            read_ops: v.io.read_ops,
+            write_ops: v.io.write_ops,
+            read_bytes: v.io.read_bytes,
+            write_bytes: v.io.write_bytes,
+            flush_ops: v.io.flush_ops,
+            trim_ops: v.io.trim_ops,
+            errors: v.io.errors,
+            read_latency_us: v.io.read_latency_us,
+            write_latency_us: v.io.write_latency_us,
+        }),
     }
 }
 
@@ -171,6 +182,7 @@ impl Sdk {
                     v.connections = t.connections;
                     v.replica_status = t.replica_status.clone();
                     v.verifying = t.verifying;
+                    v.io_stats = t.io_stats;
                 }
             }
         }

@@ -152,6 +152,38 @@ pub struct VolumeInfo {
     pub replicas: Vec<ReplicaStatus>,
     /// The target is comparing the in-sync replicas after an unclean change of target.
     pub verifying: bool,
+    /// Client I/O counters of this node's handle (a served volume's are on its target).
+    pub io: IoTotals,
+}
+
+/// A volume's client I/O counters, read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct IoTotals {
+    pub read_ops: u64,
+    pub write_ops: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub flush_ops: u64,
+    pub trim_ops: u64,
+    pub errors: u64,
+    pub read_latency_us: u64,
+    pub write_latency_us: u64,
+}
+
+impl IoTotals {
+    fn of(s: &crate::metrics::VolumeStats) -> IoTotals {
+        IoTotals {
+            read_ops: s.read_ops.load(Ordering::Relaxed),
+            write_ops: s.write_ops.load(Ordering::Relaxed),
+            read_bytes: s.read_bytes.load(Ordering::Relaxed),
+            write_bytes: s.write_bytes.load(Ordering::Relaxed),
+            flush_ops: s.flush_ops.load(Ordering::Relaxed),
+            trim_ops: s.trim_ops.load(Ordering::Relaxed),
+            errors: s.errors.load(Ordering::Relaxed),
+            read_latency_us: s.read_latency.totals().1,
+            write_latency_us: s.write_latency.totals().1,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -536,6 +568,7 @@ impl Service {
         let record = record.normalized(&self.node.id);
         let handle = self.volumes.read().get(&record.name).cloned();
         let connections = handle.as_ref().map(|v| v.connections()).unwrap_or(0);
+        let io = handle.as_ref().map(|v| IoTotals::of(&v.stats)).unwrap_or_default();
         let used_bytes = if record.has_replica(&self.node.id) { self.pool.used_bytes_of(record.id) } else { 0 };
         let target = handle.and_then(|h| h.target());
         let verifying = target.as_ref().is_some_and(|t| t.verifying.load(Ordering::Acquire));
@@ -552,7 +585,7 @@ impl Service {
                 .collect(),
             None => Vec::new(),
         };
-        Ok(VolumeInfo { used_bytes, connections, record, replicas, verifying })
+        Ok(VolumeInfo { used_bytes, connections, record, replicas, verifying, io })
     }
 
     /// Whether a volume's data lives in this node's pool.
