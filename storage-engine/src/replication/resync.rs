@@ -147,6 +147,9 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
         next = from;
         let copied = copy_batch(e, t, p, &batch).await?;
         if persisted.elapsed() >= PERSIST_EVERY {
+            // The copies went without FUA: they are made durable on the replica before the record
+            // forgets them, else a power cut there could lose blocks no record would copy again.
+            flush_replica(t, p).await?;
             persist(p).await?;
             persisted = Instant::now();
         }
@@ -154,8 +157,7 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
     }
     // What resync copied is durable on the replica before it counts as in sync (the copies are
     // written without FUA).
-    let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
-    c.call(t.vol.id, t.epoch, Command::Flush).await?;
+    flush_replica(t, p).await?;
     let _w = t.region_lock.write().await;
     if p.state() != PeerState::CatchingUp || !p.dirty.is_empty() {
         return Err(TargetError::NoReplica(format!("{} (replica {} fell behind again)", t.name, p.node)));
@@ -174,6 +176,12 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
     p.planned_full.store(false, Ordering::Release);
     let p2 = p.clone();
     let _ = tokio::task::spawn_blocking(move || p2.dirty.remove()).await;
+    Ok(())
+}
+
+async fn flush_replica(t: &Target, p: &Peer) -> Result<(), TargetError> {
+    let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
+    c.call(t.vol.id, t.epoch, Command::Flush).await?;
     Ok(())
 }
 
