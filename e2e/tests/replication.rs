@@ -116,8 +116,8 @@ fn scattered_small_writes_resync_at_about_their_size() {
 
 #[test]
 fn an_interrupted_resync_resumes_instead_of_starting_over() {
-    // Slow resync (4 MiB/s), so it can be interrupted midway: first the replica dies, then the
-    // target restarts; each time the copy continues from what is left.
+    // Slow resync (4 MiB/s while a client reads), so it can be interrupted midway: first the
+    // replica dies, then the target restarts; each time the copy continues from what is left.
     let mut c = Cluster::start_with(2, "256MiB", &["--resync-rate", "4MiB"]);
     c.sdk(0).create_full("slow", 32 * MIB, 2, &[]).unwrap();
     let mut h = History::default();
@@ -131,6 +131,20 @@ fn an_interrupted_resync_resumes_instead_of_starting_over() {
     };
     let (dirty0, _) = missed(&c);
     assert!(dirty0 >= 8 * MIB, "{dirty0} bytes missed");
+    // --resync-rate paces a resync only while clients do I/O (an idle volume resyncs at full
+    // speed): a reader keeps this one busy until the target restarts. Bounded: 60 s at most.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (addr, stop) = (c.engines[0].nbd.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut r = Client::connect(&addr, "slow").unwrap();
+            let t0 = std::time::Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
+                assert!(r.read(0, 4096).is_ok());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
     c.engines[1].spawn().unwrap();
     let t0 = std::time::Instant::now();
     while missed(&c).1 < dirty0 / 4 {
@@ -150,6 +164,8 @@ fn an_interrupted_resync_resumes_instead_of_starting_over() {
     }
     // Interruption 2: the target restarts midway (progress is on disk).
     let (_, copied2) = missed(&c);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().unwrap();
     c.restart(0);
     let v = c.wait_in_sync(0, "slow", Duration::from_secs(60));
     let copied3: u64 = v.replica_status.iter().filter(|r| r.node == "node-2").map(|r| r.copied_bytes).sum();

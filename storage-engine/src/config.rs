@@ -191,7 +191,8 @@ pub struct RunArgs {
     /// (0 = never). Default: 600.
     #[arg(long, env = "STRATA_REPLICA_TIMEOUT", default_value_t = 600, hide_default_value = true)]
     pub replica_timeout: u64,
-    /// Bandwidth of resync and rebuild per volume (0 = unlimited). Default: 256MiB (per second).
+    /// Bandwidth of resync and rebuild per volume while clients do I/O on it (an idle volume
+    /// resyncs at full speed; 0 = unlimited). Default: 256MiB (per second).
     #[arg(long, env = "STRATA_RESYNC_RATE", default_value = "256MiB", value_parser = size, hide_default_value = true)]
     pub resync_rate: u64,
     /// Bandwidth of the background scrub that verifies every stored block's checksum
