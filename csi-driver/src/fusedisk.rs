@@ -46,6 +46,8 @@ struct Conn {
     client: Mutex<Option<Arc<Client>>>,
     /// The export's size as last seen.
     size: AtomicU64,
+    /// The export's transmission flags (from the first handshake: an export keeps them).
+    flags: u16,
     /// Set when reconnecting failed for RECONNECT_FOR: requests then fail at once (after one
     /// connection attempt each) instead of each waiting the whole window again.
     gave_up: AtomicBool,
@@ -171,6 +173,7 @@ impl Disk {
             ep,
             export: export.to_string(),
             size: AtomicU64::new(first.size),
+            flags: first.flags,
             client: Mutex::new(Some(first)),
             gave_up: AtomicBool::new(false),
             retry: tx,
@@ -305,7 +308,7 @@ impl Filesystem for Disk {
     /// Discards (a loop device punches holes for them) become NBD TRIM, zeroing becomes
     /// WRITE_ZEROES, when the export offers them; the file's size never changes.
     fn fallocate(&mut self, _: &Request<'_>, _ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
-        let flags = self.conn.client.lock().as_ref().map_or(0, |c| c.flags);
+        let flags = self.conn.flags;
         let cmd = if mode == libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE && flags & nbdclient::FLAG_SEND_TRIM != 0 {
             nbdclient::CMD_TRIM
         } else if mode & !libc::FALLOC_FL_KEEP_SIZE == libc::FALLOC_FL_ZERO_RANGE && flags & nbdclient::FLAG_SEND_WRITE_ZEROES != 0 {
