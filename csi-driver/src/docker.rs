@@ -69,8 +69,9 @@ impl Reply {
 }
 
 /// The volume spec a `docker volume create` asks for: `size` (default 1 GiB) and the
-/// StorageClass keys. Errors name the option.
-pub fn spec_from_opts(opts: &HashMap<String, String>) -> Result<(pb::VolumeSpec, String), String> {
+/// StorageClass keys; the filesystem (`fs`, default ext4) goes in its labels, where `Mount` finds
+/// it. Errors name the option.
+pub fn spec_from_opts(opts: &HashMap<String, String>) -> Result<pb::VolumeSpec, String> {
     let mut rest = opts.clone();
     let size = match rest.remove("size") {
         Some(s) => strata_api::units::parse_size(&s).map_err(|e| format!("option size: {s:?}: {e}"))?,
@@ -86,18 +87,17 @@ pub fn spec_from_opts(opts: &HashMap<String, String>) -> Result<(pb::VolumeSpec,
                 .into(),
         );
     }
-    let spec = pb::VolumeSpec {
+    let fs = if p.fs.is_empty() { "ext4".to_string() } else { p.fs };
+    Ok(pb::VolumeSpec {
         size_bytes: size,
         repl: p.repl,
-        labels: p.labels.into_iter().chain([("created-by".to_string(), "docker".to_string())]).collect(),
+        labels: p.labels.into_iter().chain([("created-by".to_string(), "docker".to_string()), ("fs".to_string(), fs)]).collect(),
         qos: Some(pb::QosLimits { rd_iops: p.rd_iops, wr_iops: p.wr_iops, rd_bw: p.rd_bw, wr_bw: p.wr_bw }),
         nodes: p.nodes,
         zones: p.zones,
         racks: p.racks,
         ..Default::default()
-    };
-    let fs = if p.fs.is_empty() { "ext4".to_string() } else { p.fs };
-    Ok((spec, fs))
+    })
 }
 
 /// A volume name as Docker passes it: a plain name, or Portworx's inline form
@@ -184,7 +184,7 @@ impl Plugin {
         if req.name.is_empty() {
             return Reply::err("a volume name is required");
         }
-        let (spec, fs) = match spec_from_opts(req.opts.as_ref().unwrap_or(&HashMap::new())) {
+        let spec = match spec_from_opts(req.opts.as_ref().unwrap_or(&HashMap::new())) {
             Ok(s) => s,
             Err(e) => return Reply::err(e),
         };
@@ -198,8 +198,6 @@ impl Plugin {
             Ok(None) => {}
             Err(s) => return Reply::err(format!("the Strata engine: {}", s.message())),
         }
-        let mut spec = spec;
-        spec.labels.insert("fs".into(), fs);
         match self.sdk.volumes().create(pb::CreateVolumeRequest { name: req.name.clone(), spec: Some(spec), passphrase: Vec::new() }).await {
             Ok(_) => Reply::default(),
             Err(s) if s.code() == Code::AlreadyExists => Reply::default(),
@@ -386,13 +384,12 @@ mod tests {
 
     #[test]
     fn options_are_the_storage_class_keys_plus_size() {
-        let (s, fs) =
-            spec_from_opts(&opts(&[("size", "10G"), ("repl", "2"), ("nodes", "a,b"), ("io_throttle_rd_iops", "100"), ("fs", "xfs")])).unwrap();
-        assert_eq!((s.size_bytes, s.repl, s.nodes.clone(), fs.as_str()), (10 << 30, 2, vec!["a".to_string(), "b".to_string()], "xfs"));
+        let s = spec_from_opts(&opts(&[("size", "10G"), ("repl", "2"), ("nodes", "a,b"), ("io_throttle_rd_iops", "100"), ("fs", "xfs")])).unwrap();
+        assert_eq!((s.size_bytes, s.repl, s.nodes.clone(), s.labels["fs"].as_str()), (10 << 30, 2, vec!["a".to_string(), "b".to_string()], "xfs"));
         assert_eq!(s.qos.unwrap().rd_iops, 100);
         assert_eq!(s.labels.get("created-by").map(String::as_str), Some("docker"));
-        let (d, fs) = spec_from_opts(&HashMap::new()).unwrap();
-        assert_eq!((d.size_bytes, d.repl, fs.as_str()), (DEFAULT_SIZE, 1, "ext4"));
+        let d = spec_from_opts(&HashMap::new()).unwrap();
+        assert_eq!((d.size_bytes, d.repl, d.labels["fs"].as_str()), (DEFAULT_SIZE, 1, "ext4"));
         for (bad, names) in [
             (opts(&[("repl", "7")]), "repl"),
             (opts(&[("size", "lots")]), "size"),
