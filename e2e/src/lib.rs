@@ -14,4 +14,4 @@ pub mod util;
 pub use engine::{certs, engine_bin, EngineProc};
 pub use etcd::{free_port, EtcdProc};
 pub use sdk::Sdk;
-pub use util::{pseudo_random, qemu_io, run, tempdir};
+pub use util::{pseudo_random, qemu_io, run, scrape, tempdir};

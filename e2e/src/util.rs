@@ -40,3 +40,13 @@ pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// The body and headers of GET /metrics at `addr` (an engine's --metrics-listen).
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use strata_e2e::cluster::Cluster;
 use strata_e2e::nbd::Client;
-use strata_e2e::{pseudo_random, run};
+use strata_e2e::{pseudo_random, run, scrape};
 
 const MIB: u64 = 1 << 20;
 const EIO: u32 = 5;
@@ -31,15 +31,6 @@ fn flip(dev: &Path, at: u64) {
 fn kinds(c: &Cluster, volume: &str) -> Vec<(String, String)> {
     let resource = format!("volume/{volume}");
     c.sdk(0).alerts().into_iter().filter(|a| a.resource == resource).map(|a| (a.node, a.kind)).collect()
-}
-
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 fn stratactl() -> std::path::PathBuf {

@@ -56,6 +56,8 @@ pub struct VolumeSample<'a> {
     pub used: u64,
     pub connections: u32,
     pub stats: &'a VolumeStats,
+    /// Replicas, replicas in sync and bytes they miss, for a volume this node serves.
+    pub replicas: Option<[u64; 3]>,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +83,7 @@ struct VolumeValues {
     gauges: [u64; 3],
     counters: [u64; 7],
     latency: [HistogramValues; 2],
+    replicas: Option<[u64; 3]>,
 }
 
 #[derive(Debug)]
@@ -121,6 +124,12 @@ const VOLUME_COUNTERS: [(&str, &str); 7] = [
     ("strata_volume_trim_ops", "Trim requests served."),
     ("strata_volume_errors", "Requests answered with an error."),
 ];
+/// Reported by the volume's target only.
+const REPLICA_GAUGES: [(&str, &str); 3] = [
+    ("strata_volume_replicas", "Replicas of the volume."),
+    ("strata_volume_replicas_in_sync", "Replicas holding every acknowledged write (fewer than strata_volume_replicas: degraded)."),
+    ("strata_volume_resync_missed_bytes", "Bytes the out-of-sync replicas miss (what resync has left to copy)."),
+];
 const VOLUME_HISTOGRAMS: [(&str, &str); 2] =
     [("strata_volume_read_latency_seconds", "Read latency."), ("strata_volume_write_latency_seconds", "Write latency.")];
 
@@ -140,6 +149,14 @@ impl Collector for Scrape {
             let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             for v in &self.volumes {
                 m.encode_family(&[("volume", v.name.as_str())])?.encode_counter::<NoLabelSet, u64, u64>(&v.counters[i], None)?;
+            }
+        }
+        for (i, (name, help)) in REPLICA_GAUGES.iter().enumerate() {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for v in &self.volumes {
+                if let Some(r) = v.replicas {
+                    m.encode_family(&[("volume", v.name.as_str())])?.encode_gauge(&r[i])?;
+                }
             }
         }
         for (i, (name, help)) in VOLUME_HISTOGRAMS.iter().enumerate() {
@@ -164,6 +181,7 @@ pub fn render(pool: &PoolSample, volumes: &[VolumeSample<'_>]) -> String {
                 gauges: [v.size, v.used, v.connections as u64],
                 counters: [&s.read_ops, &s.write_ops, &s.read_bytes, &s.write_bytes, &s.flush_ops, &s.trim_ops, &s.errors].map(|c| c.load(Relaxed)),
                 latency: [s.read_latency.values(), s.write_latency.values()],
+                replicas: v.replicas,
             }
         })
         .collect();
@@ -184,8 +202,15 @@ mod tests {
         s.read_latency.observe(Duration::from_micros(3000));
         let text = render(
             &PoolSample { uuid: "p".into(), total: 100, used: 10, unsettled: 0 },
-            &[VolumeSample { name: "v1", size: 5, used: 1, connections: 2, stats: &s }],
+            &[
+                VolumeSample { name: "v1", size: 5, used: 1, connections: 2, stats: &s, replicas: Some([3, 2, 4096]) },
+                VolumeSample { name: "v2", size: 5, used: 1, connections: 0, stats: &s, replicas: None },
+            ],
         );
+        assert!(text.contains("strata_volume_replicas{volume=\"v1\"} 3"), "{text}");
+        assert!(text.contains("strata_volume_replicas_in_sync{volume=\"v1\"} 2"));
+        assert!(text.contains("strata_volume_resync_missed_bytes{volume=\"v1\"} 4096"));
+        assert!(!text.contains("strata_volume_replicas{volume=\"v2\"}"), "only the target reports replicas");
         assert!(text.contains("strata_pool_capacity_bytes{pool=\"p\"} 100"));
         assert!(text.contains("strata_volume_read_ops_total{volume=\"v1\"} 3"));
         assert!(text.contains("strata_volume_read_latency_seconds_bucket{le=\"0.0001\",volume=\"v1\"} 1"), "{text}");

@@ -802,6 +802,11 @@ impl Service {
                 used: self.pool.used_bytes_of(v.id),
                 connections: v.connections(),
                 stats: &v.stats,
+                replicas: v.target().map(|t| {
+                    let local = t.local as u64;
+                    let in_sync = t.peers.iter().filter(|p| p.state() == crate::replication::target::PeerState::InSync).count() as u64;
+                    [t.peers.len() as u64 + local, in_sync + local, t.peers.iter().map(|p| p.dirty.bytes()).sum()]
+                }),
             })
             .collect();
         render(
