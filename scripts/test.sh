@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # The Docker volume plugin's test runs a real Docker Engine on a busybox image.
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
-command -v busybox >/dev/null || need+=(busybox-static)
+# Static: it is the whole of the test image (and of the VM tier's initrd).
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" || need+=(busybox-static)
 if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -13,7 +13,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
-command -v busybox >/dev/null || need_apt+=(busybox-static)
+# Static: the initrd has no libc.
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" || need_apt+=(busybox-static)
 command -v cpio >/dev/null || need_apt+=(cpio)
 command -v strings >/dev/null || need_apt+=(binutils)
 src=/etc/apt/sources.list.d/strata-backports.sources
