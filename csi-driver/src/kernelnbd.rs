@@ -179,7 +179,8 @@ pub struct Keepers {
 }
 
 impl Keepers {
-    /// Starts watching device `index` of `export`, whose sockets are `conns`.
+    /// Starts watching device `index` of `export`, whose sockets are `conns` (none for an adopted
+    /// device).
     pub fn start(&self, index: u32, ep: Endpoint, export: &str, conns: Vec<NbdConn>, p: Params) {
         self.stop(export);
         let stop = Arc::new(AtomicBool::new(false));
@@ -192,8 +193,8 @@ impl Keepers {
     }
 
     /// Watches the devices an earlier run of this plugin connected (their index files in
-    /// `state`, still connected): their sockets are the kernel's alone, so these keepers go by
-    /// requests that stay in flight instead (see `adopted`).
+    /// `state`, still connected): their sockets are the kernel's alone, so these keepers have none
+    /// to watch and go by requests that stay in flight instead (see `keep`).
     pub fn adopt(&self, state: &Path, ep: &Endpoint, p: Params) {
         let Ok(dir) = std::fs::read_dir(state) else { return };
         for e in dir.flatten() {
@@ -204,13 +205,7 @@ impl Keepers {
                 continue;
             }
             tracing::info!(device = %device(index), volume, "adopted a device connected by an earlier run of the plugin");
-            let stop = Arc::new(AtomicBool::new(false));
-            let (s, ep, vol) = (stop.clone(), ep.clone(), volume.to_string());
-            let thread = std::thread::Builder::new()
-                .name(format!("nbd{index}-adopted"))
-                .spawn(move || adopted(index, &ep, &vol, p, &s))
-                .expect("spawning a thread");
-            self.by_volume.lock().insert(volume.to_string(), Keeper { stop, thread });
+            self.start(index, ep.clone(), volume, Vec::new(), p);
         }
     }
 
@@ -274,32 +269,22 @@ fn offer(index: u32, ep: &Endpoint, export: &str, n: u32) -> u32 {
     offered
 }
 
-/// The keeper of an adopted device (its sockets are the kernel's alone): when requests stay in
-/// flight without completing for two polls in a row (the engine may be gone, the kernel holding
-/// them), it offers the kernel new sockets.
-fn adopted(index: u32, ep: &Endpoint, export: &str, p: Params, stop: &AtomicBool) {
-    let mut stuck = Stuck::new();
-    while !stop.load(Ordering::Acquire) {
-        std::thread::sleep(POLL);
-        if stuck.check(index) {
-            let n = offer(index, ep, export, p.connections);
-            if n > 0 {
-                tracing::info!(device = %device(index), volume = export, offered = n, "I/O is stuck: offered the kernel new NBD connections (adopted device)");
-            }
-        }
-    }
-}
-
+/// A device's keeper: reconnects at once when a socket it holds hangs up; and, when requests stay
+/// in flight without completing for two polls in a row (the kernel may have given up a socket
+/// this keeper does not hold, or, for an adopted device, holds them all), offers the kernel new
+/// sockets. With no sockets, `hung_up` only waits a poll.
 fn keep(index: u32, ep: &Endpoint, export: &str, mut conns: Vec<NbdConn>, p: Params, stop: &AtomicBool) {
     let mut stuck = Stuck::new();
+    let whose = if conns.is_empty() { " (adopted device)" } else { "" };
     while !stop.load(Ordering::Acquire) {
         let fds: Vec<RawFd> = conns.iter().map(|c| c.sock.fd()).collect();
         let dead = hung_up(&fds, POLL);
         if dead.is_empty() {
-            // The kernel may have given up a socket this keeper does not watch (one it was
-            // handed while the kernel still had it alive): the same fallback as for adopted ones.
-            if stuck.check(index) && offer(index, ep, export, p.connections) > 0 {
-                tracing::info!(device = %device(index), volume = export, "I/O is stuck: offered the kernel new NBD connections");
+            if stuck.check(index) {
+                let n = offer(index, ep, export, p.connections);
+                if n > 0 {
+                    tracing::info!(device = %device(index), volume = export, offered = n, "I/O is stuck: offered the kernel new NBD connections{whose}");
+                }
             }
             continue;
         }
