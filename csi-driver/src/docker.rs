@@ -138,6 +138,23 @@ impl Plugin {
         self.root.join(name)
     }
 
+    /// Where the volume is mounted on this node, or "" when it is not (what Docker expects).
+    fn mounted_at(&self, name: &str) -> String {
+        let mp = self.mountpoint(name);
+        if crate::attach::is_mounted(&mp) {
+            mp.to_string_lossy().into_owned()
+        } else {
+            String::new()
+        }
+    }
+
+    /// Counts container `id` as a user of the volume's mount here.
+    fn add_user(&self, name: &str, id: &str) {
+        let mut m = self.mounts.lock();
+        m.entry(name.to_string()).or_default().insert(id.to_string());
+        self.save_mounts(&m);
+    }
+
     fn save_mounts(&self, m: &BTreeMap<String, BTreeSet<String>>) {
         let tmp = self.root.join("mounts.json.tmp");
         let r = std::fs::create_dir_all(&self.root)
@@ -217,20 +234,17 @@ impl Plugin {
     }
 
     fn path(&self, req: &Request) -> Reply {
-        let mp = self.mountpoint(&req.name);
-        Reply::mountpoint(if crate::attach::is_mounted(&mp) { mp.to_string_lossy().into_owned() } else { String::new() })
+        Reply::mountpoint(self.mounted_at(&req.name))
     }
 
     async fn get(&self, req: &Request) -> Reply {
         match self.sdk.inspect(&req.name).await {
             Ok(Some(v)) if v.snapshot_of.is_empty() => {
-                let mp = self.mountpoint(&req.name);
-                let mounted = crate::attach::is_mounted(&mp);
                 let spec = v.spec.clone().unwrap_or_default();
                 Reply {
                     volume: Some(json!({
                         "Name": req.docker_name,
-                        "Mountpoint": if mounted { mp.to_string_lossy().into_owned() } else { String::new() },
+                        "Mountpoint": self.mounted_at(&req.name),
                         "Status": {
                             "size_bytes": spec.size_bytes,
                             "repl": spec.repl,
@@ -255,11 +269,7 @@ impl Plugin {
                     .volumes
                     .into_iter()
                     .filter(|v| v.snapshot_of.is_empty())
-                    .map(|v| {
-                        let mp = self.mountpoint(&v.name);
-                        let mounted = crate::attach::is_mounted(&mp);
-                        json!({ "Name": v.name, "Mountpoint": if mounted { mp.to_string_lossy().into_owned() } else { String::new() } })
-                    })
+                    .map(|v| json!({ "Name": v.name, "Mountpoint": self.mounted_at(&v.name) }))
                     .collect();
                 Reply { volumes: Some(vols), ..Default::default() }
             }
@@ -274,9 +284,7 @@ impl Plugin {
         };
         let mp = self.mountpoint(&req.name);
         if crate::attach::is_mounted(&mp) {
-            let mut m = self.mounts.lock();
-            m.entry(req.name.clone()).or_default().insert(req.id.clone());
-            self.save_mounts(&m);
+            self.add_user(&req.name, &req.id);
             return Reply::mountpoint(mp.to_string_lossy().into_owned());
         }
         let v = match self.sdk.inspect(&req.name).await {
@@ -294,9 +302,7 @@ impl Plugin {
             let _ = self.devices.detach(&self.sdk, &req.name).await;
             return Reply::err(format!("mounting volume {}: {}", req.name, s.message()));
         }
-        let mut m = self.mounts.lock();
-        m.entry(req.name.clone()).or_default().insert(req.id.clone());
-        self.save_mounts(&m);
+        self.add_user(&req.name, &req.id);
         tracing::info!(volume = %req.name, mountpoint = %mp.display(), "mounted");
         Reply::mountpoint(mp.to_string_lossy().into_owned())
     }
