@@ -519,6 +519,12 @@ pub fn out(args: std::fmt::Arguments<'_>) {
 }
 
 /// Turns an SDK status into a message that says what happened.
+/// One volume (or snapshot) as the SDK shows it.
+async fn inspect_volume(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>, name: &str) -> anyhow::Result<pb::Volume> {
+    let v = c.inspect(pb::InspectVolumeRequest { name: name.to_string() }).await.map_err(status_err)?.into_inner();
+    v.volume.ok_or_else(|| anyhow!("engine returned no volume"))
+}
+
 fn status_err(s: tonic::Status) -> anyhow::Error {
     // A plaintext client talking to an engine that serves TLS sees only a broken stream.
     let broken = s.message().contains("h2 protocol error") || s.message().contains("transport error");
@@ -723,8 +729,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     print!("{}", render::volume_list(&vols, json));
                 }
                 VolumeCmd::Inspect { name, watch: false, .. } => {
-                    let v = c.inspect(pb::InspectVolumeRequest { name }).await.map_err(status_err)?.into_inner();
-                    let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    let v = inspect_volume(&mut c, &name).await?;
                     print!("{}", render::volume_inspect(&v, json));
                 }
                 VolumeCmd::Inspect { name, watch: true, interval, timeout } => {
@@ -736,8 +741,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     watch::stats(&mut c, &name, json, std::time::Duration::from_secs(interval), count).await?;
                 }
                 VolumeCmd::Locate { name } => {
-                    let v = c.inspect(pb::InspectVolumeRequest { name }).await.map_err(status_err)?.into_inner();
-                    let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    let v = inspect_volume(&mut c, &name).await?;
                     let nodes = pb::node_service_client::NodeServiceClient::new(ch.clone())
                         .list(pb::ListNodesRequest {})
                         .await

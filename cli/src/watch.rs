@@ -3,8 +3,8 @@
 //! otherwise a line per replica per look, or with --json one JSON object), and `volume stats`
 //! prints the client I/O rates over each interval.
 
-use crate::{render, status_err, Sdk};
-use anyhow::{anyhow, bail};
+use crate::{inspect_volume, render, Sdk};
+use anyhow::bail;
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -37,8 +37,7 @@ pub async fn resync(
         .progress_chars("=> ");
     let t0 = Instant::now();
     loop {
-        let v = c.inspect(pb::InspectVolumeRequest { name: name.to_string() }).await.map_err(status_err)?.into_inner();
-        let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+        let v = inspect_volume(c, name).await?;
         let done = settled(&v);
         for r in v.replica_status.iter().filter(|r| !v.in_sync_nodes.contains(&r.node)) {
             let (copied, total) = progress(r);
@@ -101,8 +100,7 @@ pub async fn stats(
         let mut c = c.clone();
         let name = name.to_string();
         async move {
-            let v = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner();
-            let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+            let v = inspect_volume(&mut c, &name).await?;
             if v.attached_node.is_empty() {
                 bail!("volume {name} is not attached: no node serves its I/O (stratactl host attach {name})");
             }
