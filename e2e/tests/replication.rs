@@ -259,3 +259,27 @@ fn an_encrypted_replicated_volume_keeps_ciphertext_on_every_node_through_resync(
         assert_eq!(dev.windows(marker.len()).filter(|w| *w == marker).count(), 0, "plaintext on {}", e.devices[0].display());
     }
 }
+
+#[test]
+fn a_replica_added_by_a_target_without_an_in_sync_copy_is_rebuilt_from_the_replicas_that_have_the_data() {
+    let c = Cluster::start(3, "256MiB");
+    let spec = pb::VolumeSpec { size_bytes: 16 * MIB, repl: 1, nodes: vec!["node-2".into()], ..Default::default() };
+    c.sdk(0).create_spec("far", spec).unwrap();
+    // Opened on node-1, which holds no replica: node-1 becomes the target, node-2 has the data.
+    let mut nbd = Client::connect(&c.engines[0].nbd, "far").unwrap();
+    let data = strata_e2e::pseudo_random(3, 4 * MIB as usize);
+    assert_eq!(nbd.write(2 * MIB, &data, 0), 0);
+    // A new replica on the target's own node, then one on a third node.
+    c.sdk(0).ha_update("far", 2, Some("node-1")).unwrap();
+    c.wait_in_sync(0, "far", Duration::from_secs(60));
+    c.sdk(0).ha_update("far", 3, Some("node-3")).unwrap();
+    let v = c.wait_in_sync(0, "far", Duration::from_secs(60));
+    assert_eq!(v.in_sync_nodes.len(), 3);
+    assert_eq!(c.replica_differences(0, "far"), Vec::<String>::new(), "every new replica holds node-2's data");
+    for i in [0, 2] {
+        assert!(c.sdk(i).pool().used_bytes >= 4 * MIB, "node-{} holds a copy", i + 1);
+    }
+    // With node-2's copy gone, the data reads back from the new replicas.
+    c.sdk(0).ha_update("far", 2, Some("node-2")).unwrap();
+    assert!(nbd.read(2 * MIB, 4 * MIB as u32).unwrap() == data, "the data reads back from the rebuilt replicas");
+}

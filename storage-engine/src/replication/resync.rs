@@ -190,12 +190,13 @@ async fn persist(p: &Arc<Peer>) -> Result<(), TargetError> {
     dirty_blocking("recording resync progress", move || p2.dirty.persist()).await
 }
 
-/// Records every extent allocated on the source or on the replica as missed.
+/// Records every extent allocated on the source (this node's in-sync replica, else the in-sync
+/// peers) or on the replica as missed.
 async fn plan_full_rebuild(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
     let theirs = c.call(t.vol.id, t.epoch, Command::Extents).await?;
     let mut extents: std::collections::BTreeSet<u64> = theirs.chunks_exact(8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))).collect();
-    extents.extend(e.local.pool.volume_extents(t.vol.id));
+    extents.extend(t.source_extents(&e.local).await?);
     let es = e.local.pool.extent_size;
     let size = t.vol.size();
     let p2 = p.clone();

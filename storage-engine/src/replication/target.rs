@@ -711,6 +711,34 @@ impl Target {
         }
     }
 
+    /// The logical extents allocated on the source of copies: this node's replica when it is in
+    /// sync, else every in-sync peer that answers (at least one must).
+    pub(super) async fn source_extents(&self, l: &Local) -> Result<std::collections::BTreeSet<u64>, TargetError> {
+        if self.local {
+            return Ok(l.pool.volume_extents(self.vol.id).into_iter().collect());
+        }
+        let mut out = std::collections::BTreeSet::new();
+        let mut answered = false;
+        for (p, c, _) in self.active() {
+            let (Some(c), PeerState::InSync) = (c, p.state()) else { continue };
+            match c.call(self.vol.id, self.epoch, Command::Extents).await {
+                Ok(b) => {
+                    out.extend(b.chunks_exact(8).map(|x| u64::from_be_bytes(x.try_into().expect("8 bytes"))));
+                    answered = true;
+                }
+                Err(err) if err.is_stale() => {
+                    self.fence();
+                    return Err(TargetError::Fenced(self.name.clone()));
+                }
+                Err(err) => tracing::warn!(volume = %self.name, replica = %p.node, "listing the replica's extents failed: {err}"),
+            }
+        }
+        if !answered {
+            return Err(TargetError::NoReplica(self.name.clone()));
+        }
+        Ok(out)
+    }
+
     /// A read from the first in-sync peer that answers (the caller holds the region lock).
     pub(super) async fn read_peers(&self, l: &Local, off: u64, len: usize) -> Result<ReadData, IoError> {
         for (p, c, _) in self.active() {
