@@ -11,6 +11,7 @@ macro_rules! println {
 }
 
 pub mod context;
+mod nodes;
 mod render;
 mod table;
 mod watch;
@@ -458,6 +459,17 @@ pub enum ClusterCmd {
         /// The node's id.
         node: String,
     },
+    /// Decommission a node: move every replica and volume it holds to other nodes (a new
+    /// replica is rebuilt before the node's is dropped), then remove it from the cluster. The
+    /// node must be in maintenance (`service maintenance --enter --node NODE`) or offline.
+    /// Refused, changing nothing, when a volume's replica has nowhere to go.
+    Delete {
+        /// The node's id (send the command to another node's engine).
+        node: String,
+        /// Seconds to wait for each new replica to be in sync. Default: 3600.
+        #[arg(long, default_value_t = 3600, hide_default_value = true)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -465,6 +477,24 @@ pub enum ServiceCmd {
     /// Storage pools.
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// Maintenance mode: entering moves every volume the node serves to a node holding an
+    /// in-sync replica (refused while a volume has clients there: drain its pods first); the
+    /// node then serves no volume and takes no new replica, and its replicas resync when it is
+    /// back. Exiting makes it a normal node again.
+    Maintenance(MaintenanceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MaintenanceArgs {
+    /// Enter maintenance.
+    #[arg(long, conflicts_with = "exit", required_unless_present = "exit")]
+    pub enter: bool,
+    /// Exit maintenance.
+    #[arg(long)]
+    pub exit: bool,
+    /// The node (default: the one --endpoint reaches).
+    #[arg(long)]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -917,6 +947,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("{w}");
             }
         }
+        Cmd::Service(ServiceCmd::Maintenance(m)) => nodes::maintenance(ch, m.node, m.enter, json).await?,
+        Cmd::Cluster(ClusterCmd::Delete { node, timeout }) => nodes::decommission(ch, node, std::time::Duration::from_secs(timeout), json).await?,
         Cmd::Service(ServiceCmd::Pool(PoolCmd::Show)) => {
             let pools =
                 pb::pool_service_client::PoolServiceClient::new(ch).list(pb::ListPoolsRequest {}).await.map_err(status_err)?.into_inner().pools;

@@ -152,7 +152,7 @@ pub fn resync_json(v: &pb::Volume) -> serde_json::Value {
 fn node_json(n: &pb::Node) -> serde_json::Value {
     json!({"id": n.id, "hostname": n.hostname, "status": n.status, "sdk_address": n.sdk_address, "nbd_address": n.nbd_address,
            "repl_address": n.repl_address, "zone": n.zone, "rack": n.rack,
-           "total_bytes": n.total_bytes, "used_bytes": n.used_bytes, "version": n.version})
+           "total_bytes": n.total_bytes, "used_bytes": n.used_bytes, "version": n.version, "maintenance": n.maintenance})
 }
 
 fn nodes_table(nodes: &[pb::Node]) -> String {
@@ -274,6 +274,25 @@ pub fn node_inspect(n: &pb::Node, json: bool) -> String {
         t.row(vec![k.into(), if val.is_empty() { "-".into() } else { val }]);
     }
     t.render()
+}
+
+/// `service maintenance`: the node and where its volumes went.
+pub fn maintenance(n: &pb::Node, moved: &[pb::MovedTarget], enter: bool, json: bool) -> String {
+    if json {
+        let moved: Vec<serde_json::Value> =
+            moved.iter().map(|m| json!({"volume": m.volume, "node": m.node, "note": m.note, "failed": m.failed})).collect();
+        return doc(json!({"node": node_json(n), "moved": moved}));
+    }
+    let mut s = if enter { format!("Node {} is in maintenance.\n", n.id) } else { format!("Node {} left maintenance.\n", n.id) };
+    for m in moved {
+        let line = match (m.failed, m.node.as_str()) {
+            (true, _) => format!("  volume {}: NOT moved: {}\n", m.volume, m.note),
+            (false, "") => format!("  volume {}: {}\n", m.volume, m.note),
+            (false, to) => format!("  volume {}: now served by {to}\n", m.volume),
+        };
+        s.push_str(&line);
+    }
+    s
 }
 
 /// `cluster list`.

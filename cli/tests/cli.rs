@@ -435,3 +435,138 @@ fn volume_stats_shows_the_io_rates_of_each_interval() {
     let (ok, out, _) = ctl_cluster(&c, 0, &["volume", "stats", "io", "--count", "1"]);
     assert!(ok && out.lines().next().unwrap().contains("w/s") && out.lines().count() == 2, "a header and a row: {out}");
 }
+
+/// `ctl_cluster` that must succeed, parsing its --json output.
+fn json_cluster(c: &strata_e2e::cluster::Cluster, i: usize, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let (good, out, err) = ctl_cluster(c, i, &a);
+    assert!(good, "stratactl {args:?} failed: {out}{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("stratactl {args:?} --json printed no JSON ({e}): {out}"))
+}
+
+fn node_status(c: &strata_e2e::cluster::Cluster, via: usize, node: &str) -> String {
+    let nodes = json_cluster(c, via, &["cluster", "list"]);
+    nodes.as_array().unwrap().iter().find(|n| n["id"] == node).map_or("absent".into(), |n| n["status"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn maintenance_moves_served_volumes_away_refuses_new_ones_and_keeps_replicas_through_a_restart() {
+    use strata_api::v1 as pb;
+    use strata_e2e::checker::{verify, History, Writer};
+    use strata_e2e::nbd::Client;
+    const MIB: u64 = 1 << 20;
+    let t = std::time::Duration::from_secs(30);
+    // A short replica timeout: a node in maintenance must keep its replicas past it.
+    let mut c = strata_e2e::cluster::Cluster::start_with(3, "256MiB", &["--replica-timeout", "2"]);
+    let on = |nodes: &[&str]| nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let spec = |nodes: &[&str]| pb::VolumeSpec { size_bytes: 16 * MIB, repl: 2, nodes: on(nodes), ..Default::default() };
+    c.sdk(0).create_spec("busy", spec(&["node-1", "node-3"])).unwrap();
+    c.sdk(0).create_spec("idle", spec(&["node-3", "node-2"])).unwrap();
+    let mut h = History::default();
+    let mut w = Writer::new(Client::connect(&c.engines[0].nbd, "busy").unwrap(), 16 * MIB, 64 * 1024, 21);
+    w.run(&mut h, 50, t).unwrap();
+    // node-3 serves "idle" to a client: entering is refused, and nothing changes.
+    let mut idle = Client::connect(&c.engines[2].nbd, "idle").unwrap();
+    assert_eq!(idle.write(0, &[5u8; 65536], 0), 0);
+    let (good, _, err) = ctl_cluster(&c, 0, &["service", "maintenance", "--enter", "--node", "node-3"]);
+    assert!(!good && err.contains("idle (1 client(s))") && err.contains("kubectl drain"), "{err}");
+    assert_eq!(node_status(&c, 0, "node-3"), "online");
+    idle.disconnect();
+    // Entering (sent to node-1, forwarded to node-3) moves "idle" to its other in-sync replica.
+    let r = json_cluster(&c, 0, &["service", "maintenance", "--enter", "--node", "node-3"]);
+    assert_eq!(r["node"]["status"], "maintenance", "{r}");
+    assert_eq!(r["moved"][0]["volume"], "idle", "{r}");
+    assert_eq!(r["moved"][0]["node"], "node-2", "{r}");
+    assert_eq!(c.sdk(0).inspect("idle").unwrap().attached_node, "node-2");
+    assert_eq!(node_status(&c, 0, "node-3"), "maintenance");
+    // It serves nothing new and takes no new replica.
+    let e = c.sdk(2).attach("busy", false).unwrap_err();
+    assert!(e.message().contains("node-3 is in maintenance"), "{e:?}");
+    let e = c.sdk(0).create_spec("three", pb::VolumeSpec { size_bytes: MIB, repl: 3, ..Default::default() }).unwrap_err();
+    assert!(e.message().contains("node-3 in maintenance"), "{e:?}");
+    // The upgrade: its engine stops while writes go on; its replica is not replaced, however long.
+    w.run(&mut h, 50, t).unwrap();
+    c.kill9(2);
+    w.run(&mut h, 100, t).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    w.run(&mut h, 50, t).unwrap();
+    let v = c.sdk(0).inspect("busy").unwrap();
+    assert_eq!(v.replica_nodes, on(&["node-1", "node-3"]), "the replica stays on the node in maintenance: {v:?}");
+    assert_eq!(v.in_sync_nodes, on(&["node-1"]));
+    c.engines[2].spawn().unwrap();
+    assert_eq!(node_status(&c, 0, "node-3"), "maintenance", "maintenance outlives the restart");
+    let r = json_cluster(&c, 2, &["service", "maintenance", "--exit"]);
+    assert_eq!(r["node"]["status"], "online", "{r}");
+    w.run(&mut h, 50, t).unwrap();
+    c.wait_in_sync(0, "busy", std::time::Duration::from_secs(60));
+    assert_eq!(verify(&mut w.client, &h, 16 * MIB), Vec::<String>::new(), "no acknowledged write lost");
+    assert_eq!(c.replica_differences(0, "busy"), Vec::<String>::new());
+    assert_eq!(c.replica_differences(0, "idle"), Vec::<String>::new());
+    c.sdk(2).attach("idle", false).expect("out of maintenance, node-3 serves volumes again");
+}
+
+#[test]
+fn cluster_delete_moves_every_replica_off_a_node_under_writes_then_removes_it() {
+    use strata_api::v1 as pb;
+    use strata_e2e::checker::{verify, History, Writer};
+    use strata_e2e::nbd::Client;
+    const MIB: u64 = 1 << 20;
+    let t = std::time::Duration::from_secs(30);
+    let mut c = strata_e2e::cluster::Cluster::start(3, "256MiB");
+    let on = |nodes: &[&str]| nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let spec = |repl: u32, nodes: &[&str]| pb::VolumeSpec { size_bytes: 16 * MIB, repl, nodes: on(nodes), ..Default::default() };
+    c.sdk(0).create_spec("a", spec(2, &["node-1", "node-2"])).unwrap();
+    c.sdk(0).create_spec("b", spec(3, &[])).unwrap();
+    c.sdk(1).create_spec("solo", spec(1, &["node-2"])).unwrap();
+    // "solo" (one replica, on node-2) holds data, written through node-1, then detached.
+    let mut s = Client::connect(&c.engines[0].nbd, "solo").unwrap();
+    let data = strata_e2e::pseudo_random(77, 4 * MIB as usize);
+    assert_eq!(s.write(MIB, &data, 0), 0);
+    s.disconnect();
+    c.sdk(0).detach("solo", false).unwrap();
+    let mut h = History::default();
+    let mut w = Writer::new(Client::connect(&c.engines[0].nbd, "a").unwrap(), 16 * MIB, 64 * 1024, 5);
+    w.run(&mut h, 100, t).unwrap();
+    c.sdk(0).snapshot("a", "a-snap").unwrap();
+
+    // Refused while node-2 is up and not in maintenance, and while "b" (repl 3 on 3 nodes)
+    // has nowhere to go: nothing changes.
+    let (good, _, err) = ctl_cluster(&c, 0, &["cluster", "delete", "node-2"]);
+    assert!(!good && err.contains("not in maintenance") && err.contains("nothing was changed"), "{err}");
+    ctl_cluster(&c, 0, &["service", "maintenance", "--enter", "--node", "node-2"]);
+    let (good, _, err) = ctl_cluster(&c, 0, &["cluster", "delete", "node-2"]);
+    assert!(!good && err.contains("volume b (repl 3)") && !err.contains("volume a "), "{err}");
+    assert_eq!(c.sdk(0).inspect("a").unwrap().replica_nodes, on(&["node-1", "node-2"]));
+    let (good, _, err) = ctl_cluster(&c, 1, &["cluster", "delete", "node-2"]);
+    assert!(!good && err.contains("send it to another node"), "{err}");
+    c.sdk(0).ha_update("b", 2, Some("node-2")).unwrap();
+
+    // Writes go on while the replicas move.
+    let writer = std::thread::spawn(move || {
+        w.run(&mut h, 400, std::time::Duration::from_secs(20)).unwrap();
+        (w, h)
+    });
+    let r = json_cluster(&c, 0, &["cluster", "delete", "node-2"]);
+    let (mut w, mut h) = writer.join().unwrap();
+    assert_eq!(r["removed"], "node-2", "{r}");
+    assert_eq!(r["moved"].as_array().unwrap().len(), 2, "a and solo: {r}");
+    let status = c.engines[1].wait_exit(std::time::Duration::from_secs(15)).expect("the removed node's engine stops");
+    assert!(!status.success() && c.engines[1].log().contains("removed from the cluster"), "{}", c.engines[1].log());
+    assert_eq!(node_status(&c, 0, "node-2"), "absent");
+    assert_eq!(c.sdk(0).nodes().len(), 2);
+
+    let a = c.wait_in_sync(0, "a", std::time::Duration::from_secs(60));
+    assert_eq!(a.replica_nodes, on(&["node-1", "node-3"]));
+    w.run(&mut h, 50, t).unwrap();
+    assert_eq!(verify(&mut w.client, &h, 16 * MIB), Vec::<String>::new(), "no acknowledged write lost");
+    assert_eq!(c.replica_differences(0, "a"), Vec::<String>::new());
+    let snap = c.sdk(0).inspect("a-snap").unwrap();
+    assert_eq!(snap.replica_nodes, on(&["node-1"]), "the snapshot keeps its copy on node-1");
+    let solo = c.sdk(0).inspect("solo").unwrap();
+    assert_eq!(solo.replica_nodes.len(), 1);
+    assert!(!solo.replica_nodes.contains(&"node-2".to_string()) && solo.attached_node.is_empty(), "{solo:?}");
+    let mut s = Client::connect(&c.engines[0].nbd, "solo").unwrap();
+    let back = s.read(MIB, 4 * MIB as u32).unwrap();
+    assert!(back == data, "solo's data came along (read back {} zero bytes of {})", back.iter().filter(|b| **b == 0).count(), back.len());
+}

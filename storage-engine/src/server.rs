@@ -194,7 +194,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(serve_metrics(metrics, engine.clone()));
-    tokio::spawn(report_storage_health(engine.clone()));
+    let mut health = tokio::spawn(report_storage_health(engine.clone()));
 
     let ready = serde_json::json!({
         "nbd": nbd_addr.to_string(),
@@ -212,11 +212,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(nbd = %nbd_addr, sdk = %sdk_addr, metrics = %metrics_addr, pool = %engine.pool.uuid, "strata-engine ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let removed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        _ = term.recv() => false,
+        _ = &mut health => true,
+    };
     engine.shutdown().await?;
+    if removed {
+        bail!(
+            "node {} was removed from the cluster (stratactl cluster delete): this engine stopped; to join again, wipe its devices and data directory and start it as a new node",
+            engine.node.id
+        );
+    }
     Ok(())
 }
 
@@ -228,7 +235,8 @@ const NEAR_FULL: f64 = 0.85;
 /// Watches what an operator must hear about, every 2 s: this pool's usage (near full at 85%,
 /// full), the metadata store's reachability (logged at warn once per outage, with its duration,
 /// and an alert), and — on the online node with the lowest id, so the alert is raised once —
-/// other nodes going offline and coming back.
+/// other nodes going offline and coming back. Returns when this node was removed from the
+/// cluster (decommission): its record is gone from the store.
 async fn report_storage_health(engine: Arc<Service>) {
     use crate::alerts::Severity::{Alarm, Notify, Warning};
     let mut reported = true;
@@ -312,6 +320,10 @@ async fn report_storage_health(engine: Arc<Service>) {
         if unreachable_since.is_none() {
             if let Ok(nodes) = engine.meta.list_nodes().await {
                 let me = &engine.node.id;
+                if !nodes.iter().any(|(n, _)| &n.id == me) {
+                    tracing::error!("this node was removed from the cluster (decommissioned); stopping");
+                    return;
+                }
                 let now_off: std::collections::BTreeSet<String> =
                     nodes.iter().filter(|(_, s)| *s == crate::meta::NodeState::Offline).map(|(n, _)| n.id.clone()).collect();
                 let speaker = nodes.iter().filter(|(_, s)| *s != crate::meta::NodeState::Offline).map(|(n, _)| &n.id).min() == Some(me);

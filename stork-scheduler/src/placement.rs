@@ -16,6 +16,8 @@ pub enum Storage {
     Online,
     StorageDown,
     Offline,
+    /// The engine runs, but the node is in maintenance: it serves no volume.
+    Maintenance,
     /// No Strata engine is known on this node.
     NotRunning,
 }
@@ -91,6 +93,7 @@ pub fn filter(vols: &[VolumePlacement], nodes: &[Candidate], known: &[Candidate]
             Storage::Offline => Some("Strata is offline on this node".to_string()),
             Storage::NotRunning => Some("Strata is not running on this node".to_string()),
             Storage::StorageDown => Some("Strata's storage is down on this node".to_string()),
+            Storage::Maintenance => Some("Strata is in maintenance on this node: it serves no volume until maintenance ends".to_string()),
             Storage::Online if !unavailable.is_empty() => Some(unavailable.join("; ")),
             Storage::Online => None,
         };
@@ -237,6 +240,10 @@ mod tests {
         assert_eq!(f.failed["h"], "Strata is not running on this node");
         assert_eq!(f.failed["f"], "Strata's storage is down on this node");
         assert_eq!(f.passed, vec!["a", "b", "c", "d", "e"]);
+        let mut c = cluster();
+        c[1].storage = Storage::Maintenance;
+        let f = filter(&[vol("v", &["a"])], &c, &c, Preferences::default());
+        assert!(f.failed[&c[1].name].contains("in maintenance"), "{:?}", f.failed);
     }
 
     #[test]

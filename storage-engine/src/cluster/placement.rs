@@ -1,6 +1,6 @@
 //! Where a volume's replicas go: a pure function over the nodes the metadata store knows.
 //!
-//! Rules, in order: one replica per node; only online nodes; only the nodes, zones and racks the
+//! Rules, in order: one replica per node; only online nodes not in maintenance; only the nodes, zones and racks the
 //! request allows; only nodes whose pool can hold the whole volume. Among those, each next replica
 //! goes to a new zone if one is left, then to a new rack, then to the least provisioned node (by
 //! the share of its capacity already promised to volumes). The preferred node (the one asked to
@@ -14,6 +14,8 @@ use std::collections::HashSet;
 pub struct Candidate {
     pub id: String,
     pub online: bool,
+    /// In maintenance: takes no new replica.
+    pub maintenance: bool,
     pub zone: String,
     pub rack: String,
     pub capacity: u64,
@@ -52,6 +54,8 @@ fn excluded(c: &Candidate, r: &Request) -> Option<&'static str> {
         Some("already holds a replica")
     } else if !c.online {
         Some("not online")
+    } else if c.maintenance {
+        Some("in maintenance")
     } else if !r.nodes.is_empty() && !r.nodes.contains(&c.id) {
         Some("not in the requested nodes")
     } else if !r.zones.is_empty() && !r.zones.contains(&c.zone) {
@@ -108,7 +112,7 @@ mod tests {
     use super::*;
 
     fn node(id: &str, zone: &str, rack: &str, provisioned: u64) -> Candidate {
-        Candidate { id: id.into(), online: true, zone: zone.into(), rack: rack.into(), capacity: 100, provisioned }
+        Candidate { id: id.into(), online: true, maintenance: false, zone: zone.into(), rack: rack.into(), capacity: 100, provisioned }
     }
 
     fn req(repl: u32) -> Request {
@@ -150,6 +154,9 @@ mod tests {
         assert!(e.to_string().contains("a not in the requested racks"), "{e}");
         let e = place(&c, &Request { size: 1000, ..req(1) }).unwrap_err();
         assert!(e.to_string().contains("pool smaller than the volume"), "{e}");
+        c[1].maintenance = true;
+        let e = place(&c, &req(2)).unwrap_err();
+        assert!(e.to_string().contains("b in maintenance"), "{e}");
         let e = place(&c, &Request { exclude: vec!["a".into()], ..req(2) }).unwrap_err();
         assert!(e.to_string().contains("a already holds a replica"), "{e}");
     }

@@ -94,6 +94,10 @@ impl MetaStore for Embedded {
         Ok(())
     }
 
+    async fn remove_node(&self, id: &str) -> Result<(), MetaError> {
+        Err(MetaError::Store(format!("the embedded store holds one node; node {id} cannot be removed from it (decommission needs etcd)")))
+    }
+
     /// One node: this one, alive while the store is open.
     async fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
         let state = if self.storage_ok.load(std::sync::atomic::Ordering::Acquire) { NodeState::Online } else { NodeState::StorageDown };

@@ -237,7 +237,22 @@ impl MetaStore for Etcd {
     }
 
     async fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
-        self.put(key(&format!("nodes/{}", node.id)), serde_json::to_vec(node).map_err(err)?, None).await
+        let k = key(&format!("nodes/{}", node.id));
+        let put = TxnOp::put(k.clone(), serde_json::to_vec(node).map_err(err)?, None);
+        if !self.txn(Txn::new().when([Compare::create_revision(k, CompareOp::Greater, 0)]).and_then([put])).await? {
+            return Err(MetaError::NodeNotFound(node.id.clone()));
+        }
+        Ok(())
+    }
+
+    async fn remove_node(&self, id: &str) -> Result<(), MetaError> {
+        let resp = bounded(self.client.clone().delete(key(&format!("nodes/{id}")), None)).await?;
+        if resp.deleted() == 0 {
+            return Err(MetaError::NodeNotFound(id.to_string()));
+        }
+        bounded(self.client.clone().delete(key(&format!("pools/{id}")), None)).await?;
+        bounded(self.client.clone().delete(key(&format!("alive/{id}")), None)).await?;
+        Ok(())
     }
 
     async fn set_storage_ok(&self, ok: bool) -> Result<(), MetaError> {

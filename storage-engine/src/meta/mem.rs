@@ -106,7 +106,18 @@ impl MetaStore for MemStore {
     }
 
     async fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError> {
-        self.enter()?.nodes.insert(node.id.clone(), node.clone());
+        match self.enter()?.nodes.get_mut(&node.id) {
+            Some(n) => *n = node.clone(),
+            None => return Err(MetaError::NodeNotFound(node.id.clone())),
+        }
+        Ok(())
+    }
+
+    async fn remove_node(&self, id: &str) -> Result<(), MetaError> {
+        let mut s = self.enter()?;
+        s.nodes.remove(id).ok_or_else(|| MetaError::NodeNotFound(id.to_string()))?;
+        s.offline.remove(id);
+        s.storage_down.remove(id);
         Ok(())
     }
 

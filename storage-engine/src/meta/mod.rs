@@ -19,6 +19,8 @@ pub enum MetaError {
     NotFound(String),
     #[error("volume {0} was changed concurrently; retry")]
     Conflict(String),
+    #[error("node {0} is not in the cluster (removed, or never joined)")]
+    NodeNotFound(String),
 }
 
 /// Operation in flight on a volume, persisted before the engine acts (so a restart can finish it).
@@ -203,6 +205,10 @@ pub struct NodeRecord {
     pub zone: String,
     #[serde(default)]
     pub rack: String,
+    /// In maintenance (`stratactl service maintenance --enter`): serves no volume, takes no new
+    /// replica; its replicas stay and resync when it is back. Kept across engine restarts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
 }
 
 /// How a node is doing, as the metadata store sees it.
@@ -233,7 +239,11 @@ pub trait MetaStore: Send + Sync {
     /// keeps renewing; when the engine dies the lease expires and the node reads as offline).
     async fn register_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
     /// Rewrites this node's record (after `register_node`), e.g. with new usage figures.
+    /// Fails with NodeNotFound when the node was removed from the cluster meanwhile (a removed
+    /// node is never brought back by its own engine's updates).
     async fn update_node(&self, node: &NodeRecord) -> Result<(), MetaError>;
+    /// Forgets node `id` (decommission): its record, its pool's record and its liveness.
+    async fn remove_node(&self, id: &str) -> Result<(), MetaError>;
     /// Every node ever registered, with its state now.
     async fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError>;
     /// Reports whether this node's storage works (after `register_node`).

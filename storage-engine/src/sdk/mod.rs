@@ -1,6 +1,7 @@
 //! The gRPC SDK server: volumes, pools, nodes and cluster status over tonic.
 
 pub mod auth;
+mod nodes;
 
 use crate::meta::Access;
 use crate::volume::{CreateSpec, Service, UpdateSpec, VolumeError, VolumeInfo};
@@ -25,6 +26,7 @@ impl From<VolumeError> for Status {
             VolumeError::Pool(crate::pool::PoolError::NoSpace) => Status::resource_exhausted(msg),
             VolumeError::Pool(_) => Status::internal(msg),
             VolumeError::Meta(_) => Status::unavailable(msg),
+            VolumeError::NodeNotFound(_) => Status::not_found(msg),
             VolumeError::Replication(crate::replication::target::TargetError::Fenced(_)) => Status::failed_precondition(msg),
             VolumeError::Replication(_) => Status::unavailable(msg),
         }
@@ -302,6 +304,8 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let (who, _) = self.on_volume(&req, "volume.attach", &req.get_ref().name, Access::Write).await?;
         let name = req.get_ref().name.clone();
         let result = async {
+            // Before any handover: the volume must not leave its node for one that refuses it.
+            self.engine.refuse_in_maintenance(&name)?;
             if !req.get_ref().force {
                 self.hand_over(&req, &name).await?;
             }
@@ -529,8 +533,10 @@ async fn nodes_pb(engine: &Service) -> Result<Vec<pb::Node>, crate::meta::MetaEr
         .into_iter()
         .map(|(n, state)| {
             let me = n.id == engine.node.id;
+            let maintenance = if me { engine.in_maintenance() } else { n.maintenance };
             pb::Node {
-                status: state.as_str().into(),
+                status: if maintenance && state == crate::meta::NodeState::Online { "maintenance".into() } else { state.as_str().into() },
+                maintenance,
                 total_bytes: if me { engine.pool.total_bytes() } else { n.total_bytes },
                 used_bytes: if me { engine.pool.used_bytes() } else { n.used_bytes },
                 id: n.id,
@@ -544,15 +550,6 @@ async fn nodes_pb(engine: &Service) -> Result<Vec<pb::Node>, crate::meta::MetaEr
             }
         })
         .collect())
-}
-
-#[tonic::async_trait]
-impl pb::node_service_server::NodeService for Sdk {
-    async fn list(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        auth::require(&self.who(&req)?, Role::View, "node.list")?;
-        let nodes = nodes_pb(&self.engine).await.map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
-    }
 }
 
 #[tonic::async_trait]

@@ -72,6 +72,7 @@ impl Service {
         if let Some(op) = &rec.pending {
             return Err(VolumeError::FailedPrecondition(op.describe(name)));
         }
+        self.refuse_in_maintenance(name)?;
         if let Some(of) = &rec.snapshot_of {
             return Err(VolumeError::FailedPrecondition(format!(
                 "{name} is a snapshot of {of} and is not served; clone it (stratactl volume clone {name} --name NEW) and attach the clone"

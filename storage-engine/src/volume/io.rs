@@ -55,6 +55,7 @@ impl VolumeIo {
     pub async fn read(&self, offset: u64, len: usize) -> Result<ReadData, IoError> {
         let v = &self.volume;
         v.qos.admit(false, len as u64).await;
+        let _s = v.switch.read().await;
         let t0 = Instant::now();
         let r = match v.key_for_io() {
             Ok(Some(k)) => self.read_secure(&k, offset, len).await,
@@ -95,6 +96,7 @@ impl VolumeIo {
         let v = &self.volume;
         let len = data.len() as u64;
         v.qos.admit(true, len).await;
+        let _s = v.switch.read().await;
         let t0 = Instant::now();
         let r = match v.key_for_io() {
             Ok(Some(k)) => self.write_secure(&k, offset, data, fua).await,
@@ -130,6 +132,7 @@ impl VolumeIo {
     pub async fn flush(&self) -> Result<(), IoError> {
         let v = &self.volume;
         v.stats.flush_ops.fetch_add(1, Relaxed);
+        let _s = v.switch.read().await;
         v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?.flush(&self.local).await
     }
 
@@ -150,6 +153,7 @@ impl VolumeIo {
     async fn zero(&self, offset: u64, len: u64, punch: bool, fua: bool) -> Result<(), IoError> {
         let v = &self.volume;
         v.qos.admit(true, 0).await;
+        let _s = v.switch.read().await;
         // Refused before it reaches any replica (see `write_stored`).
         let r = match (v.target(), self.local.check_write(v, offset, len)) {
             (_, Err(e)) => Err(e),

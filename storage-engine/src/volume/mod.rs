@@ -45,6 +45,8 @@ pub enum VolumeError {
     Pool(#[from] PoolError),
     #[error("{0}")]
     Meta(String),
+    #[error("node {0} is not in the cluster (removed, or never joined)")]
+    NodeNotFound(String),
     #[error(transparent)]
     Replication(#[from] crate::replication::target::TargetError),
 }
@@ -56,6 +58,7 @@ impl From<MetaError> for VolumeError {
             MetaError::NotFound(n) => VolumeError::NotFound(n),
             MetaError::Conflict(n) => VolumeError::Aborted(format!("volume {n} was changed concurrently; retry")),
             MetaError::Store(s) => VolumeError::Meta(s),
+            MetaError::NodeNotFound(n) => VolumeError::NodeNotFound(n),
         }
     }
 }
@@ -77,6 +80,10 @@ pub struct Volume {
     key: RwLock<Option<Arc<crate::crypt::VolumeKey>>>,
     /// Serialises the read-modify-write of unaligned writes to an encrypted volume.
     secure_rmw: tokio::sync::Mutex<()>,
+    /// Client requests hold it shared; a change of the target's replica set (ha-update, a
+    /// replica replaced) holds it exclusive, so requests in flight finish on the old target and
+    /// the next ones go to the new one instead of failing on the closed old one.
+    pub(super) switch: tokio::sync::RwLock<()>,
 }
 
 impl std::ops::Deref for Volume {
@@ -288,6 +295,8 @@ pub struct Service {
     replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
     /// Alerts this node raised (`stratactl alerts show`).
     pub alerts: Arc<crate::alerts::Alerts>,
+    /// In maintenance: serves no volume, takes no new replica (kept in the node's record).
+    pub(crate) maintenance: AtomicBool,
 }
 
 impl Service {
@@ -329,7 +338,12 @@ impl Service {
     /// Loads volumes, finishes interrupted deletes and reports extents that belong to no volume.
     pub async fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo, alerts: crate::alerts::Alerts) -> Result<Service, VolumeError> {
         meta.put_pool(&pool.record()).await?;
-        meta.register_node(&Self::node_record(&node, &pool)).await?;
+        // Maintenance outlives a restart (an upgrade restarts the engine in maintenance).
+        let maintenance = meta.list_nodes().await?.into_iter().any(|(n, _)| n.id == node.id && n.maintenance);
+        if maintenance {
+            tracing::warn!("this node is in maintenance: it serves no volume until `stratactl service maintenance --exit`");
+        }
+        meta.register_node(&Self::node_record(&node, &pool, maintenance)).await?;
         let alerts = Arc::new(alerts);
         let engine = Service {
             local: Arc::new(crate::replica::Local::new(pool.clone(), alerts.clone(), &node.id)),
@@ -349,6 +363,7 @@ impl Service {
             },
             replacements: parking_lot::Mutex::new(None),
             alerts,
+            maintenance: AtomicBool::new(maintenance),
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();
@@ -419,7 +434,7 @@ impl Service {
         Ok(())
     }
 
-    fn node_record(node: &NodeInfo, pool: &Pool) -> crate::meta::NodeRecord {
+    fn node_record(node: &NodeInfo, pool: &Pool, maintenance: bool) -> crate::meta::NodeRecord {
         crate::meta::NodeRecord {
             id: node.id.clone(),
             hostname: node.hostname.clone(),
@@ -431,13 +446,19 @@ impl Service {
             repl_address: node.repl_address.clone(),
             zone: node.zone.clone(),
             rack: node.rack.clone(),
+            maintenance,
         }
+    }
+
+    /// This node's record as it is now.
+    pub(crate) fn own_record(&self) -> crate::meta::NodeRecord {
+        Self::node_record(&self.node, &self.pool, self.maintenance.load(Ordering::Acquire))
     }
 
     /// Publishes this node's usage in its record when it changed since `last`; returns what was
     /// published.
     pub async fn report_usage(&self, last: u64) -> Result<u64, MetaError> {
-        let rec = Self::node_record(&self.node, &self.pool);
+        let rec = self.own_record();
         if rec.used_bytes != last {
             self.meta.update_node(&rec).await?;
         }
@@ -479,6 +500,7 @@ impl Service {
             secure: rec.secure.is_some(),
             key: RwLock::new(None),
             secure_rmw: tokio::sync::Mutex::new(()),
+            switch: tokio::sync::RwLock::new(()),
             connections: AtomicU32::new(0),
             qos: Throttle::new(rec.qos),
             stats: VolumeStats::default(),

@@ -28,7 +28,7 @@ impl Service {
     /// Chooses the nodes for `repl` replicas (the preferred node, else this node, first when it
     /// is eligible), none of
     /// them in `exclude` (the nodes that already hold one).
-    pub(super) async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec, exclude: &[String]) -> Result<Vec<String>, VolumeError> {
+    pub(crate) async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec, exclude: &[String]) -> Result<Vec<String>, VolumeError> {
         use crate::cluster::placement::{place, Candidate, Request};
         let (nodes, vols) = (self.meta.list_nodes().await?, self.meta.list_volumes().await?);
         let me = &self.node.id;
@@ -37,7 +37,16 @@ impl Service {
             .map(|(n, state)| {
                 let provisioned = vols.iter().map(|v| v.clone().normalized(me)).filter(|v| v.has_replica(&n.id)).map(|v| v.size).sum();
                 let capacity = if &n.id == me { self.pool.total_bytes() } else { n.total_bytes };
-                Candidate { online: state == crate::meta::NodeState::Online, zone: n.zone, rack: n.rack, capacity, provisioned, id: n.id }
+                let maintenance = if &n.id == me { self.in_maintenance() } else { n.maintenance };
+                Candidate {
+                    online: state == crate::meta::NodeState::Online,
+                    maintenance,
+                    zone: n.zone,
+                    rack: n.rack,
+                    capacity,
+                    provisioned,
+                    id: n.id,
+                }
             })
             .collect();
         let req = Request {
@@ -228,6 +237,11 @@ impl Service {
         if !rec.has_replica(dead) || rec.is_in_sync(dead) || rec.pending.is_some() {
             return Ok(rec.replicas);
         }
+        // A node in maintenance keeps its replicas: they resync when it is back.
+        if self.meta.list_nodes().await?.iter().any(|(n, _)| n.id == dead && n.maintenance) {
+            tracing::info!(volume = %name, node = %dead, "replica kept: its node is in maintenance");
+            return Ok(rec.replicas);
+        }
         let added = self.place_replicas(1, rec.size, &PlacementSpec::default(), &rec.replicas).await?;
         let mut next = rec.clone();
         next.replicas.retain(|n| n != dead);
@@ -259,15 +273,17 @@ impl Service {
         super::forget_dropped(&*self.meta, name, node).await
     }
 
-    /// Serves `rec` with a new replica set: in-flight I/O on the old target drains first.
+    /// Serves `rec` with a new replica set: client I/O in flight on the old target drains
+    /// first, and the requests that arrive meanwhile wait and then go to the new target.
     async fn retarget(&self, rec: &VolumeRecord) -> Result<(), VolumeError> {
         let handle = self.volume(&rec.name).ok_or_else(|| VolumeError::NotFound(rec.name.clone()))?;
+        let _switch = handle.switch.write().await;
         let old = handle.target.read().clone();
         let _drain = match &old {
             Some(t) => Some(t.region_lock.write().await),
             None => None,
         };
-        self.start_target(handle, rec, false).await
+        self.start_target(handle.clone(), rec, false).await
     }
 }
 

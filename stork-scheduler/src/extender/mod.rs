@@ -63,6 +63,7 @@ fn storage_state(status: &str) -> Storage {
     match status {
         "online" => Storage::Online,
         "storage_down" => Storage::StorageDown,
+        "maintenance" => Storage::Maintenance,
         _ => Storage::Offline,
     }
 }
