@@ -14,7 +14,7 @@ use strata_api::v1 as pb;
 type Volumes = pb::volume_service_client::VolumeServiceClient<Sdk>;
 
 pub async fn maintenance(ch: Sdk, node: Option<String>, enter: bool, json: bool) -> anyhow::Result<()> {
-    let req = pb::MaintenanceRequest { node: node.unwrap_or_default(), enter };
+    let req = pb::MaintenanceRequest { node: node.unwrap_or_default(), enter, reason: String::new() };
     let r = pb::node_service_client::NodeServiceClient::new(ch).maintenance(req).await.map_err(status_err)?.into_inner();
     let n = r.node.unwrap_or_default();
     print!("{}", render::maintenance(&n, &r.moved, enter, json));

@@ -152,7 +152,8 @@ pub fn resync_json(v: &pb::Volume) -> serde_json::Value {
 fn node_json(n: &pb::Node) -> serde_json::Value {
     json!({"id": n.id, "hostname": n.hostname, "status": n.status, "sdk_address": n.sdk_address, "nbd_address": n.nbd_address,
            "repl_address": n.repl_address, "zone": n.zone, "rack": n.rack,
-           "total_bytes": n.total_bytes, "used_bytes": n.used_bytes, "version": n.version, "maintenance": n.maintenance})
+           "total_bytes": n.total_bytes, "used_bytes": n.used_bytes, "version": n.version, "maintenance": n.maintenance,
+           "maintenance_reason": n.maintenance_reason})
 }
 
 fn nodes_table(nodes: &[pb::Node]) -> String {

@@ -476,6 +476,7 @@ fn maintenance_moves_served_volumes_away_refuses_new_ones_and_keeps_replicas_thr
     // Entering (sent to node-1, forwarded to node-3) moves "idle" to its other in-sync replica.
     let r = json_cluster(&c, 0, &["service", "maintenance", "--enter", "--node", "node-3"]);
     assert_eq!(r["node"]["status"], "maintenance", "{r}");
+    assert_eq!(r["node"]["maintenance_reason"], "admin", "{r}");
     assert_eq!(r["moved"][0]["volume"], "idle", "{r}");
     assert_eq!(r["moved"][0]["node"], "node-2", "{r}");
     assert_eq!(c.sdk(0).inspect("idle").unwrap().attached_node, "node-2");

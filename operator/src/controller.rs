@@ -6,7 +6,7 @@
 
 use crate::crd::{Condition, DeleteKind, StorageCluster, StorageClusterStatus, FINALIZER};
 use crate::render::{self, Object, COMPONENT, FIELD_MANAGER, INSTANCE};
-use crate::status::EngineStatus;
+use crate::status::{EngineStatus, MaintenanceError};
 use crate::upgrade::{next_step, EnginePod, Step};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
@@ -82,9 +82,15 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
         Err(e) if pods.iter().any(|p| p.version != sc.version()) => Step::Wait(format!("engine status unknown ({e}); not upgrading")),
         Err(_) => Step::Done,
     };
+    if let Ok(r) = &report {
+        end_upgrade_maintenance(&ctx, &sc, &pods, &r.nodes).await;
+    }
     if let Step::Replace(victims) = &step {
         let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         for p in victims {
+            if let Some(node) = pods.iter().find(|x| &x.name == p).map(|x| x.node.clone()).filter(|n| !n.is_empty()) {
+                enter_upgrade_maintenance(&ctx, &sc, &node).await;
+            }
             tracing::info!(storagecluster = %name, pod = %p, "replacing an engine pod for the upgrade");
             pods_api.delete(p, &DeleteParams::default()).await?;
             ctx.metrics.pods_replaced.inc();
@@ -100,6 +106,34 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
     let busy = status.phase != "Running";
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await?;
     Ok(Action::requeue(if busy { REQUEUE_BUSY } else { REQUEUE }))
+}
+
+/// Before its engine pod is replaced, the node enters maintenance: the volumes it serves move
+/// to nodes holding an in-sync replica, and no target replaces its replicas while it restarts.
+/// Refused (its volumes have clients there: pods on that node use them), the upgrade goes on
+/// without it: those clients' I/O pauses while the engine restarts.
+async fn enter_upgrade_maintenance(ctx: &Context, sc: &StorageCluster, node: &str) {
+    match ctx.engines.maintenance(sc, node, true).await {
+        Ok(()) => tracing::info!(%node, "node in maintenance for the upgrade"),
+        Err(MaintenanceError::InUse(why)) => {
+            tracing::warn!(%node, "upgrading without maintenance (volumes in use there pause while the engine restarts): {why}")
+        }
+        Err(MaintenanceError::Other(why)) => tracing::warn!(%node, "upgrading without maintenance: {why}"),
+    }
+}
+
+/// Ends the maintenance the upgrade started, on nodes whose new engine is ready.
+async fn end_upgrade_maintenance(ctx: &Context, sc: &StorageCluster, pods: &[EnginePod], nodes: &[crate::crd::NodeStatus]) {
+    for n in nodes.iter().filter(|n| n.maintenance == crate::status::UPGRADE) {
+        let upgraded = pods.iter().any(|p| p.node == n.id && p.version == sc.version() && p.ready && !p.terminating);
+        if !upgraded {
+            continue;
+        }
+        match ctx.engines.maintenance(sc, &n.id, false).await {
+            Ok(()) => tracing::info!(node = %n.id, "upgraded: maintenance ended"),
+            Err(e) => tracing::warn!(node = %n.id, "upgraded, but its maintenance could not be ended yet: {e:?}"),
+        }
+    }
 }
 
 pub fn error_policy(_sc: Arc<StorageCluster>, err: &Error, ctx: Arc<Context>) -> Action {

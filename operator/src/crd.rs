@@ -289,10 +289,14 @@ pub struct Condition {
 #[serde(rename_all = "camelCase")]
 pub struct NodeStatus {
     pub id: String,
-    /// online, storage_down or offline (from the engines' SDK).
+    /// online, maintenance, storage_down or offline (from the engines' SDK).
     pub state: String,
     #[serde(default)]
     pub version: String,
+    /// Who put the node in maintenance ("upgrade": this operator, for a rolling upgrade;
+    /// "admin": a person); empty when it is not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub maintenance: String,
 }
 
 fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -1,7 +1,9 @@
 //! Rolling upgrade of the engines, decided by a pure function: replace (delete) engine pods that
 //! run an old version, at most `maxUnavailable` at a time, and only while every engine pod is
 //! ready and every volume is fully in sync (no resync, no replica comparison in progress) — so a
-//! node goes down only when the others hold every acknowledged write.
+//! node goes down only when the others hold every acknowledged write. The reconciler puts each
+//! node in maintenance (reason "upgrade") before its pod goes, and ends it once the new pod is
+//! ready.
 
 use crate::crd::UpdateKind;
 

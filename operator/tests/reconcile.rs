@@ -9,26 +9,32 @@ use std::time::Duration;
 use strata_operator::controller::{reconcile, Context};
 use strata_operator::crd::*;
 use strata_operator::render::{desired, Object};
-use strata_operator::status::{EngineReport, EngineStatus};
+use strata_operator::status::{EngineReport, EngineStatus, MaintenanceError};
 use strata_operator::upgrade::VolumeSync;
 use tower_test::mock::{self, Handle};
 
 type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
-struct Fake(Result<EngineReport, String>);
+/// The engines as the reconciler sees them: a fixed report, and the maintenance calls it made
+/// ((node, enter), shared with the test).
+struct Fake(Result<EngineReport, String>, Arc<std::sync::Mutex<Vec<(String, bool)>>>);
 
 #[async_trait::async_trait]
 impl EngineStatus for Fake {
     async fn report(&self, _: &StorageCluster) -> Result<EngineReport, String> {
         self.0.clone()
     }
+    async fn maintenance(&self, _: &StorageCluster, node: &str, enter: bool) -> Result<(), MaintenanceError> {
+        self.1.lock().unwrap().push((node.to_string(), enter));
+        Ok(())
+    }
 }
 
 fn report(not_in_sync: &[&str]) -> Result<EngineReport, String> {
     Ok(EngineReport {
         nodes: vec![
-            NodeStatus { id: "n1".into(), state: "online".into(), version: "0.1.0".into() },
-            NodeStatus { id: "n2".into(), state: "online".into(), version: "0.1.0".into() },
+            NodeStatus { id: "n1".into(), state: "online".into(), version: "0.1.0".into(), maintenance: String::new() },
+            NodeStatus { id: "n2".into(), state: "online".into(), version: "0.1.0".into(), maintenance: String::new() },
         ],
         sync: VolumeSync { volumes: 2, not_in_sync: not_in_sync.iter().map(|s| s.to_string()).collect() },
     })
@@ -130,7 +136,12 @@ fn applies(sc: &StorageCluster) -> Vec<Call> {
 }
 
 fn ctx(client: kube::Client, r: Result<EngineReport, String>) -> Arc<Context> {
-    Arc::new(Context { client, engines: Arc::new(Fake(r)), metrics: Default::default() })
+    ctx_seeing(client, r, Default::default())
+}
+
+/// A context whose engines record their maintenance calls in `calls`.
+fn ctx_seeing(client: kube::Client, r: Result<EngineReport, String>, calls: Arc<std::sync::Mutex<Vec<(String, bool)>>>) -> Arc<Context> {
+    Arc::new(Context { client, engines: Arc::new(Fake(r, calls)), metrics: Default::default() })
 }
 
 /// One reconcile of a settled StorageCluster (finalizer on) that finds `pods` and no upgrade
@@ -185,10 +196,12 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     calls.push(Call(Method::DELETE, "/api/v1/namespaces/strata/pods/a".into(), engine_pod("a", "0.1.0", true)));
     calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
     let server = serve(handle, calls);
-    let c = ctx(client, report(&[]));
+    let maintenance = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let c = ctx_seeing(client, report(&[]), maintenance.clone());
     reconcile(Arc::new(sc.clone()), c.clone()).await.unwrap();
     let seen = server.await.unwrap();
     assert_eq!(c.metrics.pods_replaced.get(), 1, "one node at a time");
+    assert_eq!(*maintenance.lock().unwrap(), vec![("node-a".to_string(), true)], "its node enters maintenance before the pod goes");
     assert!(c.metrics.render().contains("strata_operator_engine_pods_replaced_total 1"));
     let ds = seen.iter().find(|(p, _)| p.ends_with("/daemonsets/strata-engine")).unwrap();
     assert_eq!(ds.1["spec"]["template"]["metadata"]["annotations"]["strata.dev/version"], "0.2.0", "the new version is applied");
@@ -208,6 +221,25 @@ async fn a_spec_change_is_applied_and_the_upgrade_goes_one_node_at_a_time() {
     // Both on the new version: now the status says so.
     let (seen, _) = settled_pass(&sc, vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.2.0", true)], report(&[])).await;
     assert_eq!(seen.last().unwrap().1["status"]["version"], "0.2.0");
+
+    // The maintenance the upgrade started ends once the node's new engine is ready; one an
+    // admin started stays, and so does one whose node's new pod is not ready yet.
+    let mut r = report(&[]).unwrap();
+    r.nodes =
+        ["node-a", "node-b", "node-c"].iter().map(|n| NodeStatus { id: n.to_string(), state: "maintenance".into(), ..Default::default() }).collect();
+    r.nodes[0].maintenance = "upgrade".into();
+    r.nodes[1].maintenance = "admin".into();
+    r.nodes[2].maintenance = "upgrade".into();
+    let pods = vec![engine_pod("a", "0.2.0", true), engine_pod("b", "0.2.0", true), engine_pod("c", "0.2.0", false)];
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let mut calls = applies(&sc);
+    calls.push(Call(Method::GET, "/api/v1/namespaces/strata/pods".into(), pod_list(pods)));
+    calls.push(Call(Method::PATCH, format!("{SC_PATH}/status"), sc_json(&sc)));
+    let server = serve(handle, calls);
+    let maintenance = Arc::new(std::sync::Mutex::new(Vec::new()));
+    reconcile(Arc::new(sc.clone()), ctx_seeing(kube::Client::new(svc, "strata"), Ok(r), maintenance.clone())).await.unwrap();
+    server.await.unwrap();
+    assert_eq!(*maintenance.lock().unwrap(), vec![("node-a".to_string(), false)]);
 }
 
 #[tokio::test]

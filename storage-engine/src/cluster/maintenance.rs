@@ -9,7 +9,6 @@
 
 use crate::meta::{MetaError, NodeState, VolumeRecord};
 use crate::volume::{PlacementSpec, Service, VolumeError};
-use std::sync::atomic::Ordering;
 
 /// What removing a node from the cluster needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,7 +21,12 @@ pub struct Decommission {
 
 impl Service {
     pub fn in_maintenance(&self) -> bool {
-        self.maintenance.load(Ordering::Acquire)
+        self.maintenance.lock().is_some()
+    }
+
+    /// Why this node is in maintenance (None: it is not).
+    pub fn maintenance_reason(&self) -> Option<String> {
+        self.maintenance.lock().clone()
     }
 
     /// Refuses to serve volume `name` here while this node is in maintenance.
@@ -36,14 +40,18 @@ impl Service {
         Ok(())
     }
 
-    /// Enters or exits maintenance, recorded in this node's record (so it outlives a restart).
-    pub async fn set_maintenance(&self, on: bool) -> Result<(), VolumeError> {
-        let was = self.maintenance.swap(on, Ordering::AcqRel);
+    /// Enters maintenance for `reason` (Some) or exits it (None), recorded in this node's
+    /// record (so it outlives a restart).
+    pub async fn set_maintenance(&self, reason: Option<String>) -> Result<(), VolumeError> {
+        let was = std::mem::replace(&mut *self.maintenance.lock(), reason.clone());
         if let Err(e) = self.meta.update_node(&self.own_record()).await {
-            self.maintenance.store(was, Ordering::Release);
+            *self.maintenance.lock() = was;
             return Err(e.into());
         }
-        tracing::warn!(maintenance = on, "{}", if on { "entered maintenance" } else { "left maintenance" });
+        match reason {
+            Some(why) => tracing::warn!(reason = %why, "entered maintenance"),
+            None => tracing::warn!("left maintenance"),
+        }
         Ok(())
     }
 

@@ -209,6 +209,9 @@ pub struct NodeRecord {
     /// replica; its replicas stay and resync when it is back. Kept across engine restarts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub maintenance: bool,
+    /// Who put it in maintenance ("admin", "upgrade").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub maintenance_reason: String,
 }
 
 /// How a node is doing, as the metadata store sees it.

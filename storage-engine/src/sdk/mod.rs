@@ -533,8 +533,10 @@ async fn nodes_pb(engine: &Service) -> Result<Vec<pb::Node>, crate::meta::MetaEr
         .into_iter()
         .map(|(n, state)| {
             let me = n.id == engine.node.id;
+            let reason = if me { engine.maintenance_reason().unwrap_or_default() } else { n.maintenance_reason.clone() };
             let maintenance = if me { engine.in_maintenance() } else { n.maintenance };
             pb::Node {
+                maintenance_reason: if maintenance { reason } else { String::new() },
                 status: if maintenance && state == crate::meta::NodeState::Online { "maintenance".into() } else { state.as_str().into() },
                 maintenance,
                 total_bytes: if me { engine.pool.total_bytes() } else { n.total_bytes },

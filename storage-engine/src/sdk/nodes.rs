@@ -92,10 +92,11 @@ impl pb::node_service_server::NodeService for Sdk {
                     )));
                 }
                 // Recorded first: no attach lands here while the volumes move away.
-                e.set_maintenance(true).await?;
+                let reason = Some(req.get_ref().reason.clone()).filter(|r| !r.is_empty()).unwrap_or_else(|| "admin".into());
+                e.set_maintenance(Some(reason)).await?;
                 moved = self.move_targets(&req).await?;
             } else {
-                e.set_maintenance(false).await?;
+                e.set_maintenance(None).await?;
             }
             let node = nodes_pb(&e).await.map_err(|err| Status::unavailable(err.to_string()))?.into_iter().find(|n| n.id == e.node.id);
             Ok(Response::new(pb::MaintenanceResponse { node, moved }))

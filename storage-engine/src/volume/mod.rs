@@ -295,8 +295,9 @@ pub struct Service {
     replacements: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>>,
     /// Alerts this node raised (`stratactl alerts show`).
     pub alerts: Arc<crate::alerts::Alerts>,
-    /// In maintenance: serves no volume, takes no new replica (kept in the node's record).
-    pub(crate) maintenance: AtomicBool,
+    /// In maintenance, and why: serves no volume, takes no new replica (kept in the node's
+    /// record).
+    pub(crate) maintenance: parking_lot::Mutex<Option<String>>,
 }
 
 impl Service {
@@ -339,11 +340,11 @@ impl Service {
     pub async fn new(pool: Arc<Pool>, meta: Arc<dyn MetaStore>, node: NodeInfo, alerts: crate::alerts::Alerts) -> Result<Service, VolumeError> {
         meta.put_pool(&pool.record()).await?;
         // Maintenance outlives a restart (an upgrade restarts the engine in maintenance).
-        let maintenance = meta.list_nodes().await?.into_iter().any(|(n, _)| n.id == node.id && n.maintenance);
-        if maintenance {
+        let maintenance = meta.list_nodes().await?.into_iter().find(|(n, _)| n.id == node.id && n.maintenance).map(|(n, _)| n.maintenance_reason);
+        if maintenance.is_some() {
             tracing::warn!("this node is in maintenance: it serves no volume until `stratactl service maintenance --exit`");
         }
-        meta.register_node(&Self::node_record(&node, &pool, maintenance)).await?;
+        meta.register_node(&Self::node_record(&node, &pool, maintenance.as_deref())).await?;
         let alerts = Arc::new(alerts);
         let engine = Service {
             local: Arc::new(crate::replica::Local::new(pool.clone(), alerts.clone(), &node.id)),
@@ -363,7 +364,7 @@ impl Service {
             },
             replacements: parking_lot::Mutex::new(None),
             alerts,
-            maintenance: AtomicBool::new(maintenance),
+            maintenance: parking_lot::Mutex::new(maintenance),
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();
@@ -434,7 +435,7 @@ impl Service {
         Ok(())
     }
 
-    fn node_record(node: &NodeInfo, pool: &Pool, maintenance: bool) -> crate::meta::NodeRecord {
+    fn node_record(node: &NodeInfo, pool: &Pool, maintenance: Option<&str>) -> crate::meta::NodeRecord {
         crate::meta::NodeRecord {
             id: node.id.clone(),
             hostname: node.hostname.clone(),
@@ -446,13 +447,14 @@ impl Service {
             repl_address: node.repl_address.clone(),
             zone: node.zone.clone(),
             rack: node.rack.clone(),
-            maintenance,
+            maintenance: maintenance.is_some(),
+            maintenance_reason: maintenance.unwrap_or_default().to_string(),
         }
     }
 
     /// This node's record as it is now.
     pub(crate) fn own_record(&self) -> crate::meta::NodeRecord {
-        Self::node_record(&self.node, &self.pool, self.maintenance.load(Ordering::Acquire))
+        Self::node_record(&self.node, &self.pool, self.maintenance.lock().as_deref())
     }
 
     /// Publishes this node's usage in its record when it changed since `last`; returns what was
