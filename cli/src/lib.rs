@@ -212,6 +212,12 @@ pub enum VolumeCmd {
     Create(CreateArgs),
     /// List volumes.
     List,
+    /// Space used: each volume's size, the pool space its data takes on its target's view
+    /// (allocated extents), the share of its size, and its snapshots; then the totals.
+    Usage {
+        /// Only this volume.
+        name: Option<String>,
+    },
     /// Show one volume.
     Inspect {
         /// The volume or snapshot.
@@ -482,6 +488,25 @@ pub enum ServiceCmd {
     /// node then serves no volume and takes no new replica, and its replicas resync when it is
     /// back. Exiting makes it a normal node again.
     Maintenance(MaintenanceArgs),
+    /// This node's drives (the devices of its pool).
+    #[command(subcommand)]
+    Drive(DriveCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DriveCmd {
+    /// Add a drive to the pool of the node --endpoint reaches, while it runs: a blank block
+    /// device (no partition table, filesystem or other pool) or a file; new extents spread onto
+    /// it at once, and the engine opens it at every start from then on.
+    Add {
+        /// Absolute path of the device or file on that node.
+        path: String,
+        /// Create a missing file of this size (e.g. 10GiB).
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+    },
+    /// Show the drives: size, extents, free extents, state.
+    Show,
 }
 
 #[derive(Debug, Args)]
@@ -501,6 +526,14 @@ pub struct MaintenanceArgs {
 pub enum PoolCmd {
     /// Show the pools and their devices.
     Show,
+    /// Grow the pool of the node --endpoint reaches by a new file device of --size, beside its
+    /// file devices (Portworx's `--operation add-disk`; resizing a device in place is not
+    /// supported). For block devices use `service drive add`.
+    Expand {
+        /// Bytes to add (e.g. 20GiB).
+        #[arg(long, value_parser = size_arg)]
+        size: u64,
+    },
 }
 
 /// The client certificate and key from --cert-file/--key-file, once.
@@ -758,6 +791,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     vols.retain(|v| v.snapshot_of.is_empty());
                     print!("{}", render::volume_list(&vols, json));
                 }
+                VolumeCmd::Usage { name } => {
+                    let all = c.list(pb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
+                    if let Some(n) = &name {
+                        if !all.iter().any(|v| &v.name == n && v.snapshot_of.is_empty()) {
+                            return Err(fail("not_found", format!("no volume {n:?} (stratactl volume list shows them)")));
+                        }
+                    }
+                    print!("{}", render::volume_usage(&all, name.as_deref(), json));
+                }
                 VolumeCmd::Inspect { name, watch: false, .. } => {
                     let v = inspect_volume(&mut c, &name).await?;
                     print!("{}", render::volume_inspect(&v, json));
@@ -949,7 +991,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Service(ServiceCmd::Maintenance(m)) => nodes::maintenance(ch, m.node, m.enter, json).await?,
         Cmd::Cluster(ClusterCmd::Delete { node, timeout }) => nodes::decommission(ch, node, std::time::Duration::from_secs(timeout), json).await?,
-        Cmd::Service(ServiceCmd::Pool(PoolCmd::Show)) => {
+        Cmd::Service(ServiceCmd::Drive(DriveCmd::Add { path, size })) => {
+            let req = pb::AddDriveRequest { path: path.clone(), size_bytes: size.unwrap_or(0) };
+            let pool = pb::pool_service_client::PoolServiceClient::new(ch).add_drive(req).await.map_err(status_err)?.into_inner().pool;
+            let pool = pool.ok_or_else(|| anyhow!("engine returned no pool"))?;
+            if json {
+                print!("{}", render::pools(&[pool], true));
+            } else {
+                println!("Drive {path} added: the pool has {} ({} used).", format_size(pool.total_bytes), format_size(pool.used_bytes));
+            }
+        }
+        Cmd::Service(ServiceCmd::Pool(PoolCmd::Expand { size })) => {
+            let r = pb::pool_service_client::PoolServiceClient::new(ch)
+                .expand(pb::ExpandPoolRequest { size_bytes: size })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let pool = r.pool.ok_or_else(|| anyhow!("engine returned no pool"))?;
+            if json {
+                print!("{}", render::pools(&[pool], true));
+            } else {
+                println!("Pool expanded by {} with the file device {}: it has {}.", format_size(size), r.path, format_size(pool.total_bytes));
+            }
+        }
+        Cmd::Service(ServiceCmd::Pool(PoolCmd::Show)) | Cmd::Service(ServiceCmd::Drive(DriveCmd::Show)) => {
             let pools =
                 pb::pool_service_client::PoolServiceClient::new(ch).list(pb::ListPoolsRequest {}).await.map_err(status_err)?.into_inner().pools;
             print!("{}", render::pools(&pools, json));

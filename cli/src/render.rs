@@ -304,6 +304,38 @@ pub fn nodes(nodes: &[pb::Node], json: bool) -> String {
     nodes_table(nodes)
 }
 
+/// `volume usage`: per volume (or only `only`) its size, allocated bytes and snapshots, with
+/// totals over the volumes shown.
+pub fn volume_usage(all: &[pb::Volume], only: Option<&str>, json: bool) -> String {
+    let vols: Vec<&pb::Volume> = all.iter().filter(|v| v.snapshot_of.is_empty() && only.is_none_or(|n| v.name == n)).collect();
+    let snaps = |v: &pb::Volume| all.iter().filter(|s| s.snapshot_of == v.name).count();
+    let size = |v: &pb::Volume| v.spec.as_ref().map_or(0, |s| s.size_bytes);
+    let (total_size, total_used): (u64, u64) = vols.iter().fold((0, 0), |(a, b), v| (a + size(v), b + v.used_bytes));
+    if json {
+        let rows: Vec<serde_json::Value> = vols
+            .iter()
+            .map(|v| json!({"name": v.name, "size_bytes": size(v), "used_bytes": v.used_bytes, "snapshots": snaps(v), "replicas": v.replica_nodes}))
+            .collect();
+        return doc(json!({"volumes": rows, "total_size_bytes": total_size, "total_used_bytes": total_used}));
+    }
+    let pct = |used: u64, size: u64| if size == 0 { "-".to_string() } else { format!("{:.1}%", used as f64 * 100.0 / size as f64) };
+    let mut t = Table::new(&["NAME", "SIZE", "USED", "USED%", "SNAPSHOTS", "REPLICAS"]);
+    for v in &vols {
+        t.row(vec![
+            v.name.clone(),
+            format_size(size(v)),
+            format_size(v.used_bytes),
+            pct(v.used_bytes, size(v)),
+            snaps(v).to_string(),
+            v.replica_nodes.join(","),
+        ]);
+    }
+    if only.is_none() {
+        t.row(vec!["TOTAL".into(), format_size(total_size), format_size(total_used), pct(total_used, total_size), String::new(), String::new()]);
+    }
+    t.render()
+}
+
 /// `volume list` (snapshots are left out by the caller).
 pub fn volume_list(vols: &[pb::Volume], json: bool) -> String {
     if json {
@@ -428,6 +460,7 @@ pub fn pools(pools: &[pb::Pool], json: bool) -> String {
                     "devices": p.devices.iter().map(|d| json!({
                         "uuid": d.uuid, "path": d.path, "size_bytes": d.size_bytes, "total_extents": d.total_extents,
                         "free_extents": d.free_extents, "kind": d.kind, "io_engine": d.io_engine, "direct_io": d.direct_io,
+                        "failed": d.failed, "io_errors": d.io_errors,
                     })).collect::<Vec<_>>(),
                 })
             })
@@ -443,14 +476,20 @@ pub fn pools(pools: &[pb::Pool], json: bool) -> String {
             format_size(p.total_bytes),
             format_size(p.extent_size)
         );
-        let mut t = Table::new(&["DEVICE", "KIND", "SIZE", "EXTENTS", "FREE", "IO", "O_DIRECT", "UUID"]);
+        let mut t = Table::new(&["DEVICE", "KIND", "SIZE", "EXTENTS", "FREE", "STATE", "IO", "O_DIRECT", "UUID"]);
         for d in &p.devices {
+            let state = match (d.failed, d.io_errors) {
+                (false, _) => "ok".to_string(),
+                (true, 0) => "failed (journal)".to_string(),
+                (true, n) => format!("failed ({n} I/O errors)"),
+            };
             t.row(vec![
                 d.path.clone(),
                 d.kind.clone(),
                 format_size(d.size_bytes),
                 d.total_extents.to_string(),
                 d.free_extents.to_string(),
+                state,
                 d.io_engine.clone(),
                 if d.direct_io { "yes".into() } else { "no".into() },
                 d.uuid.clone(),

@@ -571,3 +571,90 @@ fn cluster_delete_moves_every_replica_off_a_node_under_writes_then_removes_it() 
     let back = s.read(MIB, 4 * MIB as u32).unwrap();
     assert!(back == data, "solo's data came along (read back {} zero bytes of {})", back.iter().filter(|b| **b == 0).count(), back.len());
 }
+
+/// fio over the engine's NBD socket: random 64 KiB writes with crc32c verify (or, with
+/// `verify_only`, the verify of what an identical earlier run wrote). Its JSON job.
+fn fio_verify(e: &Engine, vol: &str, size: &str, verify_only: bool) -> serde_json::Value {
+    let uri = format!("--uri={}", e._proc.unix_uri(vol));
+    let size = format!("--size={size}");
+    let mut args = vec!["--name=drives", "--ioengine=nbd", &uri, "--rw=randwrite", "--bs=64k", &size, "--iodepth=8"];
+    args.extend(["--rate=48m", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=json"]);
+    if verify_only {
+        args.push("--verify_only=1");
+    }
+    let out = Command::new("fio").current_dir(e._dir.path()).args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "fio: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
+    assert_eq!(v["jobs"][0]["error"], 0, "{text}");
+    v["jobs"][0].clone()
+}
+
+#[test]
+fn drive_add_and_pool_expand_grow_a_running_pool_under_fio_verify() {
+    let mut e = engine();
+    ok(&e, &["volume", "create", "v", "--size", "192MiB"]);
+    let extra = e._dir.path().join("extra.img");
+    let (good, _, err) = ctl(&e, &["service", "drive", "add", extra.to_str().unwrap()]);
+    assert!(!good && err.contains("does not exist: give --size"), "{err}");
+    // fio writes (rate-limited, about 3 s) while the drive joins the pool.
+    let adder = {
+        let (sdk, dir, path) = (e.sdk.clone(), e._dir.path().to_path_buf(), extra.to_str().unwrap().to_string());
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(800));
+            Command::new(CTL)
+                .env("STRATA_ENDPOINT", sdk)
+                .env("STRATA_CONFIG_DIR", dir)
+                .args(["service", "drive", "add", &path, "--size", "128MiB"])
+                .output()
+                .unwrap()
+        })
+    };
+    let job = fio_verify(&e, "v", "144M", false);
+    assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 144 << 20, "every block verified");
+    let added = adder.join().unwrap();
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    assert!(String::from_utf8_lossy(&added.stdout).contains("added"), "{}", String::from_utf8_lossy(&added.stdout));
+    let pools = json(&e, &["service", "drive", "show"]);
+    let devices = pools[0]["devices"].as_array().unwrap().clone();
+    assert_eq!(devices.len(), 2, "{pools}");
+    let new = &devices[1];
+    assert_eq!(new["path"], extra.to_str().unwrap());
+    assert!(new["free_extents"].as_u64() < new["total_extents"].as_u64(), "new extents went onto the added drive: {new}");
+    assert_eq!(new["failed"], false);
+    // The same drive again is refused; pool expand adds a file beside the pool's files.
+    let (good, _, err) = ctl(&e, &["service", "drive", "add", extra.to_str().unwrap()]);
+    assert!(!good && err.contains("already in this pool"), "{err}");
+    let total = pools[0]["total_bytes"].as_u64().unwrap();
+    let grown = json(&e, &["service", "pool", "expand", "--size", "64MiB"]);
+    assert_eq!(grown[0]["devices"].as_array().unwrap().len(), 3, "{grown}");
+    assert!(grown[0]["total_bytes"].as_u64().unwrap() > total);
+    assert!(grown[0]["devices"][2]["path"].as_str().unwrap().ends_with("strata-drive-2.img"), "{grown}");
+    // After a restart the engine opens the added drives from the pool's record; the data verifies.
+    e._proc.restart();
+    e.sdk = e._proc.sdk.clone();
+    assert_eq!(json(&e, &["service", "pool", "show"])[0]["devices"].as_array().unwrap().len(), 3);
+    let job = fio_verify(&e, "v", "144M", true);
+    assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 144 << 20, "every block verified after the restart");
+}
+
+#[test]
+fn volume_usage_shows_allocated_space_snapshots_and_totals() {
+    let e = engine();
+    ok(&e, &["volume", "create", "u", "--size", "64MiB"]);
+    ok(&e, &["volume", "create", "empty", "--size", "16MiB"]);
+    let mut nbd = strata_e2e::nbd::Client::connect(&e._proc.nbd, "u").unwrap();
+    assert_eq!(nbd.write(8 << 20, &vec![3u8; 4 << 20], 0), 0);
+    ok(&e, &["volume", "snapshot", "create", "u", "--name", "u-snap"]);
+    let all = json(&e, &["volume", "usage"]);
+    let u = all["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "u").unwrap().clone();
+    assert_eq!((u["size_bytes"].as_u64(), u["used_bytes"].as_u64(), u["snapshots"].as_u64()), (Some(64 << 20), Some(4 << 20), Some(1)), "{all}");
+    assert_eq!(all["volumes"].as_array().unwrap().len(), 2, "snapshots are not volumes: {all}");
+    assert_eq!(all["total_size_bytes"], 80 << 20);
+    let table = ok(&e, &["volume", "usage"]);
+    assert!(table.contains("TOTAL") && table.contains("6.2%"), "{table}");
+    let one = ok(&e, &["volume", "usage", "u"]);
+    assert!(one.contains("4 MiB") && !one.contains("empty") && !one.contains("TOTAL"), "{one}");
+    let (good, _, err) = ctl(&e, &["volume", "usage", "nope"]);
+    assert!(!good && err.contains("no volume \"nope\""), "{err}");
+}

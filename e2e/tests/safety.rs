@@ -258,11 +258,11 @@ fn a_lost_node_shows_as_degraded_volumes_and_alerts() {
     let v = c.sdk(1).inspect("d").unwrap();
     assert_eq!(v.state, "degraded", "{v:?}");
     assert!(c.sdk(0).list().iter().any(|v| v.name == "d" && v.state == "degraded"));
-    wait_for(&c, &[("ReplicaOutOfSync", "volume/d"), ("NodeOffline", "node/node-3")]);
+    wait_for(&c, &[("ReplicaOutOfSync", "volume/d"), ("VolumeDegraded", "volume/d"), ("NodeOffline", "node/node-3")]);
     c.engines[2].spawn().unwrap();
     c.wait_in_sync(0, "d", Duration::from_secs(60));
     assert_eq!(c.sdk(0).inspect("d").unwrap().state, "available");
-    wait_for(&c, &[("ReplicaInSync", "volume/d"), ("NodeOnline", "node/node-3")]);
+    wait_for(&c, &[("ReplicaInSync", "volume/d"), ("VolumeHealthy", "volume/d"), ("NodeOnline", "node/node-3")]);
     settle_and_check(&c, 0, "d", &mut w, &h);
 
     // Fill node-2's pool past 85%.

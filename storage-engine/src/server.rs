@@ -58,7 +58,17 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
         crate::replica::new_boot_id();
         tracing::warn!("test mode: device writes stay in memory until flushed (--simulate-volatile-cache); kill -9 acts as a power cut");
     }
-    let spec = OpenSpec { expected: meta.get_pool().await?, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
+    let expected = meta.get_pool().await?;
+    // Devices added while running (drive add, pool expand) are opened from the pool's record.
+    let same = |a: &PathBuf, b: &PathBuf| a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    for (_, path) in expected.iter().flat_map(|r| r.devices.iter()) {
+        let p = PathBuf::from(path);
+        if !devices.iter().any(|d| same(d, &p)) {
+            tracing::info!(device = %path, "opening a device added to the pool while running (it is in the pool's record)");
+            devices.push(p);
+        }
+    }
+    let spec = OpenSpec { expected, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
     // Opening devices and replaying the journal block: off the runtime threads.
     let (paths, simulate) = (devices, args.simulate_volatile_cache);
     let pool = tokio::task::spawn_blocking(move || Pool::open(open_devices(&paths, &opts, simulate)?, &spec).map_err(anyhow::Error::from)).await??;
@@ -86,6 +96,7 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
         ),
     }
     engine.auth = load_auth(args, &node_id)?;
+    engine.drive_options = crate::cluster::drives::DriveOptions { io_engine: args.io_engine };
     let audit = args.data_dir.join("audit.jsonl");
     crate::sdk::auth::open_audit_log(&audit).with_context(|| format!("audit log {}", audit.display()))?;
     engine.distrust_local_replicas_if_salvaged().await?;
@@ -245,8 +256,10 @@ async fn report_storage_health(engine: Arc<Service>) {
     let mut fill = 0u8; // 0 fine, 1 near full, 2 full
     let mut unreachable_since: Option<std::time::Instant> = None;
     let mut offline: Option<std::collections::BTreeSet<String>> = None;
+    let mut failed_drives = std::collections::BTreeSet::new();
     loop {
         tick.tick().await;
+        engine.check_drives(&mut failed_drives);
         let (total, now_used) = (engine.pool.total_bytes(), engine.pool.used_bytes());
         let level = if total > 0 && now_used >= total {
             2

@@ -674,3 +674,21 @@ async fn snapshots_are_not_listed_as_exports() {
     let names: Vec<String> = e.exports().into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, vec!["v".to_string()], "NBD_OPT_LIST offers only what can be opened");
 }
+
+#[tokio::test]
+async fn a_drive_that_fails_data_io_is_shown_failed_and_raises_drive_failed_once() {
+    let c = attached(1, 1).await;
+    let e = c.engine(0);
+    write(e, "v", 0, 4096, 1).await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    e.check_drives(&mut seen);
+    assert!(!e.pool.devices()[0].failed());
+    c.nodes[0].faults.fail_writes.store(true, Ordering::Release);
+    assert!(write(e, "v", 0, 4096, 2).await.is_err());
+    assert!(e.pool.devices()[0].failed() && e.pool.devices()[0].io_errors() >= 1);
+    e.check_drives(&mut seen);
+    e.check_drives(&mut seen);
+    let raised: Vec<_> = e.alerts.list().into_iter().filter(|a| a.kind == "DriveFailed").collect();
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert!(raised[0].message.contains("failed (1 data I/O error(s))"), "{}", raised[0].message);
+}

@@ -68,6 +68,8 @@ pub struct PoolSample {
     /// Extents whose checksums on disk may be behind their data (written to disk within
     /// seconds).
     pub unsettled: u64,
+    /// Drives of the pool that failed (journal or data I/O).
+    pub failed_drives: u64,
 }
 
 /// The values of one scrape, copied out of the atomics.
@@ -104,10 +106,11 @@ impl Histogram {
     }
 }
 
-const POOL_GAUGES: [(&str, &str); 3] = [
+const POOL_GAUGES: [(&str, &str); 4] = [
     ("strata_pool_capacity_bytes", "Usable data capacity of the pool."),
     ("strata_pool_used_bytes", "Bytes of extents allocated to volumes."),
     ("strata_pool_unsettled_extents", "Extents whose block checksums on disk may be behind their data."),
+    ("strata_pool_drives_failed", "Drives of the pool that failed (journal writes or data I/O)."),
 ];
 const VOLUME_GAUGES: [(&str, &str); 3] = [
     ("strata_volume_size_bytes", "Provisioned size of the volume."),
@@ -136,7 +139,7 @@ const VOLUME_HISTOGRAMS: [(&str, &str); 2] =
 impl Collector for Scrape {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let pool = [("pool", self.pool.uuid.as_str())];
-        for ((name, help), v) in POOL_GAUGES.iter().zip([self.pool.total, self.pool.used, self.pool.unsettled]) {
+        for ((name, help), v) in POOL_GAUGES.iter().zip([self.pool.total, self.pool.used, self.pool.unsettled, self.pool.failed_drives]) {
             enc.encode_descriptor(name, help, None, MetricType::Gauge)?.encode_family(&pool)?.encode_gauge(&v)?;
         }
         for (i, (name, help)) in VOLUME_GAUGES.iter().enumerate() {
@@ -201,7 +204,7 @@ mod tests {
         s.read_latency.observe(Duration::from_micros(80));
         s.read_latency.observe(Duration::from_micros(3000));
         let text = render(
-            &PoolSample { uuid: "p".into(), total: 100, used: 10, unsettled: 0 },
+            &PoolSample { uuid: "p".into(), total: 100, used: 10, unsettled: 0, failed_drives: 0 },
             &[
                 VolumeSample { name: "v1", size: 5, used: 1, connections: 2, stats: &s, replicas: Some([3, 2, 4096]) },
                 VolumeSample { name: "v2", size: 5, used: 1, connections: 0, stats: &s, replicas: None },

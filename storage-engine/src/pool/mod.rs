@@ -74,6 +74,84 @@ pub struct PoolDevice {
     journal: Journal,
     /// Block checksums (version-2 devices).
     sums: Option<csum::DeviceSums>,
+    /// Data reads and writes the device failed (not checksum mismatches).
+    io_errors: std::sync::atomic::AtomicU64,
+}
+
+impl PoolDevice {
+    /// A data read or write on this device failed.
+    pub fn note_io_error(&self) {
+        self.io_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn io_errors(&self) -> u64 {
+        self.io_errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Failed: its journal could not be written, or it failed data I/O.
+    pub fn failed(&self) -> bool {
+        self.journal.failed() || self.io_errors() > 0
+    }
+}
+
+/// Most devices one pool holds (flushes track the devices a request touched in a 64-bit mask).
+pub const MAX_DEVICES: usize = 64;
+
+/// The pool's devices, indexed as `PExt::dev`: appended to while the pool is in use (drive
+/// add), never removed or moved, so a device's index and address stay fixed.
+pub struct Devices {
+    slots: Box<[std::sync::OnceLock<PoolDevice>]>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+impl Devices {
+    fn new(devs: Vec<PoolDevice>) -> Devices {
+        let slots: Box<[std::sync::OnceLock<PoolDevice>]> = (0..MAX_DEVICES).map(|_| std::sync::OnceLock::new()).collect();
+        let len = devs.len();
+        for (slot, d) in slots.iter().zip(devs) {
+            let _ = slot.set(d);
+        }
+        Devices { slots, len: std::sync::atomic::AtomicUsize::new(len) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PoolDevice> {
+        self.slots[..self.len()].iter().map(|s| s.get().expect("a device below len"))
+    }
+
+    /// Appends a device (the caller serialises appends); its index.
+    fn push(&self, d: PoolDevice) -> Result<usize, PoolError> {
+        let i = self.len();
+        let slot = self.slots.get(i).ok_or_else(|| PoolError::Invalid(format!("a pool holds at most {MAX_DEVICES} devices")))?;
+        if slot.set(d).is_err() {
+            return Err(PoolError::Invalid("a device was added concurrently".into()));
+        }
+        self.len.store(i + 1, std::sync::atomic::Ordering::Release);
+        Ok(i)
+    }
+}
+
+impl std::ops::Index<usize> for Devices {
+    type Output = PoolDevice;
+    fn index(&self, i: usize) -> &PoolDevice {
+        assert!(i < self.len(), "device {i} of {}", self.len());
+        self.slots[i].get().expect("a device below len")
+    }
+}
+
+impl<'a> IntoIterator for &'a Devices {
+    type Item = &'a PoolDevice;
+    type IntoIter = Box<dyn Iterator<Item = &'a PoolDevice> + 'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
 }
 
 /// What the metadata store remembers of the pool, to notice a missing device.
@@ -132,7 +210,7 @@ impl Maps {
 pub struct Pool {
     pub uuid: Uuid,
     pub extent_size: u64,
-    devices: Vec<PoolDevice>,
+    devices: Devices,
     maps: RwLock<Maps>,
     /// Extents mapped per volume (kept beside `map` so usage needs no scan).
     per_volume: Mutex<HashMap<u64, u64>>,
@@ -202,7 +280,7 @@ impl Pool {
                     if !spec.check_only && sb.has_backup_room() && read_backup(dev.as_ref()).as_ref() != Some(&sb) {
                         write_superblock(dev.as_ref(), &sb, superblock::backup_offset(sb.device_size))?;
                     }
-                    PoolDevice { path, dev, sb, journal, sums: None }
+                    PoolDevice { path, dev, sb, journal, sums: None, io_errors: Default::default() }
                 }
                 _ if may_format => format_device(path, dev, pool_uuid, extent_size)?,
                 Probe::Strata(sb) => return Err(PoolError::OtherPool { device: path, pool: sb.pool_uuid }),
@@ -223,8 +301,8 @@ impl Pool {
                 }
             }
         }
-        if devices.len() > u16::MAX as usize {
-            return Err(PoolError::Invalid("too many devices".into()));
+        if devices.len() > MAX_DEVICES {
+            return Err(PoolError::Invalid(format!("{} devices given: a pool holds at most {MAX_DEVICES}", devices.len())));
         }
 
         let mut maps = Maps::default();
@@ -272,12 +350,50 @@ impl Pool {
         Ok(Pool {
             uuid: pool_uuid,
             extent_size,
-            devices,
+            devices: Devices::new(devices),
             maps: RwLock::new(maps),
             per_volume: Mutex::new(per_volume),
             alloc: Mutex::new(Alloc { free, cursor: 0 }),
             unsettled_at_open,
         })
+    }
+
+    /// Adds a device to the pool while it is in use (drive add): it must be blank (no Strata
+    /// superblock, filesystem or partition table), and is formatted into this pool; new extents
+    /// spread onto it at once. Blocking. Returns its index. The caller records the pool again
+    /// (`record`), so the device is expected at the next start.
+    pub fn add_device(&self, path: String, dev: Arc<dyn BlockIo>) -> Result<usize, PoolError> {
+        let mut a = self.alloc.lock();
+        if self.devices.iter().any(|d| d.path == path) {
+            return Err(PoolError::Invalid(format!("device {path} is already in this pool")));
+        }
+        if self.devices.len() >= MAX_DEVICES {
+            return Err(PoolError::Invalid(format!("the pool already has {MAX_DEVICES} devices, the most it can hold")));
+        }
+        let len = (PROBE_LEN.next_multiple_of(4096) as u64).min(dev.size() / 4096 * 4096) as usize;
+        let mut head = AlignedBuf::new(len);
+        dev.read_blocking(0, &mut head).map_err(|e| PoolError::Corrupt { device: path.clone(), why: format!("cannot read its head: {e}") })?;
+        match Superblock::probe(&head) {
+            Probe::Blank => {}
+            Probe::Strata(sb) if sb.pool_uuid == self.uuid => return Err(PoolError::Invalid(format!("device {path} is already in this pool"))),
+            Probe::Strata(sb) => {
+                return Err(PoolError::Invalid(format!("device {path} belongs to another Strata pool ({}); refusing to add it", sb.pool_uuid)))
+            }
+            Probe::Foreign(what) => {
+                return Err(PoolError::Invalid(format!("device {path} holds {what}; refusing to add it (wipe it first if its data is not needed)")))
+            }
+            Probe::Corrupt(why) => {
+                return Err(PoolError::Invalid(format!("device {path} looks like a damaged Strata device ({why}); refusing to add it")))
+            }
+        }
+        let d = format_device(path, dev, self.uuid, self.extent_size)?;
+        let extents = d.sb.extent_count as u32;
+        let mut m = self.maps.write();
+        let i = self.devices.push(d)?;
+        m.owners.push(0);
+        a.free.push((0..extents).collect());
+        tracing::info!(device = %self.devices[i].path, extents, "device added to the pool");
+        Ok(i)
     }
 
     /// A device's journal was salvaged with mappings lost (`check --repair`): this node's
@@ -311,7 +427,7 @@ impl Pool {
         }
     }
 
-    pub fn devices(&self) -> &[PoolDevice] {
+    pub fn devices(&self) -> &Devices {
         &self.devices
     }
 
@@ -663,7 +779,7 @@ fn format_device(path: String, dev: Arc<dyn BlockIo>, pool: Uuid, extent_size: u
     dev.zero_range_blocking(sb.intent_offset, sb.csum_offset - sb.intent_offset).map_err(PoolError::io("zeroing the checksum intent bitmap"))?;
     let (sums, _) = csum::DeviceSums::load(dev.clone(), &sb, &[], false).map_err(|why| PoolError::Corrupt { device: path.clone(), why })?;
     write_superblocks(dev.as_ref(), &sb)?;
-    Ok(PoolDevice { path, dev, sb, journal, sums: Some(sums) })
+    Ok(PoolDevice { path, dev, sb, journal, sums: Some(sums), io_errors: Default::default() })
 }
 
 /// Writes both copies of `sb` (the backup first, where its layout leaves room for one).
@@ -768,6 +884,59 @@ mod tests {
         let mut b = AlignedBuf::new(4096);
         pool.device(p).read_blocking(pool.offset_of(p), &mut b).unwrap();
         b[0]
+    }
+
+    #[test]
+    fn a_device_added_in_use_takes_new_extents_and_is_found_again_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = OpenOptions { create_size: Some(64 << 20), io_engine: IoEngine::Sync, read_only: false, lock_wait: Default::default() };
+        let file = |n: &str| {
+            let p = dir.path().join(n);
+            (p.display().to_string(), Arc::new(FileDevice::open(&p, &opts).unwrap()) as Arc<dyn BlockIo>)
+        };
+        let pool = open(dir.path());
+        for l in 0..4 {
+            fill(&pool, 1, l, l as u8 + 1);
+        }
+        let total = pool.total_bytes();
+        let (path, dev) = file("c");
+        assert_eq!(pool.add_device(path.clone(), dev).unwrap(), 2);
+        assert!(pool.total_bytes() > total);
+        for l in 4..10 {
+            fill(&pool, 1, l, l as u8 + 1);
+        }
+        let on_new = (0..10).filter(|l| pool.lookup(1, *l).unwrap().dev == 2).count();
+        assert!(on_new >= 2, "new extents spread onto the added device ({on_new} of 6)");
+        // Refused: the same device again, a device of another pool, one holding a filesystem.
+        let e = pool.add_device(path.clone(), pool.devices()[2].dev.clone()).unwrap_err();
+        assert!(e.to_string().contains("already in this pool"), "{e}");
+        let other = tempfile::tempdir().unwrap();
+        let foreign_pool = open(other.path());
+        let e = pool.add_device("x".into(), foreign_pool.devices()[0].dev.clone()).unwrap_err();
+        drop(foreign_pool);
+        assert!(e.to_string().contains("another Strata pool"), "{e}");
+        let (ext4, dev) = file("ext4");
+        let mut head = AlignedBuf::new(4096);
+        head[1024 + 0x38] = 0x53;
+        head[1024 + 0x39] = 0xEF;
+        dev.write_blocking(0, &head).unwrap();
+        let e = pool.add_device(ext4, dev).unwrap_err();
+        assert!(e.to_string().contains("refusing to add it"), "{e}");
+        assert_eq!(pool.devices().len(), 3);
+        // Found again at open, with the record naming the added device.
+        let rec = pool.record();
+        assert_eq!(rec.devices.len(), 3);
+        drop(pool);
+        let devs = vec![file("a"), file("b"), file("c")];
+        let spec = OpenSpec { expected: Some(rec.clone()), force_format: false, extent_size: DEFAULT_EXTENT_SIZE, check_only: false };
+        let pool = Pool::open(devs, &spec).unwrap();
+        for l in 0..10 {
+            assert_eq!(first_byte(&pool, 1, l), l as u8 + 1);
+        }
+        // Without it, the pool refuses to start.
+        drop(pool);
+        let e = Pool::open(vec![file("a"), file("b")], &spec).err().expect("a missing device is refused");
+        assert!(matches!(e, PoolError::MissingDevice { .. }), "{e}");
     }
 
     #[test]

@@ -28,6 +28,7 @@ async fn read_extents(pool: &Pool, vol: u64, offset: u64, mut buf: AlignedBuf, r
                 let (res, b) = pool.device(p).read_at(pool.offset_of(p) + within, buf, r..r + n).await;
                 buf = b;
                 if let Err(e) = res {
+                    pool.devices()[p.dev as usize].note_io_error();
                     return (Err(e.into()), buf);
                 }
                 bad.extend(pool.verify(p, within, &buf[r..r + n]).into_iter().map(|b| pos + b));
@@ -237,6 +238,7 @@ impl Local {
             }
             self.pool.end_write(p);
             if let Err(e) = res {
+                self.pool.devices()[p.dev as usize].note_io_error();
                 return (Err(e.into()), buf);
             }
             pos += n as u64;

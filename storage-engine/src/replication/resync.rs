@@ -51,9 +51,29 @@ fn alert_replica(host: &Host, t: &Target, p: &Peer, alerted: &mut std::collectio
     }
 }
 
+/// Raises VolumeDegraded when the first replica of the volume falls out of sync, and
+/// VolumeHealthy when the last one is back.
+fn alert_volume(host: &Host, t: &Target, out: usize, degraded: &mut bool) {
+    use crate::alerts::Severity::{Notify, Warning};
+    let now = out > 0;
+    if now == *degraded {
+        return;
+    }
+    *degraded = now;
+    let total = t.peers.len() + usize::from(t.local);
+    let resource = format!("volume/{}", t.name);
+    if now {
+        let msg = format!("volume {} is degraded: {} of its {total} replicas are in sync", t.name, total - out);
+        host.local.alerts.raise(Warning, "VolumeDegraded", &resource, msg);
+    } else {
+        host.local.alerts.raise(Notify, "VolumeHealthy", &resource, format!("volume {}: every replica is in sync again", t.name));
+    }
+}
+
 /// Runs for the target's life.
 pub async fn run(host: Arc<Host>, t: Arc<Target>) {
     let mut alerted = std::collections::HashSet::new();
+    let mut degraded = false;
     while !t.is_closed() && !t.is_fenced() {
         t.reconnect_broken().await;
         for p in &t.peers {
@@ -76,6 +96,7 @@ pub async fn run(host: Arc<Host>, t: Arc<Target>) {
                 }
             }
         }
+        alert_volume(&host, &t, alerted.len(), &mut degraded);
         tokio::time::sleep(POLL).await;
     }
 }

@@ -512,6 +512,8 @@ fn pool_pb(engine: &Service) -> pb::Pool {
                     kind: desc.kind.into(),
                     io_engine: desc.io_engine.into(),
                     direct_io: desc.direct_io,
+                    failed: d.failed(),
+                    io_errors: d.io_errors(),
                 }
             })
             .collect(),
@@ -523,6 +525,35 @@ impl pb::pool_service_server::PoolService for Sdk {
     async fn list(&self, req: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
         auth::require(&self.who(&req)?, Role::View, "pool.list")?;
         Ok(Response::new(pb::ListPoolsResponse { pools: vec![pool_pb(&self.engine)] }))
+    }
+
+    async fn add_drive(&self, req: Request<pb::AddDriveRequest>) -> Result<Response<pb::AddDriveResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::Admin, "pool.add_drive")?;
+        let r = req.into_inner();
+        let result = async {
+            self.engine.add_drive(&r.path, (r.size_bytes > 0).then_some(r.size_bytes)).await?;
+            Ok(Response::new(pb::AddDriveResponse { pool: Some(pool_pb(&self.engine)) }))
+        }
+        .await;
+        auth::audit(&who, "pool.add_drive", &r.path, false, &result);
+        result
+    }
+
+    async fn expand(&self, req: Request<pb::ExpandPoolRequest>) -> Result<Response<pb::ExpandPoolResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::Admin, "pool.expand")?;
+        let size = req.into_inner().size_bytes;
+        let result = async {
+            if size == 0 {
+                return Err(Status::invalid_argument("give the size to add (--size)"));
+            }
+            let path = self.engine.expand_pool(size).await?;
+            Ok(Response::new(pb::ExpandPoolResponse { pool: Some(pool_pb(&self.engine)), path }))
+        }
+        .await;
+        auth::audit(&who, "pool.expand", &size.to_string(), false, &result);
+        result
     }
 }
 

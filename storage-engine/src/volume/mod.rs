@@ -298,6 +298,8 @@ pub struct Service {
     /// In maintenance, and why: serves no volume, takes no new replica (kept in the node's
     /// record).
     pub(crate) maintenance: parking_lot::Mutex<Option<String>>,
+    /// How drives added while running are opened.
+    pub drive_options: crate::cluster::drives::DriveOptions,
 }
 
 impl Service {
@@ -365,6 +367,7 @@ impl Service {
             replacements: parking_lot::Mutex::new(None),
             alerts,
             maintenance: parking_lot::Mutex::new(maintenance),
+            drive_options: Default::default(),
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();
@@ -839,6 +842,7 @@ impl Service {
                 total: self.pool.total_bytes(),
                 used: self.pool.used_bytes(),
                 unsettled: self.pool.unsettled_extents() as u64,
+                failed_drives: self.pool.devices().iter().filter(|d| d.failed()).count() as u64,
             },
             &samples,
         )
