@@ -16,6 +16,8 @@ fi
 # The VM tier's guest: qemu and Debian's 6.12 kernel (nbd, ublk), fetched once and cached.
 ./e2e/vm/build.sh >/dev/null
 command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+# A real S3 server for the cloud-snapshot tests (the newest s3s-fs needs a newer rustc).
+command -v s3s-fs >/dev/null || cargo install --locked s3s-fs --version 0.14.1 --features binary
 # The tree stays clean: formatted (rustfmt.toml) and free of clippy warnings.
 cargo fmt --all --check
 cargo build --workspace --all-targets

@@ -10,6 +10,7 @@ macro_rules! println {
     ($($t:tt)*) => { $crate::out(format_args!("{}\n", format_args!($($t)*))) };
 }
 
+mod cloud;
 pub mod context;
 mod nodes;
 mod render;
@@ -97,6 +98,12 @@ pub enum Cmd {
     /// Tokens for clusters that check them.
     #[command(subcommand)]
     Auth(AuthCmd),
+    /// Object-store (S3) credentials for cloud snapshots.
+    #[command(subcommand)]
+    Credentials(cloud::CredentialsCmd),
+    /// Backups of volumes to an object store, and restores from it.
+    #[command(subcommand)]
+    Cloudsnap(cloud::CloudsnapCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -989,6 +996,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("{w}");
             }
         }
+        Cmd::Credentials(cmd) => cloud::credentials(ch, cmd, json).await?,
+        Cmd::Cloudsnap(cmd) => cloud::cloudsnap(ch, cmd, json).await?,
         Cmd::Service(ServiceCmd::Maintenance(m)) => nodes::maintenance(ch, m.node, m.enter, json).await?,
         Cmd::Cluster(ClusterCmd::Delete { node, timeout }) => nodes::decommission(ch, node, std::time::Duration::from_secs(timeout), json).await?,
         Cmd::Service(ServiceCmd::Drive(DriveCmd::Add { path, size })) => {

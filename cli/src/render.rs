@@ -296,6 +296,76 @@ pub fn maintenance(n: &pb::Node, moved: &[pb::MovedTarget], enter: bool, json: b
     s
 }
 
+/// `credentials list` (no secrets: the engines never return them).
+pub fn credentials(creds: &[pb::Credential], json: bool) -> String {
+    if json {
+        let rows: Vec<serde_json::Value> = creds
+            .iter()
+            .map(|c| json!({"name": c.name, "endpoint": c.endpoint, "bucket": c.bucket, "region": c.region, "access_key": c.access_key, "path_style": c.path_style, "encrypted": c.encrypted}))
+            .collect();
+        return doc(serde_json::Value::Array(rows));
+    }
+    let mut t = Table::new(&["NAME", "ENDPOINT", "BUCKET", "ACCESS KEY", "ENCRYPTED"]);
+    for c in creds {
+        t.row(vec![c.name.clone(), c.endpoint.clone(), c.bucket.clone(), c.access_key.clone(), if c.encrypted { "yes".into() } else { "no".into() }]);
+    }
+    t.render()
+}
+
+/// `cloudsnap status` and `cloudsnap backup`.
+pub fn cloud_jobs(jobs: &[pb::CloudJob], json: bool) -> String {
+    if json {
+        let rows: Vec<serde_json::Value> = jobs
+            .iter()
+            .map(|j| {
+                json!({"id": j.id, "volume": j.volume, "credential": j.credential, "node": j.node, "state": j.state, "error": j.error,
+                            "done_extents": j.done_extents, "total_extents": j.total_extents, "uploaded_bytes": j.uploaded_bytes, "full": j.full})
+            })
+            .collect();
+        return doc(serde_json::Value::Array(rows));
+    }
+    let mut t = Table::new(&["ID", "VOLUME", "STATE", "PROGRESS", "UPLOADED", "NODE", "ERROR"]);
+    for j in jobs {
+        let pct = (j.done_extents * 100).checked_div(j.total_extents).unwrap_or(100);
+        t.row(vec![
+            j.id.clone(),
+            j.volume.clone(),
+            j.state.clone(),
+            format!("{pct}%"),
+            format_size(j.uploaded_bytes),
+            j.node.clone(),
+            j.error.clone(),
+        ]);
+    }
+    t.render()
+}
+
+/// `cloudsnap list`.
+pub fn cloud_backups(backups: &[pb::CloudBackup], json: bool) -> String {
+    if json {
+        let rows: Vec<serde_json::Value> = backups
+            .iter()
+            .map(|b| json!({"id": b.id, "volume": b.volume, "cluster_id": b.cluster_id, "size_bytes": b.size_bytes, "created_unix": b.created_unix,
+                            "parent": b.parent, "encrypted": b.encrypted, "extents": b.extents, "changed_extents": b.changed_extents, "uploaded_bytes": b.uploaded_bytes}))
+            .collect();
+        return doc(serde_json::Value::Array(rows));
+    }
+    let mut t = Table::new(&["ID", "VOLUME", "SIZE", "KIND", "CHANGED", "UPLOADED", "ENCRYPTED"]);
+    for b in backups {
+        let kind = if b.parent.is_empty() { "full".to_string() } else { format!("incremental of {}", b.parent) };
+        t.row(vec![
+            b.id.clone(),
+            b.volume.clone(),
+            format_size(b.size_bytes),
+            kind,
+            format!("{} extent(s)", b.changed_extents),
+            format_size(b.uploaded_bytes),
+            if b.encrypted { "yes".into() } else { "no".into() },
+        ]);
+    }
+    t.render()
+}
+
 /// `cluster list`.
 pub fn nodes(nodes: &[pb::Node], json: bool) -> String {
     if json {

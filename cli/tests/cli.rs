@@ -1,9 +1,10 @@
 //! stratactl against a real engine: tables, --json on every command, sizes and error messages.
 
+mod common;
+
+use common::{ctl_cluster, json_cluster, CTL};
 use std::process::Command;
 use strata_e2e::certs;
-
-const CTL: &str = env!("CARGO_BIN_EXE_stratactl");
 
 struct Engine {
     _proc: strata_e2e::EngineProc,
@@ -44,22 +45,6 @@ fn json(e: &Engine, args: &[&str]) -> serde_json::Value {
     a.push("--json");
     let out = ok(e, &a);
     serde_json::from_str(&out).unwrap_or_else(|err| panic!("stratactl {args:?} --json printed no JSON ({err}): {out}"))
-}
-
-/// stratactl against engine `i` of a test cluster (TLS under its CA, no token, contexts in the
-/// CA's directory): (success, stdout, stderr).
-fn ctl_cluster(c: &strata_e2e::cluster::Cluster, i: usize, args: &[&str]) -> (bool, String, String) {
-    let ca = c.ca.path().join("ca.crt");
-    let out = Command::new(CTL)
-        .env("STRATA_ENDPOINT", &c.engines[i].sdk)
-        .env("STRATA_CONFIG_DIR", c.ca.path())
-        .env_remove("STRATA_TOKEN")
-        .env_remove("STRATA_CONTEXT")
-        .args(["--ca-file", ca.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -434,15 +419,6 @@ fn volume_stats_shows_the_io_rates_of_each_interval() {
     }
     let (ok, out, _) = ctl_cluster(&c, 0, &["volume", "stats", "io", "--count", "1"]);
     assert!(ok && out.lines().next().unwrap().contains("w/s") && out.lines().count() == 2, "a header and a row: {out}");
-}
-
-/// `ctl_cluster` that must succeed, parsing its --json output.
-fn json_cluster(c: &strata_e2e::cluster::Cluster, i: usize, args: &[&str]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let (good, out, err) = ctl_cluster(c, i, &a);
-    assert!(good, "stratactl {args:?} failed: {out}{err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("stratactl {args:?} --json printed no JSON ({e}): {out}"))
 }
 
 fn node_status(c: &strata_e2e::cluster::Cluster, via: usize, node: &str) -> String {

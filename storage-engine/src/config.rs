@@ -161,6 +161,11 @@ pub struct RunArgs {
     /// engine warns).
     #[arg(long, env = "STRATA_AUTH_SYSTEM_KEY_FILE")]
     pub auth_system_key_file: Option<PathBuf>,
+    /// A secret (a file of at least 32 bytes, the same on every node) that seals cloud
+    /// credentials (`stratactl credentials create`) in the metadata store. Default: the
+    /// --auth-system-key-file; with neither, credentials cannot be stored.
+    #[arg(long, env = "STRATA_CREDENTIALS_KEY_FILE")]
+    pub credentials_key_file: Option<PathBuf>,
     /// A token issuer to trust, as NAME=KEYFILE: tokens whose `iss` is NAME verify with the key
     /// in KEYFILE (a PEM RSA or P-256 public key for RS256/ES256, else a shared secret for
     /// HS256). Repeat for several. Needs --auth-system-key-file. Default: none.

@@ -2,6 +2,7 @@
 
 pub mod alerts;
 pub mod clock;
+pub mod cloudsnap;
 pub mod cluster;
 pub mod config;
 pub mod crypt;

@@ -97,6 +97,13 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
     }
     engine.auth = load_auth(args, &node_id)?;
     engine.drive_options = crate::cluster::drives::DriveOptions { io_engine: args.io_engine };
+    if let Some(f) = args.credentials_key_file.as_ref().or(args.auth_system_key_file.as_ref()) {
+        let secret = std::fs::read(f).with_context(|| format!("credentials key {}", f.display()))?;
+        if secret.len() < 32 {
+            bail!("{}: a credentials key needs at least 32 bytes ({} given)", f.display(), secret.len());
+        }
+        engine.cloud_key = Some(crate::cloudsnap::credentials::sealing_key(&secret));
+    }
     let audit = args.data_dir.join("audit.jsonl");
     crate::sdk::auth::open_audit_log(&audit).with_context(|| format!("audit log {}", audit.display()))?;
     engine.distrust_local_replicas_if_salvaged().await?;
@@ -172,6 +179,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     engine
         .run_checksum_tasks(crate::volume::ScrubConfig { rate: args.scrub_rate, every: std::time::Duration::from_secs(args.scrub_interval.max(1)) });
     engine.start_targets().await;
+    engine.resume_backups().await;
 
     let limits = crate::frontend::nbd::Limits::new(
         args.nbd_conn_inflight,

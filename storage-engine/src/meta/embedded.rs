@@ -109,6 +109,48 @@ impl MetaStore for Embedded {
         Ok(())
     }
 
+    async fn put_kv(&self, key: &str, value: &[u8]) -> Result<(), MetaError> {
+        let (key, value) = (format!("kv/{key}"), value.to_vec());
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(err)?;
+            tx.open_table(META).map_err(err)?.insert(key.as_str(), value.as_slice()).map_err(err)?;
+            tx.commit().map_err(err)
+        })
+        .await
+    }
+
+    async fn get_kv(&self, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let key = format!("kv/{key}");
+        self.blocking(move |db| get_meta(db, &key)).await
+    }
+
+    async fn list_kv(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
+        let prefix = format!("kv/{prefix}");
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(err)?;
+            let t = tx.open_table(META).map_err(err)?;
+            let mut out = Vec::new();
+            for row in t.range(prefix.as_str()..).map_err(err)? {
+                let (k, v) = row.map_err(err)?;
+                let Some(rest) = k.value().strip_prefix(&prefix) else { break };
+                out.push((format!("{}{rest}", &prefix[3..]), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_kv(&self, key: &str) -> Result<bool, MetaError> {
+        let key = format!("kv/{key}");
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(err)?;
+            let existed = tx.open_table(META).map_err(err)?.remove(key.as_str()).map_err(err)?.is_some();
+            tx.commit().map_err(err)?;
+            Ok(existed)
+        })
+        .await
+    }
+
     async fn cluster_id(&self) -> Result<String, MetaError> {
         let v = self.blocking(|db| get_meta(db, "cluster_id")).await?.unwrap_or_default();
         Ok(String::from_utf8_lossy(&v).into_owned())

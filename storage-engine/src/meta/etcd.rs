@@ -287,6 +287,24 @@ impl MetaStore for Etcd {
             .collect()
     }
 
+    async fn put_kv(&self, k: &str, value: &[u8]) -> Result<(), MetaError> {
+        self.put(key(&format!("kv/{k}")), value.to_vec(), None).await
+    }
+
+    async fn get_kv(&self, k: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        self.get(key(&format!("kv/{k}"))).await
+    }
+
+    async fn list_kv(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
+        let base = key("kv/");
+        let r = bounded(self.client.clone().get(format!("{base}{prefix}"), Some(GetOptions::new().with_prefix()))).await?;
+        Ok(r.kvs().iter().filter_map(|kv| Some((kv.key_str().ok()?.strip_prefix(&base)?.to_string(), kv.value().to_vec()))).collect())
+    }
+
+    async fn delete_kv(&self, k: &str) -> Result<bool, MetaError> {
+        Ok(bounded(self.client.clone().delete(key(&format!("kv/{k}")), None)).await?.deleted() > 0)
+    }
+
     async fn cluster_id(&self) -> Result<String, MetaError> {
         Ok(self.get(key("cluster_id")).await?.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
     }

@@ -18,6 +18,7 @@ struct State {
     storage_down: HashSet<String>,
     offline: HashSet<String>,
     pools: HashMap<String, PoolRecord>,
+    kv: BTreeMap<String, Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -185,6 +186,23 @@ impl MetaStore for MemStore {
 
     async fn remove_volume(&self, name: &str) -> Result<(), MetaError> {
         self.enter()?.volumes.remove(name).map(|_| ()).ok_or_else(|| MetaError::NotFound(name.to_string()))
+    }
+
+    async fn put_kv(&self, key: &str, value: &[u8]) -> Result<(), MetaError> {
+        self.enter()?.kv.insert(key.to_string(), value.to_vec());
+        Ok(())
+    }
+
+    async fn get_kv(&self, key: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        Ok(self.enter()?.kv.get(key).cloned())
+    }
+
+    async fn list_kv(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
+        Ok(self.enter()?.kv.range(prefix.to_string()..).take_while(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+    async fn delete_kv(&self, key: &str) -> Result<bool, MetaError> {
+        Ok(self.enter()?.kv.remove(key).is_some())
     }
 
     async fn cluster_id(&self) -> Result<String, MetaError> {

@@ -261,6 +261,13 @@ pub trait MetaStore: Send + Sync {
     async fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError>;
     async fn remove_volume(&self, name: &str) -> Result<(), MetaError>;
     async fn cluster_id(&self) -> Result<String, MetaError>;
+    /// Small cluster-wide records that are not volumes (cloud credentials, backup jobs), by key.
+    async fn put_kv(&self, key: &str, value: &[u8]) -> Result<(), MetaError>;
+    async fn get_kv(&self, key: &str) -> Result<Option<Vec<u8>>, MetaError>;
+    /// Every record whose key starts with `prefix`, by key.
+    async fn list_kv(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError>;
+    /// Removes a record; whether it existed.
+    async fn delete_kv(&self, key: &str) -> Result<bool, MetaError>;
     fn kind(&self) -> &'static str;
     /// Whether this node's registration is fresh: a target that cannot reach the store must
     /// stop acknowledging writes before another node can take its volumes over.

@@ -1,6 +1,7 @@
 //! The gRPC SDK server: volumes, pools, nodes and cluster status over tonic.
 
 pub mod auth;
+mod cloud;
 mod nodes;
 
 use crate::meta::Access;
@@ -27,6 +28,9 @@ impl From<VolumeError> for Status {
             VolumeError::Pool(_) => Status::internal(msg),
             VolumeError::Meta(_) => Status::unavailable(msg),
             VolumeError::NodeNotFound(_) => Status::not_found(msg),
+            VolumeError::Corrupt(_) => Status::data_loss(msg),
+            VolumeError::Absent(_) => Status::not_found(msg),
+            VolumeError::Exists(_) => Status::already_exists(msg),
             VolumeError::Replication(crate::replication::target::TargetError::Fenced(_)) => Status::failed_precondition(msg),
             VolumeError::Replication(_) => Status::unavailable(msg),
         }
@@ -96,8 +100,9 @@ const FORWARDED: &str = "x-strata-forwarded";
 /// How long the node that serves a volume may take to let it go in a clean handover.
 const HANDOVER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-type VolumeClient =
-    pb::volume_service_client::VolumeServiceClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>>;
+/// A channel to another engine's SDK that sends the caller's token.
+type Channel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+type VolumeClient = pb::volume_service_client::VolumeServiceClient<Channel>;
 
 /// The caller's token again, for a call this engine makes on its behalf to another engine.
 fn bearer_of<T>(req: &Request<T>) -> Bearer {
@@ -720,7 +725,9 @@ pub fn router(engine: Arc<Service>) -> tonic::transport::server::Router {
         .add_service(pb::pool_service_server::PoolServiceServer::new(sdk.clone()))
         .add_service(pb::node_service_server::NodeServiceServer::new(sdk.clone()))
         .add_service(pb::cluster_service_server::ClusterServiceServer::new(sdk.clone()))
-        .add_service(pb::alert_service_server::AlertServiceServer::new(sdk))
+        .add_service(pb::alert_service_server::AlertServiceServer::new(sdk.clone()))
+        .add_service(pb::credential_service_server::CredentialServiceServer::new(sdk.clone()))
+        .add_service(pb::cloud_snap_service_server::CloudSnapServiceServer::new(sdk))
 }
 
 /// One TLS connection to the SDK, as tonic serves it.

@@ -47,6 +47,15 @@ pub enum VolumeError {
     Meta(String),
     #[error("node {0} is not in the cluster (removed, or never joined)")]
     NodeNotFound(String),
+    /// Something other than a volume is absent (a credential, a backup): the text says what.
+    #[error("{0} not found")]
+    Absent(String),
+    /// Something other than a volume exists already: the text says what.
+    #[error("{0} already exists")]
+    Exists(String),
+    /// Data read back does not match its checksum (a damaged backup chunk).
+    #[error("{0}")]
+    Corrupt(String),
     #[error(transparent)]
     Replication(#[from] crate::replication::target::TargetError),
 }
@@ -300,6 +309,9 @@ pub struct Service {
     pub(crate) maintenance: parking_lot::Mutex<Option<String>>,
     /// How drives added while running are opened.
     pub drive_options: crate::cluster::drives::DriveOptions,
+    /// Seals cloud credentials in the metadata store (from the cluster's secret); None: they
+    /// cannot be stored.
+    pub cloud_key: Option<[u8; 32]>,
 }
 
 impl Service {
@@ -368,6 +380,7 @@ impl Service {
             alerts,
             maintenance: parking_lot::Mutex::new(maintenance),
             drive_options: Default::default(),
+            cloud_key: None,
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();

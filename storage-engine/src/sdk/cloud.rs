@@ -1,0 +1,192 @@
+//! CredentialService and CloudSnapService: object-store credentials and cloud snapshots.
+
+use super::{auth, bearer_of, forwarded, to_pb, was_forwarded, Sdk};
+use crate::cloudsnap::{credentials::Credential, Job, Manifest};
+use crate::meta::Access;
+use crate::volume::VolumeError;
+use strata_api::auth::Role;
+use strata_api::v1 as pb;
+use tonic::{Request, Response, Status};
+
+fn job_pb(j: Job) -> pb::CloudJob {
+    pb::CloudJob {
+        id: j.id,
+        volume: j.volume,
+        credential: j.credential,
+        node: j.node,
+        state: j.state,
+        error: j.error,
+        done_extents: j.done_extents,
+        total_extents: j.total_extents,
+        uploaded_bytes: j.uploaded_bytes,
+        started_unix: j.started_unix,
+        full: j.full,
+    }
+}
+
+fn backup_pb(m: Manifest) -> pb::CloudBackup {
+    pb::CloudBackup {
+        id: m.id,
+        volume: m.volume,
+        cluster_id: m.cluster_id,
+        size_bytes: m.size,
+        created_unix: m.created_unix,
+        parent: m.parent.unwrap_or_default(),
+        encrypted: m.encrypted,
+        extents: m.extents.len() as u64,
+        changed_extents: m.changed_extents,
+        uploaded_bytes: m.uploaded_bytes,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::credential_service_server::CredentialService for Sdk {
+    async fn create(&self, req: Request<pb::CreateCredentialRequest>) -> Result<Response<pb::CreateCredentialResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::Admin, "credential.create")?;
+        let c = req.into_inner().credential.ok_or_else(|| Status::invalid_argument("credential is required"))?;
+        let name = c.name.clone();
+        let cred = Credential {
+            name: c.name,
+            endpoint: c.endpoint,
+            bucket: c.bucket,
+            region: c.region,
+            access_key: c.access_key,
+            secret_key: c.secret_key,
+            path_style: c.path_style,
+            passphrase: c.passphrase,
+        };
+        let result = async {
+            self.engine.credential_create(cred).await?;
+            Ok(Response::new(pb::CreateCredentialResponse {}))
+        }
+        .await;
+        auth::audit(&who, "credential.create", &name, false, &result);
+        result
+    }
+
+    async fn list(&self, req: Request<pb::ListCredentialsRequest>) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        auth::require(&self.who(&req)?, Role::View, "credential.list")?;
+        let credentials = self
+            .engine
+            .credential_list()
+            .await?
+            .into_iter()
+            .map(|c| pb::Credential {
+                encrypted: !c.passphrase.is_empty(),
+                name: c.name,
+                endpoint: c.endpoint,
+                bucket: c.bucket,
+                region: c.region,
+                access_key: c.access_key,
+                path_style: c.path_style,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::ListCredentialsResponse { credentials }))
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteCredentialRequest>) -> Result<Response<pb::DeleteCredentialResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::Admin, "credential.delete")?;
+        let name = req.into_inner().name;
+        let result = async {
+            self.engine.credential_delete(&name).await?;
+            Ok(Response::new(pb::DeleteCredentialResponse {}))
+        }
+        .await;
+        auth::audit(&who, "credential.delete", &name, false, &result);
+        result
+    }
+}
+
+impl Sdk {
+    /// A client to the cloud service of the node serving `volume`, when that is another node
+    /// that is up (a backup's snapshot is taken at the target's write barrier).
+    async fn cloud_at_target<T>(
+        &self,
+        req: &Request<T>,
+        volume: &str,
+    ) -> Result<Option<pb::cloud_snap_service_client::CloudSnapServiceClient<super::Channel>>, Status> {
+        if was_forwarded(req) {
+            return Ok(None);
+        }
+        let e = &self.engine;
+        let rec = e.inspect(volume).await?.record;
+        if rec.target.is_empty() || rec.target == e.node.id {
+            return Ok(None);
+        }
+        let addr = crate::meta::sdk_endpoint(&*e.meta, &rec.target)
+            .await
+            .map_err(VolumeError::from)?
+            .ok_or_else(|| Status::failed_precondition(format!("volume {volume} is served by node {}, whose SDK address is unknown", rec.target)))?;
+        let ch = e
+            .peer_sdk(&addr, std::time::Duration::from_secs(60))
+            .await
+            .map_err(|why| Status::unavailable(format!("volume {volume} is served by node {}, which cannot be reached: {why}", rec.target)))?;
+        Ok(Some(pb::cloud_snap_service_client::CloudSnapServiceClient::with_interceptor(ch, bearer_of(req))))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cloud_snap_service_server::CloudSnapService for Sdk {
+    async fn backup(&self, req: Request<pb::CloudBackupRequest>) -> Result<Response<pb::CloudBackupResponse>, Status> {
+        let (who, _) = self.on_volume(&req, "cloudsnap.backup", &req.get_ref().volume, Access::Write).await?;
+        let (fwd, volume) = (was_forwarded(&req), req.get_ref().volume.clone());
+        let result = async {
+            if let Some(mut c) = self.cloud_at_target(&req, &volume).await? {
+                return c.backup(forwarded(req.into_inner())).await;
+            }
+            let r = req.into_inner();
+            let job = self.engine.cloud_backup(&r.volume, &r.credential, r.full).await?;
+            Ok(Response::new(pb::CloudBackupResponse { job: Some(job_pb(job)) }))
+        }
+        .await;
+        auth::audit(&who, "cloudsnap.backup", &volume, fwd, &result);
+        result
+    }
+
+    async fn status(&self, req: Request<pb::CloudStatusRequest>) -> Result<Response<pb::CloudStatusResponse>, Status> {
+        auth::require(&self.who(&req)?, Role::View, "cloudsnap.status")?;
+        let id = req.into_inner().id;
+        let jobs = self.engine.jobs().await?.into_iter().filter(|j| id.is_empty() || j.id == id).map(job_pb).collect::<Vec<_>>();
+        if !id.is_empty() && jobs.is_empty() {
+            return Err(VolumeError::Absent(format!("backup job {id}")).into());
+        }
+        Ok(Response::new(pb::CloudStatusResponse { jobs }))
+    }
+
+    async fn list(&self, req: Request<pb::CloudListRequest>) -> Result<Response<pb::CloudListResponse>, Status> {
+        auth::require(&self.who(&req)?, Role::View, "cloudsnap.list")?;
+        let r = req.into_inner();
+        let volume = (!r.volume.is_empty()).then_some(r.volume.as_str());
+        let backups = self.engine.cloud_list(&r.credential, volume).await?.into_iter().map(backup_pb).collect();
+        Ok(Response::new(pb::CloudListResponse { backups }))
+    }
+
+    async fn restore(&self, req: Request<pb::CloudRestoreRequest>) -> Result<Response<pb::CloudRestoreResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::User, "cloudsnap.restore")?;
+        let r = req.into_inner();
+        let result = async {
+            let v = self.engine.cloud_restore(&r.credential, &r.backup_id, &r.name, r.repl, r.nodes).await?;
+            Ok(Response::new(pb::CloudRestoreResponse { volume: Some(to_pb(&self.engine, v)) }))
+        }
+        .await;
+        auth::audit(&who, "cloudsnap.restore", &r.name, false, &result);
+        result
+    }
+
+    async fn delete(&self, req: Request<pb::CloudDeleteRequest>) -> Result<Response<pb::CloudDeleteResponse>, Status> {
+        let who = self.who(&req)?;
+        auth::require(&who, Role::Admin, "cloudsnap.delete")?;
+        let r = req.into_inner();
+        let result = async {
+            let chunks_deleted = self.engine.cloud_delete(&r.credential, &r.backup_id).await?;
+            Ok(Response::new(pb::CloudDeleteResponse { chunks_deleted }))
+        }
+        .await;
+        auth::audit(&who, "cloudsnap.delete", &r.backup_id, false, &result);
+        result
+    }
+}
