@@ -140,7 +140,7 @@ pub async fn cloudsnap(ch: Sdk, cmd: CloudsnapCmd, json: bool) -> anyhow::Result
     let mut c = pb::cloud_snap_service_client::CloudSnapServiceClient::new(ch);
     match cmd {
         CloudsnapCmd::Backup { volume, cred, full, wait } => {
-            let r = c.backup(pb::CloudBackupRequest { volume, credential: cred, full }).await.map_err(status_err)?.into_inner();
+            let r = c.backup(pb::CloudBackupRequest { volume, credential: cred, full, name: String::new() }).await.map_err(status_err)?.into_inner();
             let mut job = r.job.ok_or_else(|| anyhow!("engine returned no job"))?;
             while wait && job.state == "running" {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;

@@ -6,54 +6,12 @@
 mod common;
 
 use common::{ctl_cluster, json_cluster};
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use strata_e2e::cluster::Cluster;
 use strata_e2e::nbd::Client;
+use strata_e2e::s3::S3;
 
 const MIB: u64 = 1 << 20;
-
-/// An s3s-fs server on a free loopback port, with bucket `backups`; None (the test is skipped,
-/// saying why) when the binary is missing.
-struct S3 {
-    child: Child,
-    url: String,
-    root: tempfile::TempDir,
-}
-
-impl Drop for S3 {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl S3 {
-    fn start() -> Option<S3> {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir(root.path().join("backups")).unwrap();
-        let port = strata_e2e::free_port();
-        let child = match Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "AKSTRATA", "--secret-key", "SKSTRATA"])
-            .arg(root.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipped: s3s-fs cannot be started ({e}); scripts/test.sh installs it (cargo install s3s-fs)");
-                return None;
-            }
-        };
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "s3s-fs did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(S3 { child, url: format!("http://127.0.0.1:{port}"), root })
-    }
-}
 
 /// A cluster of `n` engines sharing the credentials key `key`.
 fn cluster(n: usize, key: &std::path::Path) -> Cluster {

@@ -1,6 +1,7 @@
 //! CSI Controller over the engine SDK: volumes by name (the CO's name is the volume id), with
 //! every idempotency and error-code rule of the spec that applies to what we support.
 
+use crate::cloud;
 use crate::inflight::InFlight;
 use crate::params::{self, VolumeParams};
 use crate::sdk::Sdk;
@@ -219,6 +220,9 @@ impl Controller {
     /// CreateVolume from a snapshot or a volume: a clone (shared extents) on the source's
     /// replica nodes, grown when the request asks for more than the source's size.
     async fn create_from(sdk: &Sdk, r: &csi::CreateVolumeRequest, p: &VolumeParams, src: Source) -> Result<csi::Volume, Status> {
+        if let Some((cred, id)) = cloud::parse_id(src.name()) {
+            return Self::restore_from_cloud(sdk, r, p, &src, cred, id).await;
+        }
         let sv = src.find(sdk).await?;
         let src_size = sv.spec.as_ref().map_or(0, |s| s.size_bytes) as i64;
         let range = r.capacity_range.as_ref();
@@ -240,6 +244,42 @@ impl Controller {
             Err(s) if s.code() == Code::NotFound => return Err(Status::not_found(s.message().to_string())),
             Err(s) => return Err(map_sdk(s)),
         };
+        if want > src_size {
+            v = Self::grow(sdk, &r.name, want).await?;
+        }
+        let mut out = csi_volume(&v, &p.fs);
+        out.content_source = Some(src.content());
+        out.accessible_topology = accessible_topology(r.accessibility_requirements.as_ref());
+        Ok(out)
+    }
+}
+
+impl Controller {
+    /// CreateVolume from a cloud snapshot: the backup restored into a new volume (placed by the
+    /// class's repl and nodes), grown when the request asks for more than the backup's size.
+    async fn restore_from_cloud(
+        sdk: &Sdk,
+        r: &csi::CreateVolumeRequest,
+        p: &VolumeParams,
+        src: &Source,
+        cred: &str,
+        id: &str,
+    ) -> Result<csi::Volume, Status> {
+        if p.secure {
+            return Err(Status::invalid_argument(
+                "secure: a cloud snapshot restores into a plain volume (the backup is encrypted in the bucket instead)",
+            ));
+        }
+        let list = pb::CloudListRequest { credential: cred.to_string(), volume: String::new() };
+        let backups = sdk.cloud().list(list).await.map_err(map_sdk)?.into_inner().backups;
+        let b = backups.iter().find(|b| b.id == id).ok_or_else(|| Status::not_found(format!("cloud snapshot {} does not exist", src.name())))?;
+        let src_size = b.size_bytes as i64;
+        let range = r.capacity_range.as_ref();
+        let want = if range.is_some_and(|c| c.required_bytes > 0) { size_for(range)? } else { src_size };
+        if want < src_size || range.is_some_and(|c| c.limit_bytes > 0 && c.limit_bytes < src_size) {
+            return Err(Status::out_of_range(format!("{} is {src_size} bytes; a volume made from it cannot be smaller", src.name())));
+        }
+        let mut v = cloud::restore(sdk, cred, id, &r.name, p.repl, p.nodes.clone()).await.map_err(map_sdk)?;
         if want > src_size {
             v = Self::grow(sdk, &r.name, want).await?;
         }
@@ -292,6 +332,9 @@ impl csi::controller_server::Controller for Controller {
         let sdk = self.sdk.for_secrets(&r.secrets)?;
         let _busy = self.inflight.begin(&r.name)?;
         if let Some(mut v) = sdk.inspect(&r.name).await.map_err(map_sdk)? {
+            if v.spec.as_ref().is_some_and(|s| s.labels.contains_key("strata.dev/restoring")) {
+                return Err(Status::aborted(format!("volume {} is being restored from a cloud snapshot; retry", r.name)));
+            }
             let mut spec = v.spec.clone().unwrap_or_default();
             // A copy has its source's replicas, whatever repl says; one whose grow to the requested
             // size failed earlier is grown now.
@@ -483,6 +526,14 @@ impl csi::controller_server::Controller for Controller {
         }
         let sdk = self.sdk.for_secrets(&r.secrets)?;
         let _busy = self.inflight.begin(&r.name)?;
+        if cloud::wants_cloud(&r.parameters)? {
+            let size = match sdk.inspect(&r.source_volume_id).await.map_err(map_sdk)? {
+                Some(v) if v.snapshot_of.is_empty() => v.spec.as_ref().map_or(0, |s| s.size_bytes) as i64,
+                _ => return Err(Status::not_found(format!("source volume {} does not exist", r.source_volume_id))),
+            };
+            let snap = cloud::create(&sdk, &r, size).await.map_err(map_sdk)?;
+            return Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(snap) }));
+        }
         if let Some(v) = sdk.inspect(&r.name).await.map_err(map_sdk)? {
             if v.snapshot_of == r.source_volume_id {
                 return Ok(Response::new(csi::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&v)) }));
@@ -511,6 +562,10 @@ impl csi::controller_server::Controller for Controller {
             return Err(Status::invalid_argument("snapshot_id is required"));
         }
         let _busy = self.inflight.begin(&id)?;
+        if let Some((cred, backup)) = cloud::parse_id(&id) {
+            cloud::delete(&sdk, cred, backup).await.map_err(map_sdk)?;
+            return Ok(Response::new(csi::DeleteSnapshotResponse {}));
+        }
         // Only a snapshot goes: an id naming a volume is not a snapshot that exists.
         match sdk.inspect(&id).await.map_err(map_sdk)? {
             Some(v) if !v.snapshot_of.is_empty() => {}

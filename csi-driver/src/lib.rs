@@ -4,6 +4,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod attach;
+pub mod cloud;
 pub mod controller;
 pub mod docker;
 pub mod fusedisk;

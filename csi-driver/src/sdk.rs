@@ -74,6 +74,14 @@ impl Sdk {
         pb::volume_service_client::VolumeServiceClient::new(self.authed())
     }
 
+    pub fn cloud(&self) -> pb::cloud_snap_service_client::CloudSnapServiceClient<Authed> {
+        pb::cloud_snap_service_client::CloudSnapServiceClient::new(self.authed())
+    }
+
+    pub fn credentials(&self) -> pb::credential_service_client::CredentialServiceClient<Authed> {
+        pb::credential_service_client::CredentialServiceClient::new(self.authed())
+    }
+
     pub async fn status(&self) -> Result<pb::ClusterStatusResponse, Status> {
         Ok(pb::cluster_service_client::ClusterServiceClient::new(self.authed()).status(pb::ClusterStatusRequest {}).await?.into_inner())
     }

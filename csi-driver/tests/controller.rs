@@ -401,3 +401,58 @@ fn an_engine_requiring_client_certificates_answers_only_a_driver_with_one() {
     let out = std::process::Command::new(csi_bin()).args(["--mode", "controller", "--sdk-key-file", key.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--sdk-cert-file"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_cloud_snapshot_class_backs_up_volumes_and_pvcs_from_its_snapshots_are_restores() {
+    use strata_e2e::s3::{ACCESS_KEY, BUCKET, S3, SECRET_KEY};
+    let Some(s3) = S3::start() else { return };
+    let dir = strata_e2e::tempdir();
+    let key = dir.path().join("credentials.key");
+    std::fs::write(&key, strata_e2e::pseudo_random(9, 32)).unwrap();
+    let c = Cluster::start_with(2, "1GiB", &["--credentials-key-file", key.to_str().unwrap()]);
+    c.sdk(0).create_credential("s3", &s3.url, BUCKET, (ACCESS_KEY, SECRET_KEY), "").unwrap();
+    c.sdk(0).create_full("pvc-c", 16 * MIB as u64, 1, &[]).unwrap();
+    qemu_io(&c.engines[0].uri("pvc-c"), &["write -P 0x7e 0 4M"]);
+    let d = start_csi(dir.path(), "controller", &c.engines[0], &[]);
+    let rt = &d.rt;
+    let mut ctl = ControllerClient::new(d.ch.clone());
+    // The class's type is "cloud" and the cluster's only credential is used.
+    let mut req = snap_req("vs-1", "pvc-c");
+    req.parameters = [("portworx/snapshot-type".to_string(), "cloud".to_string())].into();
+    let t0 = std::time::Instant::now();
+    let snap = loop {
+        let s = rt.block_on(ctl.create_snapshot(req.clone())).unwrap().into_inner().snapshot.unwrap();
+        if s.ready_to_use {
+            break s;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "the backup is not done: {s:?}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(snap.snapshot_id.starts_with("cloud:s3:"), "{snap:?}");
+    assert_eq!((snap.source_volume_id.as_str(), snap.size_bytes), ("pvc-c", 16 * MIB));
+    let again = rt.block_on(ctl.create_snapshot(req.clone())).unwrap().into_inner().snapshot.unwrap();
+    assert_eq!(again.snapshot_id, snap.snapshot_id, "the same VolumeSnapshot is the same backup");
+    assert_eq!(c.sdk(0).cloud_backups("s3").unwrap().len(), 1);
+    let mut bad = req.clone();
+    bad.parameters.insert("portworx/snapshot-type".into(), "tape".into());
+    assert_eq!(rt.block_on(ctl.create_snapshot(bad)).unwrap_err().code(), Code::InvalidArgument);
+
+    // A PVC from it (larger than the volume) is a restore.
+    let r = rt.block_on(ctl.create_volume(from_source("pvc-r", 32 * MIB, snapshot_source(&snap.snapshot_id)))).unwrap().into_inner().volume.unwrap();
+    assert_eq!(r.capacity_bytes, 32 * MIB);
+    qemu_io(&c.engines[0].uri("pvc-r"), &["read -P 0x7e 0 4M", "read -P 0 4M 28M"]);
+    let v = c.sdk(0).inspect("pvc-r").unwrap();
+    assert_eq!(v.in_sync_nodes.len(), 2, "restored with the class's repl 2: {v:?}");
+    assert!(!v.spec.unwrap().labels.contains_key("strata.dev/restoring"), "the restore finished");
+    assert_eq!(c.replica_differences(0, "pvc-r"), Vec::<String>::new());
+    // Asking again returns the same volume.
+    rt.block_on(ctl.create_volume(from_source("pvc-r", 32 * MIB, snapshot_source(&snap.snapshot_id)))).unwrap();
+    let e = rt.block_on(ctl.create_volume(from_source("pvc-x", 32 * MIB, snapshot_source("cloud:s3:nope")))).unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // DeleteSnapshot deletes the backup; twice is fine.
+    let del = csi::DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), ..Default::default() };
+    rt.block_on(ctl.delete_snapshot(del.clone())).unwrap();
+    rt.block_on(ctl.delete_snapshot(del)).unwrap();
+    assert!(c.sdk(0).cloud_backups("s3").unwrap().is_empty());
+}

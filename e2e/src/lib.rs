@@ -8,6 +8,7 @@ pub mod engine;
 pub mod etcd;
 pub mod nbd;
 pub mod proxy;
+pub mod s3;
 pub mod sdk;
 pub mod util;
 

@@ -30,6 +30,28 @@ impl Sdk {
         Sdk { rt, ch: tonic::service::interceptor::InterceptedService::new(ch, bearer) }
     }
 
+    /// Stores an S3 credential (path-style requests; `passphrase` empty: backups unencrypted).
+    pub fn create_credential(&self, name: &str, endpoint: &str, bucket: &str, keys: (&str, &str), passphrase: &str) -> Result<(), tonic::Status> {
+        let mut c = pb::credential_service_client::CredentialServiceClient::new(self.ch.clone());
+        let credential = pb::Credential {
+            name: name.into(),
+            endpoint: endpoint.into(),
+            bucket: bucket.into(),
+            access_key: keys.0.into(),
+            secret_key: keys.1.into(),
+            path_style: true,
+            passphrase: passphrase.into(),
+            ..Default::default()
+        };
+        self.rt.block_on(c.create(pb::CreateCredentialRequest { credential: Some(credential) })).map(|_| ())
+    }
+
+    /// The backups in credential `cred`'s bucket.
+    pub fn cloud_backups(&self, cred: &str) -> Result<Vec<pb::CloudBackup>, tonic::Status> {
+        let mut c = pb::cloud_snap_service_client::CloudSnapServiceClient::new(self.ch.clone());
+        self.rt.block_on(c.list(pb::CloudListRequest { credential: cred.into(), volume: String::new() })).map(|r| r.into_inner().backups)
+    }
+
     pub fn try_list(&self) -> Result<Vec<pb::Volume>, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
         self.rt.block_on(c.list(pb::ListVolumesRequest {})).map(|r| r.into_inner().volumes)

@@ -12,6 +12,7 @@ pub mod frontend;
 pub mod meta;
 pub mod metrics;
 pub mod net;
+pub mod placement;
 pub mod pool;
 pub mod qos;
 pub mod replica;

@@ -59,19 +59,27 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
         tracing::warn!("test mode: device writes stay in memory until flushed (--simulate-volatile-cache); kill -9 acts as a power cut");
     }
     let expected = meta.get_pool().await?;
-    // Devices added while running (drive add, pool expand) are opened from the pool's record.
+    // Devices added while running (drive add, pool expand) are opened from the pool's record
+    // (never created: a missing one is refused, named).
     let same = |a: &PathBuf, b: &PathBuf| a == b || matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
-    for (_, path) in expected.iter().flat_map(|r| r.devices.iter()) {
+    let mut added = Vec::new();
+    for (uuid, path) in expected.iter().flat_map(|r| r.devices.iter().filter(|(u, _)| r.added.contains(u))) {
         let p = PathBuf::from(path);
         if !devices.iter().any(|d| same(d, &p)) {
-            tracing::info!(device = %path, "opening a device added to the pool while running (it is in the pool's record)");
-            devices.push(p);
+            tracing::info!(device = %path, %uuid, "opening a device added to the pool while running (it is in the pool's record)");
+            added.push(p);
         }
     }
     let spec = OpenSpec { expected, force_format: args.force_format, extent_size: args.extent_size, check_only: false };
     // Opening devices and replaying the journal block: off the runtime threads.
     let (paths, simulate) = (devices, args.simulate_volatile_cache);
-    let pool = tokio::task::spawn_blocking(move || Pool::open(open_devices(&paths, &opts, simulate)?, &spec).map_err(anyhow::Error::from)).await??;
+    let existing = OpenOptions { create_size: None, ..opts.clone() };
+    let pool = tokio::task::spawn_blocking(move || {
+        let mut devs = open_devices(&paths, &opts, simulate)?;
+        devs.extend(open_devices(&added, &existing, simulate)?);
+        Pool::open(devs, &spec).map_err(anyhow::Error::from)
+    })
+    .await??;
     let node_id = node.id.clone();
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
     let alerts = crate::alerts::Alerts::open(&node_id, args.data_dir.join("alerts.jsonl"));
@@ -96,7 +104,7 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
         ),
     }
     engine.auth = load_auth(args, &node_id)?;
-    engine.drive_options = crate::cluster::drives::DriveOptions { io_engine: args.io_engine };
+    engine.drive_io_engine = args.io_engine;
     if let Some(f) = args.credentials_key_file.as_ref().or(args.auth_system_key_file.as_ref()) {
         let secret = std::fs::read(f).with_context(|| format!("credentials key {}", f.display()))?;
         if secret.len() < 32 {

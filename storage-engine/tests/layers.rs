@@ -9,9 +9,8 @@ use std::path::Path;
 /// Bottom first. Modules on one line are one layer (they may not use each other either way,
 /// except as listed).
 const LAYERS: &[&[&str]] = &[
-    // `cluster` holds only pure decisions (placement) today: a leaf any layer may ask. When it
-    // gains the node-lifecycle work that drives volumes, it moves up and placement stays here.
-    &["clock", "net", "cluster", "failpoint"],
+    // `placement` is a pure decision: a leaf any layer may ask.
+    &["clock", "net", "placement", "failpoint"],
     &["crypt", "qos", "metrics", "alerts", "security"],
     &["device"],
     &["pool"],
@@ -19,6 +18,8 @@ const LAYERS: &[&[&str]] = &[
     &["replica"],
     &["replication"],
     &["volume"],
+    // Node lifecycle (maintenance, decommission, drives) and cloud snapshots drive volumes.
+    &["cluster", "cloudsnap"],
     &["frontend"],
     &["sdk"],
     &["testing", "config"],

@@ -22,6 +22,8 @@ use repo::{Repo, RepoError};
 use std::sync::Arc;
 
 const JOBS: &str = "cloudsnap/jobs/";
+/// The label a volume being restored carries until every extent is written.
+pub const RESTORING: &str = "strata.dev/restoring";
 
 /// One backup, as its manifest in the bucket says.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -50,6 +52,9 @@ pub struct Manifest {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Job {
     pub id: String,
+    /// The caller's name for the backup (a CSI VolumeSnapshot's), unique; may be empty.
+    #[serde(default)]
+    pub name: String,
     pub volume: String,
     pub credential: String,
     pub full: bool,
@@ -136,7 +141,19 @@ impl Service {
 
     /// Starts a backup of `volume` to `credential`'s bucket (`full`: not incremental); returns
     /// its job. The snapshot it reads is taken now.
-    pub async fn cloud_backup(self: &Arc<Self>, volume: &str, credential: &str, full: bool) -> Result<Job, VolumeError> {
+    /// A backup asked for by `name` again is the same backup (one that failed is taken again).
+    pub async fn cloud_backup(self: &Arc<Self>, volume: &str, credential: &str, full: bool, name: &str) -> Result<Job, VolumeError> {
+        if !name.is_empty() {
+            if let Some(j) = self.jobs().await?.into_iter().find(|j| j.name == name) {
+                if j.volume != volume {
+                    return Err(VolumeError::Exists(format!("backup {name:?} (of volume {})", j.volume)));
+                }
+                if j.state != "failed" {
+                    return Ok(j);
+                }
+                self.meta.delete_kv(&job_key(&j.id)).await?;
+            }
+        }
         let rec = self.meta.get_volume(volume).await?.ok_or_else(|| VolumeError::NotFound(volume.to_string()))?.normalized(&self.node.id);
         if rec.snapshot_of.is_some() {
             return Err(VolumeError::InvalidArgument(format!("{volume} is a snapshot: back up its volume, or clone it and back up the clone")));
@@ -155,6 +172,7 @@ impl Service {
         self.snapshot(volume, &snapshot, labels).await?;
         let job = Job {
             id: id.clone(),
+            name: name.to_string(),
             volume: volume.to_string(),
             credential: credential.to_string(),
             full,
@@ -326,23 +344,43 @@ impl Service {
     }
 
     /// Restores backup `id` into a new volume `name` (`repl` replicas, on `nodes` when given),
-    /// written through this node; a restore that fails leaves no volume behind.
-    pub async fn cloud_restore(&self, credential: &str, id: &str, name: &str, repl: u32, nodes: Vec<String>) -> Result<VolumeInfo, VolumeError> {
+    /// written through this node. The volume carries the `RESTORING` label until every extent
+    /// is written; a restore that fails leaves no volume behind. The work goes on if the caller
+    /// gives up waiting.
+    pub async fn cloud_restore(
+        self: &Arc<Self>,
+        credential: &str,
+        id: &str,
+        name: &str,
+        repl: u32,
+        nodes: Vec<String>,
+    ) -> Result<VolumeInfo, VolumeError> {
         let repo = Repo::open(&self.credential(credential).await?).await?;
         let m = self.find_backup(&repo, id).await?;
         let placement = PlacementSpec { nodes, ..Default::default() };
-        let labels = [("strata.dev/restored-from".to_string(), id.to_string())].into();
+        let labels = [("strata.dev/restored-from".to_string(), id.to_string()), (RESTORING.to_string(), "true".to_string())].into();
         self.create(CreateSpec { name, size: m.size, repl: repl.max(1), labels, placement, ..Default::default() }).await?;
-        let written = self.write_backup(&repo, &m, name).await;
-        let detached = self.detach(name, false).await;
-        if let Err(err) = written.and(detached.map(|_| ())) {
-            if let Err(e) = self.delete(name, true).await {
-                tracing::warn!(volume = %name, "removing the failed restore: {e}");
+        let (e, name) = (self.clone(), name.to_string());
+        let work = tokio::spawn(async move {
+            let written = e.write_backup(&repo, &m, &name).await;
+            let detached = e.detach(&name, false).await;
+            let done = match written.and(detached.map(|_| ())) {
+                Ok(()) => {
+                    let clear = crate::volume::UpdateSpec { labels: [(RESTORING.to_string(), String::new())].into(), ..Default::default() };
+                    e.update(&name, clear).await.map(|_| ())
+                }
+                Err(err) => Err(err),
+            };
+            if let Err(err) = done {
+                if let Err(d) = e.delete(&name, true).await {
+                    tracing::warn!(volume = %name, "removing the failed restore: {d}");
+                }
+                return Err(err);
             }
-            return Err(err);
-        }
-        tracing::info!(volume = %name, backup = %id, extents = m.extents.len(), "restored from the cloud");
-        self.inspect(name).await
+            tracing::info!(volume = %name, backup = %m.id, extents = m.extents.len(), "restored from the cloud");
+            e.inspect(&name).await
+        });
+        work.await.map_err(|err| VolumeError::Meta(format!("the restore stopped: {err}")))?
     }
 
     async fn write_backup(&self, repo: &Repo, m: &Manifest, name: &str) -> Result<(), VolumeError> {

@@ -3,22 +3,10 @@
 //! (a new file device beside the pool's file devices). The pool's record in the metadata store
 //! names every device, so the next start opens the added ones too.
 
-use crate::device::{BlockIo, FileDevice, IoEngine, OpenOptions};
+use crate::device::{BlockIo, FileDevice, OpenOptions};
 use crate::volume::{Service, VolumeError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// How devices added while running are opened (the engine's `--io-engine`).
-#[derive(Debug, Clone, Copy)]
-pub struct DriveOptions {
-    pub io_engine: IoEngine,
-}
-
-impl Default for DriveOptions {
-    fn default() -> Self {
-        DriveOptions { io_engine: IoEngine::Auto }
-    }
-}
 
 impl Service {
     /// Adds the device at `path` to this node's pool; a missing file is created with `size`
@@ -34,7 +22,7 @@ impl Service {
         if self.pool.devices().iter().any(|d| canon(&d.path) == canon(path)) {
             return Err(VolumeError::FailedPrecondition(format!("device {path} is already in this pool")));
         }
-        let opts = OpenOptions { create_size: size, io_engine: self.drive_options.io_engine, read_only: false, lock_wait: std::time::Duration::ZERO };
+        let opts = OpenOptions { create_size: size, io_engine: self.drive_io_engine, read_only: false, lock_wait: std::time::Duration::ZERO };
         let (pool, p) = (self.pool.clone(), path.to_string());
         let i = tokio::task::spawn_blocking(move || {
             let dev: Arc<dyn BlockIo> =

@@ -20,26 +20,6 @@ pub struct Decommission {
 }
 
 impl Service {
-    pub fn in_maintenance(&self) -> bool {
-        self.maintenance.lock().is_some()
-    }
-
-    /// Why this node is in maintenance (None: it is not).
-    pub fn maintenance_reason(&self) -> Option<String> {
-        self.maintenance.lock().clone()
-    }
-
-    /// Refuses to serve volume `name` here while this node is in maintenance.
-    pub fn refuse_in_maintenance(&self, name: &str) -> Result<(), VolumeError> {
-        if self.in_maintenance() {
-            return Err(VolumeError::FailedPrecondition(format!(
-                "node {} is in maintenance and serves no volume: attach {name} on another node, or end maintenance (stratactl service maintenance --exit)",
-                self.node.id
-            )));
-        }
-        Ok(())
-    }
-
     /// Enters maintenance for `reason` (Some) or exits it (None), recorded in this node's
     /// record (so it outlives a restart).
     pub async fn set_maintenance(&self, reason: Option<String>) -> Result<(), VolumeError> {

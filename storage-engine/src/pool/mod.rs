@@ -160,6 +160,10 @@ pub struct PoolRecord {
     pub uuid: Uuid,
     pub extent_size: u64,
     pub devices: Vec<(Uuid, String)>,
+    /// Devices added while the engine ran (drive add): the engine opens them from here at
+    /// start; the others must be given with --device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<Uuid>,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +222,8 @@ pub struct Pool {
     /// checksums were recomputed from their data.
     pub unsettled_at_open: usize,
     alloc: Mutex<Alloc>,
+    /// Devices added while running (kept in the record).
+    added: Mutex<Vec<Uuid>>,
 }
 
 impl Pool {
@@ -355,6 +361,7 @@ impl Pool {
             per_volume: Mutex::new(per_volume),
             alloc: Mutex::new(Alloc { free, cursor: 0 }),
             unsettled_at_open,
+            added: Mutex::new(spec.expected.as_ref().map(|r| r.added.clone()).unwrap_or_default()),
         })
     }
 
@@ -389,7 +396,9 @@ impl Pool {
         let d = format_device(path, dev, self.uuid, self.extent_size)?;
         let extents = d.sb.extent_count as u32;
         let mut m = self.maps.write();
+        let uuid = d.sb.device_uuid;
         let i = self.devices.push(d)?;
+        self.added.lock().push(uuid);
         m.owners.push(0);
         a.free.push((0..extents).collect());
         tracing::info!(device = %self.devices[i].path, extents, "device added to the pool");
@@ -424,6 +433,7 @@ impl Pool {
             uuid: self.uuid,
             extent_size: self.extent_size,
             devices: self.devices.iter().map(|d| (d.sb.device_uuid, d.path.clone())).collect(),
+            added: self.added.lock().clone(),
         }
     }
 
@@ -926,6 +936,7 @@ mod tests {
         // Found again at open, with the record naming the added device.
         let rec = pool.record();
         assert_eq!(rec.devices.len(), 3);
+        assert_eq!(rec.added, vec![pool.devices()[2].sb.device_uuid], "the record says which device was added while running");
         drop(pool);
         let devs = vec![file("a"), file("b"), file("c")];
         let spec = OpenSpec { expected: Some(rec.clone()), force_format: false, extent_size: DEFAULT_EXTENT_SIZE, check_only: false };

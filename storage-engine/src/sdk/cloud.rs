@@ -21,6 +21,7 @@ fn job_pb(j: Job) -> pb::CloudJob {
         uploaded_bytes: j.uploaded_bytes,
         started_unix: j.started_unix,
         full: j.full,
+        name: j.name,
     }
 }
 
@@ -138,7 +139,7 @@ impl pb::cloud_snap_service_server::CloudSnapService for Sdk {
                 return c.backup(forwarded(req.into_inner())).await;
             }
             let r = req.into_inner();
-            let job = self.engine.cloud_backup(&r.volume, &r.credential, r.full).await?;
+            let job = self.engine.cloud_backup(&r.volume, &r.credential, r.full, &r.name).await?;
             Ok(Response::new(pb::CloudBackupResponse { job: Some(job_pb(job)) }))
         }
         .await;

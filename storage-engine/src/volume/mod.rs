@@ -307,8 +307,8 @@ pub struct Service {
     /// In maintenance, and why: serves no volume, takes no new replica (kept in the node's
     /// record).
     pub(crate) maintenance: parking_lot::Mutex<Option<String>>,
-    /// How drives added while running are opened.
-    pub drive_options: crate::cluster::drives::DriveOptions,
+    /// How drives added while running are opened (the engine's --io-engine).
+    pub drive_io_engine: crate::device::IoEngine,
     /// Seals cloud credentials in the metadata store (from the cluster's secret); None: they
     /// cannot be stored.
     pub cloud_key: Option<[u8; 32]>,
@@ -379,7 +379,7 @@ impl Service {
             replacements: parking_lot::Mutex::new(None),
             alerts,
             maintenance: parking_lot::Mutex::new(maintenance),
-            drive_options: Default::default(),
+            drive_io_engine: crate::device::IoEngine::Auto,
             cloud_key: None,
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
@@ -466,6 +466,27 @@ impl Service {
             maintenance: maintenance.is_some(),
             maintenance_reason: maintenance.unwrap_or_default().to_string(),
         }
+    }
+
+    /// In maintenance (`stratactl service maintenance`): it serves no volume.
+    pub fn in_maintenance(&self) -> bool {
+        self.maintenance.lock().is_some()
+    }
+
+    /// Why this node is in maintenance (None: it is not).
+    pub fn maintenance_reason(&self) -> Option<String> {
+        self.maintenance.lock().clone()
+    }
+
+    /// Refuses to serve volume `name` here while this node is in maintenance.
+    pub fn refuse_in_maintenance(&self, name: &str) -> Result<(), VolumeError> {
+        if self.in_maintenance() {
+            return Err(VolumeError::FailedPrecondition(format!(
+                "node {} is in maintenance and serves no volume: attach {name} on another node, or end maintenance (stratactl service maintenance --exit)",
+                self.node.id
+            )));
+        }
+        Ok(())
     }
 
     /// This node's record as it is now.

@@ -29,7 +29,7 @@ impl Service {
     /// is eligible), none of
     /// them in `exclude` (the nodes that already hold one).
     pub(crate) async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec, exclude: &[String]) -> Result<Vec<String>, VolumeError> {
-        use crate::cluster::placement::{place, Candidate, Request};
+        use crate::placement::{place, Candidate, Request};
         let (nodes, vols) = (self.meta.list_nodes().await?, self.meta.list_volumes().await?);
         let me = &self.node.id;
         let cands: Vec<Candidate> = nodes
