@@ -225,11 +225,7 @@ impl Controller {
         }
         let sv = src.find(sdk).await?;
         let src_size = sv.spec.as_ref().map_or(0, |s| s.size_bytes) as i64;
-        let range = r.capacity_range.as_ref();
-        let want = if range.is_some_and(|c| c.required_bytes > 0) { size_for(range)? } else { src_size };
-        if want < src_size || range.is_some_and(|c| c.limit_bytes > 0 && c.limit_bytes < src_size) {
-            return Err(Status::out_of_range(format!("{} is {src_size} bytes; a volume made from it cannot be smaller", src.name())));
-        }
+        let want = size_from(r, &src, src_size)?;
         if sv.spec.as_ref().is_some_and(|s| s.secure) != p.secure {
             return Err(Status::invalid_argument(format!("secure: a copy of {} is encrypted exactly when its source is", src.name())));
         }
@@ -239,11 +235,25 @@ impl Controller {
             labels: p.labels.clone().into_iter().collect(),
             ownership: namespace_owner(p),
         };
-        let mut v = match sdk.volumes().clone_volume(req).await {
+        let v = match sdk.volumes().clone_volume(req).await {
             Ok(resp) => resp.into_inner().volume.ok_or_else(|| Status::internal("engine returned no volume"))?,
             Err(s) if s.code() == Code::NotFound => return Err(Status::not_found(s.message().to_string())),
             Err(s) => return Err(map_sdk(s)),
         };
+        Self::made_from(sdk, r, p, &src, v, want, src_size).await
+    }
+
+    /// The CSI volume made from `src` (`v` as the engine made it, of `src_size` bytes), grown
+    /// to `want` first when that is more.
+    async fn made_from(
+        sdk: &Sdk,
+        r: &csi::CreateVolumeRequest,
+        p: &VolumeParams,
+        src: &Source,
+        mut v: pb::Volume,
+        want: i64,
+        src_size: i64,
+    ) -> Result<csi::Volume, Status> {
         if want > src_size {
             v = Self::grow(sdk, &r.name, want).await?;
         }
@@ -252,6 +262,17 @@ impl Controller {
         out.accessible_topology = accessible_topology(r.accessibility_requirements.as_ref());
         Ok(out)
     }
+}
+
+/// The size of a volume made from `src` of `src_size` bytes: the request's, which may not be
+/// less (OUT_OF_RANGE).
+fn size_from(r: &csi::CreateVolumeRequest, src: &Source, src_size: i64) -> Result<i64, Status> {
+    let range = r.capacity_range.as_ref();
+    let want = if range.is_some_and(|c| c.required_bytes > 0) { size_for(range)? } else { src_size };
+    if want < src_size || range.is_some_and(|c| c.limit_bytes > 0 && c.limit_bytes < src_size) {
+        return Err(Status::out_of_range(format!("{} is {src_size} bytes; a volume made from it cannot be smaller", src.name())));
+    }
+    Ok(want)
 }
 
 impl Controller {
@@ -274,19 +295,9 @@ impl Controller {
         let backups = sdk.cloud().list(list).await.map_err(map_sdk)?.into_inner().backups;
         let b = backups.iter().find(|b| b.id == id).ok_or_else(|| Status::not_found(format!("cloud snapshot {} does not exist", src.name())))?;
         let src_size = b.size_bytes as i64;
-        let range = r.capacity_range.as_ref();
-        let want = if range.is_some_and(|c| c.required_bytes > 0) { size_for(range)? } else { src_size };
-        if want < src_size || range.is_some_and(|c| c.limit_bytes > 0 && c.limit_bytes < src_size) {
-            return Err(Status::out_of_range(format!("{} is {src_size} bytes; a volume made from it cannot be smaller", src.name())));
-        }
-        let mut v = cloud::restore(sdk, cred, id, &r.name, p.repl, p.nodes.clone()).await.map_err(map_sdk)?;
-        if want > src_size {
-            v = Self::grow(sdk, &r.name, want).await?;
-        }
-        let mut out = csi_volume(&v, &p.fs);
-        out.content_source = Some(src.content());
-        out.accessible_topology = accessible_topology(r.accessibility_requirements.as_ref());
-        Ok(out)
+        let want = size_from(r, src, src_size)?;
+        let v = cloud::restore(sdk, cred, id, &r.name, p.repl, p.nodes.clone()).await.map_err(map_sdk)?;
+        Self::made_from(sdk, r, p, src, v, want, src_size).await
     }
 }
 
