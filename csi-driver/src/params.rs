@@ -99,6 +99,13 @@ pub fn parse(params: &HashMap<String, String>) -> Result<VolumeParams, ParamErro
                 strata_api::schedule::parse(v).map_err(|e| err(k, e.to_string()))?;
                 p.snap_schedule = Some(v.into());
             }
+            "cloudsnap_schedule" => {
+                strata_api::schedule::parse(v).map_err(|e| err(k, e.to_string()))?;
+                p.labels.insert(k.into(), v.into());
+            }
+            "cloudsnap_cred" => {
+                p.labels.insert(k.into(), v.into());
+            }
             "secure" => p.secure = flag(k, v)?,
             "io_throttle_rd_iops" => p.rd_iops = number(k, v)?,
             "io_throttle_wr_iops" => p.wr_iops = number(k, v)?,
@@ -146,6 +153,8 @@ mod tests {
             ("io_throttle_wr_bw", "20"),
             ("labels", "app=pg, tier=db"),
             ("snap_schedule", "periodic=60,10"),
+            ("cloudsnap_schedule", "daily=02:00,7"),
+            ("cloudsnap_cred", "s3"),
             ("csi.storage.k8s.io/pvc/name", "data-pg-0"),
         ]))
         .unwrap();
@@ -154,6 +163,7 @@ mod tests {
         assert_eq!(p.labels["app"], "pg");
         assert_eq!(p.labels["k8s_pvc_name"], "data-pg-0");
         assert_eq!(p.labels["io_profile"], "db");
+        assert_eq!((p.labels["cloudsnap_schedule"].as_str(), p.labels["cloudsnap_cred"].as_str()), ("daily=02:00,7", "s3"));
         for (k, v) in [
             ("repl", "4"),
             ("repl", "two"),
@@ -163,6 +173,7 @@ mod tests {
             ("secure", "maybe"),
             ("io_throttle_rd_iops", "-1"),
             ("snap_schedule", "hourly=5"),
+            ("cloudsnap_schedule", "weekly=7"),
             ("labels", "novalue"),
             ("color", "blue"),
         ] {

@@ -188,6 +188,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .run_checksum_tasks(crate::volume::ScrubConfig { rate: args.scrub_rate, every: std::time::Duration::from_secs(args.scrub_interval.max(1)) });
     engine.start_targets().await;
     engine.resume_backups().await;
+    engine.run_cloud_schedules(std::time::Duration::from_secs(10));
 
     let limits = crate::frontend::nbd::Limits::new(
         args.nbd_conn_inflight,

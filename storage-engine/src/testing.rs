@@ -103,6 +103,8 @@ impl TestNode {
         engine.repl.data_dir = data_dir.clone();
         engine.repl.timeout = Duration::from_secs(1);
         engine.use_tls(issue_identity(ca_dir, id, &data_dir.join("tls")));
+        // Cloud credentials can be kept (the key every test node shares).
+        engine.cloud_key = Some(crate::cloudsnap::credentials::sealing_key(b"the in-process test cluster's secret"));
         let engine = engine.into_shared();
         let bounds = crate::replication::server::Bounds { requests: 512, bytes: 128 << 20 };
         let server = tokio::spawn(crate::replication::server::serve(listener, engine.clone(), bounds, engine.tls.clone()));

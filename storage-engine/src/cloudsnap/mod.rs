@@ -18,10 +18,13 @@ pub mod repo;
 use crate::clock::now_unix;
 use crate::volume::{CreateSpec, PlacementSpec, Service, VolumeError, VolumeInfo};
 use credentials::Credential;
+use futures::StreamExt;
 use repo::{Repo, RepoError};
 use std::sync::Arc;
 
 const JOBS: &str = "cloudsnap/jobs/";
+/// Extents a restore downloads and writes at once.
+const RESTORE_IN_FLIGHT: usize = 8;
 /// The label a volume being restored carries until every extent is written.
 pub const RESTORING: &str = "strata.dev/restoring";
 
@@ -55,6 +58,9 @@ pub struct Job {
     /// The caller's name for the backup (a CSI VolumeSnapshot's), unique; may be empty.
     #[serde(default)]
     pub name: String,
+    /// The volume's `cloudsnap_schedule` policy that took it (its tag); empty: asked for.
+    #[serde(default)]
+    pub schedule: String,
     pub volume: String,
     pub credential: String,
     pub full: bool,
@@ -68,6 +74,22 @@ pub struct Job {
     pub total_extents: u64,
     pub uploaded_bytes: u64,
     pub started_unix: u64,
+}
+
+/// Downloads, checks and writes one extent of backup `m` through `io`.
+async fn restore_extent(io: &crate::volume::VolumeIo, repo: &Repo, m: &Manifest, lext: u64, hash: &str) -> Result<(), VolumeError> {
+    let off = lext * m.extent_size;
+    let len = m.extent_size.min(m.size.saturating_sub(off)) as usize;
+    let plain = repo.get_chunk(hash, len).await.map_err(|e| match e {
+        RepoError::Corrupt(why) => VolumeError::Corrupt(format!("backup {}: {why}; nothing was restored", m.id)),
+        other => other.into(),
+    })?;
+    if plain.len() != len {
+        return Err(VolumeError::Corrupt(format!("backup {}: chunk {hash} holds {} bytes, extent {lext} needs {len}", m.id, plain.len())));
+    }
+    let mut buf = io.buffer(len);
+    buf.copy_from_slice(&plain);
+    io.write(off, buf, false).await.map_err(|e| VolumeError::Meta(format!("writing extent {lext}: {e}")))
 }
 
 impl From<RepoError> for VolumeError {
@@ -143,6 +165,10 @@ impl Service {
     /// its job. The snapshot it reads is taken now.
     /// A backup asked for by `name` again is the same backup (one that failed is taken again).
     pub async fn cloud_backup(self: &Arc<Self>, volume: &str, credential: &str, full: bool, name: &str) -> Result<Job, VolumeError> {
+        self.start_backup(volume, credential, full, name, "").await
+    }
+
+    async fn start_backup(self: &Arc<Self>, volume: &str, credential: &str, full: bool, name: &str, schedule: &str) -> Result<Job, VolumeError> {
         if !name.is_empty() {
             if let Some(j) = self.jobs().await?.into_iter().find(|j| j.name == name) {
                 if j.volume != volume {
@@ -173,6 +199,7 @@ impl Service {
         let job = Job {
             id: id.clone(),
             name: name.to_string(),
+            schedule: schedule.to_string(),
             volume: volume.to_string(),
             credential: credential.to_string(),
             full,
@@ -204,6 +231,57 @@ impl Service {
         let mut v: Vec<Job> = self.meta.list_kv(JOBS).await?.into_iter().filter_map(|(_, b)| serde_json::from_slice(&b).ok()).collect();
         v.sort_by(|a, b| (a.started_unix, &a.id).cmp(&(b.started_unix, &b.id)));
         Ok(v)
+    }
+
+    /// Runs the volumes' `cloudsnap_schedule`s every `every`, for the engine's life.
+    pub fn run_cloud_schedules(self: &Arc<Self>, every: std::time::Duration) {
+        let e = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                e.cloud_schedules_once(now_unix()).await;
+            }
+        });
+    }
+
+    /// One pass of the cloud schedules at `now`, on the node that runs each volume's snapshot
+    /// schedule (its target; detached, its first in-sync replica's node): starts the backups
+    /// due (named `VOL.cloud.KIND.STAMP`) and deletes the scheduled backups beyond each policy's
+    /// KEEP (a failed one does not count).
+    pub async fn cloud_schedules_once(self: &Arc<Self>, now: u64) {
+        use crate::volume::{CLOUD_CRED_LABEL, CLOUD_SCHEDULE_LABEL};
+        let me = self.node.id.clone();
+        let (Ok(all), Ok(jobs)) = (self.meta.list_volumes().await, self.jobs().await) else { return };
+        for rec in all.into_iter().map(|r| r.normalized(&me)) {
+            let (Some(sched), Some(cred)) = (rec.labels.get(CLOUD_SCHEDULE_LABEL), rec.labels.get(CLOUD_CRED_LABEL)) else { continue };
+            let mine = rec.target == me || (rec.target.is_empty() && rec.in_sync.first() == Some(&me));
+            if sched.is_empty() || rec.snapshot_of.is_some() || rec.pending.is_some() || !mine {
+                continue;
+            }
+            let policies = match strata_api::schedule::parse(sched) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(volume = %rec.name, "{CLOUD_SCHEDULE_LABEL} ignored: {e}");
+                    continue;
+                }
+            };
+            let ours: Vec<&Job> = jobs.iter().filter(|j| j.volume == rec.name && !j.schedule.is_empty() && j.state != "failed").collect();
+            let taken: Vec<(String, String, u64)> = ours.iter().map(|j| (j.name.clone(), j.schedule.clone(), j.started_unix)).collect();
+            let plan = strata_api::schedule::plan(&format!("{}.cloud", rec.name), &policies, rec.created_unix, &taken, now);
+            for (name, tag) in plan.take {
+                match self.start_backup(&rec.name, cred, false, &name, &tag).await {
+                    Ok(j) => tracing::info!(volume = %rec.name, backup = %j.id, policy = %tag, "scheduled cloud backup started"),
+                    Err(e) => tracing::warn!(volume = %rec.name, policy = %tag, "scheduled cloud backup not started: {e}"),
+                }
+            }
+            for name in plan.delete {
+                let Some(j) = ours.iter().find(|j| j.name == name) else { continue };
+                match self.cloud_delete(&j.credential, &j.id).await {
+                    Ok(_) => tracing::info!(volume = %rec.name, backup = %j.id, "scheduled cloud backup past its retention deleted"),
+                    Err(e) => tracing::warn!(volume = %rec.name, backup = %j.id, "deleting a scheduled cloud backup past its retention: {e}"),
+                }
+            }
+        }
     }
 
     /// Resumes this node's unfinished backups (after a restart).
@@ -387,20 +465,13 @@ impl Service {
         self.attach(name, false, None).await?;
         let v = self.volume(name).ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         let io = self.io(v);
-        for (lext, hash) in &m.extents {
-            let off = lext * m.extent_size;
-            let len = m.extent_size.min(m.size.saturating_sub(off)) as usize;
-            let plain = repo.get_chunk(hash, len).await.map_err(|e| match e {
-                RepoError::Corrupt(why) => VolumeError::Corrupt(format!("backup {}: {why}; nothing was restored", m.id)),
-                other => other.into(),
-            })?;
-            if plain.len() != len {
-                return Err(VolumeError::Corrupt(format!("backup {}: chunk {hash} holds {} bytes, extent {lext} needs {len}", m.id, plain.len())));
-            }
-            let mut buf = io.buffer(len);
-            buf.copy_from_slice(&plain);
-            io.write(off, buf, false).await.map_err(|e| VolumeError::Meta(format!("writing extent {lext}: {e}")))?;
+        // Several extents at once: each is downloaded, checked and written on its own.
+        let each: Vec<_> = m.extents.iter().map(|(l, h)| restore_extent(&io, repo, m, *l, h)).collect();
+        let mut work = futures::stream::iter(each).buffer_unordered(RESTORE_IN_FLIGHT);
+        while let Some(r) = futures::StreamExt::next(&mut work).await {
+            r?;
         }
+        drop(work);
         io.flush().await.map_err(|e| VolumeError::Meta(format!("flushing: {e}")))?;
         Ok(())
     }

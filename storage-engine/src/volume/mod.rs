@@ -12,6 +12,7 @@ pub use crate::replica::{offsets, IoError, ReadBuf, ReadData, Replica};
 pub use attach::Exports;
 pub use io::VolumeIo;
 pub use scrub::{ScrubConfig, ScrubReport};
+pub use snapshots::{CLOUD_CRED_LABEL, CLOUD_SCHEDULE_LABEL};
 
 use crate::meta::{MetaError, MetaStore, PendingOp, VolumeRecord};
 use crate::metrics::VolumeStats;

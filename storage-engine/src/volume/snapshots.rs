@@ -18,12 +18,23 @@ pub const SCHEDULE_LABEL: &str = "snap_schedule";
 /// The label of a snapshot taken by a schedule: the policy that took it.
 pub const SCHEDULED_BY: &str = "strata.dev/schedule";
 
-/// A malformed `snap_schedule` label is refused with the parser's reason.
+/// The volume label holding a schedule of cloud backups (`snap_schedule`'s syntax), and the one
+/// naming their credential.
+pub const CLOUD_SCHEDULE_LABEL: &str = "cloudsnap_schedule";
+pub const CLOUD_CRED_LABEL: &str = "cloudsnap_cred";
+
+/// A malformed `snap_schedule` or `cloudsnap_schedule` label is refused with the parser's
+/// reason; a cloud schedule needs its credential.
 pub(super) fn validate_schedule(labels: &BTreeMap<String, String>) -> Result<(), VolumeError> {
-    match labels.get(SCHEDULE_LABEL) {
-        Some(s) => strata_api::schedule::parse(s).map(|_| ()).map_err(|e| VolumeError::InvalidArgument(format!("snap_schedule: {e}"))),
-        None => Ok(()),
+    for key in [SCHEDULE_LABEL, CLOUD_SCHEDULE_LABEL] {
+        if let Some(s) = labels.get(key).filter(|s| !s.is_empty()) {
+            strata_api::schedule::parse(s).map_err(|e| VolumeError::InvalidArgument(format!("{key}: {e}")))?;
+        }
     }
+    if labels.get(CLOUD_SCHEDULE_LABEL).is_some_and(|s| !s.is_empty()) && labels.get(CLOUD_CRED_LABEL).is_none_or(|c| c.is_empty()) {
+        return Err(VolumeError::InvalidArgument(format!("{CLOUD_SCHEDULE_LABEL} needs {CLOUD_CRED_LABEL} (the credential of the bucket)")));
+    }
+    Ok(())
 }
 
 /// What `on_replicas` runs on every replica of a volume.
