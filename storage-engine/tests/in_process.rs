@@ -754,3 +754,34 @@ async fn a_cloud_schedule_takes_backups_when_due_and_keeps_only_its_newest() {
     assert_eq!(left.len(), 2, "KEEP 2: {:?}", left.iter().map(|m| &m.id).collect::<Vec<_>>());
     assert_eq!(e.jobs().await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_write_its_only_in_sync_replica_fails_is_not_acknowledged_and_the_replica_stays_in_sync() {
+    let c = TestCluster::start(2).await;
+    let (e1, e2) = (c.engine(0), c.engine(1));
+    let placement = strata_engine::volume::PlacementSpec { nodes: vec!["node-2".into()], ..Default::default() };
+    e1.create(CreateSpec { name: "far", size: 16 * MIB, repl: 1, placement, ..Default::default() }).await.unwrap();
+    // Served on node-1, which holds no replica: node-2's is the only copy.
+    e1.attach("far", false, None).await.unwrap();
+    write(e1, "far", 0, 4096, 1).await.unwrap();
+    c.nodes[1].faults.fail_writes.store(true, Ordering::Release);
+    assert!(write(e1, "far", 4096, 4096, 2).await.is_err(), "a write no replica stored is not acknowledged");
+    assert!(write(e1, "far", 8192, 4096, 3).await.is_err());
+    assert_eq!(record(&c, "far").await.in_sync, vec!["node-2".to_string()], "the last copy stays in the in-sync set");
+    c.nodes[1].faults.fail_writes.store(false, Ordering::Release);
+    // Once node-2 answers again, writes go on (the target reconnects it within a second or so).
+    let mut ok = false;
+    for _ in 0..50 {
+        if write(e1, "far", 4096, 4096, 4).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "writes resume once the replica answers");
+    assert_eq!(read(e1, "far", 0, 8192).await.unwrap(), [vec![1u8; 4096], vec![4u8; 4096]].concat());
+    // A new target on node-2 reads the same (its replica was never dropped).
+    e1.detach("far", false).await.unwrap();
+    e2.attach("far", false, None).await.unwrap();
+    assert_eq!(read(e2, "far", 0, 8192).await.unwrap(), [vec![1u8; 4096], vec![4u8; 4096]].concat());
+}

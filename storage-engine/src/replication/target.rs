@@ -408,6 +408,15 @@ impl Target {
     /// A peer failed a request (or could not be reached): it leaves the in-sync set before
     /// anything else is acknowledged, and `range` is recorded as missed.
     pub(super) async fn peer_failed(&self, p: &Arc<Peer>, range: Option<(u64, u64)>) -> Result<(), TargetError> {
+        // The last copy of the acknowledged data is never dropped from the in-sync set: the
+        // change fails instead (it is not acknowledged), and the replica stays in sync — what it
+        // holds is what was acknowledged — to be tried again once it answers.
+        let others = self.local || self.peers.iter().any(|q| !Arc::ptr_eq(q, p) && q.state() == PeerState::InSync);
+        if !others && p.state() == PeerState::InSync {
+            p.client.lock().take();
+            tracing::warn!(volume = %self.name, replica = %p.node, "the only in-sync replica failed: the change is not acknowledged");
+            return Err(TargetError::NoReplica(format!("{} (its only in-sync replica, on {}, did not answer)", self.name, p.node)));
+        }
         let was = p.state();
         p.set_state(PeerState::OutOfSync);
         if was != PeerState::OutOfSync {
