@@ -52,11 +52,18 @@ pub fn start_csi(dir: &Path, mode: &str, engine: &strata_e2e::EngineProc, extra:
         std::thread::sleep(Duration::from_millis(20));
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let ch = rt
-        .block_on(Endpoint::try_from("http://csi.local").unwrap().connect_with_connector(tower::service_fn(move |_: Uri| {
+    // The socket file appears at bind(), a moment before listen(): retry a refused connect.
+    let ch = loop {
+        let sock = sock.clone();
+        let c = rt.block_on(Endpoint::try_from("http://csi.local").unwrap().connect_with_connector(tower::service_fn(move |_: Uri| {
             let sock = sock.clone();
             async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(sock).await?)) }
-        })))
-        .unwrap();
+        })));
+        match c {
+            Ok(ch) => break ch,
+            Err(e) => assert!(t0.elapsed() < Duration::from_secs(20), "strata-csi does not accept on its socket: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     Csi { child, rt, ch }
 }
