@@ -72,7 +72,7 @@ pub enum CloudsnapCmd {
         #[arg(long)]
         volume: Option<String>,
     },
-    /// Restore a backup into a new volume (this cluster's backups or another cluster's).
+    /// Restore a backup into a new volume (admins; this cluster's backups or another cluster's).
     Restore {
         #[arg(long)]
         cred: String,

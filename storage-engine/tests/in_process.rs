@@ -785,3 +785,47 @@ async fn a_write_its_only_in_sync_replica_fails_is_not_acknowledged_and_the_repl
     e2.attach("far", false, None).await.unwrap();
     assert_eq!(read(e2, "far", 0, 8192).await.unwrap(), [vec![1u8; 4096], vec![4u8; 4096]].concat());
 }
+
+#[tokio::test]
+async fn a_failed_backup_says_why_leaves_no_snapshot_and_is_taken_again_by_name() {
+    use strata_e2e::s3::{ACCESS_KEY, BUCKET, S3, SECRET_KEY};
+    let Some(s3) = S3::start() else { return };
+    let c = attached(1, 1).await;
+    let e = c.engine(0);
+    let cred = strata_engine::cloudsnap::credentials::Credential {
+        name: "s3".into(),
+        endpoint: s3.url.clone(),
+        bucket: BUCKET.into(),
+        region: String::new(),
+        access_key: ACCESS_KEY.into(),
+        secret_key: SECRET_KEY.into(),
+        path_style: true,
+        passphrase: String::new(),
+    };
+    e.credential_create(cred).await.unwrap();
+    write(e, "v", 0, 1 << 20, 5).await.unwrap();
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("cloudsnap.extent", "return(error)").unwrap();
+    let first = e.cloud_backup("v", "s3", false, "nightly").await.unwrap();
+    let settled = |id: String| async move {
+        for _ in 0..200 {
+            let j = e.job(&id).await.unwrap().unwrap();
+            if j.state != "running" {
+                return j;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("backup {id} did not end");
+    };
+    let j = settled(first.id.clone()).await;
+    assert_eq!(j.state, "failed");
+    assert!(j.error.contains("failpoint cloudsnap.extent"), "{}", j.error);
+    assert!(e.snapshots(Some("v")).await.unwrap().is_empty(), "the failed backup's snapshot is gone");
+    fail::remove("cloudsnap.extent");
+    drop(scenario);
+    let again = e.cloud_backup("v", "s3", false, "nightly").await.unwrap();
+    assert_ne!(again.id, first.id, "a failed backup is taken again under its name");
+    assert_eq!(settled(again.id.clone()).await.state, "done");
+    assert_eq!(e.cloud_backup("v", "s3", false, "nightly").await.unwrap().id, again.id, "then the name is that backup");
+    assert_eq!(e.cloud_list("s3", Some("v")).await.unwrap().len(), 1);
+}

@@ -162,8 +162,8 @@ impl Service {
     }
 
     /// Starts a backup of `volume` to `credential`'s bucket (`full`: not incremental); returns
-    /// its job. The snapshot it reads is taken now.
-    /// A backup asked for by `name` again is the same backup (one that failed is taken again).
+    /// its job. The snapshot it reads is taken now. A backup asked for by `name` again is the
+    /// same backup (one that failed is taken again).
     pub async fn cloud_backup(self: &Arc<Self>, volume: &str, credential: &str, full: bool, name: &str) -> Result<Job, VolumeError> {
         self.start_backup(volume, credential, full, name, "").await
     }
@@ -305,6 +305,10 @@ impl Service {
                 job.state = "failed".into();
                 job.error = err.to_string();
                 tracing::warn!(backup = %job.id, volume = %job.volume, "backup failed: {err}");
+                // Its snapshot is nobody's base: it would only hold space.
+                if let Err(e) = self.delete(&job.snapshot, false).await {
+                    tracing::warn!(snapshot = %job.snapshot, "removing a failed backup's snapshot: {e}");
+                }
             }
         }
         if let Err(err) = self.save_job(&job).await {

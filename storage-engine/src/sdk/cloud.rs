@@ -166,8 +166,9 @@ impl pb::cloud_snap_service_server::CloudSnapService for Sdk {
     }
 
     async fn restore(&self, req: Request<pb::CloudRestoreRequest>) -> Result<Response<pb::CloudRestoreResponse>, Status> {
+        // A bucket holds every owner's backups: restoring one is for admins.
         let who = self.who(&req)?;
-        auth::require(&who, Role::User, "cloudsnap.restore")?;
+        auth::require(&who, Role::Admin, "cloudsnap.restore")?;
         let r = req.into_inner();
         let result = async {
             let v = self.engine.cloud_restore(&r.credential, &r.backup_id, &r.name, r.repl, r.nodes).await?;
