@@ -695,6 +695,21 @@ async fn a_drive_that_fails_data_io_is_shown_failed_and_raises_drive_failed_once
 
 // ---- cloud snapshots ----
 
+/// Credential "s3" for the test S3 server (unencrypted backups).
+fn s3_credential(s3: &strata_e2e::s3::S3) -> strata_engine::cloudsnap::credentials::Credential {
+    use strata_e2e::s3::{ACCESS_KEY, BUCKET, SECRET_KEY};
+    strata_engine::cloudsnap::credentials::Credential {
+        name: "s3".into(),
+        endpoint: s3.url.clone(),
+        bucket: BUCKET.into(),
+        region: String::new(),
+        access_key: ACCESS_KEY.into(),
+        secret_key: SECRET_KEY.into(),
+        path_style: true,
+        passphrase: String::new(),
+    }
+}
+
 async fn backups_settled(e: &Service, n: usize) -> Vec<strata_engine::cloudsnap::Job> {
     for _ in 0..200 {
         let jobs: Vec<_> = e.jobs().await.unwrap().into_iter().filter(|j| !j.schedule.is_empty()).collect();
@@ -709,21 +724,10 @@ async fn backups_settled(e: &Service, n: usize) -> Vec<strata_engine::cloudsnap:
 
 #[tokio::test]
 async fn a_cloud_schedule_takes_backups_when_due_and_keeps_only_its_newest() {
-    use strata_e2e::s3::{ACCESS_KEY, BUCKET, S3, SECRET_KEY};
-    let Some(s3) = S3::start() else { return };
+    let Some(s3) = strata_e2e::s3::S3::start() else { return };
     let c = TestCluster::start(1).await;
     let e = c.engine(0);
-    let cred = strata_engine::cloudsnap::credentials::Credential {
-        name: "s3".into(),
-        endpoint: s3.url.clone(),
-        bucket: BUCKET.into(),
-        region: String::new(),
-        access_key: ACCESS_KEY.into(),
-        secret_key: SECRET_KEY.into(),
-        path_style: true,
-        passphrase: String::new(),
-    };
-    e.credential_create(cred).await.unwrap();
+    e.credential_create(s3_credential(&s3)).await.unwrap();
     let spec = |labels: &[(&str, &str)]| CreateSpec {
         name: "sched",
         size: 16 * MIB,
@@ -788,21 +792,10 @@ async fn a_write_its_only_in_sync_replica_fails_is_not_acknowledged_and_the_repl
 
 #[tokio::test]
 async fn a_failed_backup_says_why_leaves_no_snapshot_and_is_taken_again_by_name() {
-    use strata_e2e::s3::{ACCESS_KEY, BUCKET, S3, SECRET_KEY};
-    let Some(s3) = S3::start() else { return };
+    let Some(s3) = strata_e2e::s3::S3::start() else { return };
     let c = attached(1, 1).await;
     let e = c.engine(0);
-    let cred = strata_engine::cloudsnap::credentials::Credential {
-        name: "s3".into(),
-        endpoint: s3.url.clone(),
-        bucket: BUCKET.into(),
-        region: String::new(),
-        access_key: ACCESS_KEY.into(),
-        secret_key: SECRET_KEY.into(),
-        path_style: true,
-        passphrase: String::new(),
-    };
-    e.credential_create(cred).await.unwrap();
+    e.credential_create(s3_credential(&s3)).await.unwrap();
     write(e, "v", 0, 1 << 20, 5).await.unwrap();
     let scenario = fail::FailScenario::setup();
     fail::cfg("cloudsnap.extent", "return(error)").unwrap();
