@@ -204,3 +204,28 @@ fn a_backup_interrupted_by_kill_9_resumes_when_its_engine_restarts() {
     json_cluster(&c, 0, &["cloudsnap", "restore", "--cred", "s3", "--snap", &id, "--name", "back"]);
     assert!(image(&c, 0, "back", size) == want, "the resumed backup restores bit-exact");
 }
+
+#[test]
+fn a_detached_volume_is_backed_up_by_a_node_holding_its_replica_whichever_node_is_asked() {
+    let Some(s3) = S3::start() else { return };
+    let (_d, key, _pass) = secrets();
+    let c = cluster(2, &key);
+    let (ok, out) = create_credential(&c, &s3, "s3", "SKSTRATA", "backups", None);
+    assert!(ok, "{out}");
+    // The only replica is on node-2; node-1 is asked.
+    let (ok, out, err) = ctl_cluster(&c, 0, &["volume", "create", "away", "--size", "8MiB", "--repl", "1", "--nodes", "node-2"]);
+    assert!(ok, "{out}{err}");
+    let mut nbd = Client::connect(&c.engines[1].nbd, "away").unwrap();
+    assert_eq!(nbd.write(MIB, &strata_e2e::pseudo_random(7, MIB as usize), 0), 0);
+    nbd.disconnect();
+    let want = image(&c, 1, "away", 8 * MIB);
+    let (ok, out, err) = ctl_cluster(&c, 1, &["host", "detach", "away"]);
+    assert!(ok, "{out}{err}");
+    let b = backup(&c, "away");
+    assert_eq!(b["volume"], "away", "{b}");
+    let id = b["id"].as_str().unwrap();
+    let job = json_cluster(&c, 0, &["cloudsnap", "status", id]);
+    assert_eq!(job[0]["node"], "node-2", "taken where the replica is: {job}");
+    json_cluster(&c, 0, &["cloudsnap", "restore", "--cred", "s3", "--snap", id, "--name", "here", "--nodes", "node-1"]);
+    assert!(image(&c, 0, "here", 8 * MIB) == want, "restored bit-exact");
+}

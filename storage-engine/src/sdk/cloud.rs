@@ -102,8 +102,10 @@ impl pb::credential_service_server::CredentialService for Sdk {
 }
 
 impl Sdk {
-    /// A client to the cloud service of the node serving `volume`, when that is another node
-    /// that is up (a backup's snapshot is taken at the target's write barrier).
+    /// A client to the cloud service of the node that must take a backup of `volume`, when that
+    /// is another node: the node serving it (its snapshot is taken at the target's write
+    /// barrier), or for a detached volume an online node holding an in-sync replica (a backup
+    /// reads a local one) unless this node holds one.
     async fn cloud_at_target<T>(
         &self,
         req: &Request<T>,
@@ -113,18 +115,34 @@ impl Sdk {
             return Ok(None);
         }
         let e = &self.engine;
-        let rec = e.inspect(volume).await?.record;
-        if rec.target.is_empty() || rec.target == e.node.id {
+        let me = e.node.id.clone();
+        let rec = e.inspect(volume).await?.record.normalized(&me);
+        let node = if !rec.target.is_empty() {
+            rec.target.clone()
+        } else if rec.is_in_sync(&me) || rec.snapshot_of.is_some() {
+            return Ok(None);
+        } else {
+            let online: Vec<String> = super::nodes_pb(e)
+                .await
+                .map_err(|err| Status::unavailable(err.to_string()))?
+                .into_iter()
+                .filter(|n| n.status == "online")
+                .map(|n| n.id)
+                .collect();
+            match rec.in_sync.iter().find(|n| online.contains(n)) {
+                Some(n) => n.clone(),
+                None => {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {volume} is detached and no online node holds an in-sync replica of it ({}): bring one back, then back it up",
+                        rec.in_sync.join(", ")
+                    )))
+                }
+            }
+        };
+        if node == me {
             return Ok(None);
         }
-        let addr = crate::meta::sdk_endpoint(&*e.meta, &rec.target)
-            .await
-            .map_err(VolumeError::from)?
-            .ok_or_else(|| Status::failed_precondition(format!("volume {volume} is served by node {}, whose SDK address is unknown", rec.target)))?;
-        let ch = e
-            .peer_sdk(&addr, std::time::Duration::from_secs(60))
-            .await
-            .map_err(|why| Status::unavailable(format!("volume {volume} is served by node {}, which cannot be reached: {why}", rec.target)))?;
+        let ch = self.node_channel(&node, std::time::Duration::from_secs(60), &format!("a backup of volume {volume} is taken at")).await?;
         Ok(Some(pb::cloud_snap_service_client::CloudSnapServiceClient::with_interceptor(ch, bearer_of(req))))
     }
 }

@@ -140,16 +140,21 @@ impl Sdk {
         if nodes.iter().any(|n| n.id == rec.target && n.status == "offline") {
             return Ok(None);
         }
-        let (target, t) = (rec.target.clone(), rec.target);
-        let addr = crate::meta::sdk_endpoint(&*e.meta, &t)
+        let c = self.node_channel(&rec.target, std::time::Duration::from_secs(60), &format!("volume {name} is served by")).await?;
+        Ok(Some(pb::volume_service_client::VolumeServiceClient::with_interceptor(c, bearer_of(req))))
+    }
+
+    /// A channel to the SDK of node `node`, for forwarding a request there. `why` begins the
+    /// errors ("volume v is served by"): the node's address is unknown, or it does not answer.
+    async fn node_channel(&self, node: &str, timeout: std::time::Duration, why: &str) -> Result<tonic::transport::Channel, Status> {
+        let e = &self.engine;
+        let addr = crate::meta::sdk_endpoint(&*e.meta, node)
             .await
             .map_err(VolumeError::from)?
-            .ok_or_else(|| Status::failed_precondition(format!("volume {name} is served by node {target}, whose SDK address is unknown")))?;
-        let c = e
-            .peer_sdk(&addr, std::time::Duration::from_secs(60))
+            .ok_or_else(|| Status::failed_precondition(format!("{why} node {node}, whose SDK address is unknown")))?;
+        e.peer_sdk(&addr, timeout)
             .await
-            .map_err(|e| Status::unavailable(format!("volume {name} is served by node {target}, whose engine ({addr}) cannot be reached: {e}")))?;
-        Ok(Some(pb::volume_service_client::VolumeServiceClient::with_interceptor(c, bearer_of(req))))
+            .map_err(|err| Status::unavailable(format!("{why} node {node}, whose engine ({addr}) cannot be reached: {err}")))
     }
 
     /// What only the node serving a volume knows — its NBD clients, its replicas' states, a

@@ -26,11 +26,8 @@ impl Sdk {
                 continue;
             };
             let attached = async {
-                let addr = crate::meta::sdk_endpoint(&*e.meta, &dest)
-                    .await
-                    .map_err(|err| err.to_string())?
-                    .ok_or_else(|| format!("node {dest} has no SDK address"))?;
-                let ch = e.peer_sdk(&addr, std::time::Duration::from_secs(60)).await?;
+                let ch =
+                    self.node_channel(&dest, std::time::Duration::from_secs(60), "attaching it at").await.map_err(|s| s.message().to_string())?;
                 let mut c = pb::volume_service_client::VolumeServiceClient::with_interceptor(ch, bearer_of(req));
                 let ask = pb::AttachVolumeRequest { name: name.clone(), force: false, passphrase: Vec::new() };
                 c.attach(forwarded(ask)).await.map(|_| ()).map_err(|s| s.message().to_string())
@@ -67,14 +64,10 @@ impl pb::node_service_server::NodeService for Sdk {
                 if fwd {
                     return Err(Status::failed_precondition(format!("a forwarded maintenance request for node {target} reached node {}", e.node.id)));
                 }
-                let addr = crate::meta::sdk_endpoint(&*e.meta, &target)
-                    .await
-                    .map_err(VolumeError::from)?
-                    .ok_or_else(|| Status::not_found(format!("node {target} is not in the cluster")))?;
-                let ch = e
-                    .peer_sdk(&addr, std::time::Duration::from_secs(300))
-                    .await
-                    .map_err(|why| Status::unavailable(format!("node {target}'s engine ({addr}) cannot be reached: {why}")))?;
+                if crate::meta::sdk_endpoint(&*e.meta, &target).await.map_err(VolumeError::from)?.is_none() {
+                    return Err(Status::not_found(format!("node {target} is not in the cluster")));
+                }
+                let ch = self.node_channel(&target, std::time::Duration::from_secs(300), "maintenance is for").await?;
                 let mut c = pb::node_service_client::NodeServiceClient::with_interceptor(ch, bearer_of(&req));
                 return c.maintenance(forwarded(req.into_inner())).await;
             }
