@@ -65,6 +65,13 @@ pub struct Config {
     /// Timeout of the data-port probe. Default: 2s.
     #[arg(long, env = "STRATA_STORK_PROBE_TIMEOUT", default_value = "2s", value_parser = secs, hide_default_value = true)]
     pub probe_timeout: std::time::Duration,
+    /// Run the migration controller (ClusterPair and Migration resources). Its SDK calls are an
+    /// admin's: with --auth-system-key-file it signs admin tokens. Default: on.
+    #[arg(long, env = "STRATA_STORK_MIGRATIONS", default_value_t = true, action = clap::ArgAction::Set, hide_default_value = true)]
+    pub migrations: bool,
+    /// How often the migration controller looks for Migrations to run. Default: 10s.
+    #[arg(long, env = "STRATA_STORK_MIGRATION_INTERVAL", default_value = "10s", value_parser = secs, hide_default_value = true)]
+    pub migration_interval: std::time::Duration,
     /// Pod deletions per monitor round, at most. Default: 10.
     #[arg(long, env = "STRATA_STORK_MAX_EVICTIONS", default_value_t = 10, hide_default_value = true)]
     pub max_evictions: usize,

@@ -6,5 +6,6 @@ pub mod config;
 pub mod extender;
 pub mod health;
 pub mod https;
+pub mod migration;
 pub mod placement;
 pub mod storage;

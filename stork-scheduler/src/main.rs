@@ -1,6 +1,6 @@
 use clap::Parser;
 use std::sync::Arc;
-use strata_stork::{cluster::Kube, config::Config, extender, health, https, storage::Sdk};
+use strata_stork::{cluster::Kube, config::Config, extender, health, https, migration, storage::Sdk};
 
 #[tokio::main]
 async fn main() {
@@ -31,6 +31,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         (None, Some(d)) => Some(strata_api::tls::ClientTls::from_node_dir(d).map_err(|e| anyhow::anyhow!("--tls-dir {e}"))?),
         (None, None) => None,
     };
+    if cfg.migrations {
+        let admin = match &cfg.auth_system_key_file {
+            Some(key) => strata_api::auth::Bearer::minting_from_file(key, "stork-migration", strata_api::auth::Role::Admin)
+                .map_err(|e| anyhow::anyhow!("--auth-system-key-file {e}"))?,
+            None => Default::default(),
+        };
+        let migrator = Arc::new(migration::Migrator {
+            local: cluster.client.clone(),
+            storage: Arc::new(Sdk::new(&cfg.sdk).with_bearer(admin).with_tls(tls.clone())),
+            remote_kube: Arc::new(migration::FromKubeconfig),
+            poll: std::time::Duration::from_secs(2),
+        });
+        tokio::spawn(migrator.run(cfg.migration_interval));
+    }
     let storage = Arc::new(Sdk::new(&cfg.sdk).with_bearer(bearer).with_tls(tls));
     let metrics = Arc::new(extender::Metrics::default());
     if cfg.health_monitor {

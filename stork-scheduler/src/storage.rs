@@ -28,7 +28,7 @@ pub struct Sdk {
     tls: Option<strata_api::tls::ClientTls>,
 }
 
-type Authed = tonic::service::interceptor::InterceptedService<Channel, strata_api::auth::Bearer>;
+pub(crate) type Authed = tonic::service::interceptor::InterceptedService<Channel, strata_api::auth::Bearer>;
 
 impl Sdk {
     pub fn new(endpoint: &str) -> Sdk {
@@ -47,8 +47,13 @@ impl Sdk {
         self
     }
 
-    async fn channel(&self) -> Result<Authed, String> {
-        let (connect, call) = (std::time::Duration::from_secs(3), std::time::Duration::from_secs(5));
+    pub(crate) async fn channel(&self) -> Result<Authed, String> {
+        self.channel_for(std::time::Duration::from_secs(5)).await
+    }
+
+    /// A channel whose calls may take up to `call` (a restore answers once it is written).
+    pub(crate) async fn channel_for(&self, call: std::time::Duration) -> Result<Authed, String> {
+        let connect = std::time::Duration::from_secs(3);
         let ch = strata_api::tls::channel(&self.endpoint, self.tls.as_ref(), connect, call)
             .await
             .map_err(|e| format!("Strata SDK at {} unreachable: {e}", self.endpoint))?;

@@ -45,6 +45,11 @@ fn accounts() -> Vec<(&'static str, &'static str, Vec<Value>, Vec<&'static str>)
                 rule(&[""], &["persistentvolumeclaims", "persistentvolumes", "nodes"], RO),
                 rule(&[""], &["events"], &["get", "create", "update", "patch"]),
                 rule(&["storage.k8s.io"], &["volumeattachments"], &["get", "list", "delete"]),
+                // Migrations: the pair's Secrets, and the migrated namespaces' resources, read.
+                rule(&["stork.strata.dev"], &["clusterpairs", "migrations"], RO),
+                rule(&["stork.strata.dev"], &["clusterpairs/status", "migrations/status"], &["get", "update", "patch"]),
+                rule(&[""], &["secrets", "configmaps", "services"], RO),
+                rule(&["apps"], &["deployments", "statefulsets"], RO),
             ],
             vec![],
         ),
