@@ -229,3 +229,27 @@ fn a_detached_volume_is_backed_up_by_a_node_holding_its_replica_whichever_node_i
     json_cluster(&c, 0, &["cloudsnap", "restore", "--cred", "s3", "--snap", id, "--name", "here", "--nodes", "node-1"]);
     assert!(image(&c, 0, "here", 8 * MIB) == want, "restored bit-exact");
 }
+
+#[test]
+fn cloudsnap_rate_bounds_a_backups_upload_bandwidth() {
+    let Some(s3) = S3::start() else { return };
+    let (_d, key, _pass) = secrets();
+    // 1 MiB/s for uploads.
+    let c = Cluster::start_with(1, "256MiB", &["--credentials-key-file", key.to_str().unwrap(), "--cloudsnap-rate", "1MiB"]);
+    let (ok, out) = create_credential(&c, &s3, "s3", "SKSTRATA", "backups", None);
+    assert!(ok, "{out}");
+    c.sdk(0).create("paced", 8 * MIB).unwrap();
+    let mut nbd = Client::connect(&c.engines[0].nbd, "paced").unwrap();
+    for e in 0..8 {
+        assert_eq!(nbd.write(e * MIB, &strata_e2e::pseudo_random(50 + e, MIB as usize), 0), 0);
+    }
+    nbd.disconnect();
+    let t0 = Instant::now();
+    let b = backup(&c, "paced");
+    let took = t0.elapsed();
+    let uploaded = b["uploaded_bytes"].as_u64().unwrap();
+    assert!(uploaded >= 2 * MIB, "{b}");
+    // Every chunk sent is paid for before the next; a second's worth of slack.
+    let floor = Duration::from_secs_f64((uploaded - MIB) as f64 / MIB as f64);
+    assert!(took >= floor, "{uploaded} bytes uploaded in {took:?}: faster than 1 MiB/s allows ({floor:?})");
+}

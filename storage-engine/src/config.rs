@@ -200,6 +200,10 @@ pub struct RunArgs {
     /// resyncs at full speed; 0 = unlimited). Default: 256MiB (per second).
     #[arg(long, env = "STRATA_RESYNC_RATE", default_value = "256MiB", value_parser = size, hide_default_value = true)]
     pub resync_rate: u64,
+    /// Bandwidth of this node's cloud backup uploads, all backups together (0 = unlimited).
+    /// Default: 0.
+    #[arg(long, env = "STRATA_CLOUDSNAP_RATE", default_value = "0", value_parser = size, hide_default_value = true)]
+    pub cloudsnap_rate: u64,
     /// Bandwidth of the background scrub that verifies every stored block's checksum
     /// (0 = no scrub). Default: 8MiB (per second).
     #[arg(long, env = "STRATA_SCRUB_RATE", default_value = "8MiB", value_parser = size, hide_default_value = true)]

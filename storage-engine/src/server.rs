@@ -105,6 +105,7 @@ pub async fn open_engine(args: &RunArgs, node: NodeInfo) -> anyhow::Result<Arc<S
     }
     engine.auth = load_auth(args, &node_id)?;
     engine.drive_io_engine = args.io_engine;
+    engine.cloud_pacer.set_rate(args.cloudsnap_rate);
     if let Some(f) = args.credentials_key_file.as_ref().or(args.auth_system_key_file.as_ref()) {
         let secret = std::fs::read(f).with_context(|| format!("credentials key {}", f.display()))?;
         if secret.len() < 32 {

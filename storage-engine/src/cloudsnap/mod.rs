@@ -386,6 +386,7 @@ impl Service {
             }
             let hash = repo::chunk_hash(bytes);
             let sent = repo.put_chunk(&hash, bytes).await?;
+            self.cloud_pacer.take(sent).await;
             m.uploaded_bytes += sent;
             job.uploaded_bytes += sent;
             m.extents.push((lext, hash));

@@ -313,6 +313,8 @@ pub struct Service {
     /// Seals cloud credentials in the metadata store (from the cluster's secret); None: they
     /// cannot be stored.
     pub cloud_key: Option<[u8; 32]>,
+    /// Paces this node's cloud backup uploads (the engine's --cloudsnap-rate).
+    pub cloud_pacer: crate::clock::Pacer,
 }
 
 impl Service {
@@ -382,6 +384,7 @@ impl Service {
             maintenance: parking_lot::Mutex::new(maintenance),
             drive_io_engine: crate::device::IoEngine::Auto,
             cloud_key: None,
+            cloud_pacer: Default::default(),
         };
         // Volumes with a replica here, or served here; others live in other nodes' pools.
         let me = engine.node.id.clone();
