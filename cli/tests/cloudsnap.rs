@@ -69,7 +69,19 @@ fn backup(c: &Cluster, vol: &str) -> serde_json::Value {
 
 #[test]
 fn full_and_incremental_backups_restore_bit_exact_on_another_cluster() {
-    let Some(s3) = S3::start() else { return };
+    if let Some(s3) = S3::start() {
+        full_and_incremental(&s3);
+    }
+}
+
+#[test]
+fn full_and_incremental_backups_restore_bit_exact_on_another_cluster_through_radosgw() {
+    if let Some(s3) = S3::start_rgw() {
+        full_and_incremental(&s3);
+    }
+}
+
+fn full_and_incremental(s3: &S3) {
     let (_d, key, pass) = secrets();
     let a = cluster(1, &key);
     let (ok, out) = create_credential(&a, &s3, "s3", "SKSTRATA", "backups", Some(&pass));
@@ -131,14 +143,7 @@ fn full_and_incremental_backups_restore_bit_exact_on_another_cluster() {
     }
 
     // Damaged chunks are caught on restore, and no half-restored volume is left.
-    let chunks = s3.root.path().join("backups/strata-backups/chunks");
-    for chunk in std::fs::read_dir(&chunks).unwrap() {
-        let path = chunk.unwrap().path();
-        let mut bytes = std::fs::read(&path).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0xFF;
-        std::fs::write(&path, bytes).unwrap();
-    }
+    assert!(s3.corrupt_objects("strata-backups/chunks") > 0);
     let (ok, _, err) = ctl_cluster(&b, 0, &["cloudsnap", "restore", "--cred", "s3", "--snap", &ids[0], "--name", "damaged"]);
     assert!(!ok && err.contains("is corrupted") && err.contains("authentication failed"), "{err}");
     assert!(b.sdk(0).inspect("damaged").is_err(), "the failed restore left no volume");
@@ -146,7 +151,19 @@ fn full_and_incremental_backups_restore_bit_exact_on_another_cluster() {
 
 #[test]
 fn wrong_credentials_a_missing_bucket_and_a_wrong_passphrase_are_refused_clearly() {
-    let Some(s3) = S3::start() else { return };
+    if let Some(s3) = S3::start() {
+        refusals(&s3);
+    }
+}
+
+#[test]
+fn wrong_credentials_a_missing_bucket_and_a_wrong_passphrase_are_refused_clearly_by_radosgw() {
+    if let Some(s3) = S3::start_rgw() {
+        refusals(&s3);
+    }
+}
+
+fn refusals(s3: &S3) {
     let (_d, key, pass) = secrets();
     let c = cluster(1, &key);
     let (ok, out) = create_credential(&c, &s3, "bad", "WRONG", "backups", None);
