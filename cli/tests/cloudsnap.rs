@@ -84,7 +84,7 @@ fn full_and_incremental_backups_restore_bit_exact_on_another_cluster_through_rad
 fn full_and_incremental(s3: &S3) {
     let (_d, key, pass) = secrets();
     let a = cluster(1, &key);
-    let (ok, out) = create_credential(&a, &s3, "s3", "SKSTRATA", "backups", Some(&pass));
+    let (ok, out) = create_credential(&a, s3, "s3", "SKSTRATA", "backups", Some(&pass));
     assert!(ok, "{out}");
     let size = 32 * MIB;
     a.sdk(0).create("db", size).unwrap();
@@ -125,7 +125,7 @@ fn full_and_incremental(s3: &S3) {
 
     // Another cluster (its own etcd and engine) with the same credential and passphrase.
     let b = cluster(1, &key);
-    let (ok, out) = create_credential(&b, &s3, "s3", "SKSTRATA", "backups", Some(&pass));
+    let (ok, out) = create_credential(&b, s3, "s3", "SKSTRATA", "backups", Some(&pass));
     assert!(ok, "{out}");
     assert_eq!(json_cluster(&b, 0, &["cloudsnap", "list", "--cred", "s3"]).as_array().unwrap().len(), 4);
     // Deleting a backup in the middle of the chain keeps the others whole.
@@ -166,22 +166,22 @@ fn wrong_credentials_a_missing_bucket_and_a_wrong_passphrase_are_refused_clearly
 fn refusals(s3: &S3) {
     let (_d, key, pass) = secrets();
     let c = cluster(1, &key);
-    let (ok, out) = create_credential(&c, &s3, "bad", "WRONG", "backups", None);
+    let (ok, out) = create_credential(&c, s3, "bad", "WRONG", "backups", None);
     assert!(!ok && out.contains("refused the credentials"), "{out}");
-    let (ok, out) = create_credential(&c, &s3, "nobucket", "SKSTRATA", "missing", None);
+    let (ok, out) = create_credential(&c, s3, "nobucket", "SKSTRATA", "missing", None);
     assert!(!ok && out.contains("bucket \"missing\" does not exist"), "{out}");
-    let (ok, out) = create_credential(&c, &s3, "s3", "SKSTRATA", "backups", Some(&pass));
+    let (ok, out) = create_credential(&c, s3, "s3", "SKSTRATA", "backups", Some(&pass));
     assert!(ok, "{out}");
     let other = pass.with_file_name("other");
     std::fs::write(&other, "another passphrase").unwrap();
-    let (ok, out) = create_credential(&c, &s3, "s3b", "SKSTRATA", "backups", Some(&other));
+    let (ok, out) = create_credential(&c, s3, "s3b", "SKSTRATA", "backups", Some(&other));
     assert!(!ok && out.contains("does not open the backups"), "{out}");
     let listed = json_cluster(&c, 0, &["credentials", "list"]);
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert!(!listed.to_string().contains("SKSTRATA") && !listed.to_string().contains("horse"), "no secret is shown: {listed}");
     // Without a credentials key the engine cannot keep credentials.
     let bare = Cluster::start(1, "256MiB");
-    let (ok, out) = create_credential(&bare, &s3, "s3", "SKSTRATA", "backups", None);
+    let (ok, out) = create_credential(&bare, s3, "s3", "SKSTRATA", "backups", None);
     assert!(!ok && out.contains("--credentials-key-file"), "{out}");
 }
 
