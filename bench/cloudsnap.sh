@@ -3,7 +3,8 @@
 # volume holding BENCH_SIZE MiB of random data, beside s3cmd uploading and downloading a file
 # of the same bytes to the same S3 server (s3s-fs on loopback, its objects on the same
 # filesystem), interleaved round by round. Random data: zstd gains nothing, so both move the
-# same bytes. Prints MiB/s of each and the ratios; JSON to BENCH_OUT.
+# same bytes. Prints MiB/s of each and the ratios; JSON to BENCH_OUT. BENCH_S3=rgw uses Ceph's
+# RADOS Gateway instead (a one-host Ceph, e2e/ceph/rgw.sh: 1 monitor, 1 BlueStore OSD on a file).
 #
 # Environment: BENCH_SIZE (MiB, default 512), BENCH_ROUNDS (default 2), BENCH_PASSPHRASE=1
 # (encrypted backups), BENCH_DIR (default /var/tmp/strata-bench-cloudsnap), BENCH_OUT (default
@@ -26,9 +27,17 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 PORT=23990
-s3s-fs --host 127.0.0.1 --port $PORT --access-key AKBENCH --secret-key SKBENCH "$DIR/s3" >"$DIR/s3s.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
+if [ "${BENCH_S3:-s3s-fs}" = rgw ]; then
+  AK=AKSTRATA SK=SKSTRATA BUCKET=backups
+  cleanup_rgw() { for f in "$DIR"/ceph/run/*.pid; do kill "$(cat "$f")" 2>/dev/null || true; done; cleanup; }
+  trap cleanup_rgw EXIT
+  ./e2e/ceph/rgw.sh "$DIR/ceph" 23991 $PORT
+else
+  AK=AKBENCH SK=SKBENCH BUCKET=bench
+  s3s-fs --host 127.0.0.1 --port $PORT --access-key $AK --secret-key $SK "$DIR/s3" >"$DIR/s3s.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
+fi
 head -c 32 /dev/urandom >"$DIR/cred.key"
 "$BIN/strata-engine" --data-dir "$DIR/n1/data" --device "$DIR/n1/pool.img" --device-size $((SIZE * (ROUNDS + 1) + 1024))MiB \
   --credentials-key-file "$DIR/cred.key" --nbd-listen 127.0.0.1:0 --sdk-listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
@@ -39,12 +48,12 @@ SDK=$(python3 -c "import json;print(json.load(open('$DIR/n1/ready.json'))['sdk']
 CTL=("$BIN/stratactl" --endpoint "$SDK")
 pass=()
 if [ "${BENCH_PASSPHRASE:-0}" = 1 ]; then echo "bench passphrase" >"$DIR/pass"; pass=(--passphrase-file "$DIR/pass"); fi
-"${CTL[@]}" credentials create bench --s3-endpoint "http://127.0.0.1:$PORT" --bucket bench --s3-access-key AKBENCH \
-  --s3-secret-key SKBENCH --path-style "${pass[@]}" >/dev/null
+"${CTL[@]}" credentials create bench --s3-endpoint "http://127.0.0.1:$PORT" --bucket $BUCKET --s3-access-key $AK \
+  --s3-secret-key $SK --path-style "${pass[@]}" >/dev/null
 cat >"$DIR/s3cfg" <<CFG
 [default]
-access_key = AKBENCH
-secret_key = SKBENCH
+access_key = $AK
+secret_key = $SK
 host_base = 127.0.0.1:$PORT
 host_bucket = 127.0.0.1:$PORT
 use_https = False
@@ -64,9 +73,9 @@ for r in $(seq "$ROUNDS"); do
   t0=$(now); "${CTL[@]}" cloudsnap backup "$v" --cred bench --full --wait --json >"$OUT/backup-$r.json"; t1=$(now)
   id=$(python3 -c "import json;print(json.load(open('$OUT/backup-$r.json'))[0]['id'])")
   t2=$(now); "${CTL[@]}" cloudsnap restore --cred bench --snap "$id" --name "$v-back" >/dev/null; t3=$(now)
-  t4=$(now); "${S3CMD[@]}" put "$DIR/src.bin" "s3://bench/raw-$r.bin" >/dev/null; t5=$(now)
+  t4=$(now); "${S3CMD[@]}" put "$DIR/src.bin" "s3://$BUCKET/raw-$r.bin" >/dev/null; t5=$(now)
   rm -f "$DIR/got.bin"
-  t6=$(now); "${S3CMD[@]}" get "s3://bench/raw-$r.bin" "$DIR/got.bin" >/dev/null; t7=$(now)
+  t6=$(now); "${S3CMD[@]}" get "s3://$BUCKET/raw-$r.bin" "$DIR/got.bin" >/dev/null; t7=$(now)
   cmp -s "$DIR/src.bin" "$DIR/got.bin" || { echo "s3cmd round trip differs" >&2; exit 1; }
   echo "{\"round\": $r, \"backup\": $(mibs "$t0" "$t1"), \"restore\": $(mibs "$t2" "$t3"), \"s3cmd_put\": $(mibs "$t4" "$t5"), \"s3cmd_get\": $(mibs "$t6" "$t7")}" | tee "$OUT/round-$r.json"
   "${CTL[@]}" cloudsnap delete --cred bench --snap "$id" >/dev/null

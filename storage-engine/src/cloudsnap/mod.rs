@@ -25,6 +25,8 @@ use std::sync::Arc;
 const JOBS: &str = "cloudsnap/jobs/";
 /// Extents a restore downloads and writes at once.
 const RESTORE_IN_FLIGHT: usize = 8;
+/// Chunks a backup uploads at once.
+const UPLOADS_IN_FLIGHT: usize = 8;
 /// The label a volume being restored carries until every extent is written.
 pub const RESTORING: &str = "strata.dev/restoring";
 
@@ -358,9 +360,24 @@ impl Service {
         };
         let mut last_save = std::time::Instant::now();
         job.uploaded_bytes = 0;
+        // Extents are read one after the other and uploaded several at once (an object store
+        // answers each request after a round trip or two).
+        let store = &repo;
+        let upload = |lext: u64, data: crate::replica::ReadData| async move {
+            let hash = repo::chunk_hash(data.bytes());
+            let sent = store.put_chunk(&hash, data.bytes()).await?;
+            self.cloud_pacer.take(sent).await;
+            Ok::<_, VolumeError>((lext, hash, sent))
+        };
+        let mut uploads = futures::stream::FuturesUnordered::new();
+        let landed = |(lext, hash, sent): (u64, String, u64), m: &mut Manifest, job: &mut Job| {
+            m.uploaded_bytes += sent;
+            job.uploaded_bytes += sent;
+            m.extents.push((lext, hash));
+        };
         for lext in 0..size.div_ceil(es) {
             crate::failpoint::point("cloudsnap.extent").await.map_err(|e| VolumeError::Meta(e.to_string()))?;
-            job.done_extents = lext;
+            job.done_extents = lext.saturating_sub(uploads.len() as u64);
             if last_save.elapsed() >= std::time::Duration::from_secs(1) {
                 self.save_job(job).await?;
                 last_save = std::time::Instant::now();
@@ -379,18 +396,20 @@ impl Service {
             let len = es.min(size - off) as usize;
             let data =
                 self.local.read_local_once(&handle.replica, off, len).await.map_err(|e| VolumeError::Meta(format!("reading extent {lext}: {e}")))?;
-            let bytes = data.bytes();
             m.changed_extents += 1;
-            if bytes.iter().all(|b| *b == 0) {
+            if data.bytes().iter().all(|b| *b == 0) {
                 continue;
             }
-            let hash = repo::chunk_hash(bytes);
-            let sent = repo.put_chunk(&hash, bytes).await?;
-            self.cloud_pacer.take(sent).await;
-            m.uploaded_bytes += sent;
-            job.uploaded_bytes += sent;
-            m.extents.push((lext, hash));
+            if uploads.len() >= UPLOADS_IN_FLIGHT {
+                let done = futures::StreamExt::next(&mut uploads).await.expect("an upload is in flight")?;
+                landed(done, &mut m, job);
+            }
+            uploads.push(upload(lext, data));
         }
+        while let Some(done) = futures::StreamExt::next(&mut uploads).await {
+            landed(done?, &mut m, job);
+        }
+        m.extents.sort_by_key(|(lext, _)| *lext);
         job.done_extents = job.total_extents;
         repo.put_json(&Repo::manifest_path(&job.volume, &job.id), &m).await?;
         // This backup's snapshot is the base of the next; the parent's is no longer needed.
