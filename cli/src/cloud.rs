@@ -79,8 +79,9 @@ pub enum CloudsnapCmd {
         /// The backup's id.
         #[arg(long)]
         snap: String,
-        /// The new volume's name.
-        #[arg(long)]
+        /// The new volume's name. Default: the backed-up volume's name, `-restored-` and the
+        /// backup id's last part.
+        #[arg(long, default_value = "", hide_default_value = true)]
         name: String,
         /// Replicas of the new volume. Default: 1.
         #[arg(long, default_value_t = 1, hide_default_value = true)]

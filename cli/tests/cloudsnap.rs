@@ -243,8 +243,11 @@ fn a_detached_volume_is_backed_up_by_a_node_holding_its_replica_whichever_node_i
     let id = b["id"].as_str().unwrap();
     let job = json_cluster(&c, 0, &["cloudsnap", "status", id]);
     assert_eq!(job[0]["node"], "node-2", "taken where the replica is: {job}");
-    json_cluster(&c, 0, &["cloudsnap", "restore", "--cred", "s3", "--snap", id, "--name", "here", "--nodes", "node-1"]);
-    assert!(image(&c, 0, "here", 8 * MIB) == want, "restored bit-exact");
+    // Without --name, the restore is named after the volume and the backup.
+    let v = json_cluster(&c, 0, &["cloudsnap", "restore", "--cred", "s3", "--snap", id, "--nodes", "node-1"]);
+    let name = v["name"].as_str().unwrap();
+    assert_eq!(name, format!("away-restored-{}", id.rsplit('-').next().unwrap()), "{v}");
+    assert!(image(&c, 0, name, 8 * MIB) == want, "restored bit-exact");
 }
 
 #[test]

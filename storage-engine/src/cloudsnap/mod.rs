@@ -25,6 +25,15 @@ use std::sync::Arc;
 const JOBS: &str = "cloudsnap/jobs/";
 /// Extents a restore downloads and writes at once.
 const RESTORE_IN_FLIGHT: usize = 8;
+/// The name of a restore that was given none: `<volume>-restored-<the id's random part>`,
+/// within the 128 characters a volume name may have.
+fn restored_name(volume: &str, id: &str) -> String {
+    let tail = id.rsplit('-').next().unwrap_or(id);
+    let keep = 128 - "-restored-".len() - tail.len();
+    let vol: String = volume.chars().take(keep).collect();
+    format!("{vol}-restored-{tail}")
+}
+
 /// Chunks a backup uploads at once.
 const UPLOADS_IN_FLIGHT: usize = 8;
 /// The label a volume being restored carries until every extent is written.
@@ -459,6 +468,13 @@ impl Service {
     ) -> Result<VolumeInfo, VolumeError> {
         let repo = Repo::open(&self.credential(credential).await?).await?;
         let m = self.find_backup(&repo, id).await?;
+        let default_name;
+        let name = if name.is_empty() {
+            default_name = restored_name(&m.volume, &m.id);
+            default_name.as_str()
+        } else {
+            name
+        };
         let placement = PlacementSpec { nodes, ..Default::default() };
         let labels = [("strata.dev/restored-from".to_string(), id.to_string()), (RESTORING.to_string(), "true".to_string())].into();
         self.create(CreateSpec { name, size: m.size, repl: repl.max(1), labels, placement, ..Default::default() }).await?;
