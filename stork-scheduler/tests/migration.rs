@@ -207,8 +207,8 @@ fn credentials_key() -> (tempfile::TempDir, String) {
     (d, s)
 }
 
-fn cluster(key: &str) -> Cluster {
-    Cluster::start_with(1, "256MiB", &["--credentials-key-file", key])
+fn cluster(n: usize, key: &str) -> Cluster {
+    Cluster::start_with(n, "256MiB", &["--credentials-key-file", key])
 }
 
 /// The whole volume through engine 0's NBD.
@@ -220,7 +220,11 @@ fn image(c: &Cluster, vol: &str, size: u64) -> Vec<u8> {
 }
 
 fn fill(c: &Cluster, vol: &str, size: u64, seed: u64) {
-    c.sdk(0).create(vol, size).unwrap();
+    fill_repl(c, vol, size, seed, 1)
+}
+
+fn fill_repl(c: &Cluster, vol: &str, size: u64, seed: u64, repl: u32) {
+    c.sdk(0).create_full(vol, size, repl, &[]).unwrap();
     let mut n = Client::connect(&c.engines[0].nbd, vol).unwrap();
     for mib in (0..size / MIB).step_by(3) {
         assert_eq!(n.write(mib * MIB, &strata_e2e::pseudo_random(seed + mib, MIB as usize), 0), 0);
@@ -284,8 +288,8 @@ fn a_namespace_moves_to_another_cluster_with_its_volumes_bit_exact_and_its_resou
     let Some(s3) = S3::start() else { return };
     let (_ka, key_a) = credentials_key();
     let (_kb, key_b) = credentials_key();
-    let (a, b) = (cluster(&key_a), cluster(&key_b));
-    fill(&a, "pvc-aaa", 16 * MIB, 100);
+    let (a, b) = (cluster(2, &key_a), cluster(2, &key_b));
+    fill_repl(&a, "pvc-aaa", 16 * MIB, 100, 2);
     fill(&a, "pvc-bbb", 8 * MIB, 200);
     let want = (image(&a, "pvc-aaa", 16 * MIB), image(&a, "pvc-bbb", 8 * MIB));
     // An application keeps pvc-aaa open while it moves.
@@ -376,6 +380,8 @@ fn a_namespace_moves_to_another_cluster_with_its_volumes_bit_exact_and_its_resou
 
     // The data, on the other cluster, under the same names.
     assert!(image(&b, "pvc-aaa", 16 * MIB) == want.0, "pvc-aaa arrives bit-exact");
+    let restored = b.wait_in_sync(0, "pvc-aaa", Duration::from_secs(30));
+    assert_eq!(restored.in_sync_nodes.len(), 2, "as many replicas as the source: {restored:?}");
     assert!(image(&b, "pvc-bbb", 8 * MIB) == want.1, "pvc-bbb arrives bit-exact");
     // Its PVs and PVCs, bound to each other from the start.
     assert!(get(&remote, "v1/namespaces", "", "shop").is_some());
@@ -400,7 +406,7 @@ fn a_missing_pair_a_bad_bucket_secret_and_a_volume_already_on_the_remote_cluster
     let Some(s3) = S3::start() else { return };
     let (_ka, key_a) = credentials_key();
     let (_kb, key_b) = credentials_key();
-    let (a, b) = (cluster(&key_a), cluster(&key_b));
+    let (a, b) = (cluster(1, &key_a), cluster(1, &key_b));
     fill(&a, "pvc-aaa", 4 * MIB, 1);
     fill(&a, "pvc-bbb", 4 * MIB, 2);
     // The remote cluster has its own pvc-bbb: it must not be overwritten.

@@ -301,6 +301,7 @@ impl Migrator {
     #[allow(clippy::too_many_arguments)]
     async fn volume(&self, m: &Migration, id: &str, uid: &str, pair: &Pair, c: &Claim, st: &mut MigrationStatus, i: usize) -> Result<(), String> {
         // 1. The backup, taken where the volume is.
+        let repl = self.storage.volume(&c.volume).await?.ok_or_else(|| format!("volume {} is not in Strata", c.volume))?.repl;
         let name = format!("migration-{uid}-{}", c.volume);
         let job = self.storage.backup(&c.volume, &pair.credential, &name).await.map_err(|e| format!("backup: {e}"))?;
         st.volumes[i].backup = job.id.clone();
@@ -318,9 +319,10 @@ impl Migrator {
         st.volumes[i].status = "Restoring".into();
         self.save(m, st).await;
         loop {
-            match pair.storage.volume_labels(&c.volume).await.map_err(|e| format!("the remote cluster: {e}"))? {
+            match pair.storage.volume(&c.volume).await.map_err(|e| format!("the remote cluster: {e}"))?.map(|v| v.labels) {
                 None => {
-                    pair.storage.restore(&pair.credential, &job.id, &c.volume).await.map_err(|e| format!("restore on the remote cluster: {e}"))?;
+                    // As many replicas as here: the remote cluster needs as many nodes.
+                    pair.storage.restore(&pair.credential, &job.id, &c.volume, repl).await.map_err(|e| format!("restore on the remote cluster: {e}"))?;
                     break;
                 }
                 Some(l) if l.get(RESTORED_FROM) == Some(&job.id) => {

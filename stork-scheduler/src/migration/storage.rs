@@ -17,10 +17,17 @@ pub trait CloudSnaps: Send + Sync {
     /// Starts (or, by name, finds) a backup of `volume`.
     async fn backup(&self, volume: &str, credential: &str, name: &str) -> Result<pb::CloudJob, String>;
     async fn job(&self, id: &str) -> Result<pb::CloudJob, String>;
-    /// Restores backup `id` into a new volume `name`; returns once it is written.
-    async fn restore(&self, credential: &str, id: &str, name: &str) -> Result<(), String>;
-    /// The labels of volume `name`, or None when there is no such volume.
-    async fn volume_labels(&self, name: &str) -> Result<Option<BTreeMap<String, String>>, String>;
+    /// Restores backup `id` into a new volume `name` of `repl` replicas; returns once it is
+    /// written.
+    async fn restore(&self, credential: &str, id: &str, name: &str, repl: u32) -> Result<(), String>;
+    /// Volume `name`'s labels and replica count, or None when there is no such volume.
+    async fn volume(&self, name: &str) -> Result<Option<VolumeFacts>, String>;
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VolumeFacts {
+    pub labels: BTreeMap<String, String>,
+    pub repl: u32,
 }
 
 fn msg(s: tonic::Status) -> String {
@@ -52,17 +59,20 @@ impl CloudSnaps for crate::storage::Sdk {
         jobs.into_iter().next().ok_or_else(|| format!("backup job {id} is unknown"))
     }
 
-    async fn restore(&self, credential: &str, id: &str, name: &str) -> Result<(), String> {
+    async fn restore(&self, credential: &str, id: &str, name: &str, repl: u32) -> Result<(), String> {
         let mut c = pb::cloud_snap_service_client::CloudSnapServiceClient::new(self.channel_for(RESTORE_CALL).await?);
-        let req = pb::CloudRestoreRequest { credential: credential.into(), backup_id: id.into(), name: name.into(), repl: 0, nodes: vec![] };
+        let req = pb::CloudRestoreRequest { credential: credential.into(), backup_id: id.into(), name: name.into(), repl, nodes: vec![] };
         c.restore(req).await.map_err(msg)?;
         Ok(())
     }
 
-    async fn volume_labels(&self, name: &str) -> Result<Option<BTreeMap<String, String>>, String> {
+    async fn volume(&self, name: &str) -> Result<Option<VolumeFacts>, String> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.channel().await?);
         match c.inspect(pb::InspectVolumeRequest { name: name.into() }).await {
-            Ok(r) => Ok(Some(r.into_inner().volume.and_then(|v| v.spec).map(|s| s.labels.into_iter().collect()).unwrap_or_default())),
+            Ok(r) => {
+                let spec = r.into_inner().volume.and_then(|v| v.spec).unwrap_or_default();
+                Ok(Some(VolumeFacts { labels: spec.labels.into_iter().collect(), repl: spec.repl }))
+            }
             Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
             Err(s) => Err(msg(s)),
         }
