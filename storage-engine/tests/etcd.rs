@@ -184,3 +184,57 @@ async fn a_node_whose_storage_fails_reads_storage_down_until_it_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+async fn held(s: &Etcd, node: &str) -> u64 {
+    s.provisioned().await.unwrap().get(node).copied().unwrap_or(0)
+}
+
+fn placed(name: &str, size: u64, replicas: &[&str]) -> VolumeRecord {
+    let replicas: Vec<String> = replicas.iter().map(|s| s.to_string()).collect();
+    VolumeRecord {
+        name: name.into(),
+        size,
+        repl: replicas.len() as u32,
+        node: replicas[0].clone(),
+        in_sync: replicas.clone(),
+        replicas,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_each_node_holds_follows_every_engines_changes_without_listing_volumes() {
+    let e = etcd();
+    let a = Etcd::connect(std::slice::from_ref(&e.url), "node-a").await.unwrap();
+    let b = Etcd::connect(std::slice::from_ref(&e.url), "node-b").await.unwrap();
+    let gib = 1u64 << 30;
+    a.create_volume(placed("v1", 10 * gib, &["node-a", "node-b"])).await.unwrap();
+    // The first call lists; then a's own changes count at once.
+    assert_eq!((held(&a, "node-a").await, held(&a, "node-b").await), (10 * gib, 10 * gib));
+    a.create_volume(placed("v2", 5 * gib, &["node-b"])).await.unwrap();
+    assert_eq!(held(&a, "node-b").await, 15 * gib, "an engine's own create counts at once");
+    // Another engine's changes arrive through the watch.
+    assert_eq!(held(&b, "node-b").await, 15 * gib);
+    let mut v2 = a.get_volume("v2").await.unwrap().unwrap();
+    v2.replicas = vec!["node-a".into()];
+    a.update_volume(&v2).await.unwrap();
+    a.remove_volume("v1").await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let p = b.provisioned().await.unwrap();
+        if p.get("node-a") == Some(&(5 * gib)) && p.get("node-b").copied().unwrap_or(0) == 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "node-b's store never saw node-a's changes: {p:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The same as counting every record.
+    assert_eq!(
+        b.provisioned().await.unwrap().into_iter().filter(|(_, v)| *v > 0).collect::<std::collections::HashMap<_, _>>(),
+        strata_engine::meta::provisioned_of(&b.list_volumes().await.unwrap()).into_iter().filter(|(_, v)| *v > 0).collect()
+    );
+    // A create is one etcd write (the id counter and the record in one transaction).
+    let before = a.revision().await;
+    a.create_volume(placed("v3", gib, &["node-a"])).await.unwrap();
+    assert_eq!(a.revision().await, before + 1, "one revision per create");
+}

@@ -1,5 +1,6 @@
 //! Metadata in etcd, for clusters of several engines. Keys live under `/strata/v1/`:
-//! `cluster_id`, `pools/<node>`, `volumes/<name>`, `next_volume_id`. Every volume change is a
+//! `cluster_id`, `pools/<node>`, `volumes/<name>`, `next_volume_id` (the first id no engine has
+//! reserved; each reserves ids in blocks). Every volume change is a
 //! compare-and-swap transaction: creation requires the key to be absent, an update requires the
 //! stored record to be exactly the one the caller read (its revision is part of it).
 //!
@@ -25,14 +26,93 @@ pub struct Etcd {
     live: Arc<parking_lot::Mutex<Live>>,
     /// The lease renewal task (from `register_node`), stopped with the store.
     renewal: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// What each node holds, for placement: listed once, then kept by a watch.
+    provisioned: Arc<parking_lot::Mutex<Provisioned>>,
+    /// Serializes starting that watch.
+    provisioned_start: tokio::sync::Mutex<()>,
+    /// Volume ids this store may give: [next, end).
+    id_block: parking_lot::Mutex<(u64, u64)>,
+    /// Serializes taking a new block.
+    id_block_take: tokio::sync::Mutex<()>,
 }
+
+/// Volume ids an engine reserves at once.
+const ID_BLOCK: u64 = 64;
 
 impl Drop for Etcd {
     fn drop(&mut self) {
         if let Some(t) = self.renewal.lock().take() {
             t.abort();
         }
+        if let Some(t) = self.provisioned.lock().watch.take() {
+            t.abort();
+        }
     }
+}
+
+/// Per node, the sizes of the volumes it holds replicas of, kept current by a watch of
+/// `volumes/` (placement would otherwise list every volume at each decision).
+#[derive(Default)]
+struct Provisioned {
+    /// Volume key → (size, replica nodes).
+    vols: std::collections::HashMap<Vec<u8>, (u64, Vec<String>)>,
+    per_node: std::collections::HashMap<String, u64>,
+    /// The watch; None: not started, or it ended (the next call lists again).
+    watch: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Provisioned {
+    /// Records volume `k` as `now` (None: deleted).
+    fn set(&mut self, k: Vec<u8>, now: Option<(u64, Vec<String>)>) {
+        if let Some((size, nodes)) = self.vols.remove(&k) {
+            for n in nodes {
+                if let Some(p) = self.per_node.get_mut(&n) {
+                    *p = p.saturating_sub(size);
+                }
+            }
+        }
+        if let Some((size, nodes)) = now {
+            for n in &nodes {
+                *self.per_node.entry(n.clone()).or_insert(0) += size;
+            }
+            self.vols.insert(k, (size, nodes));
+        }
+    }
+}
+
+/// A stored volume record's size and replica nodes (None: unreadable, counted as nothing).
+fn holding(value: &[u8]) -> Option<(u64, Vec<String>)> {
+    let rec: VolumeRecord = serde_json::from_slice(value).ok()?;
+    let nodes = super::replica_nodes(&rec).iter().filter(|n| !n.is_empty()).cloned().collect();
+    Some((rec.size, nodes))
+}
+
+/// Follows `volumes/` from `rev` into `cache` until the watch ends (compaction, etcd away).
+async fn follow_volumes(mut client: Client, rev: i64, cache: Arc<parking_lot::Mutex<Provisioned>>) {
+    let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(rev);
+    let ended = match client.watch(key("volumes/"), Some(opts)).await {
+        Ok((_watcher, mut stream)) => loop {
+            match stream.message().await {
+                Ok(Some(resp)) if !resp.canceled() => {
+                    let mut c = cache.lock();
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let now = match ev.event_type() {
+                            etcd_client::EventType::Put => holding(kv.value()),
+                            etcd_client::EventType::Delete => None,
+                        };
+                        c.set(kv.key().to_vec(), now);
+                    }
+                }
+                Ok(Some(resp)) => break format!("canceled: {} (compacted to {})", resp.cancel_reason(), resp.compact_revision()),
+                Ok(None) => break "closed".to_string(),
+                Err(e) => break e.to_string(),
+            }
+        },
+        Err(e) => e.to_string(),
+    };
+    tracing::debug!("the watch of volume placement ended ({ended}); the next placement lists again");
+    cache.lock().watch = None;
 }
 
 fn err<E: std::fmt::Display>(e: E) -> MetaError {
@@ -80,13 +160,70 @@ impl Etcd {
         }
         let client = bounded(Client::connect(endpoints.to_vec(), Some(opts))).await.map_err(at)?;
         let live = Arc::new(parking_lot::Mutex::new(Live { lease: 0, state: NodeState::Online, renewed: std::time::Instant::now(), generation: 0 }));
-        let s = Etcd { client, node: node.to_string(), ttl: ttl.max(1), live, renewal: parking_lot::Mutex::new(None) };
+        let s = Etcd {
+            client,
+            node: node.to_string(),
+            ttl: ttl.max(1),
+            live,
+            renewal: parking_lot::Mutex::new(None),
+            provisioned: Default::default(),
+            provisioned_start: Default::default(),
+            id_block: Default::default(),
+            id_block_take: Default::default(),
+        };
         // Fail now, with the endpoint in the message, if etcd does not answer.
         let id = uuid::Uuid::new_v4().to_string();
         let k = key("cluster_id");
         let txn = Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(k, id, None)]);
         bounded(s.client.clone().txn(txn)).await.map_err(at)?;
         Ok(s)
+    }
+
+    /// A volume id never given before: from this store's block of ids, taking the next block
+    /// (ID_BLOCK ids, one compare-and-swap on the cluster's counter) when it is used up. Engines
+    /// creating volumes at once thus rarely contend for the counter; ids stay unique, and grow
+    /// within one engine.
+    async fn next_volume_id(&self) -> Result<u64, MetaError> {
+        let _one = self.id_block_take.lock().await;
+        {
+            let mut b = self.id_block.lock();
+            if b.0 < b.1 {
+                b.0 += 1;
+                return Ok(b.0 - 1);
+            }
+        }
+        let counter = key("next_volume_id");
+        loop {
+            let cur = self.get(counter.clone()).await?;
+            let first: u64 = match &cur {
+                Some(b) => String::from_utf8_lossy(b).parse().map_err(err)?,
+                None => 1,
+            };
+            let cmp = match cur {
+                Some(b) => Compare::value(counter.clone(), CompareOp::Equal, b),
+                None => Compare::create_revision(counter.clone(), CompareOp::Equal, 0),
+            };
+            let end = first + ID_BLOCK;
+            if self.txn(Txn::new().when([cmp]).and_then([TxnOp::put(counter.clone(), end.to_string(), None)])).await? {
+                *self.id_block.lock() = (first + 1, end);
+                return Ok(first);
+            }
+        }
+    }
+
+    /// etcd's current revision (one per write transaction).
+    pub async fn revision(&self) -> i64 {
+        let resp = bounded(self.client.clone().get(key("cluster_id"), None)).await;
+        resp.ok().and_then(|r| r.header().map(|h| h.revision())).unwrap_or(0)
+    }
+
+    /// This engine's own change to volume key `k` (None: removed), counted at once (the watch
+    /// brings the same a moment later), so its next placement sees it.
+    fn note_volume(&self, k: &str, value: Option<&[u8]>) {
+        let mut c = self.provisioned.lock();
+        if c.watch.is_some() {
+            c.set(k.as_bytes().to_vec(), value.and_then(holding));
+        }
     }
 
     async fn get(&self, k: String) -> Result<Option<Vec<u8>>, MetaError> {
@@ -157,29 +294,15 @@ impl MetaStore for Etcd {
     }
 
     async fn create_volume(&self, mut rec: VolumeRecord) -> Result<VolumeRecord, MetaError> {
-        // Take the next id by compare-and-swap on the counter.
-        let id = loop {
-            let counter = key("next_volume_id");
-            let cur = self.get(counter.clone()).await?;
-            let next: u64 = match &cur {
-                Some(b) => String::from_utf8_lossy(b).parse().map_err(err)?,
-                None => 1,
-            };
-            let cmp = match cur {
-                Some(b) => Compare::value(counter.clone(), CompareOp::Equal, b),
-                None => Compare::create_revision(counter.clone(), CompareOp::Equal, 0),
-            };
-            if self.txn(Txn::new().when([cmp]).and_then([TxnOp::put(counter, (next + 1).to_string(), None)])).await? {
-                break next;
-            }
-        };
-        rec.id = id;
+        rec.id = self.next_volume_id().await?;
         rec.revision = 1;
         let k = key(&format!("volumes/{}", rec.name));
         let v = serde_json::to_vec(&rec).map_err(err)?;
-        if !self.txn(Txn::new().when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(k, v, None)])).await? {
+        let absent = Compare::create_revision(k.clone(), CompareOp::Equal, 0);
+        if !self.txn(Txn::new().when([absent]).and_then([TxnOp::put(k.clone(), v.clone(), None)])).await? {
             return Err(MetaError::AlreadyExists(rec.name));
         }
+        self.note_volume(&k, Some(&v));
         Ok(rec)
     }
 
@@ -192,6 +315,24 @@ impl MetaStore for Etcd {
         resp.kvs().iter().map(|kv| serde_json::from_slice(kv.value()).map_err(err)).collect()
     }
 
+    async fn provisioned(&self) -> Result<std::collections::HashMap<String, u64>, MetaError> {
+        let _one = self.provisioned_start.lock().await;
+        if self.provisioned.lock().watch.as_ref().is_some_and(|w| !w.is_finished()) {
+            return Ok(self.provisioned.lock().per_node.clone());
+        }
+        let resp = bounded(self.client.clone().get(key("volumes/"), Some(GetOptions::new().with_prefix()))).await?;
+        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut fresh = Provisioned::default();
+        for kv in resp.kvs() {
+            fresh.set(kv.key().to_vec(), holding(kv.value()));
+        }
+        let out = fresh.per_node.clone();
+        *self.provisioned.lock() = fresh;
+        let watch = tokio::spawn(follow_volumes(self.client.clone(), rev + 1, self.provisioned.clone()));
+        self.provisioned.lock().watch = Some(watch);
+        Ok(out)
+    }
+
     async fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {
         let k = key(&format!("volumes/{}", rec.name));
         let Some(stored) = self.get(k.clone()).await? else { return Err(MetaError::NotFound(rec.name.clone())) };
@@ -202,17 +343,23 @@ impl MetaStore for Etcd {
         let mut next = rec.clone();
         next.revision += 1;
         let v = serde_json::to_vec(&next).map_err(err)?;
-        if !self.txn(Txn::new().when([Compare::value(k.clone(), CompareOp::Equal, stored)]).and_then([TxnOp::put(k, v, None)])).await? {
+        if !self
+            .txn(Txn::new().when([Compare::value(k.clone(), CompareOp::Equal, stored)]).and_then([TxnOp::put(k.clone(), v.clone(), None)]))
+            .await?
+        {
             return Err(MetaError::Conflict(rec.name.clone()));
         }
+        self.note_volume(&k, Some(&v));
         Ok(next)
     }
 
     async fn remove_volume(&self, name: &str) -> Result<(), MetaError> {
-        let resp = bounded(self.client.clone().delete(key(&format!("volumes/{name}")), None)).await?;
+        let k = key(&format!("volumes/{name}"));
+        let resp = bounded(self.client.clone().delete(k.clone(), None)).await?;
         if resp.deleted() == 0 {
             return Err(MetaError::NotFound(name.to_string()));
         }
+        self.note_volume(&k, None);
         Ok(())
     }
 

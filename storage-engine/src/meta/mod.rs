@@ -257,6 +257,12 @@ pub trait MetaStore: Send + Sync {
     async fn create_volume(&self, rec: VolumeRecord) -> Result<VolumeRecord, MetaError>;
     async fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError>;
     async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError>;
+    /// The sum of the sizes of the volumes each node holds a replica of (what placement
+    /// balances). May trail the newest changes by a moment (etcd: kept by a watch, so it costs
+    /// no listing of every volume).
+    async fn provisioned(&self) -> Result<std::collections::HashMap<String, u64>, MetaError> {
+        Ok(provisioned_of(&self.list_volumes().await?))
+    }
     /// Replaces a volume record if its stored revision equals `rec.revision`; bumps the revision.
     async fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError>;
     async fn remove_volume(&self, name: &str) -> Result<(), MetaError>;
@@ -279,6 +285,51 @@ pub trait MetaStore: Send + Sync {
     fn lease_generation(&self) -> u64 {
         0
     }
+}
+
+/// The nodes holding a replica of the volume a record describes (a record from before
+/// replication names its one node).
+pub fn replica_nodes(rec: &VolumeRecord) -> &[String] {
+    if rec.replicas.is_empty() {
+        std::slice::from_ref(&rec.node)
+    } else {
+        &rec.replicas
+    }
+}
+
+/// Per node, the sum of the sizes of the volumes (and snapshots) it holds a replica of: one pass.
+pub fn provisioned_of(vols: &[VolumeRecord]) -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    for v in vols {
+        for n in replica_nodes(v).iter().filter(|n| !n.is_empty()) {
+            *out.entry(n.clone()).or_insert(0) += v.size;
+        }
+    }
+    out
+}
+
+/// Placement's view of the nodes: `own` is this node's id, its pool's capacity and whether it
+/// is in maintenance, which this node knows better than its record.
+pub fn placement_candidates(
+    nodes: Vec<(NodeRecord, NodeState)>,
+    provisioned: &std::collections::HashMap<String, u64>,
+    own: (&str, u64, bool),
+) -> Vec<crate::placement::Candidate> {
+    nodes
+        .into_iter()
+        .map(|(n, state)| {
+            let mine = n.id == own.0;
+            crate::placement::Candidate {
+                online: state == NodeState::Online,
+                maintenance: if mine { own.2 } else { n.maintenance },
+                capacity: if mine { own.1 } else { n.total_bytes },
+                provisioned: provisioned.get(&n.id).copied().unwrap_or(0),
+                zone: n.zone,
+                rack: n.rack,
+                id: n.id,
+            }
+        })
+        .collect()
 }
 
 /// The SDK endpoint (a URI) node `node` registered, if the store knows the node and its

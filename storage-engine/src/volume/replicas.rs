@@ -29,26 +29,10 @@ impl Service {
     /// is eligible), none of
     /// them in `exclude` (the nodes that already hold one).
     pub(crate) async fn place_replicas(&self, repl: u32, size: u64, spec: &PlacementSpec, exclude: &[String]) -> Result<Vec<String>, VolumeError> {
-        use crate::placement::{place, Candidate, Request};
-        let (nodes, vols) = (self.meta.list_nodes().await?, self.meta.list_volumes().await?);
+        use crate::placement::{place, Request};
+        let (nodes, provisioned) = (self.meta.list_nodes().await?, self.meta.provisioned().await?);
         let me = &self.node.id;
-        let cands: Vec<Candidate> = nodes
-            .into_iter()
-            .map(|(n, state)| {
-                let provisioned = vols.iter().map(|v| v.clone().normalized(me)).filter(|v| v.has_replica(&n.id)).map(|v| v.size).sum();
-                let capacity = if &n.id == me { self.pool.total_bytes() } else { n.total_bytes };
-                let maintenance = if &n.id == me { self.in_maintenance() } else { n.maintenance };
-                Candidate {
-                    online: state == crate::meta::NodeState::Online,
-                    maintenance,
-                    zone: n.zone,
-                    rack: n.rack,
-                    capacity,
-                    provisioned,
-                    id: n.id,
-                }
-            })
-            .collect();
+        let cands = crate::meta::placement_candidates(nodes, &provisioned, (me, self.pool.total_bytes(), self.in_maintenance()));
         let req = Request {
             repl,
             size,

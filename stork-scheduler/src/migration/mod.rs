@@ -322,7 +322,10 @@ impl Migrator {
             match pair.storage.volume(&c.volume).await.map_err(|e| format!("the remote cluster: {e}"))?.map(|v| v.labels) {
                 None => {
                     // As many replicas as here: the remote cluster needs as many nodes.
-                    pair.storage.restore(&pair.credential, &job.id, &c.volume, repl).await.map_err(|e| format!("restore on the remote cluster: {e}"))?;
+                    pair.storage
+                        .restore(&pair.credential, &job.id, &c.volume, repl)
+                        .await
+                        .map_err(|e| format!("restore on the remote cluster: {e}"))?;
                     break;
                 }
                 Some(l) if l.get(RESTORED_FROM) == Some(&job.id) => {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The control plane at scale, simulated (issue #19): BENCH_NODES node identities (default
+# 1000) and BENCH_VOLUMES volume records (default 100000) against one real etcd on this
+# machine's disk, no data path (storage-engine/examples/controlplane.rs). Prints and writes
+# JSON: placement decision times at 0/25/50/100% of the volumes, etcd writes per volume create,
+# attach and delete, heartbeat writes per node per second, etcd's size, a full listing's time.
+#
+# Environment: BENCH_NODES, BENCH_VOLUMES, BENCH_HEARTBEAT (seconds watched, default 30),
+# BENCH_DIR (default /var/tmp/strata-bench-controlplane), BENCH_OUT (default bench/out-controlplane).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DIR=${BENCH_DIR:-/var/tmp/strata-bench-controlplane}
+OUT=${BENCH_OUT:-$ROOT/bench/out-controlplane}
+./scripts/deps.sh
+cargo build --release -p strata-engine --example controlplane
+rm -rf "$DIR" "$OUT"; mkdir -p "$DIR" "$OUT"
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+PORT=24379
+etcd --data-dir "$DIR/etcd" --listen-client-urls "http://127.0.0.1:$PORT" --advertise-client-urls "http://127.0.0.1:$PORT" \
+  --listen-peer-urls http://127.0.0.1:24380 --quota-backend-bytes $((8 << 30)) >"$DIR/etcd.log" 2>&1 &
+ETCD=$!
+trap 'kill $ETCD 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.1; done
+"$ROOT/target/release/examples/controlplane" "http://127.0.0.1:$PORT" "${BENCH_NODES:-1000}" "${BENCH_VOLUMES:-100000}" "${BENCH_HEARTBEAT:-30}" | tee "$OUT/summary.json"
