@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use futures::StreamExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use strata_engine::meta::etcd::Etcd;
@@ -233,7 +234,24 @@ async fn what_each_node_holds_follows_every_engines_changes_without_listing_volu
         b.provisioned().await.unwrap().into_iter().filter(|(_, v)| *v > 0).collect::<std::collections::HashMap<_, _>>(),
         strata_engine::meta::provisioned_of(&b.list_volumes().await.unwrap()).into_iter().filter(|(_, v)| *v > 0).collect()
     );
-    // A create is one etcd write (the id counter and the record in one transaction).
+    // Listings page: 2,500 records (more than one page, and a response of them all would be
+    // too large for gRPC at about 11,000) come back whole, in order.
+    let many: Vec<String> = (0..2500).map(|i| format!("m{i:05}")).collect();
+    futures::stream::iter(&many)
+        .map(|n| a.create_volume(placed(n, gib, &["node-a"])))
+        .buffer_unordered(32)
+        .for_each(|r| async move {
+            r.unwrap();
+        })
+        .await;
+    let listed: Vec<String> = b.list_volumes().await.unwrap().into_iter().map(|v| v.name).filter(|n| n.starts_with('m')).collect();
+    assert_eq!(listed, many);
+    let t0 = Instant::now();
+    while held(&b, "node-a").await != 2505 * gib {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the watch never counted the 2,500 volumes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A create is one etcd write (ids come from a block this engine reserved).
     let before = a.revision().await;
     a.create_volume(placed("v3", gib, &["node-a"])).await.unwrap();
     assert_eq!(a.revision().await, before + 1, "one revision per create");

@@ -36,6 +36,9 @@ pub struct Etcd {
     id_block_take: tokio::sync::Mutex<()>,
 }
 
+/// Keys per page of a listing.
+const PAGE: i64 = 1000;
+
 /// Volume ids an engine reserves at once.
 const ID_BLOCK: u64 = 64;
 
@@ -211,6 +214,33 @@ impl Etcd {
         }
     }
 
+    /// Every key and value under `prefix` (a full key), read in pages of PAGE keys at one
+    /// revision (one response of every volume would pass gRPC's 4 MiB message limit at about
+    /// 11,000 volumes); with that revision.
+    async fn range(&self, prefix: &str) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, i64), MetaError> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        let (mut from, mut rev, mut out) = (prefix.as_bytes().to_vec(), 0, Vec::new());
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if rev != 0 {
+                opts = opts.with_revision(rev);
+            }
+            let resp = bounded(self.client.clone().get(from.clone(), Some(opts))).await?;
+            if rev == 0 {
+                rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            out.extend(resp.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())));
+            match (resp.more(), resp.kvs().last()) {
+                (true, Some(last)) => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((out, rev)),
+            }
+        }
+    }
+
     /// etcd's current revision (one per write transaction).
     pub async fn revision(&self) -> i64 {
         let resp = bounded(self.client.clone().get(key("cluster_id"), None)).await;
@@ -311,8 +341,8 @@ impl MetaStore for Etcd {
     }
 
     async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
-        let resp = bounded(self.client.clone().get(key("volumes/"), Some(GetOptions::new().with_prefix()))).await?;
-        resp.kvs().iter().map(|kv| serde_json::from_slice(kv.value()).map_err(err)).collect()
+        let (kvs, _) = self.range(&key("volumes/")).await?;
+        kvs.iter().map(|(_, v)| serde_json::from_slice(v).map_err(err)).collect()
     }
 
     async fn provisioned(&self) -> Result<std::collections::HashMap<String, u64>, MetaError> {
@@ -320,11 +350,11 @@ impl MetaStore for Etcd {
         if self.provisioned.lock().watch.as_ref().is_some_and(|w| !w.is_finished()) {
             return Ok(self.provisioned.lock().per_node.clone());
         }
-        let resp = bounded(self.client.clone().get(key("volumes/"), Some(GetOptions::new().with_prefix()))).await?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let (kvs, rev) = self.range(&key("volumes/")).await?;
         let mut fresh = Provisioned::default();
-        for kv in resp.kvs() {
-            fresh.set(kv.key().to_vec(), holding(kv.value()));
+        for (k, v) in kvs {
+            let now = holding(&v);
+            fresh.set(k, now);
         }
         let out = fresh.per_node.clone();
         *self.provisioned.lock() = fresh;
@@ -412,22 +442,20 @@ impl MetaStore for Etcd {
     }
 
     async fn list_nodes(&self) -> Result<Vec<(NodeRecord, NodeState)>, MetaError> {
-        let nodes = bounded(self.client.clone().get(key("nodes/"), Some(GetOptions::new().with_prefix()))).await?;
-        let alive = bounded(self.client.clone().get(key("alive/"), Some(GetOptions::new().with_prefix()))).await?;
+        let (nodes, _) = self.range(&key("nodes/")).await?;
+        let (alive, _) = self.range(&key("alive/")).await?;
         let alive: std::collections::HashMap<String, NodeState> = alive
-            .kvs()
             .iter()
-            .filter_map(|kv| {
-                let id = kv.key_str().ok()?.strip_prefix(&key("alive/"))?.to_string();
-                let state = if kv.value() == NodeState::StorageDown.as_str().as_bytes() { NodeState::StorageDown } else { NodeState::Online };
+            .filter_map(|(k, v)| {
+                let id = std::str::from_utf8(k).ok()?.strip_prefix(&key("alive/"))?.to_string();
+                let state = if v == NodeState::StorageDown.as_str().as_bytes() { NodeState::StorageDown } else { NodeState::Online };
                 Some((id, state))
             })
             .collect();
         nodes
-            .kvs()
             .iter()
-            .map(|kv| {
-                let n: NodeRecord = serde_json::from_slice(kv.value()).map_err(err)?;
+            .map(|(_, v)| {
+                let n: NodeRecord = serde_json::from_slice(v).map_err(err)?;
                 let state = alive.get(&n.id).copied().unwrap_or(NodeState::Offline);
                 Ok((n, state))
             })
@@ -444,8 +472,8 @@ impl MetaStore for Etcd {
 
     async fn list_kv(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, MetaError> {
         let base = key("kv/");
-        let r = bounded(self.client.clone().get(format!("{base}{prefix}"), Some(GetOptions::new().with_prefix()))).await?;
-        Ok(r.kvs().iter().filter_map(|kv| Some((kv.key_str().ok()?.strip_prefix(&base)?.to_string(), kv.value().to_vec()))).collect())
+        let (kvs, _) = self.range(&format!("{base}{prefix}")).await?;
+        Ok(kvs.into_iter().filter_map(|(k, v)| Some((String::from_utf8(k).ok()?.strip_prefix(&base)?.to_string(), v))).collect())
     }
 
     async fn delete_kv(&self, k: &str) -> Result<bool, MetaError> {
