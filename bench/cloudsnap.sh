@@ -4,7 +4,7 @@
 # of the same bytes to the same S3 server (s3s-fs on loopback, its objects on the same
 # filesystem), interleaved round by round. Random data: zstd gains nothing, so both move the
 # same bytes. Prints MiB/s of each and the ratios; JSON to BENCH_OUT. BENCH_S3=rgw uses Ceph's
-# RADOS Gateway instead (a one-host Ceph, e2e/ceph/rgw.sh: 1 monitor, 1 BlueStore OSD on a file).
+# RADOS Gateway instead (a one-host Ceph, e2e/ceph/start.sh: 1 monitor, 1 BlueStore OSD on a file).
 #
 # Environment: BENCH_SIZE (MiB, default 512), BENCH_ROUNDS (default 2), BENCH_PASSPHRASE=1
 # (encrypted backups), BENCH_DIR (default /var/tmp/strata-bench-cloudsnap), BENCH_OUT (default
@@ -31,7 +31,7 @@ if [ "${BENCH_S3:-s3s-fs}" = rgw ]; then
   AK=AKSTRATA SK=SKSTRATA BUCKET=backups
   cleanup_rgw() { for f in "$DIR"/ceph/run/*.pid; do kill "$(cat "$f")" 2>/dev/null || true; done; cleanup; }
   trap cleanup_rgw EXIT
-  ./e2e/ceph/rgw.sh "$DIR/ceph" 23991 $PORT
+  ./e2e/ceph/start.sh "$DIR/ceph" 23991 $PORT
 else
   AK=AKBENCH SK=SKBENCH BUCKET=bench
   s3s-fs --host 127.0.0.1 --port $PORT --access-key $AK --secret-key $SK "$DIR/s3" >"$DIR/s3s.log" 2>&1 &

@@ -10,7 +10,7 @@ need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 # Static: it is the whole of the test image (and of the VM tier's initrd).
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" || need+=(busybox-static)
-# The cloud snapshot tests' second S3 server: Ceph's RADOS Gateway on a one-host Ceph (e2e/ceph/rgw.sh).
+# The cloud snapshot tests' second S3 server: Ceph's RADOS Gateway on a one-host Ceph (e2e/ceph/start.sh).
 for p in ceph-mon ceph-osd radosgw s3cmd; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
 done

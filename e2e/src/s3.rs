@@ -1,6 +1,6 @@
 //! A real S3 server for tests, on a free loopback port, with access key `AKSTRATA`, secret key
 //! `SKSTRATA` and a bucket `backups`: `s3s-fs` (crates.io) over a temporary directory, or
-//! Ceph's RADOS Gateway on a single-host Ceph (`e2e/ceph/rgw.sh`).
+//! Ceph's RADOS Gateway on a single-host Ceph (`e2e/ceph/start.sh`).
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -83,12 +83,12 @@ impl S3 {
         }
         let root = crate::tempdir();
         let (mon, rgw) = (crate::free_port(), crate::free_port());
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/ceph/rgw.sh");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/ceph/start.sh");
         let ok = Command::new(script).arg(root.path()).args([mon.to_string(), rgw.to_string()]).status().is_ok_and(|s| s.success());
         let s3 = S3 { child: None, url: format!("http://127.0.0.1:{rgw}"), root };
         if !ok {
             let log = std::fs::read_to_string(s3.root.path().join("log/setup.log")).unwrap_or_default();
-            panic!("the RADOS Gateway did not start (e2e/ceph/rgw.sh):\n{log}");
+            panic!("the RADOS Gateway did not start (e2e/ceph/start.sh):\n{log}");
         }
         Some(s3)
     }
