@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Replication cost: 4k random writes at QD32 on a repl=3 volume (three engines on one etcd,
 # each on its own file-backed pool, replicas over loopback TCP) against a repl=1 volume on the
-# same engine, in the same run. Prints IOPS and p50/p99 latency and the repl=3 / repl=1 ratios,
+# same engine, in the same run. Prints IOPS, p50/p99 latency, the engines' CPU per write (all
+# three engines' user + system time over the run, from /proc, ÷ writes) and the ratios,
 # and writes JSON to BENCH_OUT (default bench/out-repl).
 #
 # Environment: BENCH_TLS (1, the default: replication over mutual TLS; 0: plaintext),
@@ -37,8 +38,11 @@ start_cluster 23790 3 3GiB
 run() { # volume
   local uri="nbd+unix:///$1?socket=$DIR/n1/nbd.sock"
   fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 --size=1G --output=/dev/null
+  # No ramp time: the engines' CPU is counted over the whole run, so every write must be too.
+  local c0; c0=$(engines_cpu)
   fio --name="$1" --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth=32 --size=1G \
-      --time_based --runtime="$RUNTIME" --ramp_time=2 --output-format=json --output="$OUT/$1.json"
+      --time_based --runtime="$RUNTIME" --output-format=json --output="$OUT/$1.json"
+  python3 -c "print($(engines_cpu) - $c0)" >"$OUT/$1.cpu"
 }
 # Alternate, so drift on a noisy machine hits both.
 run r1; run r3
@@ -48,12 +52,14 @@ out = sys.argv[1]
 def load(n):
     j = json.load(open(f"{out}/{n}.json"))["jobs"][0]["write"]
     p = j["clat_ns"]["percentile"]
-    return {"iops": j["iops"], "p50_us": p["50.000000"] / 1000, "p99_us": p["99.000000"] / 1000}
+    cpu = float(open(f"{out}/{n}.cpu").read())
+    return {"iops": j["iops"], "p50_us": p["50.000000"] / 1000, "p99_us": p["99.000000"] / 1000,
+            "cpu_us_per_write": cpu * 1e6 / j["total_ios"]}
 r1, r3 = load("r1"), load("r3")
 res = {"repl1": r1, "repl3": r3, "iops_ratio": r3["iops"] / r1["iops"], "p99_ratio": r3["p99_us"] / r1["p99_us"]}
 json.dump(res, open(f"{out}/summary.json", "w"), indent=2)
-print(f"{'volume':8} {'IOPS':>10} {'p50 us':>9} {'p99 us':>9}")
+print(f"{'volume':8} {'IOPS':>10} {'p50 us':>9} {'p99 us':>9} {'engine CPU us/write':>20}")
 for n, r in (("repl=1", r1), ("repl=3", r3)):
-    print(f"{n:8} {r['iops']:10.0f} {r['p50_us']:9.0f} {r['p99_us']:9.0f}")
+    print(f"{n:8} {r['iops']:10.0f} {r['p50_us']:9.0f} {r['p99_us']:9.0f} {r['cpu_us_per_write']:20.1f}")
 print(f"repl=3 / repl=1: IOPS {res['iops_ratio']:.2f}x (target >= 0.70), p99 {res['p99_ratio']:.2f}x (target <= 2.00)")
 PY
