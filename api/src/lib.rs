@@ -29,3 +29,7 @@ pub mod v1 {
 pub mod csi {
     tonic::include_proto!("csi.v1");
 }
+
+/// The largest SDK answer a client takes (tonic's default is 4 MiB): a `volume list` of every
+/// volume is one message, about 300 bytes a volume, so 4 MiB ends near 13,000 volumes.
+pub const MAX_ANSWER_BYTES: usize = 256 << 20;

@@ -755,7 +755,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", render::status(&s, json));
         }
         Cmd::Volume(cmd) => {
-            let mut c = pb::volume_service_client::VolumeServiceClient::new(ch.clone());
+            let mut c = pb::volume_service_client::VolumeServiceClient::new(ch.clone()).max_decoding_message_size(strata_api::MAX_ANSWER_BYTES);
             match cmd {
                 VolumeCmd::Create(a) => {
                     let q = &a.qos;

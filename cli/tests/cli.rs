@@ -634,3 +634,20 @@ fn volume_usage_shows_allocated_space_snapshots_and_totals() {
     let (good, _, err) = ctl(&e, &["volume", "usage", "nope"]);
     assert!(!good && err.contains("no volume \"nope\""), "{err}");
 }
+
+#[test]
+fn a_volume_list_larger_than_grpcs_default_4_mib_is_received_whole() {
+    let e = engine();
+    let sdk = strata_e2e::sdk::Sdk::new(&e.sdk);
+    // 80 volumes of 60 labels of 1,000 characters: about 4.8 MB in one answer (as about 16,000
+    // plain volumes would be).
+    let value = "x".repeat(1000);
+    let keys: Vec<String> = (0..60).map(|i| format!("k{i}")).collect();
+    let labels: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), value.as_str())).collect();
+    for i in 0..80 {
+        sdk.create_full(&format!("big-{i:02}"), 1 << 20, 1, &labels).unwrap();
+    }
+    let list = json(&e, &["volume", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 80);
+    assert!(list.to_string().len() > 4 << 20, "the answer passed 4 MiB");
+}

@@ -71,7 +71,7 @@ impl Sdk {
     }
 
     pub fn volumes(&self) -> pb::volume_service_client::VolumeServiceClient<Authed> {
-        pb::volume_service_client::VolumeServiceClient::new(self.authed())
+        pb::volume_service_client::VolumeServiceClient::new(self.authed()).max_decoding_message_size(strata_api::MAX_ANSWER_BYTES)
     }
 
     pub fn cloud(&self) -> pb::cloud_snap_service_client::CloudSnapServiceClient<Authed> {
