@@ -202,31 +202,10 @@ impl Migrator {
         if st.stage.is_empty() {
             st.stage = "Volumes".into();
         }
-        let pair = match self.connect(&ns, &m.spec.cluster_pair).await {
-            Ok(p) => p,
-            Err(why) => {
-                (st.stage, st.status, st.message) = ("Final".into(), "Failed".into(), why);
-                self.save(m, &st).await;
-                return st;
-            }
-        };
-        self.save(m, &st).await;
-        if st.stage == "Volumes" {
-            if let Err(why) = self.volumes(m, &id, &pair, &mut st).await {
-                (st.stage, st.status, st.message) = ("Final".into(), "Failed".into(), why);
-                self.save(m, &st).await;
-                return st;
-            }
-            st.stage = if m.spec.include_resources { "Resources" } else { "Final" }.into();
+        if let Err(why) = self.stages(m, &ns, &id, &mut st).await {
+            (st.stage, st.status, st.message) = ("Final".into(), "Failed".into(), why);
             self.save(m, &st).await;
-        }
-        if st.stage == "Resources" {
-            if let Err(why) = self.resources(m, &id, &pair, &mut st).await {
-                (st.stage, st.status, st.message) = ("Final".into(), "Failed".into(), why);
-                self.save(m, &st).await;
-                return st;
-            }
-            st.stage = "Final".into();
+            return st;
         }
         let failed = st.volumes.iter().filter(|v| v.status == "Failed").count() + st.resources.iter().filter(|r| r.status == "Failed").count();
         let done = st.volumes.iter().filter(|v| v.status == "Successful").count() + st.resources.iter().filter(|r| r.status == "Successful").count();
@@ -240,6 +219,23 @@ impl Migrator {
         tracing::info!(migration = %id, status = %st.status, "{}", st.message);
         self.save(m, &st).await;
         st
+    }
+
+    /// Connects to the pair, then runs the stages left: volumes, then resources. An error
+    /// ends the Migration as Failed.
+    async fn stages(&self, m: &Migration, ns: &str, id: &str, st: &mut MigrationStatus) -> Result<(), String> {
+        let pair = self.connect(ns, &m.spec.cluster_pair).await?;
+        self.save(m, st).await;
+        if st.stage == "Volumes" {
+            self.volumes(m, id, &pair, st).await?;
+            st.stage = if m.spec.include_resources { "Resources" } else { "Final" }.into();
+            self.save(m, st).await;
+        }
+        if st.stage == "Resources" {
+            self.resources(m, id, &pair, st).await?;
+            st.stage = "Final".into();
+        }
+        Ok(())
     }
 
     /// The bound PVCs of our driver in the Migration's namespaces.
