@@ -25,15 +25,6 @@ use std::sync::Arc;
 const JOBS: &str = "cloudsnap/jobs/";
 /// Extents a restore downloads and writes at once.
 const RESTORE_IN_FLIGHT: usize = 8;
-/// The name of a restore that was given none: `<volume>-restored-<the id's random part>`,
-/// within the 128 characters a volume name may have.
-fn restored_name(volume: &str, id: &str) -> String {
-    let tail = id.rsplit('-').next().unwrap_or(id);
-    let keep = 128 - "-restored-".len() - tail.len();
-    let vol: String = volume.chars().take(keep).collect();
-    format!("{vol}-restored-{tail}")
-}
-
 /// Chunks a backup uploads at once.
 const UPLOADS_IN_FLIGHT: usize = 8;
 /// The label a volume being restored carries until every extent is written.
@@ -115,6 +106,16 @@ impl From<RepoError> for VolumeError {
 
 fn job_key(id: &str) -> String {
     format!("{JOBS}{id}")
+}
+
+/// The name of a restore that was given none: `<volume>-restored-<the id's random part>`,
+/// within the 128 characters a volume name may have (an odd id from another cluster's bucket
+/// makes a name that creation refuses with its reason).
+fn restored_name(volume: &str, id: &str) -> String {
+    let tail = id.rsplit('-').next().unwrap_or(id);
+    let keep = 128usize.saturating_sub("-restored-".len() + tail.len());
+    let vol: String = volume.chars().take(keep).collect();
+    format!("{vol}-restored-{tail}")
 }
 
 impl Service {
