@@ -243,6 +243,39 @@ impl RemoteKube for Remote {
     }
 }
 
+/// This cluster's SDK, whose first `job` looks fail (an engine restarting mid-backup).
+struct Flaky {
+    inner: Arc<dyn CloudSnaps>,
+    fails: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl CloudSnaps for Flaky {
+    async fn credentials(&self) -> Result<Vec<String>, String> {
+        self.inner.credentials().await
+    }
+    async fn create_credential(&self, c: strata_api::v1::Credential) -> Result<(), String> {
+        self.inner.create_credential(c).await
+    }
+    async fn backup(&self, volume: &str, credential: &str, name: &str) -> Result<strata_api::v1::CloudJob, String> {
+        self.inner.backup(volume, credential, name).await
+    }
+    async fn job(&self, id: &str) -> Result<strata_api::v1::CloudJob, String> {
+        let left = self.fails.load(std::sync::atomic::Ordering::Relaxed);
+        if left > 0 {
+            self.fails.store(left - 1, std::sync::atomic::Ordering::Relaxed);
+            return Err("Strata SDK unreachable".into());
+        }
+        self.inner.job(id).await
+    }
+    async fn restore(&self, credential: &str, id: &str, name: &str, repl: u32) -> Result<(), String> {
+        self.inner.restore(credential, id, name, repl).await
+    }
+    async fn volume(&self, name: &str) -> Result<Option<strata_stork::migration::storage::VolumeFacts>, String> {
+        self.inner.volume(name).await
+    }
+}
+
 fn sdk_of(c: &Cluster) -> Arc<dyn CloudSnaps> {
     Arc::new(strata_stork::storage::Sdk::new(&c.engines[0].sdk).with_tls(c.engines[0].client_tls()))
 }
@@ -339,7 +372,8 @@ fn a_namespace_moves_to_another_cluster_with_its_volumes_bit_exact_and_its_resou
     let (ran, again) = rt.block_on(async {
         let m = Migrator {
             local: api_server(local.clone()),
-            storage: sdk_of(&a),
+            // The SDK does not answer the first looks at a backup: the volume still moves.
+            storage: Arc::new(Flaky { inner: sdk_of(&a), fails: 5.into() }),
             remote_kube: Arc::new(Remote(api_server(remote.clone()))),
             poll: Duration::from_millis(100),
         };

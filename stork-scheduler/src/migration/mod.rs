@@ -20,6 +20,9 @@ use std::time::Duration;
 use storage::CloudSnaps;
 use strata_api::v1 as pb;
 
+/// Looks in a row at a running backup that may fail before the volume fails.
+const MISSES: u32 = 30;
+
 /// Labels the engine puts on a volume restored from the cloud.
 const RESTORED_FROM: &str = "strata.dev/restored-from";
 const RESTORING: &str = "strata.dev/restoring";
@@ -302,8 +305,21 @@ impl Migrator {
         let job = self.storage.backup(&c.volume, &pair.credential, &name).await.map_err(|e| format!("backup: {e}"))?;
         st.volumes[i].backup = job.id.clone();
         self.save(m, st).await;
+        let mut misses = 0;
         loop {
-            let j = self.storage.job(&job.id).await.map_err(|e| format!("backup {}: {e}", job.id))?;
+            // A backup outlives a moment without the SDK (an engine restarting): only a long
+            // silence fails the volume.
+            let j = match self.storage.job(&job.id).await {
+                Ok(j) => j,
+                Err(e) if misses < MISSES => {
+                    misses += 1;
+                    tracing::debug!(backup = %job.id, "looking at the backup: {e}");
+                    tokio::time::sleep(self.poll).await;
+                    continue;
+                }
+                Err(e) => return Err(format!("backup {}: {e}", job.id)),
+            };
+            misses = 0;
             st.volumes[i].uploaded_bytes = j.uploaded_bytes;
             match j.state.as_str() {
                 "done" => break,
