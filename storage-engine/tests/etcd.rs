@@ -251,6 +251,26 @@ async fn what_each_node_holds_follows_every_engines_changes_without_listing_volu
         assert!(t0.elapsed() < Duration::from_secs(10), "the watch never counted the 2,500 volumes");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The schedules' records come from the same watch: another engine's scheduled volume
+    // appears, and leaves when its schedule does.
+    let mut sched = placed("timed", gib, &["node-a"]);
+    sched.labels.insert("snap_schedule".into(), "periodic=60,2".into());
+    a.create_volume(sched).await.unwrap();
+    let names = |v: Vec<VolumeRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
+    let t0 = Instant::now();
+    while names(b.scheduled_volumes().await.unwrap()) != ["timed"] {
+        assert!(t0.elapsed() < Duration::from_secs(5), "node-b never saw the scheduled volume");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut timed = a.get_volume("timed").await.unwrap().unwrap();
+    timed.labels.clear();
+    a.update_volume(&timed).await.unwrap();
+    assert!(a.scheduled_volumes().await.unwrap().is_empty(), "an engine's own change counts at once");
+    let t0 = Instant::now();
+    while !b.scheduled_volumes().await.unwrap().is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(5), "node-b never saw the schedule go");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A create is one etcd write (ids come from a block this engine reserved).
     let before = a.revision().await;
     a.create_volume(placed("v3", gib, &["node-a"])).await.unwrap();

@@ -263,7 +263,7 @@ impl Service {
     pub async fn cloud_schedules_once(self: &Arc<Self>, now: u64) {
         use crate::volume::{CLOUD_CRED_LABEL, CLOUD_SCHEDULE_LABEL};
         let me = self.node.id.clone();
-        let (Ok(all), Ok(jobs)) = (self.meta.list_volumes().await, self.jobs().await) else { return };
+        let (Ok(all), Ok(jobs)) = (self.meta.scheduled_volumes().await, self.jobs().await) else { return };
         for rec in all.into_iter().map(|r| r.normalized(&me)) {
             let (Some(sched), Some(cred)) = (rec.labels.get(CLOUD_SCHEDULE_LABEL), rec.labels.get(CLOUD_CRED_LABEL)) else { continue };
             let mine = rec.target == me || (rec.target.is_empty() && rec.in_sync.first() == Some(&me));

@@ -60,13 +60,24 @@ struct Provisioned {
     /// Volume key → (size, replica nodes).
     vols: std::collections::HashMap<Vec<u8>, (u64, Vec<String>)>,
     per_node: std::collections::HashMap<String, u64>,
+    /// The records the schedules read (`super::is_scheduled`), whole.
+    scheduled: std::collections::HashMap<Vec<u8>, VolumeRecord>,
     /// The watch; None: not started, or it ended (the next call lists again).
     watch: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Provisioned {
-    /// Records volume `k` as `now` (None: deleted).
-    fn set(&mut self, k: Vec<u8>, now: Option<(u64, Vec<String>)>) {
+    /// Records volume `k` as stored now (None: deleted, or unreadable).
+    fn set(&mut self, k: Vec<u8>, rec: Option<VolumeRecord>) {
+        self.scheduled.remove(&k);
+        let now = rec.map(|rec| {
+            let nodes: Vec<String> = super::replica_nodes(&rec).iter().filter(|n| !n.is_empty()).cloned().collect();
+            let size = rec.size;
+            if super::is_scheduled(&rec) {
+                self.scheduled.insert(k.clone(), rec);
+            }
+            (size, nodes)
+        });
         if let Some((size, nodes)) = self.vols.remove(&k) {
             for n in nodes {
                 if let Some(p) = self.per_node.get_mut(&n) {
@@ -83,11 +94,9 @@ impl Provisioned {
     }
 }
 
-/// A stored volume record's size and replica nodes (None: unreadable, counted as nothing).
-fn holding(value: &[u8]) -> Option<(u64, Vec<String>)> {
-    let rec: VolumeRecord = serde_json::from_slice(value).ok()?;
-    let nodes = super::replica_nodes(&rec).iter().filter(|n| !n.is_empty()).cloned().collect();
-    Some((rec.size, nodes))
+/// A stored volume record (None: unreadable, counted as nothing).
+fn holding(value: &[u8]) -> Option<VolumeRecord> {
+    serde_json::from_slice(value).ok()
 }
 
 /// Follows `volumes/` from `rev` into `cache` until the watch ends (compaction, etcd away).
@@ -247,6 +256,25 @@ impl Etcd {
         resp.ok().and_then(|r| r.header().map(|h| h.revision())).unwrap_or(0)
     }
 
+    /// Makes sure the watch-kept index of volumes runs: a paged listing, then a watch from
+    /// its revision (again after the watch ended).
+    async fn follow(&self) -> Result<(), MetaError> {
+        let _one = self.provisioned_start.lock().await;
+        if self.provisioned.lock().watch.as_ref().is_some_and(|w| !w.is_finished()) {
+            return Ok(());
+        }
+        let (kvs, rev) = self.range(&key("volumes/")).await?;
+        let mut fresh = Provisioned::default();
+        for (k, v) in kvs {
+            let rec = holding(&v);
+            fresh.set(k, rec);
+        }
+        *self.provisioned.lock() = fresh;
+        let watch = tokio::spawn(follow_volumes(self.client.clone(), rev + 1, self.provisioned.clone()));
+        self.provisioned.lock().watch = Some(watch);
+        Ok(())
+    }
+
     /// This engine's own change to volume key `k` (None: removed), counted at once (the watch
     /// brings the same a moment later), so its next placement sees it.
     fn note_volume(&self, k: &str, value: Option<&[u8]>) {
@@ -346,21 +374,13 @@ impl MetaStore for Etcd {
     }
 
     async fn provisioned(&self) -> Result<std::collections::HashMap<String, u64>, MetaError> {
-        let _one = self.provisioned_start.lock().await;
-        if self.provisioned.lock().watch.as_ref().is_some_and(|w| !w.is_finished()) {
-            return Ok(self.provisioned.lock().per_node.clone());
-        }
-        let (kvs, rev) = self.range(&key("volumes/")).await?;
-        let mut fresh = Provisioned::default();
-        for (k, v) in kvs {
-            let now = holding(&v);
-            fresh.set(k, now);
-        }
-        let out = fresh.per_node.clone();
-        *self.provisioned.lock() = fresh;
-        let watch = tokio::spawn(follow_volumes(self.client.clone(), rev + 1, self.provisioned.clone()));
-        self.provisioned.lock().watch = Some(watch);
-        Ok(out)
+        self.follow().await?;
+        Ok(self.provisioned.lock().per_node.clone())
+    }
+
+    async fn scheduled_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        self.follow().await?;
+        Ok(self.provisioned.lock().scheduled.values().cloned().collect())
     }
 
     async fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {

@@ -257,6 +257,13 @@ pub trait MetaStore: Send + Sync {
     async fn create_volume(&self, rec: VolumeRecord) -> Result<VolumeRecord, MetaError>;
     async fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError>;
     async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError>;
+    /// The records the periodic schedules read: volumes with a snapshot or cloud schedule, and
+    /// the snapshots schedules took (`SCHEDULED_LABELS`). May trail the newest changes by a
+    /// moment (etcd: kept by the same watch, so the schedules of every engine do not list
+    /// every volume every few seconds).
+    async fn scheduled_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        Ok(self.list_volumes().await?.into_iter().filter(is_scheduled).collect())
+    }
     /// The sum of the sizes of the volumes each node holds a replica of (what placement
     /// balances). May trail the newest changes by a moment (etcd: kept by a watch, so it costs
     /// no listing of every volume).
@@ -285,6 +292,15 @@ pub trait MetaStore: Send + Sync {
     fn lease_generation(&self) -> u64 {
         0
     }
+}
+
+/// Labels that make a record one the schedules read: a snapshot schedule, a cloud backup
+/// schedule, and the mark of a snapshot a schedule took.
+pub const SCHEDULED_LABELS: [&str; 3] = ["snap_schedule", "cloudsnap_schedule", "strata.dev/schedule"];
+
+/// Whether the schedules read this record (`SCHEDULED_LABELS`).
+pub fn is_scheduled(rec: &VolumeRecord) -> bool {
+    SCHEDULED_LABELS.iter().any(|l| rec.labels.contains_key(*l))
 }
 
 /// The nodes holding a replica of the volume a record describes (a record from before

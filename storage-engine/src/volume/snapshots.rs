@@ -14,13 +14,13 @@ use std::sync::Arc;
 
 /// The volume label holding a Portworx `snap_schedule` (set by `--snap-schedule` or the CSI
 /// StorageClass parameter).
-pub const SCHEDULE_LABEL: &str = "snap_schedule";
+pub const SCHEDULE_LABEL: &str = crate::meta::SCHEDULED_LABELS[0];
 /// The label of a snapshot taken by a schedule: the policy that took it.
-pub const SCHEDULED_BY: &str = "strata.dev/schedule";
+pub const SCHEDULED_BY: &str = crate::meta::SCHEDULED_LABELS[2];
 
 /// The volume label holding a schedule of cloud backups (`snap_schedule`'s syntax), and the one
 /// naming their credential.
-pub const CLOUD_SCHEDULE_LABEL: &str = "cloudsnap_schedule";
+pub const CLOUD_SCHEDULE_LABEL: &str = crate::meta::SCHEDULED_LABELS[1];
 pub const CLOUD_CRED_LABEL: &str = "cloudsnap_cred";
 
 /// A malformed `snap_schedule` or `cloudsnap_schedule` label is refused with the parser's
@@ -306,7 +306,7 @@ impl Service {
     /// each policy's KEEP.
     pub async fn schedules_once(&self, now: u64) {
         let me = self.node.id.clone();
-        let Ok(all) = self.meta.list_volumes().await else { return };
+        let Ok(all) = self.meta.scheduled_volumes().await else { return };
         let all: Vec<VolumeRecord> = all.into_iter().map(|r| r.normalized(&me)).collect();
         for rec in &all {
             let Some(sched) = rec.labels.get(SCHEDULE_LABEL) else { continue };
