@@ -265,18 +265,11 @@ impl Service {
         let me = self.node.id.clone();
         let (Ok(all), Ok(jobs)) = (self.meta.scheduled_volumes().await, self.jobs().await) else { return };
         for rec in all.into_iter().map(|r| r.normalized(&me)) {
-            let (Some(sched), Some(cred)) = (rec.labels.get(CLOUD_SCHEDULE_LABEL), rec.labels.get(CLOUD_CRED_LABEL)) else { continue };
-            let mine = rec.target == me || (rec.target.is_empty() && rec.in_sync.first() == Some(&me));
-            if sched.is_empty() || rec.snapshot_of.is_some() || rec.pending.is_some() || !mine {
+            let Some(cred) = rec.labels.get(CLOUD_CRED_LABEL) else { continue };
+            if rec.labels.get(CLOUD_SCHEDULE_LABEL).is_some_and(|s| s.is_empty()) {
                 continue;
             }
-            let policies = match strata_api::schedule::parse(sched) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(volume = %rec.name, "{CLOUD_SCHEDULE_LABEL} ignored: {e}");
-                    continue;
-                }
-            };
+            let Some(policies) = self.schedule_here(&rec, CLOUD_SCHEDULE_LABEL) else { continue };
             let ours: Vec<&Job> = jobs.iter().filter(|j| j.volume == rec.name && !j.schedule.is_empty() && j.state != "failed").collect();
             let taken: Vec<(String, String, u64)> = ours.iter().map(|j| (j.name.clone(), j.schedule.clone(), j.started_unix)).collect();
             let plan = strata_api::schedule::plan(&format!("{}.cloud", rec.name), &policies, rec.created_unix, &taken, now);

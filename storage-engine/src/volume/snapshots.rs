@@ -302,6 +302,20 @@ impl Service {
         });
     }
 
+    /// The policies of `rec`'s schedule in label `label`, when this node runs it: the volume's
+    /// target, or for a detached volume its first in-sync replica's node. None for a snapshot,
+    /// a record with a change pending, another node's volume, or no such label; a malformed
+    /// schedule is logged and skipped. `rec` is normalized.
+    pub(crate) fn schedule_here(&self, rec: &VolumeRecord, label: &str) -> Option<Vec<strata_api::schedule::Policy>> {
+        let sched = rec.labels.get(label)?;
+        let me = &self.node.id;
+        let mine = &rec.target == me || (rec.target.is_empty() && rec.in_sync.first() == Some(me));
+        if rec.snapshot_of.is_some() || rec.pending.is_some() || !mine {
+            return None;
+        }
+        strata_api::schedule::parse(sched).map_err(|e| tracing::warn!(volume = %rec.name, "{label} ignored: {e}")).ok()
+    }
+
     /// One pass of the schedules at `now`: takes the snapshots due and deletes the ones beyond
     /// each policy's KEEP.
     pub async fn schedules_once(&self, now: u64) {
@@ -309,18 +323,7 @@ impl Service {
         let Ok(all) = self.meta.scheduled_volumes().await else { return };
         let all: Vec<VolumeRecord> = all.into_iter().map(|r| r.normalized(&me)).collect();
         for rec in &all {
-            let Some(sched) = rec.labels.get(SCHEDULE_LABEL) else { continue };
-            let mine = rec.target == me || (rec.target.is_empty() && rec.in_sync.first() == Some(&me));
-            if rec.snapshot_of.is_some() || rec.pending.is_some() || !mine {
-                continue;
-            }
-            let policies = match strata_api::schedule::parse(sched) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(volume = %rec.name, "snap_schedule ignored: {e}");
-                    continue;
-                }
-            };
+            let Some(policies) = self.schedule_here(rec, SCHEDULE_LABEL) else { continue };
             let taken: Vec<(String, String, u64)> = all
                 .iter()
                 .filter(|s| s.snapshot_of.as_deref() == Some(rec.name.as_str()))
