@@ -26,10 +26,10 @@ pub struct Etcd {
     live: Arc<parking_lot::Mutex<Live>>,
     /// The lease renewal task (from `register_node`), stopped with the store.
     renewal: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// What each node holds, for placement: listed once, then kept by a watch.
-    provisioned: Arc<parking_lot::Mutex<Provisioned>>,
+    /// What placement and the schedules read of the volumes: listed once, then kept by a watch.
+    index: Arc<parking_lot::Mutex<VolumeIndex>>,
     /// Serializes starting that watch.
-    provisioned_start: tokio::sync::Mutex<()>,
+    index_start: tokio::sync::Mutex<()>,
     /// Volume ids this store may give: [next, end).
     id_block: parking_lot::Mutex<(u64, u64)>,
     /// Serializes taking a new block.
@@ -47,16 +47,17 @@ impl Drop for Etcd {
         if let Some(t) = self.renewal.lock().take() {
             t.abort();
         }
-        if let Some(t) = self.provisioned.lock().watch.take() {
+        if let Some(t) = self.index.lock().watch.take() {
             t.abort();
         }
     }
 }
 
-/// Per node, the sizes of the volumes it holds replicas of, kept current by a watch of
-/// `volumes/` (placement would otherwise list every volume at each decision).
+/// What is read of the volumes most often, kept current by a watch of `volumes/` (placement and
+/// the schedules would otherwise list every volume again and again): per node, the sizes of the
+/// volumes it holds replicas of, and the scheduled records whole.
 #[derive(Default)]
-struct Provisioned {
+struct VolumeIndex {
     /// Volume key → (size, replica nodes).
     vols: std::collections::HashMap<Vec<u8>, (u64, Vec<String>)>,
     per_node: std::collections::HashMap<String, u64>,
@@ -66,7 +67,7 @@ struct Provisioned {
     watch: Option<tokio::task::JoinHandle<()>>,
 }
 
-impl Provisioned {
+impl VolumeIndex {
     /// Records volume `k` as stored now (None: deleted, or unreadable).
     fn set(&mut self, k: Vec<u8>, rec: Option<VolumeRecord>) {
         self.scheduled.remove(&k);
@@ -95,12 +96,12 @@ impl Provisioned {
 }
 
 /// A stored volume record (None: unreadable, counted as nothing).
-fn holding(value: &[u8]) -> Option<VolumeRecord> {
+fn stored_record(value: &[u8]) -> Option<VolumeRecord> {
     serde_json::from_slice(value).ok()
 }
 
 /// Follows `volumes/` from `rev` into `cache` until the watch ends (compaction, etcd away).
-async fn follow_volumes(mut client: Client, rev: i64, cache: Arc<parking_lot::Mutex<Provisioned>>) {
+async fn follow_volumes(mut client: Client, rev: i64, cache: Arc<parking_lot::Mutex<VolumeIndex>>) {
     let opts = etcd_client::WatchOptions::new().with_prefix().with_start_revision(rev);
     let ended = match client.watch(key("volumes/"), Some(opts)).await {
         Ok((_watcher, mut stream)) => loop {
@@ -110,7 +111,7 @@ async fn follow_volumes(mut client: Client, rev: i64, cache: Arc<parking_lot::Mu
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
                         let now = match ev.event_type() {
-                            etcd_client::EventType::Put => holding(kv.value()),
+                            etcd_client::EventType::Put => stored_record(kv.value()),
                             etcd_client::EventType::Delete => None,
                         };
                         c.set(kv.key().to_vec(), now);
@@ -123,7 +124,7 @@ async fn follow_volumes(mut client: Client, rev: i64, cache: Arc<parking_lot::Mu
         },
         Err(e) => e.to_string(),
     };
-    tracing::debug!("the watch of volume placement ended ({ended}); the next placement lists again");
+    tracing::debug!("the watch of volumes ended ({ended}); the next look lists them again");
     cache.lock().watch = None;
 }
 
@@ -178,8 +179,8 @@ impl Etcd {
             ttl: ttl.max(1),
             live,
             renewal: parking_lot::Mutex::new(None),
-            provisioned: Default::default(),
-            provisioned_start: Default::default(),
+            index: Default::default(),
+            index_start: Default::default(),
             id_block: Default::default(),
             id_block_take: Default::default(),
         };
@@ -259,28 +260,28 @@ impl Etcd {
     /// Makes sure the watch-kept index of volumes runs: a paged listing, then a watch from
     /// its revision (again after the watch ended).
     async fn follow(&self) -> Result<(), MetaError> {
-        let _one = self.provisioned_start.lock().await;
-        if self.provisioned.lock().watch.as_ref().is_some_and(|w| !w.is_finished()) {
+        let _one = self.index_start.lock().await;
+        if self.index.lock().watch.as_ref().is_some_and(|w| !w.is_finished()) {
             return Ok(());
         }
         let (kvs, rev) = self.range(&key("volumes/")).await?;
-        let mut fresh = Provisioned::default();
+        let mut fresh = VolumeIndex::default();
         for (k, v) in kvs {
-            let rec = holding(&v);
+            let rec = stored_record(&v);
             fresh.set(k, rec);
         }
-        *self.provisioned.lock() = fresh;
-        let watch = tokio::spawn(follow_volumes(self.client.clone(), rev + 1, self.provisioned.clone()));
-        self.provisioned.lock().watch = Some(watch);
+        *self.index.lock() = fresh;
+        let watch = tokio::spawn(follow_volumes(self.client.clone(), rev + 1, self.index.clone()));
+        self.index.lock().watch = Some(watch);
         Ok(())
     }
 
     /// This engine's own change to volume key `k` (None: removed), counted at once (the watch
     /// brings the same a moment later), so its next placement sees it.
     fn note_volume(&self, k: &str, value: Option<&[u8]>) {
-        let mut c = self.provisioned.lock();
+        let mut c = self.index.lock();
         if c.watch.is_some() {
-            c.set(k.as_bytes().to_vec(), value.and_then(holding));
+            c.set(k.as_bytes().to_vec(), value.and_then(stored_record));
         }
     }
 
@@ -375,12 +376,12 @@ impl MetaStore for Etcd {
 
     async fn provisioned(&self) -> Result<std::collections::HashMap<String, u64>, MetaError> {
         self.follow().await?;
-        Ok(self.provisioned.lock().per_node.clone())
+        Ok(self.index.lock().per_node.clone())
     }
 
     async fn scheduled_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
         self.follow().await?;
-        Ok(self.provisioned.lock().scheduled.values().cloned().collect())
+        Ok(self.index.lock().scheduled.values().cloned().collect())
     }
 
     async fn update_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord, MetaError> {
