@@ -168,11 +168,14 @@ impl pb::cloud_snap_service_server::CloudSnapService for Sdk {
     async fn status(&self, req: Request<pb::CloudStatusRequest>) -> Result<Response<pb::CloudStatusResponse>, Status> {
         auth::require(&self.who(&req)?, Role::View, "cloudsnap.status")?;
         let id = req.into_inner().id;
-        let jobs = self.engine.jobs().await?.into_iter().filter(|j| id.is_empty() || j.id == id).map(job_pb).collect::<Vec<_>>();
-        if !id.is_empty() && jobs.is_empty() {
-            return Err(VolumeError::Absent(format!("backup job {id}")).into());
-        }
-        Ok(Response::new(pb::CloudStatusResponse { jobs }))
+        // One job is one record read (the migration controller asks about one every few
+        // seconds); every job, a listing.
+        let jobs = if id.is_empty() {
+            self.engine.jobs().await?
+        } else {
+            vec![self.engine.job(&id).await?.ok_or_else(|| VolumeError::Absent(format!("backup job {id}")))?]
+        };
+        Ok(Response::new(pb::CloudStatusResponse { jobs: jobs.into_iter().map(job_pb).collect() }))
     }
 
     async fn list(&self, req: Request<pb::CloudListRequest>) -> Result<Response<pb::CloudListResponse>, Status> {
