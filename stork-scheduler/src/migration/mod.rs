@@ -112,18 +112,13 @@ impl Migrator {
         let cp = cp.ok_or_else(|| format!("ClusterPair {ns}/{name} does not exist"))?;
         let result = self.connect_pair(ns, name, &cp).await;
         let status = match &result {
-            Ok((_, scheduler, storage, cred)) => ClusterPairStatus {
-                storage_status: storage.clone(),
-                scheduler_status: scheduler.clone(),
-                credential: cred.clone(),
+            Ok(p) => ClusterPairStatus {
+                storage_status: "Ready".into(),
+                scheduler_status: "Ready".into(),
+                credential: p.credential.clone(),
                 message: String::new(),
             },
-            Err((scheduler, storage, why)) => ClusterPairStatus {
-                storage_status: storage.clone(),
-                scheduler_status: scheduler.clone(),
-                credential: String::new(),
-                message: why.clone(),
-            },
+            Err(failed) => failed.clone(),
         };
         if cp.status.as_ref() != Some(&status) {
             let patch = Patch::Merge(json!({"status": status}));
@@ -131,19 +126,30 @@ impl Migrator {
                 tracing::warn!(pair = %name, "ClusterPair status not written: {e}");
             }
         }
-        result.map(|(p, ..)| p).map_err(|(_, _, why)| format!("ClusterPair {ns}/{name}: {why}"))
+        result.map_err(|failed| format!("ClusterPair {ns}/{name}: {}", failed.message))
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn connect_pair(&self, ns: &str, name: &str, cp: &ClusterPair) -> Result<(Pair, String, String, String), (String, String, String)> {
-        let (ready, error, unknown) = ("Ready".to_string(), "Error".to_string(), String::new());
-        let kubeconfig = self.secret(ns, &cp.spec.kubeconfig_secret, "kubeconfig").await.map_err(|e| (error.clone(), unknown.clone(), e))?;
+    /// Connects to a pair's cluster; when that fails, the pair's status saying which side
+    /// failed and why.
+    async fn connect_pair(&self, ns: &str, name: &str, cp: &ClusterPair) -> Result<Pair, ClusterPairStatus> {
+        let scheduler_failed = |message: String| ClusterPairStatus {
+            scheduler_status: "Error".into(),
+            storage_status: String::new(),
+            credential: String::new(),
+            message,
+        };
+        let storage_failed = |message: String| ClusterPairStatus {
+            scheduler_status: "Ready".into(),
+            storage_status: "Error".into(),
+            credential: String::new(),
+            message,
+        };
+        let kubeconfig = self.secret(ns, &cp.spec.kubeconfig_secret, "kubeconfig").await.map_err(scheduler_failed)?;
         let kubeconfig = kubeconfig
             .get("kubeconfig")
-            .ok_or_else(|| (error.clone(), unknown.clone(), format!("Secret {ns}/{} has no `kubeconfig` key", cp.spec.kubeconfig_secret)))?;
-        let kube = self.remote_kube.client(kubeconfig).await.map_err(|e| (error.clone(), unknown.clone(), e))?;
-        kube.apiserver_version().await.map_err(|e| (error.clone(), unknown.clone(), format!("the remote API server does not answer: {e}")))?;
-        let storage_failed = |why: String| (ready.clone(), error.clone(), why);
+            .ok_or_else(|| scheduler_failed(format!("Secret {ns}/{} has no `kubeconfig` key", cp.spec.kubeconfig_secret)))?;
+        let kube = self.remote_kube.client(kubeconfig).await.map_err(scheduler_failed)?;
+        kube.apiserver_version().await.map_err(|e| scheduler_failed(format!("the remote API server does not answer: {e}")))?;
         let sdk_secret = match &cp.spec.remote_storage.secret {
             Some(s) => self.secret(ns, s, "remote storage").await.map_err(storage_failed)?,
             None => BTreeMap::new(),
@@ -160,7 +166,7 @@ impl Migrator {
                 tracing::info!(%credential, %side, "object store credential created");
             }
         }
-        Ok((Pair { kube, storage: remote, credential: credential.clone() }, ready.clone(), ready, credential))
+        Ok(Pair { kube, storage: remote, credential })
     }
 
     /// Runs every Migration that is not final, one after the other; how many ran.
