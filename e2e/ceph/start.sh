@@ -35,6 +35,9 @@ osd pool default pgp num = 8
 osd crush chooseleaf type = 0
 mon allow pool size one = true
 mon warn on pool no redundancy = false
+# a test machine's disk may be nearly full (CI's had 3% free): the monitor must not refuse to start
+mon data avail crit = 0
+mon data avail warn = 0
 osd objectstore = bluestore
 bluestore block create = true
 bluestore block size = ${CEPH_OSD_SIZE:-2147483648}

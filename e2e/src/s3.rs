@@ -84,11 +84,26 @@ impl S3 {
         let root = crate::tempdir();
         let (mon, rgw) = (crate::free_port(), crate::free_port());
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/ceph/start.sh");
-        let ok = Command::new(script).arg(root.path()).args([mon.to_string(), rgw.to_string()]).status().is_ok_and(|s| s.success());
+        let run = Command::new(script).arg(root.path()).args([mon.to_string(), rgw.to_string()]).output();
         let s3 = S3 { child: None, url: format!("http://127.0.0.1:{rgw}"), root };
-        if !ok {
-            let log = std::fs::read_to_string(s3.root.path().join("log/setup.log")).unwrap_or_default();
-            panic!("the RADOS Gateway did not start (e2e/ceph/start.sh):\n{log}");
+        let failed = match &run {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(format!("{}: {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = failed {
+            // The script's own output, its daemons' start-up errors, and the end of each log.
+            let logs = s3.root.path().join("log");
+            let mut report = format!("the RADOS Gateway did not start (e2e/ceph/start.sh): {why}\n");
+            let mut names: Vec<_> = std::fs::read_dir(&logs).into_iter().flatten().flatten().map(|e| e.path()).collect();
+            names.sort();
+            for path in names {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                report.push_str(&format!("--- {} (last lines)\n{tail}\n", path.display()));
+            }
+            panic!("{report}");
         }
         Some(s3)
     }
