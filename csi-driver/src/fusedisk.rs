@@ -13,15 +13,15 @@
 //! keeps many requests of a filesystem's size in flight.
 
 use crate::nbdclient::{self, Client, NbdConn};
+use crate::retrying::{Conn, Req};
 use fuser::{
     consts, FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyWrite, Request,
 };
-use parking_lot::Mutex;
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -29,8 +29,6 @@ pub use crate::nbdclient::Endpoint;
 
 /// The FUSE mount's largest request, sent as one NBD request.
 const MAX_REQ: usize = 1 << 20;
-/// How long a broken connection is retried before requests fail with EIO.
-const RECONNECT_FOR: Duration = Duration::from_secs(120);
 /// Requests the kernel may queue to the mount in the background (asynchronous direct I/O).
 const MAX_BACKGROUND: u16 = 64;
 
@@ -38,149 +36,13 @@ const ROOT: u64 = 1;
 const DISK: u64 = 2;
 const TTL: Duration = Duration::ZERO;
 
-/// The connection to the export, shared by the FUSE session (which sends requests) and the
-/// reader (which answers the kernel); re-made when it breaks.
-struct Conn {
-    ep: Endpoint,
-    export: String,
-    client: Mutex<Option<Arc<Client>>>,
-    /// The export's size as last seen.
-    size: AtomicU64,
-    /// The export's transmission flags (from the first handshake: an export keeps them).
-    flags: u16,
-    /// Set when reconnecting failed for RECONNECT_FOR: requests then fail at once (after one
-    /// connection attempt each) instead of each waiting the whole window again.
-    gave_up: AtomicBool,
-    /// Requests whose connection broke, for the retry thread to send again once reconnected.
-    retry: std::sync::mpsc::Sender<Req>,
-}
-
-/// One request from the kernel, kept whole until answered so it can be sent again.
-struct Req {
-    cmd: u16,
-    offset: u64,
-    len: u32,
-    /// A write's data (shared with the connection while it is sent).
-    payload: Arc<[u8]>,
-    /// When it was first sent: it fails after RECONNECT_FOR without a connection.
-    since: Instant,
-    /// Answers the kernel: the data read (empty for other commands) or an errno.
-    reply: Box<dyn FnOnce(Result<Vec<u8>, i32>) + Send>,
-}
-
-impl Conn {
-    /// The current client, connecting (and retrying for up to RECONNECT_FOR from `t0`) when
-    /// there is none or it broke. One thread connects while the others wait on the lock.
-    fn client(&self, t0: Instant) -> Result<Arc<Client>, i32> {
-        let mut cur = self.client.lock();
-        loop {
-            if let Some(c) = cur.as_ref().filter(|c| !c.is_broken()) {
-                return Ok(c.clone());
-            }
-            match NbdConn::connect(&self.ep, &self.export).and_then(Client::new) {
-                Ok(c) => {
-                    self.size.store(c.size, Ordering::Relaxed);
-                    if self.gave_up.swap(false, Ordering::Relaxed) || cur.is_some() {
-                        tracing::info!(export = %self.export, "reconnected to the engine");
-                    }
-                    *cur = Some(c);
-                }
-                Err(e) if !self.gave_up.load(Ordering::Relaxed) && t0.elapsed() < RECONNECT_FOR => {
-                    tracing::warn!(export = %self.export, "reconnecting to the engine: {e}");
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => {
-                    if !self.gave_up.swap(true, Ordering::Relaxed) {
-                        tracing::error!(export = %self.export, "the engine stayed unreachable for {RECONNECT_FOR:?}: failing I/O until it is back: {e}");
-                    }
-                    return Err(libc::EIO);
-                }
-            }
-        }
-    }
-
-    /// The current client if it is healthy; never waits for a connection.
-    fn ready(&self) -> Option<Arc<Client>> {
-        self.client.try_lock().and_then(|c| c.as_ref().filter(|c| !c.is_broken()).cloned())
-    }
-
-    /// Sends `req` on `c`; its answer goes to the kernel from the connection's reader. A broken
-    /// connection hands it to the retry thread (reads, writes, flushes and discards can be sent
-    /// again); an NBD error reply is answered as its errno.
-    fn send(self: &Arc<Conn>, c: &Client, req: Req) {
-        let (cmd, offset, len) = (req.cmd, req.offset, req.len);
-        let payload = req.payload.clone();
-        let me = self.clone();
-        c.submit(
-            cmd,
-            offset,
-            len,
-            &payload,
-            Box::new(move |answer| match answer {
-                Ok((0, data)) => (req.reply)(Ok(data)),
-                Ok((err, _)) => (req.reply)(Err(err as i32)),
-                Err(e) => {
-                    tracing::warn!(export = %me.export, "NBD connection broken, sending again: {e}");
-                    if let Err(back) = me.retry.send(req) {
-                        (back.0.reply)(Err(libc::EIO));
-                    }
-                }
-            }),
-        );
-    }
-
-    /// Sends a request from the kernel: at once on a healthy connection, else through the retry
-    /// thread (which waits for a new one).
-    fn submit(self: &Arc<Conn>, req: Req) {
-        match self.ready() {
-            Some(c) => self.send(&c, req),
-            None => {
-                if let Err(back) = self.retry.send(req) {
-                    (back.0.reply)(Err(libc::EIO));
-                }
-            }
-        }
-    }
-
-    /// The retry thread: each request whose connection broke goes out again on a new one.
-    fn retry_loop(self: Arc<Conn>, rx: std::sync::mpsc::Receiver<Req>) {
-        while let Ok(req) = rx.recv() {
-            match self.client(req.since) {
-                Ok(c) => self.send(&c, req),
-                Err(e) => (req.reply)(Err(e)),
-            }
-        }
-    }
-
-    /// The export's size now (a new handshake: the volume may have grown).
-    fn refresh_size(&self) -> u64 {
-        if let Ok(c) = NbdConn::connect(&self.ep, &self.export) {
-            self.size.store(c.size, Ordering::Relaxed);
-            c.disconnect();
-        }
-        self.size.load(Ordering::Relaxed)
-    }
-}
-
 struct Disk {
     conn: Arc<Conn>,
 }
 
 impl Disk {
     fn new(ep: Endpoint, export: &str, first: Arc<Client>) -> io::Result<Disk> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let conn = Arc::new(Conn {
-            ep,
-            export: export.to_string(),
-            size: AtomicU64::new(first.size),
-            flags: first.flags,
-            client: Mutex::new(Some(first)),
-            gave_up: AtomicBool::new(false),
-            retry: tx,
-        });
-        let c = conn.clone();
-        std::thread::Builder::new().name("nbd-retry".into()).spawn(move || c.retry_loop(rx))?;
-        Ok(Disk { conn })
+        Ok(Disk { conn: Conn::start(ep, export, first)? })
     }
 
     /// Sends one request; `reply` answers the kernel when it completes.

@@ -15,8 +15,10 @@ pub mod nbdclient;
 pub mod netlink;
 pub mod node;
 pub mod params;
+pub mod retrying;
 pub mod sdk;
 pub mod stage;
+pub mod ublk;
 
 use clap::{Parser, ValueEnum};
 use std::path::PathBuf;
@@ -78,8 +80,10 @@ pub struct Config {
     /// Node mode: where the FUSE views of attached volumes live. Default: /var/lib/strata-csi.
     #[arg(long, env = "STRATA_CSI_STATE_DIR", default_value = "/var/lib/strata-csi", hide_default_value = true)]
     pub state_dir: PathBuf,
-    /// Node mode: how a volume becomes a block device: `auto` (the kernel's NBD driver when the
-    /// nbd module is loaded, else the FUSE view), `kernel-nbd` (the kernel's NBD driver through
+    /// Node mode: how a volume becomes a block device: `auto` (ublk when the kernel's ublk driver
+    /// can recover devices and resize them online, else the kernel's NBD driver when the nbd
+    /// module is loaded, else the FUSE view), `ublk` (/dev/ublkbN served by a helper per volume,
+    /// taken over by a new helper if one dies), `kernel-nbd` (the kernel's NBD driver through
     /// netlink: several sockets, reconnected after an engine restart) or `fuse` (a FUSE view
     /// under a loop device, works everywhere). Default: auto.
     #[arg(long, env = "STRATA_CSI_ATTACH", value_enum, default_value = "auto", hide_default_value = true)]
@@ -95,6 +99,12 @@ pub struct Config {
     /// (a restart or upgrade) before failing it. Default: 120.
     #[arg(long, env = "STRATA_CSI_NBD_DEAD_TIMEOUT", default_value_t = 120, hide_default_value = true, value_parser = clap::value_parser!(u64).range(1..))]
     pub nbd_dead_timeout: u64,
+    /// Node mode, ublk: hardware queues per device. Default: 2.
+    #[arg(long, env = "STRATA_CSI_UBLK_QUEUES", default_value_t = 2, hide_default_value = true, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub ublk_queues: u16,
+    /// Node mode, ublk: requests in flight per queue. Default: 64.
+    #[arg(long, env = "STRATA_CSI_UBLK_DEPTH", default_value_t = 64, hide_default_value = true, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub ublk_depth: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -102,17 +112,42 @@ pub enum AttachMode {
     Auto,
     Fuse,
     KernelNbd,
+    Ublk,
 }
 
 impl AttachMode {
-    /// The path this node uses: `auto` resolved against what the kernel has.
-    pub fn resolve(self, nbd_loaded: bool) -> AttachMode {
+    /// The path this node uses: `auto` resolved against what the kernel has (`ublk_preferred`:
+    /// see `ublk::preferred`).
+    pub fn resolve(self, ublk_preferred: bool, nbd_loaded: bool) -> AttachMode {
         match self {
+            AttachMode::Auto if ublk_preferred => AttachMode::Ublk,
             AttachMode::Auto if nbd_loaded => AttachMode::KernelNbd,
             AttachMode::Auto => AttachMode::Fuse,
             other => other,
         }
     }
+}
+
+/// `strata-csi ublk-disk`: serve one export as a ublk device (started by the node plugin).
+#[derive(Debug, clap::Parser)]
+#[command(name = "ublk-disk")]
+pub struct UblkDiskArgs {
+    #[arg(long)]
+    pub export: String,
+    /// Where the device's id and this process's pid are kept; naming a device whose helper died,
+    /// this one takes it over.
+    #[arg(long)]
+    pub state_file: PathBuf,
+    /// The engine's NBD unix socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Or its NBD TCP address (host:port).
+    #[arg(long)]
+    pub tcp: Option<String>,
+    #[arg(long, default_value_t = 2)]
+    pub queues: u16,
+    #[arg(long, default_value_t = 64)]
+    pub depth: u16,
 }
 
 /// `strata-csi fuse-disk`: serve one export as `<mount>/disk` (started by the node plugin).
@@ -133,11 +168,21 @@ pub struct FuseDiskArgs {
 
 impl FuseDiskArgs {
     pub fn endpoint(&self) -> anyhow::Result<fusedisk::Endpoint> {
-        match (&self.socket, &self.tcp) {
-            (Some(p), None) => Ok(fusedisk::Endpoint::Unix(p.clone())),
-            (None, Some(a)) => Ok(fusedisk::Endpoint::Tcp(a.clone())),
-            _ => anyhow::bail!("pass exactly one of --socket PATH and --tcp HOST:PORT"),
-        }
+        endpoint(&self.socket, &self.tcp)
+    }
+}
+
+impl UblkDiskArgs {
+    pub fn endpoint(&self) -> anyhow::Result<fusedisk::Endpoint> {
+        endpoint(&self.socket, &self.tcp)
+    }
+}
+
+fn endpoint(socket: &Option<PathBuf>, tcp: &Option<String>) -> anyhow::Result<fusedisk::Endpoint> {
+    match (socket, tcp) {
+        (Some(p), None) => Ok(fusedisk::Endpoint::Unix(p.clone())),
+        (None, Some(a)) => Ok(fusedisk::Endpoint::Tcp(a.clone())),
+        _ => anyhow::bail!("pass exactly one of --socket PATH and --tcp HOST:PORT"),
     }
 }
 
@@ -154,6 +199,11 @@ pub fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if matches!(cfg.mode, Mode::Node | Mode::Docker) && cfg.attach == AttachMode::KernelNbd && !kernelnbd::available() {
         anyhow::bail!("--attach kernel-nbd: the kernel's nbd module is not loaded (modprobe nbd), or use --attach fuse");
+    }
+    if matches!(cfg.mode, Mode::Node | Mode::Docker) && cfg.attach == AttachMode::Ublk && !ublk::available() {
+        anyhow::bail!(
+            "--attach ublk: the kernel's ublk driver is not loaded (modprobe ublk_drv; Linux 6.0 or later), or use --attach kernel-nbd or fuse"
+        );
     }
     let path = socket_path(&cfg.endpoint)?;
     if path.exists() {
@@ -213,13 +263,16 @@ fn devices(cfg: &Config) -> stage::Devices {
         Some(a) => stage::NbdEndpoint::Tcp(a.clone()),
         None => stage::NbdEndpoint::Unix(cfg.nbd_socket.clone()),
     };
-    let attach = cfg.attach.resolve(kernelnbd::available());
+    let ublk_features = ublk::features();
+    let attach = cfg.attach.resolve(ublk::preferred(ublk_features), kernelnbd::available());
     tracing::info!(
         ?attach,
+        ublk_features = format!("{:#x}", ublk_features.unwrap_or(0)),
         "volumes become block devices through {}",
         match attach {
+            AttachMode::Ublk => "ublk (a helper per volume; devices recovered when a helper dies)",
             AttachMode::KernelNbd => "the kernel's NBD driver",
-            _ => "a FUSE view under a loop device (the kernel has no nbd module loaded)",
+            _ => "a FUSE view under a loop device (the kernel has neither a usable ublk driver nor the nbd module)",
         }
     );
     let nbd_params =
@@ -229,7 +282,13 @@ fn devices(cfg: &Config) -> stage::Devices {
         k.adopt(&cfg.state_dir, &nbd, nbd_params);
         k
     });
-    stage::Devices { state_dir: cfg.state_dir.clone(), nbd, kernel_nbd, nbd_params }
+    let ublk_opts = ublk::Opts { queues: cfg.ublk_queues, depth: cfg.ublk_depth, ..ublk::Opts::default() };
+    let ublk = (attach == AttachMode::Ublk).then(|| {
+        let k = std::sync::Arc::new(ublk::Keepers::default());
+        k.adopt(&cfg.state_dir, &nbd, ublk_opts);
+        k
+    });
+    stage::Devices { state_dir: cfg.state_dir.clone(), nbd, kernel_nbd, nbd_params, ublk, ublk_opts }
 }
 
 #[cfg(test)]
@@ -237,10 +296,22 @@ mod tests {
     use super::AttachMode;
 
     #[test]
-    fn auto_attach_takes_kernel_nbd_only_when_the_module_is_loaded() {
-        assert_eq!(AttachMode::Auto.resolve(true), AttachMode::KernelNbd);
-        assert_eq!(AttachMode::Auto.resolve(false), AttachMode::Fuse);
-        assert_eq!(AttachMode::Fuse.resolve(true), AttachMode::Fuse, "a forced mode stays");
-        assert_eq!(AttachMode::KernelNbd.resolve(false), AttachMode::KernelNbd);
+    fn auto_attach_takes_ublk_then_kernel_nbd_then_fuse() {
+        assert_eq!(AttachMode::Auto.resolve(true, true), AttachMode::Ublk);
+        assert_eq!(AttachMode::Auto.resolve(false, true), AttachMode::KernelNbd);
+        assert_eq!(AttachMode::Auto.resolve(false, false), AttachMode::Fuse);
+        assert_eq!(AttachMode::Fuse.resolve(true, true), AttachMode::Fuse, "a forced mode stays");
+        assert_eq!(AttachMode::KernelNbd.resolve(true, false), AttachMode::KernelNbd);
+        assert_eq!(AttachMode::Ublk.resolve(false, true), AttachMode::Ublk);
+    }
+
+    #[test]
+    fn auto_takes_ublk_only_with_recovery_and_online_resize() {
+        use crate::ublk::{preferred, F_UPDATE_SIZE, F_USER_RECOVERY, F_USER_RECOVERY_REISSUE};
+        assert!(!preferred(None), "no ublk driver");
+        // Linux 6.12: recovery, but no UPDATE_SIZE.
+        assert!(!preferred(Some(F_USER_RECOVERY | F_USER_RECOVERY_REISSUE | 0xff)));
+        assert!(preferred(Some(F_USER_RECOVERY | F_USER_RECOVERY_REISSUE | F_UPDATE_SIZE)));
+        assert!(!preferred(Some(F_UPDATE_SIZE | F_USER_RECOVERY)), "recovery must reissue what the dead helper had");
     }
 }

@@ -9,7 +9,8 @@ use crate::controller::{CLUSTER_KEY, NODE_KEY, RACK_KEY, ZONE_KEY};
 use crate::inflight::InFlight;
 use crate::kernelnbd;
 use crate::sdk::Sdk;
-use crate::stage::{blocking, internal, nbd_index, Devices, Mount};
+use crate::stage::{blocking, internal, nbd_index, ublk_id, Devices, Mount};
+use crate::ublk;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use strata_api::csi::node_service_capability::{rpc, Rpc, Type as CapType};
@@ -34,6 +35,9 @@ pub use crate::stage::NbdEndpoint;
 fn staged_device(state: &Path, id: &str) -> Result<String, Status> {
     if let Some(i) = nbd_index(state, id) {
         return Ok(kernelnbd::device(i));
+    }
+    if let Some(u) = ublk_id(state, id) {
+        return Ok(ublk::device(u));
     }
     attach::find_loop(&attach::fuse_dir(state, id).join("disk"))
         .map_err(internal)?
@@ -232,6 +236,8 @@ impl csi::node_server::Node for Node {
             let dev = staged_device(&state, &id)?;
             if let Some(i) = nbd_index(&state, &id) {
                 kernelnbd::resize(i, size).map_err(|e| Status::internal(format!("kernel NBD resize of {dev}: {e}")))?;
+            } else if let Some(u) = ublk_id(&state, &id) {
+                ublk::resize(u, size).map_err(Status::failed_precondition)?;
             } else {
                 // The FUSE view asks the engine for the export's size on every stat.
                 let file = attach::fuse_dir(&state, &id).join("disk");

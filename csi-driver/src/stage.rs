@@ -6,6 +6,7 @@
 use crate::attach::{self, AttachError};
 use crate::kernelnbd;
 use crate::sdk::Sdk;
+use crate::ublk;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use strata_api::v1 as pb;
@@ -23,6 +24,9 @@ pub struct Devices {
     /// Kernel NBD (its devices' keepers) instead of the FUSE view.
     pub kernel_nbd: Option<Arc<kernelnbd::Keepers>>,
     pub nbd_params: kernelnbd::Params,
+    /// ublk (its devices' keepers) instead of kernel NBD or the FUSE view.
+    pub ublk: Option<Arc<ublk::Keepers>>,
+    pub ublk_opts: ublk::Opts,
 }
 
 /// A filesystem to mount the device at.
@@ -46,10 +50,22 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, St
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))?
 }
 
-/// Makes the volume a block device here: kernel NBD (remembered in the state directory, its
-/// sockets watched by a keeper) or a FUSE view under a loop device.
-fn ensure_device(state: &Path, id: &str, ep: &NbdEndpoint, kernel: Option<(&kernelnbd::Keepers, kernelnbd::Params)>) -> Result<String, Status> {
-    let Some((keepers, p)) = kernel else {
+/// The /dev/ublkbN a volume is served as on this node (ublk), if any.
+pub(crate) fn ublk_id(state: &Path, id: &str) -> Option<u32> {
+    ublk::read_state(&ublk::state_file(state, id)).map(|(dev, _)| dev)
+}
+
+/// Makes the volume a block device here: a ublk device (its helper watched by a keeper), kernel
+/// NBD (remembered in the state directory, its sockets watched by a keeper) or a FUSE view under
+/// a loop device.
+fn ensure_device(d: &Devices, id: &str) -> Result<String, Status> {
+    let (state, ep) = (&d.state_dir, &d.nbd);
+    if let Some(keepers) = &d.ublk {
+        let dev = ublk::ensure(state, id, ep, d.ublk_opts).map_err(|e| Status::internal(format!("ublk device of {id}: {e}")))?;
+        keepers.start(state, id, ep.clone(), d.ublk_opts);
+        return Ok(dev);
+    }
+    let Some((keepers, p)) = d.kernel_nbd.as_deref().map(|k| (k, d.nbd_params)) else {
         let file = attach::ensure_fuse(state, id, ep).map_err(internal)?;
         return attach::ensure_loop(&file).map_err(internal);
     };
@@ -82,7 +98,7 @@ impl Devices {
     pub async fn stage(&self, id: &str, mount: Option<Mount>) -> Result<String, Status> {
         let (d, id) = (self.clone(), id.to_string());
         blocking(move || {
-            let dev = ensure_device(&d.state_dir, &id, &d.nbd, d.kernel_nbd.as_deref().map(|k| (k, d.nbd_params)))?;
+            let dev = ensure_device(&d, &id)?;
             let Some(Mount { fs, flags, at }) = mount else { return Ok(dev) };
             std::fs::create_dir_all(&at).map_err(|e| Status::internal(e.to_string()))?;
             if attach::is_mounted(&at) {
@@ -115,6 +131,13 @@ impl Devices {
         blocking(move || {
             if let Some(at) = mounted.filter(|m| attach::is_mounted(m)) {
                 attach::run("umount", &[&at.to_string_lossy()]).map_err(internal)?;
+            }
+            if ublk_id(&d.state_dir, &id).is_some() {
+                // A helper that ends looks dead to the keeper: stop it first.
+                if let Some(k) = &d.ublk {
+                    k.stop(&id);
+                }
+                ublk::release(&d.state_dir, &id).map_err(|e| Status::internal(format!("ublk release of {id}: {e}")))?;
             }
             if let Some(i) = nbd_index(&d.state_dir, &id) {
                 // A disconnect looks like a dead engine to the keeper: stop it first.

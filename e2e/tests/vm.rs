@@ -44,3 +44,13 @@ fn kernel_nbd_survives_an_engine_restart() {
 fn kernel_nbd_devices_are_adopted_by_a_restarted_node_plugin() {
     scenario("kernel-nbd-plugin-restart");
 }
+
+#[test]
+fn ublk_lifecycle() {
+    scenario("ublk-lifecycle");
+}
+
+#[test]
+fn ublk_devices_survive_engine_helper_and_plugin_restarts() {
+    scenario("ublk-recovery");
+}

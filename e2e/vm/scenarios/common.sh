@@ -8,7 +8,7 @@ STEP=start
 step() { STEP=$*; echo "== $STEP"; }
 fail() { echo "FAIL ($STEP): $*"; dump; exit 1; }
 dump() {
-  for f in "$W"/engine.log "$W"/csi.log; do [ -f "$f" ] && { echo "--- $f"; tail -n 30 "$f"; }; done
+  for f in "$W"/engine.log "$W"/csi.log "$W"/csi-state/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -n 30 "$f"; }; done
   echo "--- dmesg"; dmesg | tail -n 30
 }
 trap 'rc=$?; [ $rc -eq 0 ] || { echo "FAIL ($STEP): exit $rc"; dump; }' EXIT
@@ -47,21 +47,32 @@ csc() { "$BIN/strata-csc" --endpoint "$W/csi.sock" "$@"; }
 nbd_connected() { for d in /sys/block/nbd*; do [ -e "$d/pid" ] && echo "${d##*/}"; done; true; }
 loops() { losetup -n -O NAME 2>/dev/null || true; }
 
-# fio writes SIZE of a file on the mounted volume at PATH (64 KiB random writes, 4 MiB/s, checked
-# with crc32c and read back at the end) while the engine is killed (SIGKILL) after 3-4 s and
-# started again 2 s later; fails unless fio saw no error and the kernel logged no I/O error.
-write_through_engine_restart() { # path size
-  fio --name=restart --filename="$1" --size="$2" --bs=64k --rw=randwrite --direct=1 --ioengine=psync \
-    --rate=4m --verify=crc32c --verify_fatal=1 --do_verify=1 --output="$W/fio.out" &
-  FIO=$!
-  sleep 3
-  kill -0 $FIO || fail "fio ended before the restart"
+restart_engine() {
   kill -9 "$ENGINE_PID"
   wait "$ENGINE_PID" 2>/dev/null || true
   sleep 2
   start_engine
+}
+
+# fio writes SIZE of a file on the mounted volume at PATH (64 KiB random writes, 4 MiB/s, checked
+# with crc32c and read back at the end) while ACTION runs after 3 s; fails unless fio saw no error
+# and the kernel logged no I/O error.
+write_through() { # path size action...
+  f=$1 sz=$2
+  shift 2
+  fio --name=through --filename="$f" --size="$sz" --bs=64k --rw=randwrite --direct=1 --ioengine=psync \
+    --rate=4m --verify=crc32c --verify_fatal=1 --do_verify=1 --output="$W/fio.out" &
+  FIO=$!
+  sleep 3
+  kill -0 $FIO || fail "fio ended before: $*"
+  "$@"
   wait $FIO || { cat "$W/fio.out"; fail "fio failed"; }
   grep -q "err= 0" "$W/fio.out" || { cat "$W/fio.out"; fail "fio reported errors"; }
   grep -E "err=|WRITE:|READ:" "$W/fio.out"
   if dmesg | grep -i "I/O error"; then fail "the kernel logged I/O errors"; fi
+}
+
+# The same while the engine is killed (SIGKILL) and started again 2 s later.
+write_through_engine_restart() { # path size
+  write_through "$1" "$2" restart_engine
 }
