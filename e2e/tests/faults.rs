@@ -196,3 +196,53 @@ fn split_brain_target_cut_from_etcd_and_one_replica_is_fenced() {
     w2.run(&mut h, 50, Duration::from_secs(30)).unwrap();
     settle_and_check(&c, 1, "sb", &mut w2, &h);
 }
+
+/// A clean stop (SIGTERM, as an upgrade or a rolling restart does) under a pipelined write load
+/// answers no request with an error: what the engine no longer serves gets no reply, and the
+/// connection closes, so a client (the kernel's NBD driver, the node plugin's helpers) reconnects
+/// and sends it again. Every acknowledged write is there after the restart.
+#[test]
+fn a_clean_stop_under_load_closes_connections_instead_of_failing_requests() {
+    const BS: usize = 64 * 1024;
+    const MAX: u64 = 4096;
+    let mut c = Cluster::start(1, "512MiB");
+    c.sdk(0).create_full("up", MAX * BS as u64, 1, &[]).unwrap();
+    let mut cl = Client::connect(&c.engines[0].nbd, "up").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // 16 writes in flight at a time, each of its own data at its own offset, until the
+    // connection closes (or MAX writes, which would make the test say nothing: asserted below).
+    let load = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let mut next = 0u64;
+        'outer: while next < MAX {
+            let batch: Vec<u64> = (next..(next + 16).min(MAX)).collect();
+            next += batch.len() as u64;
+            for &h in &batch {
+                if cl.try_send(1, 0, h, h * BS as u64, BS as u32, &strata_e2e::pseudo_random(h, BS)).is_err() {
+                    break 'outer;
+                }
+            }
+            for _ in &batch {
+                match cl.reply() {
+                    Ok((0, h)) => acked.push(h),
+                    Ok((err, h)) => panic!("write {h} was answered with error {err} during the stop"),
+                    Err(_) => break 'outer,
+                }
+            }
+            if acked.len() == 64 {
+                let _ = tx.send(());
+            }
+        }
+        (acked, next)
+    });
+    rx.recv_timeout(Duration::from_secs(60)).expect("64 writes acknowledged");
+    c.engines[0].stop();
+    let (acked, sent) = load.join().expect("no write failed");
+    assert!(sent < MAX, "the load ended before the stop: it proves nothing");
+    c.engines[0].spawn().unwrap();
+    let mut cl = Client::connect(&c.engines[0].nbd, "up").unwrap();
+    for h in &acked {
+        assert!(cl.read(h * BS as u64, BS as u32).unwrap() == strata_e2e::pseudo_random(*h, BS), "acknowledged write {h} is not there");
+    }
+    println!("{} writes acknowledged before the stop closed the connection; all read back", acked.len());
+}

@@ -76,3 +76,16 @@ write_through() { # path size action...
 write_through_engine_restart() { # path size
   write_through "$1" "$2" restart_engine
 }
+
+# An engine upgrade under the same write load: SIGTERM (a graceful stop: requests it no longer
+# serves get no error, their connections close) and a start from another binary.
+stop_and_start_next_engine() {
+  cp "$BIN/strata-engine" "$W/strata-engine-next"
+  kill -TERM "$ENGINE_PID"
+  wait "$ENGINE_PID" 2>/dev/null || true
+  start_engine "$W/strata-engine-next"
+}
+upgrade_engine() { # path size
+  write_through "$1" "$2" stop_and_start_next_engine
+  grep -q "strata-engine-next" /proc/"$ENGINE_PID"/cmdline || fail "the engine was not started from the new binary"
+}

@@ -26,6 +26,9 @@ pub enum IoError {
     Corrupt(Vec<u64>),
     #[error("volume {0} is not served by this node (detached, or moved to another node)")]
     NotServed(String),
+    /// The engine is stopping (restart, upgrade): the client should reconnect and send again.
+    #[error("volume {0} is not served while this engine stops; reconnect and retry")]
+    Stopping(String),
 }
 
 impl IoError {
@@ -35,7 +38,7 @@ impl IoError {
             IoError::OutOfRange { .. } if write => libc::ENOSPC as u32,
             IoError::OutOfRange { .. } => libc::EINVAL as u32,
             IoError::Pool(PoolError::NoSpace) => libc::ENOSPC as u32,
-            IoError::Deleted => libc::ESHUTDOWN as u32,
+            IoError::Deleted | IoError::Stopping(_) => libc::ESHUTDOWN as u32,
             IoError::Locked(_) => libc::EACCES as u32,
             IoError::ReadOnly(_) => libc::EPERM as u32,
             _ => libc::EIO as u32,

@@ -172,7 +172,15 @@ impl Service {
     /// damaged data at the next start.
     pub async fn shutdown(&self) -> std::io::Result<()> {
         tracing::info!("shutting down: no more I/O, syncing devices, settling checksums");
+        // Requests already running finish (bounded wait for each volume's switch lock, which every
+        // request holds); later ones find the volume stopping, and their NBD connections are
+        // closed without an answer, so clients (the kernel, the node plugin's helpers) reconnect
+        // to the restarted engine and send them again instead of failing them.
         for v in self.loaded_volumes() {
+            v.mark_stopping();
+        }
+        for v in self.loaded_volumes() {
+            let _running = tokio::time::timeout(std::time::Duration::from_secs(5), v.switch.write()).await;
             v.stop_serving();
         }
         // Requests already admitted finish: wait (bounded) for the volumes' I/O to drain.

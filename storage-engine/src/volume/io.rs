@@ -80,7 +80,7 @@ impl VolumeIo {
     pub(super) async fn read_stored(&self, offset: u64, len: usize) -> Result<ReadData, IoError> {
         let v = &self.volume;
         // There is no local-only path: a volume is read only through its running target.
-        let t = v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?;
+        let t = v.target().ok_or_else(|| v.not_served())?;
         if !t.local {
             return t.read_remote(&self.local, offset, len).await;
         }
@@ -120,7 +120,7 @@ impl VolumeIo {
     /// Stores `data` (ciphertext, for an encrypted volume) through the target, or on this node.
     pub(super) async fn write_stored(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), IoError> {
         let v = &self.volume;
-        let t = v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?;
+        let t = v.target().ok_or_else(|| v.not_served())?;
         // A request no replica can take is refused here, before it reaches any: else a client's
         // bad request would fail the remote legs and throw healthy replicas out of sync.
         self.local.check_write(v, offset, data.len() as u64)?;
@@ -133,7 +133,7 @@ impl VolumeIo {
         let v = &self.volume;
         v.stats.flush_ops.fetch_add(1, Relaxed);
         let _s = v.switch.read().await;
-        v.target().ok_or_else(|| IoError::NotServed(v.name.clone()))?.flush(&self.local).await
+        v.target().ok_or_else(|| v.not_served())?.flush(&self.local).await
     }
 
     /// TRIM: the range reads as zeroes afterwards; whole extents go back to the pool.
@@ -158,7 +158,7 @@ impl VolumeIo {
         let r = match (v.target(), self.local.check_write(v, offset, len)) {
             (_, Err(e)) => Err(e),
             (Some(t), Ok(())) => t.zero(&self.local, offset, len, punch, fua).await,
-            (None, Ok(())) => Err(IoError::NotServed(v.name.clone())),
+            (None, Ok(())) => Err(v.not_served()),
         };
         self.local.data_changed(v);
         if r.is_err() {

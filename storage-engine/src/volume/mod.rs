@@ -83,6 +83,9 @@ pub struct Volume {
     pub stats: VolumeStats,
     /// This node serves the volume's NBD export.
     served: AtomicBool,
+    /// The engine is stopping (a restart or an upgrade): requests it no longer serves are not
+    /// answered with an error; their connection is closed so the client sends them again.
+    stopping: AtomicBool,
     /// Set while this node is the target of a volume with replicas on other nodes.
     target: RwLock<Option<Arc<Target>>>,
     /// Encrypted at rest: I/O needs the key, loaded from the passphrase at create or attach.
@@ -126,6 +129,24 @@ impl Volume {
 
     pub fn is_served(&self) -> bool {
         self.served.load(Ordering::Acquire)
+    }
+
+    /// The error of a request this node does not serve: `Stopping` while the engine stops.
+    pub(crate) fn not_served(&self) -> IoError {
+        if self.stopping.load(Ordering::Acquire) {
+            IoError::Stopping(self.name.clone())
+        } else {
+            IoError::NotServed(self.name.clone())
+        }
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// The engine stops: see `stopping`.
+    pub(super) fn mark_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     /// No more NBD clients here, and the target (if any) stops.
@@ -539,6 +560,7 @@ impl Service {
             replica: Arc::new(Replica::new(rec.id, &rec.name, rec.size, rec.epoch, rec.snapshot_of.is_some())),
             // Served once its target runs here (`attach`, `start_targets`).
             served: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             target: RwLock::new(None),
             secure: rec.secure.is_some(),
             key: RwLock::new(None),

@@ -24,16 +24,19 @@ const MAX_SLICES: usize = 32;
 
 /// A reply on its way out: header, optional read payload, and how much of both is written.
 /// `charge`: the payload bytes its request holds against the limits until it is sent.
+/// `hang_up`: not sent; the connection closes instead (the engine is stopping, and the client
+/// sends the request again after reconnecting).
 struct Out {
     header: [u8; 16],
     data: Option<ReadData>,
     written: usize,
     charge: u64,
+    hang_up: bool,
 }
 
 impl Out {
     fn new(handle: u64, error: u32, data: Option<ReadData>) -> Out {
-        Out { header: simple_reply(error, handle), data, written: 0, charge: 0 }
+        Out { header: simple_reply(error, handle), data, written: 0, charge: 0, hang_up: false }
     }
     fn len(&self) -> usize {
         16 + self.data.as_ref().map_or(0, |d| d.len)
@@ -135,7 +138,18 @@ where
         };
         tokio::select! {
             biased;
-            Some(reply) = work.next(), if !work.is_empty() => out.push_back(reply),
+            Some(reply) = work.next(), if !work.is_empty() => {
+                if reply.hang_up {
+                    if !closing {
+                        tracing::info!(volume = %vol.name, "closing nbd connection: the engine is stopping (the client sends its requests again)");
+                    }
+                    closing = true;
+                    held -= reply.charge;
+                    limits.release(reply.charge);
+                } else {
+                    out.push_back(reply);
+                }
+            }
             r = wr.write_vectored(&slices[..nslices]), if nslices > 0 => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
@@ -229,6 +243,7 @@ fn dispatch(conn: &Arc<VolumeIo>, req: Request, payload: Option<AlignedBuf>) -> 
     Box::pin(async move {
         let mut out = reply(&io, req, payload).await;
         out.charge = charge;
+        out.hang_up = io.volume.is_stopping() && out.header[4..8] != [0; 4];
         out
     })
 }
