@@ -1,8 +1,7 @@
 //! CSI Node: attach a volume on this node (the local engine becomes its target), expose it as a
-//! block device (`attach`: our FUSE view + a loop device; or, with `--attach kernel-nbd`, the
-//! kernel's NBD driver), make a filesystem on first use, mount, bind-mount into pods, grow,
-//! report usage. Every RPC can be
-//! repeated: each step looks at the system first.
+//! block device (`--attach`: a ublk device served by a helper, the kernel's NBD driver, or our
+//! FUSE view under a loop device), make a filesystem on first use, mount, bind-mount into pods,
+//! grow, report usage. Every RPC can be repeated: each step looks at the system first.
 
 use crate::attach;
 use crate::controller::{CLUSTER_KEY, NODE_KEY, RACK_KEY, ZONE_KEY};
@@ -30,8 +29,8 @@ pub struct Node {
 
 pub use crate::stage::NbdEndpoint;
 
-/// The block device of a volume staged on this node: its /dev/nbdN, or the loop device over
-/// its FUSE view.
+/// The block device of a volume staged on this node: its /dev/nbdN, its /dev/ublkbN, or the
+/// loop device over its FUSE view.
 fn staged_device(state: &Path, id: &str) -> Result<String, Status> {
     if let Some(i) = nbd_index(state, id) {
         return Ok(kernelnbd::device(i));

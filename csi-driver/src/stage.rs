@@ -1,6 +1,6 @@
 //! A volume made usable on this node, shared by the CSI node plugin and the Docker volume plugin:
-//! the local engine becomes its target (SDK attach), it becomes a block device (kernel NBD or the
-//! FUSE view under a loop device), a filesystem is made on first use and mounted; and the way
+//! the local engine becomes its target (SDK attach), it becomes a block device (ublk, kernel NBD
+//! or the FUSE view under a loop device), a filesystem is made on first use and mounted; and the way
 //! back. Every step looks at the system first, so each can be repeated.
 
 use crate::attach::{self, AttachError};
