@@ -178,6 +178,9 @@ pub struct OpenSpec {
 struct Alloc {
     free: Vec<BTreeSet<u32>>,
     cursor: usize,
+    /// (volume, logical extent)s being given a new extent right now (zeroed and journalled
+    /// outside the lock); another caller for the same one waits on `Pool::allocated`.
+    pending: std::collections::HashSet<(u64, u64)>,
 }
 
 /// Extent ownership in memory.
@@ -222,6 +225,8 @@ pub struct Pool {
     /// checksums were recomputed from their data.
     pub unsettled_at_open: usize,
     alloc: Mutex<Alloc>,
+    /// Signalled when a pending allocation ends.
+    allocated: parking_lot::Condvar,
     /// Devices added while running (kept in the record).
     added: Mutex<Vec<Uuid>>,
 }
@@ -359,7 +364,8 @@ impl Pool {
             devices: Devices::new(devices),
             maps: RwLock::new(maps),
             per_volume: Mutex::new(per_volume),
-            alloc: Mutex::new(Alloc { free, cursor: 0 }),
+            alloc: Mutex::new(Alloc { free, cursor: 0, pending: Default::default() }),
+            allocated: parking_lot::Condvar::new(),
             unsettled_at_open,
             added: Mutex::new(spec.expected.as_ref().map(|r| r.added.clone()).unwrap_or_default()),
         })
@@ -465,34 +471,100 @@ impl Pool {
     /// Blocking.
     pub fn allocate(&self, vol: u64, lext: u64) -> Result<PExt, PoolError> {
         let mut a = self.alloc.lock();
-        if let Some(p) = self.lookup(vol, lext) {
-            if !self.maps.read().is_shared(p) {
-                return Ok(p);
+        loop {
+            if let Some(p) = self.lookup(vol, lext) {
+                if !self.maps.read().is_shared(p) {
+                    return Ok(p);
+                }
+                return self.copy_on_write(&mut a, vol, lext, p);
             }
-            return self.copy_on_write(&mut a, vol, lext, p);
+            if !a.pending.contains(&(vol, lext)) {
+                break;
+            }
+            // Another writer is giving this logical extent its extent: use that one.
+            self.allocated.wait(&mut a);
         }
+        let p = self.take_free(&mut a, vol, lext)?;
+        drop(a);
+        // Zeroing and the journal entry happen outside the allocator's lock, so allocations of
+        // different extents overlap and share the intent's and the journal's syncs (both commit
+        // in groups) instead of taking turns at two syncs each.
+        let d = &self.devices[p.dev as usize];
+        let res = self
+            .intend(p)
+            .and_then(|_| d.dev.zero_range_blocking(d.sb.extent_offset(p.pext), self.extent_size).map_err(PoolError::io("zeroing a new extent")))
+            .and_then(|_| d.journal.commit(&[Entry::Map { vol, lext, pext: p.pext }]));
+        self.end_new_extent(p, None, res.is_ok());
+        self.finish_new(vol, lext, p, res)
+    }
+
+    /// A free extent, taken for `(vol, lext)` (pending until `finish_new`). Under the lock.
+    fn take_free(&self, a: &mut Alloc, vol: u64, lext: u64) -> Result<PExt, PoolError> {
         let n = self.devices.len();
         let dev = (0..n).map(|i| (a.cursor + i) % n).find(|i| !a.free[*i].is_empty()).ok_or(PoolError::NoSpace)?;
         a.cursor = (dev + 1) % n;
         let pext = a.free[dev].pop_first().expect("non-empty free set");
-        let d = &self.devices[dev];
-        let p = PExt { dev: dev as u16, pext };
-        let res = self
-            .intend(p)
-            .and_then(|_| d.dev.zero_range_blocking(d.sb.extent_offset(pext), self.extent_size).map_err(PoolError::io("zeroing a new extent")))
-            .and_then(|_| d.journal.commit(&[Entry::Map { vol, lext, pext }]));
-        self.end_new_extent(p, None, res.is_ok());
-        if let Err(e) = res {
-            a.free[dev].insert(pext);
-            return Err(e);
+        a.pending.insert((vol, lext));
+        Ok(PExt { dev: dev as u16, pext })
+    }
+
+    /// Ends a pending allocation: `p` is mapped when `res` is Ok (its journal entry durable),
+    /// else it is free again. Wakes writers waiting for the same logical extent.
+    fn finish_new(&self, vol: u64, lext: u64, p: PExt, res: Result<(), PoolError>) -> Result<PExt, PoolError> {
+        let mut a = self.alloc.lock();
+        a.pending.remove(&(vol, lext));
+        let res = match res {
+            Err(e) => {
+                a.free[p.dev as usize].insert(p.pext);
+                Err(e)
+            }
+            Ok(()) => {
+                let mut m = self.maps.write();
+                m.map.insert((vol, lext), p);
+                m.owners[p.dev as usize] += 1;
+                drop(m);
+                self.count(vol, 1);
+                Ok(p)
+            }
+        };
+        drop(a);
+        self.allocated.notify_all();
+        res
+    }
+
+    /// For a write of the whole of `(vol, lext)`, which has no extent: a free extent to write
+    /// first and map after (`map_whole`), so it need not be zeroed (nothing maps it until its
+    /// data is there, and a crash before leaves it free). None when the logical extent is mapped
+    /// or being allocated (use `allocate`). The extent's change is begun (intent durable) and
+    /// `map_whole` ends it. Blocking.
+    pub fn reserve_whole(&self, vol: u64, lext: u64) -> Result<Option<PExt>, PoolError> {
+        let mut a = self.alloc.lock();
+        if self.lookup(vol, lext).is_some() || a.pending.contains(&(vol, lext)) {
+            return Ok(None);
         }
-        {
-            let mut m = self.maps.write();
-            m.map.insert((vol, lext), p);
-            m.owners[dev] += 1;
+        let p = self.take_free(&mut a, vol, lext)?;
+        drop(a);
+        if let Err(e) = self.intend(p) {
+            self.end_write(p);
+            return self.finish_new(vol, lext, p, Err(e)).map(Some);
         }
-        self.count(vol, 1);
-        Ok(p)
+        // Sums of zeroes until the caller records those of its data.
+        if let Some(s) = self.sums(p) {
+            s.insert(p.pext, None);
+        }
+        Ok(Some(p))
+    }
+
+    /// Maps a `reserve_whole` extent once the caller wrote all of it and recorded its sums
+    /// (`written` Ok); on a failed write, or if the journal fails, the extent is free again. The journal's sync also makes
+    /// the data durable (the journal lives on the same device). Blocking.
+    pub fn map_whole(&self, vol: u64, lext: u64, p: PExt, written: Result<(), PoolError>) -> Result<PExt, PoolError> {
+        let res = written.and_then(|_| self.devices[p.dev as usize].journal.commit(&[Entry::Map { vol, lext, pext: p.pext }]));
+        self.end_write(p);
+        if let (Err(_), Some(s)) = (&res, self.sums(p)) {
+            s.remove(p.pext);
+        }
+        self.finish_new(vol, lext, p, res)
     }
 
     /// Gives `(vol, lext)` its own copy of the shared extent `old`, on the same device (one
@@ -1080,5 +1152,43 @@ mod tests {
         assert_ne!(copy, p);
         assert_eq!(bad_blocks(&pool, copy), Vec::<u64>::new());
         assert_eq!(bad_blocks(&pool, p), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn a_whole_extent_is_mapped_only_after_its_data_and_a_crash_before_leaves_it_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = AlignedBuf::new(DEFAULT_EXTENT_SIZE as usize);
+        data.fill(0x3C);
+        let free = |pool: &Pool| (0..pool.devices().len()).map(|d| pool.free_extents(d)).sum::<u64>();
+        let (q, free_before) = {
+            let pool = open(dir.path());
+            let free_before = free(&pool);
+            // Reserved and written, never mapped: the crash comes first.
+            let p = pool.reserve_whole(1, 4).unwrap().expect("a free extent");
+            assert!(pool.reserve_whole(1, 4).unwrap().is_none(), "already being written");
+            pool.device(p).write_blocking(pool.offset_of(p), &data).unwrap();
+            assert_eq!(pool.lookup(1, 4), None, "nothing maps it before its data is there");
+            // Written and mapped.
+            let q = pool.reserve_whole(1, 5).unwrap().expect("a free extent");
+            pool.device(q).write_blocking(pool.offset_of(q), &data).unwrap();
+            pool.record_sums(q, 0, &data);
+            assert_eq!(pool.map_whole(1, 5, q, Ok(())).unwrap(), q);
+            assert_eq!(pool.lookup(1, 5), Some(q));
+            assert!(pool.reserve_whole(1, 5).unwrap().is_none(), "mapped: writes go through allocate");
+            assert_eq!(pool.allocate(1, 5).unwrap(), q);
+            // A failed write gives its extent back.
+            let r = pool.reserve_whole(1, 6).unwrap().expect("a free extent");
+            assert!(pool.map_whole(1, 6, r, Err(PoolError::NoSpace)).is_err());
+            assert_eq!(pool.lookup(1, 6), None);
+            (q, free_before)
+        };
+        let pool = open(dir.path());
+        assert_eq!(pool.lookup(1, 4), None, "the reserved extent is not mapped after the crash");
+        assert_eq!(pool.lookup(1, 5), Some(q));
+        assert_eq!(free(&pool), free_before - 1, "only the mapped extent is taken");
+        let mut back = AlignedBuf::new(DEFAULT_EXTENT_SIZE as usize);
+        pool.device(q).read_blocking(pool.offset_of(q), &mut back).unwrap();
+        assert!(back[..] == data[..]);
+        assert_eq!(bad_blocks(&pool, q), Vec::<u64>::new(), "its checksums match its data");
     }
 }

@@ -223,6 +223,39 @@ impl Local {
         while r < end {
             let within = pos % es;
             let n = ((es - within) as usize).min(end - r);
+            if within == 0 && n as u64 == es && self.pool.lookup(v.id, pos / es).is_none() {
+                // A whole extent not yet allocated: written to a free extent, mapped after.
+                let (pool, id, lext) = (self.pool.clone(), v.id, pos / es);
+                let p = match tokio::task::spawn_blocking(move || pool.reserve_whole(id, lext)).await.map_err(io::Error::other) {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => return (Err(e.into()), buf),
+                    Err(e) => return (Err(e.into()), buf),
+                };
+                if let Some(p) = p {
+                    touched.add(p);
+                    let (res, b) = self.pool.device(p).write_at(self.pool.offset_of(p), buf, r..r + n).await;
+                    buf = b;
+                    let written = match res {
+                        Ok(()) => {
+                            self.pool.record_sums(p, 0, &buf[r..r + n]);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            self.pool.devices()[p.dev as usize].note_io_error();
+                            Err(crate::pool::PoolError::io("writing a new extent")(e))
+                        }
+                    };
+                    let pool = self.pool.clone();
+                    match tokio::task::spawn_blocking(move || pool.map_whole(id, lext, p, written)).await.map_err(io::Error::other) {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return (Err(e.into()), buf),
+                        Err(e) => return (Err(e.into()), buf),
+                    }
+                    pos += n as u64;
+                    r += n;
+                    continue;
+                }
+            }
             let p = match self.place(v, pos / es).await {
                 Ok(p) => p,
                 Err(e) => return (Err(e), buf),
