@@ -11,7 +11,8 @@
 #
 # The kernel paths (kernel NBD, ublk) cannot be measured on this machine class (no modules; the VM
 # tier's guest is emulated): on a real node, run the same fio lines against the /dev/nbdN the
-# node plugin stages (strata-csi --attach kernel-nbd) and divide by the direct figures.
+# node plugin stages (strata-csi --attach kernel-nbd), or the /dev/ublkbN (--attach ublk), and
+# divide by the direct figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
