@@ -307,9 +307,18 @@ fn write_state(path: &Path, id: u32) -> io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+/// Whether `pid` is a running ublk helper. A helper that ended is reaped here if it is our child
+/// (one this plugin started, or inherited as a container's PID 1), and a zombie or a process that
+/// reused the pid counts as gone.
 fn pid_alive(pid: i32) -> bool {
-    // SAFETY: kill(2) with signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: waitpid(2) without blocking; ECHILD when it is not our child.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let running = stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'));
+    running && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"ublk-disk"))
 }
 
 /// An anonymous or device mapping, unmapped on drop.
@@ -669,12 +678,18 @@ pub fn release(state: &Path, volume: &str) -> Result<(), AttachError> {
         Err(e) if !gone(&e) => return Err(AttachError::Command { cmd: format!("ublk stop {}", device(id)), out: e.to_string() }),
         _ => {}
     }
+    // Deleting waits for the helper to close the char device: wait for it to end first.
     let t0 = Instant::now();
+    let mut killed = false;
     while pid_alive(pid) {
-        if t0.elapsed() > Duration::from_secs(10) {
+        if t0.elapsed() > Duration::from_secs(10) && !killed {
             tracing::warn!(volume, pid, "the ublk helper did not end after its device stopped: killing it");
-            // SAFETY: kill(2) of the helper this plugin started (or adopted).
+            // SAFETY: kill(2) of the helper this plugin started (or adopted); checked just above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed = true;
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            return Err(AttachError::Timeout(format!("the ublk helper (pid {pid}) of {} did not end", device(id))));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -754,5 +769,38 @@ impl Keepers {
         if let Some(s) = self.running.lock().remove(volume) {
             s.store(true, Ordering::Release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pid_alive;
+    use std::process::Command;
+
+    #[test]
+    fn a_helper_is_alive_until_it_ends_and_a_zombie_or_another_process_is_not() {
+        let mut helper = Command::new("bash").args(["-c", "exec -a ublk-disk sleep 30"]).spawn().unwrap();
+        let pid = helper.id() as i32;
+        let t0 = std::time::Instant::now();
+        // bash execs sleep under the helper's name.
+        while !pid_alive(pid) {
+            assert!(t0.elapsed().as_secs() < 5, "the stand-in helper never showed up as alive");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // Not waited for by anyone else: it stays a zombie until pid_alive reaps it.
+        let t0 = std::time::Instant::now();
+        while pid_alive(pid) {
+            assert!(t0.elapsed().as_secs() < 5, "a killed helper still counts as alive");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(std::fs::metadata(format!("/proc/{pid}")).is_err(), "the zombie was reaped");
+        let _ = helper.wait();
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(!pid_alive(other.id() as i32), "a process that is not a helper (a reused pid)");
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(!pid_alive(0) && !pid_alive(-1));
     }
 }
