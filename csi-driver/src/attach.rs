@@ -5,8 +5,9 @@
 //! Every step first looks at the system (mounts, loop devices) so each can be repeated safely and
 //! an interrupted stage or unstage can be finished by calling it again.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,36 +60,18 @@ pub fn fuse_dir(state: &Path, volume: &str) -> PathBuf {
 /// Makes sure a `strata-csi fuse-disk` helper serves the volume's export as `<fuse_dir>/disk`;
 /// returns that file. The helper runs on (in its own process group) until the mount goes.
 pub fn ensure_fuse(state: &Path, volume: &str, ep: &crate::fusedisk::Endpoint) -> Result<PathBuf, AttachError> {
-    use std::os::unix::process::CommandExt;
     let dir = fuse_dir(state, volume);
     let file = dir.join("disk");
     if is_mounted(&dir) && file.exists() {
         return Ok(file);
     }
     std::fs::create_dir_all(&dir)?;
-    let exe = std::env::current_exe()?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(state.join(format!("{volume}.fuse.log")))?;
-    let mut cmd = Command::new(&exe);
-    cmd.arg("fuse-disk").arg("--export").arg(volume).arg("--mount").arg(&dir);
-    match ep {
-        crate::fusedisk::Endpoint::Unix(p) => cmd.arg("--socket").arg(p),
-        crate::fusedisk::Endpoint::Tcp(a) => cmd.arg("--tcp").arg(a),
-    };
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| AttachError::Command { cmd: format!("{} fuse-disk", exe.display()), out: e.to_string() })?;
+    let log = state.join(format!("{volume}.fuse.log"));
+    let mut child = spawn_helper("fuse-disk", &[OsStr::new("--export"), volume.as_ref(), OsStr::new("--mount"), dir.as_os_str()], ep, &log)?;
     let t0 = Instant::now();
     while !(is_mounted(&dir) && file.exists()) {
-        if let Ok(Some(status)) = child.try_wait() {
-            let why = std::fs::read_to_string(state.join(format!("{volume}.fuse.log"))).unwrap_or_default();
-            return Err(AttachError::Command {
-                cmd: "strata-csi fuse-disk".into(),
-                out: format!("exited ({status}): {}", why.lines().last().unwrap_or("")),
-            });
+        if let Some(e) = helper_exited(&mut child, "fuse-disk", &log) {
+            return Err(e);
         }
         if t0.elapsed() > Duration::from_secs(15) {
             return Err(AttachError::Timeout(format!("the FUSE view {} did not appear within 15 s", file.display())));
@@ -101,6 +84,34 @@ pub fn ensure_fuse(state: &Path, volume: &str, ep: &crate::fusedisk::Endpoint) -
         let _ = child.wait();
     })?;
     Ok(file)
+}
+
+/// Starts this executable as the helper `strata-csi NAME ARGS --socket|--tcp ENDPOINT` in its own
+/// process group (it outlives a plugin restart), its log appended to `log`.
+pub fn spawn_helper(name: &str, args: &[&OsStr], ep: &crate::nbdclient::Endpoint, log: &Path) -> Result<Child, AttachError> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut cmd = Command::new(&exe);
+    cmd.arg(name).args(args);
+    match ep {
+        crate::nbdclient::Endpoint::Unix(p) => cmd.arg("--socket").arg(p),
+        crate::nbdclient::Endpoint::Tcp(a) => cmd.arg("--tcp").arg(a),
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| AttachError::Command { cmd: format!("{} {name}", exe.display()), out: e.to_string() })
+}
+
+/// The error of a helper that exited while it was expected to come up: its status and the last
+/// line of its log.
+pub fn helper_exited(child: &mut Child, name: &str, log: &Path) -> Option<AttachError> {
+    let status = child.try_wait().ok()??;
+    let why = std::fs::read_to_string(log).unwrap_or_default();
+    Some(AttachError::Command { cmd: format!("strata-csi {name}"), out: format!("exited ({status}): {}", why.lines().last().unwrap_or("")) })
 }
 
 /// Grows the loop device over `file` to the file's (the export's) current size.

@@ -21,17 +21,17 @@
 //! Facts (command numbers, structure layouts, flags) are from the kernel's UAPI header
 //! `include/uapi/linux/ublk_cmd.h`.
 
-use crate::attach::AttachError;
+use crate::attach::{self, AttachError};
 use crate::nbdclient::{self, Client, Endpoint, NbdConn};
 use crate::retrying::{Conn, Req};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -623,23 +623,19 @@ pub fn ensure(state: &Path, volume: &str, ep: &Endpoint, opts: Opts) -> Result<S
         }
     }
     std::fs::create_dir_all(state)?;
-    let exe = std::env::current_exe()?;
-    let log = OpenOptions::new().create(true).append(true).open(log_file(state, volume))?;
-    let mut cmd = Command::new(&exe);
-    cmd.arg("ublk-disk").arg("--export").arg(volume).arg("--state-file").arg(&file);
-    cmd.args(["--queues", &opts.queues.to_string(), "--depth", &opts.depth.to_string()]);
-    match ep {
-        Endpoint::Unix(p) => cmd.arg("--socket").arg(p),
-        Endpoint::Tcp(a) => cmd.arg("--tcp").arg(a),
-    };
-    use std::os::unix::process::CommandExt;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .map_err(|e| AttachError::Command { cmd: format!("{} ublk-disk", exe.display()), out: e.to_string() })?;
+    let log = log_file(state, volume);
+    let (queues, depth) = (opts.queues.to_string(), opts.depth.to_string());
+    let args: [&OsStr; 8] = [
+        "--export".as_ref(),
+        volume.as_ref(),
+        "--state-file".as_ref(),
+        file.as_os_str(),
+        "--queues".as_ref(),
+        queues.as_ref(),
+        "--depth".as_ref(),
+        depth.as_ref(),
+    ];
+    let mut child = attach::spawn_helper("ublk-disk", &args, ep, &log)?;
     let me = child.id() as i32;
     let t0 = Instant::now();
     loop {
@@ -648,12 +644,8 @@ pub fn ensure(state: &Path, volume: &str, ep: &Endpoint, opts: Opts) -> Result<S
                 break;
             }
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            let why = std::fs::read_to_string(log_file(state, volume)).unwrap_or_default();
-            return Err(AttachError::Command {
-                cmd: "strata-csi ublk-disk".into(),
-                out: format!("exited ({status}): {}", why.lines().last().unwrap_or("")),
-            });
+        if let Some(e) = attach::helper_exited(&mut child, "ublk-disk", &log) {
+            return Err(e);
         }
         if t0.elapsed() > Duration::from_secs(15) {
             return Err(AttachError::Timeout(format!("the ublk device of {volume} did not start within 15 s")));

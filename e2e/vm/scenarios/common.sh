@@ -89,3 +89,23 @@ upgrade_engine() { # path size
   write_through "$1" "$2" stop_and_start_next_engine
   grep -q "strata-engine-next" /proc/"$ENGINE_PID"/cmdline || fail "the engine was not started from the new binary"
 }
+
+# The lifecycle scenarios' second half: an xfs volume staged, written and unstaged; a raw block
+# volume published, written through and read back ($W/data.bin: 8 MiB), unpublished, unstaged.
+xfs_and_raw_block() {
+  step "xfs: stage, write, unstage"
+  ctl volume create xfsvol --size 512MiB >/dev/null
+  csc stage xfsvol "$W/st2" --fs xfs
+  [ "$(findmnt -n -o FSTYPE "$W/st2")" = xfs ] || fail "not xfs"
+  cp "$W/data.bin" "$W/st2/data.bin"
+  sync
+  csc unstage xfsvol "$W/st2"
+  step "raw block: publish, write, read back"
+  ctl volume create rawvol --size 64MiB >/dev/null
+  csc stage rawvol "$W/st3" --block
+  csc publish rawvol "$W/st3" "$W/pod3" --block
+  dd if="$W/data.bin" of="$W/pod3" bs=1M oflag=direct status=none
+  cmp -n 8388608 "$W/data.bin" "$W/pod3" || fail "raw block read back differs"
+  csc unpublish rawvol "$W/pod3"
+  csc unstage rawvol "$W/st3"
+}

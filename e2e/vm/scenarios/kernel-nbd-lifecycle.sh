@@ -31,21 +31,7 @@ csc publish fsvol "$W/st1" "$W/pod1"
 cmp "$W/data.bin" "$W/pod1/data.bin" || fail "the file differs after a new stage"
 csc unpublish fsvol "$W/pod1"
 csc unstage fsvol "$W/st1"
-step "xfs: stage, write, unstage"
-ctl volume create xfsvol --size 512MiB >/dev/null
-csc stage xfsvol "$W/st2" --fs xfs
-[ "$(findmnt -n -o FSTYPE "$W/st2")" = xfs ] || fail "not xfs"
-cp "$W/data.bin" "$W/st2/data.bin"
-sync
-csc unstage xfsvol "$W/st2"
-step "raw block: publish, write, read back"
-ctl volume create rawvol --size 64MiB >/dev/null
-csc stage rawvol "$W/st3" --block
-csc publish rawvol "$W/st3" "$W/pod3" --block
-dd if="$W/data.bin" of="$W/pod3" bs=1M oflag=direct status=none
-cmp -n 8388608 "$W/data.bin" "$W/pod3" || fail "raw block read back differs"
-csc unpublish rawvol "$W/pod3"
-csc unstage rawvol "$W/st3"
+xfs_and_raw_block
 [ -z "$(nbd_connected)" ] || fail "NBD devices still connected at the end: $(nbd_connected)"
 [ -z "$(findmnt -rn -o TARGET | grep "^$W" || true)" ] || fail "mounts left: $(findmnt -rn -o TARGET | grep "^$W")"
 step "done"
