@@ -54,3 +54,8 @@ fn ublk_lifecycle() {
 fn ublk_devices_survive_engine_helper_and_plugin_restarts() {
     scenario("ublk-recovery");
 }
+
+#[test]
+fn a_ublk_device_keeps_going_while_its_target_moves_to_another_engine_and_back() {
+    scenario("ublk-takeover");
+}

@@ -8,7 +8,7 @@ STEP=start
 step() { STEP=$*; echo "== $STEP"; }
 fail() { echo "FAIL ($STEP): $*"; dump; exit 1; }
 dump() {
-  for f in "$W"/engine.log "$W"/csi.log "$W"/csi-state/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -n 30 "$f"; }; done
+  for f in "$W"/engine*.log "$W"/csi.log "$W"/csi-state/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -n 30 "$f"; }; done
   echo "--- dmesg"; dmesg | tail -n 30
 }
 trap 'rc=$?; [ $rc -eq 0 ] || { echo "FAIL ($STEP): exit $rc"; dump; }' EXIT
