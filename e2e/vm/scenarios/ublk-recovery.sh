@@ -16,11 +16,11 @@ kill_helper() {
   wait_for "a new ublk helper" 30 sh -c "[ \"\$(cut -d' ' -f2 $W/csi-state/vol.ublk)\" != $old ]"
 }
 step "write under an engine restart"
-write_through "$W/pod/f1" 24M restart_engine
+write_through "$W/pod/f1" 16M restart_engine
 step "write under an engine upgrade (SIGTERM, then a new binary)"
-upgrade_engine "$W/pod/f0" 24M
+upgrade_engine "$W/pod/f0" 16M
 step "write while the ublk helper is killed"
-write_through "$W/pod/f2" 24M kill_helper
+write_through "$W/pod/f2" 16M kill_helper
 grep -q "took over /dev/ublkb" "$W/csi-state/vol.ublk.log" || fail "the new helper did not report the takeover"
 grep -E "recovered|is gone" "$W/csi.log" | sed 's/^[^ ]* *//'
 step "restart the node plugin, then kill the helper"
@@ -29,7 +29,7 @@ wait "$CSI_PID" 2>/dev/null || true
 kill -0 "$(helper)" || fail "the helper died with the node plugin"
 start_csi --attach ublk
 grep -q "watching the ublk device a previous run staged" "$W/csi.log" || fail "the new plugin does not watch the staged device"
-write_through "$W/pod/f3" 24M kill_helper
+write_through "$W/pod/f3" 16M kill_helper
 step "the new plugin unstages"
 csc unpublish vol "$W/pod"
 csc unstage vol "$W/st"
