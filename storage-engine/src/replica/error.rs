@@ -69,6 +69,12 @@ impl ReadData {
     }
 }
 
+impl AsRef<[u8]> for ReadData {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 /// Up to 8 volume offsets, for messages.
 pub fn offsets(bad: &[u64]) -> String {
     let mut s = bad.iter().take(8).map(|o| o.to_string()).collect::<Vec<_>>().join(", ");

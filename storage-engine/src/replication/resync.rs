@@ -319,11 +319,11 @@ async fn copy_batch(e: &Host, t: &Target, p: &Arc<Peer>, regions: &[u64]) -> Res
                 let data = t.read_source(&e.local, off, len).await;
                 let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
                 crate::failpoint::point("resync.copy").await.map_err(|e| TargetError::NoReplica(format!("{}: {e}", t.name)))?;
-                let bytes = data.bytes();
-                let cmd = if bytes.iter().all(|b| *b == 0) {
+                let cmd = if data.bytes().iter().all(|b| *b == 0) {
                     Command::WriteZeroes { offset: off, len: len as u32, fua: false, keep_allocated: false }
                 } else {
-                    Command::Write { offset: off, data: bytes::Bytes::copy_from_slice(bytes), fua: false }
+                    // The read's buffer goes out as it is (no copy into the frame).
+                    Command::Write { offset: off, data: bytes::Bytes::from_owner(data), fua: false }
                 };
                 c.call(t.vol.id, t.epoch, cmd).await.map_err(TargetError::from)
             }
