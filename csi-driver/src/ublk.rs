@@ -614,8 +614,9 @@ pub fn serve(ep: Endpoint, export: &str, state: &Path, opts: Opts) -> anyhow::Re
 /// whose helper died is taken over by a new helper (the kernel held its I/O meanwhile).
 pub fn ensure(state: &Path, volume: &str, ep: &Endpoint, opts: Opts) -> Result<String, AttachError> {
     let file = state_file(state, volume);
+    let mut ctl = Control::open()?;
     if let Some((id, pid)) = read_state(&file) {
-        match Control::open()?.info(id) {
+        match ctl.info(id) {
             Ok(info) if info.state == S_DEV_LIVE && pid_alive(pid) => return Ok(device(id)),
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => std::fs::remove_file(&file)?,
@@ -638,10 +639,10 @@ pub fn ensure(state: &Path, volume: &str, ep: &Endpoint, opts: Opts) -> Result<S
     let mut child = attach::spawn_helper("ublk-disk", &args, ep, &log)?;
     let me = child.id() as i32;
     let t0 = Instant::now();
-    loop {
+    let id = loop {
         if let Some((id, pid)) = read_state(&file).filter(|s| s.1 == me) {
-            if Control::open()?.info(id).is_ok_and(|i| i.state == S_DEV_LIVE && i.ublksrv_pid == pid) && Path::new(&device(id)).exists() {
-                break;
+            if ctl.info(id).is_ok_and(|i| i.state == S_DEV_LIVE && i.ublksrv_pid == pid) && Path::new(&device(id)).exists() {
+                break id;
             }
         }
         if let Some(e) = attach::helper_exited(&mut child, "ublk-disk", &log) {
@@ -651,12 +652,11 @@ pub fn ensure(state: &Path, volume: &str, ep: &Endpoint, opts: Opts) -> Result<S
             return Err(AttachError::Timeout(format!("the ublk device of {volume} did not start within 15 s")));
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     // The device tracks the helper; a thread reaps it when it exits (at unstage).
     std::thread::Builder::new().name(format!("reap-{volume}")).spawn(move || {
         let _ = child.wait();
     })?;
-    let (id, _) = read_state(&file).expect("read above");
     Ok(device(id))
 }
 
