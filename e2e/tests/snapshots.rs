@@ -233,3 +233,28 @@ fn a_snapshot_schedule_takes_snapshots_and_keeps_only_the_newest() {
     sdk.attach("from-schedule", false).unwrap();
     qemu_io(&c.engines[0].uri("from-schedule"), &["read -P 0x31 0 1M"]);
 }
+
+#[test]
+fn a_snapshot_deleted_through_a_node_without_a_copy_is_gone_everywhere() {
+    // The CSI controller talks to any node's SDK; a snapshot is never forwarded to a target, so
+    // its delete runs where the request arrived, here on the node that holds no copy.
+    let c = Cluster::start(2, "256MiB");
+    c.sdk(0).create_full("v", 16 * MIB, 1, &[]).unwrap();
+    let holder = c.sdk(0).inspect("v").unwrap().replica_nodes;
+    assert_eq!(holder.len(), 1);
+    let (has, other) = if holder[0] == "node-1" { (0, 1) } else { (1, 0) };
+    c.sdk(has).attach("v", false).unwrap();
+    qemu_io(&c.engines[has].uri("v"), &["write -P 0x3c 0 4M"]);
+    let s = c.sdk(has).snapshot("v", "s").unwrap();
+    assert_eq!(s.replica_nodes, holder);
+    c.sdk(other).delete("s", false).unwrap();
+    for i in [has, other] {
+        let e = c.sdk(i).inspect("s").unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "node-{} still sees the snapshot: {}", i + 1, e.message());
+    }
+    assert!(c.sdk(other).snapshots("").unwrap().is_empty());
+    // Deleting it again is a plain NotFound, and the holder's pool keeps only the volume's data.
+    assert_eq!(c.sdk(other).delete("s", false).unwrap_err().code(), Code::NotFound);
+    qemu_io(&c.engines[has].uri("v"), &["read -P 0x3c 0 4M"]);
+    assert_eq!(c.sdk(has).pool().used_bytes, 4 * MIB);
+}

@@ -844,7 +844,13 @@ impl Service {
                 Ok(()) => {
                     rec.replicas.retain(|n| n != &node);
                     rec.in_sync.retain(|n| n != &node);
-                    rec = self.meta.update_volume(&rec).await?.normalized(&me);
+                    if rec.replicas.is_empty() {
+                        // The last copy was another node's (a snapshot or a volume this node
+                        // holds no replica of): the record goes below. Stored without replicas
+                        // it would read back, normalized, as a volume attached on its `node`.
+                        break;
+                    }
+                    rec = self.meta.update_volume(&rec).await?;
                 }
                 Err(e) => tracing::warn!(volume = %name, %node, "replica not freed now (freed when the node is back): {e}"),
             }
