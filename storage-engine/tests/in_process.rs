@@ -743,8 +743,9 @@ async fn a_cloud_schedule_takes_backups_when_due_and_keeps_only_its_newest() {
     e.attach("sched", false, None).await.unwrap();
     write(e, "sched", 0, 1 << 20, 7).await.unwrap();
     let t0 = record(&c, "sched").await.created_unix;
-    // Not due before its first minute has passed; then one backup per pass that finds it due.
-    e.cloud_schedules_once(t0 + 1).await;
+    // Not due before the next whole minute after its creation (periodic times fall on whole
+    // minutes of the clock); then one backup per pass that finds it due.
+    e.cloud_schedules_once(t0 / 60 * 60 + 59).await;
     assert!(e.jobs().await.unwrap().is_empty());
     for (i, at) in [t0 + 61, t0 + 122, t0 + 183].into_iter().enumerate() {
         // Backups started in distinct seconds, so their order is plain.
