@@ -588,13 +588,30 @@ pub fn out(args: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Turns an SDK status into a message that says what happened.
+/// Volumes listed a page at a time: an answer of every volume at once grows past gRPC's message
+/// limits in a large cluster, and one page costs the engine one range read of the store.
+async fn list_volumes(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>) -> anyhow::Result<Vec<pb::Volume>> {
+    let (mut all, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = c.list(pb::ListVolumesRequest { max_entries: LIST_PAGE, starting_token: token }).await.map_err(status_err)?.into_inner();
+        all.extend(page.volumes);
+        if page.next_token.is_empty() {
+            return Ok(all);
+        }
+        token = page.next_token;
+    }
+}
+
+/// Volumes per page of `volume list`.
+const LIST_PAGE: u32 = 1000;
+
 /// One volume (or snapshot) as the SDK shows it.
 async fn inspect_volume(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>, name: &str) -> anyhow::Result<pb::Volume> {
     let v = c.inspect(pb::InspectVolumeRequest { name: name.to_string() }).await.map_err(status_err)?.into_inner();
     v.volume.ok_or_else(|| anyhow!("engine returned no volume"))
 }
 
+/// Turns an SDK status into a message that says what happened.
 fn status_err(s: tonic::Status) -> anyhow::Error {
     // A plaintext client talking to an engine that serves TLS sees only a broken stream.
     let broken = s.message().contains("h2 protocol error") || s.message().contains("transport error");
@@ -794,12 +811,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     print!("{}", render::volume_done(&v, json, |v| format!("Volume successfully created: {} ({})", v.name, v.id)));
                 }
                 VolumeCmd::List => {
-                    let mut vols = c.list(pb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
+                    let mut vols = list_volumes(&mut c).await?;
                     vols.retain(|v| v.snapshot_of.is_empty());
                     print!("{}", render::volume_list(&vols, json));
                 }
                 VolumeCmd::Usage { name } => {
-                    let all = c.list(pb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
+                    let all = list_volumes(&mut c).await?;
                     if let Some(n) = &name {
                         if !all.iter().any(|v| &v.name == n && v.snapshot_of.is_empty()) {
                             return Err(fail("not_found", format!("no volume {n:?} (stratactl volume list shows them)")));

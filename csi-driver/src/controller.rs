@@ -468,7 +468,7 @@ impl csi::controller_server::Controller for Controller {
         if r.max_entries < 0 {
             return Err(Status::invalid_argument("max_entries must not be negative"));
         }
-        let mut vols = self.sdk.volumes().list(pb::ListVolumesRequest {}).await.map_err(map_sdk)?.into_inner().volumes;
+        let mut vols = self.sdk.volumes().list(pb::ListVolumesRequest::default()).await.map_err(map_sdk)?.into_inner().volumes;
         vols.retain(|v| v.snapshot_of.is_empty());
         vols.sort_by(|a, b| a.name.cmp(&b.name));
         let names: Vec<&str> = vols.iter().map(|v| v.name.as_str()).collect();

@@ -54,7 +54,7 @@ impl Sdk {
 
     pub fn try_list(&self) -> Result<Vec<pb::Volume>, tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        self.rt.block_on(c.list(pb::ListVolumesRequest {})).map(|r| r.into_inner().volumes)
+        self.rt.block_on(c.list(pb::ListVolumesRequest::default())).map(|r| r.into_inner().volumes)
     }
 
     pub fn create(&self, name: &str, size: u64) -> Result<pb::Volume, tonic::Status> {
@@ -96,7 +96,14 @@ impl Sdk {
 
     pub fn list(&self) -> Vec<pb::Volume> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
-        self.rt.block_on(c.list(pb::ListVolumesRequest {})).unwrap().into_inner().volumes
+        self.rt.block_on(c.list(pb::ListVolumesRequest::default())).unwrap().into_inner().volumes
+    }
+
+    /// One page of `volume list`: the names on it and the next page's token.
+    pub fn list_page(&self, max: u32, token: &str) -> Result<(Vec<String>, String), tonic::Status> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let r = self.rt.block_on(c.list(pb::ListVolumesRequest { max_entries: max, starting_token: token.into() }))?.into_inner();
+        Ok((r.volumes.into_iter().map(|v| v.name).collect(), r.next_token))
     }
 
     pub fn resize(&self, name: &str, size: u64) -> Result<pb::Volume, tonic::Status> {

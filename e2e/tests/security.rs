@@ -410,7 +410,7 @@ fn sdk_answers_under(addr: &str, ca_pem: &[u8]) -> bool {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let ch = strata_api::tls::channel(addr, Some(&tls), Duration::from_secs(3), Duration::from_secs(5)).await.ok()?;
-        pb::volume_service_client::VolumeServiceClient::new(ch).list(pb::ListVolumesRequest {}).await.ok()
+        pb::volume_service_client::VolumeServiceClient::new(ch).list(pb::ListVolumesRequest::default()).await.ok()
     })
     .is_some()
 }
@@ -464,4 +464,42 @@ fn a_rotated_ca_reaches_a_running_engine_through_the_certs_sidecar() {
     // The connection opened before the rotation goes on; the engine was never restarted.
     assert_eq!(client.write(4096, &[0x5b; 4096], 0), 0);
     assert_eq!(client.read(0, 4096).unwrap(), vec![0x5a; 4096]);
+}
+
+#[test]
+fn volume_lists_come_in_pages_of_what_the_caller_may_see() {
+    let keys = Keys::new();
+    let (sys, idp) = (keys.path("system.key"), format!("idp={}", keys.path("idp.key")));
+    let mut c = Cluster::start_with(1, "256MiB", &["--auth-system-key-file", &sys, "--auth-issuer", &idp]);
+    c.token = Some(token("root", strata_api::auth::SYSTEM_ISSUER, SYSTEM_KEY, Role::Admin, &[]));
+    let (alice, mallory, admin) = (c.engines[0].sdk_as(&user("alice")), c.engines[0].sdk_as(&user("mallory")), c.sdk(0));
+    // Names interleave, so alice's pages must step over mallory's volumes.
+    for i in 1..=9 {
+        let who = if i % 2 == 1 { &alice } else { &mallory };
+        who.create(&format!("v{i:02}"), 8 * MIB).unwrap();
+    }
+    let pages = |sdk: &strata_e2e::sdk::Sdk, max: u32| {
+        let (mut out, mut token) = (Vec::new(), String::new());
+        loop {
+            let (names, next) = sdk.list_page(max, &token).unwrap();
+            assert!(names.len() <= max as usize, "a page of {} past max_entries {max}", names.len());
+            out.push(names);
+            if next.is_empty() {
+                return out;
+            }
+            assert_eq!(Some(&next), out.last().unwrap().last(), "the token is the last name of its page");
+            token = next;
+        }
+    };
+    assert_eq!(pages(&alice, 2), vec![vec!["v01", "v03"], vec!["v05", "v07"], vec!["v09"]]);
+    assert_eq!(pages(&mallory, 4), vec![vec!["v02", "v04", "v06", "v08"]], "no empty last page");
+    assert_eq!(pages(&admin, 4), vec![vec!["v01", "v02", "v03", "v04"], vec!["v05", "v06", "v07", "v08"], vec!["v09"]]);
+    let all: Vec<String> = admin.list().into_iter().map(|v| v.name).collect();
+    assert_eq!(all, pages(&admin, 1).concat(), "max_entries 0 lists everything, in the same order");
+    // The token is a position: a volume deleted between two pages does not break the listing.
+    let (first, token) = admin.list_page(3, "").unwrap();
+    assert_eq!((first.len(), token.as_str()), (3, "v03"));
+    admin.delete("v03", true).unwrap();
+    assert_eq!(admin.list_page(3, &token).unwrap(), (vec!["v04".to_string(), "v05".into(), "v06".into()], "v06".to_string()));
+    assert_eq!(admin.list_page(3, "v09").unwrap(), (Vec::<String>::new(), String::new()));
 }

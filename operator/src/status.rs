@@ -77,7 +77,7 @@ impl EngineStatus for Sdk {
             .map_err(|e| e.message().to_string())?
             .into_inner();
         let vols = pb::volume_service_client::VolumeServiceClient::new(ch)
-            .list(pb::ListVolumesRequest {})
+            .list(pb::ListVolumesRequest::default())
             .await
             .map_err(|e| e.message().to_string())?
             .into_inner()

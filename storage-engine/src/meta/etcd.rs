@@ -374,6 +374,20 @@ impl MetaStore for Etcd {
         kvs.iter().map(|(_, v)| serde_json::from_slice(v).map_err(err)).collect()
     }
 
+    async fn list_volumes_page(&self, after: &str, limit: usize) -> Result<Vec<VolumeRecord>, MetaError> {
+        let prefix = key("volumes/");
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a non-empty prefix") += 1;
+        // Keys sort as their names do (one prefix): the page starts just past `after`.
+        let mut from = format!("{prefix}{after}").into_bytes();
+        if !after.is_empty() {
+            from.push(0);
+        }
+        let opts = GetOptions::new().with_range(end).with_limit(limit.clamp(1, i64::MAX as usize) as i64);
+        let resp = bounded(self.client.clone().get(from, Some(opts))).await?;
+        resp.kvs().iter().map(|kv| serde_json::from_slice(kv.value()).map_err(err)).collect()
+    }
+
     async fn provisioned(&self) -> Result<std::collections::HashMap<String, u64>, MetaError> {
         self.follow().await?;
         Ok(self.index.lock().per_node.clone())

@@ -257,6 +257,15 @@ pub trait MetaStore: Send + Sync {
     async fn create_volume(&self, rec: VolumeRecord) -> Result<VolumeRecord, MetaError>;
     async fn get_volume(&self, name: &str) -> Result<Option<VolumeRecord>, MetaError>;
     async fn list_volumes(&self) -> Result<Vec<VolumeRecord>, MetaError>;
+    /// Up to `limit` volume records in name order, the first after the name `after` ("" = from
+    /// the first): one page of a listing (etcd: one range read, not a read of every record).
+    async fn list_volumes_page(&self, after: &str, limit: usize) -> Result<Vec<VolumeRecord>, MetaError> {
+        let mut all = self.list_volumes().await?;
+        all.retain(|r| r.name.as_str() > after);
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all.truncate(limit);
+        Ok(all)
+    }
     /// The records the periodic schedules read: volumes with a snapshot or cloud schedule, and
     /// the snapshots schedules took (`SCHEDULED_LABELS`). May trail the newest changes by a
     /// moment (etcd: kept by the same watch, so the schedules of every engine do not list

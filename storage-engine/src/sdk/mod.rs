@@ -178,7 +178,7 @@ impl Sdk {
                 let r = tokio::time::timeout(std::time::Duration::from_secs(2), async {
                     let ch = self.engine.peer_sdk(&uri, std::time::Duration::from_secs(2)).await.ok()?;
                     let mut c = pb::volume_service_client::VolumeServiceClient::with_interceptor(ch, bearer);
-                    c.list(forwarded(pb::ListVolumesRequest {})).await.ok()
+                    c.list(forwarded(pb::ListVolumesRequest::default())).await.ok()
                 })
                 .await;
                 (t, r.ok().flatten().map(|r| r.into_inner().volumes))
@@ -248,12 +248,39 @@ impl pb::volume_service_server::VolumeService for Sdk {
     async fn list(&self, req: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let who = self.who(&req)?;
         auth::require(&who, Role::View, "volume.list")?;
-        let all = self.engine.list().await?;
-        let mut vols: Vec<pb::Volume> = all.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
+        let (max, start) = (req.get_ref().max_entries as usize, req.get_ref().starting_token.clone());
+        let (mut vols, mut next_token) = (Vec::new(), String::new());
+        if max == 0 {
+            let all = self.engine.list().await?;
+            vols = all.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
+        } else {
+            // Pages of the store until `max` volumes this caller may see are found, and one
+            // more, which says that another page follows.
+            let chunk = (max + 1).clamp(64, 1000);
+            let mut after = start;
+            'pages: loop {
+                let page = self.engine.list_page(&after, chunk).await?;
+                let last = page.len() < chunk;
+                for v in page {
+                    after = v.record.name.clone();
+                    if !auth::may_see(&who, &v.record) {
+                        continue;
+                    }
+                    if vols.len() == max {
+                        next_token = vols.last().map(|v: &pb::Volume| v.name.clone()).unwrap_or_default();
+                        break 'pages;
+                    }
+                    vols.push(to_pb(&self.engine, v));
+                }
+                if last {
+                    break;
+                }
+            }
+        }
         if !was_forwarded(&req) {
             self.fill_from_targets(&req, &mut vols).await;
         }
-        Ok(Response::new(pb::ListVolumesResponse { volumes: vols }))
+        Ok(Response::new(pb::ListVolumesResponse { volumes: vols, next_token }))
     }
 
     async fn inspect(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Response<pb::InspectVolumeResponse>, Status> {

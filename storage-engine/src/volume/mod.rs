@@ -700,6 +700,11 @@ impl Service {
         Ok(out)
     }
 
+    /// Up to `limit` volumes (and snapshots) in name order, the first after `after`.
+    pub async fn list_page(&self, after: &str, limit: usize) -> Result<Vec<VolumeInfo>, VolumeError> {
+        self.meta.list_volumes_page(after, limit).await?.into_iter().map(|r| self.info_of(r)).collect()
+    }
+
     pub async fn inspect(&self, name: &str) -> Result<VolumeInfo, VolumeError> {
         let rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         self.info_of(rec)
