@@ -112,7 +112,7 @@ fn the_scrub_finds_a_flipped_block_on_a_replica_that_serves_no_reads() {
 
 #[test]
 fn checksums_survive_kill9_restart_neither_failing_good_blocks_nor_missing_flips() {
-    let mut c = Cluster::start(1, "128MiB");
+    let mut c = Cluster::start_with(1, "128MiB", &["--checksum-settle-after", "5"]);
     c.sdk(0).create_full("k", 16 * MIB, 1, &[]).unwrap();
     let (a, b) = (pseudo_random(21, 256 * 1024), pseudo_random(22, 256 * 1024));
     let mut cl = Client::connect(&c.engines[0].nbd, "k").unwrap();

@@ -212,6 +212,14 @@ pub struct RunArgs {
     /// (a week).
     #[arg(long, env = "STRATA_SCRUB_INTERVAL", default_value_t = 604800, hide_default_value = true)]
     pub scrub_interval: u64,
+    /// Seconds an extent must go without writes before its block checksums are written and its
+    /// intent bit cleared. Until then a crash makes the engine recompute them from the data at
+    /// start; a write to an extent whose bit is clear waits for the bit to be made durable (a
+    /// device sync) first. Shorter: less to recompute after a crash; longer: fewer such syncs
+    /// when writes come back to the same extents. A device with more than 2,048 unsettled
+    /// extents settles those idle for one period (5 s) anyway. Default: 60.
+    #[arg(long, env = "STRATA_CHECKSUM_SETTLE_AFTER", default_value_t = 60, hide_default_value = true)]
+    pub checksum_settle_after: u64,
     /// This node's id. Default: the hostname.
     #[arg(long, env = "STRATA_NODE_ID")]
     pub node_id: Option<String>,

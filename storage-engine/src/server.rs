@@ -185,8 +185,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::replication::server::serve(repl, engine.clone(), bounds, engine.tls.clone()));
     engine.run_replacements();
     engine.run_schedules(std::time::Duration::from_secs(10));
-    engine
-        .run_checksum_tasks(crate::volume::ScrubConfig { rate: args.scrub_rate, every: std::time::Duration::from_secs(args.scrub_interval.max(1)) });
+    engine.run_checksum_tasks(crate::volume::ScrubConfig {
+        rate: args.scrub_rate,
+        every: std::time::Duration::from_secs(args.scrub_interval.max(1)),
+        settle_after: std::time::Duration::from_secs(args.checksum_settle_after),
+    });
     engine.start_targets().await;
     engine.resume_backups().await;
     engine.run_cloud_schedules(std::time::Duration::from_secs(10));

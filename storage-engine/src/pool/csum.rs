@@ -19,6 +19,10 @@ use std::sync::Arc;
 
 pub const BLOCK: usize = 4096;
 const PAGE: usize = 4096;
+/// Unsettled extents a device may keep past one idle settle pass (the engine's `settle` cap):
+/// after a crash each one is read whole to recompute its checksums (2 GiB at the default 1 MiB
+/// extents).
+pub const DIRTY_CAP: usize = 2048;
 
 /// Checksums of one extent, one per 4 KiB block.
 pub type ExtentSums = Arc<[AtomicU32]>;
@@ -35,6 +39,8 @@ struct Dirty {
     gen: u64,
     /// `gen` at the previous settle pass.
     seen: u64,
+    /// Settle passes in a row that found no write begun since the one before.
+    idle: u32,
     /// Writes begun and not yet ended.
     inflight: u32,
     /// Distinguishes this entry from an earlier one of the same extent.
@@ -232,14 +238,18 @@ impl DeviceSums {
             .collect()
     }
 
-    /// Writes the slots of extents idle since the previous pass, syncs, and clears their intent
-    /// bits. Blocking. Returns how many extents settled.
-    pub fn settle(&self) -> io::Result<usize> {
+    /// Writes the slots of extents no write touched over the last `passes` passes (the last
+    /// one, past `cap` unsettled extents), syncs, and clears their intent bits. Blocking.
+    /// Returns how many extents settled.
+    pub fn settle(&self, passes: u32, cap: usize) -> io::Result<usize> {
         let idle: Vec<u32> = {
             let mut i = self.intent.lock();
+            // Many unsettled extents would make the recomputation after a crash long.
+            let passes = if i.dirty.len() > cap { 1 } else { passes.max(1) };
             let mut idle = Vec::new();
             for (p, d) in i.dirty.iter_mut() {
-                if d.inflight == 0 && d.gen == d.seen {
+                d.idle = if d.inflight == 0 && d.gen == d.seen { d.idle.saturating_add(1) } else { 0 };
+                if d.idle >= passes {
                     idle.push(*p);
                 }
                 d.seen = d.gen;

@@ -758,12 +758,19 @@ impl Pool {
     }
 
     /// Writes the checksums of extents idle since the last call and clears their intent bits.
-    /// Blocking; the engine calls it every few seconds.
+    /// Blocking.
     pub fn settle_checksums(&self) -> io::Result<usize> {
+        self.settle_checksums_idle(1, usize::MAX)
+    }
+
+    /// Writes the checksums of extents that no write touched over the last `passes` calls (or
+    /// over the last one, on a device with more than `cap` unsettled extents) and clears their
+    /// intent bits. Blocking; the engine calls it every few seconds.
+    pub fn settle_checksums_idle(&self, passes: u32, cap: usize) -> io::Result<usize> {
         let mut n = 0;
         for d in &self.devices {
             if let Some(s) = &d.sums {
-                n += s.settle()?;
+                n += s.settle(passes, cap)?;
             }
         }
         Ok(n)
@@ -1126,6 +1133,39 @@ mod tests {
         // A new write of the block gives it a matching checksum again.
         write_block(&pool, 1, 0, 3, 0x11);
         assert_eq!(bad_blocks(&pool, p), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn checksums_settle_after_the_idle_passes_asked_for_or_after_one_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = open(dir.path());
+        write_block(&pool, 1, 0, 0, 0x21);
+        // Three idle passes are asked for: the first pass only notes the write.
+        for pass in 1..=3 {
+            assert_eq!(pool.settle_checksums_idle(3, 16).unwrap(), 0, "pass {pass}");
+        }
+        // A write in between starts the count again.
+        write_block(&pool, 1, 0, 1, 0x22);
+        for pass in 1..=3 {
+            assert_eq!(pool.settle_checksums_idle(3, 16).unwrap(), 0, "pass {pass} after the second write");
+        }
+        assert_eq!(pool.settle_checksums_idle(3, 16).unwrap(), 1);
+        assert_eq!(pool.unsettled_extents(), 0);
+        // Past the cap (per device; these extents spread over both), one idle pass is enough.
+        for lext in 0..5 {
+            write_block(&pool, 2, lext, 0, 0x23);
+        }
+        assert_eq!(pool.unsettled_extents(), 5);
+        assert_eq!(pool.settle_checksums_idle(3, 5).unwrap(), 0);
+        assert_eq!(pool.settle_checksums_idle(3, 5).unwrap(), 0, "not past the cap: three passes");
+        assert_eq!(pool.settle_checksums_idle(3, 0).unwrap(), 5, "past it: the second idle pass settles them");
+        // The settled sums are right: a reopen finds no bad block.
+        let written: Vec<PExt> = (0..5).map(|l| pool.lookup(2, l).unwrap()).collect();
+        drop(pool);
+        let pool = open(dir.path());
+        for p in written {
+            assert_eq!(bad_blocks(&pool, p), Vec::<u64>::new());
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct ScrubConfig {
     pub rate: u64,
     /// Time from the start of one pass to the start of the next.
     pub every: Duration,
+    /// Time without writes after which an extent's checksums settle.
+    pub settle_after: Duration,
 }
 
 /// What one scrub pass found.
@@ -40,11 +42,13 @@ impl Service {
             return;
         }
         let e = self.clone();
+        // Idle passes an extent needs before it settles (at least one: a pass that saw no write).
+        let passes = scrub.settle_after.as_millis().div_ceil(SETTLE_EVERY.as_millis()).max(1) as u32;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(SETTLE_EVERY).await;
                 let pool = e.pool.clone();
-                match tokio::task::spawn_blocking(move || pool.settle_checksums()).await {
+                match tokio::task::spawn_blocking(move || pool.settle_checksums_idle(passes, crate::pool::csum::DIRTY_CAP)).await {
                     Ok(Ok(_)) => {}
                     Ok(Err(err)) => tracing::warn!("writing block checksums failed (retried in {SETTLE_EVERY:?}): {err}"),
                     Err(err) => tracing::warn!("checksum settle task failed: {err}"),
