@@ -102,7 +102,9 @@ impl DeviceSums {
                     .read_blocking(sb.extent_offset(pext), &mut data)
                     .map_err(|e| format!("cannot read extent {pext} to recompute its checksums: {e}"))?;
                 report.recomputed += 1;
-                data.chunks(BLOCK).map(crc32c::crc32c).collect()
+                let mut sums = Vec::with_capacity(data.len() / BLOCK);
+                super::crc::for_each_block(&data, |_, c| sums.push(c));
+                sums
             } else {
                 s.dev.read_blocking(sb.csum_slot_offset(pext), &mut slot).map_err(|e| format!("cannot read the checksums of extent {pext}: {e}"))?;
                 slot.chunks(4).take(s.blocks()).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
@@ -193,9 +195,7 @@ impl DeviceSums {
     /// Records the checksums of `data`, written at block `first` of `pext`.
     pub fn record(&self, pext: u32, first: usize, data: &[u8]) {
         if let Some(s) = self.table.read().get(&pext) {
-            for (i, b) in data.chunks(BLOCK).enumerate() {
-                s[first + i].store(crc32c::crc32c(b), Ordering::Release);
-            }
+            super::crc::for_each_block(data, |i, c| s[first + i].store(c, Ordering::Release));
         }
     }
 
@@ -231,11 +231,13 @@ impl DeviceSums {
     pub fn verify(&self, pext: u32, first: usize, data: &[u8]) -> Vec<usize> {
         let t = self.table.read();
         let Some(s) = t.get(&pext) else { return Vec::new() };
-        data.chunks(BLOCK)
-            .enumerate()
-            .filter(|(i, b)| s.get(first + i).is_some_and(|c| c.load(Ordering::Acquire) != crc32c::crc32c(b)))
-            .map(|(i, _)| i)
-            .collect()
+        let mut bad = Vec::new();
+        super::crc::for_each_block(data, |i, c| {
+            if s.get(first + i).is_some_and(|want| want.load(Ordering::Acquire) != c) {
+                bad.push(i);
+            }
+        });
+        bad
     }
 
     /// Writes the slots of extents no write touched over the last `passes` passes (the last

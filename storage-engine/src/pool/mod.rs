@@ -7,6 +7,7 @@
 //! it (`allocate`), and it is free once its last owner released it.
 
 pub mod check;
+mod crc;
 pub mod csum;
 pub mod journal;
 pub mod superblock;
