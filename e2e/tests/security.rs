@@ -502,4 +502,6 @@ fn volume_lists_come_in_pages_of_what_the_caller_may_see() {
     admin.delete("v03", true).unwrap();
     assert_eq!(admin.list_page(3, &token).unwrap(), (vec!["v04".to_string(), "v05".into(), "v06".into()], "v06".to_string()));
     assert_eq!(admin.list_page(3, "v09").unwrap(), (Vec::<String>::new(), String::new()));
+    // max_entries 0 with a token: everything after it.
+    assert_eq!(admin.list_page(0, "v06").unwrap(), (vec!["v07".to_string(), "v08".into(), "v09".into()], String::new()));
 }

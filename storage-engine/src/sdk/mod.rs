@@ -250,13 +250,15 @@ impl pb::volume_service_server::VolumeService for Sdk {
         auth::require(&who, Role::View, "volume.list")?;
         let (max, start) = (req.get_ref().max_entries as usize, req.get_ref().starting_token.clone());
         let (mut vols, mut next_token) = (Vec::new(), String::new());
-        if max == 0 {
+        if max == 0 && start.is_empty() {
             let all = self.engine.list().await?;
             vols = all.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
         } else {
-            // Pages of the store until `max` volumes this caller may see are found, and one
-            // more, which says that another page follows.
-            let chunk = (max + 1).clamp(64, 1000);
+            // Pages of the store until `max` volumes this caller may see are found (all of them
+            // after the token, with max_entries 0), and one more, which says that another page
+            // follows.
+            let max = if max == 0 { usize::MAX } else { max };
+            let chunk = max.saturating_add(1).clamp(64, 1000);
             let mut after = start;
             'pages: loop {
                 let page = self.engine.list_page(&after, chunk).await?;
