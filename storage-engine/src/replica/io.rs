@@ -197,10 +197,25 @@ impl Local {
         if let Some(p) = self.pool.lookup_writable(v.id, lext) {
             return Ok(p);
         }
-        let pool = self.pool.clone();
         let id = v.id;
-        let p = tokio::task::spawn_blocking(move || pool.allocate(id, lext)).await.map_err(io::Error::other)??;
-        Ok(p)
+        self.blocking(move |pool| pool.allocate(id, lext)).await
+    }
+
+    /// Runs a blocking call of the pool's on tokio's blocking threads.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Pool) -> Result<T, crate::pool::PoolError> + Send + 'static) -> Result<T, IoError> {
+        let pool = self.pool.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&pool)).await.map_err(io::Error::other)??)
+    }
+
+    /// Writes `buf[range]` at byte `within` of extent `p` and records its checksums; a failed
+    /// write counts against the device.
+    async fn write_extent(&self, p: PExt, within: u64, buf: AlignedBuf, range: Range<usize>) -> (io::Result<()>, AlignedBuf) {
+        let (res, buf) = self.pool.device(p).write_at(self.pool.offset_of(p) + within, buf, range.clone()).await;
+        match &res {
+            Ok(()) => self.pool.record_sums(p, within, &buf[range]),
+            Err(_) => self.pool.devices()[p.dev as usize].note_io_error(),
+        }
+        (res, buf)
     }
 
     /// Begins a change of extent `p` (its checksum intent made durable when needed); the caller
@@ -225,31 +240,18 @@ impl Local {
             let n = ((es - within) as usize).min(end - r);
             if within == 0 && n as u64 == es && self.pool.lookup(v.id, pos / es).is_none() {
                 // A whole extent not yet allocated: written to a free extent, mapped after.
-                let (pool, id, lext) = (self.pool.clone(), v.id, pos / es);
-                let p = match tokio::task::spawn_blocking(move || pool.reserve_whole(id, lext)).await.map_err(io::Error::other) {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => return (Err(e.into()), buf),
-                    Err(e) => return (Err(e.into()), buf),
+                let (id, lext) = (v.id, pos / es);
+                let p = match self.blocking(move |pool| pool.reserve_whole(id, lext)).await {
+                    Ok(p) => p,
+                    Err(e) => return (Err(e), buf),
                 };
                 if let Some(p) = p {
                     touched.add(p);
-                    let (res, b) = self.pool.device(p).write_at(self.pool.offset_of(p), buf, r..r + n).await;
+                    let (res, b) = self.write_extent(p, 0, buf, r..r + n).await;
                     buf = b;
-                    let written = match res {
-                        Ok(()) => {
-                            self.pool.record_sums(p, 0, &buf[r..r + n]);
-                            Ok(())
-                        }
-                        Err(e) => {
-                            self.pool.devices()[p.dev as usize].note_io_error();
-                            Err(crate::pool::PoolError::io("writing a new extent")(e))
-                        }
-                    };
-                    let pool = self.pool.clone();
-                    match tokio::task::spawn_blocking(move || pool.map_whole(id, lext, p, written)).await.map_err(io::Error::other) {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return (Err(e.into()), buf),
-                        Err(e) => return (Err(e.into()), buf),
+                    let written = res.map_err(crate::pool::PoolError::io("writing a new extent"));
+                    if let Err(e) = self.blocking(move |pool| pool.map_whole(id, lext, p, written)).await {
+                        return (Err(e), buf);
                     }
                     pos += n as u64;
                     r += n;
@@ -264,14 +266,10 @@ impl Local {
             if let Err(e) = self.begin_change(p).await {
                 return (Err(e), buf);
             }
-            let (res, b) = self.pool.device(p).write_at(self.pool.offset_of(p) + within, buf, r..r + n).await;
+            let (res, b) = self.write_extent(p, within, buf, r..r + n).await;
             buf = b;
-            if res.is_ok() {
-                self.pool.record_sums(p, within, &buf[r..r + n]);
-            }
             self.pool.end_write(p);
             if let Err(e) = res {
-                self.pool.devices()[p.dev as usize].note_io_error();
                 return (Err(e.into()), buf);
             }
             pos += n as u64;
