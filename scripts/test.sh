@@ -4,6 +4,10 @@
 # smoke-runs the container images (scripts/images.sh; STRATA_SKIP_IMAGES=1 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One build, never rebuilt here: incremental state would only take disk.
+export CARGO_INCREMENTAL=0
+# CI's disk is small; say how much there is, so a full disk is seen as such.
+df -h . "${TMPDIR:-/tmp}" | sed 's/^/disk: /'
 ./scripts/deps.sh
 # The Docker volume plugin's test runs a real Docker Engine on a busybox image.
 need=()
