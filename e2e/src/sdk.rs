@@ -99,6 +99,15 @@ impl Sdk {
         self.rt.block_on(c.list(pb::ListVolumesRequest::default())).unwrap().into_inner().volumes
     }
 
+    /// `volume list` as one engine asks another for the live figures of the volumes it serves
+    /// (the request marked as forwarded).
+    pub fn list_forwarded(&self) -> Vec<pb::Volume> {
+        let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());
+        let mut req = tonic::Request::new(pb::ListVolumesRequest::default());
+        req.metadata_mut().insert("x-strata-forwarded", tonic::metadata::MetadataValue::from_static("1"));
+        self.rt.block_on(c.list(req)).unwrap().into_inner().volumes
+    }
+
     /// One page of `volume list`: the names on it and the next page's token.
     pub fn list_page(&self, max: u32, token: &str) -> Result<(Vec<String>, String), tonic::Status> {
         let mut c = pb::volume_service_client::VolumeServiceClient::new(self.ch.clone());

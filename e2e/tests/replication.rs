@@ -62,6 +62,28 @@ fn repl3_volume_is_written_to_every_replica_and_deleted_everywhere() {
     assert_eq!(c.sdk(2).inspect("r3").unwrap_err().code(), Code::NotFound);
 }
 
+/// `volume list` through a node that serves nothing shows the live figures of the node that
+/// serves each volume; that node is asked only for the volumes it serves, so a listing does
+/// not make every target list every volume of the cluster.
+#[test]
+fn a_list_through_another_node_shows_the_serving_nodes_live_figures() {
+    let c = Cluster::start(2, "256MiB");
+    c.sdk(0).create_full("served", 16 * MIB, 2, &[]).unwrap();
+    c.sdk(0).create_full("detached", 16 * MIB, 2, &[]).unwrap();
+    let mut client = Client::connect(&c.engines[0].nbd, "served").unwrap();
+    assert_eq!(client.write(0, &[7u8; 4096], 0), 0);
+    let listed = c.sdk(1).list();
+    let v = listed.iter().find(|v| v.name == "served").expect("listed");
+    assert_eq!(v.attached_node, "node-1", "{v:?}");
+    assert_eq!(v.connections, 1, "{v:?}");
+    assert!(v.io_stats.is_some_and(|s| s.write_ops >= 1), "{v:?}");
+    assert_eq!(v.replica_status.len(), 1, "the target's view of node-2's copy: {v:?}");
+    assert!(listed.iter().any(|v| v.name == "detached"));
+    let names: Vec<String> = c.sdk(0).list_forwarded().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, vec!["served".to_string()]);
+    assert_eq!(c.sdk(1).list_forwarded(), Vec::<pb::Volume>::new());
+}
+
 #[test]
 fn a_dead_replica_leaves_the_in_sync_set_and_resyncs_only_what_it_missed() {
     let mut c = Cluster::start(3, "256MiB");

@@ -250,7 +250,12 @@ impl pb::volume_service_server::VolumeService for Sdk {
         auth::require(&who, Role::View, "volume.list")?;
         let (max, start) = (req.get_ref().max_entries as usize, req.get_ref().starting_token.clone());
         let (mut vols, mut next_token) = (Vec::new(), String::new());
-        if max == 0 && start.is_empty() {
+        if was_forwarded(&req) {
+            // Another engine fills in the live figures of the volumes this node serves (and
+            // reads nothing else of the answer): those alone, not every volume of the cluster.
+            let served = self.engine.list_served().await?;
+            vols = served.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
+        } else if max == 0 && start.is_empty() {
             let all = self.engine.list().await?;
             vols = all.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
         } else {

@@ -705,6 +705,19 @@ impl Service {
         self.meta.list_volumes_page(after, limit).await?.into_iter().map(|r| self.info_of(r)).collect()
     }
 
+    /// The volumes this node serves, with their live figures: what another engine asks for to
+    /// fill in a `volume list` (a read of each one's record, not a listing of every volume).
+    pub async fn list_served(&self) -> Result<Vec<VolumeInfo>, VolumeError> {
+        let names: Vec<String> = self.volumes.read().iter().filter(|(_, v)| v.is_served()).map(|(n, _)| n.clone()).collect();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(rec) = self.meta.get_volume(&name).await?.filter(|r| r.target == self.node.id) {
+                out.push(self.info_of(rec)?);
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn inspect(&self, name: &str) -> Result<VolumeInfo, VolumeError> {
         let rec = self.meta.get_volume(name).await?.ok_or_else(|| VolumeError::NotFound(name.to_string()))?;
         self.info_of(rec)
