@@ -51,6 +51,9 @@ fn median_ms(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_secs_f64() * 1000.0
 }
 
+/// Volumes per page of a paged listing (stratactl's page).
+const PAGE: usize = 1000;
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -167,6 +170,19 @@ async fn main() {
     let all = stores[1].list_volumes().await.unwrap();
     out.insert("list_volumes_ms".into(), (t.elapsed().as_secs_f64() * 1000.0).into());
     assert_eq!(all.len(), v);
+    // The same in pages of 1,000, as `volume list` reads them through the SDK: the first page
+    // alone, and a walk of every page.
+    let t = Instant::now();
+    let mut page = stores[1].list_volumes_page("", PAGE).await.unwrap();
+    out.insert("list_first_page_ms".into(), (t.elapsed().as_secs_f64() * 1000.0).into());
+    let mut walked = 0;
+    loop {
+        walked += page.len();
+        let Some(last) = page.last().filter(|_| page.len() == PAGE) else { break };
+        page = stores[1].list_volumes_page(&last.name.clone(), PAGE).await.unwrap();
+    }
+    out.insert("list_paged_walk_ms".into(), (t.elapsed().as_secs_f64() * 1000.0).into());
+    assert_eq!(walked, v);
     out.insert("etcd_db_bytes".into(), metric(&etcd, "etcd_mvcc_db_total_size_in_bytes").into());
     out.insert("etcd_db_in_use_bytes".into(), metric(&etcd, "etcd_mvcc_db_total_size_in_use_in_bytes").into());
 
