@@ -94,6 +94,10 @@ fn to_pb(engine: &Service, v: VolumeInfo) -> pb::Volume {
     }
 }
 
+/// Most volume records a paged `volume list` reads from the store at once (stratactl's pages of
+/// 1,000, and the one that says more follow).
+const STORE_PAGE: usize = 1001;
+
 /// Marks a request one engine forwarded to another, which serves it itself (no second hop).
 const FORWARDED: &str = "x-strata-forwarded";
 
@@ -261,9 +265,10 @@ impl pb::volume_service_server::VolumeService for Sdk {
         } else {
             // Pages of the store until `max` volumes this caller may see are found (all of them
             // after the token, with max_entries 0), and one more, which says that another page
-            // follows.
+            // follows: `max` + 1 per store read (a page of 1,000 was two reads, the second for
+            // that one volume), at most STORE_PAGE.
             let max = if max == 0 { usize::MAX } else { max };
-            let chunk = max.saturating_add(1).clamp(64, 1000);
+            let chunk = max.saturating_add(1).clamp(64, STORE_PAGE);
             let mut after = start;
             'pages: loop {
                 let page = self.engine.list_page(&after, chunk).await?;
