@@ -711,8 +711,11 @@ impl Service {
         let names: Vec<String> = self.volumes.read().iter().filter(|(_, v)| v.is_served()).map(|(n, _)| n.clone()).collect();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            if let Some(rec) = self.meta.get_volume(&name).await?.filter(|r| r.target == self.node.id) {
-                out.push(self.info_of(rec)?);
+            // As listed: a record without replicas reads as served by its own node.
+            let Some(rec) = self.meta.get_volume(&name).await? else { continue };
+            let info = self.info_of(rec)?;
+            if info.record.target == self.node.id {
+                out.push(info);
             }
         }
         Ok(out)
