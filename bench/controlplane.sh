@@ -34,6 +34,7 @@ mkdir -p "$DIR/engine"
 ENGINE=$!
 trap 'kill $ENGINE $ETCD 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DIR"' EXIT
 for _ in $(seq 1200); do [ -f "$DIR/engine/ready.json" ] && break; sleep 0.05; done
+[ -f "$DIR/engine/ready.json" ] || { echo "the engine did not start within 60 s; its log:" >&2; tail -20 "$DIR/engine/engine.log" >&2; exit 1; }
 SDK=$(python3 -c "import json;print(json.load(open('$DIR/engine/ready.json'))['sdk'])")
 for fmt in table json; do
   args=(); [ $fmt = json ] && args=(--json)
