@@ -165,6 +165,34 @@ impl Sdk {
     /// comparison in progress — taken from that node for volumes served elsewhere: one forwarded
     /// list per serving node, at once. A node that does not answer within 2 s leaves this node's
     /// view of its volumes (0 clients).
+    /// Up to `max` volumes `who` may see after the name `start` (all of them, with `max` 0), and
+    /// the next page's token when more follow: pages of the store until that many are found, and
+    /// one more, which says that another page follows. A store read asks for `max` + 1 records
+    /// (a page of 1,000 was two reads, the second for that one volume), at most STORE_PAGE.
+    async fn list_pages(&self, who: &Caller, start: String, max: usize) -> Result<(Vec<pb::Volume>, String), Status> {
+        let max = if max == 0 { usize::MAX } else { max };
+        let chunk = max.saturating_add(1).clamp(64, STORE_PAGE);
+        let (mut vols, mut after) = (Vec::new(), start);
+        loop {
+            let page = self.engine.list_page(&after, chunk).await?;
+            let last = page.len() < chunk;
+            for v in page {
+                after = v.record.name.clone();
+                if !auth::may_see(who, &v.record) {
+                    continue;
+                }
+                if vols.len() == max {
+                    let next = vols.last().map(|v: &pb::Volume| v.name.clone()).unwrap_or_default();
+                    return Ok((vols, next));
+                }
+                vols.push(to_pb(&self.engine, v));
+            }
+            if last {
+                return Ok((vols, String::new()));
+            }
+        }
+    }
+
     async fn fill_from_targets<T>(&self, req: &Request<T>, vols: &mut [pb::Volume]) {
         let bearer = bearer_of(req);
         let me = self.engine.node.id.clone();
@@ -253,42 +281,19 @@ impl pb::volume_service_server::VolumeService for Sdk {
         let who = self.who(&req)?;
         auth::require(&who, Role::View, "volume.list")?;
         let (max, start) = (req.get_ref().max_entries as usize, req.get_ref().starting_token.clone());
-        let (mut vols, mut next_token) = (Vec::new(), String::new());
-        if was_forwarded(&req) {
+        let unpaged = if was_forwarded(&req) {
             // Another engine fills in the live figures of the volumes this node serves (and
             // reads nothing else of the answer): those alone, not every volume of the cluster.
-            let served = self.engine.list_served().await?;
-            vols = served.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
+            Some(self.engine.list_served().await?)
         } else if max == 0 && start.is_empty() {
-            let all = self.engine.list().await?;
-            vols = all.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect();
+            Some(self.engine.list().await?)
         } else {
-            // Pages of the store until `max` volumes this caller may see are found (all of them
-            // after the token, with max_entries 0), and one more, which says that another page
-            // follows: `max` + 1 per store read (a page of 1,000 was two reads, the second for
-            // that one volume), at most STORE_PAGE.
-            let max = if max == 0 { usize::MAX } else { max };
-            let chunk = max.saturating_add(1).clamp(64, STORE_PAGE);
-            let mut after = start;
-            'pages: loop {
-                let page = self.engine.list_page(&after, chunk).await?;
-                let last = page.len() < chunk;
-                for v in page {
-                    after = v.record.name.clone();
-                    if !auth::may_see(&who, &v.record) {
-                        continue;
-                    }
-                    if vols.len() == max {
-                        next_token = vols.last().map(|v: &pb::Volume| v.name.clone()).unwrap_or_default();
-                        break 'pages;
-                    }
-                    vols.push(to_pb(&self.engine, v));
-                }
-                if last {
-                    break;
-                }
-            }
-        }
+            None
+        };
+        let (mut vols, next_token) = match unpaged {
+            Some(all) => (all.into_iter().filter(|v| auth::may_see(&who, &v.record)).map(|v| to_pb(&self.engine, v)).collect(), String::new()),
+            None => self.list_pages(&who, start, max).await?,
+        };
         if !was_forwarded(&req) {
             self.fill_from_targets(&req, &mut vols).await;
         }
