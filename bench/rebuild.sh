@@ -5,8 +5,8 @@
 # filesystem, interleaved round by round. Two engines on one etcd, plaintext replication over
 # loopback (BENCH_TLS=1: mutual TLS). No client I/O during the rebuild, so the adaptive rate
 # limit does not pace it. Prints MiB/s of each and the ratio; JSON to BENCH_OUT. The rebuild's
-# time is the user's (ha-update until `volume inspect` shows the replica in sync, polled every
-# 50 ms through stratactl); the copy alone, from the target's log, is printed beside it.
+# time is the user's: `stratactl volume ha-update --wait`, which returns once the new replica is
+# in sync (it looks every 50 ms); the copy alone, from the target's log, is printed beside it.
 #
 # Environment: BENCH_SIZE (MiB, default 1024), BENCH_ROUNDS (default 2), BENCH_DIR (default
 # /var/tmp/strata-bench-rebuild; BENCH_BACKING=memory puts everything in /dev/shm), BENCH_OUT
@@ -43,8 +43,7 @@ for r in $(seq "$ROUNDS"); do
   nbdcopy "$DIR/src.bin" "nbd+unix:///$v?socket=$DIR/n1/nbd.sock"
   sync; echo 3 >/proc/sys/vm/drop_caches
   t0=$(date +%s.%N)
-  "${CTL[@]}" volume ha-update "$v" --repl 2 --node node-2 >/dev/null
-  while [ "$("${CTL[@]}" volume inspect "$v" --json | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["in_sync_nodes"]))')" != 2 ]; do sleep 0.05; done
+  "${CTL[@]}" volume ha-update "$v" --repl 2 --node node-2 --wait --timeout 600 >/dev/null
   t1=$(date +%s.%N)
   # The copy alone, by the target's own clock: from "resync started" to "replica back in sync".
   grep -E "(resync started|replica back in sync) volume=$v " "$DIR/n1/engine.log" | cut -c1-27 >"$DIR/copy.times"

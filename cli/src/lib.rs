@@ -272,6 +272,14 @@ pub enum VolumeCmd {
         /// Growing: the node for the new replica. Shrinking: the node whose replica goes.
         #[arg(long)]
         node: Option<String>,
+        /// Then wait until every replica is in sync (a new one rebuilt), with a progress bar per
+        /// replica on a terminal; exit 1 if --timeout passes first.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up (exit 1; the rebuild goes on) after this many seconds. Default:
+        /// 0, never.
+        #[arg(long, default_value_t = 0, hide_default_value = true, requires = "wait")]
+        timeout: u64,
     },
     /// Delete a volume and free its space.
     Delete {
@@ -605,6 +613,9 @@ async fn list_volumes(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk
 /// Volumes per page of `volume list`.
 const LIST_PAGE: u32 = 1000;
 
+/// How often `volume ha-update --wait` looks at the volume.
+const HA_UPDATE_LOOK: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// One volume (or snapshot) as the SDK shows it.
 async fn inspect_volume(c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>, name: &str) -> anyhow::Result<pb::Volume> {
     let v = c.inspect(pb::InspectVolumeRequest { name: name.to_string() }).await.map_err(status_err)?.into_inner();
@@ -829,8 +840,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     print!("{}", render::volume_inspect(&v, json));
                 }
                 VolumeCmd::Inspect { name, watch: true, interval, timeout } => {
-                    let v =
-                        watch::resync(&mut c, &name, json, std::time::Duration::from_secs(interval), std::time::Duration::from_secs(timeout)).await?;
+                    let report = if json { watch::Report::Json } else { watch::Report::Lines };
+                    let v = watch::resync(&mut c, &name, report, std::time::Duration::from_secs(interval), std::time::Duration::from_secs(timeout))
+                        .await?;
                     print!("{}", render::volume_inspect(&v, json));
                 }
                 VolumeCmd::Stats { name, interval, count } => {
@@ -899,12 +911,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
                     print!("{}", render::volume_done(&v, json, |v| format!("Volume {} updated: {}", v.name, changed.join(", "))));
                 }
-                VolumeCmd::HaUpdate { name, repl, node } => {
+                VolumeCmd::HaUpdate { name, repl, node, wait, timeout } => {
                     let before = c.inspect(pb::InspectVolumeRequest { name: name.clone() }).await.map_err(status_err)?.into_inner();
                     let before = before.volume.map(|v| v.replica_nodes).unwrap_or_default();
-                    let req = pb::HaUpdateRequest { name, repl, node: node.unwrap_or_default() };
+                    let req = pb::HaUpdateRequest { name: name.clone(), repl, node: node.unwrap_or_default() };
                     let v = c.ha_update(req).await.map_err(status_err)?.into_inner();
-                    let v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    let mut v = v.volume.ok_or_else(|| anyhow!("engine returned no volume"))?;
+                    if wait {
+                        // Looks often enough that the command ends within a fraction of a rebuild
+                        // (a GiB takes seconds), quietly unless on a terminal.
+                        v = watch::resync(&mut c, &name, watch::Report::Terminal, HA_UPDATE_LOOK, std::time::Duration::from_secs(timeout)).await?;
+                    }
                     print!("{}", render::volume_done(&v, json, |v| render::ha_update_text(v, &before)));
                 }
                 VolumeCmd::Delete { name, force } => {

@@ -20,15 +20,28 @@ pub fn settled(v: &pb::Volume) -> bool {
     v.replica_nodes.iter().all(|n| v.in_sync_nodes.contains(n))
 }
 
+/// What `resync` shows of each look.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Report {
+    /// A progress bar per replica on a terminal, else a line per replica per look.
+    Lines,
+    /// A JSON object per look.
+    Json,
+    /// Progress bars on a terminal, else nothing.
+    Terminal,
+}
+
 /// Looks at the volume every `interval` until it is settled (or `timeout`, if not zero, passes);
 /// returns it as last seen.
 pub async fn resync(
     c: &mut pb::volume_service_client::VolumeServiceClient<Sdk>,
     name: &str,
-    json: bool,
+    report: Report,
     interval: Duration,
     timeout: Duration,
 ) -> anyhow::Result<pb::Volume> {
+    let json = report == Report::Json;
+    let lines = report == Report::Lines;
     let tty = std::io::stdout().is_terminal() && !json;
     let bars = indicatif::MultiProgress::new();
     let mut by_node: HashMap<String, indicatif::ProgressBar> = HashMap::new();
@@ -51,7 +64,7 @@ pub async fn resync(
                 b.set_length(total);
                 b.set_position(copied);
                 b.set_message(r.state.clone());
-            } else if !json {
+            } else if lines {
                 println!("{}", render::resync_line(r));
             }
         }

@@ -391,6 +391,25 @@ fn inspect_watch_follows_a_resync_until_every_replica_is_in_sync() {
 }
 
 #[test]
+fn ha_update_wait_returns_once_the_new_replica_is_rebuilt() {
+    let c = strata_e2e::cluster::Cluster::start(2, "256MiB");
+    let (ok, _, err) = ctl_cluster(&c, 0, &["volume", "create", "grow", "--size", "64MiB", "--repl", "1", "--nodes", "node-1"]);
+    assert!(ok, "{err}");
+    let mut nbd = strata_e2e::nbd::Client::connect(&c.engines[0].nbd, "grow").unwrap();
+    for i in 0..32u64 {
+        assert_eq!(nbd.write(i * (1 << 20), &[i as u8 + 1; 1 << 20], 0), 0);
+    }
+    let (ok, _, err) = ctl_cluster(&c, 0, &["volume", "ha-update", "grow", "--repl", "2", "--timeout", "5"]);
+    assert!(!ok && err.contains("--wait"), "--timeout only with --wait: {err}");
+    let (ok, out, err) = ctl_cluster(&c, 1, &["volume", "ha-update", "grow", "--repl", "2", "--node", "node-2", "--wait", "--timeout", "120", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let in_sync: Vec<&str> = v["in_sync_nodes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert_eq!(in_sync.len(), 2, "the answer comes once node-2 is rebuilt: {v}");
+    assert!(in_sync.contains(&"node-2"), "{v}");
+}
+
+#[test]
 fn volume_stats_shows_the_io_rates_of_each_interval() {
     let c = strata_e2e::cluster::Cluster::start(1, "256MiB");
     c.sdk(0).create_full("io", 32 << 20, 1, &[]).unwrap();
