@@ -154,8 +154,9 @@ impl DeviceSums {
         }
     }
 
-    /// Writes the intent bitmap where it differs from the device's copy, then syncs. Blocking.
-    pub fn persist_intent(&self) -> io::Result<()> {
+    /// Writes the intent bitmap where it differs from the device's copy, then syncs; returns
+    /// whether it wrote (and synced). Blocking.
+    pub fn persist_intent(&self) -> io::Result<bool> {
         let _p = self.persist.lock();
         let (want, disk, included) = {
             let i = self.intent.lock();
@@ -189,7 +190,7 @@ impl DeviceSums {
                 d.durable = true;
             }
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// Records the checksums of `data`, written at block `first` of `pext`.

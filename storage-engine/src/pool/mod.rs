@@ -488,12 +488,17 @@ impl Pool {
         let p = self.take_free(&mut a, vol, lext)?;
         drop(a);
         // Zeroing and the journal entry happen outside the allocator's lock, so allocations of
-        // different extents overlap and share the intent's and the journal's syncs (both commit
-        // in groups) instead of taking turns at two syncs each.
+        // different extents overlap and share the syncs (both commit in groups) instead of
+        // taking turns at two syncs each. The zeroes are durable before the map entry is
+        // written: under one sync a disk's cache may keep the entry and lose the zeroes, and
+        // the extent would show its previous owner's data.
         let d = &self.devices[p.dev as usize];
-        let res = self
-            .intend(p)
-            .and_then(|_| d.dev.zero_range_blocking(d.sb.extent_offset(p.pext), self.extent_size).map_err(PoolError::io("zeroing a new extent")))
+        self.begin_write(p);
+        let res = d
+            .dev
+            .zero_range_blocking(d.sb.extent_offset(p.pext), self.extent_size)
+            .map_err(PoolError::io("zeroing a new extent"))
+            .and_then(|_| self.sync_new_extent(p))
             .and_then(|_| d.journal.commit(&[Entry::Map { vol, lext, pext: p.pext }]));
         self.end_new_extent(p, None, res.is_ok());
         self.finish_new(vol, lext, p, res)
@@ -536,8 +541,8 @@ impl Pool {
     /// For a write of the whole of `(vol, lext)`, which has no extent: a free extent to write
     /// first and map after (`map_whole`), so it need not be zeroed (nothing maps it until its
     /// data is there, and a crash before leaves it free). None when the logical extent is mapped
-    /// or being allocated (use `allocate`). The extent's change is begun (intent durable) and
-    /// `map_whole` ends it. Blocking.
+    /// or being allocated (use `allocate`). The extent's change is begun here; `map_whole` makes
+    /// its intent bit durable with the data, then maps it, and ends the change. Blocking.
     pub fn reserve_whole(&self, vol: u64, lext: u64) -> Result<Option<PExt>, PoolError> {
         let mut a = self.alloc.lock();
         if self.lookup(vol, lext).is_some() || a.pending.contains(&(vol, lext)) {
@@ -545,10 +550,9 @@ impl Pool {
         }
         let p = self.take_free(&mut a, vol, lext)?;
         drop(a);
-        if let Err(e) = self.intend(p) {
-            self.end_write(p);
-            return self.finish_new(vol, lext, p, Err(e)).map(Some);
-        }
+        // The intent bit need not be durable before the data is written, only before the map
+        // entry: nothing reads an unmapped extent.
+        self.begin_write(p);
         // Sums of zeroes until the caller records those of its data.
         if let Some(s) = self.sums(p) {
             s.insert(p.pext, None);
@@ -557,10 +561,13 @@ impl Pool {
     }
 
     /// Maps a `reserve_whole` extent once the caller wrote all of it and recorded its sums
-    /// (`written` Ok); on a failed write, or if the journal fails, the extent is free again. The journal's sync also makes
-    /// the data durable (the journal lives on the same device). Blocking.
+    /// (`written` Ok): the data and the intent bit are made durable first, then the map entry,
+    /// so a disk's cache cannot keep the entry and lose the data under one sync. On a failed
+    /// write, or if the journal fails, the extent is free again. Blocking.
     pub fn map_whole(&self, vol: u64, lext: u64, p: PExt, written: Result<(), PoolError>) -> Result<PExt, PoolError> {
-        let res = written.and_then(|_| self.devices[p.dev as usize].journal.commit(&[Entry::Map { vol, lext, pext: p.pext }]));
+        let res = written
+            .and_then(|_| self.sync_new_extent(p))
+            .and_then(|_| self.devices[p.dev as usize].journal.commit(&[Entry::Map { vol, lext, pext: p.pext }]));
         self.end_write(p);
         if let (Err(_), Some(s)) = (&res, self.sums(p)) {
             s.remove(p.pext);
@@ -687,6 +694,22 @@ impl Pool {
 
     /// Begins a change of extent `p` with its intent bit durable (blocking); the caller ends
     /// it with `end_write`.
+    /// Makes what was written to the new extent `p` durable, with its intent bit, before its map
+    /// entry is written: one sync, the intent's when the bitmap changed. Blocking.
+    fn sync_new_extent(&self, p: PExt) -> Result<(), PoolError> {
+        let d = &self.devices[p.dev as usize];
+        let synced = match &d.sums {
+            Some(s) => s.persist_intent().map_err(PoolError::io("writing the checksum intent bitmap"))?,
+            None => false,
+        };
+        if !synced {
+            // The bit was already durable (or the device keeps no checksums): the data still
+            // needs its sync.
+            d.dev.sync_blocking().map_err(PoolError::io("syncing a new extent"))?;
+        }
+        Ok(())
+    }
+
     fn intend(&self, p: PExt) -> Result<(), PoolError> {
         if self.begin_write(p) {
             self.persist_intent(p).map_err(PoolError::io("writing the checksum intent bitmap"))?;
@@ -724,7 +747,7 @@ impl Pool {
     /// Makes the intent bits of `p`'s device durable. Blocking.
     pub fn persist_intent(&self, p: PExt) -> io::Result<()> {
         match self.sums(p) {
-            Some(s) => s.persist_intent(),
+            Some(s) => s.persist_intent().map(|_| ()),
             None => Ok(()),
         }
     }
@@ -1231,5 +1254,116 @@ mod tests {
         pool.device(q).read_blocking(pool.offset_of(q), &mut back).unwrap();
         assert!(back[..] == data[..]);
         assert_eq!(bad_blocks(&pool, q), Vec::<u64>::new(), "its checksums match its data");
+    }
+
+    /// A device that logs its writes, zeroings and syncs in order (over a `MemDevice`).
+    struct Recorder {
+        inner: crate::device::mem::MemDevice,
+        log: parking_lot::Mutex<Vec<Op>>,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Op {
+        Write(u64, u64),
+        Zero(u64, u64),
+        Sync,
+    }
+
+    impl Recorder {
+        fn note(&self, op: Op) {
+            self.log.lock().push(op);
+        }
+    }
+
+    impl BlockIo for Recorder {
+        fn read_at(
+            &self,
+            offset: u64,
+            buf: AlignedBuf,
+            range: std::ops::Range<usize>,
+        ) -> futures::future::BoxFuture<'static, crate::device::BufResult> {
+            self.inner.read_at(offset, buf, range)
+        }
+        fn write_at(
+            &self,
+            offset: u64,
+            buf: AlignedBuf,
+            range: std::ops::Range<usize>,
+        ) -> futures::future::BoxFuture<'static, crate::device::BufResult> {
+            self.note(Op::Write(offset, range.len() as u64));
+            self.inner.write_at(offset, buf, range)
+        }
+        fn sync(&self) -> futures::future::BoxFuture<'static, io::Result<()>> {
+            self.note(Op::Sync);
+            self.inner.sync()
+        }
+        fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.inner.read_blocking(offset, buf)
+        }
+        fn write_blocking(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            self.note(Op::Write(offset, buf.len() as u64));
+            self.inner.write_blocking(offset, buf)
+        }
+        fn sync_blocking(&self) -> io::Result<()> {
+            self.note(Op::Sync);
+            self.inner.sync_blocking()
+        }
+        fn zero_range_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.note(Op::Zero(offset, len));
+            self.inner.zero_range_blocking(offset, len)
+        }
+        fn discard_blocking(&self, offset: u64, len: u64) {
+            self.inner.discard_blocking(offset, len)
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn describe(&self) -> crate::device::DeviceDescription {
+            self.inner.describe()
+        }
+    }
+
+    /// In `log`: the last write or zeroing of `[at, at + len)` is followed by a sync before the
+    /// first journal write after it (the map entry).
+    fn durable_before_mapped(log: &[Op], at: u64, len: u64, journal: std::ops::Range<u64>, what: &str) {
+        let touches = |o: &Op| matches!(*o, Op::Write(off, _) | Op::Zero(off, _) if off >= at && off < at + len);
+        let data = log.iter().rposition(touches).unwrap_or_else(|| panic!("{what}: never written: {log:?}"));
+        let entry = log[data..]
+            .iter()
+            .position(|o| matches!(*o, Op::Write(off, _) if journal.contains(&off)))
+            .unwrap_or_else(|| panic!("{what}: no journal write after the data: {log:?}"));
+        assert!(log[data..data + entry].contains(&Op::Sync), "{what}: the map entry was written before the data was synced: {log:?}");
+    }
+
+    #[test]
+    fn a_new_extents_data_is_synced_before_its_map_entry_is_written() {
+        let dev = Arc::new(Recorder { inner: crate::device::mem::MemDevice::new(64 << 20), log: Default::default() });
+        let spec = OpenSpec { expected: None, force_format: false, extent_size: DEFAULT_EXTENT_SIZE, check_only: false };
+        let pool = Pool::open(vec![("rec".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
+        let sb = pool.devices().iter().next().unwrap().sb.clone();
+        let journal = sb.journal_offset..sb.journal_offset + sb.journal_len;
+        let es = pool.extent_size;
+
+        // A partial write's new extent is zeroed: the zeroes are durable before it is mapped.
+        dev.log.lock().clear();
+        let p = pool.allocate(1, 0).unwrap();
+        durable_before_mapped(&dev.log.lock(), pool.offset_of(p), es, journal.clone(), "a zeroed extent");
+
+        // A whole extent written, then mapped.
+        dev.log.lock().clear();
+        let q = pool.reserve_whole(1, 1).unwrap().expect("a free extent");
+        let mut data = AlignedBuf::new(es as usize);
+        data.fill(0x5D);
+        pool.device(q).write_blocking(pool.offset_of(q), &data).unwrap();
+        pool.record_sums(q, 0, &data);
+        pool.map_whole(1, 1, q, Ok(())).unwrap();
+        durable_before_mapped(&dev.log.lock(), pool.offset_of(q), es, journal.clone(), "a whole extent");
+
+        // What was mapped reads back, with matching checksums, after a reopen.
+        drop(pool);
+        let pool = Pool::open(vec![("rec".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
+        assert_eq!(pool.lookup(1, 0), Some(p));
+        assert_eq!(pool.lookup(1, 1), Some(q));
+        assert_eq!(bad_blocks(&pool, q), Vec::<u64>::new());
     }
 }
