@@ -401,7 +401,8 @@ fn ha_update_wait_returns_once_the_new_replica_is_rebuilt() {
     }
     let (ok, _, err) = ctl_cluster(&c, 0, &["volume", "ha-update", "grow", "--repl", "2", "--timeout", "5"]);
     assert!(!ok && err.contains("--wait"), "--timeout only with --wait: {err}");
-    let (ok, out, err) = ctl_cluster(&c, 1, &["volume", "ha-update", "grow", "--repl", "2", "--node", "node-2", "--wait", "--timeout", "120", "--json"]);
+    let (ok, out, err) =
+        ctl_cluster(&c, 1, &["volume", "ha-update", "grow", "--repl", "2", "--node", "node-2", "--wait", "--timeout", "120", "--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let in_sync: Vec<&str> = v["in_sync_nodes"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
