@@ -582,12 +582,14 @@ impl Pool {
         let d = &self.devices[i];
         let pext = a.free[i].pop_first().ok_or_else(|| PoolError::NoSpaceForCopy { device: d.path.clone() })?;
         let p = PExt { dev: old.dev, pext };
+        // As for a new extent: the copy and its intent bit are durable, in one sync, before the
+        // entry that moves the owner to it (nothing reads the copy until then).
+        self.begin_write(p);
         let res = (|| {
-            self.intend(p)?;
             let mut buf = AlignedBuf::new(self.extent_size as usize);
             d.dev.read_blocking(d.sb.extent_offset(old.pext), &mut buf).map_err(PoolError::io("reading a shared extent"))?;
             d.dev.write_blocking(d.sb.extent_offset(pext), &buf).map_err(PoolError::io("copying a shared extent"))?;
-            d.dev.sync_blocking().map_err(PoolError::io("syncing a copied extent"))?;
+            self.sync_new_extent(p)?;
             d.journal.commit(&[Entry::Move { vol, lext, from: old.pext, to: pext }])
         })();
         self.end_new_extent(p, Some(old.pext), res.is_ok());
@@ -710,14 +712,7 @@ impl Pool {
         Ok(())
     }
 
-    fn intend(&self, p: PExt) -> Result<(), PoolError> {
-        if self.begin_write(p) {
-            self.persist_intent(p).map_err(PoolError::io("writing the checksum intent bitmap"))?;
-        }
-        Ok(())
-    }
-
-    /// Ends the change `intend` began on a newly taken extent `p`; when it was mapped (`ok`),
+    /// Ends the change begun (`begin_write`) on a newly taken extent `p`; when it was mapped (`ok`),
     /// its checksums are those of zeroes, or a copy of `from`'s.
     fn end_new_extent(&self, p: PExt, from: Option<u32>, ok: bool) {
         if let Some(s) = self.sums(p) {
@@ -1359,11 +1354,24 @@ mod tests {
         pool.map_whole(1, 1, q, Ok(())).unwrap();
         durable_before_mapped(&dev.log.lock(), pool.offset_of(q), es, journal.clone(), "a whole extent");
 
+        // A shared extent's private copy, made by the first write after a snapshot: the copy
+        // is durable before the entry that moves the owner, in two syncs in all.
+        pool.share(1, 2).unwrap();
+        dev.log.lock().clear();
+        let c = pool.allocate(1, 1).unwrap();
+        assert_ne!(c, q, "a private copy");
+        let log = dev.log.lock().clone();
+        durable_before_mapped(&log, pool.offset_of(c), es, journal.clone(), "a copied extent");
+        assert_eq!(log.iter().filter(|o| **o == Op::Sync).count(), 2, "{log:?}");
+
         // What was mapped reads back, with matching checksums, after a reopen.
         drop(pool);
         let pool = Pool::open(vec![("rec".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
         assert_eq!(pool.lookup(1, 0), Some(p));
-        assert_eq!(pool.lookup(1, 1), Some(q));
-        assert_eq!(bad_blocks(&pool, q), Vec::<u64>::new());
+        assert_eq!(pool.lookup(1, 1), Some(c));
+        assert_eq!(pool.lookup(2, 1), Some(q), "the snapshot keeps the original");
+        for x in [q, c] {
+            assert_eq!(bad_blocks(&pool, x), Vec::<u64>::new());
+        }
     }
 }
