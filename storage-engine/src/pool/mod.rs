@@ -694,8 +694,6 @@ impl Pool {
         Ok(freed)
     }
 
-    /// Begins a change of extent `p` with its intent bit durable (blocking); the caller ends
-    /// it with `end_write`.
     /// Makes what was written to the new extent `p` durable, with its intent bit, before its map
     /// entry is written: one sync, the intent's when the bitmap changed. Blocking.
     fn sync_new_extent(&self, p: PExt) -> Result<(), PoolError> {
