@@ -472,18 +472,16 @@ impl Pool {
     /// Blocking.
     pub fn allocate(&self, vol: u64, lext: u64) -> Result<PExt, PoolError> {
         let mut a = self.alloc.lock();
-        loop {
-            if let Some(p) = self.lookup(vol, lext) {
-                if !self.maps.read().is_shared(p) {
-                    return Ok(p);
-                }
-                return self.copy_on_write(&mut a, vol, lext, p);
-            }
-            if !a.pending.contains(&(vol, lext)) {
-                break;
-            }
-            // Another writer is giving this logical extent its extent: use that one.
+        // Another writer giving this logical extent its extent (a new one, or a private copy)
+        // comes first: wait for it, then use that one.
+        while a.pending.contains(&(vol, lext)) {
             self.allocated.wait(&mut a);
+        }
+        if let Some(p) = self.lookup(vol, lext) {
+            if !self.maps.read().is_shared(p) {
+                return Ok(p);
+            }
+            return self.copy_on_write(a, vol, lext, p);
         }
         let p = self.take_free(&mut a, vol, lext)?;
         drop(a);
@@ -576,11 +574,15 @@ impl Pool {
     }
 
     /// Gives `(vol, lext)` its own copy of the shared extent `old`, on the same device (one
-    /// journal entry moves the owner, so a crash leaves it on the old or the new extent).
-    fn copy_on_write(&self, a: &mut Alloc, vol: u64, lext: u64, old: PExt) -> Result<PExt, PoolError> {
+    /// journal entry moves the owner, so a crash leaves it on the old or the new extent). The
+    /// copy and its syncs happen outside the allocator's lock (`a`, released here), with
+    /// `(vol, lext)` pending, so other allocations go on meanwhile.
+    fn copy_on_write(&self, mut a: parking_lot::MutexGuard<'_, Alloc>, vol: u64, lext: u64, old: PExt) -> Result<PExt, PoolError> {
         let i = old.dev as usize;
         let d = &self.devices[i];
         let pext = a.free[i].pop_first().ok_or_else(|| PoolError::NoSpaceForCopy { device: d.path.clone() })?;
+        a.pending.insert((vol, lext));
+        drop(a);
         let p = PExt { dev: old.dev, pext };
         // As for a new extent: the copy and its intent bit are durable, in one sync, before the
         // entry that moves the owner to it (nothing reads the copy until then).
@@ -593,14 +595,31 @@ impl Pool {
             d.journal.commit(&[Entry::Move { vol, lext, from: old.pext, to: pext }])
         })();
         self.end_new_extent(p, Some(old.pext), res.is_ok());
-        if let Err(e) = res {
-            a.free[i].insert(pext);
-            return Err(e);
-        }
-        let mut m = self.maps.write();
-        m.map.insert((vol, lext), p);
-        m.release(old, (vol, lext));
-        Ok(p)
+        let mut a = self.alloc.lock();
+        a.pending.remove(&(vol, lext));
+        let res = match res {
+            Err(e) => {
+                a.free[i].insert(pext);
+                Err(e)
+            }
+            Ok(()) => {
+                let mut m = self.maps.write();
+                m.map.insert((vol, lext), p);
+                if m.release(old, (vol, lext)) {
+                    // Its other owners (a snapshot deleted meanwhile) are gone too: it is free.
+                    drop(m);
+                    d.dev.discard_blocking(d.sb.extent_offset(old.pext), self.extent_size);
+                    if let Some(s) = &d.sums {
+                        s.remove(old.pext);
+                    }
+                    a.free[i].insert(old.pext);
+                }
+                Ok(p)
+            }
+        };
+        drop(a);
+        self.allocated.notify_all();
+        res
     }
 
     /// Gives volume `dst` every extent of volume `src`, shared (a snapshot or clone at this
@@ -650,6 +669,14 @@ impl Pool {
     /// Frees the given logical extents of a volume (those that are mapped). Blocking. The caller
     /// keeps I/O to these extents out while this runs.
     pub fn free(&self, vol: u64, lexts: &[u64]) -> Result<u64, PoolError> {
+        // The allocator's lock keeps a concurrent copy-on-write's end or a share out. An extent
+        // of this volume still being made (new or a private copy: its writer's caller may have
+        // gone, the blocking call has not) is finished first, so its entry cannot land after
+        // the release.
+        let mut a = self.alloc.lock();
+        while a.pending.iter().any(|(v, _)| *v == vol) {
+            self.allocated.wait(&mut a);
+        }
         // (logical extent, physical extent) per device
         let mut per_dev: Vec<Vec<(u64, u32)>> = vec![Vec::new(); self.devices.len()];
         {
@@ -667,8 +694,6 @@ impl Pool {
             }
             let d = &self.devices[i];
             let entries: Vec<Entry> = extents.iter().map(|(l, p)| Entry::Release { vol, lext: *l, pext: *p }).collect();
-            // The allocator's lock keeps a concurrent copy-on-write or share out.
-            let mut a = self.alloc.lock();
             d.journal.commit(&entries)?;
             let mut unowned = Vec::new();
             {
@@ -1371,5 +1396,135 @@ mod tests {
         for x in [q, c] {
             assert_eq!(bad_blocks(&pool, x), Vec::<u64>::new());
         }
+    }
+
+    /// A device whose reads of one range wait until it is opened (over a `MemDevice`).
+    struct Gate {
+        inner: crate::device::mem::MemDevice,
+        /// The range held, and whether a read is waiting in it.
+        held: parking_lot::Mutex<(Option<std::ops::Range<u64>>, bool)>,
+        changed: parking_lot::Condvar,
+    }
+
+    impl Gate {
+        fn hold(&self, r: std::ops::Range<u64>) {
+            *self.held.lock() = (Some(r), false);
+        }
+        fn open(&self) {
+            self.held.lock().0 = None;
+            self.changed.notify_all();
+        }
+        fn wait_for_reader(&self) {
+            let mut h = self.held.lock();
+            let t0 = std::time::Instant::now();
+            while !h.1 {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(10), "no read came to the held range");
+                self.changed.wait_for(&mut h, std::time::Duration::from_millis(50));
+            }
+        }
+    }
+
+    impl BlockIo for Gate {
+        fn read_at(
+            &self,
+            offset: u64,
+            buf: AlignedBuf,
+            range: std::ops::Range<usize>,
+        ) -> futures::future::BoxFuture<'static, crate::device::BufResult> {
+            self.inner.read_at(offset, buf, range)
+        }
+        fn write_at(
+            &self,
+            offset: u64,
+            buf: AlignedBuf,
+            range: std::ops::Range<usize>,
+        ) -> futures::future::BoxFuture<'static, crate::device::BufResult> {
+            self.inner.write_at(offset, buf, range)
+        }
+        fn sync(&self) -> futures::future::BoxFuture<'static, io::Result<()>> {
+            self.inner.sync()
+        }
+        fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let mut h = self.held.lock();
+            while h.0.as_ref().is_some_and(|r| r.contains(&offset)) {
+                h.1 = true;
+                self.changed.notify_all();
+                self.changed.wait(&mut h);
+            }
+            drop(h);
+            self.inner.read_blocking(offset, buf)
+        }
+        fn write_blocking(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            self.inner.write_blocking(offset, buf)
+        }
+        fn sync_blocking(&self) -> io::Result<()> {
+            self.inner.sync_blocking()
+        }
+        fn zero_range_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.inner.zero_range_blocking(offset, len)
+        }
+        fn discard_blocking(&self, offset: u64, len: u64) {
+            self.inner.discard_blocking(offset, len)
+        }
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn describe(&self) -> crate::device::DeviceDescription {
+            self.inner.describe()
+        }
+    }
+
+    #[test]
+    fn a_copy_on_write_in_progress_holds_up_neither_other_allocations_nor_a_snapshot_delete() {
+        let dev = Arc::new(Gate { inner: crate::device::mem::MemDevice::new(64 << 20), held: Default::default(), changed: Default::default() });
+        let spec = OpenSpec { expected: None, force_format: false, extent_size: DEFAULT_EXTENT_SIZE, check_only: false };
+        let pool = Arc::new(Pool::open(vec![("gate".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap());
+        let es = pool.extent_size;
+        let original = pool.allocate(1, 0).unwrap();
+        let mut data = AlignedBuf::new(es as usize);
+        data.fill(0x6B);
+        pool.device(original).write_blocking(pool.offset_of(original), &data).unwrap();
+        pool.record_sums(original, 0, &data);
+        pool.share(1, 2).unwrap();
+        let free_before = pool.free_extents(0);
+
+        // The first write after the snapshot copies the extent; its read of the original waits.
+        dev.hold(pool.offset_of(original)..pool.offset_of(original) + es);
+        let copier = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.allocate(1, 0))
+        };
+        dev.wait_for_reader();
+        // Meanwhile another volume gets a new extent, and the snapshot is deleted.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let r = pool.allocate(3, 0).map(|p| (p, pool.free(2, &[0])));
+                let _ = tx.send(());
+                r
+            })
+        };
+        let waited = rx.recv_timeout(std::time::Duration::from_secs(10));
+        dev.open();
+        assert!(waited.is_ok(), "another volume's allocation and the snapshot's delete waited for the copy");
+        let (fresh, released) = other.join().unwrap().unwrap();
+        assert_eq!(released.unwrap(), 1);
+        let copy = copier.join().unwrap().unwrap();
+        assert_ne!(copy, original);
+        assert_ne!(fresh, copy);
+        assert_eq!(pool.lookup(1, 0), Some(copy));
+        // The original lost its last owner while it was being copied: it is free again.
+        assert_eq!(pool.free_extents(0), free_before - 1, "the copy and the other volume's extent are taken, the original is back");
+        let mut back = AlignedBuf::new(es as usize);
+        pool.device(copy).read_blocking(pool.offset_of(copy), &mut back).unwrap();
+        assert!(back[..] == data[..], "the copy holds the snapshot's data");
+        assert_eq!(bad_blocks(&pool, copy), Vec::<u64>::new());
+        // And after a reopen.
+        drop(pool);
+        let pool = Pool::open(vec![("gate".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
+        assert_eq!(pool.lookup(1, 0), Some(copy));
+        assert_eq!(pool.lookup(2, 0), None);
+        assert_eq!(pool.free_extents(0), free_before - 1);
     }
 }
