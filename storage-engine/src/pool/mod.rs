@@ -193,6 +193,9 @@ struct Maps {
     shared: HashMap<PExt, Vec<(u64, u64)>>,
     /// Owner entries per device (bounded by the journal's checkpoint room).
     owners: Vec<u64>,
+    /// (volume, logical extent)s whose shared extent is being copied: not writable in place
+    /// even if its other owners go meanwhile (the write would land in the extent left behind).
+    copying: std::collections::HashSet<(u64, u64)>,
 }
 
 impl Maps {
@@ -455,6 +458,9 @@ impl Pool {
     /// The extent a write to `(vol, lext)` may change in place: mapped and owned by `vol` alone.
     pub fn lookup_writable(&self, vol: u64, lext: u64) -> Option<PExt> {
         let m = self.maps.read();
+        if !m.copying.is_empty() && m.copying.contains(&(vol, lext)) {
+            return None;
+        }
         m.map.get(&(vol, lext)).copied().filter(|p| !m.is_shared(*p))
     }
 
@@ -582,6 +588,7 @@ impl Pool {
         let d = &self.devices[i];
         let pext = a.free[i].pop_first().ok_or_else(|| PoolError::NoSpaceForCopy { device: d.path.clone() })?;
         a.pending.insert((vol, lext));
+        self.maps.write().copying.insert((vol, lext));
         drop(a);
         let p = PExt { dev: old.dev, pext };
         // As for a new extent: the copy and its intent bit are durable, in one sync, before the
@@ -597,13 +604,15 @@ impl Pool {
         self.end_new_extent(p, Some(old.pext), res.is_ok());
         let mut a = self.alloc.lock();
         a.pending.remove(&(vol, lext));
+        let mut m = self.maps.write();
+        m.copying.remove(&(vol, lext));
         let res = match res {
             Err(e) => {
+                drop(m);
                 a.free[i].insert(pext);
                 Err(e)
             }
             Ok(()) => {
-                let mut m = self.maps.write();
                 m.map.insert((vol, lext), p);
                 if m.release(old, (vol, lext)) {
                     // Its other owners (a snapshot deleted meanwhile) are gone too: it is free.
@@ -1506,8 +1515,12 @@ mod tests {
             })
         };
         let waited = rx.recv_timeout(std::time::Duration::from_secs(10));
+        // The snapshot is gone but the copy is not done: a write to the extent must not go to
+        // the original in place (the copy would leave it behind).
+        let writable = pool.lookup_writable(1, 0);
         dev.open();
         assert!(waited.is_ok(), "another volume's allocation and the snapshot's delete waited for the copy");
+        assert_eq!(writable, None, "writable in place while being copied");
         let (fresh, released) = other.join().unwrap().unwrap();
         assert_eq!(released.unwrap(), 1);
         let copy = copier.join().unwrap().unwrap();
