@@ -1283,10 +1283,14 @@ mod tests {
         assert_eq!(bad_blocks(&pool, q), Vec::<u64>::new(), "its checksums match its data");
     }
 
-    /// A device that logs its writes, zeroings and syncs in order (over a `MemDevice`).
-    struct Recorder {
+    /// A device for ordering tests (over a `MemDevice`): it logs its writes, zeroings and syncs
+    /// in order, and its reads of a range it holds wait until it is opened.
+    struct Probe {
         inner: crate::device::mem::MemDevice,
         log: parking_lot::Mutex<Vec<Op>>,
+        /// The range held, and whether a read is waiting in it.
+        held: parking_lot::Mutex<(Option<std::ops::Range<u64>>, bool)>,
+        changed: parking_lot::Condvar,
     }
 
     #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1296,13 +1300,32 @@ mod tests {
         Sync,
     }
 
-    impl Recorder {
+    impl Probe {
+        fn new(size: u64) -> Arc<Probe> {
+            let inner = crate::device::mem::MemDevice::new(size);
+            Arc::new(Probe { inner, log: Default::default(), held: Default::default(), changed: Default::default() })
+        }
         fn note(&self, op: Op) {
             self.log.lock().push(op);
         }
+        fn hold(&self, r: std::ops::Range<u64>) {
+            *self.held.lock() = (Some(r), false);
+        }
+        fn open(&self) {
+            self.held.lock().0 = None;
+            self.changed.notify_all();
+        }
+        fn wait_for_reader(&self) {
+            let mut h = self.held.lock();
+            let t0 = std::time::Instant::now();
+            while !h.1 {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(10), "no read came to the held range");
+                self.changed.wait_for(&mut h, std::time::Duration::from_millis(50));
+            }
+        }
     }
 
-    impl BlockIo for Recorder {
+    impl BlockIo for Probe {
         fn read_at(
             &self,
             offset: u64,
@@ -1325,6 +1348,13 @@ mod tests {
             self.inner.sync()
         }
         fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let mut h = self.held.lock();
+            while h.0.as_ref().is_some_and(|r| r.contains(&offset)) {
+                h.1 = true;
+                self.changed.notify_all();
+                self.changed.wait(&mut h);
+            }
+            drop(h);
             self.inner.read_blocking(offset, buf)
         }
         fn write_blocking(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
@@ -1364,9 +1394,9 @@ mod tests {
 
     #[test]
     fn a_new_extents_data_is_synced_before_its_map_entry_is_written() {
-        let dev = Arc::new(Recorder { inner: crate::device::mem::MemDevice::new(64 << 20), log: Default::default() });
+        let dev = Probe::new(64 << 20);
         let spec = OpenSpec { expected: None, force_format: false, extent_size: DEFAULT_EXTENT_SIZE, check_only: false };
-        let pool = Pool::open(vec![("rec".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
+        let pool = Pool::open(vec![("probe".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
         let sb = pool.devices().iter().next().unwrap().sb.clone();
         let journal = sb.journal_offset..sb.journal_offset + sb.journal_len;
         let es = pool.extent_size;
@@ -1398,7 +1428,7 @@ mod tests {
 
         // What was mapped reads back, with matching checksums, after a reopen.
         drop(pool);
-        let pool = Pool::open(vec![("rec".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
+        let pool = Pool::open(vec![("probe".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
         assert_eq!(pool.lookup(1, 0), Some(p));
         assert_eq!(pool.lookup(1, 1), Some(c));
         assert_eq!(pool.lookup(2, 1), Some(q), "the snapshot keeps the original");
@@ -1407,87 +1437,11 @@ mod tests {
         }
     }
 
-    /// A device whose reads of one range wait until it is opened (over a `MemDevice`).
-    struct Gate {
-        inner: crate::device::mem::MemDevice,
-        /// The range held, and whether a read is waiting in it.
-        held: parking_lot::Mutex<(Option<std::ops::Range<u64>>, bool)>,
-        changed: parking_lot::Condvar,
-    }
-
-    impl Gate {
-        fn hold(&self, r: std::ops::Range<u64>) {
-            *self.held.lock() = (Some(r), false);
-        }
-        fn open(&self) {
-            self.held.lock().0 = None;
-            self.changed.notify_all();
-        }
-        fn wait_for_reader(&self) {
-            let mut h = self.held.lock();
-            let t0 = std::time::Instant::now();
-            while !h.1 {
-                assert!(t0.elapsed() < std::time::Duration::from_secs(10), "no read came to the held range");
-                self.changed.wait_for(&mut h, std::time::Duration::from_millis(50));
-            }
-        }
-    }
-
-    impl BlockIo for Gate {
-        fn read_at(
-            &self,
-            offset: u64,
-            buf: AlignedBuf,
-            range: std::ops::Range<usize>,
-        ) -> futures::future::BoxFuture<'static, crate::device::BufResult> {
-            self.inner.read_at(offset, buf, range)
-        }
-        fn write_at(
-            &self,
-            offset: u64,
-            buf: AlignedBuf,
-            range: std::ops::Range<usize>,
-        ) -> futures::future::BoxFuture<'static, crate::device::BufResult> {
-            self.inner.write_at(offset, buf, range)
-        }
-        fn sync(&self) -> futures::future::BoxFuture<'static, io::Result<()>> {
-            self.inner.sync()
-        }
-        fn read_blocking(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-            let mut h = self.held.lock();
-            while h.0.as_ref().is_some_and(|r| r.contains(&offset)) {
-                h.1 = true;
-                self.changed.notify_all();
-                self.changed.wait(&mut h);
-            }
-            drop(h);
-            self.inner.read_blocking(offset, buf)
-        }
-        fn write_blocking(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-            self.inner.write_blocking(offset, buf)
-        }
-        fn sync_blocking(&self) -> io::Result<()> {
-            self.inner.sync_blocking()
-        }
-        fn zero_range_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
-            self.inner.zero_range_blocking(offset, len)
-        }
-        fn discard_blocking(&self, offset: u64, len: u64) {
-            self.inner.discard_blocking(offset, len)
-        }
-        fn size(&self) -> u64 {
-            self.inner.size()
-        }
-        fn describe(&self) -> crate::device::DeviceDescription {
-            self.inner.describe()
-        }
-    }
-
     #[test]
     fn a_copy_on_write_in_progress_holds_up_neither_other_allocations_nor_a_snapshot_delete() {
-        let dev = Arc::new(Gate { inner: crate::device::mem::MemDevice::new(64 << 20), held: Default::default(), changed: Default::default() });
+        let dev = Probe::new(64 << 20);
         let spec = OpenSpec { expected: None, force_format: false, extent_size: DEFAULT_EXTENT_SIZE, check_only: false };
-        let pool = Arc::new(Pool::open(vec![("gate".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap());
+        let pool = Arc::new(Pool::open(vec![("probe".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap());
         let es = pool.extent_size;
         let original = pool.allocate(1, 0).unwrap();
         let mut data = AlignedBuf::new(es as usize);
@@ -1535,7 +1489,7 @@ mod tests {
         assert_eq!(bad_blocks(&pool, copy), Vec::<u64>::new());
         // And after a reopen.
         drop(pool);
-        let pool = Pool::open(vec![("gate".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
+        let pool = Pool::open(vec![("probe".to_string(), dev.clone() as Arc<dyn BlockIo>)], &spec).unwrap();
         assert_eq!(pool.lookup(1, 0), Some(copy));
         assert_eq!(pool.lookup(2, 0), None);
         assert_eq!(pool.free_extents(0), free_before - 1);
