@@ -161,10 +161,6 @@ impl Sdk {
             .map_err(|err| Status::unavailable(format!("{why} node {node}, whose engine ({addr}) cannot be reached: {err}")))
     }
 
-    /// What only the node serving a volume knows — its NBD clients, its replicas' states, a
-    /// comparison in progress — taken from that node for volumes served elsewhere: one forwarded
-    /// list per serving node, at once. A node that does not answer within 2 s leaves this node's
-    /// view of its volumes (0 clients).
     /// Up to `max` volumes `who` may see after the name `start` (all of them, with `max` 0), and
     /// the next page's token when more follow: pages of the store until that many are found, and
     /// one more, which says that another page follows. A store read asks for `max` + 1 records
@@ -193,6 +189,10 @@ impl Sdk {
         }
     }
 
+    /// What only the node serving a volume knows — its NBD clients, its replicas' states, a
+    /// comparison in progress — taken from that node for volumes served elsewhere: one forwarded
+    /// list per serving node, at once. A node that does not answer within 2 s leaves this node's
+    /// view of its volumes (0 clients).
     async fn fill_from_targets<T>(&self, req: &Request<T>, vols: &mut [pb::Volume]) {
         let bearer = bearer_of(req);
         let me = self.engine.node.id.clone();
