@@ -2,15 +2,15 @@
 # QD1 write latency tails, interleaved: 4k random writes at queue depth 1 against the raw file
 # (fio io_uring, O_DIRECT), `nbdkit file cache=none`, `qemu-nbd --cache=none --aio=io_uring` and
 # a Strata repl=1 volume (fio's nbd engine on the unix socket), each on its own 1 GiB file on the
-# same filesystem, written through first.
+# same filesystem, written through first. BENCH_ROUNDS rounds of BENCH_RUNTIME seconds per
+# target, in turn, so the virtual disk's periodic stalls (bursts of ~50 ms that every client sees)
+# fall on all four alike; prints each round's p50/p99/p99.9 and the median over rounds, and JSON
+# to BENCH_OUT.
 #
 # The two peers differ in when they reply: nbdkit's cache=none writes into the page cache, starts
 # the writeback and replies before the disk has the data (it waits only for older writes), while
 # qemu-nbd with cache=none writes O_DIRECT and replies when the disk has completed the write, as
 # Strata does (a write is acknowledged only once the device has it).
-# BENCH_ROUNDS rounds of BENCH_RUNTIME seconds per target, in turn, so the virtual disk's
-# periodic stalls (bursts of ~50 ms that every client sees) fall on all three alike; prints each
-# round's p50/p99/p99.9 and the median over rounds, and JSON to BENCH_OUT.
 #
 # Environment: BENCH_ROUNDS (default 5), BENCH_RUNTIME (default 8), BENCH_DIR (default
 # /var/tmp/strata-bench-qd1), BENCH_OUT (default bench/out-qd1).
