@@ -50,7 +50,13 @@ impl Uring {
     /// Needs a tokio runtime (the reaper runs on it).
     pub fn start(fd: RawFd) -> io::Result<Uring> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| io::Error::other("no tokio runtime for the io_uring reaper"))?;
-        let ring = IoUring::builder().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES)?;
+        // Completions run as task work. Cooperative: the kernel posts them at the thread's next
+        // system call or wakes it if it sleeps, instead of interrupting it as soon as a disk
+        // I/O completes (kernels before 5.19 lack the flag: plain ring there).
+        let ring = match IoUring::builder().setup_cqsize(CQ_ENTRIES).setup_coop_taskrun().build(SQ_ENTRIES) {
+            Ok(r) => r,
+            Err(_) => IoUring::builder().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES)?,
+        };
         // SAFETY: eventfd returns a new fd or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
