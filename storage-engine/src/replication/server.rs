@@ -10,6 +10,8 @@ use super::frame::{self, Command, Reply, REQUEST_LEN};
 use crate::device::AlignedBuf;
 use crate::meta::{MetaError, VolumeRecord};
 use crate::replica::{boot_id, IoError, Local, ReadData, Replica};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -120,33 +122,42 @@ where
 {
     let from: Option<Arc<str>> = from.map(Into::into);
     let mut rd = tokio::io::BufReader::with_capacity(BATCH, rd);
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Reply, Answer, Held)>();
-    let max_requests = bounds.requests.max(1);
-    let slots = Arc::new(Semaphore::new(max_requests));
-    let in_flight = slots.clone();
+    // Requests run in the writer's task, not one task each: the reader hands each one over as
+    // a future, and the writer polls them all and sends the replies of those that finished
+    // together in one write.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+    let slots = Arc::new(Semaphore::new(bounds.requests.max(1)));
     let writer = tokio::spawn(async move {
-        // Replies that are ready together leave in one write.
+        let mut work: FuturesUnordered<Job> = FuturesUnordered::new();
         let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            append(&mut buf, first);
-            // The request task that sent this woke us into the runtime's next slot, ahead of
-            // the other requests ready now: while others are in flight, let those run first, so
-            // their replies leave in this write too instead of one write each. Alone (QD1),
-            // the reply goes at once.
-            if in_flight.available_permits() < max_requests {
-                tokio::task::yield_now().await;
-            }
-            while buf.len() < BATCH {
-                match rx.try_recv() {
-                    Ok(next) => append(&mut buf, next),
-                    Err(_) => break,
+        let mut reading = true;
+        loop {
+            tokio::select! {
+                biased;
+                job = rx.recv(), if reading => match job {
+                    Some(job) => work.push(job),
+                    None => reading = false,
+                },
+                Some(first) = work.next(), if !work.is_empty() => {
+                    buf.clear();
+                    append(&mut buf, first);
+                    // Every other reply that is ready now leaves in the same write.
+                    while buf.len() < BATCH {
+                        match work.next().now_or_never() {
+                            Some(Some(next)) => append(&mut buf, next),
+                            _ => break,
+                        }
+                    }
+                    if wr.write_all(&buf).await.is_err() {
+                        break;
+                    }
                 }
-            }
-            if wr.write_all(&buf).await.is_err() {
-                break;
+                else => break,
             }
         }
+        // The connection broke: requests already begun still run to their end (a replica
+        // write is not abandoned half-way), their replies go nowhere.
+        while work.next().await.is_some() {}
     });
     let mut volumes: HashMap<u64, Arc<Replica>> = HashMap::new();
     let mut hdr = [0u8; REQUEST_LEN];
@@ -187,8 +198,8 @@ where
                 v
             }
         };
-        let (engine, tx, from) = (engine.clone(), tx.clone(), from.clone());
-        tokio::spawn(async move {
+        let (engine, from) = (engine.clone(), from.clone());
+        let job: Job = Box::pin(async move {
             let from = from.as_deref();
             let answer = match vol {
                 Some(v) => match Command::from_request(&req, payload) {
@@ -215,12 +226,18 @@ where
                 _ => 0,
             };
             let error = if let Answer::Error(e) = answer { e } else { 0 };
-            let _ = tx.send((Reply { error, handle: req.handle, len }, answer, held));
+            (Reply { error, handle: req.handle, len }, answer, held)
         });
+        if tx.send(job).is_err() {
+            break;
+        }
     }
     drop(tx);
     let _ = writer.await;
 }
+
+/// A request being served, and what its reply holds.
+type Job = std::pin::Pin<Box<dyn std::future::Future<Output = (Reply, Answer, Held)> + Send>>;
 
 /// Bytes gathered into one socket read or write.
 const BATCH: usize = 256 * 1024;
