@@ -617,11 +617,7 @@ impl Pool {
                 if m.release(old, (vol, lext)) {
                     // Its other owners (a snapshot deleted meanwhile) are gone too: it is free.
                     drop(m);
-                    d.dev.discard_blocking(d.sb.extent_offset(old.pext), self.extent_size);
-                    if let Some(s) = &d.sums {
-                        s.remove(old.pext);
-                    }
-                    a.free[i].insert(old.pext);
+                    self.reclaim(&mut a, old);
                 }
                 Ok(p)
             }
@@ -716,16 +712,23 @@ impl Pool {
                 m.owners[i] -= extents.len() as u64;
             }
             self.count(vol, -(extents.len() as i64));
-            for p in &unowned {
-                d.dev.discard_blocking(d.sb.extent_offset(*p), self.extent_size);
-                if let Some(s) = &d.sums {
-                    s.remove(*p);
-                }
+            for pext in unowned {
+                self.reclaim(&mut a, PExt { dev: i as u16, pext });
             }
-            a.free[i].extend(unowned);
             freed += extents.len() as u64;
         }
         Ok(freed)
+    }
+
+    /// Returns extent `p`, whose last owner is gone, to the free list (under the allocator's
+    /// lock `a`): its space goes back to the device and its checksums are forgotten.
+    fn reclaim(&self, a: &mut Alloc, p: PExt) {
+        let d = &self.devices[p.dev as usize];
+        d.dev.discard_blocking(d.sb.extent_offset(p.pext), self.extent_size);
+        if let Some(s) = &d.sums {
+            s.remove(p.pext);
+        }
+        a.free[p.dev as usize].insert(p.pext);
     }
 
     /// Makes what was written to the new extent `p` durable, with its intent bit, before its map
