@@ -17,6 +17,7 @@
 //! | `target.remote_legs` | a target's write, before it is sent to the peers |
 //! | `membership.before_cas` / `membership.after_cas` | around the compare-and-swap of the in-sync set |
 //! | `resync.copy` | resync read a region from the source and has not written it to the replica |
+//! | `replica.write` | a replica admitted a WRITE (its epoch checked, the fence held) and has not applied it |
 
 /// Reads `FAILPOINTS` from the environment (a daemon calls this once at start; tests use
 /// `fail::cfg`). Without the feature it does nothing and the points stay empty.

@@ -455,6 +455,52 @@ async fn a_local_write_of_the_old_target_that_arrives_after_a_takeover_is_refuse
     assert!(read(&b, "v", 0, 4096).await.unwrap().iter().all(|x| *x == 1));
 }
 
+/// A replica's requests that are running when their connection breaks still run to their end:
+/// one whose reply can no longer be sent is not abandoned half-way.
+#[tokio::test]
+async fn a_replica_write_running_when_its_connection_breaks_still_lands() {
+    use std::time::Duration;
+    use strata_engine::replication::client::Client;
+    use strata_engine::replication::frame::{self, Command};
+    use tokio::io::AsyncWriteExt;
+    let _f = fail::FailScenario::setup();
+    let c = attached(2, 2).await;
+    let rec = record(&c, "v").await;
+    let n2 = c.engine(1).node.clone();
+    let target = c.engine(0).tls.clone().unwrap();
+    // Of two writes, the first to reach the replica's data path waits 300 ms and the other
+    // 100 ms: when the second one's reply is written the connection is gone, and the first is
+    // still running.
+    fail::cfg("replica.write", "1*return(delay:300)->1*return(delay:100)").unwrap();
+    let tcp = tokio::net::TcpStream::connect(&n2.repl_address).await.unwrap();
+    let mut s = target.connect(tcp, &n2.id).await.unwrap();
+    let writes = [(1u64, 0u64, 0xa1u8), (2, MIB, 0xa2)];
+    let mut out = Vec::new();
+    for (handle, offset, byte) in writes {
+        let cmd = Command::Write { offset, data: bytes::Bytes::from(vec![byte; 4096]), fua: false };
+        out.extend_from_slice(&frame::encode_request(&cmd.header(handle, rec.id, rec.epoch)));
+        out.extend_from_slice(&[byte; 4096]);
+    }
+    s.write_all(&out).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // A reset, not a close: the replica's next write to the socket fails.
+    socket2::SockRef::from(s.get_ref().0).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(s);
+    let leg = Client::connect_to(&n2.id, &n2.repl_address, Duration::from_secs(2), Some(&target)).await.unwrap();
+    let t0 = std::time::Instant::now();
+    for (_, offset, byte) in writes {
+        loop {
+            let got = leg.call(rec.id, rec.epoch, Command::Read { offset, len: 4096 }).await.unwrap();
+            if got.iter().all(|b| *b == byte) {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "the write at {offset} never landed on the replica");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_target_that_fails_right_after_recording_a_replica_out_acknowledges_nothing() {
     let _f = fail::FailScenario::setup();

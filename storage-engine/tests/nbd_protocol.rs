@@ -260,3 +260,37 @@ fn an_idle_handshake_is_cut_off() {
     let mut c = common::nbd::Client::connect(&e.nbd, "v").unwrap();
     assert_eq!(c.write(0, &[1u8; 4096], 0), 0);
 }
+
+/// Writes that are running when their client's connection breaks still run to their end: one
+/// whose reply can no longer be sent is not abandoned half-way.
+#[test]
+fn a_write_running_when_its_connection_breaks_still_lands() {
+    let dir = tempdir();
+    let mut e = EngineProc::new(dir.path(), 1, "256MiB", &[]);
+    // Of two writes, the first to reach the volume's local leg waits 300 ms and the other
+    // 100 ms: when the second one's reply is written the connection is gone, and the first is
+    // still running.
+    e.env = vec![("FAILPOINTS".into(), "target.local_leg=1*return(delay:300)->1*return(delay:100)".into())];
+    e.spawn().expect("engine starts with the failpoint");
+    e.sdk().create("v", 16 * MIB).unwrap();
+    let writes = [(1u64, 0u64, 0xb1u8), (2, MIB, 0xb2)];
+    let mut c = Client::connect(&e.nbd, "v").unwrap();
+    // Both requests leave at once (no Nagle wait for the first one's ACK), so both are read
+    // before the reset.
+    c.s.set_nodelay(true).unwrap();
+    for (handle, offset, byte) in writes {
+        c.send(WRITE, 0, handle, offset, 4096, &[byte; 4096]);
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    // A reset, not a close: the engine's next write to the socket fails.
+    socket2::SockRef::from(&c.s).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(c);
+    let mut check = Client::connect(&e.nbd, "v").unwrap();
+    let t0 = std::time::Instant::now();
+    for (_, offset, byte) in writes {
+        while check.read(offset, 4096).unwrap() != vec![byte; 4096] {
+            assert!(t0.elapsed() < Duration::from_secs(5), "the write at {offset} never landed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -308,7 +308,13 @@ async fn answer(replicas: &dyn Replicas, v: &Arc<Replica>, epoch: u64, cmd: Comm
             Ok(d) => Answer::Data(d),
             Err(e) => Answer::Error(e.errno(false)),
         },
-        Command::Write { offset, data, fua } => done(l.write_local(v, offset, data, fua).await),
+        Command::Write { offset, data, fua } => {
+            if let Err(e) = crate::failpoint::point("replica.write").await {
+                tracing::warn!(volume = %v.name, "{e}");
+                return Answer::Error(libc::EIO as u32);
+            }
+            done(l.write_local(v, offset, data, fua).await)
+        }
         Command::Flush => done(l.flush_local(v).await),
         Command::Trim { offset, len, fua } => done(l.zero_local(v, offset, len as u64, true, fua).await),
         Command::WriteZeroes { offset, len, fua, keep_allocated } => done(l.zero_local(v, offset, len as u64, !keep_allocated, fua).await),
