@@ -5,12 +5,12 @@
 # three engines' user + system time over the run, from /proc, ÷ writes) and the ratios,
 # and writes JSON to BENCH_OUT (default bench/out-repl).
 #
-# Beside them, in the same run, the peer that bounds both on this machine: fio itself writing
+# Beside them, in the same run, the peer both are measured against: fio itself writing
 # 4k at random with io_uring into files of the same filesystem (O_DIRECT on the disk), once on
 # one file at QD32 (the repl=1 peer) and once on three files at QD32 each at the same time
 # (three copies of every write on one disk: the repl=3 peer), with fio's own CPU per write.
-# A replicated write is three device writes, so three times the raw CPU per device write is
-# what the disk's kernel path alone costs, and a third of the three-file IOPS is what the disk
+# A replicated write is three device writes, so three times fio's CPU per device write is what
+# the writes alone cost on this machine, and a third of the three-file IOPS is what the disk
 # allows three copies.
 #
 # Environment: BENCH_TLS (1, the default: replication over mutual TLS; 0: plaintext),
@@ -86,14 +86,14 @@ r1, r3, raw1, raw3 = load("r1"), load("r3"), load("raw1"), load("raw3")
 res = {"repl1": r1, "repl3": r3, "raw_1file": raw1, "raw_3files": raw3,
        "iops_ratio": r3["iops"] / r1["iops"], "p99_ratio": r3["p99_us"] / r1["p99_us"],
        "repl1_vs_raw": r1["iops"] / raw1["iops"],
-       # What the disk allows three copies, and what three device writes cost in the kernel alone.
+       # What the disk allows three copies, and the CPU against what three device writes cost fio.
        "repl3_vs_disk_for_3_copies": r3["iops"] / (raw3["iops"] / 3),
        "repl3_cpu_vs_3_raw_writes": r3["cpu_us_per_write"] / (3 * raw3["cpu_us_per_write"])}
 json.dump(res, open(f"{out}/summary.json", "w"), indent=2)
 print(f"{'run':34} {'IOPS':>10} {'p50 us':>9} {'p99 us':>9} {'CPU us/write':>13}")
 for n, r in (("raw: fio, 1 file, QD32", raw1), ("Strata repl=1", r1), ("raw: fio, 3 files, QD32 each", raw3), ("Strata repl=3", r3)):
     print(f"{n:34} {r['iops']:10.0f} {r['p50_us']:9.0f} {r['p99_us']:9.0f} {r['cpu_us_per_write']:13.1f}")
-print(f"repl=3 / repl=1: IOPS {res['iops_ratio']:.2f}x (target >= 0.60), p99 {res['p99_ratio']:.2f}x (target <= 2.00)")
+print(f"repl=3 / repl=1: IOPS {res['iops_ratio']:.2f}x (target >= 0.60, issue #19; #4 asked 0.70), p99 {res['p99_ratio']:.2f}x (target <= 2.00)")
 print(f"repl=1 / raw 1 file: IOPS {res['repl1_vs_raw']:.2f}x (target >= 0.80)")
 print(f"repl=3 / (raw 3 files / 3): IOPS {res['repl3_vs_disk_for_3_copies']:.2f}x of what the backing allows three copies")
 print(f"repl=3 CPU per write / (3 x raw CPU per device write): {res['repl3_cpu_vs_3_raw_writes']:.2f}x")
