@@ -468,10 +468,10 @@ async fn a_replica_write_running_when_its_connection_breaks_still_lands() {
     let rec = record(&c, "v").await;
     let n2 = c.engine(1).node.clone();
     let target = c.engine(0).tls.clone().unwrap();
-    // Of two writes, the first to reach the replica's data path waits 300 ms and the other
-    // 100 ms: when the second one's reply is written the connection is gone, and the first is
-    // still running.
-    fail::cfg("replica.write", "1*return(delay:300)->1*return(delay:100)").unwrap();
+    // Of two writes, the first to reach the replica's data path waits 1.5 s and the other
+    // 0.8 s: when the second one's reply is written the connection is gone, and the first is
+    // still running. The reset comes at 0.3 s, once the replica has long read both.
+    fail::cfg("replica.write", "1*return(delay:1500)->1*return(delay:800)").unwrap();
     let tcp = tokio::net::TcpStream::connect(&n2.repl_address).await.unwrap();
     let mut s = target.connect(tcp, &n2.id).await.unwrap();
     let writes = [(1u64, 0u64, 0xa1u8), (2, MIB, 0xa2)];
@@ -483,7 +483,7 @@ async fn a_replica_write_running_when_its_connection_breaks_still_lands() {
     }
     s.write_all(&out).await.unwrap();
     s.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // A reset, not a close: the replica's next write to the socket fails.
     socket2::SockRef::from(s.get_ref().0).set_linger(Some(Duration::ZERO)).unwrap();
     drop(s);
@@ -495,7 +495,7 @@ async fn a_replica_write_running_when_its_connection_breaks_still_lands() {
             if got.iter().all(|b| *b == byte) {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(5), "the write at {offset} never landed on the replica");
+            assert!(t0.elapsed() < Duration::from_secs(10), "the write at {offset} never landed on the replica");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -267,10 +267,10 @@ fn an_idle_handshake_is_cut_off() {
 fn a_write_running_when_its_connection_breaks_still_lands() {
     let dir = tempdir();
     let mut e = EngineProc::new(dir.path(), 1, "256MiB", &[]);
-    // Of two writes, the first to reach the volume's local leg waits 300 ms and the other
-    // 100 ms: when the second one's reply is written the connection is gone, and the first is
-    // still running.
-    e.env = vec![("FAILPOINTS".into(), "target.local_leg=1*return(delay:300)->1*return(delay:100)".into())];
+    // Of two writes, the first to reach the volume's local leg waits 1.5 s and the other 0.8 s:
+    // when the second one's reply is written the connection is gone, and the first is still
+    // running. The reset comes at 0.3 s, once the engine has long read both.
+    e.env = vec![("FAILPOINTS".into(), "target.local_leg=1*return(delay:1500)->1*return(delay:800)".into())];
     e.spawn().expect("engine starts with the failpoint");
     e.sdk().create("v", 16 * MIB).unwrap();
     let writes = [(1u64, 0u64, 0xb1u8), (2, MIB, 0xb2)];
@@ -281,7 +281,7 @@ fn a_write_running_when_its_connection_breaks_still_lands() {
     for (handle, offset, byte) in writes {
         c.send(WRITE, 0, handle, offset, 4096, &[byte; 4096]);
     }
-    std::thread::sleep(Duration::from_millis(30));
+    std::thread::sleep(Duration::from_millis(300));
     // A reset, not a close: the engine's next write to the socket fails.
     socket2::SockRef::from(&c.s).set_linger(Some(Duration::ZERO)).unwrap();
     drop(c);
@@ -289,7 +289,7 @@ fn a_write_running_when_its_connection_breaks_still_lands() {
     let t0 = std::time::Instant::now();
     for (_, offset, byte) in writes {
         while check.read(offset, 4096).unwrap() != vec![byte; 4096] {
-            assert!(t0.elapsed() < Duration::from_secs(5), "the write at {offset} never landed");
+            assert!(t0.elapsed() < Duration::from_secs(10), "the write at {offset} never landed");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
