@@ -501,6 +501,73 @@ async fn a_replica_write_running_when_its_connection_breaks_still_lands() {
     }
 }
 
+/// Reads `want` bytes from `s`, 4 KiB a millisecond; panics when `who` stops sending for 3 s.
+async fn read_slowly<S: tokio::io::AsyncRead + Unpin>(s: &mut S, want: usize, who: &str) {
+    use tokio::io::AsyncReadExt;
+    let (mut got, mut buf) = (0usize, vec![0u8; 4096]);
+    while got < want {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        let n = tokio::time::timeout(std::time::Duration::from_secs(3), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{who} stopped sending after {got} of {want} bytes"))
+            .unwrap();
+        assert!(n > 0, "{who} closed the connection after {got} of {want} bytes");
+        got += n;
+    }
+}
+
+#[tokio::test]
+async fn a_read_reply_over_tls_reaches_a_target_that_reads_it_slowly() {
+    use strata_engine::replication::frame::{self, Command, REPLY_LEN};
+    use strata_engine::replication::server::{connection, Bounds, Replicas};
+    use tokio::io::AsyncWriteExt;
+    let c = attached(2, 2).await;
+    let rec = record(&c, "v").await;
+    let (target, replica) = (c.engine(0).tls.clone().unwrap(), c.engine(1).tls.clone().unwrap());
+    // A pipe that holds 4 KiB, read 4 KiB a millisecond: TLS records of a reply that the
+    // replica hands to it while it is full wait in the TLS session until it has room.
+    let (near, far) = tokio::io::duplex(4096);
+    let engine: Arc<dyn Replicas> = c.engine(1).clone();
+    tokio::spawn(async move {
+        let (rd, wr) = tokio::io::split(replica.acceptor().accept(far).await.unwrap());
+        connection(rd, wr, engine, "test".into(), Bounds { requests: 16, bytes: 16 << 20 }, Some("node-1".into())).await
+    });
+    let mut s = target.connect(near, "node-2").await.unwrap();
+    // One read, then nothing: the last records of its reply must be pushed out (flushed) once
+    // the pipe has room, as nothing else would send them.
+    let len = 256usize << 10;
+    let cmd: Command = Command::Read { offset: 0, len: len as u32 };
+    s.write_all(&frame::encode_request(&cmd.header(1, rec.id, rec.epoch))).await.unwrap();
+    s.flush().await.unwrap();
+    read_slowly(&mut s, REPLY_LEN + len, "the replica").await;
+}
+
+#[tokio::test]
+async fn an_nbd_read_reply_over_tls_reaches_a_client_that_reads_it_slowly() {
+    use strata_engine::frontend::nbd::transmit::{conn::serve, frame};
+    use tokio::io::AsyncWriteExt;
+    let c = attached(1, 1).await;
+    let e = c.engine(0);
+    let conn = e.io(e.volume("v").expect("a handle"));
+    let (engine, client) = (e.tls.clone().unwrap(), c.identity("client"));
+    // A pipe that holds 4 KiB, read 4 KiB a millisecond: TLS records of a reply that the
+    // engine hands to it while it is full wait in the TLS session until it has room.
+    let (near, far) = tokio::io::duplex(4096);
+    tokio::spawn(async move {
+        let s = engine.acceptor().accept(far).await.unwrap();
+        let limits = strata_engine::frontend::nbd::Limits::new(64 << 20, 256 << 20, std::time::Duration::from_secs(10), 8);
+        serve(s, conn, limits).await
+    });
+    let mut s = client.connect(near, "node-1").await.unwrap();
+    // One read, then nothing: the last records of its reply must be pushed out (flushed) once
+    // the pipe has room, as no other reply would send them.
+    let len = 256usize << 10;
+    let req = frame::Request { flags: 0, cmd: frame::CMD_READ, handle: 9, offset: 0, len: len as u32 };
+    s.write_all(&frame::encode_request(&req)).await.unwrap();
+    s.flush().await.unwrap();
+    read_slowly(&mut s, 16 + len, "the engine").await;
+}
+
 #[tokio::test]
 async fn a_target_that_fails_right_after_recording_a_replica_out_acknowledges_nothing() {
     let _f = fail::FailScenario::setup();

@@ -117,7 +117,7 @@ impl Client {
                         Err(_) => break,
                     }
                 }
-                if wr.write_all(&buf).await.is_err() {
+                if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
                     break;
                 }
             }
@@ -176,5 +176,67 @@ impl Client {
             Ok(Ok((0, data))) => Ok(data),
             Ok(Ok((errno, _))) => Err(CallError::Remote { addr: self.addr.clone(), errno }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::frame::{self, Command, Reply, REQUEST_LEN};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A replica at the far end of `io`: it reads 4 KiB every millisecond (slower than the
+    /// target sends) and answers every request.
+    async fn slow_replica(io: tokio::io::DuplexStream, tls: Arc<crate::security::Tls>) {
+        let mut s = tls.acceptor().accept(io).await.unwrap();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        loop {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let n = s.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            pending.extend_from_slice(&chunk[..n]);
+            let mut replies = Vec::new();
+            while let Some(hdr) = pending.get(..REQUEST_LEN) {
+                let req = frame::parse_request(hdr.try_into().unwrap()).unwrap();
+                if pending.len() < REQUEST_LEN + req.payload_len() {
+                    break;
+                }
+                pending.drain(..REQUEST_LEN + req.payload_len());
+                replies.extend_from_slice(&frame::encode_reply(&Reply { error: 0, handle: req.handle, len: 0 }));
+            }
+            if !replies.is_empty() {
+                s.write_all(&replies).await.unwrap();
+                s.flush().await.unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn every_request_over_tls_reaches_a_replica_that_reads_slower_than_it_is_sent() {
+        let dir = std::env::temp_dir().join(format!("strata-client-tls-{}", uuid::Uuid::new_v4()));
+        crate::security::init_ca(&dir.join("ca")).unwrap();
+        let identity = |id: &str| {
+            crate::security::issue(&dir.join("ca"), id, &[], &dir.join(id)).unwrap();
+            Arc::new(crate::security::Tls::load(&dir.join(id)).unwrap())
+        };
+        let (replica, target) = (identity("node-2"), identity("node-1"));
+        // A pipe that holds 4 KiB: TLS records the target hands to it while it is full wait in
+        // the TLS session until the pipe has room.
+        let (near, far) = tokio::io::duplex(4096);
+        tokio::spawn(slow_replica(far, replica));
+        let (rd, wr) = tokio::io::split(target.connect(near, "node-2").await.unwrap());
+        let c = Client::start(rd, wr, "node-2", Duration::from_secs(3));
+        // Writes of 64 KiB, one at a time: each is the last thing sent until its reply comes
+        // back, so its final records must be pushed out (flushed), not left in the session.
+        for i in 0..4u64 {
+            let data = bytes::Bytes::from(vec![i as u8; 64 << 10]);
+            let r = c.call(7, 1, Command::Write { offset: i << 16, data, fua: false }).await;
+            r.unwrap_or_else(|e| panic!("write {i}: {e}"));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

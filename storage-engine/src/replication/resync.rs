@@ -144,6 +144,16 @@ async fn resync(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> 
     }
     p.set_state(PeerState::CatchingUp);
     tracing::info!(volume = %t.name, replica = %p.node, missed_bytes = p.dirty.bytes(), full = p.full_rebuild.load(Ordering::Relaxed), "resync started");
+    // A resync that stops once it has begun is worth a line (one that cannot begin, while a
+    // replica's node is down, is retried every second and is not).
+    copy_missed(e, t, p).await.inspect_err(|err| {
+        tracing::warn!(volume = %t.name, replica = %p.node, missed_bytes = p.dirty.bytes(), "resync stopped: {err}; it starts again with what is still missing");
+    })
+}
+
+/// The copy of a resync, once begun: every missed block, then the replica back in the in-sync
+/// set.
+async fn copy_missed(e: &Host, t: &Target, p: &Arc<Peer>) -> Result<(), TargetError> {
     let mut next = 0u64;
     let mut persisted = Instant::now();
     let mut pace = Pace::new(t);

@@ -115,7 +115,10 @@ pub enum Answer {
     Error(u32),
 }
 
-async fn connection<R, W>(rd: R, mut wr: W, engine: Arc<dyn Replicas>, peer: String, bounds: Bounds, from: Option<String>)
+/// Serves one replication connection over `rd` and `wr` (plain TCP, or the halves of a TLS
+/// stream), as `serve` does for each connection it accepts; `from` is the node the peer's
+/// certificate names, `peer` its address for the log.
+pub async fn connection<R, W>(rd: R, mut wr: W, engine: Arc<dyn Replicas>, peer: String, bounds: Bounds, from: Option<String>)
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -148,7 +151,7 @@ where
                             _ => break,
                         }
                     }
-                    if wr.write_all(&buf).await.is_err() {
+                    if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
                         break;
                     }
                 }

@@ -12,7 +12,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::net::TcpStream;
 
 pub const CA_CERT: &str = "ca.crt";
 pub const CA_KEY: &str = "ca.key";
@@ -254,12 +253,15 @@ impl Tls {
         self.current.read().sdk_client.clone()
     }
 
-    /// Opens TLS over `tcp` to node `node`: the other end must present the CA's certificate
-    /// for that node (and gets this node's).
-    pub async fn connect(&self, tcp: TcpStream, node: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    /// Opens TLS over `io` (a TCP connection) to node `node`: the other end must present the
+    /// CA's certificate for that node (and gets this node's).
+    pub async fn connect<IO>(&self, io: IO, node: &str) -> std::io::Result<tokio_rustls::client::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let name = ServerName::try_from(node.to_string()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let client = self.current.read().client.clone();
-        tokio_rustls::TlsConnector::from(client).connect(name, tcp).await
+        tokio_rustls::TlsConnector::from(client).connect(name, io).await
     }
 }
 

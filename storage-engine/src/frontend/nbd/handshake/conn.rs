@@ -36,6 +36,7 @@ where
     S: Stream + 'static,
 {
     s.write_all(&greeting()).await?;
+    s.flush().await?;
     let mut f = [0u8; 4];
     s.read_exact(&mut f).await?;
     let client = parse_client_flags(f)?;
@@ -71,6 +72,7 @@ where
             OPT_ABORT => {
                 encode_option_reply(&mut out, opt, REP_ACK, &[]);
                 let _ = s.write_all(&out).await;
+                let _ = s.flush().await;
                 return Ok(None);
             }
             _ if tls_first => {
@@ -86,6 +88,7 @@ where
                 return match engine.open(&name).await {
                     Ok(conn) => {
                         s.write_all(&export_name_reply(conn.volume.size(), EXPORT_FLAGS, client.no_zeroes)).await?;
+                        s.flush().await?;
                         Ok(Some((s, conn)))
                     }
                     Err(why) => {
@@ -126,6 +129,9 @@ where
                         }
                         encode_option_reply(&mut out, opt, REP_ACK, &[]);
                         s.write_all(&out).await?;
+                        // Over TLS, records the socket could not take wait in the session
+                        // until a flush: the client waits for this reply before it goes on.
+                        s.flush().await?;
                         if let Some(conn) = conn {
                             return Ok(Some((s, conn)));
                         }
@@ -139,5 +145,6 @@ where
             }
         }
         s.write_all(&out).await?;
+        s.flush().await?;
     }
 }

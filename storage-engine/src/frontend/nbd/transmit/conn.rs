@@ -67,6 +67,9 @@ where
     let mut partial: Option<Partial> = None;
     let mut work: FuturesUnordered<Work> = FuturesUnordered::new();
     let mut out: VecDeque<Out> = VecDeque::new();
+    // Replies were written since the last flush: over TLS the session may still hold records
+    // the socket could not take, and only a flush (or a later write) sends them.
+    let mut unflushed = false;
     let mut closing = false;
     let conn = Arc::new(conn);
     let vol = conn.volume.clone();
@@ -150,9 +153,11 @@ where
                     out.push_back(reply);
                 }
             }
-            r = wr.write_vectored(&slices[..nslices]), if nslices > 0 => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
+            r = send(&mut wr, &slices[..nslices]), if nslices > 0 || unflushed => match r {
+                Ok(Sent::Flushed) => unflushed = false,
+                Ok(Sent::Bytes(0)) | Err(_) => break,
+                Ok(Sent::Bytes(n)) => {
+                    unflushed = true;
                     let freed = advance(&mut out, n);
                     held -= freed;
                     limits.release(freed);
@@ -188,6 +193,21 @@ where
     }
     debug_assert_eq!(held, 0, "every charged byte released");
     drop(conn);
+}
+
+enum Sent {
+    Bytes(usize),
+    Flushed,
+}
+
+/// Writes `slices` (vectored, cancel-safe: how much went), or with nothing left to write,
+/// flushes what the stream still holds.
+async fn send<W: AsyncWrite + Unpin>(wr: &mut W, slices: &[IoSlice<'_>]) -> std::io::Result<Sent> {
+    if slices.is_empty() {
+        wr.flush().await.map(|()| Sent::Flushed)
+    } else {
+        wr.write_vectored(slices).await.map(Sent::Bytes)
+    }
 }
 
 /// The payload bytes a request holds: a write's data, a read's reply.
