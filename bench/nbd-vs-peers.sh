@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One run, one 2 GiB backing file, five fio workloads against:
-#   raw (io_uring, O_DIRECT) | nbdkit file cache=none | qemu-nbd --cache=none --aio=io_uring |
+#   raw (io_uring, O_DIRECT) | nbdkit null (no storage: the NBD client's ceiling) |
+#   nbdkit file cache=none | qemu-nbd --cache=none --aio=io_uring |
 #   Strata repl=1 over a unix socket | Strata over TCP loopback.
-# Prints a table (IOPS, MiB/s, p50/p99 latency, ratio to nbdkit and to raw) and writes JSON.
+# Prints a table (IOPS, MiB/s, p50/p99 latency, fio's own CPU per I/O, ratio to nbdkit and to
+# raw) and writes JSON. nbdkit's null plugin discards writes and reads zeroes, so against it fio
+# measures what the NBD client and the socket alone allow on this machine: no NBD server that
+# stores data can beat it, and on a small machine the client's CPU competes with the server's.
 # Then measures an idle engine with 10 volumes, each with a connected NBD client.
 #
 # Environment: BENCH_RUNTIME (seconds per workload, default 15), BENCH_DIR (default
@@ -70,6 +74,12 @@ wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done;
 
 echo "== raw file (io_uring, O_DIRECT)"
 run_target raw --ioengine=io_uring --direct=1 --filename="$FILE"
+
+echo "== nbdkit null (no storage: the NBD client's ceiling)"
+nbdkit --unix "$DIR/null.sock" --foreground --exit-with-parent null 2G &
+PIDS+=($!); wait_sock "$DIR/null.sock"
+run_target nbd-null --ioengine=nbd --uri="nbd+unix:///?socket=$DIR/null.sock"
+kill "${PIDS[-1]}"; wait "${PIDS[-1]}" 2>/dev/null || true
 
 echo "== nbdkit file cache=none"
 nbdkit --unix "$DIR/nbdkit.sock" --foreground --exit-with-parent file "$FILE" cache=none &

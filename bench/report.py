@@ -5,7 +5,7 @@ import os
 import sys
 
 out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "out")
-targets = ["raw", "nbdkit", "qemu-nbd", "strata-unix", "strata-tcp"]
+targets = ["raw", "nbd-null", "nbdkit", "qemu-nbd", "strata-unix", "strata-tcp"]
 workloads = ["randwrite-4k-qd32", "randread-4k-qd32", "write-1m-qd8", "read-1m-qd8", "randwrite-4k-qd1"]
 
 
@@ -17,7 +17,10 @@ def load(target, workload):
     job = json.loads(text[text.index("{"):])["jobs"][0]
     side = job["write"] if "write" in workload else job["read"]
     pct = side["clat_ns"].get("percentile", {})
+    ios = side.get("total_ios", 0)
     return {
+        # fio's own CPU (user + system) per I/O: the client's share of the machine.
+        "fio_cpu_us": (job["usr_cpu"] + job["sys_cpu"]) / 100 * job["job_runtime"] * 1000 / ios if ios else 0,
         "iops": side["iops"],
         "mib_s": side["bw_bytes"] / (1 << 20),
         "p50_us": pct.get("50.000000", 0) / 1000,
@@ -30,7 +33,7 @@ meta_path = os.path.join(out, "meta.json")
 if os.path.exists(meta_path):
     summary["meta"] = json.load(open(meta_path))
     print(f"backing: {summary['meta']['backing']}, {summary['meta']['runtime_s']} s per workload\n")
-print(f"{'workload':<18} {'target':<12} {'IOPS':>10} {'MiB/s':>9} {'p50 us':>9} {'p99 us':>9} {'x nbdkit':>9} {'x raw':>7}")
+print(f"{'workload':<18} {'target':<12} {'IOPS':>10} {'MiB/s':>9} {'p50 us':>9} {'p99 us':>9} {'fio us/IO':>10} {'x nbdkit':>9} {'x raw':>7}")
 for w in workloads:
     base = load("nbdkit", w)
     raw = load("raw", w)
@@ -43,7 +46,7 @@ for w in workloads:
         summary.setdefault(w, {})[t] = r
         vn = f"{r['vs_nbdkit']:.2f}" if r["vs_nbdkit"] else "-"
         vr = f"{r['vs_raw']:.2f}" if r["vs_raw"] else "-"
-        print(f"{w:<18} {t:<12} {r['iops']:>10.0f} {r['mib_s']:>9.1f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {vn:>9} {vr:>7}")
+        print(f"{w:<18} {t:<12} {r['iops']:>10.0f} {r['mib_s']:>9.1f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['fio_cpu_us']:>10.1f} {vn:>9} {vr:>7}")
     print()
 idle_path = os.path.join(out, "idle.json")
 if os.path.exists(idle_path):
