@@ -3,9 +3,11 @@
 //! concurrently, and a writer that sends replies in completion order, matched by handle.
 //!
 //! All three are branches of one `select!` over cancel-safe operations (`read`, vectored
-//! `write`, the next completion), so a request needs no task spawn and no channel hop, and
-//! reading never stops while replies are being written (a client that pipelines large writes
-//! cannot deadlock us).
+//! `write` or, once every reply is written, `flush`, the next completion), so a request needs
+//! no task spawn and no channel hop, and reading never stops while replies are being written (a
+//! client that pipelines large writes cannot deadlock us). The flush matters over TLS: a write
+//! returns once the TLS session has taken the bytes, and what the socket could not take yet
+//! leaves only with a later write or a flush.
 
 use super::frame::*;
 use crate::device::AlignedBuf;
