@@ -14,6 +14,7 @@ use crate::device::AlignedBuf;
 use crate::frontend::nbd::{Limits, MAX_INFLIGHT, MAX_PAYLOAD};
 use crate::volume::{IoError, ReadData, VolumeIo};
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io::IoSlice;
@@ -159,10 +160,12 @@ where
                 Ok(Sent::Flushed) => unflushed = false,
                 Ok(Sent::Bytes(0)) | Err(_) => break,
                 Ok(Sent::Bytes(n)) => {
-                    unflushed = true;
                     let freed = advance(&mut out, n);
                     held -= freed;
                     limits.release(freed);
+                    // A flush that is done at once (always on a plain socket) needs no pass of
+                    // the loop; one that has to wait is left to the select.
+                    unflushed = !matches!(wr.flush().now_or_never(), Some(Ok(())));
                 }
             },
             r = rd.read(into), if reading => match r {
