@@ -1,9 +1,9 @@
 //! The replica side of the replication protocol: a reader that parses requests, and a writer
 //! task that runs them all as futures at once (so a slow request never holds up the others) and
-//! sends replies in completion order, those ready together in one write. Bounded per connection ([`Bounds`]: `--repl-max-requests`,
-//! `--repl-inflight`): requests and payload bytes (writes received, reads answered) between
-//! being read and their reply being written; past that the reader waits (backpressure on the
-//! target).
+//! sends replies in completion order, those ready together in one write. Bounded per
+//! connection ([`Bounds`]: `--repl-max-requests`, `--repl-inflight`): requests and payload bytes
+//! (writes received, reads answered) between being read and their reply being written; past
+//! that the reader waits (backpressure on the target).
 
 use super::authority::{self, Refusal};
 use super::frame::{self, Command, Reply, REQUEST_LEN};

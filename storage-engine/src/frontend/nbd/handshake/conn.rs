@@ -28,6 +28,13 @@ pub struct StartTls {
     pub required: bool,
 }
 
+/// Sends `bytes` and flushes them: the client waits for every reply before it goes on, and over
+/// TLS the records the socket could not take at once leave only with a later write or a flush.
+async fn send<W: AsyncWrite + Unpin + ?Sized>(s: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    s.write_all(bytes).await?;
+    s.flush().await
+}
+
 /// Runs the option haggling. Returns the stream (TLS once the client started it) and the
 /// claimed volume once the client moves to transmission, `None` if it aborted or asked for an
 /// unknown export with NBD_OPT_EXPORT_NAME.
@@ -35,8 +42,7 @@ pub async fn negotiate<S>(mut s: S, engine: &dyn Exports, tls: Option<&StartTls>
 where
     S: Stream + 'static,
 {
-    s.write_all(&greeting()).await?;
-    s.flush().await?;
+    send(&mut s, &greeting()).await?;
     let mut f = [0u8; 4];
     s.read_exact(&mut f).await?;
     let client = parse_client_flags(f)?;
@@ -58,8 +64,7 @@ where
                 Some(_) if !payload.is_empty() => encode_option_reply(&mut out, opt, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data"),
                 Some(t) => {
                     encode_option_reply(&mut out, opt, REP_ACK, &[]);
-                    s.write_all(&out).await?;
-                    s.flush().await?;
+                    send(&mut s, &out).await?;
                     s = Box::new(t.acceptor.accept(s).await?);
                     secured = true;
                     continue;
@@ -71,8 +76,7 @@ where
             }
             OPT_ABORT => {
                 encode_option_reply(&mut out, opt, REP_ACK, &[]);
-                let _ = s.write_all(&out).await;
-                let _ = s.flush().await;
+                let _ = send(&mut s, &out).await;
                 return Ok(None);
             }
             _ if tls_first => {
@@ -87,8 +91,7 @@ where
                 let name = parse_export_name(&payload)?;
                 return match engine.open(&name).await {
                     Ok(conn) => {
-                        s.write_all(&export_name_reply(conn.volume.size(), EXPORT_FLAGS, client.no_zeroes)).await?;
-                        s.flush().await?;
+                        send(&mut s, &export_name_reply(conn.volume.size(), EXPORT_FLAGS, client.no_zeroes)).await?;
                         Ok(Some((s, conn)))
                     }
                     Err(why) => {
@@ -128,10 +131,7 @@ where
                             }
                         }
                         encode_option_reply(&mut out, opt, REP_ACK, &[]);
-                        s.write_all(&out).await?;
-                        // Over TLS, records the socket could not take wait in the session
-                        // until a flush: the client waits for this reply before it goes on.
-                        s.flush().await?;
+                        send(&mut s, &out).await?;
                         if let Some(conn) = conn {
                             return Ok(Some((s, conn)));
                         }
@@ -144,7 +144,6 @@ where
                 encode_option_reply(&mut out, opt, REP_ERR_UNSUP, msg.as_bytes());
             }
         }
-        s.write_all(&out).await?;
-        s.flush().await?;
+        send(&mut s, &out).await?;
     }
 }
