@@ -312,8 +312,13 @@ fn copy_ranges(p: &Peer, regions: &[u64], size: u64) -> Vec<(u64, u64)> {
 
 /// Copies the missed blocks of `regions` from the source (this node's replica, else an in-sync
 /// peer), several copies in flight, under one hold of the region lock; returns the bytes copied.
+///
+/// When one copy fails, no new one starts, and the lock is held until every copy already sent
+/// has been answered or has timed out. A copy abandoned while in flight would still reach the
+/// replica (a request is on its way once sent), and reaching it after the lock is released it
+/// could overwrite a client's newer write to the same blocks with the older data it carries.
 async fn copy_batch(e: &Host, t: &Target, p: &Arc<Peer>, regions: &[u64]) -> Result<u64, TargetError> {
-    use futures::stream::{StreamExt, TryStreamExt};
+    use futures::stream::StreamExt;
     let _w = t.region_lock.write().await;
     if p.state() != PeerState::CatchingUp {
         return Err(TargetError::NoReplica(format!("{} (replica {} failed during resync)", t.name, p.node)));
@@ -321,29 +326,42 @@ async fn copy_batch(e: &Host, t: &Target, p: &Arc<Peer>, regions: &[u64]) -> Res
     let c = p.client_now().ok_or_else(|| TargetError::NoReplica(t.name.clone()))?;
     let ranges = copy_ranges(p, regions, t.vol.size());
     let copied: u64 = ranges.iter().map(|(_, l)| l).sum();
-    futures::stream::iter(ranges)
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let results: Vec<Result<(), TargetError>> = futures::stream::iter(ranges)
         .map(|(off, len)| {
-            let c = c.clone();
+            let (c, failed) = (c.clone(), &failed);
             async move {
-                let len = len as usize;
-                let data = t.read_source(&e.local, off, len).await;
-                let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
-                crate::failpoint::point("resync.copy").await.map_err(|e| TargetError::NoReplica(format!("{}: {e}", t.name)))?;
-                let cmd = if data.bytes().iter().all(|b| *b == 0) {
-                    Command::WriteZeroes { offset: off, len: len as u32, fua: false, keep_allocated: false }
-                } else {
-                    // The read's buffer goes out as it is (no copy into the frame).
-                    Command::Write { offset: off, data: bytes::Bytes::from_owner(data), fua: false }
-                };
-                c.call(t.vol.id, t.epoch, cmd).await.map_err(TargetError::from)
+                if failed.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                let res = copy_range(e, t, &c, off, len as usize).await;
+                if res.is_err() {
+                    failed.store(true, Ordering::Release);
+                }
+                res
             }
         })
         .buffer_unordered(COPIES_IN_FLIGHT)
-        .try_collect::<Vec<_>>()
-        .await?;
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
     for r in regions {
         p.dirty.clear(*r);
     }
     p.copied.fetch_add(copied, Ordering::Relaxed);
     Ok(copied)
+}
+
+/// One copy of a resync: `[off, off+len)` read from the source and written to the replica.
+async fn copy_range(e: &Host, t: &Target, c: &Arc<dyn super::legs::ReplicaIo>, off: u64, len: usize) -> Result<(), TargetError> {
+    let data = t.read_source(&e.local, off, len).await;
+    let data = data.map_err(|err| TargetError::NoReplica(format!("{}: reading the source: {err}", t.name)))?;
+    crate::failpoint::point("resync.copy").await.map_err(|e| TargetError::NoReplica(format!("{}: {e}", t.name)))?;
+    let cmd = if data.bytes().iter().all(|b| *b == 0) {
+        Command::WriteZeroes { offset: off, len: len as u32, fua: false, keep_allocated: false }
+    } else {
+        // The read's buffer goes out as it is (no copy into the frame).
+        Command::Write { offset: off, data: bytes::Bytes::from_owner(data), fua: false }
+    };
+    c.call(t.vol.id, t.epoch, cmd).await.map(|_| ()).map_err(TargetError::from)
 }
