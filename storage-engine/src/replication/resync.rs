@@ -317,7 +317,7 @@ fn copy_ranges(p: &Peer, regions: &[u64], size: u64) -> Vec<(u64, u64)> {
 /// has been answered or has timed out. A copy abandoned while in flight would still reach the
 /// replica (a request is on its way once sent), and reaching it after the lock is released it
 /// could overwrite a client's newer write to the same blocks with the older data it carries.
-async fn copy_batch(e: &Host, t: &Target, p: &Arc<Peer>, regions: &[u64]) -> Result<u64, TargetError> {
+pub(super) async fn copy_batch(e: &Host, t: &Target, p: &Arc<Peer>, regions: &[u64]) -> Result<u64, TargetError> {
     use futures::stream::StreamExt;
     let _w = t.region_lock.write().await;
     if p.state() != PeerState::CatchingUp {

@@ -24,6 +24,10 @@ struct FakeLeg {
     stale: AtomicBool,
     boot: Mutex<Vec<u8>>,
     blocks: Mutex<HashMap<u64, Bytes>>,
+    /// Writes at these offsets answer EIO.
+    fail_at: Mutex<HashSet<u64>>,
+    /// Writes at these offsets take this long to land and be answered.
+    slow_at: Mutex<HashMap<u64, Duration>>,
 }
 
 impl FakeLeg {
@@ -43,7 +47,12 @@ impl ReplicaIo for FakeLeg {
         match cmd {
             Command::Hello { .. } => Ok(self.boot.lock().clone()),
             Command::Write { .. } | Command::WriteZeroes { .. } | Command::Flush if self.fail.load(Ordering::Acquire) => refuse(EIO),
+            Command::Write { offset, .. } if self.fail_at.lock().contains(&offset) => refuse(EIO),
             Command::Write { offset, data, .. } => {
+                let slow = self.slow_at.lock().get(&offset).copied();
+                if let Some(d) = slow {
+                    tokio::time::sleep(d).await;
+                }
                 self.blocks.lock().insert(offset, data);
                 Ok(Vec::new())
             }
@@ -360,4 +369,28 @@ async fn reads_without_a_local_copy_come_from_an_in_sync_replica() {
     rig.write(&t, 4096, 9).await.expect("write");
     let got = t.read_remote(&rig.local, 4096, 4096).await.expect("read");
     assert!(got.bytes().iter().all(|b| *b == 9));
+}
+
+#[tokio::test]
+async fn a_resync_batch_with_a_failed_copy_returns_only_once_its_other_copies_have_landed() {
+    // A copy abandoned in flight still reaches the replica; landing after the region lock is
+    // released it could overwrite a newer client write with older data.
+    let rig = Rig::new();
+    let t = rig.start().await.expect("target");
+    let region = crate::replication::dirty::REGION;
+    rig.write(&t, 0, 1).await.expect("write");
+    rig.write(&t, 8 * region, 2).await.expect("write");
+    let p = peer(&t, "node-3").clone();
+    p.dirty.mark_mem(0, 4096);
+    p.dirty.mark_mem(8 * region, 4096);
+    p.set_state(PeerState::CatchingUp);
+    let leg = rig.leg("node-3");
+    leg.blocks.lock().clear();
+    leg.slow_at.lock().insert(0, Duration::from_millis(300));
+    leg.fail_at.lock().insert(8 * region);
+    let host = crate::replication::Host { local: rig.local.clone(), replacements: None };
+    let res = super::super::resync::copy_batch(&host, &t, &p, &[0, 8]).await;
+    assert!(res.is_err(), "one copy failed");
+    assert!(leg.blocks.lock().contains_key(&0), "the slow copy landed before the batch let go of the region lock");
+    assert!(p.dirty.contains(0) && p.dirty.contains(8), "a failed batch leaves its regions to copy again");
 }
