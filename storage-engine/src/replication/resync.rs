@@ -314,9 +314,9 @@ fn copy_ranges(p: &Peer, regions: &[u64], size: u64) -> Vec<(u64, u64)> {
 /// peer), several copies in flight, under one hold of the region lock; returns the bytes copied.
 ///
 /// When one copy fails, no new one starts, and the lock is held until every copy already sent
-/// has been answered or has timed out. A copy abandoned while in flight would still reach the
-/// replica (a request is on its way once sent), and reaching it after the lock is released it
-/// could overwrite a client's newer write to the same blocks with the older data it carries.
+/// has been answered or has timed out. A request is on its way once sent: a copy abandoned in
+/// flight would still reach the replica, and landing after the lock is released, it could put
+/// the older data it carries over a client's newer write to the same blocks.
 pub(super) async fn copy_batch(e: &Host, t: &Target, p: &Arc<Peer>, regions: &[u64]) -> Result<u64, TargetError> {
     use futures::stream::StreamExt;
     let _w = t.region_lock.write().await;
@@ -344,7 +344,9 @@ pub(super) async fn copy_batch(e: &Host, t: &Target, p: &Arc<Peer>, regions: &[u
         .buffer_unordered(COPIES_IN_FLIGHT)
         .collect()
         .await;
-    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    if let Some(err) = results.into_iter().find_map(Result::err) {
+        return Err(err);
+    }
     for r in regions {
         p.dirty.clear(*r);
     }

@@ -389,7 +389,7 @@ async fn a_resync_batch_with_a_failed_copy_returns_only_once_its_other_copies_ha
     leg.slow_at.lock().insert(0, Duration::from_millis(300));
     leg.fail_at.lock().insert(8 * region);
     let host = crate::replication::Host { local: rig.local.clone(), replacements: None };
-    let res = super::super::resync::copy_batch(&host, &t, &p, &[0, 8]).await;
+    let res = crate::replication::resync::copy_batch(&host, &t, &p, &[0, 8]).await;
     assert!(res.is_err(), "one copy failed");
     assert!(leg.blocks.lock().contains_key(&0), "the slow copy landed before the batch let go of the region lock");
     assert!(p.dirty.contains(0) && p.dirty.contains(8), "a failed batch leaves its regions to copy again");
