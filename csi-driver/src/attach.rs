@@ -183,9 +183,9 @@ pub fn release(state: &Path, volume: &str) -> Result<(), AttachError> {
         }
         // A loop device still open somewhere is only marked to detach, and keeps the file (so
         // the FUSE mount) busy until it is closed: wait a little for that before unmounting.
-        let t0 = std::time::Instant::now();
-        while find_loop(&file)?.is_some() && t0.elapsed() < std::time::Duration::from_secs(5) {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        let t0 = Instant::now();
+        while find_loop(&file)?.is_some() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
         }
         run("umount", &[&dir.to_string_lossy()])?;
     }
